@@ -1,0 +1,370 @@
+//! Command line: every flag of Istio's istio-iptables, each with its env var.
+//!
+//! Values stay raw strings here on purpose: `config.rs` validates every one of them and,
+//! because it can ask clap where a value came from, its error names the flag *or* the env var
+//! that carried the bad value. Nothing in this file is interpreted beyond clap's precedence
+//! rules (flag > env > default).
+
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+
+/// Environment variables read directly (no flag), documented once here.
+pub mod env_only {
+    /// Loopback CIDR the proxy treats as "host local" (default 127.0.0.1/32).
+    pub const HOST_IPV4_LOOPBACK_CIDR: &str = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+    /// Comma list of groups whose outbound traffic is captured; `*` = all (default).
+    pub const OWNER_GROUPS_INCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+    /// Comma list of groups whose outbound traffic is not captured (with include `*`).
+    pub const OWNER_GROUPS_EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+    /// User name whose uid is the default for `--proxy-uid` (default istio-proxy).
+    pub const ENVOY_USER: &str = "ENVOY_USER";
+    /// Ours: `true`/`false` overrides IPv6 detection.
+    pub const ENABLE_INBOUND_IPV6: &str = "ENABLE_INBOUND_IPV6";
+    /// Istio's older spelling of `REDIRECT_DNS`.
+    pub const DNS_CAPTURE_ALIAS: &str = "ISTIO_META_DNS_CAPTURE";
+    /// Istio's older spelling of `DROP_INVALID`.
+    pub const INVALID_DROP_ALIAS: &str = "INVALID_DROP";
+    /// Istio's agent spelling of `DUAL_STACK`.
+    pub const DUAL_STACK_ALIAS: &str = "ISTIO_DUAL_STACK";
+}
+
+/// Set up iptables rules so that the Istio sidecar (Envoy) captures the pod's traffic.
+///
+/// A drop-in replacement for Istio's istio-iptables: same flags, same env vars, same rules.
+/// Lists are comma separated; empty items are ignored. Booleans given through env vars take
+/// Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "istio-iptables", version, max_term_width = 100)]
+pub struct Cli {
+    /// Envoy port to which all outbound TCP traffic is redirected.
+    #[arg(
+        short = 'p',
+        long,
+        env = "ENVOY_PORT",
+        default_value = "15001",
+        value_name = "PORT"
+    )]
+    pub envoy_port: String,
+
+    /// Port to which all inbound TCP traffic to the pod/VM is redirected.
+    #[arg(
+        short = 'z',
+        long,
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006",
+        value_name = "PORT"
+    )]
+    pub inbound_capture_port: String,
+
+    /// Istio tunnel port for inbound TCP traffic (never captured).
+    #[arg(
+        short = 'e',
+        long,
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008",
+        value_name = "PORT"
+    )]
+    pub inbound_tunnel_port: String,
+
+    /// UID(s) of the proxy, whose traffic is not captured; a comma list of numbers or user
+    /// names. Default: the uid of $ENVOY_USER (istio-proxy), else 1337.
+    #[arg(short = 'u', long, env = "PROXY_UID", value_name = "UID[,UID...]")]
+    pub proxy_uid: Option<String>,
+
+    /// GID(s) of the proxy, whose traffic is not captured. Default: the --proxy-uid value.
+    #[arg(short = 'g', long, env = "PROXY_GID", value_name = "GID[,GID...]")]
+    pub proxy_gid: Option<String>,
+
+    /// Inbound interception mode: REDIRECT or TPROXY (empty means REDIRECT).
+    #[arg(
+        short = 'm',
+        long,
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = "",
+        value_name = "MODE"
+    )]
+    pub istio_inbound_interception_mode: String,
+
+    /// Inbound ports to capture: a comma list, `*` for all, empty for none.
+    #[arg(
+        short = 'b',
+        long,
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub istio_inbound_ports: String,
+
+    /// Inbound ports never captured (applies with `-b '*'`).
+    #[arg(
+        short = 'd',
+        long,
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub istio_local_exclude_ports: String,
+
+    /// Interfaces whose traffic is never captured, inbound or outbound.
+    #[arg(
+        short = 'c',
+        long,
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = "",
+        value_name = "IFACES"
+    )]
+    pub istio_exclude_interfaces: String,
+
+    /// Outbound CIDRs to capture: a comma list, `*` for all, empty for none.
+    #[arg(
+        short = 'i',
+        long,
+        env = "ISTIO_SERVICE_CIDR",
+        default_value = "",
+        value_name = "CIDRS"
+    )]
+    pub istio_service_cidr: String,
+
+    /// Outbound CIDRs never captured (`*` is an error).
+    #[arg(
+        short = 'x',
+        long,
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = "",
+        value_name = "CIDRS"
+    )]
+    pub istio_service_exclude_cidr: String,
+
+    /// Outbound ports always captured.
+    #[arg(
+        short = 'q',
+        long,
+        env = "ISTIO_OUTBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub istio_outbound_ports: String,
+
+    /// Outbound ports never captured (TCP and UDP).
+    #[arg(
+        short = 'o',
+        long,
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub istio_local_outbound_ports_exclude: String,
+
+    /// Virtual interfaces whose inbound traffic (from a VM) is treated as outbound.
+    #[arg(
+        short = 'k',
+        long,
+        env = "KUBE_VIRT_INTERFACES",
+        default_value = "",
+        value_name = "IFACES"
+    )]
+    pub kube_virt_interfaces: String,
+
+    /// Packet mark used by TPROXY mode.
+    #[arg(
+        short = 't',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_MARK",
+        default_value = "1337",
+        value_name = "MARK"
+    )]
+    pub istio_inbound_tproxy_mark: String,
+
+    /// Routing table used by TPROXY mode.
+    #[arg(
+        short = 'r',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133",
+        value_name = "TABLE"
+    )]
+    pub istio_inbound_tproxy_route_table: String,
+
+    /// Print the rules as a runnable sh script; change nothing.
+    #[arg(short = 'n', long, env = "DRY_RUN", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL",
+          action = ArgAction::Set)]
+    pub dry_run: String,
+
+    /// Capture DNS to the resolv.conf servers, redirecting it to the agent on 15053
+    /// (also read from ISTIO_META_DNS_CAPTURE).
+    #[arg(long, env = "REDIRECT_DNS", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub redirect_dns: String,
+
+    /// With --redirect-dns: capture all port-53 traffic, not only that to resolv.conf servers.
+    #[arg(long, env = "CAPTURE_ALL_DNS", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub capture_all_dns: String,
+
+    /// Drop packets in conntrack state INVALID (mangle ISTIO_DROP) instead of resetting them
+    /// (also read from INVALID_DROP).
+    #[arg(long, env = "DROP_INVALID", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub drop_invalid: String,
+
+    /// Dual stack: IPv6 is on when the pod has any global IPv6 address
+    /// (also read from ISTIO_DUAL_STACK).
+    #[arg(long, env = "DUAL_STACK", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub dual_stack: String,
+
+    /// Apply no rules (useful with --run-validation).
+    #[arg(long, env = "SKIP_RULE_APPLY", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub skip_rule_apply: String,
+
+    /// Check that traffic is captured after applying (exit 126 when it is not).
+    #[arg(long, env = "RUN_VALIDATION", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub run_validation: String,
+
+    /// Port the validation probe connects to.
+    #[arg(
+        long,
+        env = "IPTABLES_PROBE_PORT",
+        default_value = "15002",
+        value_name = "PORT"
+    )]
+    pub iptables_probe_port: String,
+
+    /// How long validation waits (Go duration syntax: 500ms, 5s, 1m).
+    #[arg(
+        long,
+        env = "PROBE_TIMEOUT",
+        default_value = "5s",
+        value_name = "DURATION"
+    )]
+    pub probe_timeout: String,
+
+    /// Network namespace (a path such as /var/run/netns/x) to apply the rules in.
+    #[arg(
+        long,
+        env = "NETWORK_NAMESPACE",
+        default_value = "",
+        value_name = "PATH"
+    )]
+    pub network_namespace: String,
+
+    /// Run as the Istio CNI plugin does (xtables lock scoped to the pod).
+    #[arg(long, env = "CNI_MODE", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub cni_mode: String,
+
+    /// Reconcile existing, different ISTIO_* state instead of failing on it.
+    #[arg(long, env = "RECONCILE", default_value = "true", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub reconcile: String,
+
+    /// Only remove ISTIO_* chains, jumps, routes and addresses; apply nothing.
+    #[arg(long, env = "CLEANUP_ONLY", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub cleanup_only: String,
+
+    /// Apply even when existing state conflicts and --reconcile=false.
+    #[arg(long, env = "FORCE_APPLY", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub force_apply: String,
+
+    /// Use native nftables (not supported yet: exits non-zero).
+    #[arg(long, env = "NATIVE_NFTABLES", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub native_nftables: String,
+
+    /// Force the iptables flavour: legacy or nft (default: detect).
+    #[arg(
+        long,
+        env = "FORCE_IPTABLES_BINARY",
+        default_value = "",
+        value_name = "legacy|nft"
+    )]
+    pub force_iptables_binary: String,
+
+    /// Where DNS servers are read from for --redirect-dns.
+    #[arg(long, default_value = "/etc/resolv.conf", value_name = "PATH")]
+    pub resolv_conf: String,
+
+    /// More logging on stderr (-v debug, -vv trace); RUST_LOG also works.
+    #[arg(short = 'v', long, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Where a value came from, so errors can name the flag or the env var.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    Env,
+    Default,
+}
+
+/// Parsed command line plus the knowledge of each value's origin.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub cli: Cli,
+    matches: clap::ArgMatches,
+}
+
+impl Args {
+    /// Parse `argv` (program name first). Errors are clap's (usage, --help, --version).
+    pub fn parse_from<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        Ok(Self { cli, matches })
+    }
+
+    /// Where the value of the field `id` (clap's id: the field name) came from.
+    pub fn origin(&self, id: &str) -> Origin {
+        match self.matches.value_source(id) {
+            Some(ValueSource::CommandLine) => Origin::Flag,
+            Some(ValueSource::EnvVariable) => Origin::Env,
+            _ => Origin::Default,
+        }
+    }
+}
+
+/// Flag name and env var of every clap argument, for messages (`--envoy-port / ENVOY_PORT`).
+pub fn describe(id: &str) -> (String, Option<String>) {
+    let cmd = Cli::command();
+    match cmd.get_arguments().find(|a| a.get_id() == id) {
+        Some(a) => (
+            format!("--{}", a.get_long().unwrap_or(id)),
+            a.get_env().map(|e| e.to_string_lossy().into_owned()),
+        ),
+        None => (id.to_string(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bool_flags_take_optional_value() {
+        let a = Args::parse_from(["x", "--dry-run", "--reconcile=false"]).unwrap();
+        assert_eq!(a.cli.dry_run, "true");
+        assert_eq!(a.cli.reconcile, "false");
+        assert_eq!(a.origin("dry_run"), Origin::Flag);
+        assert_eq!(a.origin("envoy_port"), Origin::Default);
+    }
+
+    #[test]
+    fn describe_names_flag_and_env() {
+        assert_eq!(
+            describe("envoy_port"),
+            ("--envoy-port".to_string(), Some("ENVOY_PORT".to_string()))
+        );
+    }
+}

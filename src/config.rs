@@ -1,0 +1,1101 @@
+//! Typed, validated configuration. `Config::build` is the one place where raw flag and env
+//! strings become typed values; nothing raw survives past it, so every string that later
+//! reaches an iptables-restore payload has been checked here.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::cli::{Args, Origin, describe, env_only};
+
+/// Istio's default proxy uid when `ENVOY_USER` does not resolve.
+pub const DEFAULT_PROXY_UID: u32 = 1337;
+/// Istio caps the include list of owner groups (they become one rule).
+pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+
+/// A bad input: which flag or env var, the value, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid value {value:?} for {source_name}: {reason}")]
+pub struct ConfigError {
+    /// e.g. `--envoy-port`, `--envoy-port (from env ENVOY_PORT)`, `env ENVOY_USER`.
+    pub source_name: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// A TCP/UDP port, 1-65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port(u16);
+
+impl Port {
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A port or an iptables port range `a:b` (a <= b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSpec {
+    One(Port),
+    Range(Port, Port),
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortSpec::One(p) => write!(f, "{p}"),
+            PortSpec::Range(a, b) => write!(f, "{a}:{b}"),
+        }
+    }
+}
+
+/// A uid or gid: a number, or a user/group name that iptables resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Id(n) => write!(f, "{n}"),
+            Owner::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A network interface name as Linux accepts it (a trailing `+` wildcard allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iface(String);
+
+impl fmt::Display for Iface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How inbound traffic reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redirect,
+    Tproxy,
+}
+
+/// Which inbound ports are captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundPorts {
+    None,
+    All,
+    Only(Vec<PortSpec>),
+}
+
+/// IPv4 and IPv6 CIDRs of one list, in the order given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cidrs {
+    pub v4: Vec<Ipv4Net>,
+    pub v6: Vec<Ipv6Net>,
+}
+
+impl Cidrs {
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// Which outbound destinations are captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundCidrs {
+    All,
+    Only(Cidrs),
+}
+
+/// Owner groups whose outbound traffic is captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Every group but these (Istio: include `*`, exclude list).
+    AllExcept(Vec<Owner>),
+    /// Only these groups.
+    Only(Vec<Owner>),
+}
+
+/// A DNS server from resolv.conf: the parsed address and the text as written (Istio writes
+/// the text into the rule, e.g. `::127.0.0.53/128`; it only ever holds a valid address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsServer {
+    pub addr: IpAddr,
+    pub text: String,
+}
+
+/// iptables flavour forced by `--force-iptables-binary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Legacy,
+    Nft,
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Legacy => "legacy",
+            Flavor::Nft => "nft",
+        })
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Outbound capture port (-p, ENVOY_PORT).
+    pub proxy_port: Port,
+    /// Inbound capture port (-z, INBOUND_CAPTURE_PORT).
+    pub inbound_capture_port: Port,
+    /// Tunnel port, never captured (-e, INBOUND_TUNNEL_PORT).
+    pub inbound_tunnel_port: Port,
+    /// Proxy uids (-u, PROXY_UID).
+    pub proxy_uids: Vec<Owner>,
+    /// Proxy gids (-g, PROXY_GID).
+    pub proxy_gids: Vec<Owner>,
+    /// Inbound mode (-m).
+    pub mode: Mode,
+    /// Inbound ports captured (-b).
+    pub inbound_ports: InboundPorts,
+    /// Inbound ports excluded with `-b '*'` (-d).
+    pub inbound_ports_exclude: Vec<PortSpec>,
+    /// Interfaces never captured (-c).
+    pub exclude_interfaces: Vec<Iface>,
+    /// Outbound CIDRs captured (-i).
+    pub outbound_include: OutboundCidrs,
+    /// Outbound CIDRs not captured (-x).
+    pub outbound_exclude: Cidrs,
+    /// Outbound ports always captured (-q).
+    pub outbound_ports_include: Vec<PortSpec>,
+    /// Outbound ports never captured (-o).
+    pub outbound_ports_exclude: Vec<PortSpec>,
+    /// Virtual interfaces whose inbound traffic is treated as outbound (-k).
+    pub kube_virt_interfaces: Vec<Iface>,
+    /// TPROXY mark (-t).
+    pub tproxy_mark: u32,
+    /// TPROXY routing table (-r).
+    pub tproxy_route_table: u32,
+    /// Print, change nothing (-n).
+    pub dry_run: bool,
+    /// DNS capture (--redirect-dns).
+    pub redirect_dns: bool,
+    /// Capture all port-53 traffic (--capture-all-dns).
+    pub capture_all_dns: bool,
+    /// mangle ISTIO_DROP of INVALID packets (--drop-invalid).
+    pub drop_invalid: bool,
+    /// Dual stack detection (--dual-stack).
+    pub dual_stack: bool,
+    /// Apply nothing (--skip-rule-apply).
+    pub skip_rule_apply: bool,
+    /// Validate capture after apply (--run-validation).
+    pub run_validation: bool,
+    /// Validation probe port (--iptables-probe-port).
+    pub probe_port: Port,
+    /// Validation timeout (--probe-timeout).
+    pub probe_timeout: Duration,
+    /// Namespace to enter (--network-namespace).
+    pub network_namespace: Option<PathBuf>,
+    /// CNI mode (--cni-mode).
+    pub cni_mode: bool,
+    /// Reconcile existing state (--reconcile).
+    pub reconcile: bool,
+    /// Only clean up (--cleanup-only).
+    pub cleanup_only: bool,
+    /// Apply despite conflicts (--force-apply).
+    pub force_apply: bool,
+    /// Forced iptables flavour (--force-iptables-binary).
+    pub flavor: Option<Flavor>,
+    /// Host loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
+    pub host_loopback_cidr: Ipv4Net,
+    /// Owner groups captured (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]).
+    pub owner_groups: OwnerGroups,
+    /// Generate IPv6 rules (ENABLE_INBOUND_IPV6, else detected).
+    pub enable_ipv6: bool,
+    /// IPv4 DNS servers from resolv.conf (with --redirect-dns).
+    pub dns_servers_v4: Vec<DnsServer>,
+    /// IPv6 DNS servers from resolv.conf (with --redirect-dns).
+    pub dns_servers_v6: Vec<DnsServer>,
+    /// Where the DNS servers were read from (--resolv-conf).
+    pub resolv_conf: PathBuf,
+}
+
+/// What `Config::build` needs to know about the machine (kept behind a trait for tests).
+pub trait Host {
+    /// uid of the user `name`, if it exists.
+    fn user_uid(&self, name: &str) -> Option<u32>;
+    /// Whether the pod's address is IPv6 (Istio's rule); `None` when it has no usable address.
+    fn detect_ipv6(&self, dual_stack: bool) -> Option<bool>;
+    /// Read a file (resolv.conf).
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<String>;
+}
+
+/// Names a value's source for error messages.
+struct Src {
+    name: String,
+}
+
+impl Src {
+    fn arg(args: &Args, id: &str) -> Self {
+        let (flag, env) = describe(id);
+        let name = match (args.origin(id), env) {
+            (Origin::Env, Some(env)) => format!("{flag} (from env {env})"),
+            _ => flag,
+        };
+        Src { name }
+    }
+    fn env(var: &str) -> Self {
+        Src {
+            name: format!("env {var}"),
+        }
+    }
+    fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source_name: self.name.clone(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Splits a comma list, trimming items and dropping empty ones.
+pub fn split_list(s: &str) -> Vec<&str> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// Go's strconv.ParseBool.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_u16_strict(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn port(src: &Src, whole: &str, item: &str) -> Result<Port, ConfigError> {
+    match parse_u16_strict(item) {
+        Some(n) if n > 0 => Ok(Port(n)),
+        _ => Err(src.err(whole, format!("{item:?} is not a port number (1-65535)"))),
+    }
+}
+
+fn single_port(src: &Src, s: &str) -> Result<Port, ConfigError> {
+    port(src, s, s.trim())
+}
+
+fn port_spec(src: &Src, whole: &str, item: &str) -> Result<PortSpec, ConfigError> {
+    match item.split_once(':') {
+        None => Ok(PortSpec::One(port(src, whole, item)?)),
+        Some((a, b)) => {
+            let (a, b) = (port(src, whole, a)?, port(src, whole, b)?);
+            if a.0 > b.0 {
+                return Err(src.err(whole, format!("port range {item:?} is reversed")));
+            }
+            Ok(PortSpec::Range(a, b))
+        }
+    }
+}
+
+fn port_list(src: &Src, s: &str) -> Result<Vec<PortSpec>, ConfigError> {
+    split_list(s)
+        .into_iter()
+        .map(|item| {
+            if item == "*" {
+                return Err(src.err(s, "`*` is not allowed here"));
+            }
+            port_spec(src, s, item)
+        })
+        .collect()
+}
+
+fn u32_value(src: &Src, s: &str, what: &str) -> Result<u32, ConfigError> {
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(src.err(s, format!("expected {what}")));
+    }
+    t.parse()
+        .map_err(|_| src.err(s, format!("expected {what} (at most {})", u32::MAX)))
+}
+
+/// A user or group name as shadow-utils accepts it (no shell or iptables metacharacters).
+fn valid_account_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter().enumerate().all(|(i, &c)| {
+            c.is_ascii_alphanumeric()
+                || c == b'_'
+                || c == b'.'
+                || c == b'-'
+                || (c == b'$' && i == b.len() - 1)
+        })
+}
+
+fn owner(src: &Src, whole: &str, item: &str) -> Result<Owner, ConfigError> {
+    if item.bytes().all(|b| b.is_ascii_digit()) {
+        return item
+            .parse()
+            .map(Owner::Id)
+            .map_err(|_| src.err(whole, format!("id {item:?} is out of range")));
+    }
+    if valid_account_name(item) {
+        Ok(Owner::Name(item.to_string()))
+    } else {
+        Err(src.err(
+            whole,
+            format!("{item:?} is neither a numeric id nor a valid user/group name"),
+        ))
+    }
+}
+
+fn owner_list(src: &Src, s: &str) -> Result<Vec<Owner>, ConfigError> {
+    let items = split_list(s);
+    if items.is_empty() {
+        return Err(src.err(s, "expected at least one id or name"));
+    }
+    items.into_iter().map(|i| owner(src, s, i)).collect()
+}
+
+/// Linux's dev_valid_name, plus no quotes/backslashes/leading `-` or `!` that iptables would
+/// read as syntax. A trailing `+` (iptables wildcard) is allowed.
+fn iface(src: &Src, whole: &str, item: &str) -> Result<Iface, ConfigError> {
+    let bad = |why: &str| src.err(whole, format!("interface name {item:?} {why}"));
+    if item.is_empty() || item.len() > 15 {
+        return Err(bad("must be 1-15 bytes long"));
+    }
+    if item == "." || item == ".." {
+        return Err(bad("is not allowed"));
+    }
+    if item.starts_with('-') || item.starts_with('!') {
+        return Err(bad("must not start with '-' or '!'"));
+    }
+    if let Some(c) = item.chars().find(|&c| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | ',')
+            || !c.is_ascii()
+    }) {
+        return Err(bad(&format!("contains the character {c:?}")));
+    }
+    Ok(Iface(item.to_string()))
+}
+
+fn iface_list(src: &Src, s: &str) -> Result<Vec<Iface>, ConfigError> {
+    // Whitespace is invalid inside names, so do not trim it away silently.
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|i| iface(src, s, i))
+        .collect()
+}
+
+fn cidr(src: &Src, whole: &str, item: &str) -> Result<IpNet, ConfigError> {
+    if let Ok(n) = item.parse::<IpNet>() {
+        return Ok(n);
+    }
+    if let Ok(a) = item.parse::<IpAddr>() {
+        return Ok(IpNet::from(a));
+    }
+    Err(src.err(whole, format!("{item:?} is not a valid CIDR or IP address")))
+}
+
+fn cidr_list(src: &Src, s: &str) -> Result<Cidrs, ConfigError> {
+    let mut out = Cidrs::default();
+    for item in split_list(s) {
+        if item == "*" {
+            return Err(src.err(s, "`*` is not allowed here"));
+        }
+        match cidr(src, s, item)? {
+            IpNet::V4(n) => out.v4.push(n),
+            IpNet::V6(n) => out.v6.push(n),
+        }
+    }
+    Ok(out)
+}
+
+/// Go's time.ParseDuration (non-negative values only).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return None;
+        }
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    if !total.is_finite() || total > 1e9 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+fn go_bool(args: &Args, id: &str, raw: &str) -> Result<bool, ConfigError> {
+    parse_go_bool(raw.trim()).ok_or_else(|| {
+        Src::arg(args, id).err(
+            raw,
+            "expected a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)",
+        )
+    })
+}
+
+/// A bool flag that Istio also reads from an older env name.
+fn go_bool_with_alias(
+    args: &Args,
+    id: &str,
+    raw: &str,
+    alias: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<bool, ConfigError> {
+    if args.origin(id) == Origin::Default
+        && let Some(v) = env(alias)
+    {
+        return parse_go_bool(v.trim())
+            .ok_or_else(|| Src::env(alias).err(&v, "expected a boolean (true/false, 1/0, t/f)"));
+    }
+    go_bool(args, id, raw)
+}
+
+/// Parses `nameserver` lines of a resolv.conf into IPv4 and IPv6 servers (unparsable entries
+/// are skipped with a warning, as Istio does).
+pub fn parse_resolv_conf(text: &str) -> (Vec<DnsServer>, Vec<DnsServer>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        if fields.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(text) = fields.next() else { continue };
+        match text.parse::<IpAddr>() {
+            Ok(addr @ IpAddr::V4(_)) => v4.push(DnsServer {
+                addr,
+                text: text.to_string(),
+            }),
+            Ok(addr @ IpAddr::V6(_)) => v6.push(DnsServer {
+                addr,
+                text: text.to_string(),
+            }),
+            Err(_) => tracing::warn!(
+                server = text,
+                "ignoring resolv.conf nameserver that is not an IP address"
+            ),
+        }
+    }
+    (v4, v6)
+}
+
+impl Config {
+    /// Validates every flag and env value. `env` reads environment variables (for env-only
+    /// knobs); `host` answers the few questions about the machine Istio also asks.
+    pub fn build(
+        args: &Args,
+        env: &dyn Fn(&str) -> Option<String>,
+        host: &dyn Host,
+    ) -> Result<Config, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &str| Src::arg(args, id);
+
+        let proxy_port = single_port(&src("envoy_port"), &c.envoy_port)?;
+        let inbound_capture_port =
+            single_port(&src("inbound_capture_port"), &c.inbound_capture_port)?;
+        let inbound_tunnel_port = single_port(&src("inbound_tunnel_port"), &c.inbound_tunnel_port)?;
+
+        let proxy_uids = match c.proxy_uid.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => owner_list(&src("proxy_uid"), s)?,
+            None => {
+                let user = env(env_only::ENVOY_USER).unwrap_or_else(|| "istio-proxy".into());
+                vec![Owner::Id(host.user_uid(&user).unwrap_or(DEFAULT_PROXY_UID))]
+            }
+        };
+        let proxy_gids = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => owner_list(&src("proxy_gid"), s)?,
+            None => proxy_uids.clone(),
+        };
+
+        let mode = match c.istio_inbound_interception_mode.trim() {
+            "" | "REDIRECT" => Mode::Redirect,
+            "TPROXY" => Mode::Tproxy,
+            _ => {
+                return Err(src("istio_inbound_interception_mode").err(
+                    &c.istio_inbound_interception_mode,
+                    "expected REDIRECT or TPROXY",
+                ));
+            }
+        };
+
+        let inbound_ports = {
+            let s = src("istio_inbound_ports");
+            let items = split_list(&c.istio_inbound_ports);
+            if items == ["*"] {
+                InboundPorts::All
+            } else if items.is_empty() {
+                InboundPorts::None
+            } else {
+                InboundPorts::Only(port_list(&s, &c.istio_inbound_ports)?)
+            }
+        };
+        let inbound_ports_exclude = port_list(
+            &src("istio_local_exclude_ports"),
+            &c.istio_local_exclude_ports,
+        )?;
+        let exclude_interfaces = iface_list(
+            &src("istio_exclude_interfaces"),
+            &c.istio_exclude_interfaces,
+        )?;
+
+        let outbound_include = {
+            let items = split_list(&c.istio_service_cidr);
+            if items == ["*"] {
+                OutboundCidrs::All
+            } else {
+                OutboundCidrs::Only(cidr_list(
+                    &src("istio_service_cidr"),
+                    &c.istio_service_cidr,
+                )?)
+            }
+        };
+        let outbound_exclude = cidr_list(
+            &src("istio_service_exclude_cidr"),
+            &c.istio_service_exclude_cidr,
+        )?;
+        let outbound_ports_include =
+            port_list(&src("istio_outbound_ports"), &c.istio_outbound_ports)?;
+        let outbound_ports_exclude = port_list(
+            &src("istio_local_outbound_ports_exclude"),
+            &c.istio_local_outbound_ports_exclude,
+        )?;
+        let kube_virt_interfaces =
+            iface_list(&src("kube_virt_interfaces"), &c.kube_virt_interfaces)?;
+
+        let tproxy_mark = u32_value(
+            &src("istio_inbound_tproxy_mark"),
+            &c.istio_inbound_tproxy_mark,
+            "a packet mark (a non-negative integer)",
+        )?;
+        let tproxy_route_table = u32_value(
+            &src("istio_inbound_tproxy_route_table"),
+            &c.istio_inbound_tproxy_route_table,
+            "a routing table number (a non-negative integer)",
+        )?;
+        if tproxy_route_table == 0 {
+            return Err(src("istio_inbound_tproxy_route_table")
+                .err(&c.istio_inbound_tproxy_route_table, "table 0 is reserved"));
+        }
+
+        let dry_run = go_bool(args, "dry_run", &c.dry_run)?;
+        let redirect_dns = go_bool_with_alias(
+            args,
+            "redirect_dns",
+            &c.redirect_dns,
+            env_only::DNS_CAPTURE_ALIAS,
+            env,
+        )?;
+        let capture_all_dns = go_bool(args, "capture_all_dns", &c.capture_all_dns)?;
+        let drop_invalid = go_bool_with_alias(
+            args,
+            "drop_invalid",
+            &c.drop_invalid,
+            env_only::INVALID_DROP_ALIAS,
+            env,
+        )?;
+        let dual_stack = go_bool_with_alias(
+            args,
+            "dual_stack",
+            &c.dual_stack,
+            env_only::DUAL_STACK_ALIAS,
+            env,
+        )?;
+        let skip_rule_apply = go_bool(args, "skip_rule_apply", &c.skip_rule_apply)?;
+        let run_validation = go_bool(args, "run_validation", &c.run_validation)?;
+        let cni_mode = go_bool(args, "cni_mode", &c.cni_mode)?;
+        let reconcile = go_bool(args, "reconcile", &c.reconcile)?;
+        let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
+        let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
+        if go_bool(args, "native_nftables", &c.native_nftables)? {
+            return Err(src("native_nftables").err(
+                &c.native_nftables,
+                "the native nftables backend is not supported yet; use the iptables backends",
+            ));
+        }
+
+        let probe_port = single_port(&src("iptables_probe_port"), &c.iptables_probe_port)?;
+        let probe_timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {
+            src("probe_timeout").err(
+                &c.probe_timeout,
+                "expected a duration such as 500ms, 5s or 1m",
+            )
+        })?;
+        let network_namespace = match c.network_namespace.trim() {
+            "" => None,
+            p if p.contains('\0') => {
+                return Err(src("network_namespace").err(p, "contains a NUL byte"));
+            }
+            p => Some(PathBuf::from(p)),
+        };
+        let flavor = match c.force_iptables_binary.trim() {
+            "" => None,
+            "legacy" => Some(Flavor::Legacy),
+            "nft" => Some(Flavor::Nft),
+            _ => {
+                return Err(src("force_iptables_binary")
+                    .err(&c.force_iptables_binary, "expected legacy or nft"));
+            }
+        };
+
+        // Env-only knobs.
+        let host_loopback_cidr = {
+            let var = env_only::HOST_IPV4_LOOPBACK_CIDR;
+            match env(var) {
+                None => "127.0.0.1/32".parse().expect("valid default"),
+                Some(v) => {
+                    let s = Src::env(var);
+                    let net: Ipv4Net = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| s.err(&v, "expected an IPv4 CIDR such as 127.0.0.1/32"))?;
+                    if !net.addr().is_loopback() {
+                        return Err(s.err(&v, "expected an IPv4 loopback address (127.0.0.0/8)"));
+                    }
+                    if net.prefix_len() < 8 {
+                        return Err(s.err(&v, "expected a mask between 8 and 32"));
+                    }
+                    net
+                }
+            }
+        };
+        let owner_groups = {
+            let inc_var = env_only::OWNER_GROUPS_INCLUDE;
+            let exc_var = env_only::OWNER_GROUPS_EXCLUDE;
+            let include = env(inc_var).unwrap_or_else(|| "*".into());
+            if include.trim() == "*" {
+                let exclude = env(exc_var).unwrap_or_default();
+                let s = Src::env(exc_var);
+                let groups = split_list(&exclude)
+                    .into_iter()
+                    .map(|g| owner(&s, &exclude, g))
+                    .collect::<Result<Vec<_>, _>>()?;
+                OwnerGroups::AllExcept(groups)
+            } else {
+                let s = Src::env(inc_var);
+                let groups = split_list(&include)
+                    .into_iter()
+                    .map(|g| owner(&s, &include, g))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
+                    return Err(s.err(
+                        &include,
+                        format!(
+                            "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {}",
+                            groups.len()
+                        ),
+                    ));
+                }
+                OwnerGroups::Only(groups)
+            }
+        };
+        let enable_ipv6 = match env(env_only::ENABLE_INBOUND_IPV6) {
+            Some(v) => parse_go_bool(v.trim()).ok_or_else(|| {
+                Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
+            })?,
+            None => match host.detect_ipv6(dual_stack) {
+                Some(v6) => v6,
+                None => {
+                    tracing::warn!(
+                        "no non-loopback, non-link-local address found; generating IPv4 rules only \
+                         (set ENABLE_INBOUND_IPV6=true to force IPv6)"
+                    );
+                    false
+                }
+            },
+        };
+
+        let resolv_conf = PathBuf::from(&c.resolv_conf);
+        let (dns_servers_v4, dns_servers_v6) = if redirect_dns && !capture_all_dns {
+            let text = host.read_file(&resolv_conf).map_err(|e| {
+                src("resolv_conf").err(&c.resolv_conf, format!("cannot read it: {e}"))
+            })?;
+            parse_resolv_conf(&text)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+
+        Ok(Config {
+            proxy_port,
+            inbound_capture_port,
+            inbound_tunnel_port,
+            proxy_uids,
+            proxy_gids,
+            mode,
+            inbound_ports,
+            inbound_ports_exclude,
+            exclude_interfaces,
+            outbound_include,
+            outbound_exclude,
+            outbound_ports_include,
+            outbound_ports_exclude,
+            kube_virt_interfaces,
+            tproxy_mark,
+            tproxy_route_table,
+            dry_run,
+            redirect_dns,
+            capture_all_dns,
+            drop_invalid,
+            dual_stack,
+            skip_rule_apply,
+            run_validation,
+            probe_port,
+            probe_timeout,
+            network_namespace,
+            cni_mode,
+            reconcile,
+            cleanup_only,
+            force_apply,
+            flavor,
+            host_loopback_cidr,
+            owner_groups,
+            enable_ipv6,
+            dns_servers_v4,
+            dns_servers_v6,
+            resolv_conf,
+        })
+    }
+
+    /// The effective configuration as `NAME=value` pairs (Istio's names), for logs and the
+    /// dry-run header.
+    pub fn summary(&self) -> Vec<(&'static str, String)> {
+        fn join<T: fmt::Display>(v: &[T]) -> String {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        let cidrs = |c: &Cidrs| {
+            let mut v: Vec<String> = c.v4.iter().map(|n| n.to_string()).collect();
+            v.extend(c.v6.iter().map(|n| n.to_string()));
+            v.join(",")
+        };
+        let dns: Vec<String> = self
+            .dns_servers_v4
+            .iter()
+            .chain(&self.dns_servers_v6)
+            .map(|d| d.text.clone())
+            .collect();
+        vec![
+            ("PROXY_PORT", self.proxy_port.to_string()),
+            (
+                "PROXY_INBOUND_CAPTURE_PORT",
+                self.inbound_capture_port.to_string(),
+            ),
+            ("PROXY_TUNNEL_PORT", self.inbound_tunnel_port.to_string()),
+            ("PROXY_UID", join(&self.proxy_uids)),
+            ("PROXY_GID", join(&self.proxy_gids)),
+            (
+                "INBOUND_INTERCEPTION_MODE",
+                match self.mode {
+                    Mode::Redirect => "REDIRECT".into(),
+                    Mode::Tproxy => "TPROXY".into(),
+                },
+            ),
+            ("INBOUND_TPROXY_MARK", self.tproxy_mark.to_string()),
+            (
+                "INBOUND_TPROXY_ROUTE_TABLE",
+                self.tproxy_route_table.to_string(),
+            ),
+            (
+                "INBOUND_PORTS_INCLUDE",
+                match &self.inbound_ports {
+                    InboundPorts::None => String::new(),
+                    InboundPorts::All => "*".into(),
+                    InboundPorts::Only(p) => join(p),
+                },
+            ),
+            ("INBOUND_PORTS_EXCLUDE", join(&self.inbound_ports_exclude)),
+            (
+                "OUTBOUND_OWNER_GROUPS_INCLUDE",
+                match &self.owner_groups {
+                    OwnerGroups::AllExcept(_) => "*".into(),
+                    OwnerGroups::Only(g) => join(g),
+                },
+            ),
+            (
+                "OUTBOUND_OWNER_GROUPS_EXCLUDE",
+                match &self.owner_groups {
+                    OwnerGroups::AllExcept(g) => join(g),
+                    OwnerGroups::Only(_) => String::new(),
+                },
+            ),
+            (
+                "OUTBOUND_IP_RANGES_INCLUDE",
+                match &self.outbound_include {
+                    OutboundCidrs::All => "*".into(),
+                    OutboundCidrs::Only(c) => cidrs(c),
+                },
+            ),
+            ("OUTBOUND_IP_RANGES_EXCLUDE", cidrs(&self.outbound_exclude)),
+            ("OUTBOUND_PORTS_INCLUDE", join(&self.outbound_ports_include)),
+            ("OUTBOUND_PORTS_EXCLUDE", join(&self.outbound_ports_exclude)),
+            ("KUBE_VIRT_INTERFACES", join(&self.kube_virt_interfaces)),
+            ("EXCLUDE_INTERFACES", join(&self.exclude_interfaces)),
+            ("ENABLE_INBOUND_IPV6", self.enable_ipv6.to_string()),
+            ("DUAL_STACK", self.dual_stack.to_string()),
+            ("DNS_CAPTURE", self.redirect_dns.to_string()),
+            ("CAPTURE_ALL_DNS", self.capture_all_dns.to_string()),
+            ("DNS_SERVERS", dns.join(",")),
+            ("DROP_INVALID", self.drop_invalid.to_string()),
+            (
+                "HOST_IPV4_LOOPBACK_CIDR",
+                self.host_loopback_cidr.to_string(),
+            ),
+            (
+                "NETWORK_NAMESPACE",
+                self.network_namespace
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            ("CNI_MODE", self.cni_mode.to_string()),
+            ("RECONCILE", self.reconcile.to_string()),
+            ("CLEANUP_ONLY", self.cleanup_only.to_string()),
+            ("FORCE_APPLY", self.force_apply.to_string()),
+        ]
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A host with no users, no addresses, and the given files.
+    pub struct FakeHost {
+        pub files: HashMap<PathBuf, String>,
+        pub ipv6: Option<bool>,
+    }
+
+    impl Host for FakeHost {
+        fn user_uid(&self, name: &str) -> Option<u32> {
+            (name == "istio-proxy").then_some(1337)
+        }
+        fn detect_ipv6(&self, _dual_stack: bool) -> Option<bool> {
+            self.ipv6
+        }
+        fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    }
+
+    pub fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let host = FakeHost {
+            files: HashMap::from([(
+                PathBuf::from("/etc/resolv.conf"),
+                "nameserver 10.96.0.10\nnameserver fd00::10\nsearch x\n".to_string(),
+            )]),
+            ipv6: Some(false),
+        };
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut full = vec!["istio-iptables"];
+        full.extend_from_slice(argv);
+        let args = Args::parse_from(full).expect("clap accepts");
+        Config::build(&args, &|k| env.get(k).cloned(), &host)
+    }
+
+    #[test]
+    fn defaults_match_istio() {
+        let c = build(&[], &[]).unwrap();
+        assert_eq!(c.proxy_port.get(), 15001);
+        assert_eq!(c.inbound_capture_port.get(), 15006);
+        assert_eq!(c.inbound_tunnel_port.get(), 15008);
+        assert_eq!(c.proxy_uids, vec![Owner::Id(1337)]);
+        assert_eq!(c.proxy_gids, vec![Owner::Id(1337)]);
+        assert_eq!(c.mode, Mode::Redirect);
+        assert_eq!(c.inbound_ports, InboundPorts::None);
+        assert_eq!(c.outbound_include, OutboundCidrs::Only(Cidrs::default()));
+        assert_eq!(c.tproxy_mark, 1337);
+        assert_eq!(c.tproxy_route_table, 133);
+        assert_eq!(c.probe_port.get(), 15002);
+        assert_eq!(c.probe_timeout, Duration::from_secs(5));
+        assert!(c.reconcile);
+        assert_eq!(c.owner_groups, OwnerGroups::AllExcept(vec![]));
+        assert_eq!(c.host_loopback_cidr.to_string(), "127.0.0.1/32");
+    }
+
+    #[test]
+    fn lists_ignore_empty_items_and_keep_order() {
+        let c = build(
+            &["-d", "15090,15021,", "-i", "10.0.0.0/8,,fd00::/8,1.2.3.4"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.inbound_ports_exclude.len(), 2);
+        let OutboundCidrs::Only(cidrs) = c.outbound_include else {
+            panic!()
+        };
+        assert_eq!(cidrs.v4[0].to_string(), "10.0.0.0/8");
+        assert_eq!(cidrs.v4[1].to_string(), "1.2.3.4/32");
+        assert_eq!(cidrs.v6[0].to_string(), "fd00::/8");
+    }
+
+    #[test]
+    fn port_ranges() {
+        let c = build(&["-b", "80:90,443"], &[]).unwrap();
+        assert_eq!(
+            c.inbound_ports,
+            InboundPorts::Only(vec![
+                PortSpec::Range(Port(80), Port(90)),
+                PortSpec::One(Port(443))
+            ])
+        );
+        assert!(
+            build(&["-b", "90:80"], &[])
+                .unwrap_err()
+                .reason
+                .contains("reversed")
+        );
+    }
+
+    #[test]
+    fn bad_values_name_flag_or_env() {
+        let e = build(&["-p", "70000"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--envoy-port");
+        assert_eq!(e.value, "70000");
+        let e = build(&["-i", "10.0.0.0/33"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-service-cidr");
+        let e = build(&["-x", "*"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-service-exclude-cidr");
+        let e = build(&["-c", "eth0 -j DROP"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-exclude-interfaces");
+        let e = build(&["-k", "abcdefghijklmnop"], &[]).unwrap_err();
+        assert!(e.reason.contains("1-15 bytes"), "{e}");
+        let e = build(&["-c", "eth\n0"], &[]).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+        let e = build(&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")]).unwrap_err();
+        assert_eq!(e.source_name, "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
+        let many: Vec<String> = (0..65).map(|i| i.to_string()).collect();
+        let e = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &many.join(","))]).unwrap_err();
+        assert!(e.reason.contains("at most 64"), "{e}");
+        let e = build(&["--probe-timeout", "forever"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--probe-timeout");
+        let e = build(&["--force-iptables-binary", "foo"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--force-iptables-binary");
+        let e = build(&["-m", "FOO"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-inbound-interception-mode");
+        assert!(build(&["-t", "abc"], &[]).is_err());
+        assert!(build(&["-z", "0"], &[]).is_err());
+        assert!(build(&["-u", "1337;rm"], &[]).is_err());
+        assert!(
+            build(&["--native-nftables"], &[])
+                .unwrap_err()
+                .reason
+                .contains("not supported")
+        );
+    }
+
+    #[test]
+    fn bool_aliases_and_go_spellings() {
+        assert!(
+            build(&[], &[("ISTIO_META_DNS_CAPTURE", "T")])
+                .unwrap()
+                .redirect_dns
+        );
+        assert!(build(&[], &[("INVALID_DROP", "1")]).unwrap().drop_invalid);
+        assert!(
+            build(&[], &[("ISTIO_DUAL_STACK", "True")])
+                .unwrap()
+                .dual_stack
+        );
+        assert!(build(&[], &[("ISTIO_META_DNS_CAPTURE", "yes")]).is_err());
+    }
+
+    #[test]
+    fn dns_servers_from_resolv_conf() {
+        let c = build(&["--redirect-dns"], &[]).unwrap();
+        assert_eq!(c.dns_servers_v4[0].text, "10.96.0.10");
+        assert_eq!(c.dns_servers_v6[0].text, "fd00::10");
+        let c = build(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
+        assert!(c.dns_servers_v4.is_empty());
+        let e = build(&["--redirect-dns", "--resolv-conf", "/nope"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--resolv-conf");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration("forever"), None);
+        assert_eq!(parse_go_duration("-5s"), None);
+    }
+
+    #[test]
+    fn ipv6_override_and_owner_group_filters() {
+        assert!(
+            build(&[], &[("ENABLE_INBOUND_IPV6", "true")])
+                .unwrap()
+                .enable_ipv6
+        );
+        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        assert_eq!(
+            c.owner_groups,
+            OwnerGroups::Only(vec![Owner::Name("java".into()), Owner::Id(202)])
+        );
+        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp")]).unwrap();
+        assert_eq!(
+            c.owner_groups,
+            OwnerGroups::AllExcept(vec![Owner::Id(888), Owner::Name("ftp".into())])
+        );
+    }
+}

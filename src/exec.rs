@@ -1,0 +1,171 @@
+//! Running external programs (iptables-restore, iptables-save, ip). Distinguishes "not
+//! installed", "not permitted", "could not start" and "ran and failed", and always keeps the
+//! program's stderr for the error message. Payloads go on stdin: no temp files.
+
+use std::io::{self, Write};
+use std::process::{Command, ExitStatus, Stdio};
+
+/// Why running a program failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{program} was not found in PATH (install the iptables and iproute2 packages)")]
+    NotFound { program: String },
+    #[error("{program}: permission denied (run as root, or with NET_ADMIN and NET_RAW)")]
+    PermissionDenied { program: String },
+    #[error("could not start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}){}", stderr_suffix(.stderr))]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    let t = stderr.trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", t.replace('\n', "; "))
+    }
+}
+
+impl ExecError {
+    /// The program's stderr, when it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            ExecError::Failed { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Runs programs. The real one spawns processes; tests can substitute their own.
+pub trait Runner {
+    /// Runs `program args`, feeding `stdin`, and returns its stdout.
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> Result<String, ExecError>;
+}
+
+/// Spawns real processes.
+#[derive(Debug, Default)]
+pub struct SystemRunner;
+
+impl Runner for SystemRunner {
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> Result<String, ExecError> {
+        let command = std::iter::once(program.to_string())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::debug!(%command, "running");
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ExecError::NotFound {
+                    program: program.to_string(),
+                },
+                io::ErrorKind::PermissionDenied => ExecError::PermissionDenied {
+                    program: program.to_string(),
+                },
+                _ => ExecError::Spawn {
+                    program: program.to_string(),
+                    source: e,
+                },
+            })?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            // A program that exits early closes the pipe; its exit status tells why.
+            let _ = pipe.write_all(input.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(|e| ExecError::Spawn {
+            program: program.to_string(),
+            source: e,
+        })?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(ExecError::Failed {
+                command,
+                status: out.status,
+                stderr,
+            });
+        }
+        if !stderr.trim().is_empty() {
+            tracing::debug!(%command, stderr = %stderr.trim(), "stderr");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// From iptables-restore's stderr (`... line 7 failed`), the 1-based payload line it rejected.
+pub fn failed_restore_line(stderr: &str) -> Option<usize> {
+    let i = stderr.find("line ")?;
+    let digits: String = stderr[i + 5..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_line_is_found() {
+        assert_eq!(
+            failed_restore_line("iptables-restore: line 7 failed\n"),
+            Some(7)
+        );
+        assert_eq!(
+            failed_restore_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
+            Some(12)
+        );
+        assert_eq!(
+            failed_restore_line("Another app is currently holding the xtables lock"),
+            None
+        );
+    }
+
+    #[test]
+    fn missing_program_is_reported_as_not_found() {
+        let e = SystemRunner
+            .run("/nonexistent/iptables-restore", &[], None)
+            .unwrap_err();
+        assert!(matches!(e, ExecError::NotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn failure_keeps_stderr() {
+        let e = SystemRunner
+            .run(
+                "sh",
+                &["-c".into(), "echo oops >&2; exit 3".into()],
+                Some("input"),
+            )
+            .unwrap_err();
+        assert_eq!(e.stderr(), Some("oops\n"));
+        assert!(e.to_string().contains("oops"));
+    }
+}

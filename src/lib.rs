@@ -1,0 +1,14 @@
+//! istio-iptables: a drop-in replacement for Istio's istio-iptables.
+//!
+//! Data flows one way: [`cli`] (flags and env) → [`config`] (typed, validated) → [`rules`]
+//! (pure rule builder) → [`restore`] / [`script`] (payload text, dry-run script) → [`apply`]
+//! (running the programs, through [`exec`]).
+
+pub mod apply;
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod host;
+pub mod restore;
+pub mod rules;
+pub mod script;

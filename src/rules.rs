@@ -1,0 +1,1009 @@
+//! The rule builder: config in, ordered rules per family and table out. Pure — no I/O.
+//!
+//! The order and text of every rule reproduce Istio's `capture/run.go`, because operators diff
+//! our output against Istio's and because iptables evaluates rules in order.
+
+use std::fmt;
+
+use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups};
+
+/// The agent's DNS listener port.
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// Mark the proxy puts on its outbound-to-inbound loopback traffic in TPROXY mode.
+pub const OUTBOUND_MARK: u32 = 1338;
+
+/// Our chains. Everything we own starts with `ISTIO_`.
+pub mod chain {
+    pub const INBOUND: &str = "ISTIO_INBOUND";
+    pub const REDIRECT: &str = "ISTIO_REDIRECT";
+    pub const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
+    pub const OUTPUT: &str = "ISTIO_OUTPUT";
+    pub const OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
+    pub const DIVERT: &str = "ISTIO_DIVERT";
+    pub const TPROXY: &str = "ISTIO_TPROXY";
+    pub const DROP: &str = "ISTIO_DROP";
+    /// Prefix of every chain this tool owns.
+    pub const PREFIX: &str = "ISTIO_";
+}
+
+/// IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// iptables table. The derived order is alphabetical, the order Istio writes tables in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Filter,
+    Mangle,
+    Nat,
+    Raw,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Filter, Table::Mangle, Table::Nat, Table::Raw];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Filter => "filter",
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+            Table::Raw => "raw",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == s)
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Append to the chain, or insert at a 1-based position (as `-I CHAIN N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    Append,
+    Insert(u32),
+}
+
+/// One rule: where it goes and its match/target tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub table: Table,
+    pub chain: &'static str,
+    pub position: Position,
+    /// Tokens after the chain (and position), e.g. `["-p", "tcp", "-j", "RETURN"]`.
+    pub args: Vec<String>,
+}
+
+impl Rule {
+    /// The target: the token after the last `-j`.
+    pub fn target(&self) -> Option<&str> {
+        let i = self.args.iter().rposition(|a| a == "-j")?;
+        self.args.get(i + 1).map(String::as_str)
+    }
+
+    /// The rule's match and target text, without `-A CHAIN`.
+    pub fn spec(&self) -> String {
+        self.args.join(" ")
+    }
+}
+
+impl fmt::Display for Rule {
+    /// iptables-restore syntax: `-A CHAIN args` or `-I CHAIN N args`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Position::Append => write!(f, "-A {}", self.chain)?,
+            Position::Insert(n) => write!(f, "-I {} {}", self.chain, n)?,
+        }
+        for a in &self.args {
+            write!(f, " {a}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An `ip` command the mode needs, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpCommand {
+    /// `ip -6 addr add ::6/128 dev lo`: the source address of inbound passthrough over IPv6.
+    AddInboundV6Address,
+    /// `ip -4|-6 rule add fwmark MARK lookup TABLE`.
+    RuleAdd {
+        family: Family,
+        mark: u32,
+        table: u32,
+    },
+    /// `ip -4|-6 route add local default dev lo table TABLE`.
+    RouteAddLocal { family: Family, table: u32 },
+}
+
+impl IpCommand {
+    /// Arguments for `ip`.
+    pub fn args(&self) -> Vec<String> {
+        let fam = |f: &Family| match f {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        let v: Vec<String> = match self {
+            IpCommand::AddInboundV6Address => vec!["-6", "addr", "add", "::6/128", "dev", "lo"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            IpCommand::RuleAdd {
+                family,
+                mark,
+                table,
+            } => vec![
+                fam(family).into(),
+                "rule".into(),
+                "add".into(),
+                "fwmark".into(),
+                mark.to_string(),
+                "lookup".into(),
+                table.to_string(),
+            ],
+            IpCommand::RouteAddLocal { family, table } => vec![
+                fam(family).into(),
+                "route".into(),
+                "add".into(),
+                "local".into(),
+                "default".into(),
+                "dev".into(),
+                "lo".into(),
+                "table".into(),
+                table.to_string(),
+            ],
+        };
+        v
+    }
+}
+
+impl fmt::Display for IpCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ip {}", self.args().join(" "))
+    }
+}
+
+/// Everything a config asks for: rules per family in order, then `ip` commands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub v4: Vec<Rule>,
+    pub v6: Vec<Rule>,
+    pub ip: Vec<IpCommand>,
+    /// Whether IPv6 is in use (ip6tables is left alone otherwise).
+    pub ipv6: bool,
+}
+
+impl Plan {
+    pub fn rules(&self, family: Family) -> &[Rule] {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    /// The families this plan touches.
+    pub fn families(&self) -> Vec<Family> {
+        if self.ipv6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
+}
+
+/// Placeholder in rule templates replaced by the family's address (Istio's IPVersionSpecific).
+const VERSIONED: &str = "\u{0}VERSIONED";
+
+struct Builder {
+    plan: Plan,
+}
+
+impl Builder {
+    fn push(
+        &mut self,
+        family: Family,
+        table: Table,
+        chain: &'static str,
+        position: Position,
+        args: Vec<String>,
+    ) {
+        let rule = Rule {
+            table,
+            chain,
+            position,
+            args,
+        };
+        match family {
+            Family::V4 => self.plan.v4.push(rule),
+            Family::V6 if self.plan.ipv6 => self.plan.v6.push(rule),
+            Family::V6 => {}
+        }
+    }
+
+    fn append_to(&mut self, family: Family, table: Table, chain: &'static str, args: Vec<String>) {
+        self.push(family, table, chain, Position::Append, args);
+    }
+
+    fn append(&mut self, table: Table, chain: &'static str, args: Vec<String>) {
+        self.append_to(Family::V4, table, chain, args.clone());
+        self.append_to(Family::V6, table, chain, args);
+    }
+
+    fn insert_to(
+        &mut self,
+        family: Family,
+        table: Table,
+        chain: &'static str,
+        pos: u32,
+        args: Vec<String>,
+    ) {
+        self.push(family, table, chain, Position::Insert(pos), args);
+    }
+
+    fn insert(&mut self, table: Table, chain: &'static str, pos: u32, args: Vec<String>) {
+        self.insert_to(Family::V4, table, chain, pos, args.clone());
+        self.insert_to(Family::V6, table, chain, pos, args);
+    }
+
+    /// Appends to both families, replacing `VERSIONED` with the family's value.
+    fn append_versioned(
+        &mut self,
+        v4: &str,
+        v6: &str,
+        table: Table,
+        chain: &'static str,
+        args: Vec<String>,
+    ) {
+        let subst = |val: &str| -> Vec<String> {
+            args.iter()
+                .map(|a| {
+                    if a == VERSIONED {
+                        val.to_string()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect()
+        };
+        self.append_to(Family::V4, table, chain, subst(v4));
+        self.append_to(Family::V6, table, chain, subst(v6));
+    }
+}
+
+/// `["-x", "y"]` from displayable pieces.
+macro_rules! args {
+    ($($x:expr),* $(,)?) => { vec![$($x.to_string()),*] };
+}
+
+fn owner_match(kind: &str, o: &Owner) -> Vec<String> {
+    args!["-m", "owner", kind, o]
+}
+
+/// Builds Istio's rule set for `cfg`.
+pub fn build(cfg: &Config) -> Plan {
+    use Table::{Mangle, Nat};
+    let mut b = Builder {
+        plan: Plan {
+            ipv6: cfg.enable_ipv6,
+            ..Plan::default()
+        },
+    };
+    let tproxy = cfg.mode == Mode::Tproxy;
+    let loopback_v4 = cfg.host_loopback_cidr.to_string();
+    let loopback_v6 = "::1/128";
+    let tunnel = cfg.inbound_tunnel_port.to_string();
+
+    let (include_v4_loopback, include_v6_loopback) = match &cfg.outbound_include {
+        OutboundCidrs::All => (false, false),
+        OutboundCidrs::Only(c) => (
+            c.v4.iter().any(|n| n.addr().is_loopback()),
+            c.v6.iter().any(|n| n.addr().is_loopback()),
+        ),
+    };
+    let include_has_loopback = include_v4_loopback || include_v6_loopback;
+
+    // Istio: DNS capture needs either capture-all or at least one known server.
+    let redirect_dns = cfg.redirect_dns
+        && (cfg.capture_all_dns
+            || !cfg.dns_servers_v4.is_empty()
+            || !cfg.dns_servers_v6.is_empty());
+    if cfg.redirect_dns && !redirect_dns {
+        tracing::warn!(
+            "--redirect-dns is set, but --capture-all-dns is not and no DNS servers were found; DNS capture disabled"
+        );
+    }
+
+    // Excluded interfaces are never captured.
+    for i in &cfg.exclude_interfaces {
+        b.append(Nat, "PREROUTING", args!["-i", i, "-j", "RETURN"]);
+        b.append(Nat, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
+    }
+    if tproxy {
+        for i in &cfg.exclude_interfaces {
+            b.append(Mangle, "PREROUTING", args!["-i", i, "-j", "RETURN"]);
+            b.append(Mangle, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
+        }
+    }
+
+    // Virtual interfaces are not captured as inbound.
+    for i in &cfg.kube_virt_interfaces {
+        b.insert(Nat, "PREROUTING", 1, args!["-i", i, "-j", "RETURN"]);
+    }
+
+    if cfg.drop_invalid {
+        b.append(
+            Mangle,
+            "PREROUTING",
+            args!["-m", "conntrack", "--ctstate", "INVALID", "-j", chain::DROP],
+        );
+        b.append(Mangle, chain::DROP, args!["-j", "DROP"]);
+    }
+
+    b.append(
+        Nat,
+        chain::INBOUND,
+        args!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"],
+    );
+    b.append(
+        Nat,
+        chain::REDIRECT,
+        args!["-p", "tcp", "-j", "REDIRECT", "--to-ports", cfg.proxy_port],
+    );
+    b.append(
+        Nat,
+        chain::IN_REDIRECT,
+        args![
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            cfg.inbound_capture_port
+        ],
+    );
+
+    // Inbound.
+    if cfg.inbound_ports != InboundPorts::None {
+        let table = if tproxy {
+            b.append(
+                Mangle,
+                chain::DIVERT,
+                args!["-j", "MARK", "--set-mark", cfg.tproxy_mark],
+            );
+            b.append(Mangle, chain::DIVERT, args!["-j", "ACCEPT"]);
+            b.append_versioned(
+                &loopback_v4,
+                loopback_v6,
+                Mangle,
+                chain::TPROXY,
+                args![
+                    "!",
+                    "-d",
+                    VERSIONED,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "TPROXY",
+                    "--tproxy-mark",
+                    format!("{}/0xffffffff", cfg.tproxy_mark),
+                    "--on-port",
+                    cfg.inbound_capture_port
+                ],
+            );
+            Mangle
+        } else {
+            Nat
+        };
+        b.append(
+            table,
+            "PREROUTING",
+            args!["-p", "tcp", "-j", chain::INBOUND],
+        );
+        match &cfg.inbound_ports {
+            InboundPorts::All => {
+                for p in &cfg.inbound_ports_exclude {
+                    b.append(
+                        table,
+                        chain::INBOUND,
+                        args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
+                    );
+                }
+                if tproxy {
+                    b.append(
+                        Mangle,
+                        chain::INBOUND,
+                        args![
+                            "-p",
+                            "tcp",
+                            "-m",
+                            "conntrack",
+                            "--ctstate",
+                            "RELATED,ESTABLISHED",
+                            "-j",
+                            chain::DIVERT
+                        ],
+                    );
+                    b.append(
+                        Mangle,
+                        chain::INBOUND,
+                        args!["-p", "tcp", "-j", chain::TPROXY],
+                    );
+                } else {
+                    b.append(
+                        Nat,
+                        chain::INBOUND,
+                        args!["-p", "tcp", "-j", chain::IN_REDIRECT],
+                    );
+                }
+            }
+            InboundPorts::Only(ports) => {
+                for p in ports {
+                    if tproxy {
+                        b.append(
+                            Mangle,
+                            chain::INBOUND,
+                            args![
+                                "-p",
+                                "tcp",
+                                "--dport",
+                                p,
+                                "-m",
+                                "conntrack",
+                                "--ctstate",
+                                "RELATED,ESTABLISHED",
+                                "-j",
+                                chain::DIVERT
+                            ],
+                        );
+                        b.append(
+                            Mangle,
+                            chain::INBOUND,
+                            args!["-p", "tcp", "--dport", p, "-j", chain::TPROXY],
+                        );
+                    } else {
+                        b.append(
+                            Nat,
+                            chain::INBOUND,
+                            args!["-p", "tcp", "--dport", p, "-j", chain::IN_REDIRECT],
+                        );
+                    }
+                }
+            }
+            InboundPorts::None => unreachable!("checked above"),
+        }
+    }
+
+    // Outbound.
+    b.append(Nat, "OUTPUT", args!["-j", chain::OUTPUT]);
+    for p in &cfg.outbound_ports_exclude {
+        b.append(
+            Nat,
+            chain::OUTPUT,
+            args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
+        );
+        b.append(
+            Nat,
+            chain::OUTPUT,
+            args!["-p", "udp", "--dport", p, "-j", "RETURN"],
+        );
+    }
+    // 127.0.0.6 / ::6 is the source of the inbound passthrough cluster.
+    b.append_versioned(
+        "127.0.0.6/32",
+        "::6/128",
+        Nat,
+        chain::OUTPUT,
+        args!["-o", "lo", "-s", VERSIONED, "-j", "RETURN"],
+    );
+
+    for (kind, owners) in [
+        ("--uid-owner", &cfg.proxy_uids),
+        ("--gid-owner", &cfg.proxy_gids),
+    ] {
+        for o in owners {
+            // App calls back to itself through a VIP go via the inbound side of the proxy.
+            let mut r = args!["-o", "lo", "!", "-d", VERSIONED, "-p", "tcp"];
+            if redirect_dns && kind == "--uid-owner" {
+                r.extend(args![
+                    "-m",
+                    "multiport",
+                    "!",
+                    "--dports",
+                    format!("53,{tunnel}")
+                ]);
+            } else {
+                r.extend(args!["!", "--dport", tunnel]);
+            }
+            r.extend(owner_match(kind, o));
+            r.extend(args!["-j", chain::IN_REDIRECT]);
+            b.append_versioned(&loopback_v4, loopback_v6, Nat, chain::OUTPUT, r);
+
+            // App to itself over lo is not captured (unless loopback is explicitly included).
+            if !include_has_loopback {
+                let mut r = args!["-o", "lo"];
+                if redirect_dns {
+                    r.extend(args!["-p", "tcp", "!", "--dport", "53"]);
+                }
+                r.extend(args!["-m", "owner", "!", kind, o, "-j", "RETURN"]);
+                b.append(Nat, chain::OUTPUT, r);
+            }
+            // The proxy's own traffic is never captured.
+            let mut r = owner_match(kind, o);
+            r.extend(args!["-j", "RETURN"]);
+            b.append(Nat, chain::OUTPUT, r);
+        }
+    }
+
+    match &cfg.owner_groups {
+        OwnerGroups::AllExcept(groups) => {
+            for g in groups {
+                b.append(
+                    Nat,
+                    chain::OUTPUT,
+                    args!["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
+                );
+            }
+        }
+        OwnerGroups::Only(groups) => {
+            let mut r = Vec::new();
+            for g in groups {
+                r.extend(args!["-m", "owner", "!", "--gid-owner", g]);
+            }
+            r.extend(args!["-j", "RETURN"]);
+            b.append(Nat, chain::OUTPUT, r);
+        }
+    }
+
+    if redirect_dns {
+        dns_rules(&mut b, cfg);
+    }
+
+    // Traffic to localhost is not captured.
+    b.append_versioned(
+        &loopback_v4,
+        loopback_v6,
+        Nat,
+        chain::OUTPUT,
+        args!["-d", VERSIONED, "-j", "RETURN"],
+    );
+    for n in &cfg.outbound_exclude.v4 {
+        b.append_to(
+            Family::V4,
+            Nat,
+            chain::OUTPUT,
+            args!["-d", n, "-j", "RETURN"],
+        );
+    }
+    for n in &cfg.outbound_exclude.v6 {
+        b.append_to(
+            Family::V6,
+            Nat,
+            chain::OUTPUT,
+            args!["-d", n, "-j", "RETURN"],
+        );
+    }
+    for p in &cfg.outbound_ports_include {
+        b.append(
+            Nat,
+            chain::OUTPUT,
+            args!["-p", "tcp", "--dport", p, "-j", chain::REDIRECT],
+        );
+    }
+    for family in [Family::V4, Family::V6] {
+        match &cfg.outbound_include {
+            OutboundCidrs::All => {
+                b.append_to(family, Nat, chain::OUTPUT, args!["-j", chain::REDIRECT]);
+                for i in &cfg.kube_virt_interfaces {
+                    b.insert_to(
+                        family,
+                        Nat,
+                        "PREROUTING",
+                        1,
+                        args!["-i", i, "-j", chain::REDIRECT],
+                    );
+                }
+            }
+            OutboundCidrs::Only(cidrs) => {
+                let nets: Vec<String> = match family {
+                    Family::V4 => cidrs.v4.iter().map(|n| n.to_string()).collect(),
+                    Family::V6 => cidrs.v6.iter().map(|n| n.to_string()).collect(),
+                };
+                for n in nets {
+                    for i in &cfg.kube_virt_interfaces {
+                        b.insert_to(
+                            family,
+                            Nat,
+                            "PREROUTING",
+                            1,
+                            args!["-i", i, "-d", n, "-j", chain::REDIRECT],
+                        );
+                    }
+                    b.append_to(
+                        family,
+                        Nat,
+                        chain::OUTPUT,
+                        args!["-d", n, "-j", chain::REDIRECT],
+                    );
+                }
+            }
+        }
+    }
+
+    if tproxy {
+        let mark = cfg.tproxy_mark;
+        // Save the mark set by Envoy's original_src filter as the connection mark.
+        b.append(
+            Mangle,
+            "PREROUTING",
+            args![
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "--mark",
+                mark,
+                "-j",
+                "CONNMARK",
+                "--save-mark"
+            ],
+        );
+        // Already marked (envoy -> app): leave it.
+        b.append(
+            Mangle,
+            "OUTPUT",
+            args![
+                "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN"
+            ],
+        );
+        for (kind, owners) in [
+            ("--uid-owner", &cfg.proxy_uids),
+            ("--gid-owner", &cfg.proxy_gids),
+        ] {
+            for o in owners {
+                let mut r = args!["!", "-d", VERSIONED, "-p", "tcp", "-o", "lo"];
+                r.extend(owner_match(kind, o));
+                r.extend(args!["-j", "MARK", "--set-mark", OUTBOUND_MARK]);
+                b.append_versioned(&loopback_v4, loopback_v6, Mangle, "OUTPUT", r);
+            }
+        }
+        b.append(
+            Mangle,
+            "OUTPUT",
+            args![
+                "-p",
+                "tcp",
+                "-m",
+                "connmark",
+                "--mark",
+                mark,
+                "-j",
+                "CONNMARK",
+                "--restore-mark"
+            ],
+        );
+        b.insert(
+            Mangle,
+            chain::INBOUND,
+            1,
+            args!["-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"],
+        );
+        b.insert_to(
+            Family::V4,
+            Mangle,
+            chain::INBOUND,
+            2,
+            args![
+                "-p",
+                "tcp",
+                "-s",
+                "127.0.0.6/32",
+                "-i",
+                "lo",
+                "-j",
+                "RETURN"
+            ],
+        );
+        b.insert_to(
+            Family::V6,
+            Mangle,
+            chain::INBOUND,
+            2,
+            args!["-p", "tcp", "-s", "::6/128", "-i", "lo", "-j", "RETURN"],
+        );
+        b.insert(
+            Mangle,
+            chain::INBOUND,
+            3,
+            args![
+                "-p",
+                "tcp",
+                "-i",
+                "lo",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                OUTBOUND_MARK,
+                "-j",
+                "RETURN"
+            ],
+        );
+    }
+
+    // ip plumbing, in Istio's order: the ::6 address, then TPROXY rules, then routes.
+    if cfg.enable_ipv6 {
+        b.plan.ip.push(IpCommand::AddInboundV6Address);
+    }
+    if tproxy && cfg.inbound_ports != InboundPorts::None {
+        let families = b.plan.families();
+        for &family in &families {
+            b.plan.ip.push(IpCommand::RuleAdd {
+                family,
+                mark: cfg.tproxy_mark,
+                table: cfg.tproxy_route_table,
+            });
+        }
+        for &family in &families {
+            b.plan.ip.push(IpCommand::RouteAddLocal {
+                family,
+                table: cfg.tproxy_route_table,
+            });
+        }
+    }
+    b.plan
+}
+
+/// DNS capture: nat redirection to the agent and raw-table conntrack zones.
+fn dns_rules(b: &mut Builder, cfg: &Config) {
+    use Table::{Nat, Raw};
+    let all = cfg.capture_all_dns;
+    let v4 = &cfg.dns_servers_v4;
+    let v6 = &cfg.dns_servers_v6;
+    let dns_port = DNS_PROXY_PORT;
+
+    b.append(Raw, "OUTPUT", args!["-j", chain::OUTPUT_DNS]);
+    if all || !v4.is_empty() {
+        b.append_to(
+            Family::V4,
+            Nat,
+            chain::OUTPUT,
+            args!["-j", chain::OUTPUT_DNS],
+        );
+    }
+    if all || !v6.is_empty() {
+        b.append_to(
+            Family::V6,
+            Nat,
+            chain::OUTPUT,
+            args!["-j", chain::OUTPUT_DNS],
+        );
+    }
+    let servers = |fam: Family| -> Vec<String> {
+        match fam {
+            Family::V4 => v4.iter().map(|s| format!("{}/32", s.text)).collect(),
+            Family::V6 => v6.iter().map(|s| format!("{}/128", s.text)).collect(),
+        }
+    };
+    for (proto, to) in [("tcp", "--to-ports"), ("udp", "--to-port")] {
+        if all {
+            b.append(
+                Nat,
+                chain::OUTPUT_DNS,
+                args!["-p", proto, "--dport", "53", "-j", "REDIRECT", to, dns_port],
+            );
+        } else {
+            for fam in [Family::V4, Family::V6] {
+                for s in servers(fam) {
+                    b.append_to(
+                        fam,
+                        Nat,
+                        chain::OUTPUT_DNS,
+                        args![
+                            "-p", proto, "--dport", "53", "-d", s, "-j", "REDIRECT", to, dns_port
+                        ],
+                    );
+                }
+            }
+        }
+    }
+    // Conntrack zones: proxy <-> upstream servers in zone 1, app <-> proxy in zone 2.
+    for (kind, owners) in [
+        ("--uid-owner", &cfg.proxy_uids),
+        ("--gid-owner", &cfg.proxy_gids),
+    ] {
+        for o in owners {
+            let mut r = args!["-p", "udp", "--dport", "53"];
+            r.extend(owner_match(kind, o));
+            r.extend(args!["-j", "CT", "--zone", "1"]);
+            b.append(Raw, chain::OUTPUT_DNS, r);
+            let mut r = args!["-p", "udp", "--sport", dns_port];
+            r.extend(owner_match(kind, o));
+            r.extend(args!["-j", "CT", "--zone", "2"]);
+            b.append(Raw, chain::OUTPUT_DNS, r);
+        }
+    }
+    if all {
+        b.append(Raw, "PREROUTING", args!["-j", chain::INBOUND]);
+        b.append(
+            Raw,
+            chain::OUTPUT_DNS,
+            args!["-p", "udp", "--dport", "53", "-j", "CT", "--zone", "2"],
+        );
+        b.append(
+            Raw,
+            chain::INBOUND,
+            args!["-p", "udp", "--sport", "53", "-j", "CT", "--zone", "1"],
+        );
+    } else {
+        for fam in [Family::V4, Family::V6] {
+            let list = servers(fam);
+            if !list.is_empty() {
+                b.append_to(fam, Raw, "PREROUTING", args!["-j", chain::INBOUND]);
+            }
+            for s in list {
+                b.append_to(
+                    fam,
+                    Raw,
+                    chain::OUTPUT_DNS,
+                    args![
+                        "-p", "udp", "--dport", "53", "-d", s, "-j", "CT", "--zone", "2"
+                    ],
+                );
+                b.append_to(
+                    fam,
+                    Raw,
+                    chain::INBOUND,
+                    args![
+                        "-p", "udp", "--sport", "53", "-s", s, "-j", "CT", "--zone", "1"
+                    ],
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::build as config;
+
+    fn lines(rules: &[Rule]) -> Vec<String> {
+        rules.iter().map(|r| format!("{} {}", r.table, r)).collect()
+    }
+
+    #[test]
+    fn seed_command_captures_all_inbound_and_outbound() {
+        let c = config(
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15020",
+            ],
+            &[],
+        )
+        .unwrap();
+        let plan = build(&c);
+        let l = lines(&plan.v4);
+        assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN".to_string()));
+        assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".to_string()));
+        assert_eq!(l.last().unwrap(), "nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT");
+        assert!(plan.v6.is_empty());
+        assert!(plan.ip.is_empty());
+    }
+
+    #[test]
+    fn ipv6_rules_use_v6_addresses_and_add_loopback_address() {
+        let c = config(
+            &["-i", "10.0.0.0/8,fd00::/8"],
+            &[("ENABLE_INBOUND_IPV6", "true")],
+        )
+        .unwrap();
+        let plan = build(&c);
+        let v6 = lines(&plan.v6);
+        assert!(v6.contains(&"nat -A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN".to_string()));
+        assert!(v6.contains(&"nat -A ISTIO_OUTPUT -d fd00::/8 -j ISTIO_REDIRECT".to_string()));
+        assert!(!v6.iter().any(|l| l.contains("10.0.0.0/8")));
+        assert_eq!(plan.ip, vec![IpCommand::AddInboundV6Address]);
+    }
+
+    #[test]
+    fn tproxy_adds_routes_per_family() {
+        let c = config(
+            &["-m", "TPROXY", "-b", "*", "-t", "7", "-r", "99"],
+            &[("ENABLE_INBOUND_IPV6", "true")],
+        )
+        .unwrap();
+        let plan = build(&c);
+        let ip: Vec<String> = plan.ip.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            ip,
+            vec![
+                "ip -6 addr add ::6/128 dev lo",
+                "ip -4 rule add fwmark 7 lookup 99",
+                "ip -6 rule add fwmark 7 lookup 99",
+                "ip -4 route add local default dev lo table 99",
+                "ip -6 route add local default dev lo table 99",
+            ]
+        );
+        assert!(
+            lines(&plan.v4).contains(&"mangle -A ISTIO_DIVERT -j MARK --set-mark 7".to_string())
+        );
+    }
+
+    #[test]
+    fn loopback_include_keeps_app_to_self_traffic_captured() {
+        let c = config(&["-i", "127.0.0.0/8"], &[]).unwrap();
+        let l = lines(&build(&c).v4);
+        assert!(!l.iter().any(|r| r.contains("! --uid-owner")), "{l:#?}");
+    }
+
+    #[test]
+    fn dns_without_servers_is_disabled() {
+        let c = config(
+            &["--redirect-dns", "--resolv-conf", "/etc/resolv.conf"],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            lines(&build(&c).v4)
+                .iter()
+                .any(|l| l.contains("ISTIO_OUTPUT_DNS"))
+        );
+        let mut c = c;
+        c.dns_servers_v4.clear();
+        c.dns_servers_v6.clear();
+        assert!(
+            !lines(&build(&c).v4)
+                .iter()
+                .any(|l| l.contains("ISTIO_OUTPUT_DNS"))
+        );
+    }
+
+    #[test]
+    fn capture_all_dns_ignores_servers() {
+        let c = config(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
+        let l = lines(&build(&c).v4);
+        assert!(l.contains(
+            &"nat -A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053".to_string()
+        ));
+        assert!(l.contains(&"raw -A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1".to_string()));
+    }
+
+    #[test]
+    fn outbound_port_exclusion_covers_tcp_and_udp() {
+        let c = config(&["-o", "3306"], &[]).unwrap();
+        let l = lines(&build(&c).v4);
+        assert!(l.contains(&"nat -A ISTIO_OUTPUT -p tcp --dport 3306 -j RETURN".to_string()));
+        assert!(l.contains(&"nat -A ISTIO_OUTPUT -p udp --dport 3306 -j RETURN".to_string()));
+    }
+}
