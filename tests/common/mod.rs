@@ -1,0 +1,709 @@
+//! Shared helpers for the integration tests.
+//!
+//! Each test file includes this with `mod common;`. Not every test file uses
+//! every helper, so dead-code warnings are silenced for the whole module (CI
+//! runs `cargo clippy --all-targets -- -D warnings`).
+//!
+//! What is here:
+//! - privilege checks: [`is_root`], [`can_unshare`], [`skip_unless_root`];
+//! - running a shell script as root inside a fresh network + mount namespace:
+//!   [`run_in_fresh_ns`], [`run_in_fresh_ns_ok`] and [`NsOutput`];
+//! - shell snippets: [`with_test_groups_prelude`], [`groups_prelude`],
+//!   [`shell_quote`], [`shell_command`];
+//! - test-case data: [`Case`], [`read_case`], [`read_cases`],
+//!   [`istio_cases_dir`], [`parse_args_file`], [`parse_env_file`];
+//! - running the binary ([`BIN`]) for a case: [`case_command`] (a
+//!   `Command`), [`case_shell_command`] (a line for a namespace script),
+//!   [`case_env`], [`sane_path`];
+//! - output handling: [`normalize_save`], [`normalize_restore_payload`],
+//!   [`extract_heredoc_blocks`], [`line_diff`], [`compare_lines`], [`indent`];
+//! - process helpers: [`run_with_timeout`], [`TempDir`].
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Path of the binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_istio-iptables");
+
+/// Standard directories that must be on PATH for iptables/ip/unshare.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long one namespace script or one binary invocation may run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------
+// Privileges
+// ---------------------------------------------------------------------------
+
+/// Effective uid of this process, read from `/proc/self/status` (falls back
+/// to `id -u`). `None` if neither works.
+pub fn effective_uid() -> Option<u32> {
+    if let Ok(status) = fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            if let Some(rest) = line.strip_prefix("Uid:") {
+                // Fields: real, effective, saved set, filesystem.
+                if let Some(euid) = rest.split_whitespace().nth(1)
+                    && let Ok(v) = euid.parse()
+                {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    let out = Command::new("id").arg("-u").output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// True if running with effective uid 0.
+pub fn is_root() -> bool {
+    effective_uid() == Some(0)
+}
+
+/// True if a fresh network + mount namespace can be created here (root with
+/// CAP_SYS_ADMIN and the `unshare` tool present).
+pub fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["--net", "--mount", "--propagation", "private", "--", "true"])
+        .env("PATH", sane_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Returns `true` when the test must be SKIPPED (not root, or namespaces are
+/// unavailable), after printing a clear `SKIPPED <test_name>: ...` line to
+/// stderr. Use as:
+///
+/// ```ignore
+/// if common::skip_unless_root("my test") { return; }
+/// ```
+pub fn skip_unless_root(test_name: &str) -> bool {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED {test_name}: needs root and network namespaces (effective uid is {:?})",
+            effective_uid()
+        );
+        return true;
+    }
+    if !can_unshare() {
+        eprintln!(
+            "SKIPPED {test_name}: needs root and network namespaces \
+             (`unshare --net --mount` failed: missing CAP_SYS_ADMIN or util-linux?)"
+        );
+        return true;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories
+// ---------------------------------------------------------------------------
+
+/// A uniquely named directory under `std::env::temp_dir()`, removed on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let base = std::env::temp_dir();
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let path = base.join(format!("{prefix}-{}-{n}-{nanos:08x}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create temp dir {}: {e}", path.display()),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// PATH of this process with the standard sbin/bin directories appended if
+/// missing; [`DEFAULT_PATH`] if PATH is unset or empty.
+pub fn sane_path() -> String {
+    let parent = std::env::var("PATH").unwrap_or_default();
+    if parent.trim().is_empty() {
+        return DEFAULT_PATH.to_string();
+    }
+    let mut dirs: Vec<&str> = parent.split(':').filter(|d| !d.is_empty()).collect();
+    for d in DEFAULT_PATH.split(':') {
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    dirs.join(":")
+}
+
+/// Runs `cmd` (stdin closed, stdout/stderr captured) in its own process
+/// group. If it runs longer than `timeout`, that process group is killed and
+/// an error is returned. Errors are human-readable strings.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    use std::os::unix::process::CommandExt;
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot spawn {desc}: {e}"))?;
+    let pid = child.id();
+    let mut out_pipe = child.stdout.take().expect("stdout piped");
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for {desc}: {e}")),
+        }
+        if start.elapsed() > timeout {
+            // Kill the whole process group we created (its id is the child's pid).
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{pid}")])
+                .env("PATH", sane_path())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr =
+                String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+            return Err(format!(
+                "{desc} timed out after {timeout:?} and was killed; stderr so far:\n{stderr}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Fresh namespaces
+// ---------------------------------------------------------------------------
+
+/// Result of [`run_in_fresh_ns`].
+#[derive(Debug)]
+pub struct NsOutput {
+    /// The script as it was run (including the `set -ex` header).
+    pub script: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    /// Script stderr; it contains the shell's `set -x` trace.
+    pub stderr: String,
+    /// Files the script wrote directly into `$NS_OUT`, by file name.
+    pub files: BTreeMap<String, String>,
+}
+
+impl NsOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Content of `$NS_OUT/<name>`, or an error naming the missing file and
+    /// describing the whole run.
+    pub fn file(&self, name: &str) -> Result<&str, String> {
+        self.files.get(name).map(String::as_str).ok_or_else(|| {
+            format!(
+                "namespace script did not write $NS_OUT/{name}\n{}",
+                self.describe()
+            )
+        })
+    }
+
+    /// Human-readable account of the run: status, numbered script, stdout,
+    /// stderr, and the output files.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "namespace script exit status: {}", self.status);
+        let _ = writeln!(s, "--- script ---");
+        for (i, line) in self.script.lines().enumerate() {
+            let _ = writeln!(s, "{:4} | {line}", i + 1);
+        }
+        let _ = writeln!(s, "--- stdout ---\n{}", self.stdout.trim_end());
+        let _ = writeln!(s, "--- stderr ---\n{}", self.stderr.trim_end());
+        for (name, content) in &self.files {
+            let _ = writeln!(s, "--- $NS_OUT/{name} ---\n{}", content.trim_end());
+        }
+        s
+    }
+}
+
+/// Runs `script` with `sh` as root inside a fresh network namespace and a
+/// fresh (private-propagation) mount namespace:
+/// `unshare --net --mount --propagation private -- sh <script>`.
+///
+/// - The script runs under `set -ex`: any failing simple command aborts it
+///   with a non-zero status (beware `set -e` exemptions: commands in `if`,
+///   `&&`/`||` lists and non-final pipeline stages). The trace goes to stderr.
+/// - Environment: cleared except `PATH` ([`sane_path`]), `HOME=/root`,
+///   `NS_OUT` (an empty directory; every regular file written into it is
+///   returned in [`NsOutput::files`]) and `NS_TMP` (scratch directory).
+/// - Working directory: `$NS_TMP`.
+/// - Both directories are removed afterwards.
+///
+/// Panics only if `unshare` cannot be spawned or times out; a failing script
+/// is reported through [`NsOutput::status`] (see [`run_in_fresh_ns_ok`]).
+pub fn run_in_fresh_ns(script: &str) -> NsOutput {
+    let tmp = TempDir::new("istio-iptables-ns");
+    let out_dir = tmp.path().join("out");
+    let scratch = tmp.path().join("tmp");
+    fs::create_dir(&out_dir).expect("create NS_OUT");
+    fs::create_dir(&scratch).expect("create NS_TMP");
+    let full_script = format!("set -ex\n{script}\n");
+    let script_path = tmp.path().join("script.sh");
+    fs::write(&script_path, &full_script).expect("write namespace script");
+
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "--mount", "--propagation", "private", "--", "sh"])
+        .arg(&script_path)
+        .current_dir(&scratch)
+        .env_clear()
+        .env("PATH", sane_path())
+        .env("HOME", "/root")
+        .env("NS_OUT", &out_dir)
+        .env("NS_TMP", &scratch);
+    let output = run_with_timeout(&mut cmd, DEFAULT_TIMEOUT).unwrap_or_else(|e| {
+        panic!("running namespace script failed: {e}\n--- script ---\n{full_script}")
+    });
+
+    let mut files = BTreeMap::new();
+    if let Ok(entries) = fs::read_dir(&out_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_file() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let content = fs::read(&path)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|e| format!("<unreadable: {e}>"));
+                files.insert(name, content);
+            }
+        }
+    }
+    NsOutput {
+        script: full_script,
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        files,
+    }
+}
+
+/// Like [`run_in_fresh_ns`], but a non-zero exit is an `Err` carrying
+/// [`NsOutput::describe`] (script, stdout, stderr, files).
+pub fn run_in_fresh_ns_ok(script: &str) -> Result<NsOutput, String> {
+    let out = run_in_fresh_ns(script);
+    if out.success() {
+        Ok(out)
+    } else {
+        Err(out.describe())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shell snippets
+// ---------------------------------------------------------------------------
+
+/// Quotes `s` as one POSIX sh word (single quotes).
+pub fn shell_quote(s: impl AsRef<OsStr>) -> String {
+    let s = s.as_ref().to_string_lossy();
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        return s.into_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Quotes a program and its arguments as one sh command line.
+pub fn shell_command<I, S>(words: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    words
+        .into_iter()
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Shell snippet for a fresh mount namespace: makes each named group exist
+/// by bind-mounting a copy of `/etc/group` with extra `name:x:gid:` lines over
+/// `/etc/group` (names already present are left alone; gids are picked so
+/// they clash with no existing group). Uses `$NS_TMP` (falls back to `/tmp`).
+/// Must only be used in a private mount namespace (e.g. [`run_in_fresh_ns`]).
+pub fn groups_prelude(names: &[&str]) -> String {
+    let existing = fs::read_to_string("/etc/group").unwrap_or_default();
+    let mut used_gids: BTreeSet<u32> = BTreeSet::new();
+    for line in existing.lines() {
+        if let Some(gid) = line.split(':').nth(2).and_then(|g| g.parse().ok()) {
+            used_gids.insert(gid);
+        }
+    }
+    let mut next_gid = 40000u32;
+    let mut s = String::new();
+    s.push_str("__groups_file=$(mktemp \"${NS_TMP:-/tmp}/group.XXXXXX\")\n");
+    s.push_str("cat /etc/group > \"$__groups_file\"\n");
+    for name in names {
+        while used_gids.contains(&next_gid) {
+            next_gid += 1;
+        }
+        let gid = next_gid;
+        used_gids.insert(gid);
+        let line = format!("{name}:x:{gid}:");
+        let _ = writeln!(
+            s,
+            "grep -q {} \"$__groups_file\" || echo {} >> \"$__groups_file\"",
+            shell_quote(format!("^{name}:")),
+            shell_quote(&line)
+        );
+    }
+    s.push_str("chmod 0644 \"$__groups_file\"\n");
+    s.push_str("mount --bind \"$__groups_file\" /etc/group\n");
+    for name in names {
+        let _ = writeln!(s, "getent group {} >/dev/null", shell_quote(name));
+    }
+    s
+}
+
+/// [`groups_prelude`] for the groups the Istio test data refers to by name
+/// (`java`, `ftp`).
+pub fn with_test_groups_prelude() -> String {
+    groups_prelude(&["java", "ftp"])
+}
+
+// ---------------------------------------------------------------------------
+// Test cases
+// ---------------------------------------------------------------------------
+
+/// One test case directory (`tests/data/istio/<name>/`).
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub dir: PathBuf,
+    /// Command-line arguments (one per line of `args`; empty line = "").
+    pub args: Vec<String>,
+    /// `KEY=VALUE` lines of `env`.
+    pub env: Vec<(String, String)>,
+    /// Content of `expected-v4.rules`.
+    pub expected_v4: String,
+    /// Content of `expected-v6.rules`, if present (absent = no ip6tables).
+    pub expected_v6: Option<String>,
+}
+
+/// `tests/data/istio` of this crate.
+pub fn istio_cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio")
+}
+
+/// Parses an `args` file: one argument per line, an empty line is an empty
+/// argument; the final newline does not make an extra argument.
+pub fn parse_args_file(content: &str) -> Vec<String> {
+    let content = content.strip_suffix('\n').unwrap_or(content);
+    if content.is_empty() {
+        return Vec::new();
+    }
+    content
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect()
+}
+
+/// Parses an `env` file: `KEY=VALUE` lines; blank lines and `#` comments are
+/// skipped.
+pub fn parse_env_file(content: &str) -> Result<Vec<(String, String)>, String> {
+    let mut env = Vec::new();
+    for (i, line) in content.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
+            _ => return Err(format!("line {}: not KEY=VALUE: {line:?}", i + 1)),
+        }
+    }
+    Ok(env)
+}
+
+/// Reads one case directory. Panics with a clear message on malformed data.
+pub fn read_case(dir: &Path) -> Case {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string());
+    let read = |file: &str| -> Option<String> {
+        let p = dir.join(file);
+        if p.exists() {
+            Some(
+                fs::read_to_string(&p)
+                    .unwrap_or_else(|e| panic!("case {name}: cannot read {}: {e}", p.display())),
+            )
+        } else {
+            None
+        }
+    };
+    let args = parse_args_file(
+        &read("args").unwrap_or_else(|| panic!("case {name}: missing `args` file")),
+    );
+    let env = match read("env") {
+        Some(c) => parse_env_file(&c).unwrap_or_else(|e| panic!("case {name}: env: {e}")),
+        None => Vec::new(),
+    };
+    let expected_v4 = read("expected-v4.rules")
+        .unwrap_or_else(|| panic!("case {name}: missing `expected-v4.rules`"));
+    let expected_v6 = read("expected-v6.rules");
+    Case {
+        name,
+        dir: dir.to_path_buf(),
+        args,
+        env,
+        expected_v4,
+        expected_v6,
+    }
+}
+
+/// Reads every sub-directory of `root` as a case, sorted by name. Panics if
+/// there are none.
+pub fn read_cases(root: &Path) -> Vec<Case> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(
+        !dirs.is_empty(),
+        "no test cases found in {}",
+        root.display()
+    );
+    dirs.iter().map(|d| read_case(d)).collect()
+}
+
+/// Environment a case runs with: PATH ([`sane_path`]) then the case's env.
+pub fn case_env(case: &Case) -> Vec<(String, String)> {
+    let mut env = vec![("PATH".to_string(), sane_path())];
+    env.extend(case.env.iter().cloned());
+    env
+}
+
+/// `Command` running the binary for `case` with `extra_args` appended:
+/// environment cleared, then [`case_env`]; working directory = case dir.
+pub fn case_command(case: &Case, extra_args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(&case.args)
+        .args(extra_args)
+        .current_dir(&case.dir)
+        .env_clear()
+        .envs(case_env(case));
+    cmd
+}
+
+/// Shell line (for a namespace script) running the binary for `case` like
+/// [`case_command`] does: `(cd DIR && exec env -i K=V... BIN ARGS... EXTRA...)`.
+/// Under `set -x`, dash writes the trace of a redirected command into the
+/// redirection target: wrap it in `set +x` ... `set -x` to keep a captured
+/// stderr clean.
+pub fn case_shell_command(case: &Case, extra_args: &[&str]) -> String {
+    let mut words: Vec<String> = vec!["env".into(), "-i".into()];
+    words.extend(case_env(case).into_iter().map(|(k, v)| format!("{k}={v}")));
+    words.push(BIN.to_string());
+    words.extend(case.args.iter().cloned());
+    words.extend(extra_args.iter().map(|s| s.to_string()));
+    format!(
+        "(cd {} && exec {})",
+        shell_quote(&case.dir),
+        shell_command(&words)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Output normalisation and comparison
+// ---------------------------------------------------------------------------
+
+/// Normalises `iptables-save` output: drops `#` comment lines and blank
+/// lines, strips counters from chain lines (`:CHAIN POLICY [x:y]` →
+/// `:CHAIN POLICY`) and trailing whitespace.
+pub fn normalize_save(save: &str) -> String {
+    let mut out = String::new();
+    for line in save.lines() {
+        let line = line.trim_end();
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = if line.starts_with(':') && line.ends_with(']') {
+            match line.rfind(" [") {
+                Some(i) => line[..i].trim_end(),
+                None => line,
+            }
+        } else {
+            line
+        };
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Normalises an iptables-restore payload for comparison: trims each line,
+/// collapses inner whitespace runs to one space, turns `*  nat` into `*nat`,
+/// and drops blank lines.
+pub fn normalize_restore_payload(payload: &str) -> Vec<String> {
+    payload
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .map(|l| match l.strip_prefix('*') {
+            Some(rest) => format!("*{}", rest.trim_start()),
+            None => l,
+        })
+        .collect()
+}
+
+/// Finds every here-document in `script` whose opening line (trimmed) is
+/// exactly `marker` and returns the bodies (lines up to the next line that
+/// is exactly `EOF`). A body without its `EOF` is an `Err`.
+pub fn extract_heredoc_blocks(script: &str, marker: &str) -> Result<Vec<String>, String> {
+    let lines: Vec<&str> = script.lines().collect();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].trim() == marker {
+            let start = i + 1;
+            let end = (start..lines.len())
+                .find(|&j| lines[j] == "EOF")
+                .ok_or_else(|| format!("`{marker}` at line {} has no closing EOF line", i + 1))?;
+            let mut body = lines[start..end].join("\n");
+            body.push('\n');
+            blocks.push(body);
+            i = end + 1;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(blocks)
+}
+
+/// Line diff of `expected` vs `actual` (LCS based): unchanged lines prefixed
+/// with two spaces, missing ones with `- `, unexpected ones with `+ `.
+pub fn line_diff<E: AsRef<str>, A: AsRef<str>>(expected: &[E], actual: &[A]) -> String {
+    let (n, m) = (expected.len(), actual.len());
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if expected[i].as_ref() == actual[j].as_ref() {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let mut out = String::new();
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && expected[i].as_ref() == actual[j].as_ref() {
+            let _ = writeln!(out, "  {}", expected[i].as_ref());
+            i += 1;
+            j += 1;
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            let _ = writeln!(out, "- {}", expected[i].as_ref());
+            i += 1;
+        } else {
+            let _ = writeln!(out, "+ {}", actual[j].as_ref());
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Compares two line lists. `None` if equal; otherwise a report with the
+/// first differing line (both sides), a `-expected/+actual` diff and both
+/// full texts.
+pub fn compare_lines<E: AsRef<str>, A: AsRef<str>>(
+    expected_label: &str,
+    expected: &[E],
+    actual_label: &str,
+    actual: &[A],
+) -> Option<String> {
+    let first = (0..expected.len().max(actual.len()))
+        .find(|&i| expected.get(i).map(AsRef::as_ref) != actual.get(i).map(AsRef::as_ref))?;
+    let show = |v: Option<&str>| v.map_or("<no line>".to_string(), |s| format!("{s:?}"));
+    let mut r = String::new();
+    let _ = writeln!(r, "first difference at line {}:", first + 1);
+    let _ = writeln!(
+        r,
+        "  {expected_label}: {}",
+        show(expected.get(first).map(AsRef::as_ref))
+    );
+    let _ = writeln!(
+        r,
+        "  {actual_label}: {}",
+        show(actual.get(first).map(AsRef::as_ref))
+    );
+    let _ = writeln!(r, "diff (- {expected_label}, + {actual_label}):");
+    r.push_str(&line_diff(expected, actual));
+    let _ = writeln!(r, "full {expected_label}:");
+    for l in expected {
+        let _ = writeln!(r, "    {}", l.as_ref());
+    }
+    let _ = writeln!(r, "full {actual_label}:");
+    for l in actual {
+        let _ = writeln!(r, "    {}", l.as_ref());
+    }
+    Some(r)
+}
+
+/// Indents every line of `text` by `prefix` (for nesting reports).
+pub fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|l| format!("{prefix}{l}\n"))
+        .collect::<String>()
+}
