@@ -1,109 +1,408 @@
-//! Applying a plan: feed each family's payload to iptables-restore, then run the `ip`
-//! commands. The executor is a small trait so that the dry-run script is just another
-//! implementation of the same sequence.
+//! Applying a plan for real: detect the backend, read the current state, commit ONE
+//! iptables-restore --noflush transaction per family that leaves exactly the desired state,
+//! then the `ip` plumbing. All or nothing: when a later step fails, every earlier step is
+//! put back (tables restored from what was read, `ip` changes undone).
 
+use std::collections::BTreeMap;
+
+use crate::backend::{self, Backend, NotInstalled, Probe};
 use crate::config::Flavor;
 use crate::exec::{ExecError, Runner, failed_restore_line};
-use crate::restore;
-use crate::rules::{Family, IpCommand, Plan};
+use crate::iproute;
+use crate::reconcile::{self, Conflict, Policy, Transaction};
+use crate::rules::{Family, IpCommand, Plan, Rule, Table};
+use crate::state::{OwnerResolver, ParseError, SaveState, parse_save};
 
-/// An apply step that failed.
+/// How to apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// `--force-iptables-binary`.
+    pub flavor: Option<Flavor>,
+    /// `--reconcile` / `--force-apply`.
+    pub policy: Policy,
+    /// Seconds to wait for the xtables lock (legacy backend).
+    pub lock_wait_secs: u32,
+}
+
+/// What the process needs from the outside world.
+pub struct Env<'a> {
+    pub runner: &'a mut dyn Runner,
+    pub probe: &'a dyn Probe,
+    pub resolver: &'a dyn OwnerResolver,
+}
+
+/// What was done.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Families whose tables changed.
+    pub committed: Vec<Family>,
+    /// `ip` commands run.
+    pub ip_changed: Vec<String>,
+}
+
+/// A failed apply. Every variant says the phase; commit failures say whether the earlier
+/// steps were put back. (Large, but only ever built once, on the way out.)
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{family} rules were rejected by {program}{}: {source}", rejected_suffix(.rejected))]
-    Restore {
+    #[error("choosing the {family} backend: {source}")]
+    Backend {
+        family: Family,
+        #[source]
+        source: NotInstalled,
+    },
+    #[error("reading the current {family} state with {program}: {source}")]
+    Read {
         family: Family,
         program: String,
-        /// The payload line iptables-restore named, if it named one.
-        rejected: Option<String>,
         #[source]
         source: ExecError,
     },
-    #[error("`{command}` failed: {source}")]
+    #[error("reading the current {family} state with {program}: {source}")]
+    Parse {
+        family: Family,
+        program: String,
+        #[source]
+        source: ParseError,
+    },
+    #[error("{family}: {source}")]
+    Conflict {
+        family: Family,
+        #[source]
+        source: Conflict,
+    },
+    #[error(
+        "committing {family} rules with {program} (iptables {version}) failed{}: {}; {rollback}",
+        rejected.as_ref().map(|l| format!(" at `{l}`")).unwrap_or_default(),
+        explain_exec(.source)
+    )]
+    Commit {
+        family: Family,
+        program: String,
+        version: String,
+        rejected: Option<String>,
+        source: ExecError,
+        rollback: String,
+    },
+    #[error("configuring routes: `ip {command}`: {source}; {rollback}")]
     Ip {
         command: String,
-        #[source]
         source: ExecError,
+        rollback: String,
     },
 }
 
-fn rejected_suffix(line: &Option<String>) -> String {
-    line.as_ref()
-        .map(|l| format!(" at `{l}`"))
-        .unwrap_or_default()
+/// The exec error, with the xtables lock named plainly.
+fn explain_exec(e: &ExecError) -> String {
+    match e.stderr() {
+        Some(s) if s.contains("holding the xtables lock") => {
+            format!(
+                "xtables lock held by another process and not released in time ({})",
+                s.trim().replace('\n', " ")
+            )
+        }
+        _ => e.to_string(),
+    }
 }
 
-/// Does the side effects of a plan.
-pub trait Executor {
-    /// Commits one family's iptables-restore payload (with --noflush).
-    fn restore(&mut self, family: Family, payload: &str) -> Result<(), ApplyError>;
-    /// Runs one `ip` command.
-    fn ip(&mut self, cmd: &IpCommand) -> Result<(), ApplyError>;
+/// One family in flight.
+struct Run {
+    backend: Backend,
+    before: SaveState,
+    version: String,
+    tx: Transaction,
+    committed: bool,
 }
 
-/// Applies `plan` through `exec`: IPv4, then IPv6 (only when the plan uses it), then `ip`.
-pub fn apply(plan: &Plan, exec: &mut dyn Executor) -> Result<(), ApplyError> {
-    for family in plan.families() {
-        let payload = restore::payload(plan.rules(family));
-        if !payload.is_empty() {
-            exec.restore(family, &payload)?;
+#[allow(clippy::result_large_err)]
+fn read_state(
+    family: Family,
+    backend: &Backend,
+    runner: &mut dyn Runner,
+) -> Result<SaveState, ApplyError> {
+    let program = backend.save_program();
+    let text = runner
+        .run(&program, &[], None)
+        .map_err(|source| ApplyError::Read {
+            family,
+            program: program.clone(),
+            source,
+        })?;
+    parse_save(&text).map_err(|source| ApplyError::Parse {
+        family,
+        program,
+        source,
+    })
+}
+
+fn restore_args(backend: &Backend, noflush: bool, opts: &Options) -> Vec<String> {
+    let mut a = Vec::new();
+    if noflush {
+        a.push("--noflush".to_string());
+    }
+    if backend.uses_lock() {
+        a.push(format!("--wait={}", opts.lock_wait_secs));
+    }
+    a
+}
+
+fn version_of(backend: &Backend, before: &SaveState) -> String {
+    before
+        .version
+        .clone()
+        .or_else(|| backend::binary_version(&backend.restore_program()))
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// Drops nft tables (nft keeps an empty table around where legacy would have none to drop).
+fn drop_nft_tables(
+    backend: &Backend,
+    tables: &[Table],
+    runner: &mut dyn Runner,
+) -> Result<(), ExecError> {
+    if tables.is_empty() || backend.flavor != Some(Flavor::Nft) {
+        return Ok(());
+    }
+    if backend::which("nft").is_none() {
+        tracing::warn!(
+            "nft is not installed: leaving the empty {:?} tables in place",
+            tables
+        );
+        return Ok(());
+    }
+    let script: String = tables
+        .iter()
+        .map(|t| format!("delete table {} {}\n", backend.nft_family(), t))
+        .collect();
+    runner
+        .run("nft", &["-f".to_string(), "-".to_string()], Some(&script))
+        .map(|_| ())
+}
+
+/// Puts a committed family back exactly as it was read.
+fn roll_back(run: &Run, opts: &Options, runner: &mut dyn Runner) -> Result<(), ExecError> {
+    let mut text = String::new();
+    let mut absent = Vec::new();
+    for t in &run.tx.touched {
+        match run.before.sections.get(t.name()) {
+            Some(section) => text.push_str(section),
+            None if run.backend.flavor == Some(Flavor::Nft) => absent.push(*t),
+            None => text.push_str(&format!("*{t}\nCOMMIT\n")),
         }
     }
-    for cmd in &plan.ip {
-        exec.ip(cmd)?;
+    if !text.is_empty() {
+        // Without --noflush each listed table is replaced whole by its previous content.
+        runner.run(
+            &run.backend.restore_program(),
+            &restore_args(&run.backend, false, opts),
+            Some(&text),
+        )?;
     }
-    Ok(())
+    drop_nft_tables(&run.backend, &absent, runner)
 }
 
-/// The iptables-restore program for a family and flavour.
-pub fn restore_program(family: Family, flavor: Option<Flavor>) -> String {
-    let base = match family {
-        Family::V4 => "iptables",
-        Family::V6 => "ip6tables",
-    };
-    match flavor {
-        None => format!("{base}-restore"),
-        Some(f) => format!("{base}-{f}-restore"),
+/// Rolls back every committed family and undoes `ip` changes; describes the outcome.
+fn undo_all(
+    runs: &[Run],
+    ip_done: &[IpCommand],
+    opts: &Options,
+    runner: &mut dyn Runner,
+) -> String {
+    let mut failures = Vec::new();
+    for cmd in ip_done.iter().rev() {
+        if let Err(e) = runner.run("ip", &iproute::undo_args(cmd), None) {
+            failures.push(format!("undoing `{cmd}`: {e}"));
+        }
+    }
+    let mut restored = Vec::new();
+    for run in runs.iter().filter(|r| r.committed) {
+        match roll_back(run, opts, runner) {
+            Ok(()) => restored.push(run.backend.family.to_string()),
+            Err(e) => failures.push(format!("restoring {}: {e}", run.backend.family)),
+        }
+    }
+    if !failures.is_empty() {
+        format!(
+            "ROLLBACK FAILED ({}); the namespace may be half-configured: rerun to repair",
+            failures.join("; ")
+        )
+    } else if restored.is_empty() && ip_done.is_empty() {
+        "nothing was changed".to_string()
+    } else {
+        let mut what = restored;
+        if !ip_done.is_empty() {
+            what.push("routes".into());
+        }
+        format!("the previous state was restored ({})", what.join(", "))
     }
 }
 
-/// Runs the real programs.
-pub struct CommandExecutor<R: Runner> {
-    pub runner: R,
-    pub flavor: Option<Flavor>,
-}
-
-impl<R: Runner> Executor for CommandExecutor<R> {
-    fn restore(&mut self, family: Family, payload: &str) -> Result<(), ApplyError> {
-        let program = restore_program(family, self.flavor);
-        tracing::info!(%program, "applying {family} rules:\n{}", payload.trim_end());
-        self.runner
-            .run(&program, &["--noflush".to_string()], Some(payload))
-            .map(|_| ())
-            .map_err(|source| {
-                let rejected = source
-                    .stderr()
-                    .and_then(failed_restore_line)
-                    .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
-                    .map(str::to_string);
-                ApplyError::Restore {
-                    family,
-                    program,
-                    rejected,
-                    source,
-                }
-            })
+/// Applies `plan`, reconciling whatever the namespace already holds.
+#[allow(clippy::result_large_err)]
+pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, ApplyError> {
+    let mut runs: Vec<Run> = Vec::new();
+    for family in plan.families() {
+        let backend = backend::detect(family, opts.flavor, env.probe)
+            .map_err(|source| ApplyError::Backend { family, source })?;
+        let before = read_state(family, &backend, env.runner)?;
+        let version = version_of(&backend, &before);
+        tracing::info!(backend = %backend.restore_program(), %version, reason = %backend.reason, "{family} backend");
+        let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
+            .map_err(|source| ApplyError::Conflict { family, source })?;
+        runs.push(Run {
+            backend,
+            before,
+            version,
+            tx,
+            committed: false,
+        });
     }
 
-    fn ip(&mut self, cmd: &IpCommand) -> Result<(), ApplyError> {
-        tracing::info!(command = %cmd, "configuring");
-        self.runner
-            .run("ip", &cmd.args(), None)
-            .map(|_| ())
-            .map_err(|source| ApplyError::Ip {
-                command: cmd.to_string(),
+    let mut summary = Summary::default();
+    for i in 0..runs.len() {
+        let run = &runs[i];
+        let family = run.backend.family;
+        if run.tx.is_noop() {
+            tracing::info!("{family} rules are already in place: nothing to commit");
+            continue;
+        }
+        let program = run.backend.restore_program();
+        tracing::info!(%program, "committing {family} transaction:\n{}", run.tx.payload.trim_end());
+        let result = env
+            .runner
+            .run(
+                &program,
+                &restore_args(&run.backend, true, opts),
+                Some(&run.tx.payload),
+            )
+            .and_then(|_| drop_nft_tables(&run.backend, &run.tx.emptied, env.runner));
+        if let Err(source) = result {
+            let rejected = source
+                .stderr()
+                .and_then(failed_restore_line)
+                .and_then(|n| run.tx.payload.lines().nth(n.saturating_sub(1)))
+                .map(str::to_string);
+            let version = run.version.clone();
+            let rollback = undo_all(&runs, &[], opts, env.runner);
+            return Err(ApplyError::Commit {
+                family,
+                program,
+                version,
+                rejected,
                 source,
-            })
+                rollback,
+            });
+        }
+        runs[i].committed = true;
+        summary.committed.push(family);
+    }
+
+    let mut ip_done: Vec<IpCommand> = Vec::new();
+    for cmd in &plan.ip {
+        let step = iproute::is_present(cmd, env.runner).and_then(|present| {
+            if present {
+                tracing::debug!(command = %cmd, "already configured");
+                Ok(false)
+            } else {
+                tracing::info!(command = %cmd, "configuring");
+                env.runner.run("ip", &cmd.args(), None).map(|_| true)
+            }
+        });
+        match step {
+            Ok(true) => {
+                ip_done.push(cmd.clone());
+                summary.ip_changed.push(cmd.to_string());
+            }
+            Ok(false) => {}
+            Err(source) => {
+                let rollback = undo_all(&runs, &ip_done, opts, env.runner);
+                return Err(ApplyError::Ip {
+                    command: cmd.args().join(" "),
+                    source,
+                    rollback,
+                });
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// Removes every ISTIO_* chain and jump (and our other built-in chain rules), in every table,
+/// both families, on every backend that holds them; then the `ip` plumbing in `ip_cmds`.
+/// Keeps going after a failure and reports all of them.
+pub fn cleanup(
+    rules: &BTreeMap<Family, Vec<Rule>>,
+    ip_cmds: &[IpCommand],
+    opts: &Options,
+    env: &mut Env<'_>,
+) -> Result<Summary, Vec<String>> {
+    let mut summary = Summary::default();
+    let mut errors = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let mut backends: Vec<Backend> = Vec::new();
+        match backend::detect(family, opts.flavor, env.probe) {
+            Ok(b) => backends.push(b),
+            Err(e) => {
+                tracing::debug!("{family}: {e}");
+            }
+        }
+        if opts.flavor.is_none() {
+            for f in [Flavor::Legacy, Flavor::Nft] {
+                if backends.iter().any(|b| b.flavor == Some(f)) {
+                    continue;
+                }
+                let holds_state = f == Flavor::Nft || !env.probe.legacy_tables(family).is_empty();
+                if let Ok(b) = backend::detect(family, Some(f), env.probe)
+                    && holds_state
+                {
+                    backends.push(b);
+                }
+            }
+        }
+        let ours = rules.get(&family).map(Vec::as_slice).unwrap_or(&[]);
+        for b in backends {
+            let before = match read_state(family, &b, env.runner) {
+                Ok(s) => s,
+                Err(e) => {
+                    // ip6tables may be unusable where IPv6 is off; say so but go on.
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            let tx = reconcile::cleanup(&before, ours, env.resolver);
+            if tx.is_noop() {
+                continue;
+            }
+            let program = b.restore_program();
+            tracing::info!(%program, "removing {family} ISTIO_* rules:\n{}", tx.payload.trim_end());
+            let r = env
+                .runner
+                .run(&program, &restore_args(&b, true, opts), Some(&tx.payload))
+                .and_then(|_| drop_nft_tables(&b, &tx.emptied, env.runner));
+            match r {
+                Ok(()) => summary.committed.push(family),
+                Err(e) => errors.push(format!(
+                    "cleaning up {family} with {program}: {}",
+                    explain_exec(&e)
+                )),
+            }
+        }
+    }
+    for cmd in ip_cmds {
+        match iproute::is_present(cmd, env.runner) {
+            Ok(true) => match env.runner.run("ip", &iproute::undo_args(cmd), None) {
+                Ok(_) => summary
+                    .ip_changed
+                    .push(format!("ip {}", iproute::undo_args(cmd).join(" "))),
+                Err(e) => errors.push(format!("removing `{cmd}`: {e}")),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::debug!("checking `{cmd}`: {e}"),
+        }
+    }
+    if errors.is_empty() {
+        Ok(summary)
+    } else {
+        Err(errors)
     }
 }
 
@@ -112,15 +411,17 @@ mod tests {
     use super::*;
     use crate::config::tests::build as config;
     use crate::rules;
+    use crate::state::NoResolver;
 
-    /// Records calls; fails the call whose program matches `fail`.
+    /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).
     #[derive(Default)]
-    struct Recorder {
+    struct Fake {
         calls: Vec<(String, Vec<String>, Option<String>)>,
-        fail: Option<(&'static str, &'static str)>,
+        save_output: String,
+        fail_program: Option<String>,
     }
 
-    impl Runner for Recorder {
+    impl Runner for Fake {
         fn run(
             &mut self,
             program: &str,
@@ -129,77 +430,118 @@ mod tests {
         ) -> Result<String, ExecError> {
             self.calls
                 .push((program.into(), args.to_vec(), stdin.map(String::from)));
-            match self.fail {
-                Some((p, stderr)) if p == program => Err(ExecError::Failed {
+            if self.fail_program.as_deref() == Some(program)
+                && args.first().map(String::as_str) == Some("--noflush")
+            {
+                return Err(ExecError::Failed {
                     command: program.into(),
                     status: std::os::unix::process::ExitStatusExt::from_raw(256),
-                    stderr: stderr.into(),
-                }),
-                _ => Ok(String::new()),
+                    stderr: "ip6tables-restore: line 3 failed".into(),
+                });
             }
+            if program.ends_with("-save") {
+                return Ok(self.save_output.clone());
+            }
+            Ok(String::new())
         }
     }
 
+    struct NftOnly;
+    impl Probe for NftOnly {
+        fn in_path(&self, p: &str) -> bool {
+            p.contains("-nft-")
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+    }
+
+    const OPTS: Options = Options {
+        flavor: None,
+        policy: Policy {
+            reconcile: true,
+            force: false,
+        },
+        lock_wait_secs: 10,
+    };
+
     #[test]
-    fn applies_each_family_once_then_ip_commands() {
-        let c = config(
-            &["-m", "TPROXY", "-b", "*"],
-            &[("ENABLE_INBOUND_IPV6", "true")],
+    fn fresh_apply_runs_one_save_and_one_restore_per_family() {
+        let plan = rules::build(&config(&["-b", "*", "-i", "*"], &[]).unwrap());
+        let mut fake = Fake::default();
+        let s = apply(
+            &plan,
+            &OPTS,
+            &mut Env {
+                runner: &mut fake,
+                probe: &NftOnly,
+                resolver: &NoResolver,
+            },
         )
         .unwrap();
-        let plan = rules::build(&c);
-        let mut exec = CommandExecutor {
-            runner: Recorder::default(),
-            flavor: Some(Flavor::Legacy),
-        };
-        apply(&plan, &mut exec).unwrap();
-        let programs: Vec<&str> = exec.runner.calls.iter().map(|c| c.0.as_str()).collect();
-        assert_eq!(
-            programs,
-            vec![
-                "iptables-legacy-restore",
-                "ip6tables-legacy-restore",
-                "ip",
-                "ip",
-                "ip",
-                "ip",
-                "ip"
-            ]
-        );
-        assert_eq!(exec.runner.calls[0].1, vec!["--noflush"]);
-        assert!(
-            exec.runner.calls[0]
-                .2
-                .as_deref()
-                .unwrap()
-                .starts_with("* mangle\n")
-        );
+        let programs: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(programs, vec!["iptables-nft-save", "iptables-nft-restore"]);
+        assert_eq!(fake.calls[1].1, vec!["--noflush"]);
+        assert_eq!(s.committed, vec![Family::V4]);
     }
 
     #[test]
-    fn ipv4_only_plan_never_runs_ip6tables() {
-        let c = config(&[], &[]).unwrap();
-        let mut exec = CommandExecutor {
-            runner: Recorder::default(),
-            flavor: None,
+    fn failed_ipv6_commit_restores_ipv4() {
+        let plan = rules::build(&config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
+        let mut fake = Fake {
+            fail_program: Some("ip6tables-nft-restore".into()),
+            ..Default::default()
         };
-        apply(&rules::build(&c), &mut exec).unwrap();
-        assert_eq!(exec.runner.calls.len(), 1);
-        assert_eq!(exec.runner.calls[0].0, "iptables-restore");
-    }
-
-    #[test]
-    fn rejected_line_is_named() {
-        let c = config(&[], &[]).unwrap();
-        let plan = rules::build(&c);
-        let mut exec = CommandExecutor {
-            runner: Recorder {
-                fail: Some(("iptables-restore", "iptables-restore: line 2 failed")),
-                ..Default::default()
+        let e = apply(
+            &plan,
+            &OPTS,
+            &mut Env {
+                runner: &mut fake,
+                probe: &NftOnly,
+                resolver: &NoResolver,
             },
-            flavor: None,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("committing IPv6 rules with ip6tables-nft-restore"),
+            "{msg}"
+        );
+        assert!(msg.contains("at `-N ISTIO_REDIRECT`"), "{msg}");
+        assert!(msg.contains("previous state was restored (IPv4)"), "{msg}");
+        // The IPv4 tables did not exist before: they are dropped, not left empty.
+        let last = fake.calls.last().unwrap();
+        assert_eq!(last.0, "nft");
+        assert!(last.2.as_deref().unwrap().contains("delete table ip nat"));
+        // No ip command ran.
+        assert!(!fake.calls.iter().any(|c| c.0 == "ip"));
+    }
+
+    #[test]
+    fn conflict_without_reconcile_changes_nothing() {
+        let plan = rules::build(&config(&["-b", "8080"], &[]).unwrap());
+        let mut fake = Fake {
+            save_output: "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n".into(),
+            ..Default::default()
         };
-        let e = apply(&plan, &mut exec).unwrap_err();
-        assert!(e.to_string().contains("at `-N ISTIO_INBOUND`"), "{e}");
+        let opts = Options {
+            policy: Policy {
+                reconcile: false,
+                force: false,
+            },
+            ..OPTS
+        };
+        let e = apply(
+            &plan,
+            &opts,
+            &mut Env {
+                runner: &mut fake,
+                probe: &NftOnly,
+                resolver: &NoResolver,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApplyError::Conflict { .. }), "{e}");
+        assert!(fake.calls.iter().all(|c| c.0.ends_with("-save")));
     }
 }

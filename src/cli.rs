@@ -25,6 +25,8 @@ pub mod env_only {
     pub const INVALID_DROP_ALIAS: &str = "INVALID_DROP";
     /// Istio's agent spelling of `DUAL_STACK`.
     pub const DUAL_STACK_ALIAS: &str = "ISTIO_DUAL_STACK";
+    /// Ours: seconds to wait for the xtables lock with the legacy backend (default 30).
+    pub const LOCK_WAIT: &str = "IPTABLES_LOCK_WAIT_SECONDS";
 }
 
 /// Set up iptables rules so that the Istio sidecar (Envoy) captures the pod's traffic.

@@ -15,6 +15,8 @@ use crate::cli::{Args, Origin, describe, env_only};
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 /// Istio caps the include list of owner groups (they become one rule).
 pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+/// How long the legacy backend waits for the xtables lock by default.
+pub const DEFAULT_LOCK_WAIT_SECS: u32 = 30;
 
 /// A bad input: which flag or env var, the value, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -229,6 +231,8 @@ pub struct Config {
     pub dns_servers_v6: Vec<DnsServer>,
     /// Where the DNS servers were read from (--resolv-conf).
     pub resolv_conf: PathBuf,
+    /// Seconds to wait for the xtables lock (IPTABLES_LOCK_WAIT_SECONDS).
+    pub lock_wait_secs: u32,
 }
 
 /// What `Config::build` needs to know about the machine (kept behind a trait for tests).
@@ -755,6 +759,11 @@ impl Config {
             },
         };
 
+        let lock_wait_secs = match env(env_only::LOCK_WAIT) {
+            None => DEFAULT_LOCK_WAIT_SECS,
+            Some(v) => u32_value(&Src::env(env_only::LOCK_WAIT), &v, "a number of seconds")?,
+        };
+
         let resolv_conf = PathBuf::from(&c.resolv_conf);
         let (dns_servers_v4, dns_servers_v6) = if redirect_dns && !capture_all_dns {
             let text = host.read_file(&resolv_conf).map_err(|e| {
@@ -803,6 +812,7 @@ impl Config {
             dns_servers_v4,
             dns_servers_v6,
             resolv_conf,
+            lock_wait_secs,
         })
     }
 

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::config::Host;
+use crate::state::OwnerResolver;
 
 /// The machine we run on.
 #[derive(Debug, Default)]
@@ -62,6 +63,18 @@ impl Host for RealHost {
 
     fn read_file(&self, path: &Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
+    }
+}
+
+impl OwnerResolver for RealHost {
+    fn uid(&self, name: &str) -> Option<u32> {
+        self.user_uid(name)
+    }
+    fn gid(&self, name: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
     }
 }
 

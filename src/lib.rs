@@ -5,10 +5,16 @@
 //! (running the programs, through [`exec`]).
 
 pub mod apply;
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod host;
+pub mod iproute;
+pub mod netns;
+pub mod reconcile;
 pub mod restore;
 pub mod rules;
 pub mod script;
+pub mod state;
+pub mod validate;

@@ -1,23 +1,37 @@
-//! Entry point: parse, validate, build, then print (dry run) or apply.
+//! Entry point: parse, validate, build, then print (dry run), clean up, or apply; then
+//! optionally validate. Exit codes are listed in `code` and in the README.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use tracing_subscriber::EnvFilter;
 
-use istio_iptables::apply::{self, CommandExecutor};
+use istio_iptables::apply::{self, Env, Options};
+use istio_iptables::backend::SystemProbe;
 use istio_iptables::cli::Args;
-use istio_iptables::config::Config;
+use istio_iptables::config::{Config, Owner};
 use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
-use istio_iptables::{rules, script};
+use istio_iptables::reconcile::Policy;
+use istio_iptables::rules::{Family, IpCommand};
+use istio_iptables::state::OwnerResolver;
+use istio_iptables::{netns, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
-    /// Applying failed.
+    /// Applying or cleaning up failed (earlier steps were rolled back unless the message
+    /// says otherwise), or the network namespace could not be entered.
     pub const FAILURE: u8 = 1;
-    /// Bad input: unknown flag, invalid value; nothing was applied.
+    /// Bad input: unknown flag, invalid value. Nothing was run.
     pub const USAGE: u8 = 2;
+    /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
+    pub const CONFLICT: u8 = 4;
+    /// --run-validation could not run its probe (listeners could not be opened).
+    pub const VALIDATION_ERROR: u8 = 125;
+    /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
+    pub const VALIDATION_FAILED: u8 = 126;
 }
 
 fn init_logging(verbose: u8) {
@@ -30,6 +44,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
@@ -83,42 +98,127 @@ fn main() -> ExitCode {
     let plan = rules::build(&cfg);
 
     if cfg.dry_run {
-        print!("{}", script::render(&cfg, &plan));
+        if cfg.cleanup_only {
+            print!("{}", script::render_cleanup(&cfg));
+        } else {
+            print!("{}", script::render(&cfg, &plan));
+        }
         return ExitCode::SUCCESS;
     }
-    if let Some(what) = unsupported(&cfg) {
-        eprintln!("istio-iptables: error: {what} is not implemented yet; nothing was applied");
-        return ExitCode::from(code::USAGE);
+
+    if cfg.cni_mode {
+        netns::scope_xtables_lock(cfg.network_namespace.as_deref());
     }
+    if let Some(path) = &cfg.network_namespace {
+        if let Err(e) = netns::enter(path) {
+            report(&e);
+            return ExitCode::from(code::FAILURE);
+        }
+        tracing::info!(namespace = %path.display(), "entered network namespace");
+    }
+
+    let opts = Options {
+        flavor: cfg.flavor,
+        policy: Policy {
+            reconcile: cfg.reconcile,
+            force: cfg.force_apply,
+        },
+        lock_wait_secs: cfg.lock_wait_secs,
+    };
+    let mut runner = SystemRunner;
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        resolver: &RealHost,
+    };
+
+    if cfg.cleanup_only {
+        return cleanup(&cfg, &opts, &mut env);
+    }
+
     if cfg.skip_rule_apply {
         tracing::info!("--skip-rule-apply: applying nothing");
-        return ExitCode::SUCCESS;
+    } else {
+        match apply::apply(&plan, &opts, &mut env) {
+            Ok(s) => tracing::info!(
+                committed = ?s.committed,
+                routes = s.ip_changed.len(),
+                "capture rules are in place"
+            ),
+            Err(e) => {
+                report(&e);
+                let c = if matches!(e, apply::ApplyError::Conflict { .. }) {
+                    code::CONFLICT
+                } else {
+                    code::FAILURE
+                };
+                return ExitCode::from(c);
+            }
+        }
     }
-    let mut exec = CommandExecutor {
-        runner: SystemRunner,
-        flavor: cfg.flavor,
-    };
-    match apply::apply(&plan, &mut exec) {
-        Ok(()) => {
-            tracing::info!("rules applied");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
+
+    if cfg.run_validation {
+        let settings = validate::Settings {
+            proxy_port: cfg.proxy_port.get(),
+            inbound_port: cfg.inbound_capture_port.get(),
+            probe_port: cfg.probe_port.get(),
+            timeout: cfg.probe_timeout,
+            ipv6: cfg.enable_ipv6,
+            uid: first_id(&cfg.proxy_uids, |n| RealHost.uid(n)),
+            gid: first_id(&cfg.proxy_gids, |n| RealHost.gid(n)),
+        };
+        if let Err(e) = validate::run(&settings) {
             report(&e);
-            ExitCode::from(code::FAILURE)
+            if e.is_timeout() {
+                eprintln!(
+                    "istio-iptables: iptables validation failed; the workload is not ready for Istio \
+                     (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
+                );
+                return ExitCode::from(code::VALIDATION_FAILED);
+            }
+            return ExitCode::from(code::VALIDATION_ERROR);
         }
+        tracing::info!("validation passed: traffic is captured");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The first owner as a number (the probe runs with that identity).
+fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
+    match owners.first()? {
+        Owner::Id(n) => Some(*n),
+        Owner::Name(n) => resolve(n),
     }
 }
 
-/// Flags accepted for compatibility whose behaviour lands with the apply-path work.
-fn unsupported(cfg: &Config) -> Option<&'static str> {
-    if cfg.network_namespace.is_some() {
-        Some("--network-namespace")
-    } else if cfg.cleanup_only {
-        Some("--cleanup-only")
-    } else if cfg.run_validation {
-        Some("--run-validation")
-    } else {
-        None
+fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
+    // Rules of the current config help recognise ours; both families, whatever IPv6 says.
+    let mut both = cfg.clone();
+    both.enable_ipv6 = true;
+    let plan = rules::build(&both);
+    let rules = BTreeMap::from([(Family::V4, plan.v4.clone()), (Family::V6, plan.v6.clone())]);
+    let mut ip = vec![IpCommand::AddInboundV6Address];
+    for family in [Family::V4, Family::V6] {
+        ip.push(IpCommand::RuleAdd {
+            family,
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        });
+        ip.push(IpCommand::RouteAddLocal {
+            family,
+            table: cfg.tproxy_route_table,
+        });
+    }
+    match apply::cleanup(&rules, &ip, opts, env) {
+        Ok(s) => {
+            tracing::info!(cleaned = ?s.committed, routes = ?s.ip_changed, "cleanup done");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("istio-iptables: error: {}", e.replace('\n', " "));
+            }
+            ExitCode::from(code::FAILURE)
+        }
     }
 }

@@ -2,44 +2,40 @@
 //! tables in alphabetical order; per table, `-N` for every ISTIO_* chain (chains with rules, in
 //! order of their first rule, then chains only jumped to), then the rules in order, then COMMIT.
 
-use std::collections::BTreeMap;
-
 use crate::rules::{Rule, Table, chain};
 
-/// The rules of one family grouped by table, with the chains each table declares.
-pub fn payload(rules: &[Rule]) -> String {
-    let mut tables: BTreeMap<Table, (Vec<&'static str>, Vec<String>)> = BTreeMap::new();
-    let declare =
-        |table: Table,
-         name: &str,
-         tables: &mut BTreeMap<Table, (Vec<&'static str>, Vec<String>)>| {
-            let entry = tables.entry(table).or_default();
-            if let Some(c) = owned_chain(name)
-                && !entry.0.contains(&c)
-            {
-                entry.0.push(c);
-            }
-        };
-    for r in rules {
-        declare(r.table, r.chain, &mut tables);
-    }
-    for r in rules {
-        if let Some(t) = r.target() {
-            declare(r.table, t, &mut tables);
+/// The ISTIO_* chains a table's rules need, in Istio's order: chains with rules in the order
+/// of their first rule, then chains that are only jumped to.
+pub fn declared_chains(rules: &[&Rule]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    let names = rules.iter().map(|r| r.chain).chain(
+        rules
+            .iter()
+            .filter_map(|r| r.target())
+            .filter_map(owned_chain),
+    );
+    for c in names {
+        if c.starts_with(chain::PREFIX) && !out.contains(&c) {
+            out.push(c);
         }
     }
-    for r in rules {
-        tables.entry(r.table).or_default().1.push(r.to_string());
-    }
+    out
+}
+
+/// The rules of one family as an iptables-restore payload.
+pub fn payload(rules: &[Rule]) -> String {
     let mut out = String::new();
-    for (table, (chains, lines)) in tables {
+    for table in Table::ALL {
+        let in_table: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+        if in_table.is_empty() {
+            continue;
+        }
         out.push_str(&format!("* {table}\n"));
-        for c in chains {
+        for c in declared_chains(&in_table) {
             out.push_str(&format!("-N {c}\n"));
         }
-        for l in lines {
-            out.push_str(&l);
-            out.push('\n');
+        for r in in_table {
+            out.push_str(&format!("{r}\n"));
         }
         out.push_str("COMMIT\n");
     }
@@ -47,7 +43,7 @@ pub fn payload(rules: &[Rule]) -> String {
 }
 
 /// The static name of one of our chains (`ISTIO_*`), if `name` is one.
-fn owned_chain(name: &str) -> Option<&'static str> {
+pub fn owned_chain(name: &str) -> Option<&'static str> {
     [
         chain::INBOUND,
         chain::REDIRECT,

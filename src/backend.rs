@@ -1,0 +1,316 @@
+//! Which iptables to drive: legacy or nft, decided the way Istio does, without side effects
+//! and without running anything: legacy when its binary exists and this namespace already has
+//! legacy tables (/proc/net/ip_tables_names), otherwise nft when installed, otherwise legacy,
+//! otherwise the plain `iptables-restore` on PATH. `--force-iptables-binary` overrides.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::config::Flavor;
+use crate::rules::Family;
+
+/// The chosen iptables for one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub family: Family,
+    /// None: the unflavoured `iptables-*` programs on PATH.
+    pub flavor: Option<Flavor>,
+    /// Why it was chosen, for the log.
+    pub reason: String,
+}
+
+impl Backend {
+    fn base(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    /// e.g. `iptables-nft-save`.
+    pub fn save_program(&self) -> String {
+        match self.flavor {
+            Some(f) => format!("{}-{f}-save", self.base()),
+            None => format!("{}-save", self.base()),
+        }
+    }
+
+    /// e.g. `ip6tables-legacy-restore`.
+    pub fn restore_program(&self) -> String {
+        match self.flavor {
+            Some(f) => format!("{}-{f}-restore", self.base()),
+            None => format!("{}-restore", self.base()),
+        }
+    }
+
+    /// Whether the xtables lock applies (legacy, or unknown flavour).
+    pub fn uses_lock(&self) -> bool {
+        self.flavor != Some(Flavor::Nft)
+    }
+
+    /// The nft family name of this backend's tables.
+    pub fn nft_family(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.restore_program(), self.reason)
+    }
+}
+
+/// No usable iptables.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("no {program} found in PATH: install iptables (legacy or nft)")]
+pub struct NotInstalled {
+    pub program: String,
+}
+
+/// What detection looks at.
+pub trait Probe {
+    /// Whether `program` is an executable on PATH.
+    fn in_path(&self, program: &str) -> bool;
+    /// Legacy (x_tables) tables loaded in the current network namespace.
+    fn legacy_tables(&self, family: Family) -> Vec<String>;
+}
+
+/// The real machine.
+#[derive(Debug, Default)]
+pub struct SystemProbe;
+
+/// Full path of `program` on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+impl Probe for SystemProbe {
+    fn in_path(&self, program: &str) -> bool {
+        which(program).is_some()
+    }
+
+    fn legacy_tables(&self, family: Family) -> Vec<String> {
+        let file = match family {
+            Family::V4 => "ip_tables_names",
+            Family::V6 => "ip6_tables_names",
+        };
+        // thread-self: the namespace this thread entered with --network-namespace.
+        std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+            .map(|s| {
+                s.lines()
+                    .map(str::to_string)
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Chooses the backend for `family`.
+pub fn detect(
+    family: Family,
+    forced: Option<Flavor>,
+    probe: &dyn Probe,
+) -> Result<Backend, NotInstalled> {
+    let base = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    let have = |f: Flavor| {
+        probe.in_path(&format!("{base}-{f}-restore")) && probe.in_path(&format!("{base}-{f}-save"))
+    };
+    if let Some(f) = forced {
+        if !have(f) {
+            return Err(NotInstalled {
+                program: format!("{base}-{f}-restore"),
+            });
+        }
+        return Ok(Backend {
+            family,
+            flavor: Some(f),
+            reason: "forced by --force-iptables-binary".into(),
+        });
+    }
+    let legacy_tables = probe.legacy_tables(family);
+    if have(Flavor::Legacy) && !legacy_tables.is_empty() {
+        return Ok(Backend {
+            family,
+            flavor: Some(Flavor::Legacy),
+            reason: format!(
+                "this namespace already has legacy tables ({})",
+                legacy_tables.join(", ")
+            ),
+        });
+    }
+    if have(Flavor::Nft) {
+        return Ok(Backend {
+            family,
+            flavor: Some(Flavor::Nft),
+            reason: "no legacy tables in this namespace".into(),
+        });
+    }
+    if have(Flavor::Legacy) {
+        return Ok(Backend {
+            family,
+            flavor: Some(Flavor::Legacy),
+            reason: "iptables-nft is not installed".into(),
+        });
+    }
+    if probe.in_path(&format!("{base}-restore")) && probe.in_path(&format!("{base}-save")) {
+        return Ok(Backend {
+            family,
+            flavor: None,
+            reason: "only the unflavoured iptables is installed".into(),
+        });
+    }
+    Err(NotInstalled {
+        program: format!("{base}-restore"),
+    })
+}
+
+/// The version compiled into the binary (read from its file, so that detection runs no
+/// process): the first NUL-separated string of the form `1.8.9` or `1.8.9 (nf_tables)`.
+pub fn binary_version(program: &str) -> Option<String> {
+    let path = std::fs::canonicalize(which(program)?).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    bytes.split(|b| *b == 0).find_map(|s| {
+        let s = std::str::from_utf8(s).ok()?;
+        let v = s
+            .strip_suffix(" (nf_tables)")
+            .or_else(|| s.strip_suffix(" (legacy)"))
+            .unwrap_or(s);
+        let parts: Vec<&str> = v.split('.').collect();
+        (parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())))
+        .then(|| v.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake {
+        installed: Vec<&'static str>,
+        legacy: Vec<&'static str>,
+    }
+
+    impl Probe for Fake {
+        fn in_path(&self, p: &str) -> bool {
+            // An entry names a program, or a flavour prefix such as `iptables-nft`.
+            self.installed
+                .iter()
+                .any(|i| p == *i || p.starts_with(&format!("{i}-")))
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            self.legacy.iter().map(|s| s.to_string()).collect()
+        }
+    }
+
+    #[test]
+    fn legacy_only_when_it_already_has_tables() {
+        let both = vec!["iptables-legacy", "iptables-nft"];
+        let b = detect(
+            Family::V4,
+            None,
+            &Fake {
+                installed: both.clone(),
+                legacy: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(b.restore_program(), "iptables-nft-restore");
+        let b = detect(
+            Family::V4,
+            None,
+            &Fake {
+                installed: both.clone(),
+                legacy: vec!["nat"],
+            },
+        )
+        .unwrap();
+        assert_eq!(b.restore_program(), "iptables-legacy-restore");
+        assert!(b.reason.contains("nat"));
+        let b = detect(
+            Family::V4,
+            Some(Flavor::Nft),
+            &Fake {
+                installed: both,
+                legacy: vec!["nat"],
+            },
+        )
+        .unwrap();
+        assert_eq!(b.save_program(), "iptables-nft-save");
+    }
+
+    #[test]
+    fn fallbacks_and_missing() {
+        let b = detect(
+            Family::V6,
+            None,
+            &Fake {
+                installed: vec!["ip6tables-legacy"],
+                legacy: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(b.restore_program(), "ip6tables-legacy-restore");
+        let plain = vec!["ip6tables-restore", "ip6tables-save"];
+        let b = detect(
+            Family::V6,
+            None,
+            &Fake {
+                installed: plain,
+                legacy: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(b.restore_program(), "ip6tables-restore");
+        assert!(
+            detect(
+                Family::V4,
+                None,
+                &Fake {
+                    installed: vec![],
+                    legacy: vec![]
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            detect(
+                Family::V4,
+                Some(Flavor::Legacy),
+                &Fake {
+                    installed: vec!["iptables-nft"],
+                    legacy: vec![]
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn version_from_binary_or_none() {
+        assert_eq!(binary_version("definitely-not-a-program"), None);
+        if which("iptables-nft-restore").is_some() {
+            let v = binary_version("iptables-nft-restore").expect("version string in binary");
+            assert!(v.starts_with("1."), "{v}");
+        }
+    }
+}

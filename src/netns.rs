@@ -1,0 +1,43 @@
+//! Entering a network namespace (`--network-namespace`) and scoping the xtables lock to the
+//! pod (`--cni-mode`). Only this process changes namespace; the caller's stays as it was.
+
+use std::path::{Path, PathBuf};
+
+use nix::sched::{CloneFlags, setns};
+
+/// The namespace could not be entered.
+#[derive(Debug, thiserror::Error)]
+#[error("entering network namespace {path}: {source}")]
+pub struct NetnsError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Moves this (still single-threaded) process into the network namespace at `path`, e.g.
+/// `/var/run/netns/pod` or `/proc/PID/ns/net`. Must run before any thread or child starts.
+pub fn enter(path: &Path) -> Result<(), NetnsError> {
+    let err = |source| NetnsError {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| err(std::io::Error::from(e)))
+}
+
+/// In CNI mode we run in the node's filesystem, where /run/xtables.lock is shared by every
+/// pod; Istio scopes the lock to the pod. Children inherit XTABLES_LOCKFILE.
+pub fn scope_xtables_lock(ns: Option<&Path>) {
+    let tag: String = ns
+        .map(|p| {
+            p.to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect()
+        })
+        .unwrap_or_else(|| std::process::id().to_string());
+    let lock = std::env::temp_dir().join(format!("istio-iptables-{tag}.xtables.lock"));
+    tracing::debug!(lock = %lock.display(), "CNI mode: xtables lock scoped to the pod");
+    // SAFETY: called from main before any other thread exists.
+    unsafe { std::env::set_var("XTABLES_LOCKFILE", lock) };
+}

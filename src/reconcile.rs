@@ -1,0 +1,661 @@
+//! Reconcile: from the current state of one family (parsed iptables-save) and the rules we
+//! want, compute ONE iptables-restore --noflush transaction that leaves exactly the desired
+//! state: our ISTIO_* chains with exactly our rules, exactly our rules in the built-in chains
+//! (stale ones and duplicates removed), foreign rules and chains untouched. Pure: no I/O.
+//!
+//! Ownership of rules in built-in chains: a rule is ours when it jumps to an ISTIO_* chain,
+//! when it is one of the rules we want, or when it has the shape of a rule this tool writes
+//! into built-in chains (interface RETURNs, TPROXY marks) and the table holds ISTIO_* chains.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::restore;
+use crate::rules::{Position, Rule, Table, chain};
+use crate::state::{OwnerResolver, SaveState, TableState, canonical, tokenize};
+
+/// What to do when the namespace already holds different ISTIO_* state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Replace existing, different state (Istio's --reconcile, on by default).
+    pub reconcile: bool,
+    /// Commit even when nothing differs; without reconcile, add our rules on top of a conflict.
+    pub force: bool,
+}
+
+/// The namespace holds ISTIO_* state that differs and reconcile is off.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the {table} table already has different ISTIO_* rules ({detail}); nothing was changed. \
+     Run with --reconcile=true (the default) to replace them, or --force-apply to add ours on top"
+)]
+pub struct Conflict {
+    pub table: Table,
+    pub detail: String,
+}
+
+/// One family's transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transaction {
+    /// The iptables-restore --noflush input; empty when nothing needs to change.
+    pub payload: String,
+    /// Tables the payload changes.
+    pub touched: Vec<Table>,
+    /// Touched tables that hold nothing at all afterwards (nft can drop them).
+    pub emptied: Vec<Table>,
+}
+
+impl Transaction {
+    pub fn is_noop(&self) -> bool {
+        self.payload.is_empty()
+    }
+}
+
+fn is_builtin(chain: &str) -> bool {
+    matches!(
+        chain,
+        "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+    )
+}
+
+fn is_ours(chain: &str) -> bool {
+    chain.starts_with(chain::PREFIX)
+}
+
+/// Target of a rule's tokens (after the last `-j`/`-g`).
+fn target(tokens: &[String]) -> Option<&str> {
+    let i = tokens
+        .iter()
+        .rposition(|t| t == "-j" || t == "-g" || t == "--jump" || t == "--goto")?;
+    tokens.get(i + 1).map(String::as_str)
+}
+
+/// Shapes of the non-jump rules this tool writes into built-in chains.
+fn has_our_shape(table: &str, chain: &str, canon: &str) -> bool {
+    let words: Vec<&str> = canon.split(' ').collect();
+    let iface_return = |flag: &str| {
+        words.len() == 4 && words[0] == flag && words[2] == "-j" && words[3] == "RETURN"
+    };
+    match (table, chain) {
+        ("nat" | "mangle", "PREROUTING") if iface_return("-i") => true,
+        ("nat" | "mangle", "OUTPUT") if iface_return("-o") => true,
+        ("mangle", "PREROUTING") => {
+            canon.starts_with("-p tcp -m mark --mark ")
+                && canon.ends_with("-j CONNMARK --save-mark")
+        }
+        ("mangle", "OUTPUT") => {
+            (canon.starts_with("-o lo -p tcp -m mark --mark ") && canon.ends_with("-j RETURN"))
+                || (canon.starts_with("-p tcp -m connmark --mark ")
+                    && canon.ends_with("-j CONNMARK --restore-mark"))
+                || (canon.starts_with("! -d ")
+                    && canon.contains(" -o lo -p tcp -m owner ")
+                    && canon.contains("-j MARK --set-xmark "))
+        }
+        _ => false,
+    }
+}
+
+/// Applies append/insert operations to a chain's content.
+fn simulate(mut content: Vec<String>, ops: &[(Position, String)]) -> Vec<String> {
+    for (pos, r) in ops {
+        match pos {
+            Position::Append => content.push(r.clone()),
+            Position::Insert(n) => {
+                let at = (*n as usize).saturating_sub(1).min(content.len());
+                content.insert(at, r.clone());
+            }
+        }
+    }
+    content
+}
+
+/// Our view of one table: which current rules are ours and what every chain should hold.
+struct TablePlan<'a> {
+    name: &'static str,
+    cur: TableState,
+    desired: Vec<&'a Rule>,
+    /// Desired ISTIO_* chains in Istio's declaration order.
+    desired_chains: Vec<&'static str>,
+    /// Canonical desired content per chain.
+    want: BTreeMap<String, Vec<String>>,
+    /// Canonical current content per chain, with ownership flags (built-in chains).
+    have: BTreeMap<String, Vec<(String, bool)>>,
+}
+
+impl<'a> TablePlan<'a> {
+    fn new(
+        table: Table,
+        current: &SaveState,
+        rules: &'a [Rule],
+        resolver: &dyn OwnerResolver,
+    ) -> Self {
+        let name = table.name();
+        let cur = current.tables.get(name).cloned().unwrap_or_default();
+        let desired: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+        let desired_chains = restore::declared_chains(&desired);
+
+        let mut ops: BTreeMap<String, Vec<(Position, String)>> = BTreeMap::new();
+        for r in &desired {
+            ops.entry(r.chain.to_string())
+                .or_default()
+                .push((r.position, canonical(&r.args, resolver)));
+        }
+        let wanted_in: BTreeMap<&str, BTreeSet<&str>> = ops
+            .iter()
+            .map(|(c, v)| (c.as_str(), v.iter().map(|(_, r)| r.as_str()).collect()))
+            .collect();
+        let table_has_ours = cur.user_chains.iter().any(|c| is_ours(c));
+
+        let mut have: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        for (c, toks) in &cur.rules {
+            let canon = canonical(toks, resolver);
+            let owned = is_ours(c)
+                || target(toks).is_some_and(is_ours)
+                || wanted_in
+                    .get(c.as_str())
+                    .is_some_and(|s| s.contains(canon.as_str()))
+                || (table_has_ours && has_our_shape(name, c, &canon));
+            have.entry(c.clone()).or_default().push((canon, owned));
+        }
+
+        let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let chains: BTreeSet<String> = ops.keys().cloned().chain(have.keys().cloned()).collect();
+        for c in chains {
+            if !is_builtin(&c) && !is_ours(&c) {
+                continue; // foreign user chains are not ours to judge
+            }
+            let foreign: Vec<String> = if is_builtin(&c) {
+                have.get(&c)
+                    .map(|v| {
+                        v.iter()
+                            .filter(|(_, o)| !o)
+                            .map(|(r, _)| r.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let content = simulate(foreign, ops.get(&c).map(Vec::as_slice).unwrap_or(&[]));
+            if !content.is_empty() || ops.contains_key(&c) {
+                want.insert(c, content);
+            }
+        }
+        TablePlan {
+            name,
+            cur,
+            desired,
+            desired_chains,
+            want,
+            have,
+        }
+    }
+
+    fn current_ours(&self) -> Vec<&str> {
+        self.cur
+            .user_chains
+            .iter()
+            .filter(|c| is_ours(c))
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn has_our_state(&self) -> bool {
+        !self.current_ours().is_empty() || self.have.values().flatten().any(|(_, owned)| *owned)
+    }
+
+    /// Built-in chains whose content must change.
+    fn changed_builtin(&self) -> Vec<String> {
+        let mut names: BTreeSet<&String> = self.want.keys().filter(|c| is_builtin(c)).collect();
+        names.extend(self.have.keys().filter(|c| is_builtin(c)));
+        names
+            .into_iter()
+            .filter(|c| {
+                let have: Vec<&String> = self
+                    .have
+                    .get(*c)
+                    .map(|v| v.iter().map(|(r, _)| r).collect())
+                    .unwrap_or_default();
+                let want: Vec<&String> = self
+                    .want
+                    .get(*c)
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default();
+                have != want
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn istio_chains_match(&self) -> bool {
+        let cur: BTreeSet<&str> = self.current_ours().into_iter().collect();
+        let want: BTreeSet<&str> = self.desired_chains.iter().copied().collect();
+        cur == want
+            && want.iter().all(|c| {
+                let have: Vec<&String> = self
+                    .have
+                    .get(*c)
+                    .map(|v| v.iter().map(|(r, _)| r).collect())
+                    .unwrap_or_default();
+                let want: Vec<&String> = self
+                    .want
+                    .get(*c)
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default();
+                have == want
+            })
+    }
+
+    fn is_current(&self) -> bool {
+        self.istio_chains_match() && self.changed_builtin().is_empty()
+    }
+
+    /// Describes the first difference, for messages.
+    fn difference(&self) -> String {
+        let cur: BTreeSet<&str> = self.current_ours().into_iter().collect();
+        let want: BTreeSet<&str> = self.desired_chains.iter().copied().collect();
+        if let Some(c) = cur.difference(&want).next() {
+            return format!("chain {c} is not in the new config");
+        }
+        if let Some(c) = want.difference(&cur).next() {
+            return format!("chain {c} is missing");
+        }
+        if let Some(c) = self.changed_builtin().first() {
+            return format!("the {c} chain has different ISTIO rules");
+        }
+        "an ISTIO_* chain has different rules".to_string()
+    }
+
+    /// The reconciling section of the transaction.
+    fn section(&self) -> String {
+        let changed = self.changed_builtin();
+        let existing: Vec<&str> = self.current_ours();
+        let mut s = format!("*{}\n", self.name);
+        for c in &self.desired_chains {
+            if !existing.contains(c) {
+                s.push_str(&format!("-N {c}\n"));
+            }
+        }
+        for c in &changed {
+            if let Some(rules) = self.have.get(c) {
+                for (idx, (_, owned)) in rules.iter().enumerate().rev() {
+                    if *owned {
+                        s.push_str(&format!("-D {c} {}\n", idx + 1));
+                    }
+                }
+            }
+        }
+        for c in &existing {
+            s.push_str(&format!("-F {c}\n"));
+        }
+        for c in &existing {
+            if !self.desired_chains.contains(c) {
+                s.push_str(&format!("-X {c}\n"));
+            }
+        }
+        for r in &self.desired {
+            if is_ours(r.chain) || changed.iter().any(|c| c == r.chain) {
+                s.push_str(&format!("{r}\n"));
+            }
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// Whether the table holds nothing once the section is applied.
+    fn empty_after(&self) -> bool {
+        self.desired.is_empty()
+            && self.cur.user_chains.iter().all(|c| is_ours(c))
+            && self.cur.builtin.iter().all(|(_, p)| p == "ACCEPT")
+            && self.have.values().flatten().all(|(_, owned)| *owned)
+    }
+}
+
+/// Computes the transaction that makes one family's state equal `desired`.
+pub fn reconcile(
+    current: &SaveState,
+    desired: &[Rule],
+    resolver: &dyn OwnerResolver,
+    policy: Policy,
+) -> Result<Transaction, Conflict> {
+    let plans: Vec<(Table, TablePlan)> = Table::ALL
+        .into_iter()
+        .map(|t| (t, TablePlan::new(t, current, desired, resolver)))
+        .collect();
+
+    if !policy.reconcile {
+        let conflict = plans
+            .iter()
+            .find(|(_, p)| p.has_our_state() && !p.is_current());
+        if let Some((table, p)) = conflict {
+            if policy.force {
+                tracing::warn!(
+                    "--force-apply: adding our rules on top of existing, different ISTIO_* state"
+                );
+                return Ok(Transaction {
+                    payload: restore::payload(desired),
+                    touched: plans
+                        .iter()
+                        .filter(|(_, p)| !p.desired.is_empty())
+                        .map(|(t, _)| *t)
+                        .collect(),
+                    emptied: Vec::new(),
+                });
+            }
+            return Err(Conflict {
+                table: *table,
+                detail: p.difference(),
+            });
+        }
+    }
+
+    let mut tx = Transaction::default();
+    for (table, p) in &plans {
+        let forced = policy.force && !p.desired.is_empty();
+        if p.is_current() && !forced {
+            continue;
+        }
+        tx.payload.push_str(&p.section());
+        tx.touched.push(*table);
+        if p.empty_after() {
+            tx.emptied.push(*table);
+        }
+    }
+    Ok(tx)
+}
+
+/// Computes the transaction that removes every ISTIO_* chain, every jump into one and our
+/// other built-in chain rules (`ours` helps recognise them: the rules of the current config).
+pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver) -> Transaction {
+    let mut tx = Transaction::default();
+    for table in Table::ALL {
+        let p = TablePlan::new(table, current, ours, resolver);
+        if !p.has_our_state() {
+            continue;
+        }
+        let mut s = format!("*{}\n", p.name);
+        for (c, rules) in &p.have {
+            if is_ours(c) {
+                continue;
+            }
+            for (idx, (_, owned)) in rules.iter().enumerate().rev() {
+                if *owned {
+                    s.push_str(&format!("-D {c} {}\n", idx + 1));
+                }
+            }
+        }
+        for c in p.current_ours() {
+            s.push_str(&format!("-F {c}\n"));
+        }
+        for c in p.current_ours() {
+            s.push_str(&format!("-X {c}\n"));
+        }
+        s.push_str("COMMIT\n");
+        tx.payload.push_str(&s);
+        tx.touched.push(table);
+        let empty = p.cur.user_chains.iter().all(|c| is_ours(c))
+            && p.cur.builtin.iter().all(|(_, pol)| pol == "ACCEPT")
+            && p.have.values().flatten().all(|(_, owned)| *owned);
+        if empty {
+            tx.emptied.push(table);
+        }
+    }
+    tx
+}
+
+/// Parses an iptables-restore payload of our own (as `restore::payload` writes it) back into
+/// rules; used by tests and by the dry-run of a cleanup.
+pub fn payload_rules(payload: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut table = String::new();
+    let mut out = Vec::new();
+    for line in payload.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if line.starts_with("-A ") {
+            let toks = tokenize(line);
+            out.push((table.clone(), toks[1].clone(), toks[2..].to_vec()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::build as config;
+    use crate::rules;
+    use crate::state::{NoResolver, parse_save};
+
+    const RECONCILE: Policy = Policy {
+        reconcile: true,
+        force: false,
+    };
+
+    /// What iptables-save would print after applying `payload` to `base` (a tiny model of
+    /// iptables-restore --noflush good enough for our own payloads).
+    fn apply_model(base: &SaveState, payload: &str) -> SaveState {
+        let mut st = base.clone();
+        let mut table = String::new();
+        for line in payload.lines() {
+            let toks = tokenize(line);
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.trim().to_string();
+                let ts = st.tables.entry(table.clone()).or_default();
+                if ts.builtin.is_empty() {
+                    ts.builtin = match table.as_str() {
+                        "nat" => ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"].as_slice(),
+                        "mangle" => {
+                            ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"].as_slice()
+                        }
+                        "raw" => ["PREROUTING", "OUTPUT"].as_slice(),
+                        _ => ["INPUT", "FORWARD", "OUTPUT"].as_slice(),
+                    }
+                    .iter()
+                    .map(|c| (c.to_string(), "ACCEPT".to_string()))
+                    .collect();
+                }
+                continue;
+            }
+            let ts = st.tables.get_mut(&table).unwrap();
+            let chain_rules = |ts: &TableState, c: &str| -> Vec<usize> {
+                ts.rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (ch, _))| ch == c)
+                    .map(|(i, _)| i)
+                    .collect()
+            };
+            match toks.first().map(String::as_str) {
+                Some("-N") => ts.user_chains.push(toks[1].clone()),
+                Some("-X") => ts.user_chains.retain(|c| c != &toks[1]),
+                Some("-F") => ts.rules.retain(|(c, _)| c != &toks[1]),
+                Some("-D") => {
+                    let idx = chain_rules(ts, &toks[1])[toks[2].parse::<usize>().unwrap() - 1];
+                    ts.rules.remove(idx);
+                }
+                Some("-A") => ts.rules.push((toks[1].clone(), toks[2..].to_vec())),
+                Some("-I") => {
+                    let n: usize = toks[2].parse().unwrap();
+                    let idxs = chain_rules(ts, &toks[1]);
+                    let at = idxs.get(n - 1).copied().unwrap_or(ts.rules.len());
+                    ts.rules.insert(at, (toks[1].clone(), toks[3..].to_vec()));
+                }
+                _ => {}
+            }
+        }
+        st
+    }
+
+    fn fresh(rules: &[Rule]) -> SaveState {
+        apply_model(&SaveState::default(), &restore::payload(rules))
+    }
+
+    /// Per table: user chains and canonical rules per chain.
+    type Canon = BTreeMap<String, (BTreeSet<String>, BTreeMap<String, Vec<String>>)>;
+
+    fn canon_state(st: &SaveState) -> Canon {
+        st.tables
+            .iter()
+            .map(|(t, ts)| {
+                let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (c, r) in &ts.rules {
+                    chains
+                        .entry(c.clone())
+                        .or_default()
+                        .push(canonical(r, &NoResolver));
+                }
+                let users: BTreeSet<String> = ts.user_chains.iter().cloned().collect();
+                (t.clone(), (users, chains))
+            })
+            .filter(|(_, (u, c))| !u.is_empty() || !c.is_empty())
+            .collect()
+    }
+
+    fn plan(argv: &[&str]) -> Vec<Rule> {
+        rules::build(&config(argv, &[]).unwrap()).v4
+    }
+
+    #[test]
+    fn fresh_namespace_gets_istios_payload() {
+        let r = plan(&["-b", "*"]);
+        let tx = reconcile(&SaveState::default(), &r, &NoResolver, RECONCILE).unwrap();
+        assert_eq!(tx.payload, restore::payload(&r).replace("* ", "*"));
+    }
+
+    #[test]
+    fn same_config_twice_commits_nothing() {
+        let r = plan(&["-b", "*", "-c", "eth9", "-k", "veth1", "-i", "10.0.0.0/8"]);
+        let tx = reconcile(&fresh(&r), &r, &NoResolver, RECONCILE).unwrap();
+        assert!(tx.is_noop(), "{}", tx.payload);
+    }
+
+    #[test]
+    fn changed_config_converges_to_fresh_apply() {
+        let configs: &[&[&str]] = &[
+            &["-b", "*"],
+            &["-b", "8080"],
+            &["-m", "TPROXY", "-b", "8080", "-c", "eth3"],
+            &["-b", "", "-i", "*", "-k", "veth0"],
+            &["--drop-invalid", "-o", "3306"],
+        ];
+        for from in configs {
+            for to in configs {
+                let (a, b) = (plan(from), plan(to));
+                let st = fresh(&a);
+                let tx = reconcile(&st, &b, &NoResolver, RECONCILE).unwrap();
+                let after = apply_model(&st, &tx.payload);
+                assert_eq!(
+                    canon_state(&after),
+                    canon_state(&fresh(&b)),
+                    "{from:?} -> {to:?}\n{}",
+                    tx.payload
+                );
+                let again = reconcile(&after, &b, &NoResolver, RECONCILE).unwrap();
+                assert!(
+                    again.is_noop(),
+                    "{from:?} -> {to:?} second run: {}",
+                    again.payload
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_rules_survive_and_half_applied_state_is_repaired() {
+        let r = plan(&["-b", "*", "-c", "eth9"]);
+        let foreign = parse_save(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:FOREIGN - [0:0]\n-A OUTPUT -p tcp --dport 9 -j FOREIGN\n-A FOREIGN -j RETURN\nCOMMIT\n",
+        )
+        .unwrap();
+        // Every prefix of the payload applied.
+        let payload = restore::payload(&r);
+        let lines: Vec<&str> = payload.lines().collect();
+        for n in 1..lines.len() {
+            let mut partial: String = lines[..n].join("\n");
+            partial.push_str("\nCOMMIT\n");
+            let st = apply_model(&foreign, &partial);
+            let tx = reconcile(&st, &r, &NoResolver, RECONCILE).unwrap();
+            let after = apply_model(&st, &tx.payload);
+            let want = apply_model(&foreign, &payload);
+            assert_eq!(
+                canon_state(&after),
+                canon_state(&want),
+                "prefix {n}\n{}",
+                tx.payload
+            );
+        }
+        // Cleanup returns to the foreign-only state.
+        let st = apply_model(&foreign, &payload);
+        let tx = cleanup(&st, &r, &NoResolver);
+        assert_eq!(
+            canon_state(&apply_model(&st, &tx.payload)),
+            canon_state(&foreign),
+            "{}",
+            tx.payload
+        );
+        assert!(tx.emptied.is_empty());
+    }
+
+    #[test]
+    fn duplicate_jumps_are_collapsed() {
+        let r = plan(&[]);
+        let mut st = fresh(&r);
+        st.tables
+            .get_mut("nat")
+            .unwrap()
+            .rules
+            .push(("OUTPUT".into(), tokenize("-j ISTIO_OUTPUT")));
+        let tx = reconcile(&st, &r, &NoResolver, RECONCILE).unwrap();
+        let after = apply_model(&st, &tx.payload);
+        assert_eq!(after.tables["nat"].chain_rules("OUTPUT").count(), 1);
+    }
+
+    #[test]
+    fn no_reconcile_refuses_conflicts_and_force_adds_on_top() {
+        let (a, b) = (plan(&["-b", "*"]), plan(&["-b", "8080"]));
+        let st = fresh(&a);
+        let e = reconcile(
+            &st,
+            &b,
+            &NoResolver,
+            Policy {
+                reconcile: false,
+                force: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.table, Table::Nat);
+        assert!(
+            reconcile(
+                &st,
+                &a,
+                &NoResolver,
+                Policy {
+                    reconcile: false,
+                    force: false
+                }
+            )
+            .unwrap()
+            .is_noop()
+        );
+        let tx = reconcile(
+            &st,
+            &b,
+            &NoResolver,
+            Policy {
+                reconcile: false,
+                force: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(tx.payload, restore::payload(&b));
+    }
+
+    #[test]
+    fn removing_everything_from_a_table_marks_it_emptied() {
+        let (a, b) = (plan(&["-m", "TPROXY", "-b", "80"]), plan(&["-b", "80"]));
+        let tx = reconcile(&fresh(&a), &b, &NoResolver, RECONCILE).unwrap();
+        assert_eq!(tx.emptied, vec![Table::Mangle]);
+        let tx = cleanup(&fresh(&a), &a, &NoResolver);
+        assert_eq!(tx.emptied, vec![Table::Mangle, Table::Nat]);
+    }
+}
