@@ -5,7 +5,9 @@
 //! that carried the bad value. Nothing in this file is interpreted beyond clap's precedence
 //! rules (flag > env > default).
 
-use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use clap::{
+    ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource,
+};
 
 /// Environment variables read directly (no flag), documented once here.
 pub mod env_only {
@@ -39,6 +41,7 @@ pub mod env_only {
 pub struct Cli {
     /// Envoy port to which all outbound TCP traffic is redirected.
     #[arg(
+        global = true,
         short = 'p',
         long,
         env = "ENVOY_PORT",
@@ -49,6 +52,7 @@ pub struct Cli {
 
     /// Port to which all inbound TCP traffic to the pod/VM is redirected.
     #[arg(
+        global = true,
         short = 'z',
         long,
         env = "INBOUND_CAPTURE_PORT",
@@ -59,6 +63,7 @@ pub struct Cli {
 
     /// Istio tunnel port for inbound TCP traffic (never captured).
     #[arg(
+        global = true,
         short = 'e',
         long,
         env = "INBOUND_TUNNEL_PORT",
@@ -69,15 +74,28 @@ pub struct Cli {
 
     /// UID(s) of the proxy, whose traffic is not captured; a comma list of numbers or user
     /// names. Default: the uid of $ENVOY_USER (istio-proxy), else 1337.
-    #[arg(short = 'u', long, env = "PROXY_UID", value_name = "UID[,UID...]")]
+    #[arg(
+        global = true,
+        short = 'u',
+        long,
+        env = "PROXY_UID",
+        value_name = "UID[,UID...]"
+    )]
     pub proxy_uid: Option<String>,
 
     /// GID(s) of the proxy, whose traffic is not captured. Default: the --proxy-uid value.
-    #[arg(short = 'g', long, env = "PROXY_GID", value_name = "GID[,GID...]")]
+    #[arg(
+        global = true,
+        short = 'g',
+        long,
+        env = "PROXY_GID",
+        value_name = "GID[,GID...]"
+    )]
     pub proxy_gid: Option<String>,
 
     /// Inbound interception mode: REDIRECT or TPROXY (empty means REDIRECT).
     #[arg(
+        global = true,
         short = 'm',
         long,
         env = "ISTIO_INBOUND_INTERCEPTION_MODE",
@@ -88,6 +106,7 @@ pub struct Cli {
 
     /// Inbound ports to capture: a comma list, `*` for all, empty for none.
     #[arg(
+        global = true,
         short = 'b',
         long,
         env = "ISTIO_INBOUND_PORTS",
@@ -98,6 +117,7 @@ pub struct Cli {
 
     /// Inbound ports never captured (applies with `-b '*'`).
     #[arg(
+        global = true,
         short = 'd',
         long,
         env = "ISTIO_LOCAL_EXCLUDE_PORTS",
@@ -108,6 +128,7 @@ pub struct Cli {
 
     /// Interfaces whose traffic is never captured, inbound or outbound.
     #[arg(
+        global = true,
         short = 'c',
         long,
         env = "ISTIO_EXCLUDE_INTERFACES",
@@ -118,6 +139,7 @@ pub struct Cli {
 
     /// Outbound CIDRs to capture: a comma list, `*` for all, empty for none.
     #[arg(
+        global = true,
         short = 'i',
         long,
         env = "ISTIO_SERVICE_CIDR",
@@ -128,6 +150,7 @@ pub struct Cli {
 
     /// Outbound CIDRs never captured (`*` is an error).
     #[arg(
+        global = true,
         short = 'x',
         long,
         env = "ISTIO_SERVICE_EXCLUDE_CIDR",
@@ -138,6 +161,7 @@ pub struct Cli {
 
     /// Outbound ports always captured.
     #[arg(
+        global = true,
         short = 'q',
         long,
         env = "ISTIO_OUTBOUND_PORTS",
@@ -148,6 +172,7 @@ pub struct Cli {
 
     /// Outbound ports never captured (TCP and UDP).
     #[arg(
+        global = true,
         short = 'o',
         long,
         env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
@@ -158,6 +183,7 @@ pub struct Cli {
 
     /// Virtual interfaces whose inbound traffic (from a VM) is treated as outbound.
     #[arg(
+        global = true,
         short = 'k',
         long,
         env = "KUBE_VIRT_INTERFACES",
@@ -168,6 +194,7 @@ pub struct Cli {
 
     /// Packet mark used by TPROXY mode.
     #[arg(
+        global = true,
         short = 't',
         long,
         env = "ISTIO_INBOUND_TPROXY_MARK",
@@ -178,6 +205,7 @@ pub struct Cli {
 
     /// Routing table used by TPROXY mode.
     #[arg(
+        global = true,
         short = 'r',
         long,
         env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
@@ -187,46 +215,47 @@ pub struct Cli {
     pub istio_inbound_tproxy_route_table: String,
 
     /// Print the rules as a runnable sh script; change nothing.
-    #[arg(short = 'n', long, env = "DRY_RUN", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, short = 'n', long, env = "DRY_RUN", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL",
           action = ArgAction::Set)]
     pub dry_run: String,
 
     /// Capture DNS to the resolv.conf servers, redirecting it to the agent on 15053
     /// (also read from ISTIO_META_DNS_CAPTURE).
-    #[arg(long, env = "REDIRECT_DNS", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "REDIRECT_DNS", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub redirect_dns: String,
 
     /// With --redirect-dns: capture all port-53 traffic, not only that to resolv.conf servers.
-    #[arg(long, env = "CAPTURE_ALL_DNS", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "CAPTURE_ALL_DNS", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub capture_all_dns: String,
 
     /// Drop packets in conntrack state INVALID (mangle ISTIO_DROP) instead of resetting them
     /// (also read from INVALID_DROP).
-    #[arg(long, env = "DROP_INVALID", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "DROP_INVALID", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub drop_invalid: String,
 
     /// Dual stack: IPv6 is on when the pod has any global IPv6 address
     /// (also read from ISTIO_DUAL_STACK).
-    #[arg(long, env = "DUAL_STACK", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "DUAL_STACK", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub dual_stack: String,
 
     /// Apply no rules (useful with --run-validation).
-    #[arg(long, env = "SKIP_RULE_APPLY", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "SKIP_RULE_APPLY", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub skip_rule_apply: String,
 
     /// Check that traffic is captured after applying (exit 126 when it is not).
-    #[arg(long, env = "RUN_VALIDATION", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "RUN_VALIDATION", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub run_validation: String,
 
     /// Port the validation probe connects to.
     #[arg(
+        global = true,
         long,
         env = "IPTABLES_PROBE_PORT",
         default_value = "15002",
@@ -236,6 +265,7 @@ pub struct Cli {
 
     /// How long validation waits (Go duration syntax: 500ms, 5s, 1m).
     #[arg(
+        global = true,
         long,
         env = "PROBE_TIMEOUT",
         default_value = "5s",
@@ -245,6 +275,7 @@ pub struct Cli {
 
     /// Network namespace (a path such as /var/run/netns/x) to apply the rules in.
     #[arg(
+        global = true,
         long,
         env = "NETWORK_NAMESPACE",
         default_value = "",
@@ -253,32 +284,33 @@ pub struct Cli {
     pub network_namespace: String,
 
     /// Run as the Istio CNI plugin does (xtables lock scoped to the pod).
-    #[arg(long, env = "CNI_MODE", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "CNI_MODE", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub cni_mode: String,
 
     /// Reconcile existing, different ISTIO_* state instead of failing on it.
-    #[arg(long, env = "RECONCILE", default_value = "true", num_args = 0..=1,
+    #[arg(global = true, long, env = "RECONCILE", default_value = "true", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub reconcile: String,
 
     /// Only remove ISTIO_* chains, jumps, routes and addresses; apply nothing.
-    #[arg(long, env = "CLEANUP_ONLY", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "CLEANUP_ONLY", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub cleanup_only: String,
 
     /// Apply even when existing state conflicts and --reconcile=false.
-    #[arg(long, env = "FORCE_APPLY", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "FORCE_APPLY", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub force_apply: String,
 
     /// Use native nftables (not supported yet: exits non-zero).
-    #[arg(long, env = "NATIVE_NFTABLES", default_value = "false", num_args = 0..=1,
+    #[arg(global = true, long, env = "NATIVE_NFTABLES", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub native_nftables: String,
 
     /// Force the iptables flavour: legacy or nft (default: detect).
     #[arg(
+        global = true,
         long,
         env = "FORCE_IPTABLES_BINARY",
         default_value = "",
@@ -287,12 +319,102 @@ pub struct Cli {
     pub force_iptables_binary: String,
 
     /// Where DNS servers are read from for --redirect-dns.
-    #[arg(long, default_value = "/etc/resolv.conf", value_name = "PATH")]
+    #[arg(
+        global = true,
+        long,
+        default_value = "/etc/resolv.conf",
+        value_name = "PATH"
+    )]
     pub resolv_conf: String,
 
     /// More logging on stderr (-v debug, -vv trace); RUST_LOG also works.
-    #[arg(short = 'v', long, action = ArgAction::Count)]
+    #[arg(global = true, short = 'v', long, action = ArgAction::Count)]
     pub verbose: u8,
+
+    /// Without a command: apply (or print with --dry-run) the capture rules.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands that inspect instead of apply. They take the usual config flags and env vars.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Walk one packet through the rules: which rules it meets, and where it ends up
+    /// (redirected to the proxy, TPROXY, DNS proxy, dropped or not captured).
+    Explain(ExplainArgs),
+    /// Compare the live rules with what the config produces: exit 0 when they match, 3 on
+    /// drift (with a diff per family, table and chain).
+    Verify(VerifyArgs),
+}
+
+/// Output format.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Direction of the packet, as seen from the pod.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// Protocol of the packet.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+/// `explain` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// Inbound (arriving at the pod) or outbound (sent by the pod).
+    #[arg(long, value_enum)]
+    pub direction: Direction,
+    /// Destination ADDR:PORT (IPv6 as [ADDR]:PORT).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dst: String,
+    /// Source ADDR or ADDR:PORT (default: loopback for loopback destinations, else --pod-ip
+    /// for outbound; 192.0.2.1 / 2001:db8::1 for inbound).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub src: Option<String>,
+    /// Protocol.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: ProtoArg,
+    /// uid of the sending socket (outbound; default 0).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// gid of the sending socket (outbound; default: --uid, else 0).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Interface the packet arrives on (inbound; default eth0).
+    #[arg(long, value_name = "IFACE")]
+    pub in_iface: Option<String>,
+    /// Interface the packet leaves by (outbound; default lo for 127.0.0.0/8, ::1 and
+    /// --pod-ip, else eth0).
+    #[arg(long, value_name = "IFACE")]
+    pub out_iface: Option<String>,
+    /// The pod's own address (traffic to it is routed over lo).
+    #[arg(long, value_name = "ADDR")]
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// Evaluate the live iptables-save (this namespace or --network-namespace) instead of
+    /// the config.
+    #[arg(long)]
+    pub from_kernel: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// `verify` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 /// Where a value came from, so errors can name the flag or the env var.

@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod host;
+pub mod inspect;
+pub mod interp;
 pub mod iproute;
 pub mod netns;
 pub mod reconcile;

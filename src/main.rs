@@ -10,10 +10,11 @@ use tracing_subscriber::EnvFilter;
 
 use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::backend::SystemProbe;
-use istio_iptables::cli::Args;
+use istio_iptables::cli::{Args, Command};
 use istio_iptables::config::{Config, Owner};
 use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
+use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::{Family, IpCommand};
 use istio_iptables::state::OwnerResolver;
@@ -28,6 +29,8 @@ mod code {
     pub const USAGE: u8 = 2;
     /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
     pub const CONFLICT: u8 = 4;
+    /// verify: the live rules differ from the config.
+    pub const DRIFT: u8 = 3;
     /// --run-validation could not run its probe (listeners could not be opened).
     pub const VALIDATION_ERROR: u8 = 125;
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
@@ -94,6 +97,9 @@ fn main() -> ExitCode {
     };
     for (k, v) in cfg.summary() {
         tracing::debug!("{k}={v}");
+    }
+    if let Some(command) = &args.cli.command {
+        return inspect_command(command, &cfg);
     }
     let plan = rules::build(&cfg);
 
@@ -220,5 +226,64 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
             }
             ExitCode::from(code::FAILURE)
         }
+    }
+}
+
+/// `explain` and `verify`: read-only.
+fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
+    let needs_kernel = match command {
+        Command::Explain(a) => a.from_kernel,
+        Command::Verify(_) => true,
+    };
+    if needs_kernel
+        && let Some(path) = &cfg.network_namespace
+        && let Err(e) = netns::enter(path)
+    {
+        report(&e);
+        return ExitCode::from(code::FAILURE);
+    }
+    let fail = |e: InspectError| {
+        report(&e);
+        ExitCode::from(if matches!(e, InspectError::BadArg { .. }) {
+            code::USAGE
+        } else {
+            code::FAILURE
+        })
+    };
+    let mut runner = SystemRunner;
+    match command {
+        Command::Explain(a) => {
+            let live = if a.from_kernel {
+                let family = match inspect::packet(a) {
+                    Ok((p, _)) if p.dst.is_ipv4() => Family::V4,
+                    Ok(_) => Family::V6,
+                    Err(e) => return fail(e),
+                };
+                match inspect::read_live(family, cfg, &SystemProbe, &mut runner) {
+                    Ok(st) => Some(st),
+                    Err(e) => return fail(e),
+                }
+            } else {
+                None
+            };
+            match inspect::explain(a, cfg, &RealHost, live.as_ref()) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Verify(v) => match inspect::verify(cfg, &SystemProbe, &mut runner, &RealHost) {
+            Ok(r) => {
+                print!("{}", inspect::render_report(&r, v.output));
+                if r.drift() {
+                    ExitCode::from(code::DRIFT)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => fail(e),
+        },
     }
 }

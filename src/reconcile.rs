@@ -418,6 +418,108 @@ pub fn payload_rules(payload: &str) -> Vec<(String, String, Vec<String>)> {
     out
 }
 
+/// How one chain differs from what the config produces (only our rules are compared; foreign
+/// rules in built-in chains are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainDiff {
+    pub table: Table,
+    pub chain: String,
+    /// Our rules the config wants that are not there (rule text as we would write it).
+    pub missing: Vec<String>,
+    /// Our rules (or a whole ISTIO_* chain) that are there but not wanted (kernel text).
+    pub extra: Vec<String>,
+    /// Same rules, different order.
+    pub out_of_order: bool,
+}
+
+/// Compares the current state of one family with `desired`, chain by chain. Order matters.
+pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<ChainDiff> {
+    let mut out = Vec::new();
+    for table in Table::ALL {
+        let p = TablePlan::new(table, current, desired, resolver);
+        // Ours, wanted, per chain: (canonical, text), in final order.
+        let mut want: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for r in &p.desired {
+            let entry = want.entry(r.chain.to_string()).or_default();
+            let item = (
+                canonical(&r.args, resolver),
+                format!("-A {} {}", r.chain, r.spec()),
+            );
+            match r.position {
+                Position::Append => entry.push(item),
+                Position::Insert(n) => {
+                    let at = (n as usize).saturating_sub(1).min(entry.len());
+                    entry.insert(at, item);
+                }
+            }
+        }
+        for c in &p.desired_chains {
+            want.entry(c.to_string()).or_default();
+        }
+        // Ours, present, per chain.
+        let mut have: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for c in p.current_ours() {
+            have.entry(c.to_string()).or_default();
+        }
+        let mut idx: BTreeMap<&str, usize> = BTreeMap::new();
+        for (c, toks) in &p.cur.rules {
+            let i = idx.entry(c.as_str()).or_default();
+            let (canon, owned) = &p.have[c][*i];
+            *i += 1;
+            if *owned {
+                have.entry(c.clone())
+                    .or_default()
+                    .push((canon.clone(), format!("-A {c} {}", toks.join(" "))));
+            }
+        }
+        let chains: BTreeSet<&String> = want.keys().chain(have.keys()).collect();
+        for c in chains {
+            let w = want.get(c).cloned().unwrap_or_default();
+            let h = have.get(c).cloned().unwrap_or_default();
+            let chain_missing = is_ours(c) && !have.contains_key(c);
+            let chain_extra = is_ours(c) && !want.contains_key(c);
+            let mut missing = Vec::new();
+            let mut pool: Vec<&String> = h.iter().map(|(k, _)| k).collect();
+            for (k, text) in &w {
+                match pool.iter().position(|x| *x == k) {
+                    Some(i) => {
+                        pool.remove(i);
+                    }
+                    None => missing.push(text.clone()),
+                }
+            }
+            let mut extra = Vec::new();
+            let mut pool: Vec<&String> = w.iter().map(|(k, _)| k).collect();
+            for (k, text) in &h {
+                match pool.iter().position(|x| *x == k) {
+                    Some(i) => {
+                        pool.remove(i);
+                    }
+                    None => extra.push(text.clone()),
+                }
+            }
+            if chain_missing {
+                missing.insert(0, format!("-N {c}"));
+            }
+            if chain_extra {
+                extra.insert(0, format!("-N {c}"));
+            }
+            let same_order = w.iter().map(|(k, _)| k).eq(h.iter().map(|(k, _)| k));
+            let out_of_order = missing.is_empty() && extra.is_empty() && !same_order;
+            if !missing.is_empty() || !extra.is_empty() || out_of_order {
+                out.push(ChainDiff {
+                    table,
+                    chain: c.clone(),
+                    missing,
+                    extra,
+                    out_of_order,
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,6 +750,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(tx.payload, restore::payload(&b));
+    }
+
+    #[test]
+    fn diff_names_missing_extra_and_reordered_rules() {
+        let r = plan(&["-b", "*"]);
+        let st = fresh(&r);
+        assert!(diff(&st, &r, &NoResolver).is_empty());
+        // Delete one rule.
+        let mut gone = st.clone();
+        let nat = gone.tables.get_mut("nat").unwrap();
+        let i = nat
+            .rules
+            .iter()
+            .position(|(c, _)| c == "ISTIO_INBOUND")
+            .unwrap();
+        nat.rules.remove(i);
+        let d = diff(&gone, &r, &NoResolver);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].chain, "ISTIO_INBOUND");
+        assert_eq!(
+            d[0].missing,
+            vec!["-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN"]
+        );
+        // Add one.
+        let mut more = st.clone();
+        more.tables.get_mut("nat").unwrap().rules.push((
+            "ISTIO_OUTPUT".into(),
+            tokenize("-p tcp --dport 1 -j RETURN"),
+        ));
+        let d = diff(&more, &r, &NoResolver);
+        assert_eq!(
+            d[0].extra,
+            vec!["-A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN"]
+        );
+        // Swap two.
+        let mut swapped = st.clone();
+        let nat = swapped.tables.get_mut("nat").unwrap();
+        let idx: Vec<usize> = nat
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| c == "ISTIO_OUTPUT")
+            .map(|(i, _)| i)
+            .collect();
+        nat.rules.swap(idx[0], idx[1]);
+        let d = diff(&swapped, &r, &NoResolver);
+        assert!(
+            d[0].out_of_order && d[0].missing.is_empty() && d[0].extra.is_empty(),
+            "{d:?}"
+        );
+        // Foreign rules do not count.
+        let mut foreign = st.clone();
+        foreign
+            .tables
+            .get_mut("nat")
+            .unwrap()
+            .rules
+            .push(("OUTPUT".into(), tokenize("-p tcp --dport 9 -j ACCEPT")));
+        assert!(diff(&foreign, &r, &NoResolver).is_empty());
     }
 
     #[test]

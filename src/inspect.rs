@@ -1,0 +1,672 @@
+//! The `explain` and `verify` commands: glue between the config, the live state and the pure
+//! pieces (`interp` walks a packet, `reconcile::diff` compares chains). Output as text for
+//! people or JSON for tools.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::backend::{self, Probe};
+use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
+use crate::config::Config;
+use crate::exec::{ExecError, Runner};
+use crate::interp::{self, Outcome, Packet, Proto, Ruleset, Verdict};
+use crate::iproute;
+use crate::reconcile::{self, ChainDiff};
+use crate::rules::{self, Family, Position, Rule};
+use crate::state::{OwnerResolver, SaveState, parse_save};
+
+/// A failure of explain/verify (not a drift: that is a result).
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("invalid value {value:?} for {flag}: {reason}")]
+    BadArg {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("reading the live {family} rules: {reason}")]
+    Read { family: Family, reason: String },
+    #[error(transparent)]
+    Unsupported(#[from] interp::Unsupported),
+}
+
+/// Minimal JSON string escaping.
+fn js(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn opt_num(n: Option<u32>) -> String {
+    n.map(|n| n.to_string()).unwrap_or_else(|| "null".into())
+}
+
+/// The config's rules of one family as chains in their final order.
+pub fn ruleset_from_rules(rules: &[Rule]) -> Ruleset {
+    let mut rs = Ruleset::new();
+    for r in rules {
+        let chain = rs
+            .entry(r.table.name().to_string())
+            .or_default()
+            .entry(r.chain.to_string())
+            .or_default();
+        let item = (format!("-A {} {}", r.chain, r.spec()), r.args.clone());
+        match r.position {
+            Position::Append => chain.push(item),
+            Position::Insert(n) => {
+                let at = (n as usize).saturating_sub(1).min(chain.len());
+                chain.insert(at, item);
+            }
+        }
+    }
+    rs
+}
+
+/// Live rules as chains.
+pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
+    let mut rs = Ruleset::new();
+    for (table, ts) in &st.tables {
+        for (chain, toks) in &ts.rules {
+            rs.entry(table.clone())
+                .or_default()
+                .entry(chain.clone())
+                .or_default()
+                .push((format!("-A {chain} {}", toks.join(" ")), toks.clone()));
+        }
+    }
+    rs
+}
+
+/// Reads the live state of one family with the backend detection uses.
+pub fn read_live(
+    family: Family,
+    cfg: &Config,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<SaveState, InspectError> {
+    let b = backend::detect(family, cfg.flavor, probe).map_err(|e| InspectError::Read {
+        family,
+        reason: e.to_string(),
+    })?;
+    let text = runner
+        .run(&b.save_program(), &[], None)
+        .map_err(|e: ExecError| InspectError::Read {
+            family,
+            reason: e.to_string(),
+        })?;
+    parse_save(&text).map_err(|e| InspectError::Read {
+        family,
+        reason: e.to_string(),
+    })
+}
+
+fn parse_endpoint(
+    flag: &'static str,
+    s: &str,
+    need_port: bool,
+) -> Result<(IpAddr, Option<u16>), InspectError> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    if !need_port && let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    let want = if need_port {
+        "ADDR:PORT ([ADDR]:PORT for IPv6)"
+    } else {
+        "ADDR or ADDR:PORT"
+    };
+    Err(InspectError::BadArg {
+        flag,
+        value: s.to_string(),
+        reason: format!("expected {want}"),
+    })
+}
+
+/// The packet `explain` walks, and the hooks it traverses.
+pub fn packet(args: &ExplainArgs) -> Result<(Packet, Vec<interp::Hook>), InspectError> {
+    let (dst, dport) = parse_endpoint("--dst", &args.dst, true)?;
+    let dport = dport.unwrap_or(0);
+    let src = args
+        .src
+        .as_deref()
+        .map(|s| parse_endpoint("--src", s, false))
+        .transpose()?;
+    if let Some((s, _)) = src
+        && s.is_ipv4() != dst.is_ipv4()
+    {
+        return Err(InspectError::BadArg {
+            flag: "--src",
+            value: args.src.clone().unwrap_or_default(),
+            reason: "source and destination must be of the same family".into(),
+        });
+    }
+    let proto = match args.proto {
+        ProtoArg::Tcp => Proto::Tcp,
+        ProtoArg::Udp => Proto::Udp,
+    };
+    let loopback = dst.is_loopback() || Some(dst) == args.pod_ip;
+    let v4 = dst.is_ipv4();
+    let (src_ip, sport) = match (src, args.direction) {
+        (Some((ip, port)), _) => (ip, port.unwrap_or(40000)),
+        (None, Direction::Outbound) if dst.is_loopback() => (
+            if v4 {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            },
+            40000,
+        ),
+        (None, Direction::Outbound) => match args.pod_ip {
+            Some(p) if p.is_ipv4() == v4 => (p, 40000),
+            _ => (
+                if v4 {
+                    "192.0.2.10".parse().unwrap()
+                } else {
+                    "2001:db8::10".parse().unwrap()
+                },
+                40000,
+            ),
+        },
+        (None, Direction::Inbound) => (
+            if v4 {
+                "192.0.2.1".parse().unwrap()
+            } else {
+                "2001:db8::1".parse().unwrap()
+            },
+            40000,
+        ),
+    };
+    let mut p = Packet {
+        proto,
+        src: src_ip,
+        sport,
+        dst,
+        dport,
+        uid: None,
+        gid: None,
+        in_iface: None,
+        out_iface: None,
+        mark: 0,
+        connmark: 0,
+        ctstate: "NEW".into(),
+    };
+    let hooks: Vec<interp::Hook> = match args.direction {
+        Direction::Outbound => {
+            let uid = args.uid.unwrap_or(0);
+            p.uid = Some(uid);
+            p.gid = Some(args.gid.unwrap_or(uid));
+            let out = args
+                .out_iface
+                .clone()
+                .unwrap_or_else(|| if loopback { "lo".into() } else { "eth0".into() });
+            let via_lo = out == "lo";
+            p.out_iface = Some(out);
+            if via_lo {
+                vec![interp::OUTPUT_HOOK, interp::PREROUTING_HOOK]
+            } else {
+                vec![interp::OUTPUT_HOOK]
+            }
+        }
+        Direction::Inbound => {
+            p.in_iface = Some(args.in_iface.clone().unwrap_or_else(|| "eth0".into()));
+            vec![interp::PREROUTING_HOOK]
+        }
+    };
+    Ok((p, hooks))
+}
+
+/// Runs `explain`; returns the rendered output.
+pub fn explain(
+    args: &ExplainArgs,
+    cfg: &Config,
+    resolver: &dyn OwnerResolver,
+    live: Option<&SaveState>,
+) -> Result<String, InspectError> {
+    let (pkt, hooks) = packet(args)?;
+    let family = if pkt.dst.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    let plan = rules::build(cfg);
+    let (rs, source) = match live {
+        Some(st) => (ruleset_from_state(st), "live rules (iptables-save)"),
+        None => (
+            ruleset_from_rules(plan.rules(family)),
+            "rules from the config",
+        ),
+    };
+    let outcome = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
+    Ok(match args.output {
+        Output::Json => render_json(&outcome),
+        Output::Text => render_text(
+            args,
+            cfg,
+            &pkt,
+            &outcome,
+            source,
+            family,
+            live.is_none() && family == Family::V6 && !plan.ipv6,
+        ),
+    })
+}
+
+fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u32>) {
+    let mark = (o.mark != 0).then_some(o.mark);
+    match o.verdict {
+        Verdict::Redirect { port } => ("redirect", Some(u32::from(port)), mark),
+        Verdict::Tproxy { port, mark } => ("tproxy", Some(u32::from(port)), Some(mark)),
+        Verdict::Drop => ("drop", None, mark),
+        Verdict::NotCaptured => ("not-captured", None, mark),
+    }
+}
+
+fn render_json(o: &Outcome) -> String {
+    let (verdict, port, mark) = verdict_word(o);
+    let walk: Vec<String> = o
+        .walk
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"table\":{},\"chain\":{},\"rule\":{},\"text\":{},\"matched\":{}}}",
+                js(&s.table),
+                js(&s.chain),
+                s.rule,
+                js(&s.text),
+                s.matched
+            )
+        })
+        .collect();
+    format!(
+        "{{\"verdict\":{},\"port\":{},\"mark\":{},\"zone\":{},\"walk\":[{}]}}\n",
+        js(verdict),
+        opt_num(port),
+        opt_num(mark),
+        opt_num(o.zone.map(u32::from)),
+        walk.join(",")
+    )
+}
+
+fn render_text(
+    args: &ExplainArgs,
+    cfg: &Config,
+    p: &Packet,
+    o: &Outcome,
+    source: &str,
+    family: Family,
+    v6_off: bool,
+) -> String {
+    let mut s = String::new();
+    let dir = match args.direction {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
+    };
+    let who = match (p.uid, p.gid) {
+        (Some(u), Some(g)) => format!(", uid {u}, gid {g}"),
+        _ => String::new(),
+    };
+    let iface = match (&p.in_iface, &p.out_iface) {
+        (Some(i), _) => format!(", in {i}"),
+        (_, Some(o)) => format!(", out {o}"),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "{family} {dir} {} {} -> {}{who}{iface}; {source}",
+        p.proto.name(),
+        SocketAddr::new(p.src, p.sport),
+        SocketAddr::new(p.dst, p.dport)
+    );
+    if v6_off {
+        let _ = writeln!(
+            s,
+            "  (IPv6 is off for this config: no ip6tables rules are generated)"
+        );
+    }
+    for st in &o.walk {
+        let _ = writeln!(
+            s,
+            "  {:<5} {}/{} #{}: {}",
+            if st.matched { "MATCH" } else { "-" },
+            st.table,
+            st.chain,
+            st.rule,
+            st.text
+        );
+    }
+    let dst = SocketAddr::new(p.dst, p.dport);
+    let verdict = match o.verdict {
+        Verdict::Redirect { port } if port == cfg.proxy_port.get() => {
+            format!("redirected to the outbound port {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } if port == cfg.inbound_capture_port.get() => {
+            format!("redirected to the inbound port {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } if port == rules::DNS_PROXY_PORT => {
+            format!("redirected to the DNS proxy on {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } => {
+            format!("redirected to port {port} (original destination {dst} kept)")
+        }
+        Verdict::Tproxy { port, mark } => {
+            format!(
+                "TPROXY to the inbound port {port} with mark {mark} (the proxy sees {dst} as its local address)"
+            )
+        }
+        Verdict::Drop => "dropped".into(),
+        Verdict::NotCaptured => "not captured: it goes where it was sent".into(),
+    };
+    let _ = writeln!(s, "verdict: {verdict}");
+    if let Some(z) = o.zone {
+        let _ = writeln!(s, "conntrack zone {z} set");
+    }
+    s
+}
+
+/// The result of `verify`.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub diffs: Vec<(Family, ChainDiff)>,
+    /// `ip` commands whose effect is missing.
+    pub routes_missing: Vec<String>,
+}
+
+impl Report {
+    pub fn drift(&self) -> bool {
+        !self.diffs.is_empty() || !self.routes_missing.is_empty()
+    }
+}
+
+/// Compares live state with the config, both families, and the `ip` plumbing.
+pub fn verify(
+    cfg: &Config,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+    resolver: &dyn OwnerResolver,
+) -> Result<Report, InspectError> {
+    let plan = rules::build(cfg);
+    let mut report = Report::default();
+    for family in plan.families() {
+        let st = read_live(family, cfg, probe, runner)?;
+        for d in reconcile::diff(&st, plan.rules(family), resolver) {
+            report.diffs.push((family, d));
+        }
+    }
+    for cmd in &plan.ip {
+        match iproute::is_present(cmd, runner) {
+            Ok(true) => {}
+            Ok(false) => report.routes_missing.push(cmd.to_string()),
+            Err(e) => {
+                return Err(InspectError::Read {
+                    family: Family::V4,
+                    reason: format!("checking `{cmd}`: {e}"),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Renders a verify report.
+pub fn render_report(r: &Report, output: Output) -> String {
+    match output {
+        Output::Json => {
+            let diffs: Vec<String> = r
+                .diffs
+                .iter()
+                .map(|(f, d)| {
+                    let list = |v: &[String]| v.iter().map(|x| js(x)).collect::<Vec<_>>().join(",");
+                    format!(
+                        "{{\"family\":{},\"table\":{},\"chain\":{},\"missing\":[{}],\"extra\":[{}],\"out_of_order\":{}}}",
+                        js(match f {
+                            Family::V4 => "ipv4",
+                            Family::V6 => "ipv6",
+                        }),
+                        js(d.table.name()),
+                        js(&d.chain),
+                        list(&d.missing),
+                        list(&d.extra),
+                        d.out_of_order
+                    )
+                })
+                .collect();
+            let routes: Vec<String> = r.routes_missing.iter().map(|x| js(x)).collect();
+            format!(
+                "{{\"match\":{},\"differences\":[{}],\"routes_missing\":[{}]}}\n",
+                !r.drift(),
+                diffs.join(","),
+                routes.join(",")
+            )
+        }
+        Output::Text => {
+            let mut s = String::new();
+            if !r.drift() {
+                s.push_str("OK: the live rules match the config\n");
+                return s;
+            }
+            s.push_str("DRIFT: the live rules differ from the config\n");
+            for (f, d) in &r.diffs {
+                let _ = writeln!(s, "{f} {}/{}:", d.table, d.chain);
+                for m in &d.missing {
+                    let _ = writeln!(s, "  missing:  {m}");
+                }
+                for e in &d.extra {
+                    let _ = writeln!(s, "  extra:    {e}");
+                }
+                if d.out_of_order {
+                    let _ = writeln!(
+                        s,
+                        "  out of order: the same rules are there, in another order"
+                    );
+                }
+            }
+            for m in &r.routes_missing {
+                let _ = writeln!(s, "routes: missing `{m}`");
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Args, Command};
+    use crate::config::tests::build as config;
+    use crate::state::NoResolver;
+
+    fn explain_args(argv: &[&str]) -> ExplainArgs {
+        let mut full = vec!["istio-iptables", "explain"];
+        full.extend_from_slice(argv);
+        match Args::parse_from(full).unwrap().cli.command {
+            Some(Command::Explain(a)) => a,
+            _ => panic!("not explain"),
+        }
+    }
+
+    fn seed() -> Config {
+        config(
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15020",
+            ],
+            &[],
+        )
+        .unwrap()
+    }
+
+    fn verdict(argv: &[&str], cfg: &Config) -> String {
+        let mut a = explain_args(argv);
+        a.output = Output::Json;
+        explain(&a, cfg, &NoResolver, None).unwrap()
+    }
+
+    #[test]
+    fn seed_scenarios() {
+        let c = seed();
+        assert!(
+            verdict(&["--direction", "outbound", "--dst", "10.1.2.3:80"], &c)
+                .starts_with("{\"verdict\":\"redirect\",\"port\":15001")
+        );
+        assert!(
+            verdict(
+                &[
+                    "--direction",
+                    "outbound",
+                    "--dst",
+                    "10.1.2.3:80",
+                    "--uid",
+                    "1337"
+                ],
+                &c
+            )
+            .starts_with("{\"verdict\":\"not-captured\"")
+        );
+        assert!(
+            verdict(&["--direction", "inbound", "--dst", "10.0.0.5:8080"], &c)
+                .starts_with("{\"verdict\":\"redirect\",\"port\":15006")
+        );
+        assert!(
+            verdict(&["--direction", "inbound", "--dst", "10.0.0.5:15090"], &c)
+                .starts_with("{\"verdict\":\"not-captured\"")
+        );
+        assert!(
+            verdict(&["--direction", "outbound", "--dst", "127.0.0.1:8080"], &c)
+                .starts_with("{\"verdict\":\"not-captured\"")
+        );
+        let own = [
+            "--direction",
+            "outbound",
+            "--dst",
+            "10.0.0.5:8080",
+            "--pod-ip",
+            "10.0.0.5",
+            "--uid",
+            "1337",
+        ];
+        assert!(verdict(&own, &c).starts_with("{\"verdict\":\"redirect\",\"port\":15006"));
+        let passthrough = [
+            "--direction",
+            "outbound",
+            "--dst",
+            "10.0.0.5:8080",
+            "--pod-ip",
+            "10.0.0.5",
+            "--uid",
+            "1337",
+            "--src",
+            "127.0.0.6",
+        ];
+        assert!(verdict(&passthrough, &c).starts_with("{\"verdict\":\"not-captured\""));
+    }
+
+    #[test]
+    fn text_output_walks_and_concludes() {
+        let a = explain_args(&["--direction", "outbound", "--dst", "10.1.2.3:80"]);
+        let out = explain(&a, &seed(), &NoResolver, None).unwrap();
+        assert!(
+            out.contains("MATCH nat/OUTPUT #1: -A OUTPUT -j ISTIO_OUTPUT"),
+            "{out}"
+        );
+        assert!(out.ends_with("verdict: redirected to the outbound port 15001 (original destination 10.1.2.3:80 kept)\n"), "{out}");
+    }
+
+    #[test]
+    fn tproxy_and_dns() {
+        let c = config(&["-m", "TPROXY", "-b", "*"], &[]).unwrap();
+        let v = verdict(&["--direction", "inbound", "--dst", "10.0.0.5:8080"], &c);
+        assert!(
+            v.starts_with("{\"verdict\":\"tproxy\",\"port\":15006,\"mark\":1337"),
+            "{v}"
+        );
+        let c = config(&["--redirect-dns"], &[]).unwrap();
+        let v = verdict(
+            &[
+                "--direction",
+                "outbound",
+                "--dst",
+                "10.96.0.10:53",
+                "--proto",
+                "udp",
+            ],
+            &c,
+        );
+        assert!(
+            v.starts_with("{\"verdict\":\"redirect\",\"port\":15053"),
+            "{v}"
+        );
+        assert!(v.contains("\"zone\":2"), "{v}");
+        let v = verdict(
+            &[
+                "--direction",
+                "outbound",
+                "--dst",
+                "10.96.0.10:53",
+                "--proto",
+                "udp",
+                "--uid",
+                "1337",
+            ],
+            &c,
+        );
+        assert!(v.starts_with("{\"verdict\":\"not-captured\""), "{v}");
+        assert!(v.contains("\"zone\":1"), "{v}");
+    }
+
+    #[test]
+    fn bad_endpoints_are_rejected() {
+        let a = explain_args(&["--direction", "outbound", "--dst", "10.1.2.3"]);
+        assert!(matches!(
+            explain(&a, &seed(), &NoResolver, None),
+            Err(InspectError::BadArg { flag: "--dst", .. })
+        ));
+    }
+
+    #[test]
+    fn report_renders_drift() {
+        let r = Report {
+            diffs: vec![(
+                Family::V4,
+                ChainDiff {
+                    table: crate::rules::Table::Nat,
+                    chain: "ISTIO_OUTPUT".into(),
+                    missing: vec!["-A X".into()],
+                    extra: vec![],
+                    out_of_order: false,
+                },
+            )],
+            routes_missing: vec![],
+        };
+        assert!(render_report(&r, Output::Text).contains("missing:  -A X"));
+        assert!(
+            render_report(&r, Output::Json)
+                .starts_with("{\"match\":false,\"differences\":[{\"family\":\"ipv4\"")
+        );
+    }
+}
