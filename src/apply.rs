@@ -22,6 +22,17 @@ pub struct Options {
     pub policy: Policy,
     /// Seconds to wait for the xtables lock (legacy backend).
     pub lock_wait_secs: u32,
+    /// TPROXY mark and routing table of this config, to remove a TPROXY setup left by an
+    /// earlier config that used them.
+    pub tproxy_mark: u32,
+    pub tproxy_route_table: u32,
+}
+
+/// An `ip` change made by this run, for rollback.
+#[derive(Debug, Clone)]
+enum IpChange {
+    Added(IpCommand),
+    Removed(IpCommand),
 }
 
 /// What the process needs from the outside world.
@@ -73,20 +84,21 @@ pub enum ApplyError {
     #[error(
         "committing {family} rules with {program} (iptables {version}) failed{}: {}; {rollback}",
         rejected.as_ref().map(|l| format!(" at `{l}`")).unwrap_or_default(),
-        explain_exec(.source)
+        explain_exec(.error)
     )]
     Commit {
         family: Family,
         program: String,
         version: String,
         rejected: Option<String>,
-        source: ExecError,
+        /// Not `source`: the message already includes it, once.
+        error: ExecError,
         rollback: String,
     },
-    #[error("configuring routes: `ip {command}`: {source}; {rollback}")]
+    #[error("configuring routes: `ip {command}`: {error}; {rollback}")]
     Ip {
         command: String,
-        source: ExecError,
+        error: ExecError,
         rollback: String,
     },
 }
@@ -201,16 +213,15 @@ fn roll_back(run: &Run, opts: &Options, runner: &mut dyn Runner) -> Result<(), E
 }
 
 /// Rolls back every committed family and undoes `ip` changes; describes the outcome.
-fn undo_all(
-    runs: &[Run],
-    ip_done: &[IpCommand],
-    opts: &Options,
-    runner: &mut dyn Runner,
-) -> String {
+fn undo_all(runs: &[Run], ip_done: &[IpChange], opts: &Options, runner: &mut dyn Runner) -> String {
     let mut failures = Vec::new();
-    for cmd in ip_done.iter().rev() {
-        if let Err(e) = runner.run("ip", &iproute::undo_args(cmd), None) {
-            failures.push(format!("undoing `{cmd}`: {e}"));
+    for change in ip_done.iter().rev() {
+        let (cmd, args) = match change {
+            IpChange::Added(c) => (c, iproute::undo_args(c)),
+            IpChange::Removed(c) => (c, c.args()),
+        };
+        if let Err(e) = runner.run("ip", &args, None) {
+            failures.push(format!("undoing the change to `{cmd}`: {e}"));
         }
     }
     let mut restored = Vec::new();
@@ -275,8 +286,8 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 Some(&run.tx.payload),
             )
             .and_then(|_| drop_nft_tables(&run.backend, &run.tx.emptied, env.runner));
-        if let Err(source) = result {
-            let rejected = source
+        if let Err(error) = result {
+            let rejected = error
                 .stderr()
                 .and_then(failed_restore_line)
                 .and_then(|n| run.tx.payload.lines().nth(n.saturating_sub(1)))
@@ -288,7 +299,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 program,
                 version,
                 rejected,
-                source,
+                error,
                 rollback,
             });
         }
@@ -296,28 +307,68 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         summary.committed.push(family);
     }
 
-    let mut ip_done: Vec<IpCommand> = Vec::new();
-    for cmd in &plan.ip {
+    // A TPROXY setup from an earlier config (seen as ISTIO_TPROXY in the mangle table we just
+    // read) whose routing this config no longer wants: remove its rule and route. Checked
+    // only then, so a plain REDIRECT apply runs no `ip` at all.
+    let mut stale: Vec<IpCommand> = Vec::new();
+    for run in &runs {
+        let had_tproxy = run.before.tables.get("mangle").is_some_and(|t| {
+            t.user_chains
+                .iter()
+                .any(|c| c == crate::rules::chain::TPROXY)
+        });
+        if !had_tproxy {
+            continue;
+        }
+        let family = run.backend.family;
+        for cmd in [
+            IpCommand::RuleAdd {
+                family,
+                mark: opts.tproxy_mark,
+                table: opts.tproxy_route_table,
+            },
+            IpCommand::RouteAddLocal {
+                family,
+                table: opts.tproxy_route_table,
+            },
+        ] {
+            if !plan.ip.contains(&cmd) {
+                stale.push(cmd);
+            }
+        }
+    }
+
+    let mut ip_done: Vec<IpChange> = Vec::new();
+    let steps = plan
+        .ip
+        .iter()
+        .map(|c| (c, true))
+        .chain(stale.iter().map(|c| (c, false)));
+    for (cmd, wanted) in steps {
         let step = iproute::is_present(cmd, env.runner).and_then(|present| {
-            if present {
-                tracing::debug!(command = %cmd, "already configured");
-                Ok(false)
-            } else {
+            if present == wanted {
+                tracing::debug!(command = %cmd, wanted, "already as wanted");
+                Ok(None)
+            } else if wanted {
                 tracing::info!(command = %cmd, "configuring");
-                env.runner.run("ip", &cmd.args(), None).map(|_| true)
+                env.runner.run("ip", &cmd.args(), None).map(|_| Some(IpChange::Added(cmd.clone())))
+            } else {
+                let undo = iproute::undo_args(cmd);
+                tracing::info!(command = %format!("ip {}", undo.join(" ")), "removing routing left by an earlier TPROXY config");
+                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone())))
             }
         });
         match step {
-            Ok(true) => {
-                ip_done.push(cmd.clone());
+            Ok(Some(change)) => {
                 summary.ip_changed.push(cmd.to_string());
+                ip_done.push(change);
             }
-            Ok(false) => {}
-            Err(source) => {
+            Ok(None) => {}
+            Err(error) => {
                 let rollback = undo_all(&runs, &ip_done, opts, env.runner);
                 return Err(ApplyError::Ip {
                     command: cmd.args().join(" "),
-                    source,
+                    error,
                     rollback,
                 });
             }
@@ -457,6 +508,8 @@ mod tests {
     }
 
     const OPTS: Options = Options {
+        tproxy_mark: 1337,
+        tproxy_route_table: 133,
         flavor: None,
         policy: Policy {
             reconcile: true,

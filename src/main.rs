@@ -130,6 +130,8 @@ fn main() -> ExitCode {
             force: cfg.force_apply,
         },
         lock_wait_secs: cfg.lock_wait_secs,
+        tproxy_mark: cfg.tproxy_mark,
+        tproxy_route_table: cfg.tproxy_route_table,
     };
     let mut runner = SystemRunner;
     let mut env = Env {

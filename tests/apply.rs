@@ -1,0 +1,1888 @@
+//! Applying for real, as root, inside fresh network namespaces: backend detection and the
+//! number of processes run, idempotence, changed configs, repairing half-applied state,
+//! `--reconcile=false` / `--force-apply`, all-or-nothing rollback, `--cleanup-only`,
+//! `--network-namespace`, the xtables lock, `--run-validation` and error messages.
+//!
+//! Every test starts with `if common::skip_unless_root(..) { return; }` and runs everything
+//! in a namespace script ([`common::run_in_fresh_ns`]): a fresh network namespace plus a
+//! private mount namespace in which a tmpfs is mounted over `/run` (so the legacy xtables
+//! lock and `ip netns` files are private to the test too), `lo` is up, and a shell function
+//! `snap LABEL` records the whole observable state into `$NS_OUT`:
+//! `iptables-nft-save`, `ip6tables-nft-save`, `iptables-legacy-save`, `ip6tables-legacy-save`
+//! (all compared after [`common::normalize_save`]), `ip -4/-6 rule`,
+//! `ip -4/-6 route show table all`, `ip -6 addr show dev lo` and
+//! `/proc/net/ip{,6}_tables_names`. The host's own tables are never touched.
+//!
+//! The binary runs with a cleared environment plus `PATH` and `ENABLE_INBOUND_IPV6`
+//! (`false` unless IPv6 is tested). Some tests put a directory of shims first in `PATH`:
+//! each shim appends `NAME ARGS` to a log and execs the real program (or fails on purpose),
+//! which counts and inspects the processes the binary runs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    BIN, NsOutput, compare_lines, extract_heredoc_blocks, indent, normalize_save, run_in_fresh_ns,
+    run_with_timeout, sane_path, shell_command, shell_quote, skip_unless_root,
+};
+
+/// The seed command of the issue.
+const SEED: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15020",
+];
+
+/// IPv4 only.
+const V4: &[(&str, &str)] = &[("ENABLE_INBOUND_IPV6", "false")];
+/// IPv4 and IPv6.
+const V6: &[(&str, &str)] = &[("ENABLE_INBOUND_IPV6", "true")];
+
+/// The seed command with `-b` replaced by `ports`.
+fn seed_with_inbound(ports: &str) -> Vec<&str> {
+    let mut v = SEED.to_vec();
+    let i = v.iter().position(|a| *a == "-b").expect("-b in seed") + 1;
+    v[i] = ports;
+    v
+}
+
+/// `a` followed by `b`.
+fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    a.iter().chain(b).copied().collect()
+}
+
+// ---------------------------------------------------------------------------
+// Namespace scripts
+// ---------------------------------------------------------------------------
+
+/// Programs that get a shim: every iptables flavour and tool the binary might run.
+fn shimmed_programs() -> Vec<String> {
+    let mut v = Vec::new();
+    for base in ["iptables", "ip6tables"] {
+        for flavor in ["-nft", "-legacy", ""] {
+            v.push(format!("{base}{flavor}"));
+            for op in ["-save", "-restore"] {
+                v.push(format!("{base}{flavor}{op}"));
+            }
+        }
+    }
+    v.push("ip".into());
+    v.push("nft".into());
+    v
+}
+
+/// The real program `name` in the standard directories (never a shim).
+fn real_program(name: &str) -> Option<PathBuf> {
+    common::DEFAULT_PATH
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// How the shims misbehave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    /// Every shim logs and execs the real program.
+    Nothing,
+    /// `ip6tables-*restore --noflush` prints `ip6tables-restore: line 3 failed` and exits 1.
+    Ip6tablesRestoreNoflush,
+    /// `ip ... rule add ...` fails like the kernel refusing it.
+    IpRuleAdd,
+}
+
+/// A namespace script under construction.
+struct Script {
+    text: String,
+    shims: bool,
+}
+
+impl Script {
+    /// The prelude: private /run, lo up, the `snap` function.
+    fn new() -> Script {
+        let text = r#"mount -t tmpfs tmpfs /run
+ip link set lo up
+snap() {
+    iptables-nft-save > "$NS_OUT/$1.v4-nft"
+    ip6tables-nft-save > "$NS_OUT/$1.v6-nft"
+    if command -v iptables-legacy-save >/dev/null; then iptables-legacy-save > "$NS_OUT/$1.v4-legacy"; else : > "$NS_OUT/$1.v4-legacy"; fi
+    if command -v ip6tables-legacy-save >/dev/null; then ip6tables-legacy-save > "$NS_OUT/$1.v6-legacy"; else : > "$NS_OUT/$1.v6-legacy"; fi
+    cat /proc/net/ip_tables_names > "$NS_OUT/$1.legacy-names4" 2>/dev/null || : > "$NS_OUT/$1.legacy-names4"
+    cat /proc/net/ip6_tables_names > "$NS_OUT/$1.legacy-names6" 2>/dev/null || : > "$NS_OUT/$1.legacy-names6"
+    ip -4 rule > "$NS_OUT/$1.rule4"
+    ip -6 rule > "$NS_OUT/$1.rule6"
+    ip -4 route show table all > "$NS_OUT/$1.route4"
+    ip -6 route show table all > "$NS_OUT/$1.route6"
+    ip -6 addr show dev lo > "$NS_OUT/$1.addr6-lo"
+}
+"#
+        .to_string();
+        Script { text, shims: false }
+    }
+
+    /// Appends a shell line.
+    fn sh(mut self, line: &str) -> Script {
+        self.text.push_str(line);
+        self.text.push('\n');
+        self
+    }
+
+    /// Records the state as `label`.
+    fn snap(self, label: &str) -> Script {
+        self.sh(&format!("snap {}", shell_quote(label)))
+    }
+
+    /// Writes shims for [`shimmed_programs`] into `$NS_TMP/shims`; later [`Script::run`]s
+    /// put that directory first in PATH and move each run's log to `$NS_OUT/LABEL.execs`.
+    /// Calling it again replaces the shims (e.g. to change what fails).
+    fn shims(mut self, fail: Fail) -> Script {
+        self.shims = true;
+        let mut s = String::from("mkdir -p \"$NS_TMP/shims\"\n");
+        for name in shimmed_programs() {
+            let Some(real) = real_program(&name) else {
+                continue;
+            };
+            let mut body = String::from("#!/bin/sh\n");
+            body.push_str(&format!(
+                "echo \"{name} $*\" >> \"$(dirname \"$0\")/exec.log\"\n"
+            ));
+            if fail == Fail::Ip6tablesRestoreNoflush
+                && name.starts_with("ip6tables")
+                && name.ends_with("restore")
+            {
+                body.push_str(
+                    "case \" $* \" in *\" --noflush \"*) \
+                     echo 'ip6tables-restore: line 3 failed' >&2; exit 1;; esac\n",
+                );
+            }
+            if fail == Fail::IpRuleAdd && name == "ip" {
+                body.push_str(
+                    "case \" $* \" in *\" rule add \"*) \
+                     echo 'RTNETLINK answers: Operation not permitted (shim)' >&2; exit 2;; esac\n",
+                );
+            }
+            body.push_str(&format!("exec {} \"$@\"\n", shell_quote(&real)));
+            let _ = write!(
+                s,
+                "cat > \"$NS_TMP/shims/{name}\" <<'SHIM_EOF'\n{body}SHIM_EOF\n\
+                 chmod 755 \"$NS_TMP/shims/{name}\"\n"
+            );
+        }
+        self.text.push_str(&s);
+        self
+    }
+
+    /// Runs the binary as run `label`: env cleared but for PATH and `env`; stdout, stderr,
+    /// exit code and wall time (ms) go to `$NS_OUT/LABEL.{out,err,rc,ms}`. A failing run does
+    /// not stop the script.
+    fn run(self, label: &str, env: &[(&str, &str)], args: &[&str]) -> Script {
+        self.run_traced(label, env, args, None)
+    }
+
+    /// [`Script::run`] under `strace -f -qq -e trace=TRACE -o $NS_OUT/LABEL.strace`.
+    fn run_traced(
+        self,
+        label: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+        trace: Option<&str>,
+    ) -> Script {
+        let path = if self.shims {
+            format!("PATH=\"$NS_TMP/shims\":{}", shell_quote(sane_path()))
+        } else {
+            shell_command([format!("PATH={}", sane_path())])
+        };
+        let mut words: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let Some(t) = trace {
+            words.extend(
+                ["strace", "-f", "-qq", "-e", &format!("trace={t}"), "-o"].map(String::from),
+            );
+        }
+        let strace_out = if trace.is_some() {
+            format!("\"$NS_OUT/{label}.strace\" ")
+        } else {
+            String::new()
+        };
+        let mut cmd = vec![BIN.to_string()];
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        let l = shell_quote(label);
+        let mut s = format!(
+            "set +x\n__t0=$(date +%s%N)\n__rc=0\n\
+             env -i {path} {} {strace_out}{} >\"$NS_OUT/{l}.out\" 2>\"$NS_OUT/{l}.err\" || __rc=$?\n\
+             echo $__rc > \"$NS_OUT/{l}.rc\"\n\
+             echo $(( ($(date +%s%N) - __t0) / 1000000 )) > \"$NS_OUT/{l}.ms\"\n",
+            shell_command(&words),
+            shell_command(&cmd),
+        );
+        if self.shims {
+            let _ = writeln!(
+                s,
+                "if [ -f \"$NS_TMP/shims/exec.log\" ]; then mv \"$NS_TMP/shims/exec.log\" \"$NS_OUT/{l}.execs\"; \
+                 else : > \"$NS_OUT/{l}.execs\"; fi"
+            );
+        }
+        s.push_str("set -x");
+        self.sh(&s)
+    }
+
+    /// Runs the script; panics (with everything) when the script itself fails.
+    fn exec(self) -> Ns {
+        let out = run_in_fresh_ns(&self.text);
+        if !out.success() {
+            panic!("namespace script failed\n{}", out.describe());
+        }
+        Ns { out }
+    }
+}
+
+/// A finished namespace script.
+struct Ns {
+    out: NsOutput,
+}
+
+/// One run of the binary.
+#[derive(Debug)]
+struct Run {
+    label: String,
+    rc: i32,
+    stdout: String,
+    stderr: String,
+    ms: u64,
+    /// Shim log lines (`PROGRAM ARGS`), when shims were installed.
+    execs: Vec<String>,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        format!(
+            "run `{}`: exit {} after {} ms\n--- stdout ---\n{}--- stderr ---\n{}--- processes (shim log) ---\n{}",
+            self.label,
+            self.rc,
+            self.ms,
+            indent(&self.stdout, "  "),
+            indent(&self.stderr, "  "),
+            indent(&self.execs.join("\n"), "  ")
+        )
+    }
+
+    /// The lines of stderr that are errors (not log lines).
+    fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("istio-iptables:"))
+            .collect()
+    }
+
+    /// The one `istio-iptables: error: ...` line; panics unless there is exactly one.
+    fn one_error(&self) -> &str {
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("istio-iptables: error:"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected exactly one `istio-iptables: error:` line\n{}",
+            self.describe()
+        );
+        lines[0]
+    }
+
+    /// Shim log lines whose program satisfies `pred`.
+    fn execs_of(&self, pred: impl Fn(&str) -> bool) -> Vec<&str> {
+        self.execs
+            .iter()
+            .map(String::as_str)
+            .filter(|l| pred(l.split(' ').next().unwrap_or("")))
+            .collect()
+    }
+}
+
+/// The parts of a [`State`], in order.
+const PARTS: &[&str] = &[
+    "v4-nft",
+    "v6-nft",
+    "v4-legacy",
+    "v6-legacy",
+    "legacy-names4",
+    "legacy-names6",
+    "rule4",
+    "rule6",
+    "route4",
+    "route6",
+    "addr6-lo",
+];
+/// The iptables parts.
+const TABLES: &[&str] = &["v4-nft", "v6-nft", "v4-legacy", "v6-legacy"];
+
+/// A recorded state: part name to (normalised) content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    label: String,
+    parts: BTreeMap<&'static str, String>,
+}
+
+impl State {
+    fn get(&self, part: &str) -> &str {
+        self.parts.get(part).map(String::as_str).unwrap_or("")
+    }
+
+    /// Only the named parts.
+    fn only(&self, parts: &[&str]) -> State {
+        State {
+            label: self.label.clone(),
+            parts: self
+                .parts
+                .iter()
+                .filter(|(k, _)| parts.contains(k))
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Drops save sections that hold nothing (built-in chains with policy ACCEPT, no rules,
+    /// no user chains): legacy x_tables cannot be unloaded once created.
+    fn without_empty_tables(&self) -> State {
+        let mut s = self.clone();
+        for part in TABLES {
+            if let Some(text) = s.parts.get_mut(part) {
+                *text = drop_empty_tables(text);
+            }
+        }
+        s
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("state `{}`:\n", self.label);
+        for (k, v) in &self.parts {
+            let _ = write!(s, "  [{k}]\n{}", indent(v, "    "));
+        }
+        s
+    }
+}
+
+/// See [`State::without_empty_tables`]; `save` is normalised.
+fn drop_empty_tables(save: &str) -> String {
+    let mut out = String::new();
+    let mut section: Vec<&str> = Vec::new();
+    for line in save.lines() {
+        section.push(line);
+        if line == "COMMIT" {
+            let empty = section.iter().all(|l| {
+                l.starts_with('*')
+                    || *l == "COMMIT"
+                    || (l.starts_with(':') && l.ends_with(" ACCEPT"))
+            });
+            if !empty {
+                for l in &section {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            section.clear();
+        }
+    }
+    for l in section {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+impl Ns {
+    fn run(&self, label: &str) -> Run {
+        let f = |ext: &str| self.out.files.get(&format!("{label}.{ext}")).cloned();
+        let rc = f("rc")
+            .unwrap_or_else(|| panic!("no run `{label}`\n{}", self.out.describe()))
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        Run {
+            label: label.into(),
+            rc,
+            stdout: f("out").unwrap_or_default(),
+            stderr: f("err").unwrap_or_default(),
+            ms: f("ms").and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+            execs: f("execs")
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    /// Run `label`, asserting exit code `code`.
+    fn run_rc(&self, label: &str, code: i32) -> Run {
+        let r = self.run(label);
+        assert_eq!(
+            r.rc,
+            code,
+            "run `{label}` should exit {code}\n{}\n{}",
+            r.describe(),
+            self.context()
+        );
+        r
+    }
+
+    fn state(&self, label: &str) -> State {
+        let mut parts = BTreeMap::new();
+        for part in PARTS {
+            let name = format!("{label}.{part}");
+            let content = self
+                .out
+                .file(&name)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .to_string();
+            let content = if TABLES.contains(part) {
+                normalize_save(&content)
+            } else {
+                content
+            };
+            parts.insert(*part, content);
+        }
+        State {
+            label: label.into(),
+            parts,
+        }
+    }
+
+    fn file(&self, name: &str) -> &str {
+        self.out.file(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The script and every run's stderr (not the state files: the assertion shows those).
+    fn context(&self) -> String {
+        let mut s = String::from("--- namespace script ---\n");
+        for (i, line) in self.out.script.lines().enumerate() {
+            if line.starts_with("cat > \"$NS_TMP/shims") {
+                let _ = writeln!(s, "{:4} | {line} (shim body omitted)", i + 1);
+            } else {
+                let _ = writeln!(s, "{:4} | {line}", i + 1);
+            }
+        }
+        for name in self.out.files.keys() {
+            if let Some(label) = name.strip_suffix(".rc") {
+                let r = self.run(label);
+                let _ = writeln!(
+                    s,
+                    "--- run `{label}`: exit {}, {} ms; stderr ---\n{}",
+                    r.rc,
+                    r.ms,
+                    indent(&r.stderr, "  ")
+                );
+            }
+        }
+        s
+    }
+}
+
+/// Panics with a per-part diff unless `a` and `b` are equal.
+fn assert_same(what: &str, a: &State, b: &State, ctx: &str) {
+    let mut diffs = String::new();
+    let keys: std::collections::BTreeSet<&str> =
+        a.parts.keys().chain(b.parts.keys()).copied().collect();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        let xl: Vec<&str> = x.lines().collect();
+        let yl: Vec<&str> = y.lines().collect();
+        if let Some(d) = compare_lines(&a.label, &xl, &b.label, &yl) {
+            let _ = write!(diffs, "[{k}] differs:\n{}", indent(&d, "  "));
+        }
+    }
+    if !diffs.is_empty() {
+        panic!("{what}: `{}` != `{}`\n{diffs}\n{ctx}", a.label, b.label);
+    }
+}
+
+/// The state after applying `args` once in a fresh namespace.
+fn fresh_state(env: &[(&str, &str)], args: &[&str]) -> State {
+    let ns = Script::new().run("fresh", env, args).snap("fresh").exec();
+    ns.run_rc("fresh", 0);
+    let mut s = ns.state("fresh");
+    s.label = format!("fresh apply of {}", shell_command(args));
+    s
+}
+
+/// Lines of `text` containing `needle`.
+fn count_lines(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Shell lines adding a foreign chain and rules (nat and filter) with `tool`.
+fn foreign_rules(tool: &str) -> String {
+    format!(
+        "{tool} -t nat -N FOREIGN\n{tool} -t nat -A FOREIGN -j RETURN\n\
+         {tool} -t nat -A OUTPUT -p tcp --dport 9999 -j FOREIGN\n\
+         {tool} -t filter -N FOREIGN_F\n{tool} -t filter -A FOREIGN_F -j RETURN\n\
+         {tool} -t filter -A INPUT -p tcp --dport 9998 -j FOREIGN_F\n"
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Process counting
+// ---------------------------------------------------------------------------
+
+/// Successful execve's in an `strace -f -e trace=execve` log, in order: (path, line).
+fn strace_execs(log: &str) -> Vec<(String, String)> {
+    let mut pending: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let pid = line.split_whitespace().next().unwrap_or("").to_string();
+        if let Some(i) = line.find("execve(\"") {
+            let rest = &line[i + 8..];
+            let path = rest.split('"').next().unwrap_or("").to_string();
+            if line.trim_end().ends_with("<unfinished ...>") {
+                pending.insert(pid, path);
+            } else if line.trim_end().ends_with("= 0") {
+                out.push((path, line.to_string()));
+            }
+        } else if line.contains("<... execve resumed>")
+            && line.trim_end().ends_with("= 0")
+            && let Some(path) = pending.remove(&pid)
+        {
+            out.push((path, line.to_string()));
+        }
+    }
+    out
+}
+
+/// Programs run by the binary, by kind.
+#[derive(Debug, Default)]
+struct Processes {
+    v4: Vec<String>,
+    v6: Vec<String>,
+    ip: Vec<String>,
+    other: Vec<String>,
+}
+
+impl Processes {
+    fn classify(programs: impl IntoIterator<Item = (String, String)>) -> Processes {
+        let mut p = Processes::default();
+        for (name, line) in programs {
+            let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+            if base.starts_with("ip6tables") {
+                p.v6.push(line);
+            } else if base.starts_with("iptables") {
+                p.v4.push(line);
+            } else if base == "ip" {
+                p.ip.push(line);
+            } else {
+                p.other.push(line);
+            }
+        }
+        p
+    }
+}
+
+/// How processes are counted: strace when installed (sees every execve), else shims.
+fn have_strace() -> bool {
+    real_program("strace").is_some()
+}
+
+/// Runs `args` once in a fresh namespace and returns what it ran.
+fn count_processes(env: &[(&str, &str)], args: &[&str]) -> (Processes, String) {
+    let strace = have_strace();
+    let mut script = Script::new();
+    if strace {
+        script = script.run_traced("apply", env, args, Some("execve"));
+    } else {
+        eprintln!("strace is not installed: counting processes with PATH shims");
+        script = script.shims(Fail::Nothing).run("apply", env, args);
+    }
+    let ns = script.snap("after").exec();
+    let run = ns.run_rc("apply", 0);
+    let (procs, log) = if strace {
+        let log = ns.file("apply.strace").to_string();
+        let mut execs = strace_execs(&log);
+        assert!(
+            !execs.is_empty() && execs[0].0.ends_with("istio-iptables"),
+            "the first execve of the strace log should be the binary\n{log}"
+        );
+        execs.remove(0);
+        (Processes::classify(execs), log)
+    } else {
+        let execs = run.execs.iter().map(|l| {
+            let name = l.split(' ').next().unwrap_or("").to_string();
+            (name, l.clone())
+        });
+        (Processes::classify(execs), run.execs.join("\n"))
+    };
+    let report = format!(
+        "processes run by `{}` (env {env:?}):\n{}\n{}\n{}",
+        shell_command(args),
+        indent(&log, "  "),
+        run.describe(),
+        ns.state("after").describe()
+    );
+    (procs, report)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Backend detection and process count
+// ---------------------------------------------------------------------------
+
+#[test]
+fn fresh_apply_runs_at_most_two_processes_for_ipv4_and_none_for_ipv6() {
+    if skip_unless_root("fresh_apply_runs_at_most_two_processes_for_ipv4_and_none_for_ipv6") {
+        return;
+    }
+    let (p, report) = count_processes(V4, SEED);
+    assert!(
+        p.v4.len() <= 2,
+        "IPv4: {} processes, want at most 2\n{report}",
+        p.v4.len()
+    );
+    assert!(
+        p.v4.iter().any(|l| l.contains("restore")),
+        "IPv4: no restore ran\n{report}"
+    );
+    assert!(p.v6.is_empty(), "IPv6 is off but ip6tables ran\n{report}");
+    assert!(
+        p.ip.is_empty() && p.other.is_empty(),
+        "REDIRECT without IPv6 needs no ip/nft/other process\n{report}"
+    );
+}
+
+#[test]
+fn fresh_apply_with_ipv6_runs_at_most_two_processes_per_family() {
+    if skip_unless_root("fresh_apply_with_ipv6_runs_at_most_two_processes_per_family") {
+        return;
+    }
+    let (p, report) = count_processes(V6, SEED);
+    assert!(p.v4.len() <= 2, "IPv4: {} processes\n{report}", p.v4.len());
+    assert!(p.v6.len() <= 2, "IPv6: {} processes\n{report}", p.v6.len());
+    assert!(
+        p.v6.iter().any(|l| l.contains("restore")),
+        "IPv6: no restore ran\n{report}"
+    );
+    // The ::6 address: one `ip` to look, one to add (counted apart from iptables).
+    assert!(
+        p.ip.len() <= 2 && p.ip.iter().all(|l| l.contains("addr")),
+        "expected at most 2 `ip ... addr` processes for ::6, got {}\n{report}",
+        p.ip.len()
+    );
+    assert!(p.other.is_empty(), "unexpected processes\n{report}");
+}
+
+#[test]
+fn legacy_tables_in_the_namespace_select_legacy() {
+    if skip_unless_root("legacy_tables_in_the_namespace_select_legacy") {
+        return;
+    }
+    if real_program("iptables-legacy").is_none() {
+        eprintln!("SKIPPED legacy_tables_in_the_namespace_select_legacy: no iptables-legacy");
+        return;
+    }
+    let ns = Script::new()
+        .sh("iptables-legacy -t filter -A INPUT -j ACCEPT")
+        .run("apply", V4, SEED)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 0);
+    assert!(
+        run.stderr.contains("iptables-legacy-restore") && run.stderr.contains("legacy tables"),
+        "the log should name iptables-legacy-restore and why\n{}",
+        run.describe()
+    );
+    let st = ns.state("after");
+    assert!(
+        st.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
+        "rules should be in iptables-legacy-save\n{}\n{ctx}",
+        st.describe()
+    );
+    assert!(
+        st.get("v4-legacy").contains("-A INPUT -j ACCEPT"),
+        "the foreign legacy rule must stay\n{}",
+        st.describe()
+    );
+    assert!(
+        !st.get("v4-nft").contains("ISTIO"),
+        "nothing may go to nft\n{}",
+        st.describe()
+    );
+}
+
+#[test]
+fn force_iptables_binary_overrides_detection() {
+    if skip_unless_root("force_iptables_binary_overrides_detection") {
+        return;
+    }
+    if real_program("iptables-legacy").is_none() {
+        eprintln!("SKIPPED force_iptables_binary_overrides_detection: no iptables-legacy");
+        return;
+    }
+    // Legacy tables present, nft forced.
+    let ns = Script::new()
+        .sh("iptables-legacy -t filter -A INPUT -j ACCEPT")
+        .run("apply", V4, &cat(SEED, &["--force-iptables-binary", "nft"]))
+        .snap("after")
+        .exec();
+    let run = ns.run_rc("apply", 0);
+    let st = ns.state("after");
+    assert!(
+        run.stderr.contains("iptables-nft-restore") && run.stderr.contains("forced"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        st.get("v4-nft").contains("-A ISTIO_OUTPUT") && !st.get("v4-legacy").contains("ISTIO"),
+        "--force-iptables-binary nft: rules must be in nft only\n{}\n{}",
+        st.describe(),
+        ns.context()
+    );
+    // No legacy tables, legacy forced.
+    let ns = Script::new()
+        .run(
+            "apply",
+            V4,
+            &cat(SEED, &["--force-iptables-binary", "legacy"]),
+        )
+        .snap("after")
+        .exec();
+    let run = ns.run_rc("apply", 0);
+    let st = ns.state("after");
+    assert!(
+        run.stderr.contains("iptables-legacy-restore") && run.stderr.contains("forced"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        st.get("v4-legacy").contains("-A ISTIO_OUTPUT") && !st.get("v4-nft").contains("ISTIO"),
+        "--force-iptables-binary legacy: rules must be in legacy only\n{}\n{}",
+        st.describe(),
+        ns.context()
+    );
+}
+
+#[test]
+fn detection_leaves_no_trace() {
+    if skip_unless_root("detection_leaves_no_trace") {
+        return;
+    }
+    let ns = Script::new()
+        .snap("before")
+        .run("skip", V4, &cat(SEED, &["--skip-rule-apply"]))
+        .snap("after-skip")
+        .run("apply", V4, SEED)
+        .snap("after-apply")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("skip", 0);
+    ns.run_rc("apply", 0);
+    let before = ns.state("before");
+    for part in TABLES {
+        assert_eq!(
+            before.get(part),
+            "",
+            "a fresh namespace has no {part} state\n{}",
+            before.describe()
+        );
+    }
+    assert_same(
+        "--skip-rule-apply must change nothing",
+        &before,
+        &ns.state("after-skip"),
+        &ctx,
+    );
+    // A real apply on nft: detection loaded no legacy table and ran nothing for it.
+    let after = ns.state("after-apply");
+    assert_same(
+        "applying on nft must not create legacy tables",
+        &before.only(&["v4-legacy", "v6-legacy", "legacy-names4", "legacy-names6"]),
+        &after.only(&["v4-legacy", "v6-legacy", "legacy-names4", "legacy-names6"]),
+        &ctx,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Idempotence
+// ---------------------------------------------------------------------------
+
+#[test]
+fn seed_command_twice_changes_nothing_the_second_time() {
+    if skip_unless_root("seed_command_twice_changes_nothing_the_second_time") {
+        return;
+    }
+    let ns = Script::new()
+        .shims(Fail::Nothing)
+        .run("first", V4, SEED)
+        .snap("first")
+        .run("second", V4, SEED)
+        .snap("second")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("first", 0);
+    let second = ns.run_rc("second", 0);
+    let first_state = ns.state("first");
+    assert!(
+        first_state.get("v4-nft").contains("-A ISTIO_OUTPUT"),
+        "{}",
+        first_state.describe()
+    );
+    assert_same(
+        "second run of the seed command",
+        &first_state,
+        &ns.state("second"),
+        &ctx,
+    );
+    assert!(
+        second.stderr.contains("already in place"),
+        "the second run should say the rules are already in place\n{}",
+        second.describe()
+    );
+    let restores = second.execs_of(|p| p.ends_with("-restore"));
+    assert!(
+        restores.is_empty(),
+        "the second run must commit nothing, ran {restores:?}\n{}",
+        second.describe()
+    );
+    assert!(
+        second.execs_of(|p| p == "nft").is_empty(),
+        "{}",
+        second.describe()
+    );
+}
+
+#[test]
+fn tproxy_with_ipv6_twice_has_one_rule_route_and_address() {
+    if skip_unless_root("tproxy_with_ipv6_twice_has_one_rule_route_and_address") {
+        return;
+    }
+    let args = &["-m", "TPROXY", "-b", "*"];
+    let ns = Script::new()
+        .shims(Fail::Nothing)
+        .run("first", V6, args)
+        .snap("first")
+        .run("second", V6, args)
+        .snap("second")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("first", 0);
+    let second = ns.run_rc("second", 0);
+    let (a, b) = (ns.state("first"), ns.state("second"));
+    assert_same("second TPROXY + IPv6 run", &a, &b, &ctx);
+    for (part, what) in [
+        ("rule4", "fwmark 0x539 lookup 133"),
+        ("rule6", "fwmark 0x539 lookup 133"),
+        ("route4", "local default dev lo table 133"),
+        ("route6", "local default dev lo table 133"),
+        ("addr6-lo", "inet6 ::6/128"),
+    ] {
+        assert_eq!(
+            count_lines(b.get(part), what),
+            1,
+            "[{part}] should have exactly one `{what}`\n{}",
+            b.describe()
+        );
+    }
+    assert!(
+        b.get("v4-nft").contains("TPROXY") && b.get("v6-nft").contains("TPROXY"),
+        "{}",
+        b.describe()
+    );
+    for family in ["IPv4", "IPv6"] {
+        assert!(
+            second
+                .stderr
+                .contains(&format!("{family} rules are already in place")),
+            "the second run should say the {family} rules are already in place\n{}",
+            second.describe()
+        );
+    }
+    let changes = second.execs_of(|p| p.ends_with("-restore") || p == "nft");
+    let ip_changes: Vec<&str> = second
+        .execs_of(|p| p == "ip")
+        .into_iter()
+        .filter(|l| !l.contains(" show"))
+        .collect();
+    assert!(
+        changes.is_empty() && ip_changes.is_empty(),
+        "the second run must change nothing, ran {changes:?} {ip_changes:?}\n{}",
+        second.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Changed config
+// ---------------------------------------------------------------------------
+
+/// Applies `from` then `to` in one namespace; the `parts` of the state must equal a fresh
+/// apply of `to`, and applying `to` once more must commit nothing.
+fn assert_transition(
+    env: &[(&str, &str)],
+    from: &[&str],
+    to: &[&str],
+    parts: &[&str],
+) -> (State, State) {
+    let ns = Script::new()
+        .run("from", env, from)
+        .snap("from")
+        .run("to", env, to)
+        .snap("to")
+        .run("again", env, to)
+        .snap("again")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("from", 0);
+    ns.run_rc("to", 0);
+    let again = ns.run_rc("again", 0);
+    let fresh = fresh_state(env, to);
+    let mut got = ns.state("to");
+    got.label = format!("{} then {}", shell_command(from), shell_command(to));
+    assert_same(
+        "a changed config must converge to a fresh apply",
+        &fresh.only(parts),
+        &got.only(parts),
+        &ctx,
+    );
+    assert_same(
+        "applying the new config again",
+        &got,
+        &ns.state("again"),
+        &ctx,
+    );
+    assert!(
+        again.stderr.contains("already in place"),
+        "{}",
+        again.describe()
+    );
+    (fresh, got)
+}
+
+#[test]
+fn all_inbound_ports_then_one_port_equals_fresh_apply() {
+    if skip_unless_root("all_inbound_ports_then_one_port_equals_fresh_apply") {
+        return;
+    }
+    assert_transition(V4, SEED, &seed_with_inbound("8080"), PARTS);
+    assert_transition(V4, &seed_with_inbound("8080"), SEED, PARTS);
+}
+
+#[test]
+fn tproxy_then_redirect_equals_fresh_redirect() {
+    if skip_unless_root("tproxy_then_redirect_equals_fresh_redirect") {
+        return;
+    }
+    let (_, got) = assert_transition(V4, &["-m", "TPROXY", "-b", "8080"], &["-b", "8080"], TABLES);
+    assert!(
+        !got.get("v4-nft").contains("*mangle"),
+        "the emptied mangle table must be dropped\n{}",
+        got.describe()
+    );
+    // And with IPv6: both families converge.
+    assert_transition(V6, &["-m", "TPROXY", "-b", "8080"], &["-b", "8080"], TABLES);
+}
+
+/// Switching TPROXY off removes the TPROXY policy routing (`ip rule fwmark 0x539 lookup 133`
+/// and `local default dev lo table 133`) too, so the state is that of a fresh REDIRECT apply
+/// (Istio itself leaves them behind).
+#[test]
+fn tproxy_then_redirect_removes_tproxy_routing() {
+    if skip_unless_root("tproxy_then_redirect_removes_tproxy_routing") {
+        return;
+    }
+    assert_transition(V4, &["-m", "TPROXY", "-b", "8080"], &["-b", "8080"], PARTS);
+}
+
+#[test]
+fn exclude_and_virtual_interfaces_added_then_removed_equal_fresh_apply() {
+    if skip_unless_root("exclude_and_virtual_interfaces_added_then_removed_equal_fresh_apply") {
+        return;
+    }
+    let plain = SEED.to_vec();
+    let ifaces = cat(SEED, &["-c", "eth9,eth10", "-k", "veth1"]);
+    assert_transition(V4, &plain, &ifaces, PARTS);
+    assert_transition(V4, &ifaces, &plain, PARTS);
+    let tproxy = ["-m", "TPROXY", "-b", "*"];
+    let tproxy_ifaces = cat(&tproxy, &["-c", "eth9", "-k", "veth1"]);
+    assert_transition(V6, &tproxy_ifaces, &tproxy, PARTS);
+    assert_transition(V6, &tproxy, &tproxy_ifaces, PARTS);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Half-applied state
+// ---------------------------------------------------------------------------
+
+/// The IPv4 payload of `--dry-run` (run here: dry-run needs no privileges).
+fn dry_run_v4_payload(env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--dry-run")
+        .env_clear()
+        .env("PATH", sane_path())
+        .envs(env.iter().copied());
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("dry run");
+    let script = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "dry run failed: {out:?}");
+    let blocks = extract_heredoc_blocks(&script, "iptables-restore --noflush <<'EOF'")
+        .unwrap_or_else(|e| panic!("{e}\n{script}"));
+    assert_eq!(blocks.len(), 1, "{script}");
+    blocks[0].clone()
+}
+
+/// For every prefix of the payload's rules, applied one `iptables-nft` command at a time
+/// (after creating all its chains), one run of the binary must repair the namespace.
+fn assert_repairs_every_prefix(env: &[(&str, &str)], args: &[&str], step: usize) {
+    let payload = dry_run_v4_payload(env, args);
+    let mut chains: Vec<(String, String)> = Vec::new();
+    let mut rules: Vec<(String, Vec<String>)> = Vec::new();
+    let mut table = String::new();
+    for line in payload.lines() {
+        let line = line.trim();
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(c) = line.strip_prefix("-N ") {
+            chains.push((table.clone(), c.trim().to_string()));
+        } else if line.starts_with("-A ") || line.starts_with("-I ") {
+            rules.push((
+                table.clone(),
+                line.split_whitespace().map(str::to_string).collect(),
+            ));
+        }
+    }
+    assert!(rules.len() > 5, "payload too small:\n{payload}");
+    let fresh = fresh_state(env, args);
+    let mut prefixes: Vec<usize> = (0..=rules.len()).step_by(step).collect();
+    if prefixes.last() != Some(&rules.len()) {
+        prefixes.push(rules.len());
+    }
+    let mut script = Script::new();
+    for &n in &prefixes {
+        script = script.sh("nft flush ruleset");
+        for (t, c) in &chains {
+            script = script.sh(&format!("iptables-nft -t {t} -N {c}"));
+        }
+        for (t, words) in &rules[..n] {
+            let mut cmd = vec!["iptables-nft".to_string(), "-t".into(), t.clone()];
+            cmd.extend(words.iter().cloned());
+            script = script.sh(&shell_command(&cmd));
+        }
+        let l = format!("prefix{n}");
+        script = script
+            .snap(&format!("{l}-before"))
+            .run(&l, env, args)
+            .snap(&l);
+    }
+    let ns = script.exec();
+    let ctx = ns.context();
+    for &n in &prefixes {
+        let l = format!("prefix{n}");
+        ns.run_rc(&l, 0);
+        let mut got = ns.state(&l);
+        got.label = format!("first {n} of {} rules applied, then repaired", rules.len());
+        assert_same(
+            &format!(
+                "half-applied ({n} rules), repaired by one run; partial state was:\n{}",
+                ns.state(&format!("{l}-before")).get("v4-nft")
+            ),
+            &fresh,
+            &got,
+            &ctx,
+        );
+    }
+}
+
+#[test]
+fn half_applied_seed_is_repaired_by_one_run() {
+    if skip_unless_root("half_applied_seed_is_repaired_by_one_run") {
+        return;
+    }
+    assert_repairs_every_prefix(V4, SEED, 1);
+}
+
+#[test]
+fn half_applied_tproxy_is_repaired_by_one_run() {
+    if skip_unless_root("half_applied_tproxy_is_repaired_by_one_run") {
+        return;
+    }
+    // Two tables (mangle and nat) and `-I` lines; the ip rule/route added by the first repair
+    // stay across prefixes (only `nft flush ruleset` runs between them), as in a fresh apply.
+    assert_repairs_every_prefix(V4, &["-m", "TPROXY", "-b", "*", "-c", "eth9"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// 5. --reconcile=false and --force-apply
+// ---------------------------------------------------------------------------
+
+#[test]
+fn reconcile_false_refuses_a_conflict_and_changes_nothing() {
+    if skip_unless_root("reconcile_false_refuses_a_conflict_and_changes_nothing") {
+        return;
+    }
+    let other = cat(&seed_with_inbound("8080"), &["--reconcile=false"]);
+    let same = cat(SEED, &["--reconcile=false"]);
+    let ns = Script::new()
+        .run("apply", V4, SEED)
+        .shims(Fail::Nothing)
+        .snap("before")
+        .run("conflict", V4, &other)
+        .snap("after-conflict")
+        .run("same", V4, &same)
+        .snap("after-same")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    let conflict = ns.run_rc("conflict", 4);
+    let line = conflict.one_error();
+    assert!(
+        line.contains("--reconcile") && line.contains("nat"),
+        "the error should mention reconcile and the table: {line}"
+    );
+    assert_eq!(conflict.error_lines().len(), 1, "{}", conflict.describe());
+    let writes = conflict.execs_of(|p| p.ends_with("-restore") || p == "nft" || p == "ip");
+    assert!(
+        writes.is_empty(),
+        "a refused conflict must run no restore: {writes:?}"
+    );
+    let before = ns.state("before");
+    assert_same(
+        "--reconcile=false on a conflict",
+        &before,
+        &ns.state("after-conflict"),
+        &ctx,
+    );
+    let same = ns.run_rc("same", 0);
+    assert!(
+        same.execs_of(|p| p.ends_with("-restore")).is_empty(),
+        "{}",
+        same.describe()
+    );
+    assert_same(
+        "--reconcile=false with the same config",
+        &before,
+        &ns.state("after-same"),
+        &ctx,
+    );
+}
+
+/// `--force-apply --reconcile=false` over different ISTIO_* state: like Istio, our payload is
+/// restored on top, which iptables rejects (`-N` of an existing chain): exit 1, the error
+/// names the phase and says nothing was changed, and nothing was changed.
+#[test]
+fn force_apply_without_reconcile_on_a_conflict_fails_cleanly() {
+    if skip_unless_root("force_apply_without_reconcile_on_a_conflict_fails_cleanly") {
+        return;
+    }
+    let args = cat(
+        &seed_with_inbound("8080"),
+        &["--reconcile=false", "--force-apply"],
+    );
+    let ns = Script::new()
+        .run("apply", V4, SEED)
+        .snap("before")
+        .run("force", V4, &args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    let force = ns.run_rc("force", 1);
+    let line = force.one_error();
+    assert!(
+        line.contains("committing IPv4 rules")
+            && line.contains("iptables-nft-restore")
+            && line.contains("Chain already exists")
+            && line.contains("nothing was changed"),
+        "{}",
+        force.describe()
+    );
+    assert!(
+        force.stderr.contains("--force-apply"),
+        "the warning about adding on top should be logged\n{}",
+        force.describe()
+    );
+    assert_same(
+        "--force-apply --reconcile=false on a conflict",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. All or nothing
+// ---------------------------------------------------------------------------
+
+/// Runs `args` with failing shims (after `setup`), expecting exit 1 and no change at all.
+fn assert_rollback(setup: &str, fail: Fail, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let ns = Script::new()
+        .sh(setup)
+        .snap("before")
+        .shims(fail)
+        .run("failing", env, args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    assert_same(
+        "a failed apply must leave everything as it was",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("the previous state was restored"),
+        "the error should say the previous state was restored: {line}\n{}",
+        run.describe()
+    );
+    run
+}
+
+/// A namespace with foreign rules in both families and an earlier Istio config (IPv6 on).
+fn existing_state_setup() -> String {
+    let earlier = cat(&[BIN], &seed_with_inbound("8080"));
+    format!(
+        "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
+        foreign_rules("iptables-nft"),
+        foreign_rules("ip6tables-nft"),
+        shell_quote(sane_path()),
+        shell_command(&earlier)
+    )
+}
+
+fn assert_ip6tables_failure_message(run: &Run) {
+    let line = run.one_error();
+    assert!(
+        line.contains("committing IPv6 rules")
+            && line.contains("ip6tables-nft-restore")
+            && line.contains("line 3 failed")
+            && line.contains("(IPv4)"),
+        "the error should name the phase, the program, its message and what was restored: \
+         {line}"
+    );
+    assert!(
+        line.contains(" at `"),
+        "the error should quote the rejected payload line (line 3): {line}"
+    );
+    let v6_restores = run.execs_of(|p| p.starts_with("ip6tables") && p.ends_with("restore"));
+    assert_eq!(v6_restores.len(), 1, "{}", run.describe());
+}
+
+#[test]
+fn failed_ip6tables_restore_rolls_back_ipv4_in_a_fresh_namespace() {
+    if skip_unless_root("failed_ip6tables_restore_rolls_back_ipv4_in_a_fresh_namespace") {
+        return;
+    }
+    let run = assert_rollback("", Fail::Ip6tablesRestoreNoflush, V6, SEED);
+    assert_ip6tables_failure_message(&run);
+    let run = assert_rollback(
+        "",
+        Fail::Ip6tablesRestoreNoflush,
+        V6,
+        &["-m", "TPROXY", "-b", "*"],
+    );
+    assert_ip6tables_failure_message(&run);
+    assert!(
+        run.execs_of(|p| p == "ip")
+            .iter()
+            .all(|l| !l.contains(" add ")),
+        "no ip change may happen after a failed commit\n{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn failed_ip6tables_restore_restores_existing_content() {
+    if skip_unless_root("failed_ip6tables_restore_restores_existing_content") {
+        return;
+    }
+    let run = assert_rollback(
+        &existing_state_setup(),
+        Fail::Ip6tablesRestoreNoflush,
+        V6,
+        &["-m", "TPROXY", "-b", "*", "-c", "eth9"],
+    );
+    assert_ip6tables_failure_message(&run);
+}
+
+#[test]
+fn failed_ip_rule_add_rolls_back_tables_routes_and_address() {
+    if skip_unless_root("failed_ip_rule_add_rolls_back_tables_routes_and_address") {
+        return;
+    }
+    for setup in [String::new(), existing_state_setup()] {
+        let run = assert_rollback(&setup, Fail::IpRuleAdd, V6, &["-m", "TPROXY", "-b", "*"]);
+        let line = run.one_error();
+        assert!(
+            line.contains("configuring routes")
+                && line.contains("rule add")
+                && line.contains("Operation not permitted (shim)")
+                && line.contains("IPv4, IPv6"),
+            "the error should name the phase, the ip command, its message and what was \
+             restored: {line}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 7. Cleanup
+// ---------------------------------------------------------------------------
+
+/// Foreign state, snapshot, apply `apply_args`, cleanup with `cleanup_args` twice: the state
+/// after each cleanup equals the one before the apply.
+fn assert_cleanup_restores(
+    setup: &str,
+    env: &[(&str, &str)],
+    apply_args: &[&str],
+    cleanup_args: &[&str],
+) -> Ns {
+    let ns = Script::new()
+        .sh(setup)
+        .snap("before")
+        .run("apply", env, apply_args)
+        .snap("applied")
+        .run("cleanup", env, cleanup_args)
+        .snap("cleaned")
+        .run("cleanup2", env, cleanup_args)
+        .snap("cleaned2")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    ns.run_rc("cleanup", 0);
+    ns.run_rc("cleanup2", 0);
+    let applied = ns.state("applied");
+    assert!(
+        TABLES.iter().any(|p| applied.get(p).contains("ISTIO_")),
+        "nothing was applied\n{}\n{ctx}",
+        applied.describe()
+    );
+    let before = ns.state("before");
+    assert_same(
+        "--cleanup-only must return to the state before the apply",
+        &before,
+        &ns.state("cleaned"),
+        &ctx,
+    );
+    assert_same(
+        "a second --cleanup-only",
+        &before,
+        &ns.state("cleaned2"),
+        &ctx,
+    );
+    ns
+}
+
+#[test]
+fn cleanup_after_seed_restores_foreign_state_exactly() {
+    if skip_unless_root("cleanup_after_seed_restores_foreign_state_exactly") {
+        return;
+    }
+    assert_cleanup_restores(
+        &foreign_rules("iptables-nft"),
+        V4,
+        SEED,
+        &["--cleanup-only"],
+    );
+}
+
+#[test]
+fn cleanup_after_tproxy_ipv6_dns_restores_foreign_state_exactly() {
+    if skip_unless_root("cleanup_after_tproxy_ipv6_dns_restores_foreign_state_exactly") {
+        return;
+    }
+    let tmp = common::TempDir::new("istio-iptables-resolv");
+    let resolv = tmp.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.0.0.53\n").expect("write resolv.conf");
+    let resolv = resolv.to_string_lossy().into_owned();
+    let args = [
+        "-m",
+        "TPROXY",
+        "-b",
+        "*",
+        "--redirect-dns",
+        "--resolv-conf",
+        &resolv,
+    ];
+    let setup = format!(
+        "{}{}",
+        foreign_rules("iptables-nft"),
+        foreign_rules("ip6tables-nft")
+    );
+    // Cleanup with the same flags (as Istio's CNI does) ...
+    let ns = assert_cleanup_restores(&setup, V6, &args, &cat(&args, &["--cleanup-only"]));
+    let applied = ns.state("applied");
+    for (part, what) in [
+        ("v4-nft", "10.0.0.53"),
+        ("v4-nft", "*raw"),
+        ("v6-nft", "*mangle"),
+        ("rule4", "lookup 133"),
+        ("rule6", "lookup 133"),
+        ("addr6-lo", "::6/128"),
+    ] {
+        assert!(
+            applied.get(part).contains(what),
+            "[{part}] should contain `{what}` after the apply\n{}",
+            applied.describe()
+        );
+    }
+    // ... and a bare --cleanup-only.
+    assert_cleanup_restores(&setup, V6, &args, &["--cleanup-only"]);
+}
+
+#[test]
+fn cleanup_finds_rules_applied_with_forced_legacy() {
+    if skip_unless_root("cleanup_finds_rules_applied_with_forced_legacy") {
+        return;
+    }
+    if real_program("iptables-legacy").is_none() {
+        eprintln!("SKIPPED cleanup_finds_rules_applied_with_forced_legacy: no iptables-legacy");
+        return;
+    }
+    let ns = Script::new()
+        .sh(&foreign_rules("iptables-nft"))
+        .snap("before")
+        .run(
+            "apply",
+            V4,
+            &cat(SEED, &["--force-iptables-binary", "legacy"]),
+        )
+        .snap("applied")
+        .run("cleanup", V4, &["--cleanup-only"])
+        .snap("cleaned")
+        .run("cleanup2", V4, &["--cleanup-only"])
+        .snap("cleaned2")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    ns.run_rc("cleanup", 0);
+    ns.run_rc("cleanup2", 0);
+    let applied = ns.state("applied");
+    assert!(
+        applied.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
+        "{}",
+        applied.describe()
+    );
+    let cleaned = ns.state("cleaned");
+    assert!(
+        !cleaned.get("v4-legacy").contains("ISTIO"),
+        "cleanup must remove the legacy rules\n{}\n{ctx}",
+        cleaned.describe()
+    );
+    // Legacy tables cannot be unloaded: an empty nat table may stay. Everything else is
+    // exactly as before.
+    let before = ns.state("before").without_empty_tables();
+    assert_same(
+        "cleanup of legacy rules (empty legacy tables aside)",
+        &before.only(&[
+            "v4-nft",
+            "v6-nft",
+            "v4-legacy",
+            "v6-legacy",
+            "rule4",
+            "rule6",
+            "route4",
+            "route6",
+            "addr6-lo",
+        ]),
+        &cleaned.without_empty_tables().only(&[
+            "v4-nft",
+            "v6-nft",
+            "v4-legacy",
+            "v6-legacy",
+            "rule4",
+            "rule6",
+            "route4",
+            "route6",
+            "addr6-lo",
+        ]),
+        &ctx,
+    );
+    assert_same("a second cleanup", &cleaned, &ns.state("cleaned2"), &ctx);
+}
+
+// ---------------------------------------------------------------------------
+// 8. --network-namespace
+// ---------------------------------------------------------------------------
+
+#[test]
+fn network_namespace_applies_inside_and_leaves_the_caller_alone() {
+    if skip_unless_root("network_namespace_applies_inside_and_leaves_the_caller_alone") {
+        return;
+    }
+    let have_legacy = real_program("iptables-legacy").is_some();
+    // The outer namespace (the test's) has foreign nft rules and, if possible, legacy tables:
+    // detection must look at the inner namespace, which has none.
+    let mut outer_setup = foreign_rules("iptables-nft");
+    if have_legacy {
+        outer_setup.push_str("iptables-legacy -t filter -A INPUT -j ACCEPT\n");
+    }
+    let inner_snap = r#"isnap() {
+    ip netns exec inner iptables-nft-save > "$NS_OUT/$1.v4-nft"
+    ip netns exec inner ip6tables-nft-save > "$NS_OUT/$1.v6-nft"
+    ip netns exec inner cat /proc/net/ip_tables_names > "$NS_OUT/$1.legacy-names4" 2>/dev/null || : > "$NS_OUT/$1.legacy-names4"
+    ip netns exec inner ip -4 rule > "$NS_OUT/$1.rule4"
+    ip netns exec inner ip -6 rule > "$NS_OUT/$1.rule6"
+    ip netns exec inner ip -6 addr show dev lo > "$NS_OUT/$1.addr6-lo"
+}"#;
+    let tproxy = ["-m", "TPROXY", "-b", "*"];
+    let ns_arg = ["--network-namespace", "/run/netns/inner"];
+    let ns = Script::new()
+        .sh(&outer_setup)
+        .sh(inner_snap)
+        .sh("ip netns add inner")
+        .sh("ip netns exec inner ip link set lo up")
+        .snap("outer-before")
+        .run("seed", V4, &cat(SEED, &ns_arg))
+        .snap("outer-after-seed")
+        .sh("isnap inner-seed")
+        .run("tproxy", V6, &cat(&tproxy, &ns_arg))
+        .snap("outer-after-tproxy")
+        .sh("isnap inner-tproxy")
+        .run(
+            "cleanup",
+            V6,
+            &cat(&tproxy, &cat(&ns_arg, &["--cleanup-only"])),
+        )
+        .snap("outer-after-cleanup")
+        .sh("isnap inner-cleaned")
+        .exec();
+    let ctx = ns.context();
+    let seed = ns.run_rc("seed", 0);
+    ns.run_rc("tproxy", 0);
+    ns.run_rc("cleanup", 0);
+    assert!(
+        seed.stderr.contains("iptables-nft-restore")
+            && seed.stderr.contains("no legacy tables in this namespace"),
+        "detection must look at the target namespace, which has no legacy tables\n{}",
+        seed.describe()
+    );
+    let outer = ns.state("outer-before");
+    for after in [
+        "outer-after-seed",
+        "outer-after-tproxy",
+        "outer-after-cleanup",
+    ] {
+        assert_same(
+            "the caller's namespace must not change",
+            &outer,
+            &ns.state(after),
+            &ctx,
+        );
+    }
+    let fresh = fresh_state(V4, SEED);
+    let inner = ns.file("inner-seed.v4-nft");
+    if let Some(d) = compare_lines(
+        "fresh apply",
+        &normalize_save(fresh.get("v4-nft"))
+            .lines()
+            .collect::<Vec<_>>(),
+        "inner namespace",
+        &normalize_save(inner).lines().collect::<Vec<_>>(),
+    ) {
+        panic!("the inner namespace should hold the seed rules\n{d}\n{ctx}");
+    }
+    for (file, what) in [
+        ("inner-tproxy.v4-nft", "TPROXY"),
+        ("inner-tproxy.v6-nft", "TPROXY"),
+        ("inner-tproxy.rule4", "lookup 133"),
+        ("inner-tproxy.rule6", "lookup 133"),
+        ("inner-tproxy.addr6-lo", "::6/128"),
+    ] {
+        assert!(
+            ns.file(file).contains(what),
+            "{file} should contain `{what}`:\n{}\n{ctx}",
+            ns.file(file)
+        );
+    }
+    for file in [
+        "inner-cleaned.v4-nft",
+        "inner-cleaned.v6-nft",
+        "inner-cleaned.legacy-names4",
+    ] {
+        assert_eq!(
+            normalize_save(ns.file(file)),
+            "",
+            "{file}: cleanup inside the namespace leaves nothing\n{ctx}"
+        );
+    }
+    for (file, what) in [
+        ("inner-cleaned.rule4", "lookup 133"),
+        ("inner-cleaned.rule6", "lookup 133"),
+        ("inner-cleaned.addr6-lo", "::6/128"),
+    ] {
+        assert!(
+            !ns.file(file).contains(what),
+            "{file} should not contain `{what}`:\n{}",
+            ns.file(file)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 9. The xtables lock (legacy)
+// ---------------------------------------------------------------------------
+
+/// Shell lines holding /run/xtables.lock (private: /run is a tmpfs here) for `secs` in the
+/// background, returning once it is held; `$__holder` is the holder's pid.
+fn hold_lock(secs: u32) -> String {
+    format!(
+        "( exec 9>/run/xtables.lock; flock -x 9; exec sleep {secs} ) &\n__holder=$!\n\
+         __i=0; while flock -n /run/xtables.lock true; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done\n"
+    )
+}
+
+#[test]
+fn legacy_waits_for_the_xtables_lock() {
+    if skip_unless_root("legacy_waits_for_the_xtables_lock") {
+        return;
+    }
+    if real_program("iptables-legacy").is_none() || real_program("flock").is_none() {
+        eprintln!("SKIPPED legacy_waits_for_the_xtables_lock: needs iptables-legacy and flock");
+        return;
+    }
+    let ns = Script::new()
+        .sh(&hold_lock(3))
+        .run(
+            "apply",
+            V4,
+            &cat(SEED, &["--force-iptables-binary", "legacy"]),
+        )
+        .sh("wait $__holder || true")
+        .snap("after")
+        .exec();
+    let run = ns.run_rc("apply", 0);
+    assert!(
+        run.ms >= 2500,
+        "the binary should have waited for the lock (held ~3 s), took {} ms\n{}",
+        run.ms,
+        run.describe()
+    );
+    let st = ns.state("after");
+    assert!(
+        st.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
+        "{}\n{}",
+        st.describe(),
+        ns.context()
+    );
+}
+
+#[test]
+fn legacy_gives_up_on_a_held_xtables_lock() {
+    if skip_unless_root("legacy_gives_up_on_a_held_xtables_lock") {
+        return;
+    }
+    if real_program("iptables-legacy").is_none() || real_program("flock").is_none() {
+        eprintln!(
+            "SKIPPED legacy_gives_up_on_a_held_xtables_lock: needs iptables-legacy and flock"
+        );
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let ns = Script::new()
+        .snap("before")
+        .sh(&hold_lock(4))
+        .run(
+            "apply",
+            &env,
+            &cat(SEED, &["--force-iptables-binary", "legacy"]),
+        )
+        .sh("kill $__holder; wait $__holder || true")
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("xtables lock held") && !line.contains("kernel support"),
+        "the error should blame the lock, not the kernel: {line}"
+    );
+    assert!(
+        run.ms < 3500,
+        "the wait should be bounded by IPTABLES_LOCK_WAIT_SECONDS=1, took {} ms",
+        run.ms
+    );
+    assert_same(
+        "nothing may change when the lock is not obtained",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 10. Validation through the binary
+// ---------------------------------------------------------------------------
+
+#[test]
+fn run_validation_passes_after_apply_and_fails_without_rules() {
+    if skip_unless_root("run_validation_passes_after_apply_and_fails_without_rules") {
+        return;
+    }
+    let validate_only = cat(
+        SEED,
+        &[
+            "--skip-rule-apply",
+            "--run-validation",
+            "--probe-timeout",
+            "1s",
+        ],
+    );
+    let ns = Script::new()
+        .run("no-rules", V4, &validate_only)
+        .run("apply", V4, SEED)
+        .run(
+            "validate",
+            V4,
+            &cat(
+                SEED,
+                &[
+                    "--skip-rule-apply",
+                    "--run-validation",
+                    "--probe-timeout",
+                    "3s",
+                ],
+            ),
+        )
+        .exec();
+    let none = ns.run_rc("no-rules", 126);
+    assert!(
+        none.ms >= 900 && none.ms < 4000,
+        "a failing validation should end at its 1 s timeout, took {} ms\n{}",
+        none.ms,
+        none.describe()
+    );
+    let errors = none.error_lines().join("\n");
+    assert!(
+        errors.contains("IPv4")
+            && errors.contains("no connection")
+            && errors.contains("redirected"),
+        "the error should name the family and say nothing was redirected\n{}",
+        none.describe()
+    );
+    ns.run_rc("apply", 0);
+    let ok = ns.run_rc("validate", 0);
+    assert!(ok.ms < 3000, "{}", ok.describe());
+
+    // Apply and validate in one run.
+    let ns = Script::new()
+        .run(
+            "both",
+            V4,
+            &cat(SEED, &["--run-validation", "--probe-timeout", "3s"]),
+        )
+        .snap("after")
+        .exec();
+    let both = ns.run_rc("both", 0);
+    assert!(
+        both.stderr.contains("validation passed"),
+        "{}",
+        both.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 11. Error messages
+// ---------------------------------------------------------------------------
+
+/// File-creating syscalls in an strace log (ignoring /dev and the xtables lock).
+fn file_writes(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let writes = l.contains("O_CREAT")
+                || l.contains("O_WRONLY")
+                || l.contains("O_RDWR")
+                || l.contains("creat(")
+                || l.contains("mkdir")
+                || l.contains("rename")
+                || l.contains("unlink");
+            writes && !l.contains("\"/dev/") && !l.contains("xtables.lock")
+        })
+        .collect()
+}
+
+#[test]
+fn failed_restore_reports_phase_program_version_and_changes_nothing() {
+    if skip_unless_root("failed_restore_reports_phase_program_version_and_changes_nothing") {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("ISTIO_OUTBOUND_OWNER_GROUPS", "nosuchgroup123"),
+    ];
+    let trace = have_strace()
+        .then_some("openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat");
+    let ns = Script::new()
+        .sh("iptables-nft-restore --version > \"$NS_OUT/version\"")
+        .snap("before")
+        .run_traced("apply", &env, SEED, trace)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    let version = ns
+        .file("version")
+        .split_whitespace()
+        .find(|w| w.starts_with('v') && w[1..].starts_with(|c: char| c.is_ascii_digit()))
+        .map(|w| w[1..].to_string())
+        .unwrap_or_else(|| panic!("no version in {:?}", ns.file("version")));
+    for needle in [
+        "committing IPv4 rules",
+        "iptables-nft-restore",
+        &format!("iptables {version}"),
+        "nothing was changed",
+    ] {
+        assert!(
+            line.contains(needle),
+            "the error should contain `{needle}`: {line}"
+        );
+    }
+    assert_same(
+        "a rejected restore must change nothing",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    if trace.is_some() {
+        let log = ns.file("apply.strace");
+        let writes = file_writes(log);
+        assert!(
+            writes.is_empty(),
+            "the binary and its children must not create or write files:\n{}",
+            writes.join("\n")
+        );
+    }
+}
+
+/// The rejected payload line must be quoted. iptables-nft-restore 1.8.9 reports a bad
+/// option value as `Error occurred at line: 21`.
+#[test]
+fn failed_restore_quotes_the_rejected_payload_line() {
+    if skip_unless_root("failed_restore_quotes_the_rejected_payload_line") {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("ISTIO_OUTBOUND_OWNER_GROUPS", "nosuchgroup123"),
+    ];
+    let ns = Script::new().run("apply", &env, SEED).exec();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("--gid-owner nosuchgroup123"),
+        "the error should quote the rejected payload line (`... --gid-owner nosuchgroup123 ...`): \
+         {line}"
+    );
+}
