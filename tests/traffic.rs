@@ -1,0 +1,1254 @@
+//! Real traffic through the rules: does what should be captured land on the proxy, and does
+//! everything else reach its real destination?
+//!
+//! Each test builds a [`Topology`] (two network namespaces, `pod` and `peer`, joined by a
+//! veth pair), runs the binary in `pod` with `ip netns exec`, opens listeners in the
+//! namespaces and connects from threads that entered a namespace with `setns`. Traffic only
+//! goes to loopback or to addresses inside the test's own namespaces.
+//!
+//! **Where did a connection land?** Every TCP listener answers each accepted connection with
+//! one line: its label (`pod:15001`, `peer:80`, ...), the accepted socket's local address, the
+//! original destination (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, from conntrack) and the
+//! client's address. The client reads that line, so each scenario knows exactly which
+//! listener took its connection. UDP listeners answer each datagram the same way and record
+//! it.
+//!
+//! **As whom?** iptables' owner match reads the socket's file credentials, fixed when the
+//! socket is created. Clients run in their own thread, which calls `setfsgid`/`setfsuid`
+//! (per thread on Linux) before creating the socket: uid/gid 0 is "the app", 1337 "the
+//! proxy".
+//!
+//! Each test checks all its scenarios, prints one `PASS`/`FAIL` line per scenario to stderr,
+//! and fails with every failed scenario (expected landing place, actual) plus the pod's
+//! rules. Needs root (skips otherwise). Every connect and read is bounded by [`TIMEOUT`].
+
+mod common;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+use nix::unistd::{Gid, Uid};
+
+use common::{Topology, enter_netns, run_in_netns, skip_unless_root};
+
+/// Bound of one connect, one read, one UDP round trip.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// How often idle listeners check whether they should stop.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The proxy's uid and gid (`-u 1337`).
+const PROXY: Ident = Ident {
+    uid: 1337,
+    gid: 1337,
+};
+/// An application running as root.
+const APP: Ident = Ident { uid: 0, gid: 0 };
+
+const LOCALHOST_V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+/// Source address of the proxy's inbound passthrough (`127.0.0.6`, `::6`).
+const PASSTHROUGH_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+const PASSTHROUGH_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+
+// ---------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------
+
+/// Filesystem uid/gid a client's socket is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ident {
+    uid: u32,
+    gid: u32,
+}
+
+impl Ident {
+    /// Sets the calling thread's filesystem ids (gid first: leaving fsuid 0 drops the
+    /// capability to change the gid). Only call in a thread that ends afterwards.
+    fn assume(self) -> Result<(), String> {
+        nix::unistd::setfsgid(Gid::from_raw(self.gid));
+        nix::unistd::setfsuid(Uid::from_raw(self.uid));
+        // setfsuid/setfsgid return the previous value; an invalid id changes nothing and
+        // reports the current one.
+        let fsuid = nix::unistd::setfsuid(Uid::from_raw(u32::MAX)).as_raw();
+        let fsgid = nix::unistd::setfsgid(Gid::from_raw(u32::MAX)).as_raw();
+        if (fsuid, fsgid) != (self.uid, self.gid) {
+            return Err(format!(
+                "could not switch to fsuid/fsgid {}/{} (still {fsuid}/{fsgid})",
+                self.uid, self.gid
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Ident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {}", self.uid)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sockets
+// ---------------------------------------------------------------------------
+
+fn domain_of(addr: &SocketAddr) -> AddressFamily {
+    match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn bind_fd(fd: &OwnedFd, addr: SocketAddr) -> nix::Result<()> {
+    match addr {
+        SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    }
+}
+
+/// A socket of `ty` for `addr`'s family, `SO_REUSEADDR`, IPv6-only for IPv6 (so IPv4 and
+/// IPv6 listeners never share a port), optionally `IP_TRANSPARENT`, bound to `addr`.
+fn bound_socket(ty: SockType, addr: SocketAddr, transparent: bool) -> nix::Result<OwnedFd> {
+    let proto = match ty {
+        SockType::Datagram => SockProtocol::Udp,
+        _ => SockProtocol::Tcp,
+    };
+    let fd = socket::socket(domain_of(&addr), ty, SockFlag::SOCK_CLOEXEC, proto)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    if transparent {
+        // SOL_IP/IP_TRANSPARENT also applies to IPv6 sockets on Linux.
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    }
+    bind_fd(&fd, addr)?;
+    Ok(fd)
+}
+
+/// The destination a connection was originally addressed to, from conntrack.
+fn original_dst(stream: &TcpStream, local: &SocketAddr) -> Option<SocketAddr> {
+    if local.is_ipv4() {
+        let sa = socket::getsockopt(stream, sockopt::OriginalDst).ok()?;
+        Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))),
+            u16::from_be(sa.sin_port),
+        ))
+    } else {
+        let sa = socket::getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
+        Some(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
+            u16::from_be(sa.sin6_port),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TCP listeners and clients
+// ---------------------------------------------------------------------------
+
+/// What a listener saw of one connection (also what it tells the client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Landing {
+    /// The listener's label, e.g. `pod:15001`.
+    label: String,
+    /// Local address of the accepted socket.
+    local: SocketAddr,
+    /// `SO_ORIGINAL_DST`; `None` if conntrack had no answer.
+    orig: Option<SocketAddr>,
+    /// The client's address as the listener saw it.
+    peer: SocketAddr,
+}
+
+impl Landing {
+    fn to_line(&self) -> String {
+        let orig = self.orig.map_or("none".to_string(), |o| o.to_string());
+        format!("{}|{}|{}|{}\n", self.label, self.local, orig, self.peer)
+    }
+
+    fn parse(line: &str) -> Result<Landing, String> {
+        let f: Vec<&str> = line.trim_end().split('|').collect();
+        let bad = || format!("malformed listener reply {line:?}");
+        if f.len() != 4 {
+            return Err(bad());
+        }
+        Ok(Landing {
+            label: f[0].to_string(),
+            local: f[1].parse().map_err(|_| bad())?,
+            orig: if f[2] == "none" {
+                None
+            } else {
+                Some(f[2].parse().map_err(|_| bad())?)
+            },
+            peer: f[3].parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl std::fmt::Display for Landing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let orig = self.orig.map_or("none".to_string(), |o| o.to_string());
+        write!(
+            f,
+            "{} (local {}, original dst {orig}, from {})",
+            self.label, self.local, self.peer
+        )
+    }
+}
+
+/// A TCP listener in a namespace, run by a thread until dropped. Every accepted connection
+/// gets its [`Landing`] line and is closed.
+struct Listener {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    accepted: Arc<Mutex<Vec<Landing>>>,
+}
+
+impl Listener {
+    /// Listens on `addr` in namespace `ns`; returns once the socket listens. Panics if it
+    /// cannot (with the reason).
+    fn tcp(ns: &str, label: &str, addr: SocketAddr) -> Listener {
+        Listener::start(ns, label, addr, false)
+    }
+
+    /// Like [`Listener::tcp`], with `IP_TRANSPARENT` (a TPROXY target).
+    fn transparent(ns: &str, label: &str, addr: SocketAddr) -> Listener {
+        Listener::start(ns, label, addr, true)
+    }
+
+    fn start(ns: &str, label: &str, addr: SocketAddr, transparent: bool) -> Listener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ns_s, label_s) = (ns.to_string(), label.to_string());
+        let (stop_t, accepted_t) = (stop.clone(), accepted.clone());
+        let thread = thread::spawn(move || {
+            let listener = match (|| -> Result<TcpListener, String> {
+                enter_netns(&ns_s)?;
+                let fd = bound_socket(SockType::Stream, addr, transparent)
+                    .map_err(|e| format!("bind {addr}: {e}"))?;
+                socket::listen(&fd, Backlog::new(64).expect("valid backlog"))
+                    .map_err(|e| format!("listen {addr}: {e}"))?;
+                let l = TcpListener::from(fd);
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                Ok(l)
+            })() {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !stop_t.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_write_timeout(Some(TIMEOUT));
+                        let local = stream.local_addr().unwrap_or(addr);
+                        let landing = Landing {
+                            label: label_s.clone(),
+                            orig: original_dst(&stream, &local),
+                            local,
+                            peer,
+                        };
+                        let line = landing.to_line();
+                        // Record before replying: the client may check the record after the reply.
+                        accepted_t
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(landing);
+                        let _ = (&stream).write_all(line.as_bytes());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
+                    Err(_) => thread::sleep(POLL),
+                }
+            }
+        });
+        match ready_rx.recv_timeout(TIMEOUT * 5) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                panic!("listener {label} in {ns}: {e}");
+            }
+            Err(e) => panic!("listener {label} in {ns} did not start: {e}"),
+        }
+        Listener {
+            stop,
+            thread: Some(thread),
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> Vec<Landing> {
+        self.accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects to `dst` from namespace `ns` with a socket created as `who`, optionally bound to
+/// source address `src` first, and returns the landing line of the listener that accepted
+/// the connection. Errors: refused, timed out (after [`TIMEOUT`]), no reply.
+fn connect(ns: &str, who: Ident, dst: SocketAddr, src: Option<IpAddr>) -> Result<Landing, String> {
+    run_in_netns(ns, || -> Result<Landing, String> {
+        who.assume()?;
+        let fd = socket::socket(
+            domain_of(&dst),
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Tcp,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        // A blocking connect gives up after SO_SNDTIMEO (EINPROGRESS), see socket(7).
+        socket::setsockopt(
+            &fd,
+            sockopt::SendTimeout,
+            &TimeVal::milliseconds(TIMEOUT.as_millis() as i64),
+        )
+        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+        if let Some(src) = src {
+            bind_fd(&fd, SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
+        }
+        match dst {
+            SocketAddr::V4(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
+            SocketAddr::V6(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+        }
+        .map_err(|e| match e {
+            nix::errno::Errno::EINPROGRESS | nix::errno::Errno::EAGAIN => {
+                format!("connect timed out after {TIMEOUT:?}")
+            }
+            e => format!("connect: {e}"),
+        })?;
+        let stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .map_err(|e| format!("connected, but reading the listener's reply: {e}"))?;
+        if line.is_empty() {
+            return Err("connected, but the connection was closed without a reply \
+                 (accepted by something other than a test listener?)"
+                .to_string());
+        }
+        Landing::parse(&line)
+    })?
+}
+
+// ---------------------------------------------------------------------------
+// UDP
+// ---------------------------------------------------------------------------
+
+/// A UDP socket in a namespace, run by a thread until dropped. Every datagram is recorded
+/// as `(payload, from)` and answered with `label|local|payload`.
+struct UdpListener {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    received: Arc<Mutex<Vec<(String, SocketAddr)>>>,
+}
+
+impl UdpListener {
+    /// Binds `addr` in `ns` with a socket created as `owner` (the DNS proxy runs as the
+    /// proxy user, which the conntrack-zone rules match on). Panics if it cannot.
+    fn start(ns: &str, label: &str, addr: SocketAddr, owner: Ident) -> UdpListener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ns_s, label_s) = (ns.to_string(), label.to_string());
+        let (stop_t, received_t) = (stop.clone(), received.clone());
+        let thread = thread::spawn(move || {
+            let sock = match (|| -> Result<UdpSocket, String> {
+                enter_netns(&ns_s)?;
+                owner.assume()?;
+                let fd = bound_socket(SockType::Datagram, addr, false)
+                    .map_err(|e| format!("bind udp {addr}: {e}"))?;
+                let s = UdpSocket::from(fd);
+                s.set_read_timeout(Some(POLL * 4))
+                    .map_err(|e| e.to_string())?;
+                Ok(s)
+            })() {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 512];
+            while !stop_t.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let payload = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let reply = format!("{label_s}|{addr}|{payload}");
+                    // Record before replying: the client checks the record after the reply.
+                    received_t
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((payload, from));
+                    let _ = sock.send_to(reply.as_bytes(), from);
+                }
+            }
+        });
+        match ready_rx.recv_timeout(TIMEOUT * 5) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                panic!("udp listener {label} in {ns}: {e}");
+            }
+            Err(e) => panic!("udp listener {label} in {ns} did not start: {e}"),
+        }
+        UdpListener {
+            stop,
+            thread: Some(thread),
+            received,
+        }
+    }
+
+    /// The sender of the datagram carrying `payload`, if it arrived here.
+    fn got(&self, payload: &str) -> Option<SocketAddr> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(p, _)| p == payload)
+            .map(|(_, from)| *from)
+    }
+}
+
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `payload` over UDP from `ns` as `who` to `dst` (connected socket) and returns the
+/// reply's text, or an error (e.g. no reply within [`TIMEOUT`]).
+fn udp_exchange(ns: &str, who: Ident, dst: SocketAddr, payload: &str) -> Result<String, String> {
+    run_in_netns(ns, || -> Result<String, String> {
+        who.assume()?;
+        let any: SocketAddr = if dst.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+        s.connect(dst).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        s.send(payload.as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 512];
+        let n = s
+            .recv(&mut buf)
+            .map_err(|e| format!("no reply from {dst}: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })?
+}
+
+// ---------------------------------------------------------------------------
+// Checking scenarios
+// ---------------------------------------------------------------------------
+
+/// Where a connection to `dst` must land.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Not captured: accepted by the listener labelled so, at `dst` itself.
+    Direct(&'static str),
+    /// Captured by REDIRECT: accepted by the listener labelled so, with original dst `dst`.
+    Redirected(&'static str),
+    /// Captured by TPROXY: accepted by the (transparent) listener labelled so, whose socket's
+    /// local address is `dst`.
+    Transparent(&'static str),
+}
+
+impl std::fmt::Display for Want {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Want::Direct(l) => write!(f, "not captured: reaches {l} directly"),
+            Want::Redirected(l) => write!(f, "captured: lands on {l} with original dst = dst"),
+            Want::Transparent(l) => {
+                write!(
+                    f,
+                    "captured by TPROXY: lands on {l} with local address = dst"
+                )
+            }
+        }
+    }
+}
+
+/// The scenarios of one test: results are collected, printed, and asserted together.
+struct Checks {
+    test: &'static str,
+    log: String,
+    failures: Vec<String>,
+}
+
+impl Checks {
+    fn new(test: &'static str) -> Checks {
+        Checks {
+            test,
+            log: String::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, scenario: &str, problem: Option<String>) {
+        let line = match &problem {
+            None => format!("PASS {}: {scenario}", self.test),
+            Some(p) => format!(
+                "FAIL {}: {scenario}\n{}",
+                self.test,
+                common::indent(p, "       ").trim_end()
+            ),
+        };
+        eprintln!("{line}");
+        let verdict = if problem.is_none() { "PASS" } else { "FAIL" };
+        let _ = writeln!(self.log, "  {verdict} {scenario}");
+        if let Some(p) = problem {
+            self.failures.push(format!(
+                "{scenario}\n{}",
+                common::indent(&p, "    ").trim_end()
+            ));
+        }
+    }
+
+    /// Connects from `ns` as `who` (from `src`, if given) to `dst`; checks against `want`.
+    fn tcp(
+        &mut self,
+        scenario: &str,
+        (ns, who, src): (&str, Ident, Option<IpAddr>),
+        dst: SocketAddr,
+        want: Want,
+    ) {
+        let from = src.map_or(String::new(), |s| format!(" from {s}"));
+        let scenario = format!("{scenario} [{who}{from} -> {dst}; expected {want}]");
+        let problem = match connect(ns, who, dst, src) {
+            Err(e) => Some(format!("connection failed: {e}")),
+            Ok(got) => {
+                let ok = match want {
+                    Want::Direct(l) => got.label == l && got.local == dst,
+                    Want::Redirected(l) => got.label == l && got.orig == Some(dst),
+                    Want::Transparent(l) => got.label == l && got.local == dst,
+                };
+                (!ok).then(|| format!("actual: landed on {got}"))
+            }
+        };
+        self.record(&scenario, problem);
+    }
+
+    /// Sends a UDP datagram from `ns` as `who` to `dst`; it must arrive at `at` (and at no
+    /// other of `all`), and the reply must come back carrying `at`'s label.
+    fn udp(
+        &mut self,
+        scenario: &str,
+        (ns, who): (&str, Ident),
+        dst: SocketAddr,
+        (at_label, at): (&str, &UdpListener),
+        all: &[(&str, &UdpListener)],
+    ) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let token = format!("probe-{}", N.fetch_add(1, Ordering::SeqCst));
+        let scenario = format!("{scenario} [udp {who} -> {dst}; expected at {at_label}]");
+        let reply = udp_exchange(ns, who, dst, &token);
+        // The listener records the datagram before replying; without a reply, give it a moment.
+        if reply.is_err() {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let landed: Vec<&str> = all
+            .iter()
+            .filter(|(_, l)| l.got(&token).is_some())
+            .map(|(label, _)| *label)
+            .collect();
+        let problem = if at.got(&token).is_none() || landed.len() != 1 {
+            Some(format!(
+                "actual: datagram arrived at {landed:?}; reply: {reply:?}"
+            ))
+        } else {
+            match &reply {
+                Ok(r) if r.starts_with(&format!("{at_label}|")) && r.ends_with(&token) => None,
+                other => Some(format!(
+                    "datagram arrived at {at_label}, but the reply did not come back \
+                     intact: {other:?}"
+                )),
+            }
+        };
+        self.record(&scenario, problem);
+    }
+
+    fn check(&mut self, scenario: &str, ok: bool, detail: impl FnOnce() -> String) {
+        self.record(scenario, (!ok).then(detail));
+    }
+
+    /// Panics with every failure, the scenario log and `context` (rules, binary log) if any
+    /// scenario failed.
+    fn finish(self, context: impl FnOnce() -> String) {
+        if !self.failures.is_empty() {
+            panic!(
+                "{}: {} scenario(s) failed:\n\n{}\n\nall scenarios:\n{}\n{}",
+                self.test,
+                self.failures.len(),
+                self.failures.join("\n\n"),
+                self.log,
+                context()
+            );
+        }
+    }
+}
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Istio's seed command (REDIRECT, everything captured, 15090/15020 excluded inbound).
+const SEED: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15020",
+];
+
+/// Context for a failure message: the binary's log and the pod's rules.
+fn context(t: &Topology, bin_log: &str) -> String {
+    format!(
+        "--- binary log ---\n{bin_log}\n{}",
+        common::indent(&t.describe(&t.pod), "  ")
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// The seed command over IPv4 (or IPv6 with ENABLE_INBOUND_IPV6=true): outbound and inbound
+/// capture, the proxy's own traffic, localhost, app-to-self, passthrough, exclusions.
+fn seed_scenarios(test: &'static str, v6: bool) {
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new(if v6 { "seed6" } else { "seed4" });
+    let bin_log = t.run_bin_ok(&t.pod, v6, SEED);
+    let (pod_ip, peer_ip, any, localhost, passthrough): (IpAddr, IpAddr, IpAddr, IpAddr, IpAddr) =
+        if v6 {
+            (
+                t.pod_v6.into(),
+                t.peer_v6.into(),
+                Ipv6Addr::UNSPECIFIED.into(),
+                LOCALHOST_V6,
+                PASSTHROUGH_V6,
+            )
+        } else {
+            (
+                t.pod_v4.into(),
+                t.peer_v4.into(),
+                Ipv4Addr::UNSPECIFIED.into(),
+                LOCALHOST_V4,
+                PASSTHROUGH_V4,
+            )
+        };
+    let outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
+    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
+    let _app = Listener::tcp(&t.pod, "pod:8080", sa(any, 8080));
+    let _metrics = Listener::tcp(&t.pod, "pod:15090", sa(any, 15090));
+    let _tunnel = Listener::tcp(&t.pod, "pod:15008", sa(any, 15008));
+    let _peer = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
+
+    let pod = t.pod.as_str();
+    let peer = t.peer.as_str();
+    let mut c = Checks::new(test);
+    if v6 {
+        let lo = t.exec(pod, "ip", &["-6", "addr", "show", "dev", "lo"], &[]);
+        let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
+        c.check(
+            "the binary added ::6/128 to lo",
+            lo.contains("::6/128"),
+            || format!("`ip -6 addr show dev lo`:\n{lo}"),
+        );
+    }
+    c.tcp(
+        "app's outbound is captured",
+        (pod, APP, None),
+        sa(peer_ip, 80),
+        Want::Redirected("pod:15001"),
+    );
+    c.tcp(
+        "proxy's outbound is not captured",
+        (pod, PROXY, None),
+        sa(peer_ip, 80),
+        Want::Direct("peer:80"),
+    );
+    c.tcp(
+        "a non-root app's outbound is captured",
+        (
+            pod,
+            Ident {
+                uid: 5000,
+                gid: 5000,
+            },
+            None,
+        ),
+        sa(peer_ip, 80),
+        Want::Redirected("pod:15001"),
+    );
+    c.tcp(
+        "outbound of a process in the proxy's group (gid 1337) is not captured",
+        (
+            pod,
+            Ident {
+                uid: 5000,
+                gid: 1337,
+            },
+            None,
+        ),
+        sa(peer_ip, 80),
+        Want::Direct("peer:80"),
+    );
+    c.tcp(
+        "inbound is captured",
+        (peer, APP, None),
+        sa(pod_ip, 8080),
+        Want::Redirected("pod:15006"),
+    );
+    c.tcp(
+        "inbound to an excluded port (-d 15090) is not captured",
+        (peer, APP, None),
+        sa(pod_ip, 15090),
+        Want::Direct("pod:15090"),
+    );
+    c.tcp(
+        "inbound to the tunnel port 15008 is not captured",
+        (peer, APP, None),
+        sa(pod_ip, 15008),
+        Want::Direct("pod:15008"),
+    );
+    c.tcp(
+        "app to localhost is not captured",
+        (pod, APP, None),
+        sa(localhost, 8080),
+        Want::Direct("pod:8080"),
+    );
+    c.tcp(
+        "proxy to localhost is not captured",
+        (pod, PROXY, None),
+        sa(localhost, 8080),
+        Want::Direct("pod:8080"),
+    );
+    c.tcp(
+        "app to its own pod IP is not captured",
+        (pod, APP, None),
+        sa(pod_ip, 8080),
+        Want::Direct("pod:8080"),
+    );
+    c.tcp(
+        "proxy to its own pod IP (a VIP resolving to itself) goes to the inbound side",
+        (pod, PROXY, None),
+        sa(pod_ip, 8080),
+        Want::Redirected("pod:15006"),
+    );
+    c.tcp(
+        "inbound passthrough (proxy from the passthrough source) is not captured",
+        (pod, PROXY, Some(passthrough)),
+        sa(pod_ip, 8080),
+        Want::Direct("pod:8080"),
+    );
+    let outbound_seen = outbound.accepted();
+    c.check(
+        "the outbound listener accepted exactly the two captured connections, both from the pod",
+        outbound_seen.len() == 2 && outbound_seen.iter().all(|l| l.peer.ip() == pod_ip),
+        || format!("pod:15001 accepted: {outbound_seen:#?}"),
+    );
+    c.finish(|| context(&t, &bin_log));
+}
+
+#[test]
+fn seed_command_ipv4() {
+    seed_scenarios("seed_command_ipv4", false);
+}
+
+#[test]
+fn seed_command_ipv6() {
+    seed_scenarios("seed_command_ipv6", true);
+}
+
+/// `-i CIDR -x CIDR`: only the included range is captured, minus the excluded one.
+#[test]
+fn outbound_cidr_include_and_exclude() {
+    let test = "outbound_cidr_include_and_exclude";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("cidr");
+    let dev = common::TOPOLOGY_DEV;
+    // A second peer address inside the subnet, and one outside it (routed via the peer).
+    let second = t.v4(3);
+    let outside = Ipv4Addr::new(192, 0, 2, 2);
+    t.ip(
+        &t.peer,
+        &["addr", "add", &format!("{second}/24"), "dev", dev],
+    )
+    .unwrap();
+    t.ip(
+        &t.peer,
+        &["addr", "add", &format!("{outside}/32"), "dev", "lo"],
+    )
+    .unwrap();
+    t.ip(
+        &t.pod,
+        &[
+            "route",
+            "add",
+            &format!("{outside}/32"),
+            "via",
+            &t.peer_v4.to_string(),
+        ],
+    )
+    .unwrap();
+    let include = t.subnet_v4();
+    let exclude = format!("{}/32", t.peer_v4);
+    let args = [
+        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", &include, "-x",
+        &exclude, "-b", "*",
+    ];
+    let bin_log = t.run_bin_ok(&t.pod, false, &args);
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let _outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
+    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
+    let _peer = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
+
+    let pod = t.pod.as_str();
+    let mut c = Checks::new(test);
+    c.tcp(
+        &format!("destination in -i {include} but in -x {exclude} is not captured"),
+        (pod, APP, None),
+        sa(t.peer_v4, 80),
+        Want::Direct("peer:80"),
+    );
+    c.tcp(
+        &format!("other destination in -i {include} is captured"),
+        (pod, APP, None),
+        sa(second, 80),
+        Want::Redirected("pod:15001"),
+    );
+    c.tcp(
+        &format!("destination outside -i {include} is not captured"),
+        (pod, APP, None),
+        sa(outside, 80),
+        Want::Direct("peer:80"),
+    );
+    c.tcp(
+        "proxy's outbound into the included range is not captured",
+        (pod, PROXY, None),
+        sa(second, 80),
+        Want::Direct("peer:80"),
+    );
+    c.finish(|| context(&t, &bin_log));
+}
+
+/// `-o PORT`: outbound to an excluded port is not captured, other ports are.
+#[test]
+fn outbound_port_exclude() {
+    let test = "outbound_port_exclude";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("oport");
+    let args = [
+        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*", "-o",
+        "80",
+    ];
+    let bin_log = t.run_bin_ok(&t.pod, false, &args);
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let _outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
+    let _p80 = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
+    let _p81 = Listener::tcp(&t.peer, "peer:81", sa(any, 81));
+
+    let pod = t.pod.as_str();
+    let mut c = Checks::new(test);
+    c.tcp(
+        "outbound to the excluded port (-o 80) is not captured",
+        (pod, APP, None),
+        sa(t.peer_v4, 80),
+        Want::Direct("peer:80"),
+    );
+    c.tcp(
+        "outbound to another port is captured",
+        (pod, APP, None),
+        sa(t.peer_v4, 81),
+        Want::Redirected("pod:15001"),
+    );
+    c.finish(|| context(&t, &bin_log));
+}
+
+/// `-b PORTS`: only the listed inbound ports are captured.
+#[test]
+fn inbound_port_include() {
+    let test = "inbound_port_include";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("iport");
+    let args = [
+        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "8080",
+    ];
+    let bin_log = t.run_bin_ok(&t.pod, false, &args);
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
+    let _app = Listener::tcp(&t.pod, "pod:8080", sa(any, 8080));
+    let _other = Listener::tcp(&t.pod, "pod:9090", sa(any, 9090));
+
+    let peer = t.peer.as_str();
+    let mut c = Checks::new(test);
+    c.tcp(
+        "inbound to a listed port (-b 8080) is captured",
+        (peer, APP, None),
+        sa(t.pod_v4, 8080),
+        Want::Redirected("pod:15006"),
+    );
+    c.tcp(
+        "inbound to an unlisted port is not captured",
+        (peer, APP, None),
+        sa(t.pod_v4, 9090),
+        Want::Direct("pod:9090"),
+    );
+    c.finish(|| context(&t, &bin_log));
+}
+
+/// TPROXY mode: inbound is delivered, unaltered, to a transparent listener on the inbound
+/// port; `ip rule`/`ip route` for the mark are in place; outbound still uses REDIRECT.
+#[test]
+fn tproxy_inbound() {
+    let test = "tproxy_inbound";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("tproxy");
+    let args = [
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "TPROXY",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15020",
+    ];
+    let bin_log = t.run_bin_ok(&t.pod, true, &args);
+    let pod = t.pod.as_str();
+    let peer = t.peer.as_str();
+    let mut c = Checks::new(test);
+
+    // Default mark 1337 (0x539) and route table 133, for both families.
+    let table_rule = "fwmark 0x539 lookup 133";
+    for family in ["-4", "-6"] {
+        let rules =
+            String::from_utf8_lossy(&t.exec(pod, "ip", &[family, "rule"], &[]).stdout).into_owned();
+        c.check(
+            &format!("`ip {family} rule` has `{table_rule}`"),
+            rules.contains(table_rule),
+            || format!("`ip {family} rule`:\n{rules}"),
+        );
+        let routes = String::from_utf8_lossy(
+            &t.exec(pod, "ip", &[family, "route", "show", "table", "133"], &[])
+                .stdout,
+        )
+        .into_owned();
+        c.check(
+            &format!("`ip {family} route show table 133` has `local default dev lo`"),
+            routes.contains("local default dev lo"),
+            || format!("`ip {family} route show table 133`:\n{routes}"),
+        );
+    }
+
+    let mut listeners = Vec::new();
+    for (any, pod_ip, peer_ip, passthrough) in [
+        (
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V4(t.pod_v4),
+            IpAddr::V4(t.peer_v4),
+            PASSTHROUGH_V4,
+        ),
+        (
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V6(t.pod_v6),
+            IpAddr::V6(t.peer_v6),
+            PASSTHROUGH_V6,
+        ),
+    ] {
+        listeners.push(Listener::tcp(pod, "pod:15001", sa(any, 15001)));
+        listeners.push(Listener::transparent(pod, "pod:15006", sa(any, 15006)));
+        listeners.push(Listener::tcp(pod, "pod:8080", sa(any, 8080)));
+        listeners.push(Listener::tcp(pod, "pod:15090", sa(any, 15090)));
+        listeners.push(Listener::tcp(peer, "peer:80", sa(any, 80)));
+        c.tcp(
+            "inbound is delivered to the transparent inbound listener, destination intact",
+            (peer, APP, None),
+            sa(pod_ip, 8080),
+            Want::Transparent("pod:15006"),
+        );
+        c.tcp(
+            "inbound to an excluded port (-d 15090) is not captured",
+            (peer, APP, None),
+            sa(pod_ip, 15090),
+            Want::Direct("pod:15090"),
+        );
+        c.tcp(
+            "inbound passthrough (proxy from the passthrough source) is not captured",
+            (pod, PROXY, Some(passthrough)),
+            sa(pod_ip, 8080),
+            Want::Direct("pod:8080"),
+        );
+        c.tcp(
+            "app's outbound is captured (REDIRECT)",
+            (pod, APP, None),
+            sa(peer_ip, 80),
+            Want::Redirected("pod:15001"),
+        );
+        c.tcp(
+            "proxy's outbound is not captured",
+            (pod, PROXY, None),
+            sa(peer_ip, 80),
+            Want::Direct("peer:80"),
+        );
+    }
+    drop(listeners);
+    c.finish(|| context(&t, &bin_log));
+}
+
+/// `--redirect-dns` (IPv4 and IPv6): the app's DNS to the resolv.conf servers (UDP and TCP)
+/// goes to the agent on 15053; the proxy's own DNS and DNS to other servers is left alone.
+#[test]
+fn dns_redirect() {
+    let test = "dns_redirect";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("dns");
+    let tmp = common::TempDir::new("istio-iptables-traffic-dns");
+    let resolv = tmp.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {}\nnameserver {}\n", t.peer_v4, t.peer_v6),
+    )
+    .unwrap();
+    // Another address on the peer, a DNS server that is not in resolv.conf.
+    let (other_v4, other_v6) = (t.v4(3), t.v6(3));
+    let dev = common::TOPOLOGY_DEV;
+    t.ip(
+        &t.peer,
+        &["addr", "add", &format!("{other_v4}/24"), "dev", dev],
+    )
+    .unwrap();
+    t.ip(
+        &t.peer,
+        &[
+            "addr",
+            "add",
+            &format!("{other_v6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ],
+    )
+    .unwrap();
+    let resolv_s = resolv.to_string_lossy().into_owned();
+    let args = [
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "--redirect-dns",
+        "--resolv-conf",
+        &resolv_s,
+    ];
+    let bin_log = t.run_bin_ok(&t.pod, true, &args);
+    let pod = t.pod.as_str();
+    let peer = t.peer.as_str();
+    let mut c = Checks::new(test);
+
+    for (any, localhost, server, other) in [
+        (
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            LOCALHOST_V4,
+            IpAddr::V4(t.peer_v4),
+            IpAddr::V4(other_v4),
+        ),
+        (
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            LOCALHOST_V6,
+            IpAddr::V6(t.peer_v6),
+            IpAddr::V6(other_v6),
+        ),
+    ] {
+        // The agent's DNS proxy listens on localhost as the proxy user (the conntrack-zone
+        // rules match its replies by owner).
+        let agent_udp = UdpListener::start(pod, "pod:15053", sa(localhost, 15053), PROXY);
+        // One UDP server per peer address: a wildcard-bound UDP socket would answer from the
+        // primary address, which a client connected to the other one drops.
+        let server_udp = UdpListener::start(peer, "peer:53", sa(server, 53), APP);
+        let other_udp = UdpListener::start(peer, "peer(other):53", sa(other, 53), APP);
+        let _agent_tcp = Listener::tcp(pod, "pod:15053/tcp", sa(localhost, 15053));
+        let _server_tcp = Listener::tcp(peer, "peer:53/tcp", sa(any, 53));
+        let _outbound = Listener::tcp(pod, "pod:15001", sa(any, 15001));
+        let all = [
+            ("pod:15053", &agent_udp),
+            ("peer:53", &server_udp),
+            ("peer(other):53", &other_udp),
+        ];
+
+        c.udp(
+            "app's DNS query to the resolv.conf server is captured by the agent",
+            (pod, APP),
+            sa(server, 53),
+            ("pod:15053", &agent_udp),
+            &all,
+        );
+        c.udp(
+            "proxy's DNS query reaches the real server",
+            (pod, PROXY),
+            sa(server, 53),
+            ("peer:53", &server_udp),
+            &all,
+        );
+        c.udp(
+            "app's DNS query to a server not in resolv.conf is not captured",
+            (pod, APP),
+            sa(other, 53),
+            ("peer(other):53", &other_udp),
+            &all,
+        );
+        c.tcp(
+            "app's DNS over TCP to the resolv.conf server is captured by the agent",
+            (pod, APP, None),
+            sa(server, 53),
+            Want::Redirected("pod:15053/tcp"),
+        );
+        c.tcp(
+            "proxy's DNS over TCP reaches the real server",
+            (pod, PROXY, None),
+            sa(server, 53),
+            Want::Direct("peer:53/tcp"),
+        );
+    }
+    c.finish(|| context(&t, &bin_log));
+}
+
+/// `--run-validation` with `--skip-rule-apply`: passes (exit 0) where the seed rules are in
+/// place, for IPv4 and for IPv4+IPv6; fails with Istio's code 126 where there are none.
+#[test]
+fn validation_probe() {
+    let test = "validation_probe";
+    if skip_unless_root(test) {
+        return;
+    }
+    let t = Topology::new("valid");
+    let bin_log = t.run_bin_ok(&t.pod, true, SEED);
+    let mut c = Checks::new(test);
+    for (ns, ipv6, timeout, want, scenario) in [
+        (
+            &t.pod,
+            false,
+            "3s",
+            0,
+            "with the seed rules, IPv4 validation passes",
+        ),
+        (
+            &t.pod,
+            true,
+            "3s",
+            0,
+            "with the seed rules, IPv4+IPv6 validation passes",
+        ),
+        (
+            &t.peer,
+            false,
+            "1s",
+            126,
+            "without rules, validation fails with 126",
+        ),
+    ] {
+        let args = [
+            "--skip-rule-apply",
+            "--run-validation",
+            "--probe-timeout",
+            timeout,
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+        ];
+        let started = std::time::Instant::now();
+        let out = t.run_bin(ns, ipv6, &args);
+        let elapsed = started.elapsed();
+        let code = out.status.code();
+        c.check(
+            &format!("{scenario} (ENABLE_INBOUND_IPV6={ipv6}, --probe-timeout {timeout})"),
+            code == Some(want),
+            || {
+                format!(
+                    "expected exit {want}, actual {} after {elapsed:?}\n--- stderr ---\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            },
+        );
+    }
+    c.finish(|| context(&t, &bin_log));
+}
