@@ -129,8 +129,22 @@ struct Run {
 fn read_state(
     family: Family,
     backend: &Backend,
+    probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, ApplyError> {
+    // A namespace whose backend has no tables at all has nothing to save: skip the process.
+    let empty = match backend.flavor {
+        Some(Flavor::Nft) => probe.nft_tables(family) == Some(0),
+        Some(Flavor::Legacy) => probe.legacy_tables(family).is_empty(),
+        None => false,
+    };
+    if empty {
+        tracing::debug!(
+            "{family}: no {} tables in this namespace",
+            backend.save_program()
+        );
+        return Ok(SaveState::default());
+    }
     let program = backend.save_program();
     let text = runner
         .run(&program, &[], None)
@@ -254,7 +268,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     for family in plan.families() {
         let backend = backend::detect(family, opts.flavor, env.probe)
             .map_err(|source| ApplyError::Backend { family, source })?;
-        let before = read_state(family, &backend, env.runner)?;
+        let before = read_state(family, &backend, env.probe, env.runner)?;
         let version = version_of(&backend, &before);
         tracing::info!(backend = %backend.restore_program(), %version, reason = %backend.reason, "{family} backend");
         let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
@@ -277,7 +291,8 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             continue;
         }
         let program = run.backend.restore_program();
-        tracing::info!(%program, "committing {family} transaction:\n{}", run.tx.payload.trim_end());
+        tracing::info!(%program, lines = run.tx.payload.lines().count(), tables = ?run.tx.touched, "committing the {family} transaction");
+        tracing::debug!("{family} transaction:\n{}", run.tx.payload.trim_end());
         let result = env
             .runner
             .run(
@@ -411,7 +426,7 @@ pub fn cleanup(
         }
         let ours = rules.get(&family).map(Vec::as_slice).unwrap_or(&[]);
         for b in backends {
-            let before = match read_state(family, &b, env.runner) {
+            let before = match read_state(family, &b, env.probe, env.runner) {
                 Ok(s) => s,
                 Err(e) => {
                     // ip6tables may be unusable where IPv6 is off; say so but go on.

@@ -76,6 +76,10 @@ pub trait Probe {
     fn in_path(&self, program: &str) -> bool;
     /// Legacy (x_tables) tables loaded in the current network namespace.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
+    /// How many nftables tables the family has here (`None`: could not tell).
+    fn nft_tables(&self, _family: Family) -> Option<usize> {
+        None
+    }
 }
 
 /// The real machine.
@@ -116,6 +120,10 @@ impl Probe for SystemProbe {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    fn nft_tables(&self, family: Family) -> Option<usize> {
+        crate::nftprobe::table_count(family)
     }
 }
 
@@ -186,19 +194,24 @@ pub fn detect(
 pub fn binary_version(program: &str) -> Option<String> {
     let path = std::fs::canonicalize(which(program)?).ok()?;
     let bytes = std::fs::read(path).ok()?;
-    bytes.split(|b| *b == 0).find_map(|s| {
-        let s = std::str::from_utf8(s).ok()?;
-        let v = s
-            .strip_suffix(" (nf_tables)")
-            .or_else(|| s.strip_suffix(" (legacy)"))
-            .unwrap_or(s);
-        let parts: Vec<&str> = v.split('.').collect();
-        (parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())))
-        .then(|| v.to_string())
-    })
+    // Cheap first-byte test before looking closer: the binary has ~60k strings.
+    bytes
+        .split(|b| *b == 0)
+        .filter(|s| (5..=24).contains(&s.len()) && s[0].is_ascii_digit())
+        .find_map(|s| {
+            let s = std::str::from_utf8(s).ok()?;
+            let v = s
+                .strip_suffix(" (nf_tables)")
+                .or_else(|| s.strip_suffix(" (legacy)"))
+                .unwrap_or(s);
+            let mut parts = v.split('.');
+            let ok = (0..3).all(|_| {
+                parts.next().is_some_and(|p| {
+                    !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+                })
+            }) && parts.next().is_none();
+            ok.then(|| v.to_string())
+        })
 }
 
 #[cfg(test)]

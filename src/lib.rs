@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod interp;
 pub mod iproute;
 pub mod netns;
+pub mod nftprobe;
 pub mod reconcile;
 pub mod restore;
 pub mod rules;

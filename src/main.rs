@@ -95,8 +95,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code::USAGE);
         }
     };
-    for (k, v) in cfg.summary() {
-        tracing::debug!("{k}={v}");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for (k, v) in cfg.summary() {
+            tracing::debug!("{k}={v}");
+        }
     }
     if let Some(command) = &args.cli.command {
         return inspect_command(command, &cfg);

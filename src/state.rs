@@ -171,6 +171,10 @@ impl OwnerResolver for NoResolver {
     }
 }
 
+fn is_number(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+}
+
 fn parse_num(s: &str) -> Option<u64> {
     if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u64::from_str_radix(h, 16).ok()
@@ -301,10 +305,10 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
                     .into_iter()
                     .map(|v| match (module.as_str(), opt) {
                         ("mark" | "connmark", "--mark") => canon_mark(&v, false),
-                        ("owner", "--uid-owner") => {
+                        ("owner", "--uid-owner") if !is_number(&v) => {
                             resolver.uid(&v).map(|n| n.to_string()).unwrap_or(v)
                         }
-                        ("owner", "--gid-owner") => {
+                        ("owner", "--gid-owner") if !is_number(&v) => {
                             resolver.gid(&v).map(|n| n.to_string()).unwrap_or(v)
                         }
                         _ => v,
