@@ -194,23 +194,39 @@ pub fn detect(
 pub fn binary_version(program: &str) -> Option<String> {
     let path = std::fs::canonicalize(which(program)?).ok()?;
     let bytes = std::fs::read(path).ok()?;
-    // Cheap first-byte test before looking closer: the binary has ~60k strings.
+    let is_version = |v: &str| {
+        let mut parts = v.split('.');
+        (0..3).all(|_| {
+            parts.next().is_some_and(|p| {
+                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+        }) && parts.next().is_none()
+    };
+    // nft builds carry "X.Y.Z (nf_tables)": find the rare '(' bytes instead of every string.
+    const NFT: &[u8] = b" (nf_tables)\0";
+    let mut i = 0;
+    while let Some(p) = bytes[i..].iter().position(|b| *b == b'(') {
+        let at = i + p;
+        if at >= 1 && bytes[at - 1..].starts_with(NFT) {
+            let start = bytes[..at - 1]
+                .iter()
+                .rposition(|b| *b == 0)
+                .map_or(0, |z| z + 1);
+            if let Ok(v) = std::str::from_utf8(&bytes[start..at - 1])
+                && is_version(v)
+            {
+                return Some(v.to_string());
+            }
+        }
+        i = at + 1;
+    }
+    // Legacy builds: a bare "X.Y.Z" string.
     bytes
         .split(|b| *b == 0)
-        .filter(|s| (5..=24).contains(&s.len()) && s[0].is_ascii_digit())
+        .filter(|s| (5..=11).contains(&s.len()) && s[0].is_ascii_digit())
         .find_map(|s| {
-            let s = std::str::from_utf8(s).ok()?;
-            let v = s
-                .strip_suffix(" (nf_tables)")
-                .or_else(|| s.strip_suffix(" (legacy)"))
-                .unwrap_or(s);
-            let mut parts = v.split('.');
-            let ok = (0..3).all(|_| {
-                parts.next().is_some_and(|p| {
-                    !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-                })
-            }) && parts.next().is_none();
-            ok.then(|| v.to_string())
+            let v = std::str::from_utf8(s).ok()?;
+            is_version(v).then(|| v.to_string())
         })
 }
 
