@@ -153,7 +153,7 @@ pub fn detect(
         });
     }
     let legacy_tables = probe.legacy_tables(family);
-    if have(Flavor::Legacy) && !legacy_tables.is_empty() {
+    if !legacy_tables.is_empty() && have(Flavor::Legacy) {
         return Ok(Backend {
             family,
             flavor: Some(Flavor::Legacy),

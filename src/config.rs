@@ -246,27 +246,34 @@ pub trait Host {
 }
 
 /// Names a value's source for error messages.
-struct Src {
-    name: String,
+/// Where a value came from; the flag/env name is only worked out for an error message.
+enum Src<'a> {
+    Arg(&'a Args, &'a str),
+    Env(&'a str),
 }
 
-impl Src {
-    fn arg(args: &Args, id: &str) -> Self {
-        let (flag, env) = describe(id);
-        let name = match (args.origin(id), env) {
-            (Origin::Env, Some(env)) => format!("{flag} (from env {env})"),
-            _ => flag,
-        };
-        Src { name }
+impl<'a> Src<'a> {
+    fn arg(args: &'a Args, id: &'a str) -> Self {
+        Src::Arg(args, id)
     }
-    fn env(var: &str) -> Self {
-        Src {
-            name: format!("env {var}"),
+    fn env(var: &'a str) -> Self {
+        Src::Env(var)
+    }
+    fn name(&self) -> String {
+        match self {
+            Src::Arg(args, id) => {
+                let (flag, env) = describe(id);
+                match (args.origin(id), env) {
+                    (Origin::Env, Some(env)) => format!("{flag} (from env {env})"),
+                    _ => flag,
+                }
+            }
+            Src::Env(var) => format!("env {var}"),
         }
     }
     fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError {
-            source_name: self.name.clone(),
+            source_name: self.name(),
             value: value.to_string(),
             reason: reason.into(),
         }
@@ -543,7 +550,7 @@ impl Config {
         host: &dyn Host,
     ) -> Result<Config, ConfigError> {
         let c = &args.cli;
-        let src = |id: &str| Src::arg(args, id);
+        let src = |id: &'static str| Src::arg(args, id);
 
         let proxy_port = single_port(&src("envoy_port"), &c.envoy_port)?;
         let inbound_capture_port =

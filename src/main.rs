@@ -38,18 +38,22 @@ mod code {
 }
 
 fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // RUST_LOG gets the full filter syntax; otherwise a plain level, which is cheaper to set
+    // up (an init container runs once per pod start: every millisecond shows).
+    match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => builder.with_env_filter(EnvFilter::new(spec)).init(),
+        _ => builder
+            .with_max_level(match verbose {
+                0 => tracing::Level::INFO,
+                1 => tracing::Level::DEBUG,
+                _ => tracing::Level::TRACE,
+            })
+            .init(),
+    }
 }
 
 /// Prints an error with its whole cause chain on one line.

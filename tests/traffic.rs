@@ -20,27 +20,22 @@
 //!
 //! Each test checks all its scenarios, prints one `PASS`/`FAIL` line per scenario to stderr,
 //! and fails with every failed scenario (expected landing place, actual) plus the pod's
-//! rules. Needs root (skips otherwise). Every connect and read is bounded by [`TIMEOUT`].
+//! rules. Needs root (skips otherwise). Every connect and read is bounded by
+//! [`common::TIMEOUT`]. The listeners and clients live in `tests/common/mod.rs` (shared with
+//! `tests/explain.rs`).
 
 mod common;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::{self, JoinHandle};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::thread;
 use std::time::Duration;
 
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
-    sockopt,
+use common::{
+    APP, Ident, LOCALHOST_V4, LOCALHOST_V6, Listener, PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY,
+    Topology, UdpListener, connect, sa, skip_unless_root, udp_exchange,
 };
-use nix::sys::time::{TimeVal, TimeValLike};
-use nix::unistd::{Gid, Uid};
-
-use common::{Topology, enter_netns, run_in_netns, skip_unless_root};
 
 // ---------------------------------------------------------------------------
 // Checking scenarios
