@@ -1,0 +1,433 @@
+#!/usr/bin/env bash
+# Benchmark: istio-iptables (this crate) against the minimal shell sequence
+#   iptables-nft-save >/dev/null; iptables-nft-restore --noflush < payload
+# applying the same rules, each sample in a fresh, empty network namespace.
+#
+#   sudo benches/bench.sh              # RUNS=21 samples per variant (default)
+#   sudo RUNS=41 benches/bench.sh
+#
+# Environment:
+#   RUNS=N        samples per variant (default 21; at least 20 for the spec's medians)
+#   BIN=path      binary to measure (default: cargo build --release, target/release/istio-iptables)
+#   SKIP_BUILD=1  do not run cargo build (BIN or the existing release binary is used)
+#   SETTLE_MS=N   pause between samples so the previous namespace's teardown (asynchronous in
+#                 the kernel) does not land in the next sample (default 50); besides, each
+#                 round of samples waits (up to 3 s) for a 0.2 s window with the machine
+#                 >= 75 % idle
+#   KEEP=1        keep the work directory (payloads, arguments) and print its path
+#
+# Needs root, iptables (nft flavour: iptables-nft-save/-restore), iproute2, python3 (>= 3.8),
+# strace (only for the binary's own peak RSS; skipped without it), GNU time (optional).
+# It is a report, not a test: it exits 0 even when a target is missed (non-zero only when it
+# could not measure at all).
+set -euo pipefail
+
+RUNS=${RUNS:-21}
+SETTLE_MS=${SETTLE_MS:-50}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+[[ $RUNS =~ ^[0-9]+$ ]] && ((RUNS >= 1)) || die "RUNS must be a positive integer"
+((RUNS >= 20)) || echo "bench.sh: warning: RUNS=$RUNS < 20: the spec asks for medians of >= 20 runs" >&2
+[[ $SETTLE_MS =~ ^[0-9]+$ ]] || die "SETTLE_MS must be a non-negative integer"
+((EUID == 0)) || die "must run as root (it creates network namespaces and writes iptables rules in them); try: sudo $0"
+
+for c in unshare ip iptables-nft-save iptables-nft-restore python3; do
+    command -v "$c" >/dev/null || die "$c not found: install util-linux, iproute2, iptables (nft) and python3"
+done
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 8))' || die "python3 >= 3.8 needed"
+
+if [[ -z ${BIN:-} ]]; then
+    BIN=$root/target/release/istio-iptables
+    if [[ -z ${SKIP_BUILD:-} ]]; then
+        command -v cargo >/dev/null || die "cargo not found (or set BIN=/path/to/istio-iptables)"
+        echo "bench.sh: cargo build --release ..." >&2
+        (cd "$root" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
+fi
+[[ -x $BIN ]] || die "binary not found: $BIN"
+
+# A fresh namespace must really be fresh and empty for nft (the binary picks the legacy
+# backend only when the namespace already has legacy tables; a new one never has).
+unshare -n true 2>/dev/null || die "unshare -n failed: cannot create network namespaces here"
+
+work=$(mktemp -d /tmp/istio-iptables-bench.XXXXXX)
+if [[ -n ${KEEP:-} ]]; then
+    echo "bench.sh: work directory kept: $work" >&2
+else
+    trap 'rm -rf "$work"' EXIT
+fi
+
+# ---- inputs ---------------------------------------------------------------------------------
+# Seed: the command from the issue. Large: the same plus 5,000 distinct /24s excluded from
+# capture (-x, 10.A.B.0/24, deterministic) and 1,000 outbound ports excluded (-o 20000..20999;
+# -o makes 2 rules per port, tcp and udp, so it is the heavier of the two port options).
+cidrs=$(python3 -c 'print(",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(5000)))')
+ports=$(python3 -c 'print(",".join(str(20000 + i) for i in range(1000)))')
+# Linux caps one argument (and one environment string) at MAX_ARG_STRLEN = 128 KiB incl. NUL.
+((${#cidrs} + 1 < 131072)) || die "-x argument is ${#cidrs} bytes: over the 128 KiB per-argument limit"
+((${#ports} + 1 < 131072)) || die "-o argument is ${#ports} bytes: over the 128 KiB per-argument limit"
+
+seed_args=(-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15020)
+large_args=(-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "$cidrs" -b '*' -d 15090,15020 -o "$ports")
+printf '%s\0' "${seed_args[@]}" >"$work/seed.args"
+printf '%s\0' "${large_args[@]}" >"$work/large.args"
+
+# The payload of (b) is exactly what the binary's --dry-run would feed iptables-restore.
+extract_payload() { # name args-file
+    local name=$1
+    local -a args
+    mapfile -d '' args <"$2"
+    ENABLE_INBOUND_IPV6=false "$BIN" "${args[@]}" --dry-run >"$work/$name.dry-run" \
+        || die "$BIN --dry-run failed for the $name scenario"
+    awk 'inside && /^EOF$/ {inside=0; next} inside {print} /^iptables-restore --noflush <<.EOF.$/ {inside=1}' \
+        "$work/$name.dry-run" >"$work/$name.payload"
+    [[ -s $work/$name.payload ]] || die "no 'iptables-restore --noflush <<'EOF'' block in the $name --dry-run output"
+    if grep -q "^ip6tables-restore" "$work/$name.dry-run"; then
+        die "the $name --dry-run also has an IPv6 block: ENABLE_INBOUND_IPV6=false was not honoured"
+    fi
+}
+extract_payload seed "$work/seed.args"
+extract_payload large "$work/large.args"
+
+# ---- the harness ----------------------------------------------------------------------------
+cat >"$work/harness.py" <<'PY'
+"""Times (a) the binary and (b) iptables-nft-save; iptables-nft-restore --noflush, each sample
+in a fresh network namespace: the harness forks, the child calls unshare(CLONE_NEWNET) (what
+`unshare -n` does), then takes time.perf_counter_ns() (CLOCK_MONOTONIC) immediately before and
+after the command(s). Namespace creation and teardown are outside the timed window."""
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+work, binary, runs, settle_ms = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+CLONE_NEWNET = 0x40000000
+libc = ctypes.CDLL(None, use_errno=True)
+DEVNULL = subprocess.DEVNULL
+ENV_A = dict(os.environ, ENABLE_INBOUND_IPV6="false")
+SAVE = ["iptables-nft-save"]
+RESTORE = ["iptables-nft-restore", "--noflush"]
+
+
+def args_of(name):
+    with open(f"{work}/{name}.args", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0")[:-1]]
+
+
+SCEN = {
+    "seed": {"argv": [binary] + args_of("seed"), "payload": f"{work}/seed.payload"},
+    "large": {"argv": [binary] + args_of("large"), "payload": f"{work}/large.payload"},
+}
+
+
+def in_fresh_netns(fn):
+    """Runs fn() in a forked child inside a new network namespace; returns its JSON result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            if libc.unshare(CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, "unshare(CLONE_NEWNET): " + os.strerror(e))
+            out = {"ok": fn()}
+        except BaseException as e:  # report anything to the parent
+            out = {"error": f"{type(e).__name__}: {e}"}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        c = os.read(r, 1 << 16)
+        if not c:
+            break
+        chunks.append(c)
+    os.close(r)
+    os.waitpid(pid, 0)
+    res = json.loads(b"".join(chunks) or b'{"error": "child died"}')
+    if "error" in res:
+        sys.exit(f"bench.sh: sample failed: {res['error']}")
+    return res["ok"]
+
+
+def run_a(s):
+    p = subprocess.run(s["argv"], env=ENV_A, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    if p.returncode != 0:
+        # Re-run outside the timing for the message (the namespace may now be half-done).
+        e = subprocess.run(s["argv"], env=ENV_A, stdin=DEVNULL, stdout=DEVNULL,
+                           stderr=subprocess.PIPE, text=True).stderr
+        raise RuntimeError(f"istio-iptables exited {p.returncode}: {e.strip()[-2000:]}")
+
+
+def run_b(s):
+    p1 = subprocess.run(SAVE, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    with open(s["payload"], "rb") as f:
+        p2 = subprocess.run(RESTORE, stdin=f, stdout=DEVNULL, stderr=DEVNULL)
+    if p1.returncode != 0 or p2.returncode != 0:
+        raise RuntimeError(f"iptables-nft-save exited {p1.returncode}, "
+                           f"iptables-nft-restore exited {p2.returncode}")
+
+
+def timed(fn, s):
+    def body():
+        t0 = time.perf_counter_ns()
+        fn(s)
+        t1 = time.perf_counter_ns()
+        return t1 - t0
+    return in_fresh_netns(body)
+
+
+def saved_rules():
+    """The namespace's IPv4 rules as iptables-nft-save prints them, minus comments/counters."""
+    out = subprocess.run(SAVE, stdin=DEVNULL, capture_output=True, text=True, check=True).stdout
+    return sorted(re.sub(r"\[\d+:\d+\]", "", l) for l in out.splitlines()
+                  if l and not l.startswith("#"))
+
+
+def verify(name):
+    """Untimed: (a) and (b) must leave the same rules, the namespace must start empty, and the
+    binary must not have used legacy iptables (so comparing with iptables-nft-* is fair)."""
+    s = SCEN[name]
+
+    def check(fn):
+        def body():
+            before = saved_rules()
+            if before:
+                raise RuntimeError(f"fresh namespace not empty: {before[:3]}")
+            fn(s)
+            with open("/proc/thread-self/net/ip_tables_names") as f:
+                legacy = f.read().split()
+            return {"rules": saved_rules(), "legacy": legacy}
+        return in_fresh_netns(body)
+
+    a, b = check(run_a), check(run_b)
+    if a["legacy"]:
+        sys.exit(f"bench.sh: {name}: the binary used legacy iptables ({a['legacy']}); "
+                 "(b) uses iptables-nft: not comparable")
+    if a["rules"] != b["rules"]:
+        diff = sorted(set(a["rules"]) ^ set(b["rules"]))[:5]
+        sys.exit(f"bench.sh: {name}: (a) and (b) leave different rules, e.g. {diff}")
+    return sum(1 for l in a["rules"] if l.startswith("-A "))
+
+
+def pause():
+    if settle_ms:
+        time.sleep(settle_ms / 1000)
+
+
+def cpu_times():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # total, idle + iowait
+
+
+def quiesce(max_s=3.0, window=0.2, idle_min=0.75):
+    """Waits (at most max_s) for a 0.2 s window in which the machine is >= 75 % idle: the
+    kernel tears namespaces down asynchronously (~30 ms of a kworker for a 7,000-rule one),
+    and other jobs may be running. Returns False when the machine stayed busy."""
+    end = time.monotonic() + max_s
+    while True:
+        t0 = cpu_times()
+        time.sleep(window)
+        t1 = cpu_times()
+        if (t1[1] - t0[1]) / max(1, t1[0] - t0[0]) >= idle_min:
+            return True
+        if time.monotonic() >= end:
+            return False
+
+
+def vmhwm_at_exit(argv, env):
+    """The binary's OWN peak RSS: strace (not following children) holds it at exit_group
+    entry for 0.5 s; meanwhile its mm is intact and /proc/PID/status VmHWM (high-water RSS of
+    its own address space only, children excluded) is read. Returns KiB, or None."""
+    tracer = subprocess.Popen(
+        ["strace", "-qq", "-o", "/dev/null", "-e", "trace=exit_group",
+         "-e", "inject=exit_group:delay_enter=500000", "--"] + argv,
+        env=env, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    hwm = None
+    deadline = time.monotonic() + 30
+    want = argv[0].encode()
+    while tracer.poll() is None and time.monotonic() < deadline:
+        # strace may fork short-lived helpers first: take the child that has exec'd argv[0].
+        child = None
+        try:
+            with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
+                for k in f.read().split():
+                    try:
+                        with open(f"/proc/{k}/cmdline", "rb") as c:
+                            if c.read().split(b"\0")[0] == want:
+                                child = int(k)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        if child is not None:
+            try:
+                with open(f"/proc/{child}/syscall") as f:
+                    sc = f.read().split()
+                if sc and sc[0] == "231":  # exit_group, held by strace
+                    if int(sc[1], 16) != 0:
+                        raise RuntimeError(f"binary exited {int(sc[1], 16)}")
+                    with open(f"/proc/{child}/status") as f:
+                        m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+                    hwm = int(m.group(1)) if m else None
+                    break
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.0005)
+    tracer.wait()
+    return hwm
+
+
+def tree_maxrss(argv, env):
+    """Largest peak RSS of any process in the tree (binary, iptables-nft-save/-restore) as
+    GNU time reports it (wait4 ru_maxrss includes waited-for descendants). KiB or None."""
+    if not os.access("/usr/bin/time", os.X_OK):
+        return None
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS=%M"] + argv, env=env,
+                       stdin=DEVNULL, stdout=DEVNULL, stderr=subprocess.PIPE, text=True)
+    m = re.search(r"MAXRSS=(\d+)", p.stderr)
+    return int(m.group(1)) if m and p.returncode == 0 else None
+
+
+def have(prog):
+    return any(os.access(os.path.join(d, prog), os.X_OK)
+               for d in os.environ.get("PATH", "").split(":") if d)
+
+
+# ---- go -------------------------------------------------------------------------------------
+result = {"runs": runs, "rules": {}, "a": {}, "b": {}, "gen": {}, "rss": {}, "busy": 0}
+for name in SCEN:
+    result["rules"][name] = verify(name)
+
+# Interleaved: each round does seed a/b then large a/b; the order inside a pair alternates
+# (a,b then b,a) so that neither side always follows the other's namespace teardown.
+for name in SCEN:
+    result["a"][name], result["b"][name] = [], []
+for i in range(runs):
+    result["busy"] += not quiesce()
+    for name, s in SCEN.items():
+        order = (("a", run_a), ("b", run_b)) if i % 2 == 0 else (("b", run_b), ("a", run_a))
+        for side, fn in order:
+            pause()
+            result[side][name].append(timed(fn, s))
+
+# Rule generation: --dry-run (no namespace needed), same arguments, whole process.
+quiesce()
+for name, s in SCEN.items():
+    result["gen"][name] = []
+    for i in range(runs):
+        t0 = time.perf_counter_ns()
+        p = subprocess.run(s["argv"] + ["--dry-run"], env=ENV_A, stdin=DEVNULL, stdout=DEVNULL,
+                           stderr=DEVNULL)
+        result["gen"][name].append(time.perf_counter_ns() - t0)
+        if p.returncode != 0:
+            sys.exit("bench.sh: --dry-run failed")
+# Process floor: the binary doing nothing (--version), for context.
+result["gen"]["floor"] = []
+for i in range(runs):
+    t0 = time.perf_counter_ns()
+    subprocess.run([binary, "--version"], stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    result["gen"]["floor"].append(time.perf_counter_ns() - t0)
+
+# Peak memory (3 runs each, the max is kept).
+strace_ok = have("strace")
+for name, s in SCEN.items():
+    r = result["rss"][name] = {}
+    r["apply_own"] = max(in_fresh_netns(lambda: vmhwm_at_exit(s["argv"], ENV_A)) or 0
+                         for _ in range(3)) if strace_ok else None
+    r["dry_own"] = max(vmhwm_at_exit(s["argv"] + ["--dry-run"], ENV_A) or 0
+                       for _ in range(3)) if strace_ok else None
+    r["apply_tree"] = in_fresh_netns(lambda: tree_maxrss(s["argv"], ENV_A))
+json.dump(result, sys.stdout)
+PY
+
+echo "bench.sh: measuring ($RUNS samples per variant, interleaved, fresh network namespace each) ..." >&2
+python3 "$work/harness.py" "$work" "$BIN" "$RUNS" "$SETTLE_MS" >"$work/result.json" \
+    || die "measurement failed (see above)"
+
+# ---- report ---------------------------------------------------------------------------------
+python3 - "$work/result.json" "${#cidrs}" "${#ports}" "$BIN" <<'PY'
+import json
+import os
+import statistics as st
+import sys
+
+r = json.load(open(sys.argv[1]))
+cidr_len, port_len, binary = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ms = lambda ns: ns / 1e6
+med = lambda xs: st.median(xs) / 1e6
+def q(xs, p):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return (xs[lo] + (xs[hi] - xs[lo]) * (k - lo)) / 1e6
+verdict = lambda ok: "PASS" if ok else "FAIL"
+n = r["runs"]
+label = {"seed": "(a)/(b) seed", "large": "(c) 5000 CIDRs + 1000 ports"}
+
+print()
+print(f"istio-iptables benchmark: {binary}")
+print(f"  {n} samples per variant, interleaved, each in a fresh network namespace; medians.")
+print("  (a) istio-iptables <args>   (ENABLE_INBOUND_IPV6=false)")
+print("  (b) iptables-nft-save >/dev/null; iptables-nft-restore --noflush < payload")
+print("      payload = the binary's own --dry-run block; nft flavour because the binary picks")
+print("      iptables-nft in a fresh namespace (checked: no legacy tables after (a)).")
+print(f"  (c) -x: 5000 CIDRs 10.A.B.0/24 ({cidr_len} B argument, limit 131072 B);"
+      f" -o: 1000 outbound ports 20000-20999 ({port_len} B), 2 rules per port")
+print(f"  rules left in the namespace by (a) and (b), verified identical:"
+      f" seed {r['rules']['seed']}, (c) {r['rules']['large']}")
+print()
+hdr = f"{'scenario':<30} {'median (a)':>11} {'median (b)':>11} {'a/b':>6} {'target':>8}  result"
+print(hdr)
+print("-" * len(hdr))
+for name in ("seed", "large"):
+    a, b = med(r["a"][name]), med(r["b"][name])
+    ratio = a / b
+    print(f"{label[name]:<30} {a:>8.2f} ms {b:>8.2f} ms {ratio:>6.3f} {'<= 1.25':>8}  {verdict(ratio <= 1.25)}")
+g = med(r["gen"]["large"])
+print(f"{'rule generation (c), --dry-run':<30} {g:>8.2f} ms {'':>11} {'':>6} {'< 50 ms':>8}  {verdict(g < 50)}")
+rss = r["rss"]
+own = rss["large"]["apply_own"]
+if own:
+    worst = max(x for x in (rss["seed"]["apply_own"], own, rss["seed"]["dry_own"], rss["large"]["dry_own"]) if x)
+    print(f"{'peak RSS, binary (own), max':<30} {worst / 1024:>8.2f} MiB{'':>10} {'':>6} {'< 10 MiB':>8}  {verdict(worst < 10 * 1024)}")
+else:
+    why = "strace not installed" if own is None else "measurement failed"
+    print(f"{'peak RSS, binary (own)':<30} n/a ({why})")
+print()
+fl = med(r["gen"]["floor"])
+print(f"floor: (b) + one more process (the binary's --version, {fl:.2f} ms) gives a/b of"
+      f" {(med(r['b']['seed']) + fl) / med(r['b']['seed']):.3f} (seed),"
+      f" {(med(r['b']['large']) + fl) / med(r['b']['large']):.3f} (c): what a binary doing no work would score")
+print()
+print("details (ms: min / p25 / median / p75 / max)")
+for name in ("seed", "large"):
+    for side in ("a", "b"):
+        xs = r[side][name]
+        print(f"  {label[name]:<30} ({side}) {q(xs,0):7.2f} {q(xs,.25):7.2f} {q(xs,.5):7.2f} {q(xs,.75):7.2f} {q(xs,1):7.2f}")
+for name, what in (("seed", "--dry-run, seed"), ("large", "--dry-run, (c)"), ("floor", "--version (process floor)")):
+    xs = r["gen"][name]
+    print(f"  {what:<34} {q(xs,0):7.2f} {q(xs,.25):7.2f} {q(xs,.5):7.2f} {q(xs,.75):7.2f} {q(xs,1):7.2f}")
+print(f"machine: {os.cpu_count()} CPUs; rounds that started with the machine still busy"
+      f" (< 75 % idle for 3 s): {r['busy']}/{n}")
+if r["busy"] > n // 4:
+    print("  WARNING: the machine was busy during the run: the numbers are noisy; rerun on an idle one.")
+print("peak RSS (MiB)")
+kib = lambda v: f"{v / 1024:.2f}" if v else "n/a"
+for name in ("seed", "large"):
+    x = rss[name]
+    print(f"  {label[name]:<30} binary own, real apply: {kib(x['apply_own'])}; own, --dry-run: {kib(x['dry_own'])};"
+          f" largest process of the apply tree (incl. iptables-nft-restore): {kib(x['apply_tree'])}")
+print("  own = VmHWM of the binary's address space read while strace holds it at exit_group"
+      " (children excluded);")
+print("  tree = GNU time's ru_maxrss, the max over the binary and the iptables programs it ran.")
+PY
+exit 0
