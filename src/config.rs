@@ -950,6 +950,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// The seed command of the issue: Istio's usual sidecar injection.
+    pub const SEED: &[&str] = &[
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15020",
+    ];
+
     pub fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let host = FakeHost {
             files: HashMap::from([(

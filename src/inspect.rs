@@ -484,7 +484,7 @@ pub fn render_report(r: &Report, output: Output) -> String {
 mod tests {
     use super::*;
     use crate::cli::{Args, Command};
-    use crate::config::tests::build as config;
+    use crate::config::tests::{SEED, build as config};
     use crate::state::NoResolver;
 
     fn explain_args(argv: &[&str]) -> ExplainArgs {
@@ -497,28 +497,7 @@ mod tests {
     }
 
     fn seed() -> Config {
-        config(
-            &[
-                "-p",
-                "15001",
-                "-z",
-                "15006",
-                "-u",
-                "1337",
-                "-m",
-                "REDIRECT",
-                "-i",
-                "*",
-                "-x",
-                "",
-                "-b",
-                "*",
-                "-d",
-                "15090,15020",
-            ],
-            &[],
-        )
-        .unwrap()
+        config(SEED, &[]).unwrap()
     }
 
     fn verdict(argv: &[&str], cfg: &Config) -> String {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups};
+use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec};
 
 /// The agent's DNS listener port.
 pub const DNS_PROXY_PORT: u16 = 15053;
@@ -416,6 +416,30 @@ pub fn build(cfg: &Config) -> Plan {
             "PREROUTING",
             args!["-p", "tcp", "-j", chain::INBOUND],
         );
+        // Sends inbound TCP (to `port`, or to every port) to the proxy.
+        let to_proxy = |b: &mut Builder, port: Option<&PortSpec>| {
+            let mut m = args!["-p", "tcp"];
+            if let Some(p) = port {
+                m.extend(args!["--dport", p]);
+            }
+            if tproxy {
+                let mut divert = m.clone();
+                divert.extend(args![
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED",
+                    "-j",
+                    chain::DIVERT
+                ]);
+                b.append(Mangle, chain::INBOUND, divert);
+                m.extend(args!["-j", chain::TPROXY]);
+                b.append(Mangle, chain::INBOUND, m);
+            } else {
+                m.extend(args!["-j", chain::IN_REDIRECT]);
+                b.append(Nat, chain::INBOUND, m);
+            }
+        };
         match &cfg.inbound_ports {
             InboundPorts::All => {
                 for p in &cfg.inbound_ports_exclude {
@@ -425,65 +449,11 @@ pub fn build(cfg: &Config) -> Plan {
                         args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
                     );
                 }
-                if tproxy {
-                    b.append(
-                        Mangle,
-                        chain::INBOUND,
-                        args![
-                            "-p",
-                            "tcp",
-                            "-m",
-                            "conntrack",
-                            "--ctstate",
-                            "RELATED,ESTABLISHED",
-                            "-j",
-                            chain::DIVERT
-                        ],
-                    );
-                    b.append(
-                        Mangle,
-                        chain::INBOUND,
-                        args!["-p", "tcp", "-j", chain::TPROXY],
-                    );
-                } else {
-                    b.append(
-                        Nat,
-                        chain::INBOUND,
-                        args!["-p", "tcp", "-j", chain::IN_REDIRECT],
-                    );
-                }
+                to_proxy(&mut b, None);
             }
             InboundPorts::Only(ports) => {
                 for p in ports {
-                    if tproxy {
-                        b.append(
-                            Mangle,
-                            chain::INBOUND,
-                            args![
-                                "-p",
-                                "tcp",
-                                "--dport",
-                                p,
-                                "-m",
-                                "conntrack",
-                                "--ctstate",
-                                "RELATED,ESTABLISHED",
-                                "-j",
-                                chain::DIVERT
-                            ],
-                        );
-                        b.append(
-                            Mangle,
-                            chain::INBOUND,
-                            args!["-p", "tcp", "--dport", p, "-j", chain::TPROXY],
-                        );
-                    } else {
-                        b.append(
-                            Nat,
-                            chain::INBOUND,
-                            args!["-p", "tcp", "--dport", p, "-j", chain::IN_REDIRECT],
-                        );
-                    }
+                    to_proxy(&mut b, Some(p));
                 }
             }
             InboundPorts::None => unreachable!("checked above"),
@@ -882,7 +852,7 @@ fn dns_rules(b: &mut Builder, cfg: &Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::build as config;
+    use crate::config::tests::{SEED, build as config};
 
     fn lines(rules: &[Rule]) -> Vec<String> {
         rules.iter().map(|r| format!("{} {}", r.table, r)).collect()
@@ -890,28 +860,7 @@ mod tests {
 
     #[test]
     fn seed_command_captures_all_inbound_and_outbound() {
-        let c = config(
-            &[
-                "-p",
-                "15001",
-                "-z",
-                "15006",
-                "-u",
-                "1337",
-                "-m",
-                "REDIRECT",
-                "-i",
-                "*",
-                "-x",
-                "",
-                "-b",
-                "*",
-                "-d",
-                "15090,15020",
-            ],
-            &[],
-        )
-        .unwrap();
+        let c = config(SEED, &[]).unwrap();
         let plan = build(&c);
         let l = lines(&plan.v4);
         assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN".to_string()));
