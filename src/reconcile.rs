@@ -203,25 +203,24 @@ impl<'a> TablePlan<'a> {
         !self.current_ours().is_empty() || self.have.values().flatten().any(|(_, owned)| *owned)
     }
 
+    /// Whether chain `c` holds exactly what we want (canonically, in order).
+    fn chain_matches(&self, c: &str) -> bool {
+        let have = self.have.get(c).map(Vec::as_slice).unwrap_or(&[]);
+        let want = self.want.get(c).map(Vec::as_slice).unwrap_or(&[]);
+        have.iter().map(|(r, _)| r).eq(want.iter())
+    }
+
     /// Built-in chains whose content must change.
     fn changed_builtin(&self) -> Vec<String> {
-        let mut names: BTreeSet<&String> = self.want.keys().filter(|c| is_builtin(c)).collect();
-        names.extend(self.have.keys().filter(|c| is_builtin(c)));
+        let names: BTreeSet<&String> = self
+            .want
+            .keys()
+            .chain(self.have.keys())
+            .filter(|c| is_builtin(c))
+            .collect();
         names
             .into_iter()
-            .filter(|c| {
-                let have: Vec<&String> = self
-                    .have
-                    .get(*c)
-                    .map(|v| v.iter().map(|(r, _)| r).collect())
-                    .unwrap_or_default();
-                let want: Vec<&String> = self
-                    .want
-                    .get(*c)
-                    .map(|v| v.iter().collect())
-                    .unwrap_or_default();
-                have != want
-            })
+            .filter(|c| !self.chain_matches(c))
             .cloned()
             .collect()
     }
@@ -229,20 +228,7 @@ impl<'a> TablePlan<'a> {
     fn istio_chains_match(&self) -> bool {
         let cur: BTreeSet<&str> = self.current_ours().into_iter().collect();
         let want: BTreeSet<&str> = self.desired_chains.iter().copied().collect();
-        cur == want
-            && want.iter().all(|c| {
-                let have: Vec<&String> = self
-                    .have
-                    .get(*c)
-                    .map(|v| v.iter().map(|(r, _)| r).collect())
-                    .unwrap_or_default();
-                let want: Vec<&String> = self
-                    .want
-                    .get(*c)
-                    .map(|v| v.iter().collect())
-                    .unwrap_or_default();
-                have == want
-            })
+        cur == want && want.iter().all(|c| self.chain_matches(c))
     }
 
     fn is_current(&self) -> bool {
