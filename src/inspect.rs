@@ -135,7 +135,8 @@ fn parse_endpoint(
 }
 
 /// The packet `explain` walks, and the hooks it traverses.
-pub fn packet(args: &ExplainArgs) -> Result<(Packet, Vec<interp::Hook>), InspectError> {
+/// With `ipv6` on, this tool puts `::6` on lo, so it is a local address like the pod's own.
+pub fn packet(args: &ExplainArgs, ipv6: bool) -> Result<(Packet, Vec<interp::Hook>), InspectError> {
     let (dst, dport) = parse_endpoint("--dst", &args.dst, true)?;
     let dport = dport.unwrap_or(0);
     let src = args
@@ -156,10 +157,14 @@ pub fn packet(args: &ExplainArgs) -> Result<(Packet, Vec<interp::Hook>), Inspect
         ProtoArg::Tcp => Proto::Tcp,
         ProtoArg::Udp => Proto::Udp,
     };
-    let loopback = dst.is_loopback() || Some(dst) == args.pod_ip;
+    let inbound_v6_source = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+    let local = Some(dst) == args.pod_ip || (ipv6 && dst == inbound_v6_source);
+    let loopback = dst.is_loopback() || local;
     let v4 = dst.is_ipv4();
     let (src_ip, sport) = match (src, args.direction) {
         (Some((ip, port)), _) => (ip, port.unwrap_or(40000)),
+        // To one of its own addresses the kernel picks that address as the source.
+        (None, Direction::Outbound) if local => (dst, 40000),
         (None, Direction::Outbound) if dst.is_loopback() => (
             if v4 {
                 IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -234,7 +239,7 @@ pub fn explain(
     resolver: &dyn OwnerResolver,
     live: Option<&SaveState>,
 ) -> Result<String, InspectError> {
-    let (pkt, hooks) = packet(args)?;
+    let (pkt, hooks) = packet(args, cfg.enable_ipv6)?;
     let family = if pkt.dst.is_ipv4() {
         Family::V4
     } else {

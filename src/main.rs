@@ -262,7 +262,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     match command {
         Command::Explain(a) => {
             let live = if a.from_kernel {
-                let family = match inspect::packet(a) {
+                let family = match inspect::packet(a, cfg.enable_ipv6) {
                     Ok((p, _)) if p.dst.is_ipv4() => Family::V4,
                     Ok(_) => Family::V6,
                     Err(e) => return fail(e),
