@@ -703,7 +703,7 @@ impl Config {
         let host_loopback_cidr = {
             let var = env_only::HOST_IPV4_LOOPBACK_CIDR;
             match env(var) {
-                None => "127.0.0.1/32".parse().expect("valid default"),
+                None => Ipv4Net::from(std::net::Ipv4Addr::LOCALHOST),
                 Some(v) => {
                     let s = Src::env(var);
                     let net: Ipv4Net = v

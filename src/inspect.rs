@@ -177,18 +177,18 @@ pub fn packet(args: &ExplainArgs, ipv6: bool) -> Result<(Packet, Vec<interp::Hoo
             Some(p) if p.is_ipv4() == v4 => (p, 40000),
             _ => (
                 if v4 {
-                    "192.0.2.10".parse().unwrap()
+                    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))
                 } else {
-                    "2001:db8::10".parse().unwrap()
+                    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10))
                 },
                 40000,
             ),
         },
         (None, Direction::Inbound) => (
             if v4 {
-                "192.0.2.1".parse().unwrap()
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
             } else {
-                "2001:db8::1".parse().unwrap()
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
             },
             40000,
         ),
