@@ -27,46 +27,24 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    BIN, NsOutput, compare_lines, extract_heredoc_blocks, indent, normalize_save, run_in_fresh_ns,
-    run_with_timeout, sane_path, shell_command, shell_quote, skip_unless_root,
+    BIN, NsOutput, SEED, compare_lines, extract_heredoc_blocks, indent, normalize_save,
+    run_in_fresh_ns, run_with_timeout, sane_path, seed_with, shell_command, shell_quote,
+    skip_unless_root,
 };
-
-/// The seed command of the issue.
-const SEED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15020",
-];
 
 /// IPv4 only.
 const V4: &[(&str, &str)] = &[("ENABLE_INBOUND_IPV6", "false")];
 /// IPv4 and IPv6.
 const V6: &[(&str, &str)] = &[("ENABLE_INBOUND_IPV6", "true")];
 
-/// The seed command with `-b` replaced by `ports`.
-fn seed_with_inbound(ports: &str) -> Vec<&str> {
-    let mut v = SEED.to_vec();
-    let i = v.iter().position(|a| *a == "-b").expect("-b in seed") + 1;
-    v[i] = ports;
-    v
-}
-
 /// `a` followed by `b`.
 fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
     a.iter().chain(b).copied().collect()
+}
+
+/// The seed command with `--force-iptables-binary BACKEND`.
+fn seed_forcing(backend: &str) -> Vec<&str> {
+    cat(SEED, &["--force-iptables-binary", backend])
 }
 
 // ---------------------------------------------------------------------------
@@ -95,6 +73,15 @@ fn real_program(name: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
+}
+
+/// Skips `test` (with a note) unless every one of `programs` is installed.
+fn skip_unless_installed(test: &str, programs: &[&str]) -> bool {
+    let missing = programs.iter().any(|p| real_program(p).is_none());
+    if missing {
+        eprintln!("SKIPPED {test}: needs {}", programs.join(" and "));
+    }
+    missing
 }
 
 /// How the shims misbehave.
@@ -684,11 +671,8 @@ fn fresh_apply_with_ipv6_runs_at_most_two_processes_per_family() {
 
 #[test]
 fn legacy_tables_in_the_namespace_select_legacy() {
-    if skip_unless_root("legacy_tables_in_the_namespace_select_legacy") {
-        return;
-    }
-    if real_program("iptables-legacy").is_none() {
-        eprintln!("SKIPPED legacy_tables_in_the_namespace_select_legacy: no iptables-legacy");
+    let test = "legacy_tables_in_the_namespace_select_legacy";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
         return;
     }
     let ns = Script::new()
@@ -723,54 +707,41 @@ fn legacy_tables_in_the_namespace_select_legacy() {
 
 #[test]
 fn force_iptables_binary_overrides_detection() {
-    if skip_unless_root("force_iptables_binary_overrides_detection") {
+    let test = "force_iptables_binary_overrides_detection";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
         return;
     }
-    if real_program("iptables-legacy").is_none() {
-        eprintln!("SKIPPED force_iptables_binary_overrides_detection: no iptables-legacy");
-        return;
+    for (setup, forced, other) in [
+        // Legacy tables present, nft forced.
+        (
+            "iptables-legacy -t filter -A INPUT -j ACCEPT",
+            "nft",
+            "legacy",
+        ),
+        // No legacy tables, legacy forced.
+        ("", "legacy", "nft"),
+    ] {
+        let ns = Script::new()
+            .sh(setup)
+            .run("apply", V4, &seed_forcing(forced))
+            .snap("after")
+            .exec();
+        let run = ns.run_rc("apply", 0);
+        let st = ns.state("after");
+        assert!(
+            run.stderr.contains(&format!("iptables-{forced}-restore"))
+                && run.stderr.contains("forced"),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            st.get(&format!("v4-{forced}")).contains("-A ISTIO_OUTPUT")
+                && !st.get(&format!("v4-{other}")).contains("ISTIO"),
+            "--force-iptables-binary {forced}: rules must be in {forced} only\n{}\n{}",
+            st.describe(),
+            ns.context()
+        );
     }
-    // Legacy tables present, nft forced.
-    let ns = Script::new()
-        .sh("iptables-legacy -t filter -A INPUT -j ACCEPT")
-        .run("apply", V4, &cat(SEED, &["--force-iptables-binary", "nft"]))
-        .snap("after")
-        .exec();
-    let run = ns.run_rc("apply", 0);
-    let st = ns.state("after");
-    assert!(
-        run.stderr.contains("iptables-nft-restore") && run.stderr.contains("forced"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        st.get("v4-nft").contains("-A ISTIO_OUTPUT") && !st.get("v4-legacy").contains("ISTIO"),
-        "--force-iptables-binary nft: rules must be in nft only\n{}\n{}",
-        st.describe(),
-        ns.context()
-    );
-    // No legacy tables, legacy forced.
-    let ns = Script::new()
-        .run(
-            "apply",
-            V4,
-            &cat(SEED, &["--force-iptables-binary", "legacy"]),
-        )
-        .snap("after")
-        .exec();
-    let run = ns.run_rc("apply", 0);
-    let st = ns.state("after");
-    assert!(
-        run.stderr.contains("iptables-legacy-restore") && run.stderr.contains("forced"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        st.get("v4-legacy").contains("-A ISTIO_OUTPUT") && !st.get("v4-nft").contains("ISTIO"),
-        "--force-iptables-binary legacy: rules must be in legacy only\n{}\n{}",
-        st.describe(),
-        ns.context()
-    );
 }
 
 #[test]
@@ -973,8 +944,8 @@ fn all_inbound_ports_then_one_port_equals_fresh_apply() {
     if skip_unless_root("all_inbound_ports_then_one_port_equals_fresh_apply") {
         return;
     }
-    assert_transition(V4, SEED, &seed_with_inbound("8080"), PARTS);
-    assert_transition(V4, &seed_with_inbound("8080"), SEED, PARTS);
+    assert_transition(V4, SEED, &seed_with("-b", "8080"), PARTS);
+    assert_transition(V4, &seed_with("-b", "8080"), SEED, PARTS);
 }
 
 #[test]
@@ -1128,7 +1099,7 @@ fn reconcile_false_refuses_a_conflict_and_changes_nothing() {
     if skip_unless_root("reconcile_false_refuses_a_conflict_and_changes_nothing") {
         return;
     }
-    let other = cat(&seed_with_inbound("8080"), &["--reconcile=false"]);
+    let other = cat(&seed_with("-b", "8080"), &["--reconcile=false"]);
     let same = cat(SEED, &["--reconcile=false"]);
     let ns = Script::new()
         .run("apply", V4, SEED)
@@ -1183,7 +1154,7 @@ fn force_apply_without_reconcile_on_a_conflict_fails_cleanly() {
         return;
     }
     let args = cat(
-        &seed_with_inbound("8080"),
+        &seed_with("-b", "8080"),
         &["--reconcile=false", "--force-apply"],
     );
     let ns = Script::new()
@@ -1249,7 +1220,7 @@ fn assert_rollback(setup: &str, fail: Fail, env: &[(&str, &str)], args: &[&str])
 
 /// A namespace with foreign rules in both families and an earlier Istio config (IPv6 on).
 fn existing_state_setup() -> String {
-    let earlier = cat(&[BIN], &seed_with_inbound("8080"));
+    let earlier = cat(&[BIN], &seed_with("-b", "8080"));
     format!(
         "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
         foreign_rules("iptables-nft"),
@@ -1337,9 +1308,9 @@ fn failed_ip_rule_add_rolls_back_tables_routes_and_address() {
 // 7. Cleanup
 // ---------------------------------------------------------------------------
 
-/// Foreign state, snapshot, apply `apply_args`, cleanup with `cleanup_args` twice: the state
-/// after each cleanup equals the one before the apply.
-fn assert_cleanup_restores(
+/// Foreign state (`setup`), snapshot `before`, apply `apply_args` (snapshot `applied`),
+/// cleanup with `cleanup_args` twice (`cleaned`, `cleaned2`); every run must exit 0.
+fn apply_then_clean_up_twice(
     setup: &str,
     env: &[(&str, &str)],
     apply_args: &[&str],
@@ -1355,10 +1326,22 @@ fn assert_cleanup_restores(
         .run("cleanup2", env, cleanup_args)
         .snap("cleaned2")
         .exec();
-    let ctx = ns.context();
     ns.run_rc("apply", 0);
     ns.run_rc("cleanup", 0);
     ns.run_rc("cleanup2", 0);
+    ns
+}
+
+/// [`apply_then_clean_up_twice`]: the state after each cleanup equals the one before the
+/// apply.
+fn assert_cleanup_restores(
+    setup: &str,
+    env: &[(&str, &str)],
+    apply_args: &[&str],
+    cleanup_args: &[&str],
+) -> Ns {
+    let ns = apply_then_clean_up_twice(setup, env, apply_args, cleanup_args);
+    let ctx = ns.context();
     let applied = ns.state("applied");
     assert!(
         TABLES.iter().any(|p| applied.get(p).contains("ISTIO_")),
@@ -1440,31 +1423,17 @@ fn cleanup_after_tproxy_ipv6_dns_restores_foreign_state_exactly() {
 
 #[test]
 fn cleanup_finds_rules_applied_with_forced_legacy() {
-    if skip_unless_root("cleanup_finds_rules_applied_with_forced_legacy") {
+    let test = "cleanup_finds_rules_applied_with_forced_legacy";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
         return;
     }
-    if real_program("iptables-legacy").is_none() {
-        eprintln!("SKIPPED cleanup_finds_rules_applied_with_forced_legacy: no iptables-legacy");
-        return;
-    }
-    let ns = Script::new()
-        .sh(&foreign_rules("iptables-nft"))
-        .snap("before")
-        .run(
-            "apply",
-            V4,
-            &cat(SEED, &["--force-iptables-binary", "legacy"]),
-        )
-        .snap("applied")
-        .run("cleanup", V4, &["--cleanup-only"])
-        .snap("cleaned")
-        .run("cleanup2", V4, &["--cleanup-only"])
-        .snap("cleaned2")
-        .exec();
+    let ns = apply_then_clean_up_twice(
+        &foreign_rules("iptables-nft"),
+        V4,
+        &seed_forcing("legacy"),
+        &["--cleanup-only"],
+    );
     let ctx = ns.context();
-    ns.run_rc("apply", 0);
-    ns.run_rc("cleanup", 0);
-    ns.run_rc("cleanup2", 0);
     let applied = ns.state("applied");
     assert!(
         applied.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
@@ -1480,30 +1449,21 @@ fn cleanup_finds_rules_applied_with_forced_legacy() {
     // Legacy tables cannot be unloaded: an empty nat table may stay. Everything else is
     // exactly as before.
     let before = ns.state("before").without_empty_tables();
+    let parts = [
+        "v4-nft",
+        "v6-nft",
+        "v4-legacy",
+        "v6-legacy",
+        "rule4",
+        "rule6",
+        "route4",
+        "route6",
+        "addr6-lo",
+    ];
     assert_same(
         "cleanup of legacy rules (empty legacy tables aside)",
-        &before.only(&[
-            "v4-nft",
-            "v6-nft",
-            "v4-legacy",
-            "v6-legacy",
-            "rule4",
-            "rule6",
-            "route4",
-            "route6",
-            "addr6-lo",
-        ]),
-        &cleaned.without_empty_tables().only(&[
-            "v4-nft",
-            "v6-nft",
-            "v4-legacy",
-            "v6-legacy",
-            "rule4",
-            "rule6",
-            "route4",
-            "route6",
-            "addr6-lo",
-        ]),
+        &before.only(&parts),
+        &cleaned.without_empty_tables().only(&parts),
         &ctx,
     );
     assert_same("a second cleanup", &cleaned, &ns.state("cleaned2"), &ctx);
@@ -1642,20 +1602,13 @@ fn hold_lock(secs: u32) -> String {
 
 #[test]
 fn legacy_waits_for_the_xtables_lock() {
-    if skip_unless_root("legacy_waits_for_the_xtables_lock") {
-        return;
-    }
-    if real_program("iptables-legacy").is_none() || real_program("flock").is_none() {
-        eprintln!("SKIPPED legacy_waits_for_the_xtables_lock: needs iptables-legacy and flock");
+    let test = "legacy_waits_for_the_xtables_lock";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
         return;
     }
     let ns = Script::new()
         .sh(&hold_lock(3))
-        .run(
-            "apply",
-            V4,
-            &cat(SEED, &["--force-iptables-binary", "legacy"]),
-        )
+        .run("apply", V4, &seed_forcing("legacy"))
         .sh("wait $__holder || true")
         .snap("after")
         .exec();
@@ -1677,13 +1630,8 @@ fn legacy_waits_for_the_xtables_lock() {
 
 #[test]
 fn legacy_gives_up_on_a_held_xtables_lock() {
-    if skip_unless_root("legacy_gives_up_on_a_held_xtables_lock") {
-        return;
-    }
-    if real_program("iptables-legacy").is_none() || real_program("flock").is_none() {
-        eprintln!(
-            "SKIPPED legacy_gives_up_on_a_held_xtables_lock: needs iptables-legacy and flock"
-        );
+    let test = "legacy_gives_up_on_a_held_xtables_lock";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
         return;
     }
     let env = [
@@ -1693,11 +1641,7 @@ fn legacy_gives_up_on_a_held_xtables_lock() {
     let ns = Script::new()
         .snap("before")
         .sh(&hold_lock(4))
-        .run(
-            "apply",
-            &env,
-            &cat(SEED, &["--force-iptables-binary", "legacy"]),
-        )
+        .run("apply", &env, &seed_forcing("legacy"))
         .sh("kill $__holder; wait $__holder || true")
         .snap("after")
         .exec();
@@ -1730,31 +1674,21 @@ fn run_validation_passes_after_apply_and_fails_without_rules() {
     if skip_unless_root("run_validation_passes_after_apply_and_fails_without_rules") {
         return;
     }
-    let validate_only = cat(
-        SEED,
-        &[
-            "--skip-rule-apply",
-            "--run-validation",
-            "--probe-timeout",
-            "1s",
-        ],
-    );
-    let ns = Script::new()
-        .run("no-rules", V4, &validate_only)
-        .run("apply", V4, SEED)
-        .run(
-            "validate",
-            V4,
-            &cat(
-                SEED,
-                &[
-                    "--skip-rule-apply",
-                    "--run-validation",
-                    "--probe-timeout",
-                    "3s",
-                ],
-            ),
+    let validate_only = |timeout| {
+        cat(
+            SEED,
+            &[
+                "--skip-rule-apply",
+                "--run-validation",
+                "--probe-timeout",
+                timeout,
+            ],
         )
+    };
+    let ns = Script::new()
+        .run("no-rules", V4, &validate_only("1s"))
+        .run("apply", V4, SEED)
+        .run("validate", V4, &validate_only("3s"))
         .exec();
     let none = ns.run_rc("no-rules", 126);
     assert!(

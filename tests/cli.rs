@@ -16,6 +16,8 @@
 //!
 //! To add a bad-input case, add one line to [`bad_inputs`].
 
+mod common;
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -23,12 +25,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_istio-iptables");
+use common::{BIN, SEED, TempDir};
 
 /// How long one run of the binary may take before the test fails (a shim waiting on stdin
 /// forever, say).
@@ -68,35 +68,6 @@ const CAPTURE_ALL_OUTBOUND_RULE: &str = "-A ISTIO_OUTPUT -j ISTIO_REDIRECT";
 /// child until it execs; exec'ing the file then fails with ETXTBSY. Shims are written under
 /// the write lock, and every spawn happens under the read lock.
 static SPAWN_LOCK: RwLock<()> = RwLock::new(());
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "istio-iptables-cli-test-{}-{n}",
-            std::process::id()
-        ));
-        // A leftover from a crashed run with a recycled pid.
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A temp dir with the shims in `bin/`, the call log and the saved stdins.
 struct Sandbox {
@@ -227,7 +198,7 @@ exit 0
 
 impl Sandbox {
     fn new() -> Sandbox {
-        let dir = TempDir::new();
+        let dir = TempDir::new("istio-iptables-cli-test");
         let bin = dir.path().join("bin");
         fs::create_dir(&bin).expect("create the shim dir");
         let _guard = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
@@ -870,25 +841,7 @@ fn bad_input_exits_2_with_one_line_and_runs_nothing() {
 #[test]
 fn apply_feeds_one_iptables_restore_and_no_ip6tables_restore() {
     let sandbox = Sandbox::new();
-    let args = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15020",
-    ];
-    let run = sandbox.run(&args, &[]);
+    let run = sandbox.run(SEED, &[]);
     run.success();
     let calls = sandbox.calls();
     let listing = calls

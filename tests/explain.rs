@@ -55,8 +55,9 @@ use istio_iptables::rules::{self, Family};
 
 use common::{
     APP, BIN, DEFAULT_TIMEOUT, Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Listener,
-    PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY, TOPOLOGY_DEV, TempDir, Topology, UdpListener, connect,
-    run_with_timeout, sa, sane_path, shell_command, skip_unless_root, udp_exchange,
+    PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY, SEED, TOPOLOGY_DEV, TempDir, Topology, UdpListener, Way,
+    connect, proxy_flags, run_with_timeout, sa, sane_path, seed_with, shell_command,
+    skip_unless_root, udp_exchange,
 };
 
 /// Real destination ports: every one has a listener in both namespaces, both families.
@@ -745,26 +746,6 @@ fn run_scenarios(test: &str, lab: &Lab, scenarios: &[Scenario]) {
     r.finish(|| lab.context());
 }
 
-/// Istio's seed command (as in tests/traffic.rs).
-const SEED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15020",
-];
-
 fn traffic_seed(test: &str, v6: bool) {
     if skip_unless_root(test) {
         return;
@@ -858,10 +839,10 @@ fn traffic_outbound_cidr_include_and_exclude() {
     let mut lab = Lab::new("xcidr");
     let (include, exclude) = (lab.subnet(false), format!("{}/32", lab.t.peer_v4));
     lab.apply(
-        strings(&[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", &include, "-x",
-            &exclude, "-b", "*",
-        ]),
+        strings(&proxy_flags(
+            "REDIRECT",
+            &["-i", &include, "-x", &exclude, "-b", "*"],
+        )),
         false,
     );
     lab.listen(false, false);
@@ -890,65 +871,77 @@ fn traffic_outbound_cidr_include_and_exclude() {
     run_scenarios(test, &lab, &s);
 }
 
-#[test]
-fn traffic_outbound_port_exclude() {
-    let test = "traffic_outbound_port_exclude";
+/// One IPv4-only test: applies `args` in a fresh lab `name`, then sends as the app, `way`, to
+/// the port of each scenario (as `port_scenarios` in tests/traffic.rs).
+fn port_scenarios(
+    test: &str,
+    name: &str,
+    args: &[&str],
+    way: Way,
+    scenarios: &[(&str, u16, &str)],
+) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new("xoport");
-    lab.apply(
-        strings(&[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*",
-            "-o", "80",
-        ]),
-        false,
-    );
+    let mut lab = Lab::new(name);
+    lab.apply(strings(args), false);
     lab.listen(false, false);
-    let peer = lab.peer(false);
-    let s = [
-        scenario(
-            "outbound to the excluded port (-o 80) is not captured",
-            Probe::outbound(APP, sa(peer, 80)),
-            "not-captured",
-        ),
-        scenario(
-            "outbound to another port is captured",
-            Probe::outbound(APP, sa(peer, 443)),
-            "redirect 15001",
-        ),
-    ];
+    let (pod, peer) = (lab.pod(false), lab.peer(false));
+    let s: Vec<Scenario> = scenarios
+        .iter()
+        .map(|&(what, port, want)| {
+            let probe = match way {
+                Way::Outbound => Probe::outbound(APP, sa(peer, port)),
+                Way::Inbound => Probe::inbound(peer, sa(pod, port)),
+            };
+            scenario(what, probe, want)
+        })
+        .collect();
     run_scenarios(test, &lab, &s);
 }
 
 #[test]
-fn traffic_inbound_port_include() {
-    let test = "traffic_inbound_port_include";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut lab = Lab::new("xiport");
-    lab.apply(
-        strings(&[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "8080",
-        ]),
-        false,
+fn traffic_outbound_port_exclude() {
+    port_scenarios(
+        "traffic_outbound_port_exclude",
+        "xoport",
+        &proxy_flags("REDIRECT", &["-i", "*", "-b", "*", "-o", "80"]),
+        Way::Outbound,
+        &[
+            (
+                "outbound to the excluded port (-o 80) is not captured",
+                80,
+                "not-captured",
+            ),
+            (
+                "outbound to another port is captured",
+                443,
+                "redirect 15001",
+            ),
+        ],
     );
-    lab.listen(false, false);
-    let (pod, peer) = (lab.pod(false), lab.peer(false));
-    let s = [
-        scenario(
-            "inbound to a listed port (-b 8080) is captured",
-            Probe::inbound(peer, sa(pod, 8080)),
-            "redirect 15006",
-        ),
-        scenario(
-            "inbound to an unlisted port is not captured",
-            Probe::inbound(peer, sa(pod, 9090)),
-            "not-captured",
-        ),
-    ];
-    run_scenarios(test, &lab, &s);
+}
+
+#[test]
+fn traffic_inbound_port_include() {
+    port_scenarios(
+        "traffic_inbound_port_include",
+        "xiport",
+        &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
+        Way::Inbound,
+        &[
+            (
+                "inbound to a listed port (-b 8080) is captured",
+                8080,
+                "redirect 15006",
+            ),
+            (
+                "inbound to an unlisted port is not captured",
+                9090,
+                "not-captured",
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -958,27 +951,7 @@ fn traffic_tproxy_inbound() {
         return;
     }
     let mut lab = Lab::new("xtproxy");
-    lab.apply(
-        strings(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "TPROXY",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15020",
-        ]),
-        true,
-    );
+    lab.apply(strings(&seed_with("-m", "TPROXY")), true);
     lab.listen(true, false);
     let mut s = Vec::new();
     for v6 in [false, true] {
@@ -1023,23 +996,18 @@ fn traffic_dns_redirect() {
     let mut lab = Lab::new("xdns");
     let resolv = lab.resolv.clone();
     lab.apply(
-        strings(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
+        strings(&proxy_flags(
             "REDIRECT",
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "--redirect-dns",
-            "--resolv-conf",
-            &resolv,
-        ]),
+            &[
+                "-i",
+                "*",
+                "-b",
+                "*",
+                "--redirect-dns",
+                "--resolv-conf",
+                &resolv,
+            ],
+        )),
         true,
     );
     lab.listen(false, true);
@@ -1189,28 +1157,23 @@ fn diff_configs() -> Vec<DiffConfig> {
             dns: false,
             args: |l| {
                 let (inc, exc) = (l.subnet(false), format!("{}/32", l.peer(false)));
-                strings(&[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
+                strings(&proxy_flags(
                     "REDIRECT",
-                    "-i",
-                    &inc,
-                    "-x",
-                    &exc,
-                    "-b",
-                    "*",
-                    "-d",
-                    "15090,15020",
-                    "-o",
-                    "3306",
-                    "-q",
-                    "9090",
-                ])
+                    &[
+                        "-i",
+                        &inc,
+                        "-x",
+                        &exc,
+                        "-b",
+                        "*",
+                        "-d",
+                        "15090,15020",
+                        "-o",
+                        "3306",
+                        "-q",
+                        "9090",
+                    ],
+                ))
             },
         },
         DiffConfig {
@@ -1221,24 +1184,10 @@ fn diff_configs() -> Vec<DiffConfig> {
             dns: false,
             args: |l| {
                 let (inc, exc) = (l.subnet(true), format!("{}/128", l.peer(true)));
-                strings(&[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
+                strings(&proxy_flags(
                     "REDIRECT",
-                    "-i",
-                    &inc,
-                    "-x",
-                    &exc,
-                    "-b",
-                    "80,443,8080",
-                    "-o",
-                    "3306",
-                ])
+                    &["-i", &inc, "-x", &exc, "-b", "80,443,8080", "-o", "3306"],
+                ))
             },
         },
         DiffConfig {
@@ -1249,24 +1198,10 @@ fn diff_configs() -> Vec<DiffConfig> {
             dns: false,
             args: |l| {
                 let exc = format!("{}/32,{}/128", l.second(false), l.second(true));
-                strings(&[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
+                strings(&proxy_flags(
                     "TPROXY",
-                    "-i",
-                    "*",
-                    "-x",
-                    &exc,
-                    "-b",
-                    "*",
-                    "-d",
-                    "15090,15020",
-                ])
+                    &["-i", "*", "-x", &exc, "-b", "*", "-d", "15090,15020"],
+                ))
             },
         },
         DiffConfig {
@@ -1277,23 +1212,18 @@ fn diff_configs() -> Vec<DiffConfig> {
             dns: true,
             args: |l| {
                 let inc = format!("{},{}", l.subnet(false), l.subnet(true));
-                strings(&[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
+                strings(&proxy_flags(
                     "TPROXY",
-                    "-i",
-                    &inc,
-                    "-b",
-                    "53,8080,9090",
-                    "--redirect-dns",
-                    "--resolv-conf",
-                    &l.resolv,
-                ])
+                    &[
+                        "-i",
+                        &inc,
+                        "-b",
+                        "53,8080,9090",
+                        "--redirect-dns",
+                        "--resolv-conf",
+                        &l.resolv,
+                    ],
+                ))
             },
         },
         DiffConfig {
@@ -1303,28 +1233,23 @@ fn diff_configs() -> Vec<DiffConfig> {
             families: &[false, true],
             dns: true,
             args: |l| {
-                strings(&[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
+                strings(&proxy_flags(
                     "REDIRECT",
-                    "-i",
-                    "*",
-                    "-b",
-                    "*",
-                    "-d",
-                    "15090",
-                    "-o",
-                    "443",
-                    "--redirect-dns",
-                    "--capture-all-dns",
-                    "--resolv-conf",
-                    &l.resolv,
-                ])
+                    &[
+                        "-i",
+                        "*",
+                        "-b",
+                        "*",
+                        "-d",
+                        "15090",
+                        "-o",
+                        "443",
+                        "--redirect-dns",
+                        "--capture-all-dns",
+                        "--resolv-conf",
+                        &l.resolv,
+                    ],
+                ))
             },
         },
     ]
@@ -1578,15 +1503,15 @@ impl Drift {
 
 /// What `verify` must answer: its exit code, strings its output must contain, and strings it
 /// must not (the other family, other kinds of difference).
-struct Expect<'a> {
+struct Expect {
     json: bool,
     code: i32,
-    has: Vec<&'a str>,
-    lacks: Vec<&'a str>,
+    has: Vec<String>,
+    lacks: Vec<String>,
 }
 
-impl<'a> Expect<'a> {
-    fn exit(code: i32) -> Expect<'a> {
+impl Expect {
+    fn exit(code: i32) -> Expect {
         Expect {
             json: false,
             code,
@@ -1595,36 +1520,50 @@ impl<'a> Expect<'a> {
         }
     }
 
-    fn json(mut self) -> Expect<'a> {
+    /// Exit 0 and the text that says so.
+    fn matches() -> Expect {
+        Expect::exit(0).has(&["OK: the live rules match the config"])
+    }
+
+    /// Exit 3 with a diff of `family`'s `nat/chain` (`IPv4 nat/CHAIN:`), and nothing of the
+    /// other family.
+    fn drift(family: Family, chain: &str) -> Expect {
+        let header = format!("{} nat/{chain}:", fam_name(family));
+        Expect::exit(3)
+            .has(&["DRIFT", &header])
+            .lacks(&[other_family(family)])
+    }
+
+    fn json(mut self) -> Expect {
         self.json = true;
         self
     }
 
-    fn has(mut self, s: &[&'a str]) -> Expect<'a> {
-        self.has.extend_from_slice(s);
+    fn has(mut self, s: &[&str]) -> Expect {
+        self.has.extend(s.iter().map(|n| n.to_string()));
         self
     }
 
-    fn lacks(mut self, s: &[&'a str]) -> Expect<'a> {
-        self.lacks.extend_from_slice(s);
+    fn lacks(mut self, s: &[&str]) -> Expect {
+        self.lacks.extend(s.iter().map(|n| n.to_string()));
         self
     }
 }
 
 /// Runs `verify` in `d`'s pod and records whether it answered as `e` says.
-fn expect_verify(r: &mut Report, what: &str, d: &Drift, e: Expect<'_>) {
+fn expect_verify(r: &mut Report, what: &str, d: &Drift, e: Expect) {
     let (code, out) = d.verify(e.json);
     let mut problems = Vec::new();
     if code != Some(e.code) {
         problems.push(format!("exit {code:?}, expected {}", e.code));
     }
     for n in &e.has {
-        if !out.contains(n) {
+        if !out.contains(n.as_str()) {
             problems.push(format!("the output does not contain {n:?}"));
         }
     }
     for n in &e.lacks {
-        if out.contains(n) {
+        if out.contains(n.as_str()) {
             problems.push(format!("the output contains {n:?}"));
         }
     }
@@ -1643,6 +1582,20 @@ fn other_family(f: Family) -> &'static str {
     }
 }
 
+/// For each family: applies [`SEED`] in a fresh pod (`{tag}ipv4`, `{tag}ipv6`; see
+/// [`Drift::new`]) and hands it to `check`; fails with every failed check.
+fn verify_each_family(test: &str, tag: &str, mut check: impl FnMut(&mut Report, Family, &Drift)) {
+    if skip_unless_root(test) {
+        return;
+    }
+    let mut r = Report::new(test);
+    for family in [Family::V4, Family::V6] {
+        let d = Drift::new(&format!("{tag}{}", fam_name(family).to_lowercase()), SEED);
+        check(&mut r, family, &d);
+    }
+    r.finish(String::new);
+}
+
 #[test]
 fn verify_matches_right_after_apply() {
     let test = "verify_matches_right_after_apply";
@@ -1650,13 +1603,16 @@ fn verify_matches_right_after_apply() {
         return;
     }
     let mut r = Report::new(test);
-    for (name, args) in [("seed", SEED), ("tproxy", TPROXY)] {
-        let d = Drift::new(&format!("v0{name}"), args);
+    for (name, args) in [
+        ("seed", SEED.to_vec()),
+        ("tproxy", seed_with("-m", "TPROXY")),
+    ] {
+        let d = Drift::new(&format!("v0{name}"), &args);
         expect_verify(
             &mut r,
             &format!("{name}: verify exits 0"),
             &d,
-            Expect::exit(0).has(&["OK: the live rules match the config"]),
+            Expect::matches(),
         );
         expect_verify(
             &mut r,
@@ -1672,27 +1628,18 @@ fn verify_matches_right_after_apply() {
 
 #[test]
 fn verify_deleted_rule_is_drift() {
-    let test = "verify_deleted_rule_is_drift";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut r = Report::new(test);
-    for family in [Family::V4, Family::V6] {
+    verify_each_family("verify_deleted_rule_is_drift", "vdel", |r, family, d| {
         let f = fam_name(family);
-        let d = Drift::new(&format!("vdel{}", f.to_lowercase()), SEED);
         let gone = d.config_rule(family, "nat", "ISTIO_OUTPUT", 2);
         d.iptables(family, &["-t", "nat", "-D", "ISTIO_OUTPUT", "2"]);
-        let header = format!("{f} nat/ISTIO_OUTPUT:");
         let missing = format!("missing:  {gone}");
         expect_verify(
-            &mut r,
+            r,
             &format!("{f}: `-t nat -D ISTIO_OUTPUT 2` is drift naming `{gone}`"),
-            &d,
-            Expect::exit(3).has(&["DRIFT", &header, &missing]).lacks(&[
-                other_family(family),
-                "extra:",
-                "out of order",
-            ]),
+            d,
+            Expect::drift(family, "ISTIO_OUTPUT")
+                .has(&[&missing])
+                .lacks(&["extra:", "out of order"]),
         );
         let json_family = f.to_lowercase();
         let json_diff = format!(
@@ -1700,29 +1647,22 @@ fn verify_deleted_rule_is_drift() {
              \"missing\":[\"{gone}\"],\"extra\":[],\"out_of_order\":false}}"
         );
         expect_verify(
-            &mut r,
+            r,
             &format!("{f}: the same with --output json"),
-            &d,
+            d,
             Expect::exit(3).json().has(&[
                 "{\"match\":false,",
                 &json_diff,
                 "\"routes_missing\":[]}",
             ]),
         );
-    }
-    r.finish(String::new);
+    });
 }
 
 #[test]
 fn verify_added_rule_is_drift() {
-    let test = "verify_added_rule_is_drift";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut r = Report::new(test);
-    for family in [Family::V4, Family::V6] {
+    verify_each_family("verify_added_rule_is_drift", "vadd", |r, family, d| {
         let f = fam_name(family);
-        let d = Drift::new(&format!("vadd{}", f.to_lowercase()), SEED);
         d.iptables(
             family,
             &[
@@ -1738,34 +1678,21 @@ fn verify_added_rule_is_drift() {
                 "RETURN",
             ],
         );
-        let header = format!("{f} nat/ISTIO_OUTPUT:");
         expect_verify(
-            &mut r,
+            r,
             &format!("{f}: an added ISTIO_OUTPUT rule is drift"),
-            &d,
-            Expect::exit(3)
-                .has(&[
-                    "DRIFT",
-                    &header,
-                    "extra:    -A ISTIO_OUTPUT -p tcp",
-                    "--dport 1234 -j RETURN",
-                ])
-                .lacks(&[other_family(family), "missing:", "out of order"]),
+            d,
+            Expect::drift(family, "ISTIO_OUTPUT")
+                .has(&["extra:    -A ISTIO_OUTPUT -p tcp", "--dport 1234 -j RETURN"])
+                .lacks(&["missing:", "out of order"]),
         );
-    }
-    r.finish(String::new);
+    });
 }
 
 #[test]
 fn verify_reordered_rule_is_drift() {
-    let test = "verify_reordered_rule_is_drift";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut r = Report::new(test);
-    for family in [Family::V4, Family::V6] {
+    verify_each_family("verify_reordered_rule_is_drift", "vord", |r, family, d| {
         let f = fam_name(family);
-        let d = Drift::new(&format!("vord{}", f.to_lowercase()), SEED);
         // Rule 2 moves behind rule 3.
         let listing = d.iptables(family, &["-t", "nat", "-S", "ISTIO_OUTPUT"]);
         let rules: Vec<&str> = listing
@@ -1781,53 +1708,38 @@ fn verify_reordered_rule_is_drift() {
         let mut insert = vec!["-t", "nat", "-I", "ISTIO_OUTPUT", "3"];
         insert.extend(second);
         d.iptables(family, &insert);
-        let header = format!("{f} nat/ISTIO_OUTPUT:");
         expect_verify(
-            &mut r,
+            r,
             &format!("{f}: ISTIO_OUTPUT rule 2 moved behind rule 3 is drift"),
-            &d,
-            Expect::exit(3)
-                .has(&["DRIFT", &header, "out of order"])
-                .lacks(&[other_family(family), "missing:", "extra:"]),
+            d,
+            Expect::drift(family, "ISTIO_OUTPUT")
+                .has(&["out of order"])
+                .lacks(&["missing:", "extra:"]),
         );
-    }
-    r.finish(String::new);
+    });
 }
 
 #[test]
 fn verify_deleted_jump_is_drift() {
-    let test = "verify_deleted_jump_is_drift";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut r = Report::new(test);
-    for family in [Family::V4, Family::V6] {
+    verify_each_family("verify_deleted_jump_is_drift", "vjmp", |r, family, d| {
         let f = fam_name(family);
-        let d = Drift::new(&format!("vjmp{}", f.to_lowercase()), SEED);
         d.iptables(family, &["-t", "nat", "-D", "OUTPUT", "-j", "ISTIO_OUTPUT"]);
-        let header = format!("{f} nat/OUTPUT:");
         expect_verify(
-            &mut r,
+            r,
             &format!("{f}: the deleted jump OUTPUT -> ISTIO_OUTPUT is drift"),
-            &d,
-            Expect::exit(3)
-                .has(&["DRIFT", &header, "missing:  -A OUTPUT -j ISTIO_OUTPUT"])
-                .lacks(&[other_family(family), "ISTIO_OUTPUT:", "extra:"]),
+            d,
+            Expect::drift(family, "OUTPUT")
+                .has(&["missing:  -A OUTPUT -j ISTIO_OUTPUT"])
+                .lacks(&["ISTIO_OUTPUT:", "extra:"]),
         );
-    }
-    r.finish(String::new);
+    });
 }
 
 #[test]
 fn verify_foreign_rules_in_builtin_chains_are_not_drift() {
     let test = "verify_foreign_rules_in_builtin_chains_are_not_drift";
-    if skip_unless_root(test) {
-        return;
-    }
-    let mut r = Report::new(test);
-    for family in [Family::V4, Family::V6] {
+    verify_each_family(test, "vfor", |r, family, d| {
         let f = fam_name(family);
-        let d = Drift::new(&format!("vfor{}", f.to_lowercase()), SEED);
         let rule = ["-p", "tcp", "--dport", "9999", "-j", "RETURN"];
         for (table, how, chain) in [
             ("nat", "-A", "OUTPUT"),
@@ -1838,35 +1750,14 @@ fn verify_foreign_rules_in_builtin_chains_are_not_drift() {
             args.extend(rule);
             d.iptables(family, &args);
             expect_verify(
-                &mut r,
+                r,
                 &format!("{f}: a foreign rule (`-t {table} {how} {chain}`) is not drift"),
-                &d,
-                Expect::exit(0).has(&["OK: the live rules match the config"]),
+                d,
+                Expect::matches(),
             );
         }
-    }
-    r.finish(String::new);
+    });
 }
-
-/// TPROXY mode (as in tests/traffic.rs).
-const TPROXY: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "TPROXY",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15020",
-];
 
 #[test]
 fn verify_missing_tproxy_routes_are_drift() {
@@ -1894,7 +1785,7 @@ fn verify_missing_tproxy_routes_are_drift() {
             "ip -4 route add local default dev lo table 133",
         ),
     ] {
-        let d = Drift::new(&format!("vrt{tag}"), TPROXY);
+        let d = Drift::new(&format!("vrt{tag}"), &seed_with("-m", "TPROXY"));
         d.run("ip", del);
         let missing = format!("routes: missing `{add}`");
         expect_verify(

@@ -33,8 +33,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    APP, Ident, LOCALHOST_V4, LOCALHOST_V6, Listener, PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY,
-    Topology, UdpListener, connect, sa, skip_unless_root, udp_exchange,
+    APP, Ident, LOCALHOST_V4, LOCALHOST_V6, Listener, PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY, SEED,
+    Topology, UdpListener, Way, connect, proxy_flags, sa, seed_with, skip_unless_root,
+    udp_exchange,
 };
 
 // ---------------------------------------------------------------------------
@@ -187,24 +188,20 @@ impl Checks {
     }
 }
 
-const SEED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15020",
-];
+/// TCP listeners on `any` (the wildcard address of a family), one per `(side, port)`: in the
+/// `pod` or `peer` namespace, labelled `side:port`.
+fn tcp_listeners(t: &Topology, any: IpAddr, at: &[(&str, u16)]) -> Vec<Listener> {
+    at.iter()
+        .map(|&(side, port)| {
+            let ns = match side {
+                "pod" => &t.pod,
+                "peer" => &t.peer,
+                _ => panic!("a listener is in the pod or the peer, not {side:?}"),
+            };
+            Listener::tcp(ns, &format!("{side}:{port}"), sa(any, port))
+        })
+        .collect()
+}
 
 /// Context for a failure message: the binary's log and the pod's rules.
 fn context(t: &Topology, bin_log: &str) -> String {
@@ -245,11 +242,17 @@ fn seed_scenarios(test: &'static str, v6: bool) {
             )
         };
     let outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
-    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
-    let _app = Listener::tcp(&t.pod, "pod:8080", sa(any, 8080));
-    let _metrics = Listener::tcp(&t.pod, "pod:15090", sa(any, 15090));
-    let _tunnel = Listener::tcp(&t.pod, "pod:15008", sa(any, 15008));
-    let _peer = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
+    let _others = tcp_listeners(
+        &t,
+        any,
+        &[
+            ("pod", 15006),
+            ("pod", 8080),
+            ("pod", 15090),
+            ("pod", 15008),
+            ("peer", 80),
+        ],
+    );
 
     let pod = t.pod.as_str();
     let peer = t.peer.as_str();
@@ -403,15 +406,10 @@ fn outbound_cidr_include_and_exclude() {
     .unwrap();
     let include = t.subnet_v4();
     let exclude = format!("{}/32", t.peer_v4);
-    let args = [
-        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", &include, "-x",
-        &exclude, "-b", "*",
-    ];
+    let args = proxy_flags("REDIRECT", &["-i", &include, "-x", &exclude, "-b", "*"]);
     let bin_log = t.run_bin_ok(&t.pod, false, &args);
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let _outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
-    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
-    let _peer = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
+    let _listeners = tcp_listeners(&t, any, &[("pod", 15001), ("pod", 15006), ("peer", 80)]);
 
     let pod = t.pod.as_str();
     let mut c = Checks::new(test);
@@ -442,73 +440,79 @@ fn outbound_cidr_include_and_exclude() {
     c.finish(|| context(&t, &bin_log));
 }
 
-/// `-o PORT`: outbound to an excluded port is not captured, other ports are.
-#[test]
-fn outbound_port_exclude() {
-    let test = "outbound_port_exclude";
+/// One IPv4-only test: applies `args` in a fresh topology `name`, starts the TCP listeners `at`
+/// (see [`tcp_listeners`]), then connects as the app, `way`, to the port of each scenario.
+fn port_scenarios(
+    test: &'static str,
+    name: &str,
+    args: &[&str],
+    at: &[(&str, u16)],
+    way: Way,
+    scenarios: &[(&str, u16, Want)],
+) {
     if skip_unless_root(test) {
         return;
     }
-    let t = Topology::new("oport");
-    let args = [
-        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*", "-o",
-        "80",
-    ];
-    let bin_log = t.run_bin_ok(&t.pod, false, &args);
-    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let _outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
-    let _p80 = Listener::tcp(&t.peer, "peer:80", sa(any, 80));
-    let _p81 = Listener::tcp(&t.peer, "peer:81", sa(any, 81));
-
-    let pod = t.pod.as_str();
+    let t = Topology::new(name);
+    let bin_log = t.run_bin_ok(&t.pod, false, args);
+    let _listeners = tcp_listeners(&t, IpAddr::V4(Ipv4Addr::UNSPECIFIED), at);
+    let (from, to) = match way {
+        Way::Outbound => (&t.pod, t.peer_v4),
+        Way::Inbound => (&t.peer, t.pod_v4),
+    };
     let mut c = Checks::new(test);
-    c.tcp(
-        "outbound to the excluded port (-o 80) is not captured",
-        (pod, APP, None),
-        sa(t.peer_v4, 80),
-        Want::Direct("peer:80"),
-    );
-    c.tcp(
-        "outbound to another port is captured",
-        (pod, APP, None),
-        sa(t.peer_v4, 81),
-        Want::Redirected("pod:15001"),
-    );
+    for &(scenario, port, want) in scenarios {
+        c.tcp(scenario, (from, APP, None), sa(to, port), want);
+    }
     c.finish(|| context(&t, &bin_log));
+}
+
+/// `-o PORT`: outbound to an excluded port is not captured, other ports are.
+#[test]
+fn outbound_port_exclude() {
+    port_scenarios(
+        "outbound_port_exclude",
+        "oport",
+        &proxy_flags("REDIRECT", &["-i", "*", "-b", "*", "-o", "80"]),
+        &[("pod", 15001), ("peer", 80), ("peer", 81)],
+        Way::Outbound,
+        &[
+            (
+                "outbound to the excluded port (-o 80) is not captured",
+                80,
+                Want::Direct("peer:80"),
+            ),
+            (
+                "outbound to another port is captured",
+                81,
+                Want::Redirected("pod:15001"),
+            ),
+        ],
+    );
 }
 
 /// `-b PORTS`: only the listed inbound ports are captured.
 #[test]
 fn inbound_port_include() {
-    let test = "inbound_port_include";
-    if skip_unless_root(test) {
-        return;
-    }
-    let t = Topology::new("iport");
-    let args = [
-        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "8080",
-    ];
-    let bin_log = t.run_bin_ok(&t.pod, false, &args);
-    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let _inbound = Listener::tcp(&t.pod, "pod:15006", sa(any, 15006));
-    let _app = Listener::tcp(&t.pod, "pod:8080", sa(any, 8080));
-    let _other = Listener::tcp(&t.pod, "pod:9090", sa(any, 9090));
-
-    let peer = t.peer.as_str();
-    let mut c = Checks::new(test);
-    c.tcp(
-        "inbound to a listed port (-b 8080) is captured",
-        (peer, APP, None),
-        sa(t.pod_v4, 8080),
-        Want::Redirected("pod:15006"),
+    port_scenarios(
+        "inbound_port_include",
+        "iport",
+        &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
+        &[("pod", 15006), ("pod", 8080), ("pod", 9090)],
+        Way::Inbound,
+        &[
+            (
+                "inbound to a listed port (-b 8080) is captured",
+                8080,
+                Want::Redirected("pod:15006"),
+            ),
+            (
+                "inbound to an unlisted port is not captured",
+                9090,
+                Want::Direct("pod:9090"),
+            ),
+        ],
     );
-    c.tcp(
-        "inbound to an unlisted port is not captured",
-        (peer, APP, None),
-        sa(t.pod_v4, 9090),
-        Want::Direct("pod:9090"),
-    );
-    c.finish(|| context(&t, &bin_log));
 }
 
 /// TPROXY mode: inbound is delivered, unaltered, to a transparent listener on the inbound
@@ -520,24 +524,7 @@ fn tproxy_inbound() {
         return;
     }
     let t = Topology::new("tproxy");
-    let args = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "TPROXY",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15020",
-    ];
+    let args = seed_with("-m", "TPROXY");
     let bin_log = t.run_bin_ok(&t.pod, true, &args);
     let pod = t.pod.as_str();
     let peer = t.peer.as_str();
@@ -580,11 +567,12 @@ fn tproxy_inbound() {
             PASSTHROUGH_V6,
         ),
     ] {
-        listeners.push(Listener::tcp(pod, "pod:15001", sa(any, 15001)));
         listeners.push(Listener::transparent(pod, "pod:15006", sa(any, 15006)));
-        listeners.push(Listener::tcp(pod, "pod:8080", sa(any, 8080)));
-        listeners.push(Listener::tcp(pod, "pod:15090", sa(any, 15090)));
-        listeners.push(Listener::tcp(peer, "peer:80", sa(any, 80)));
+        listeners.extend(tcp_listeners(
+            &t,
+            any,
+            &[("pod", 15001), ("pod", 8080), ("pod", 15090), ("peer", 80)],
+        ));
         c.tcp(
             "inbound is delivered to the transparent inbound listener, destination intact",
             (peer, APP, None),
@@ -657,23 +645,18 @@ fn dns_redirect() {
     )
     .unwrap();
     let resolv_s = resolv.to_string_lossy().into_owned();
-    let args = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
+    let args = proxy_flags(
         "REDIRECT",
-        "-i",
-        "*",
-        "-b",
-        "*",
-        "--redirect-dns",
-        "--resolv-conf",
-        &resolv_s,
-    ];
+        &[
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--redirect-dns",
+            "--resolv-conf",
+            &resolv_s,
+        ],
+    );
     let bin_log = t.run_bin_ok(&t.pod, true, &args);
     let pod = t.pod.as_str();
     let peer = t.peer.as_str();

@@ -17,7 +17,8 @@
 //!   [`case_env`], [`sane_path`];
 //! - output handling: [`normalize_save`], [`normalize_restore_payload`],
 //!   [`extract_heredoc_blocks`], [`line_diff`], [`compare_lines`], [`indent`];
-//! - process helpers: [`run_with_timeout`], [`TempDir`].
+//! - process helpers: [`run_with_timeout`], [`TempDir`];
+//! - Istio's seed command line and variants: [`SEED`], [`seed_with`], [`proxy_flags`].
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +39,47 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// How long one namespace script or one binary invocation may run.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Istio's seed command:
+/// `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15020`.
+pub const SEED: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15020",
+];
+
+/// The proxy's ports and uid as in [`SEED`] (`-p 15001 -z 15006 -u 1337`), `-m mode`, then
+/// `rest`.
+pub fn proxy_flags<'a>(mode: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["-p", "15001", "-z", "15006", "-u", "1337", "-m", mode];
+    v.extend_from_slice(rest);
+    v
+}
+
+/// [`SEED`] with the value of `flag` replaced by `value` (`seed_with("-m", "TPROXY")`).
+pub fn seed_with<'a>(flag: &str, value: &'a str) -> Vec<&'a str> {
+    let mut v = SEED.to_vec();
+    let i = v
+        .iter()
+        .position(|a| *a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in the seed command"))
+        + 1;
+    v[i] = value;
+    v
+}
 
 // ---------------------------------------------------------------------------
 // Privileges
@@ -982,6 +1024,15 @@ pub const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 /// Source address of the proxy's inbound passthrough (`127.0.0.6`, `::6`).
 pub const PASSTHROUGH_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 pub const PASSTHROUGH_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+
+/// Which way a connection between the two namespaces of a [`Topology`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// From the pod to the peer.
+    Outbound,
+    /// From the peer to the pod.
+    Inbound,
+}
 
 // ---------------------------------------------------------------------------
 // Identities
