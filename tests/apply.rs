@@ -1665,6 +1665,44 @@ fn legacy_gives_up_on_a_held_xtables_lock() {
     );
 }
 
+/// `--cni-mode`: the lock is scoped to the pod (Istio's CNI runs in the node's filesystem,
+/// where /run/xtables.lock is shared by every pod), so a held node-wide lock does not block.
+#[test]
+fn cni_mode_does_not_wait_for_the_node_wide_lock() {
+    let test = "cni_mode_does_not_wait_for_the_node_wide_lock";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let ns = Script::new()
+        .sh(&hold_lock(4))
+        .run(
+            "apply",
+            &env,
+            &cat(&seed_forcing("legacy"), &["--cni-mode"]),
+        )
+        .sh("kill $__holder; wait $__holder || true")
+        .snap("after")
+        .exec();
+    let run = ns.run_rc("apply", 0);
+    assert!(
+        run.ms < 2500,
+        "with --cni-mode the node-wide lock must not be waited for, took {} ms\n{}",
+        run.ms,
+        run.describe()
+    );
+    let st = ns.state("after");
+    assert!(
+        st.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
+        "{}\n{}",
+        st.describe(),
+        ns.context()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 10. Validation through the binary
 // ---------------------------------------------------------------------------
