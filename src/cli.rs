@@ -370,6 +370,7 @@ pub enum ProtoArg {
 
 /// `explain` options.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Packet")]
 pub struct ExplainArgs {
     /// Inbound (arriving at the pod) or outbound (sent by the pod).
     #[arg(long, value_enum)]
@@ -393,8 +394,8 @@ pub struct ExplainArgs {
     /// Interface the packet arrives on (inbound; default eth0).
     #[arg(long, value_name = "IFACE")]
     pub in_iface: Option<String>,
-    /// Interface the packet leaves by (outbound; default lo for 127.0.0.0/8, ::1 and
-    /// --pod-ip, else eth0).
+    /// Interface the packet leaves by (outbound; default lo for 127.0.0.0/8, ::1, --pod-ip
+    /// and, with IPv6 on, ::6; else eth0).
     #[arg(long, value_name = "IFACE")]
     pub out_iface: Option<String>,
     /// The pod's own address (traffic to it is routed over lo).
@@ -411,6 +412,7 @@ pub struct ExplainArgs {
 
 /// `verify` options.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Report")]
 pub struct VerifyArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
