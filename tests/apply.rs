@@ -1600,25 +1600,23 @@ fn hold_lock(secs: u32) -> String {
     )
 }
 
-#[test]
-fn legacy_waits_for_the_xtables_lock() {
-    let test = "legacy_waits_for_the_xtables_lock";
-    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
-        return;
+/// Runs the seed command (legacy) with `extra` args while /run/xtables.lock is held for `hold`
+/// seconds; snapshots before and after.
+fn apply_under_held_lock(hold: u32, wait_env: Option<&str>, extra: &[&str]) -> Ns {
+    let mut env = vec![("ENABLE_INBOUND_IPV6", "false")];
+    if let Some(w) = wait_env {
+        env.push(("IPTABLES_LOCK_WAIT_SECONDS", w));
     }
-    let ns = Script::new()
-        .sh(&hold_lock(3))
-        .run("apply", V4, &seed_forcing("legacy"))
-        .sh("wait $__holder || true")
+    Script::new()
+        .snap("before")
+        .sh(&hold_lock(hold))
+        .run("apply", &env, &cat(&seed_forcing("legacy"), extra))
+        .sh("kill $__holder 2>/dev/null || true; wait $__holder || true")
         .snap("after")
-        .exec();
-    let run = ns.run_rc("apply", 0);
-    assert!(
-        run.ms >= 2500,
-        "the binary should have waited for the lock (held ~3 s), took {} ms\n{}",
-        run.ms,
-        run.describe()
-    );
+        .exec()
+}
+
+fn assert_applied_to_legacy(ns: &Ns) {
     let st = ns.state("after");
     assert!(
         st.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
@@ -1629,22 +1627,29 @@ fn legacy_waits_for_the_xtables_lock() {
 }
 
 #[test]
+fn legacy_waits_for_the_xtables_lock() {
+    let test = "legacy_waits_for_the_xtables_lock";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
+        return;
+    }
+    let ns = apply_under_held_lock(3, None, &[]);
+    let run = ns.run_rc("apply", 0);
+    assert!(
+        run.ms >= 2500,
+        "the binary should have waited for the lock (held ~3 s), took {} ms\n{}",
+        run.ms,
+        run.describe()
+    );
+    assert_applied_to_legacy(&ns);
+}
+
+#[test]
 fn legacy_gives_up_on_a_held_xtables_lock() {
     let test = "legacy_gives_up_on_a_held_xtables_lock";
     if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
         return;
     }
-    let env = [
-        ("ENABLE_INBOUND_IPV6", "false"),
-        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
-    ];
-    let ns = Script::new()
-        .snap("before")
-        .sh(&hold_lock(4))
-        .run("apply", &env, &seed_forcing("legacy"))
-        .sh("kill $__holder; wait $__holder || true")
-        .snap("after")
-        .exec();
+    let ns = apply_under_held_lock(4, Some("1"), &[]);
     let ctx = ns.context();
     let run = ns.run_rc("apply", 1);
     let line = run.one_error();
@@ -1673,20 +1678,7 @@ fn cni_mode_does_not_wait_for_the_node_wide_lock() {
     if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy", "flock"]) {
         return;
     }
-    let env = [
-        ("ENABLE_INBOUND_IPV6", "false"),
-        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
-    ];
-    let ns = Script::new()
-        .sh(&hold_lock(4))
-        .run(
-            "apply",
-            &env,
-            &cat(&seed_forcing("legacy"), &["--cni-mode"]),
-        )
-        .sh("kill $__holder; wait $__holder || true")
-        .snap("after")
-        .exec();
+    let ns = apply_under_held_lock(4, Some("1"), &["--cni-mode"]);
     let run = ns.run_rc("apply", 0);
     assert!(
         run.ms < 2500,
@@ -1694,13 +1686,7 @@ fn cni_mode_does_not_wait_for_the_node_wide_lock() {
         run.ms,
         run.describe()
     );
-    let st = ns.state("after");
-    assert!(
-        st.get("v4-legacy").contains("-A ISTIO_OUTPUT"),
-        "{}\n{}",
-        st.describe(),
-        ns.context()
-    );
+    assert_applied_to_legacy(&ns);
 }
 
 // ---------------------------------------------------------------------------
