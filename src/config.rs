@@ -225,6 +225,9 @@ pub struct Config {
     pub owner_groups: OwnerGroups,
     /// Generate IPv6 rules (ENABLE_INBOUND_IPV6, else detected).
     pub enable_ipv6: bool,
+    /// Whether `enable_ipv6` was detected from this namespace's addresses (so it must be
+    /// detected again after entering --network-namespace).
+    pub ipv6_detected: bool,
     /// IPv4 DNS servers from resolv.conf (with --redirect-dns).
     pub dns_servers_v4: Vec<DnsServer>,
     /// IPv6 DNS servers from resolv.conf (with --redirect-dns).
@@ -541,6 +544,17 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<DnsServer>, Vec<DnsServer>) {
     (v4, v6)
 }
 
+/// Istio's rule (see `Host::detect_ipv6`); no usable address means IPv4 only.
+pub fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> bool {
+    host.detect_ipv6(dual_stack).unwrap_or_else(|| {
+        tracing::warn!(
+            "no non-loopback, non-link-local address found; generating IPv4 rules only \
+             (set ENABLE_INBOUND_IPV6=true to force IPv6)"
+        );
+        false
+    })
+}
+
 impl Config {
     /// Validates every flag and env value. `env` reads environment variables (for env-only
     /// knobs); `host` answers the few questions about the machine Istio also asks.
@@ -750,21 +764,14 @@ impl Config {
                 OwnerGroups::Only(groups)
             }
         };
-        let enable_ipv6 = match env(env_only::ENABLE_INBOUND_IPV6) {
-            Some(v) => parse_go_bool(v.trim()).ok_or_else(|| {
-                Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
-            })?,
-            None => match host.detect_ipv6(dual_stack) {
-                Some(v6) => v6,
-                None => {
-                    tracing::warn!(
-                        "no non-loopback, non-link-local address found; generating IPv4 rules only \
-                         (set ENABLE_INBOUND_IPV6=true to force IPv6)"
-                    );
-                    false
-                }
-            },
-        };
+        let ipv6_override = env(env_only::ENABLE_INBOUND_IPV6)
+            .map(|v| {
+                parse_go_bool(v.trim()).ok_or_else(|| {
+                    Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
+                })
+            })
+            .transpose()?;
+        let enable_ipv6 = ipv6_override.unwrap_or_else(|| detect_ipv6(host, dual_stack));
 
         let lock_wait_secs = match env(env_only::LOCK_WAIT) {
             None => DEFAULT_LOCK_WAIT_SECS,
@@ -816,6 +823,7 @@ impl Config {
             host_loopback_cidr,
             owner_groups,
             enable_ipv6,
+            ipv6_detected: ipv6_override.is_none(),
             dns_servers_v4,
             dns_servers_v6,
             resolv_conf,

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::backend::SystemProbe;
 use istio_iptables::cli::{Args, Command};
-use istio_iptables::config::{Config, Owner};
+use istio_iptables::config::{Config, Owner, detect_ipv6};
 use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
 use istio_iptables::inspect::{self, InspectError};
@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     };
     init_logging(args.cli.verbose);
 
-    let cfg = match Config::build(&args, &|k| std::env::var(k).ok(), &RealHost) {
+    let mut cfg = match Config::build(&args, &|k| std::env::var(k).ok(), &RealHost) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("istio-iptables: error: {e}");
@@ -105,15 +105,14 @@ fn main() -> ExitCode {
         }
     }
     if let Some(command) = &args.cli.command {
-        return inspect_command(command, &cfg);
+        return inspect_command(command, &mut cfg);
     }
-    let plan = rules::build(&cfg);
 
     if cfg.dry_run {
         if cfg.cleanup_only {
             print!("{}", script::render_cleanup(&cfg));
         } else {
-            print!("{}", script::render(&cfg, &plan));
+            print!("{}", script::render(&cfg, &rules::build(&cfg)));
         }
         return ExitCode::SUCCESS;
     }
@@ -121,13 +120,11 @@ fn main() -> ExitCode {
     if cfg.cni_mode {
         netns::scope_xtables_lock(cfg.network_namespace.as_deref());
     }
-    if let Some(path) = &cfg.network_namespace {
-        if let Err(e) = netns::enter(path) {
-            report(&e);
-            return ExitCode::from(code::FAILURE);
-        }
-        tracing::info!(namespace = %path.display(), "entered network namespace");
+    if let Err(e) = enter_namespace(&mut cfg) {
+        report(&e);
+        return ExitCode::from(code::FAILURE);
     }
+    let plan = rules::build(&cfg);
 
     let opts = Options {
         flavor: cfg.flavor,
@@ -197,6 +194,19 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Enters --network-namespace, if given; IPv6 detection then looks at that namespace.
+fn enter_namespace(cfg: &mut Config) -> Result<(), netns::NetnsError> {
+    let Some(path) = &cfg.network_namespace else {
+        return Ok(());
+    };
+    netns::enter(path)?;
+    tracing::info!(namespace = %path.display(), "entered network namespace");
+    if cfg.ipv6_detected {
+        cfg.enable_ipv6 = detect_ipv6(&RealHost, cfg.dual_stack);
+    }
+    Ok(())
+}
+
 /// The first owner as a number (the probe runs with that identity).
 fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
     match owners.first()? {
@@ -238,18 +248,16 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
 }
 
 /// `explain` and `verify`: read-only.
-fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
+fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
     };
-    if needs_kernel
-        && let Some(path) = &cfg.network_namespace
-        && let Err(e) = netns::enter(path)
-    {
+    if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
         return ExitCode::from(code::FAILURE);
     }
+    let cfg = &*cfg;
     let fail = |e: InspectError| {
         report(&e);
         ExitCode::from(if matches!(e, InspectError::BadArg { .. }) {

@@ -1473,6 +1473,45 @@ fn cleanup_finds_rules_applied_with_forced_legacy() {
 // 8. --network-namespace
 // ---------------------------------------------------------------------------
 
+/// Without ENABLE_INBOUND_IPV6, IPv6 is detected from the addresses of the namespace the rules
+/// go into, not from the caller's: an IPv6-only pod gets ip6tables rules even when the caller
+/// has no IPv6 address.
+#[test]
+fn network_namespace_ipv6_is_detected_inside() {
+    if skip_unless_root("network_namespace_ipv6_is_detected_inside") {
+        return;
+    }
+    let no_override: &[(&str, &str)] = &[];
+    let ns = Script::new()
+        .sh("ip netns add inner")
+        .sh("ip link add v0 type veth peer name v1")
+        .sh("ip link set v1 netns inner")
+        .sh("ip link set v0 up")
+        .sh("ip netns exec inner ip link set lo up")
+        .sh("ip netns exec inner ip link set v1 up")
+        .sh("ip netns exec inner ip -6 addr add fd00:77::1/64 dev v1 nodad")
+        .run(
+            "apply",
+            no_override,
+            &cat(SEED, &["--network-namespace", "/run/netns/inner"]),
+        )
+        .sh("ip netns exec inner ip6tables-nft-save > \"$NS_OUT/inner.v6\"")
+        .sh("ip6tables-nft-save > \"$NS_OUT/outer.v6\"")
+        .exec();
+    ns.run_rc("apply", 0);
+    let inner = ns.out.file("inner.v6").unwrap_or_default().to_string();
+    let outer = ns.out.file("outer.v6").unwrap_or_default().to_string();
+    assert!(
+        inner.contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"),
+        "the IPv6-only inner namespace should get IPv6 rules:\n{inner}\n{}",
+        ns.context()
+    );
+    assert!(
+        !outer.contains("ISTIO"),
+        "the caller's namespace must stay untouched:\n{outer}"
+    );
+}
+
 #[test]
 fn network_namespace_applies_inside_and_leaves_the_caller_alone() {
     if skip_unless_root("network_namespace_applies_inside_and_leaves_the_caller_alone") {
