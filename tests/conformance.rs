@@ -14,10 +14,9 @@
 mod common;
 
 use common::{
-    Case, NsOutput, case_command, case_shell_command, compare_lines, extract_heredoc_blocks,
-    indent, istio_cases_dir, normalize_restore_payload, normalize_save, read_cases,
-    run_in_fresh_ns, run_in_fresh_ns_ok, run_with_timeout, shell_quote, skip_unless_root,
-    with_test_groups_prelude,
+    Case, NsOutput, all_istio_cases, case_command, case_shell_command, compare_lines,
+    extract_heredoc_blocks, indent, normalize_restore_payload, normalize_save, run_in_fresh_ns,
+    run_in_fresh_ns_ok, run_with_timeout, shell_quote, skip_unless_root, with_test_groups_prelude,
 };
 use std::fmt::Write as _;
 use std::process::Output;
@@ -144,7 +143,7 @@ fn check_dry_run(case: &Case) -> Result<(), String> {
 
 #[test]
 fn dry_run_payloads_match_expected() {
-    let cases = read_cases(&istio_cases_dir());
+    let cases = all_istio_cases();
     let mut failures = Vec::new();
     for case in &cases {
         match check_dry_run(case) {
@@ -345,7 +344,7 @@ fn real_run_matches_expected_in_fresh_namespace() {
         return;
     }
     let groups = with_test_groups_prelude();
-    let cases = read_cases(&istio_cases_dir());
+    let cases = all_istio_cases();
     let mut failures = Vec::new();
     for case in &cases {
         match check_real_run(case, &groups) {
@@ -374,7 +373,7 @@ fn harness_sanity() {
     let groups = with_test_groups_prelude();
 
     // The same payload applied in two namespaces gives equal, non-empty saves.
-    let cases = read_cases(&istio_cases_dir());
+    let cases = all_istio_cases();
     let case = cases
         .iter()
         .find(|c| c.expected_v6.is_some() && c.env.iter().any(|(_, v)| v.contains("java")))

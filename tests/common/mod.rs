@@ -480,9 +480,22 @@ pub struct Case {
     pub expected_v6: Option<String>,
 }
 
-/// `tests/data/istio` of this crate.
+/// `tests/data/istio` of this crate: the shared conformance set, copied as it is.
 pub fn istio_cases_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio")
+}
+
+/// `tests/data/istio-more`: more of Istio's golden cases, transcribed by us from Istio's
+/// run_test.go (each has a SOURCE naming the golden and its commit).
+pub fn istio_more_cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio-more")
+}
+
+/// Every conformance case: the shared set, then ours.
+pub fn all_istio_cases() -> Vec<Case> {
+    let mut cases = read_cases(&istio_cases_dir());
+    cases.extend(read_cases(&istio_more_cases_dir()));
+    cases
 }
 
 /// Parses an `args` file: one argument per line, an empty line is an empty
