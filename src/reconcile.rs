@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::restore;
 use crate::rules::{Position, Rule, Table, chain};
-use crate::state::{OwnerResolver, SaveState, TableState, canonical, tokenize};
+use crate::state::{OwnerResolver, SaveState, TableState, canonical};
 
 /// What to do when the namespace already holds different ISTIO_* state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,22 +403,6 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
     tx
 }
 
-/// Parses an iptables-restore payload of our own (as `restore::payload` writes it) back into
-/// rules; used by tests and by the dry-run of a cleanup.
-pub fn payload_rules(payload: &str) -> Vec<(String, String, Vec<String>)> {
-    let mut table = String::new();
-    let mut out = Vec::new();
-    for line in payload.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t.trim().to_string();
-        } else if line.starts_with("-A ") {
-            let toks = tokenize(line);
-            out.push((table.clone(), toks[1].clone(), toks[2..].to_vec()));
-        }
-    }
-    out
-}
-
 /// How one chain differs from what the config produces (only our rules are compared; foreign
 /// rules in built-in chains are ignored).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -526,7 +510,7 @@ mod tests {
     use super::*;
     use crate::config::tests::build as config;
     use crate::rules;
-    use crate::state::{NoResolver, parse_save};
+    use crate::state::{NoResolver, parse_save, tokenize};
 
     const RECONCILE: Policy = Policy {
         reconcile: true,
