@@ -2,7 +2,10 @@
 //!
 //! Data flows one way: [`cli`] (flags and env) → [`config`] (typed, validated) → [`rules`]
 //! (pure rule builder) → [`restore`] / [`script`] (payload text, dry-run script) → [`apply`]
-//! (running the programs, through [`exec`]).
+//! (detect with [`backend`], read with [`state`], plan one transaction with [`reconcile`],
+//! commit and roll back through [`exec`], `ip` plumbing in [`iproute`]) → [`validate`].
+//! [`inspect`] (`explain`, `verify`) reads the same rules back, walking packets with
+//! [`interp`].
 
 pub mod apply;
 pub mod backend;
