@@ -221,7 +221,7 @@ pub struct Config {
     pub flavor: Option<Flavor>,
     /// Host loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
     pub host_loopback_cidr: Ipv4Net,
-    /// Owner groups captured (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]).
+    /// Owner groups captured (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`).
     pub owner_groups: OwnerGroups,
     /// Generate IPv6 rules (ENABLE_INBOUND_IPV6, else detected).
     pub enable_ipv6: bool,
