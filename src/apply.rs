@@ -533,20 +533,25 @@ mod tests {
         lock_wait_secs: 10,
     };
 
-    #[test]
-    fn fresh_apply_runs_one_save_and_one_restore_per_family() {
-        let plan = rules::build(&config(&["-b", "*", "-i", "*"], &[]).unwrap());
-        let mut fake = Fake::default();
-        let s = apply(
-            &plan,
-            &OPTS,
+    /// Applies through the fake runner on an nft-only machine.
+    #[allow(clippy::result_large_err)]
+    fn apply_nft(plan: &Plan, opts: &Options, fake: &mut Fake) -> Result<Summary, ApplyError> {
+        apply(
+            plan,
+            opts,
             &mut Env {
-                runner: &mut fake,
+                runner: fake,
                 probe: &NftOnly,
                 resolver: &NoResolver,
             },
         )
-        .unwrap();
+    }
+
+    #[test]
+    fn fresh_apply_runs_one_save_and_one_restore_per_family() {
+        let plan = rules::build(&config(&["-b", "*", "-i", "*"], &[]).unwrap());
+        let mut fake = Fake::default();
+        let s = apply_nft(&plan, &OPTS, &mut fake).unwrap();
         let programs: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
         assert_eq!(programs, vec!["iptables-nft-save", "iptables-nft-restore"]);
         assert_eq!(fake.calls[1].1, vec!["--noflush"]);
@@ -560,16 +565,7 @@ mod tests {
             fail_program: Some("ip6tables-nft-restore".into()),
             ..Default::default()
         };
-        let e = apply(
-            &plan,
-            &OPTS,
-            &mut Env {
-                runner: &mut fake,
-                probe: &NftOnly,
-                resolver: &NoResolver,
-            },
-        )
-        .unwrap_err();
+        let e = apply_nft(&plan, &OPTS, &mut fake).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("committing IPv6 rules with ip6tables-nft-restore"),
@@ -599,16 +595,7 @@ mod tests {
             },
             ..OPTS
         };
-        let e = apply(
-            &plan,
-            &opts,
-            &mut Env {
-                runner: &mut fake,
-                probe: &NftOnly,
-                resolver: &NoResolver,
-            },
-        )
-        .unwrap_err();
+        let e = apply_nft(&plan, &opts, &mut fake).unwrap_err();
         assert!(matches!(e, ApplyError::Conflict { .. }), "{e}");
         assert!(fake.calls.iter().all(|c| c.0.ends_with("-save")));
     }
