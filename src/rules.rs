@@ -292,37 +292,9 @@ macro_rules! args {
     ($($x:expr),* $(,)?) => { vec![$($x.to_string()),*] };
 }
 
-/// iptables' multiport takes at most 15 ports, a range counting as two.
-const MULTIPORT_MAX: usize = 15;
-
-/// Matches for a list of ports, as Istio writes them: one port is `-p P --dport X`; more are
-/// `-p P -m multiport --dports a,b,...` in chunks multiport accepts (a chunk of one falls back
-/// to `--dport`).
-fn port_matches(proto: &str, ports: &[PortSpec]) -> Vec<Vec<String>> {
-    let weight = |p: &PortSpec| match p {
-        PortSpec::One(_) => 1,
-        PortSpec::Range(..) => 2,
-    };
-    let mut chunks: Vec<Vec<&PortSpec>> = Vec::new();
-    let mut used = 0;
-    for p in ports {
-        if chunks.is_empty() || used + weight(p) > MULTIPORT_MAX {
-            chunks.push(Vec::new());
-            used = 0;
-        }
-        used += weight(p);
-        chunks.last_mut().expect("pushed above").push(p);
-    }
-    chunks
-        .into_iter()
-        .map(|c| match c.as_slice() {
-            [one] => args!["-p", proto, "--dport", one],
-            many => {
-                let list: Vec<String> = many.iter().map(|p| p.to_string()).collect();
-                args!["-p", proto, "-m", "multiport", "--dports", list.join(",")]
-            }
-        })
-        .collect()
+/// `-p P --dport X`: Istio's master writes one rule per excluded port (no multiport).
+fn dport(proto: &str, port: &PortSpec) -> Vec<String> {
+    args!["-p", proto, "--dport", port]
 }
 
 fn with_target(mut m: Vec<String>, target: &str) -> Vec<String> {
@@ -480,8 +452,8 @@ pub fn build(cfg: &Config) -> Plan {
         };
         match &cfg.inbound_ports {
             InboundPorts::All => {
-                for m in port_matches("tcp", &cfg.inbound_ports_exclude) {
-                    b.append(table, chain::INBOUND, with_target(m, "RETURN"));
+                for p in &cfg.inbound_ports_exclude {
+                    b.append(table, chain::INBOUND, with_target(dport("tcp", p), "RETURN"));
                 }
                 to_proxy(&mut b, None);
             }
@@ -496,9 +468,10 @@ pub fn build(cfg: &Config) -> Plan {
 
     // Outbound.
     b.append(Nat, "OUTPUT", args!["-j", chain::OUTPUT]);
-    for proto in ["tcp", "udp"] {
-        for m in port_matches(proto, &cfg.outbound_ports_exclude) {
-            b.append(Nat, chain::OUTPUT, with_target(m, "RETURN"));
+    // Per port, TCP then UDP, as Istio's handleOutboundPortsExclude does.
+    for p in &cfg.outbound_ports_exclude {
+        for proto in ["tcp", "udp"] {
+            b.append(Nat, chain::OUTPUT, with_target(dport(proto, p), "RETURN"));
         }
     }
     // 127.0.0.6 / ::6 is the source of the inbound passthrough cluster.
@@ -890,9 +863,8 @@ mod tests {
         let c = config(SEED, &[]).unwrap();
         let plan = build(&c);
         let l = lines(&plan.v4);
-        assert!(l.contains(
-            &"nat -A ISTIO_INBOUND -p tcp -m multiport --dports 15090,15020 -j RETURN".to_string()
-        ));
+        assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN".to_string()));
+        assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN".to_string()));
         assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".to_string()));
         assert_eq!(l.last().unwrap(), "nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT");
         assert!(plan.v6.is_empty());
@@ -978,47 +950,38 @@ mod tests {
     }
 
     #[test]
-    fn port_exclusions_use_multiport_in_chunks_of_15() {
-        let ports: Vec<String> = (1000..1017).map(|p| p.to_string()).collect();
-        let c = config(&["-b", "*", "-d", &ports.join(","), "-o", "22,80,443"], &[]).unwrap();
+    fn port_exclusions_are_one_rule_per_port_as_istio_master_writes_them() {
+        let c = config(&["-b", "*", "-d", "15090,15020,8000:8010", "-o", "22,443"], &[]).unwrap();
         let l = lines(&build(&c).v4);
-        let first: Vec<String> = (1000..1015).map(|p| p.to_string()).collect();
-        assert!(
-            l.contains(&format!(
-                "nat -A ISTIO_INBOUND -p tcp -m multiport --dports {} -j RETURN",
-                first.join(",")
-            )),
-            "{l:#?}"
-        );
-        assert!(
-            l.contains(
-                &"nat -A ISTIO_INBOUND -p tcp -m multiport --dports 1015,1016 -j RETURN"
-                    .to_string()
-            ),
-            "{l:#?}"
-        );
-        let tcp = l.iter().position(|r| {
-            r == "nat -A ISTIO_OUTPUT -p tcp -m multiport --dports 22,80,443 -j RETURN"
-        });
-        let udp = l.iter().position(|r| {
-            r == "nat -A ISTIO_OUTPUT -p udp -m multiport --dports 22,80,443 -j RETURN"
-        });
-        assert!(tcp.is_some() && udp > tcp, "{l:#?}");
-        // Ranges count twice: 8 ranges do not fit in one multiport.
-        let c = config(&["-o", "1:2,3:4,5:6,7:8,9:10,11:12,13:14,15:16"], &[]).unwrap();
-        let tcp: Vec<String> = lines(&build(&c).v4)
-            .into_iter()
-            .filter(|r| r.starts_with("nat -A ISTIO_OUTPUT -p tcp"))
+        let inbound: Vec<&String> = l
+            .iter()
+            .filter(|r| r.starts_with("nat -A ISTIO_INBOUND") && r.ends_with("-j RETURN"))
             .collect();
-        assert_eq!(tcp.len(), 2, "{tcp:#?}");
-        assert!(
-            tcp[1].ends_with("-p tcp --dport 15:16 -j RETURN"),
-            "{tcp:#?}"
+        assert_eq!(
+            inbound,
+            [
+                "nat -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN",
+                "nat -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN",
+                "nat -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN",
+                "nat -A ISTIO_INBOUND -p tcp --dport 8000:8010 -j RETURN",
+            ],
+            "{l:#?}"
         );
-        let c = config(&["-o", "1:2,3:4,5:6,7:8,9:10,11:12,13:14,15:16,17"], &[]).unwrap();
-        assert!(lines(&build(&c).v4).contains(
-            &"nat -A ISTIO_OUTPUT -p tcp -m multiport --dports 15:16,17 -j RETURN".to_string()
-        ));
+        let outbound: Vec<&String> = l
+            .iter()
+            .filter(|r| r.starts_with("nat -A ISTIO_OUTPUT -p"))
+            .collect();
+        assert_eq!(
+            outbound,
+            [
+                "nat -A ISTIO_OUTPUT -p tcp --dport 22 -j RETURN",
+                "nat -A ISTIO_OUTPUT -p udp --dport 22 -j RETURN",
+                "nat -A ISTIO_OUTPUT -p tcp --dport 443 -j RETURN",
+                "nat -A ISTIO_OUTPUT -p udp --dport 443 -j RETURN",
+            ],
+            "{l:#?}"
+        );
+        assert!(!l.iter().any(|r| r.contains("multiport") && r.contains("RETURN") && !r.contains("! --dports")));
     }
 
     #[test]
