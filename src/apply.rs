@@ -291,8 +291,10 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             continue;
         }
         let program = run.backend.restore_program();
-        tracing::info!(%program, lines = run.tx.payload.lines().count(), tables = ?run.tx.touched, "committing the {family} transaction");
-        tracing::debug!("{family} transaction:\n{}", run.tx.payload.trim_end());
+        tracing::info!(
+            "Running iptables restore with: {program} --noflush and the following input:\n{}",
+            run.tx.payload.trim_end()
+        );
         let result = env
             .runner
             .run(

@@ -327,18 +327,82 @@ pub struct Cli {
     )]
     pub resolv_conf: String,
 
-    /// More logging on stderr (-v debug, -vv trace); RUST_LOG also works.
+    /// More logging (-v debug, -vv trace), over --log_output_level; RUST_LOG also works.
     #[arg(global = true, short = 'v', long, action = ArgAction::Count)]
     pub verbose: u8,
 
-    /// Without a command: apply (or print with --dry-run) the capture rules.
+    /// Minimum level to log, as Istio's `scope:level,...` or a bare level (debug, info, warn,
+    /// error, fatal, none). The `default` scope is this tool's; other scopes are accepted.
+    #[arg(global = true, long = "log_output_level", default_value = "default:info",
+          value_name = "LEVELS", help_heading = LOGGING)]
+    pub log_output_level: String,
+
+    /// Log one JSON object per line (keys `level`, `time`, `msg`, then each field).
+    #[arg(global = true, long = "log_as_json", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL",
+          help_heading = LOGGING)]
+    pub log_as_json: String,
+
+    /// Scopes whose log lines name the caller (source file:line); `default` is this tool's.
+    #[arg(global = true, long = "log_caller", default_value = "", value_name = "SCOPES",
+          help_heading = LOGGING)]
+    pub log_caller: String,
+
+    /// Where logs go: `stdout`, `stderr` or a file path (appended to); repeat for several.
+    /// Default: stdout, with warnings and errors on stderr; with --dry-run, explain and verify
+    /// (whose stdout is their output) everything on stderr.
+    #[arg(global = true, long = "log_target", value_name = "TARGET", action = ArgAction::Append,
+          help_heading = LOGGING)]
+    pub log_target: Vec<String>,
+
+    /// Accepted for Istio compatibility; no effect (nothing here logs stack traces).
+    #[arg(global = true, long = "log_stacktrace_level", default_value = "default:none",
+          value_name = "LEVELS", help_heading = LOGGING)]
+    pub log_stacktrace_level: String,
+
+    /// Accepted for compatibility with Istio releases that had it; no effect (no rotation:
+    /// an init container's log is read once).
+    #[arg(global = true, long = "log_rotate", default_value = "", value_name = "PATH",
+          help_heading = LOGGING)]
+    pub log_rotate: String,
+
+    /// Accepted for compatibility; no effect (see --log_rotate).
+    #[arg(global = true, long = "log_rotate_max_age", default_value = "30", value_name = "DAYS",
+          help_heading = LOGGING)]
+    pub log_rotate_max_age: String,
+
+    /// Accepted for compatibility; no effect (see --log_rotate).
+    #[arg(global = true, long = "log_rotate_max_size", default_value = "104857600",
+          value_name = "MB", help_heading = LOGGING)]
+    pub log_rotate_max_size: String,
+
+    /// Accepted for compatibility; no effect (see --log_rotate).
+    #[arg(global = true, long = "log_rotate_max_backups", default_value = "1000",
+          value_name = "N", help_heading = LOGGING)]
+    pub log_rotate_max_backups: String,
+
+    /// Accepted for Istio compatibility; no effect (klog verbosity: nothing here uses klog).
+    #[arg(global = true, long = "vklog", default_value = "0", value_name = "LEVEL",
+          help_heading = LOGGING)]
+    pub vklog: String,
+
+    /// Without a command (or with `istio-iptables`): apply (or print with --dry-run) the
+    /// capture rules. `explain` and `verify` take the same config flags and env vars.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
-/// Commands that inspect instead of apply. They take the usual config flags and env vars.
+/// Heading of Istio's logging flags in --help.
+const LOGGING: &str = "Logging (Istio's pkg/log flags)";
+
+/// Commands. Without one, the capture rules are applied (or printed with --dry-run).
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
+    /// The same as no command: apply the capture rules. Istio's injector runs the proxy
+    /// image's `pilot-agent istio-iptables ...`; with this image it runs
+    /// `istio-iptables istio-iptables ...`, so that first word is accepted and skipped.
+    #[command(name = "istio-iptables")]
+    IstioIptables,
     /// Walk one packet through the rules: which rules it meets, and where it ends up
     /// (redirected to the proxy, TPROXY, DNS proxy, dropped or not captured).
     Explain(ExplainArgs),

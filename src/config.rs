@@ -928,6 +928,12 @@ impl Config {
             ("RECONCILE", self.reconcile.to_string()),
             ("CLEANUP_ONLY", self.cleanup_only.to_string()),
             ("FORCE_APPLY", self.force_apply.to_string()),
+            // Native nftables is refused at the door, so a config that gets here has it off.
+            ("NATIVE_NFTABLES", "false".to_string()),
+            (
+                "FORCE_IPTABLES_BINARY",
+                self.flavor.map(|f| f.to_string()).unwrap_or_default(),
+            ),
         ]
     }
 }

@@ -16,6 +16,7 @@ pub mod host;
 pub mod inspect;
 pub mod interp;
 pub mod iproute;
+pub mod logging;
 pub mod netns;
 pub mod nftprobe;
 pub mod reconcile;

@@ -2,23 +2,23 @@
 //! optionally validate. Exit codes are listed in `code` and in the README.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::error::ErrorKind;
-use tracing_subscriber::EnvFilter;
 
 use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::backend::SystemProbe;
 use istio_iptables::cli::{Args, Command};
-use istio_iptables::config::{Config, Owner, detect_ipv6};
+use istio_iptables::config::{Config, Owner, detect_ipv6, parse_go_bool};
 use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::{Family, IpCommand};
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{netns, rules, script, validate};
+use istio_iptables::{logging, netns, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -37,26 +37,7 @@ mod code {
     pub const VALIDATION_FAILED: u8 = 126;
 }
 
-fn init_logging(verbose: u8) {
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    // RUST_LOG gets the full filter syntax; otherwise a plain level, which is cheaper to set
-    // up (an init container runs once per pod start: every millisecond shows).
-    match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => builder.with_env_filter(EnvFilter::new(spec)).init(),
-        _ => builder
-            .with_max_level(match verbose {
-                0 => tracing::Level::INFO,
-                1 => tracing::Level::DEBUG,
-                _ => tracing::Level::TRACE,
-            })
-            .init(),
-    }
-}
-
-/// Prints an error with its whole cause chain on one line.
+/// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does.
 fn report(err: &dyn std::error::Error) {
     let mut msg = err.to_string();
     let mut cur = err.source();
@@ -68,10 +49,58 @@ fn report(err: &dyn std::error::Error) {
         }
         cur = e.source();
     }
-    eprintln!("istio-iptables: error: {}", msg.replace('\n', " "));
+    tracing::error!("{}", msg.replace('\n', " "));
+}
+
+/// Istio's environment and config blocks (`capture.logConfig` and `config.Print`), one log
+/// entry each, with the names Istio prints.
+fn log_config(cfg: &Config) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let mut env = String::new();
+    for name in ISTIO_ENV_LOGGED {
+        let _ = writeln!(env, "{name}={}", std::env::var(name).unwrap_or_default());
+    }
+    tracing::info!("Istio iptables environment:\n{env}");
+    let mut vars = String::new();
+    for (k, v) in cfg.summary() {
+        let _ = writeln!(vars, "{k}={v}");
+    }
+    tracing::info!("Istio config:\n{vars}");
+}
+
+/// The env vars Istio's `logConfig` prints, in its order.
+const ISTIO_ENV_LOGGED: [&str; 12] = [
+    "ENVOY_PORT",
+    "INBOUND_CAPTURE_PORT",
+    "ISTIO_INBOUND_INTERCEPTION_MODE",
+    "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+    "ISTIO_INBOUND_PORTS",
+    "ISTIO_OUTBOUND_PORTS",
+    "ISTIO_LOCAL_EXCLUDE_PORTS",
+    "ISTIO_EXCLUDE_INTERFACES",
+    "ISTIO_SERVICE_CIDR",
+    "ISTIO_SERVICE_EXCLUDE_CIDR",
+    "ISTIO_META_DNS_CAPTURE",
+    "INVALID_DROP",
+];
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Time since `started`, as `8.2ms`.
+fn elapsed(started: Instant) -> String {
+    format!("{:.1}ms", started.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let args = match Args::parse_from(std::env::args_os()) {
         Ok(a) => a,
         Err(e) => {
@@ -90,25 +119,27 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging(args.cli.verbose);
+    let apply_command = matches!(args.cli.command, None | Some(Command::IstioIptables));
+    // stdout carries the dry-run script or explain/verify's report: logs go to stderr then.
+    let dry_run = parse_go_bool(&args.cli.dry_run).unwrap_or(false);
+    logging::init(logging::Settings::from_cli(
+        &args.cli,
+        dry_run || !apply_command,
+    ));
 
     let mut cfg = match Config::build(&args, &|k| std::env::var(k).ok(), &RealHost) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("istio-iptables: error: {e}");
+            tracing::error!("{e}");
             return ExitCode::from(code::USAGE);
         }
     };
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        for (k, v) in cfg.summary() {
-            tracing::debug!("{k}={v}");
-        }
-    }
-    if let Some(command) = &args.cli.command {
+    if let Some(command) = args.cli.command.as_ref().filter(|_| !apply_command) {
         return inspect_command(command, &mut cfg);
     }
 
     if cfg.dry_run {
+        log_config(&cfg);
         if cfg.cleanup_only {
             print!("{}", script::render_cleanup(&cfg));
         } else {
@@ -124,6 +155,7 @@ fn main() -> ExitCode {
         report(&e);
         return ExitCode::from(code::FAILURE);
     }
+    log_config(&cfg);
     let plan = rules::build(&cfg);
 
     let opts = Options {
@@ -152,8 +184,9 @@ fn main() -> ExitCode {
     } else {
         match apply::apply(&plan, &opts, &mut env) {
             Ok(s) => tracing::info!(
-                committed = ?s.committed,
+                committed = %join(&s.committed),
                 routes = s.ip_changed.len(),
+                elapsed = %elapsed(started),
                 "capture rules are in place"
             ),
             Err(e) => {
@@ -181,8 +214,8 @@ fn main() -> ExitCode {
         if let Err(e) = validate::run(&settings) {
             report(&e);
             if e.is_timeout() {
-                eprintln!(
-                    "istio-iptables: iptables validation failed; the workload is not ready for Istio \
+                tracing::error!(
+                    "iptables validation failed; workload is not ready for Istio \
                      (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
                 );
                 return ExitCode::from(code::VALIDATION_FAILED);
@@ -235,12 +268,16 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
     }
     match apply::cleanup(&rules, &ip, opts, env) {
         Ok(s) => {
-            tracing::info!(cleaned = ?s.committed, routes = ?s.ip_changed, "cleanup done");
+            tracing::info!(
+                cleaned = %join(&s.committed),
+                routes = %s.ip_changed.join("; "),
+                "cleanup done"
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {
             for e in &errors {
-                eprintln!("istio-iptables: error: {}", e.replace('\n', " "));
+                tracing::error!("{}", e.replace('\n', " "));
             }
             ExitCode::from(code::FAILURE)
         }
@@ -252,6 +289,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
+        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
@@ -301,5 +339,6 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
     }
 }

@@ -453,7 +453,11 @@ pub fn build(cfg: &Config) -> Plan {
         match &cfg.inbound_ports {
             InboundPorts::All => {
                 for p in &cfg.inbound_ports_exclude {
-                    b.append(table, chain::INBOUND, with_target(dport("tcp", p), "RETURN"));
+                    b.append(
+                        table,
+                        chain::INBOUND,
+                        with_target(dport("tcp", p), "RETURN"),
+                    );
                 }
                 to_proxy(&mut b, None);
             }
@@ -951,7 +955,11 @@ mod tests {
 
     #[test]
     fn port_exclusions_are_one_rule_per_port_as_istio_master_writes_them() {
-        let c = config(&["-b", "*", "-d", "15090,15020,8000:8010", "-o", "22,443"], &[]).unwrap();
+        let c = config(
+            &["-b", "*", "-d", "15090,15020,8000:8010", "-o", "22,443"],
+            &[],
+        )
+        .unwrap();
         let l = lines(&build(&c).v4);
         let inbound: Vec<&String> = l
             .iter()
@@ -981,7 +989,11 @@ mod tests {
             ],
             "{l:#?}"
         );
-        assert!(!l.iter().any(|r| r.contains("multiport") && r.contains("RETURN") && !r.contains("! --dports")));
+        assert!(
+            !l.iter().any(|r| r.contains("multiport")
+                && r.contains("RETURN")
+                && !r.contains("! --dports"))
+        );
     }
 
     #[test]

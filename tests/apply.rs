@@ -269,25 +269,27 @@ impl Run {
         )
     }
 
-    /// The lines of stderr that are errors (not log lines).
+    /// Every log line: info and debug go to stdout, warnings and errors to stderr (Istio's
+    /// default target is stdout; ours splits it).
+    fn logs(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// The messages of the error log lines (`TIME<TAB>error<TAB>MESSAGE`) on stderr.
     fn error_lines(&self) -> Vec<&str> {
         self.stderr
             .lines()
-            .filter(|l| l.starts_with("istio-iptables:"))
+            .filter_map(|l| l.split_once("\terror\t").map(|(_, msg)| msg))
             .collect()
     }
 
-    /// The one `istio-iptables: error: ...` line; panics unless there is exactly one.
+    /// The one error message; panics unless there is exactly one.
     fn one_error(&self) -> &str {
-        let lines: Vec<&str> = self
-            .stderr
-            .lines()
-            .filter(|l| l.starts_with("istio-iptables: error:"))
-            .collect();
+        let lines = self.error_lines();
         assert_eq!(
             lines.len(),
             1,
-            "expected exactly one `istio-iptables: error:` line\n{}",
+            "expected exactly one error log line\n{}",
             self.describe()
         );
         lines[0]
@@ -470,10 +472,10 @@ impl Ns {
                 let r = self.run(label);
                 let _ = writeln!(
                     s,
-                    "--- run `{label}`: exit {}, {} ms; stderr ---\n{}",
+                    "--- run `{label}`: exit {}, {} ms; logs ---\n{}",
                     r.rc,
                     r.ms,
-                    indent(&r.stderr, "  ")
+                    indent(&r.logs(), "  ")
                 );
             }
         }
@@ -683,7 +685,7 @@ fn legacy_tables_in_the_namespace_select_legacy() {
     let ctx = ns.context();
     let run = ns.run_rc("apply", 0);
     assert!(
-        run.stderr.contains("iptables-legacy-restore") && run.stderr.contains("legacy tables"),
+        run.logs().contains("iptables-legacy-restore") && run.logs().contains("legacy tables"),
         "the log should name iptables-legacy-restore and why\n{}",
         run.describe()
     );
@@ -729,8 +731,8 @@ fn force_iptables_binary_overrides_detection() {
         let run = ns.run_rc("apply", 0);
         let st = ns.state("after");
         assert!(
-            run.stderr.contains(&format!("iptables-{forced}-restore"))
-                && run.stderr.contains("forced"),
+            run.logs().contains(&format!("iptables-{forced}-restore"))
+                && run.logs().contains("forced"),
             "{}",
             run.describe()
         );
@@ -816,7 +818,7 @@ fn seed_command_twice_changes_nothing_the_second_time() {
         &ctx,
     );
     assert!(
-        second.stderr.contains("already in place"),
+        second.logs().contains("already in place"),
         "the second run should say the rules are already in place\n{}",
         second.describe()
     );
@@ -873,7 +875,7 @@ fn tproxy_with_ipv6_twice_has_one_rule_route_and_address() {
     for family in ["IPv4", "IPv6"] {
         assert!(
             second
-                .stderr
+                .logs()
                 .contains(&format!("{family} rules are already in place")),
             "the second run should say the {family} rules are already in place\n{}",
             second.describe()
@@ -932,7 +934,7 @@ fn assert_transition(
         &ctx,
     );
     assert!(
-        again.stderr.contains("already in place"),
+        again.logs().contains("already in place"),
         "{}",
         again.describe()
     );
@@ -1176,7 +1178,7 @@ fn force_apply_without_reconcile_on_a_conflict_fails_cleanly() {
         force.describe()
     );
     assert!(
-        force.stderr.contains("--force-apply"),
+        force.logs().contains("--force-apply"),
         "the warning about adding on top should be logged\n{}",
         force.describe()
     );
@@ -1559,8 +1561,8 @@ fn network_namespace_applies_inside_and_leaves_the_caller_alone() {
     ns.run_rc("tproxy", 0);
     ns.run_rc("cleanup", 0);
     assert!(
-        seed.stderr.contains("iptables-nft-restore")
-            && seed.stderr.contains("no legacy tables in this namespace"),
+        seed.logs().contains("iptables-nft-restore")
+            && seed.logs().contains("no legacy tables in this namespace"),
         "detection must look at the target namespace, which has no legacy tables\n{}",
         seed.describe()
     );
@@ -1783,7 +1785,7 @@ fn run_validation_passes_after_apply_and_fails_without_rules() {
         .exec();
     let both = ns.run_rc("both", 0);
     assert!(
-        both.stderr.contains("validation passed"),
+        both.logs().contains("validation passed"),
         "{}",
         both.describe()
     );

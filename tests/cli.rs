@@ -439,6 +439,17 @@ const FLAGS: &[FlagSpec] = &[
     (None,      "force-iptables-binary",              Some("FORCE_IPTABLES_BINARY"),              None),
     (None,      "resolv-conf",                        None,                                       Some("/etc/resolv.conf")),
     (Some('v'), "verbose",                            None,                                       None),
+    // Istio's logging flags (pkg/log): no env vars, as in Istio.
+    (None,      "log_output_level",                   None,                                       Some("default:info")),
+    (None,      "log_as_json",                        None,                                       Some("false")),
+    (None,      "log_caller",                         None,                                       None),
+    (None,      "log_target",                         None,                                       None),
+    (None,      "log_stacktrace_level",               None,                                       Some("default:none")),
+    (None,      "log_rotate",                         None,                                       None),
+    (None,      "log_rotate_max_age",                 None,                                       Some("30")),
+    (None,      "log_rotate_max_size",                None,                                       Some("104857600")),
+    (None,      "log_rotate_max_backups",             None,                                       Some("1000")),
+    (None,      "vklog",                              None,                                       Some("0")),
 ];
 
 /// Splits clap's long help into entries: (header line, header + description).
@@ -464,7 +475,7 @@ fn header_long_name(header: &str) -> Option<&str> {
     let i = header.find("--")?;
     let rest = &header[i + 2..];
     let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
         .unwrap_or(rest.len());
     Some(&rest[..end])
 }
