@@ -190,8 +190,12 @@ fn drop_nft_tables(
     }
     if backend::which("nft").is_none() {
         tracing::warn!(
-            "nft is not installed: leaving the empty {:?} tables in place",
+            "nft is not installed: leaving the empty tables {} in place",
             tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return Ok(());
     }

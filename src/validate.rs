@@ -303,10 +303,10 @@ pub fn run(s: &Settings) -> Result<(), ValidationError> {
         proxy_port = s.proxy_port,
         inbound_port = s.inbound_port,
         probe_port = s.probe_port,
-        timeout = ?s.timeout,
+        timeout = %format!("{:?}", s.timeout),
         ipv6 = s.ipv6,
-        uid = ?s.uid,
-        gid = ?s.gid,
+        uid = %s.uid.map_or_else(|| "none".to_string(), |u| u.to_string()),
+        gid = %s.gid.map_or_else(|| "none".to_string(), |g| g.to_string()),
         "validating traffic capture"
     );
     if !s.ipv6 {
