@@ -10,7 +10,9 @@
 //!
 //! Deliberate differences, only where Istio's text is one nft refuses: a port range is written
 //! `a-b` (Istio passes the iptables spelling `a:b` through), and an interface name that is not
-//! a plain nft word is quoted, with the iptables wildcard `eth+` written as nft's `"eth*"`.
+//! a plain nft word is quoted, with the iptables wildcard `eth+` written as nft's `"eth*"`;
+//! and without IPv6, IPv6 DNS servers do not count (Istio would jump to empty, undeclared
+//! DNS chains when they are the only servers).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -621,9 +623,12 @@ fn dns(b: &mut Builder, x: &Ctx) {
         .iter()
         .map(|s| format!("{}/32", s.text))
         .collect();
+    // Without IPv6 no IPv6 server gets a rule; counting them anyway (as Istio does) would
+    // write jumps to chains that get no rules, which nft refuses.
     let v6: Vec<String> = cfg
         .dns_servers_v6
         .iter()
+        .filter(|_| b.ipv6)
         .map(|s| format!("{}/128", s.text))
         .collect();
     let to = format!("counter redirect to :{DNS_PROXY_PORT}");
@@ -895,7 +900,8 @@ mod tests {
              add chain inet istio-proxy-nat output { type nat hook output priority -100 ; }\n"
         ));
         assert!(!t.contains(" prerouting"), "{t}");
-        assert!(!t.contains("istio-output-dns"), "{t}");
+        assert!(!t.contains("istio-proxy-nat istio-output-dns"), "{t}");
+        assert!(!t.contains("jump istio-inbound"), "{t}");
         assert!(!t.contains("istio-proxy-mangle") && !t.contains("istio-proxy-raw"));
         let t = text(&["--drop-invalid"], &[]);
         assert!(t.contains(
@@ -998,6 +1004,56 @@ mod tests {
         ] {
             assert!(t.contains(want), "{want} missing from {t}");
         }
+    }
+
+    /// Every `jump CHAIN` goes to a chain the transaction declares in that table.
+    fn assert_jumps_declared(t: &str) {
+        for l in t.lines().filter(|l| l.contains(" jump ")) {
+            let table = l.split(' ').nth(3).unwrap();
+            let target = l.rsplit(' ').next().unwrap();
+            let decl = format!("add chain inet {table} {target}\n");
+            assert!(t.contains(&decl), "{l}: no {decl:?} in\n{t}");
+        }
+    }
+
+    #[test]
+    fn every_jump_has_its_chain() {
+        let v6 = [("ENABLE_INBOUND_IPV6", "true")];
+        for (argv, env) in [
+            (SEED, &[][..]),
+            (&["-m", "TPROXY", "-b", "*", "--drop-invalid"][..], &v6[..]),
+            (
+                &["-m", "TPROXY", "-k", "eth1", "-i", "10.0.0.0/8"][..],
+                &[][..],
+            ),
+            (&["--redirect-dns"][..], &v6[..]),
+            (&["--redirect-dns", "--capture-all-dns"][..], &[][..]),
+        ] {
+            assert_jumps_declared(&text(argv, env));
+        }
+    }
+
+    #[test]
+    fn without_ipv6_only_ipv4_dns_servers_get_rules_and_jumps() {
+        let mut c = config(&["--redirect-dns"], &[]).unwrap();
+        assert!(!c.enable_ipv6);
+        let both = render(&build(&c).transaction());
+        assert!(
+            both.contains("ip daddr 10.96.0.10/32 tcp dport 53"),
+            "{both}"
+        );
+        assert!(!both.contains("fd00::10"), "{both}");
+        c.dns_servers_v4.clear();
+        let t = render(&build(&c).transaction());
+        assert_jumps_declared(&t);
+        assert!(!t.contains("istio-proxy-nat istio-output-dns"), "{t}");
+        assert!(!t.contains("jump istio-inbound"), "{t}");
+        c.enable_ipv6 = true;
+        let t = render(&build(&c).transaction());
+        assert!(
+            t.contains("add rule inet istio-proxy-raw prerouting counter jump istio-inbound\n")
+        );
+        assert!(t.contains("ip6 daddr fd00::10/128 udp dport 53"), "{t}");
     }
 
     #[test]
