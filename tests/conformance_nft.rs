@@ -1,7 +1,8 @@
 //! Conformance of `--native-nftables` against Istio's istio-nftables test data
-//! (`tests/data/istio-nftables/<case>/`, discovered by listing the directory): `args` (one
-//! per line, run from inside the case folder), `env`, `resolv.conf` where DNS is captured, and
-//! `expected.nft`, Istio's golden: the exact transaction it feeds to `nft -f -`.
+//! (`tests/data/istio-nftables/<case>/`, the shared set, and `tests/data/istio-nftables-more/`,
+//! Istio's other goldens transcribed by us; discovered by listing the directories): `args`
+//! (one per line, run from inside the case folder), `env`, `resolv.conf` where DNS is
+//! captured, and `expected.nft`, Istio's golden: the exact transaction it feeds to `nft -f -`.
 //!
 //! - `dry_run_transaction_matches_expected` (any user): `--dry-run` prints an sh script with
 //!   one `nft -f - <<'EOF'` here-document equal to `expected.nft` line by line, followed by
@@ -36,13 +37,23 @@ struct NftCase {
     expected: String,
 }
 
-fn cases_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio-nftables")
+/// `tests/data/istio-nftables`: the shared set, copied as it is.
+const SHARED: &str = "tests/data/istio-nftables";
+/// `tests/data/istio-nftables-more`: Istio's other nft goldens, transcribed by us from its
+/// run_test.go (each SOURCE names the golden and the commit).
+const MORE: &str = "tests/data/istio-nftables-more";
+
+/// Every case: the shared set, then ours.
+fn nft_cases() -> Vec<NftCase> {
+    let mut cases = read_cases(SHARED);
+    cases.extend(read_cases(MORE));
+    cases
 }
 
-/// Every case, sorted by name. Panics on malformed data or an empty set.
-fn nft_cases() -> Vec<NftCase> {
-    let root = cases_dir();
+/// The cases under `root` (relative to the crate), sorted by name. Panics on malformed data
+/// or an empty set.
+fn read_cases(root: &str) -> Vec<NftCase> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
     let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display()))
         .flatten()
