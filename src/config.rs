@@ -217,6 +217,8 @@ pub struct Config {
     pub cleanup_only: bool,
     /// Apply despite conflicts (--force-apply).
     pub force_apply: bool,
+    /// Native nftables backend (--native-nftables; only with --dry-run so far).
+    pub native_nftables: bool,
     /// Forced iptables flavour (--force-iptables-binary).
     pub flavor: Option<Flavor>,
     /// Host loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
@@ -682,11 +684,23 @@ impl Config {
         let reconcile = go_bool(args, "reconcile", &c.reconcile)?;
         let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
         let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
-        if go_bool(args, "native_nftables", &c.native_nftables)? {
-            return Err(src("native_nftables").err(
-                &c.native_nftables,
-                "the native nftables backend is not supported yet; use the iptables backends",
-            ));
+        let native_nftables = go_bool(args, "native_nftables", &c.native_nftables)?;
+        if native_nftables {
+            // Only the dry run (Istio's nft transaction as a script) is built so far.
+            let unsupported = if !dry_run {
+                Some(
+                    "applying with the native nftables backend is not supported yet: only --dry-run is supported so far; use the iptables backends to apply",
+                )
+            } else if cleanup_only {
+                Some("--cleanup-only is not supported yet with the native nftables backend")
+            } else if !matches!(c.command, None | Some(crate::cli::Command::IstioIptables)) {
+                Some("explain and verify are not supported yet with the native nftables backend")
+            } else {
+                None
+            };
+            if let Some(reason) = unsupported {
+                return Err(src("native_nftables").err(&c.native_nftables, reason));
+            }
         }
 
         let probe_port = single_port(&src("iptables_probe_port"), &c.iptables_probe_port)?;
@@ -819,6 +833,7 @@ impl Config {
             reconcile,
             cleanup_only,
             force_apply,
+            native_nftables,
             flavor,
             host_loopback_cidr,
             owner_groups,
@@ -928,8 +943,7 @@ impl Config {
             ("RECONCILE", self.reconcile.to_string()),
             ("CLEANUP_ONLY", self.cleanup_only.to_string()),
             ("FORCE_APPLY", self.force_apply.to_string()),
-            // Native nftables is refused at the door, so a config that gets here has it off.
-            ("NATIVE_NFTABLES", "false".to_string()),
+            ("NATIVE_NFTABLES", self.native_nftables.to_string()),
             (
                 "FORCE_IPTABLES_BINARY",
                 self.flavor.map(|f| f.to_string()).unwrap_or_default(),
@@ -1085,11 +1099,19 @@ pub(crate) mod tests {
         assert!(build(&["-t", "abc"], &[]).is_err());
         assert!(build(&["-z", "0"], &[]).is_err());
         assert!(build(&["-u", "1337;rm"], &[]).is_err());
+        let e = build(&["--native-nftables"], &[]).unwrap_err();
+        assert!(e.reason.contains("not supported"), "{e}");
+        assert!(e.reason.contains("only --dry-run"), "{e}");
         assert!(
-            build(&["--native-nftables"], &[])
+            build(&["--native-nftables", "--dry-run", "--cleanup-only"], &[])
                 .unwrap_err()
                 .reason
-                .contains("not supported")
+                .contains("--cleanup-only")
+        );
+        assert!(
+            build(&["--native-nftables", "--dry-run"], &[])
+                .unwrap()
+                .native_nftables
         );
     }
 

@@ -18,6 +18,7 @@ pub mod interp;
 pub mod iproute;
 pub mod logging;
 pub mod netns;
+pub mod nft;
 pub mod nftprobe;
 pub mod reconcile;
 pub mod restore;

@@ -18,7 +18,7 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::{Family, IpCommand};
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{logging, netns, rules, script, validate};
+use istio_iptables::{logging, netns, nft, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -62,7 +62,12 @@ fn log_config(cfg: &Config) {
     for name in ISTIO_ENV_LOGGED {
         let _ = writeln!(env, "{name}={}", std::env::var(name).unwrap_or_default());
     }
-    tracing::info!("Istio iptables environment:\n{env}");
+    let backend = if cfg.native_nftables {
+        "nftables"
+    } else {
+        "iptables"
+    };
+    tracing::info!("Istio {backend} environment:\n{env}");
     let mut vars = String::new();
     for (k, v) in cfg.summary() {
         let _ = writeln!(vars, "{k}={v}");
@@ -140,7 +145,9 @@ fn main() -> ExitCode {
 
     if cfg.dry_run {
         log_config(&cfg);
-        if cfg.cleanup_only {
+        if cfg.native_nftables {
+            print!("{}", nft::script(&cfg, &nft::build(&cfg)));
+        } else if cfg.cleanup_only {
             print!("{}", script::render_cleanup(&cfg));
         } else {
             print!("{}", script::render(&cfg, &rules::build(&cfg)));

@@ -721,27 +721,38 @@ pub fn build(cfg: &Config) -> Plan {
         );
     }
 
-    // ip plumbing, in Istio's order: the ::6 address, then TPROXY rules, then routes.
+    b.plan.ip = ip_commands(cfg);
+    b.plan
+}
+
+/// The `ip` plumbing a config needs, in Istio's order (its `tproxy.ConfigureRoutes`, shared
+/// by the iptables and nftables backends): the ::6 address, then TPROXY rules, then routes.
+pub fn ip_commands(cfg: &Config) -> Vec<IpCommand> {
+    let mut ip = Vec::new();
     if cfg.enable_ipv6 {
-        b.plan.ip.push(IpCommand::AddInboundV6Address);
+        ip.push(IpCommand::AddInboundV6Address);
     }
-    if tproxy && cfg.inbound_ports != InboundPorts::None {
-        let families = b.plan.families();
-        for &family in &families {
-            b.plan.ip.push(IpCommand::RuleAdd {
+    if cfg.mode == Mode::Tproxy && cfg.inbound_ports != InboundPorts::None {
+        let families: &[Family] = if cfg.enable_ipv6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        for &family in families {
+            ip.push(IpCommand::RuleAdd {
                 family,
                 mark: cfg.tproxy_mark,
                 table: cfg.tproxy_route_table,
             });
         }
-        for &family in &families {
-            b.plan.ip.push(IpCommand::RouteAddLocal {
+        for &family in families {
+            ip.push(IpCommand::RouteAddLocal {
                 family,
                 table: cfg.tproxy_route_table,
             });
         }
     }
-    b.plan
+    ip
 }
 
 /// DNS capture: nat redirection to the agent and raw-table conntrack zones.
