@@ -81,10 +81,10 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 _ => {
-                    // clap's first line names the flag and the value; the rest is advice.
+                    // All of clap's message: the missing arguments, "a similar argument
+                    // exists", the allowed values and the usage line are the help.
                     let text = e.to_string();
-                    let first = text.lines().next().unwrap_or("invalid arguments");
-                    eprintln!("istio-iptables: {first} (see --help)");
+                    eprintln!("istio-iptables: {}", text.trim_end());
                     ExitCode::from(code::USAGE)
                 }
             };
@@ -103,6 +103,13 @@ fn main() -> ExitCode {
         for (k, v) in cfg.summary() {
             tracing::debug!("{k}={v}");
         }
+    }
+    if !cfg.cleanup_only && args.cli.command.is_none() {
+        warn_if_nothing_captured(&cfg);
+    }
+    // Past the dry run, rules are compared with what the kernel stores.
+    if !cfg.dry_run {
+        cfg.kernel_form();
     }
     if let Some(command) = &args.cli.command {
         return inspect_command(command, &mut cfg);
@@ -123,6 +130,19 @@ fn main() -> ExitCode {
     if let Err(e) = enter_namespace(&mut cfg) {
         report(&e);
         return ExitCode::from(code::FAILURE);
+    }
+    if (cfg.cleanup_only || !cfg.skip_rule_apply)
+        && let Err(msg) = check_capabilities()
+    {
+        eprintln!("istio-iptables: error: {msg}");
+        return ExitCode::from(code::FAILURE);
+    }
+    if !cfg.cleanup_only && !cfg.enable_ipv6 && RealHost.has_global_ipv6() {
+        tracing::warn!(
+            "this network namespace has global IPv6 addresses, but only IPv4 rules are \
+             applied: IPv6 traffic is not captured (the first address is IPv4; set \
+             --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
+        );
     }
     let plan = rules::build(&cfg);
 
@@ -207,6 +227,42 @@ fn enter_namespace(cfg: &mut Config) -> Result<(), netns::NetnsError> {
     Ok(())
 }
 
+/// Capture that silently does nothing is worth a warning at the default level.
+fn warn_if_nothing_captured(cfg: &Config) {
+    use istio_iptables::config::{InboundPorts, OutboundCidrs};
+    let outbound = match &cfg.outbound_include {
+        OutboundCidrs::All => true,
+        OutboundCidrs::Only(c) => !c.is_empty(),
+    };
+    let inbound = cfg.inbound_ports != InboundPorts::None;
+    if !(outbound || inbound || !cfg.outbound_ports_include.is_empty() || cfg.redirect_dns) {
+        tracing::warn!(
+            "this configuration captures no traffic: no outbound CIDRs (-i), no inbound ports \
+             (-b), no outbound ports (-q) and no DNS capture; Istio's sidecar uses -i '*' -b '*'"
+        );
+    }
+    if cfg.capture_all_dns && !cfg.redirect_dns {
+        tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
+    }
+}
+
+/// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
+/// "Permission denied (you must be root)", which misleads in a container running as root.
+fn check_capabilities() -> Result<(), String> {
+    let missing = istio_iptables::host::missing_net_caps();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(|c| format!("CAP_{c}")).collect();
+    Err(format!(
+        "this process lacks {}, which iptables needs to read and change the rules. In a \
+         Kubernetes pod spec, grant them to this (init) container: securityContext: \
+         {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
+        names.join(" and "),
+        missing.join(", ")
+    ))
+}
+
 /// The first owner as a number (the probe runs with that identity).
 fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
     match owners.first()? {
@@ -255,6 +311,10 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
+        return ExitCode::from(code::FAILURE);
+    }
+    if needs_kernel && let Err(msg) = check_capabilities() {
+        eprintln!("istio-iptables: error: {msg}");
         return ExitCode::from(code::FAILURE);
     }
     let cfg = &*cfg;

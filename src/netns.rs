@@ -22,7 +22,17 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
         source,
     };
     let file = std::fs::File::open(path).map_err(err)?;
-    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| err(std::io::Error::from(e)))
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        err(match e {
+            // setns(2) says EINVAL when the file is not a namespace of the asked type.
+            nix::errno::Errno::EINVAL => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path is not a network namespace (expected e.g. /var/run/netns/NAME or \
+                 /proc/PID/ns/net)",
+            ),
+            e => std::io::Error::from(e),
+        })
+    })
 }
 
 /// In CNI mode we run in the node's filesystem, where /run/xtables.lock is shared by every

@@ -1,7 +1,7 @@
 //! The dry-run output: a POSIX sh script an operator can save and run (e.g. on a VM).
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
-use crate::config::Config;
+use crate::config::{Config, Owner, OwnerGroups};
 use crate::restore;
 use crate::rules::{Family, Plan};
 
@@ -17,6 +17,16 @@ pub fn render(cfg: &Config, plan: &Plan) -> String {
         env!("CARGO_PKG_VERSION")
     ));
     s.push_str("# Run as root inside the target network namespace.\n");
+    let names = |o: &[Owner]| o.iter().any(|o| matches!(o, Owner::Name(_)));
+    let group_names = match &cfg.owner_groups {
+        OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => names(g),
+    };
+    if names(&cfg.proxy_uids) || names(&cfg.proxy_gids) || group_names {
+        s.push_str(
+            "# User and group names are not checked here: iptables-restore resolves them where\n\
+             # the script runs, and fails if they do not exist there.\n",
+        );
+    }
     s.push_str("# Effective configuration:\n");
     for (k, v) in cfg.summary() {
         // Values are validated (ports, CIDRs, names); escape nothing but keep one per line.
