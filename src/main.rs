@@ -16,7 +16,7 @@ use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
-use istio_iptables::rules::{Family, IpCommand};
+use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
 use istio_iptables::{netns, rules, script, validate};
 
@@ -277,18 +277,7 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
     both.enable_ipv6 = true;
     let plan = rules::build(&both);
     let rules = BTreeMap::from([(Family::V4, plan.v4.clone()), (Family::V6, plan.v6.clone())]);
-    let mut ip = vec![IpCommand::AddInboundV6Address];
-    for family in [Family::V4, Family::V6] {
-        ip.push(IpCommand::RuleAdd {
-            family,
-            mark: cfg.tproxy_mark,
-            table: cfg.tproxy_route_table,
-        });
-        ip.push(IpCommand::RouteAddLocal {
-            family,
-            table: cfg.tproxy_route_table,
-        });
-    }
+    let ip = script::cleanup_ip_commands(cfg);
     match apply::cleanup(&rules, &ip, opts, env) {
         Ok(s) => {
             tracing::info!(cleaned = ?s.committed, routes = ?s.ip_changed, "cleanup done");
