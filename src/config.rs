@@ -44,6 +44,16 @@ pub fn quoted(s: &str) -> String {
     format!("{head:?}... ({n} characters in all)")
 }
 
+/// `s` as is when short, else cut like [`quoted`] (for paths printed without quotes).
+pub fn shortened(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MAX_ECHO_CHARS {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head}... ({n} characters in all)")
+}
+
 /// A TCP/UDP port, 1-65535.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Port(u16);

@@ -104,7 +104,7 @@ fn main() -> ExitCode {
             tracing::debug!("{k}={v}");
         }
     }
-    if !cfg.cleanup_only && args.cli.command.is_none() {
+    if !cfg.cleanup_only && !cfg.skip_rule_apply && args.cli.command.is_none() {
         warn_if_nothing_captured(&cfg);
     }
     // Past the dry run, rules are compared with what the kernel stores.
@@ -137,7 +137,8 @@ fn main() -> ExitCode {
         eprintln!("istio-iptables: error: {msg}");
         return ExitCode::from(code::FAILURE);
     }
-    if !cfg.cleanup_only && !cfg.enable_ipv6 && RealHost.has_global_ipv6() {
+    // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
+    if !cfg.cleanup_only && cfg.ipv6_detected && !cfg.enable_ipv6 && RealHost.has_global_ipv6() {
         tracing::warn!(
             "this network namespace has global IPv6 addresses, but only IPv4 rules are \
              applied: IPv6 traffic is not captured (the first address is IPv4; set \

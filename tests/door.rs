@@ -199,21 +199,62 @@ fn ipv6_addresses_without_ipv6_rules_are_warned_about() {
     );
 }
 
+#[test]
+fn values_echoed_in_errors_are_cut_and_dry_run_names_are_explained() {
+    let long = "x".repeat(100_000);
+    for args in [
+        vec!["-c", long.as_str()],
+        vec!["explain", "--direction", "inbound", "--dst", long.as_str()],
+        vec!["--network-namespace", long.as_str(), "-i", "*"],
+    ] {
+        let out = run(&args, &[]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.len() < 1000 && err.contains("(100000 characters in all)"),
+            "{} bytes of stderr for `{}`:\n{}",
+            err.len(),
+            args[..args.len() - 1].join(" "),
+            &err[..err.len().min(2000)]
+        );
+    }
+
+    // Names are resolved where the script runs; its header says so.
+    let args = ["--dry-run", "-u", "no-such-user-9", "-i", "*"];
+    let out = run(&args, &[]);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+    let script = text(&out.stdout);
+    assert!(
+        script.contains("--uid-owner no-such-user-9")
+            && script.contains("# User and group names are not checked here"),
+        "{script}"
+    );
+    let out = run(&["--dry-run", "-u", "1337", "-i", "*"], &[]);
+    assert!(!text(&out.stdout).contains("names are not checked"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Refused at the door, or accepted and working
 // ---------------------------------------------------------------------------------------------
 
 #[test]
 fn a_path_that_is_not_a_network_namespace_is_named_as_such() {
-    let args = ["--network-namespace", "/etc/hostname", "-i", "*"];
-    let out = run(&args, &[]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&args, &out));
-    assert!(
-        err.contains("/etc/hostname") && err.contains("is not a network namespace"),
-        "{}",
-        describe(&args, &out)
-    );
+    let tmp = TempDir::new("istio-iptables-door-netns");
+    let fifo = tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let fifo = fifo.to_string_lossy().into_owned();
+    // A FIFO must not hang the open (run() fails the test after 60 s).
+    for path in ["/etc/hostname", fifo.as_str()] {
+        let args = ["--network-namespace", path, "-i", "*"];
+        let out = run(&args, &[]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&args, &out));
+        assert!(
+            err.contains(path) && err.contains("is not a network namespace"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
 }
 
 #[test]
