@@ -173,7 +173,8 @@ fn ipv6_addresses_without_ipv6_rules_are_warned_about() {
         return;
     }
     let script = format!(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          ip link add d0 type veth peer name d1\n\
          ip link set d1 up\n\
          ip link set d0 up\n\
@@ -268,7 +269,8 @@ fn missing_capabilities_are_named_with_the_pod_spec_fix() {
     }
     let drop = "setpriv --bounding-set -net_admin,-net_raw";
     let script = format!(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          iptables-save > \"$NS_OUT/before\"\n\
          # Without the capabilities iptables itself fails: the test is not vacuous.\n\
          if {drop} iptables-nft-save; then echo yes > \"$NS_OUT/iptables-worked\"; fi\n\
@@ -315,7 +317,8 @@ fn cidrs_with_host_bits_converge_and_verify_clean() {
     }
     let args = shell_command(["-i", "*", "-b", "*", "-x", "10.0.0.1/8,2001:db8:5::1/48"]);
     let script = format!(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          export ENABLE_INBOUND_IPV6=true\n\
          {bin} -n {args} > \"$NS_OUT/dry\" 2> /dev/null\n\
          {bin} {args} 2> \"$NS_OUT/first\"\n\
@@ -381,7 +384,8 @@ fn owner_groups_at_the_limit_apply_and_a_long_exclude_list_too() {
             .join(",")
     };
     let script = format!(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          ISTIO_OUTBOUND_OWNER_GROUPS={inc} {bin} {seed}\n\
          iptables-save > \"$NS_OUT/include\"\n\
          {bin} --cleanup-only\n\
@@ -441,7 +445,8 @@ fn reconcile_false_conflict_suggests_only_what_works() {
         return;
     }
     let script = format!(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          {bin} {seed}\n\
          rc=0; {bin} -i '*' -b 8080 --reconcile=false 2> \"$NS_OUT/err\" || rc=$?\n\
          echo $rc > \"$NS_OUT/rc\"\n\
@@ -533,7 +538,8 @@ fn cleanup_script_works_on_any_state() {
         ("ipv6-tproxy", vec!["-m", "TPROXY", "-b", "*", "-i", "*"]),
     ];
     let mut script = String::from(
-        "ip link set lo up\n\
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
          snap() {\n\
            { iptables-nft-save; ip6tables-nft-save; ip rule; ip -6 rule;\n\
              ip route show table all; ip -6 route show table all; ip -6 addr show dev lo; } \\\n\

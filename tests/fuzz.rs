@@ -461,6 +461,7 @@ fn generated_command_lines_never_panic_and_yield_safe_valid_scripts() {
     }
     let script = format!(
         "set +x\n\
+         mount -t tmpfs tmpfs /run # a private xtables lock\n\
          for f in {dir}/*.v4; do\n\
            iptables-restore --test < \"$f\" 2>> \"$NS_OUT/errors\" || basename \"$f\" >> \"$NS_OUT/failed\"\n\
          done\n\
