@@ -551,17 +551,25 @@ fn cleanup_script_works_on_any_state() {
         ),
         ("drop-invalid", vec!["-i", "*", "-b", "*", "--drop-invalid"]),
         ("ipv6-tproxy", vec!["-m", "TPROXY", "-b", "*", "-i", "*"]),
+        (
+            "ipv6-tproxy-1400",
+            vec!["-m", "TPROXY", "-b", "*", "-t", "1400", "-r", "140"],
+        ),
     ];
     let mut script = String::from(
         "mount -t tmpfs tmpfs /run # a private xtables lock\n\
          ip link set lo up\n\
          snap() {\n\
-           { iptables-nft-save; ip6tables-nft-save; ip rule; ip -6 rule;\n\
+           { iptables-nft-save; ip6tables-nft-save; ip -N rule; ip -6 -N rule;\n\
              ip route show table all; ip -6 route show table all; ip -6 addr show dev lo; } \\\n\
              2>/dev/null | grep -v '^#' | sed 's/ \\[[0-9]*:[0-9]*\\]$//' > \"$NS_OUT/$1.state\"\n\
            { iptables-legacy-save; ip6tables-legacy-save; } 2>/dev/null | grep -v '^#' \\\n\
              | sed 's/ \\[[0-9]*:[0-9]*\\]$//' > \"$NS_OUT/$1.legacy\"\n\
          }\n\
+         # Foreign routing, which must stay: a masked fwmark rule, a source rule.\n\
+         ip rule add fwmark 7/0xff lookup 150\n\
+         ip route add local default dev lo table 150\n\
+         ip rule add from 10.1.0.0/16 lookup 160\n\
          snap clean\n",
     );
     script.push_str(&format!(
