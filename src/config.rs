@@ -886,14 +886,10 @@ impl Config {
         // (Owner group names are left to iptables-restore, whose error quotes the rule.)
         if !dry_run && !cleanup_only {
             let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
-            let (gid_id, gid_raw, gid_note) = match c.proxy_gid.as_deref().filter(|s| !s.is_empty())
-            {
-                Some(g) => ("proxy_gid", g, ""),
-                None => (
-                    "proxy_gid",
-                    uid_raw,
-                    " (--proxy-gid defaults to the --proxy-uid value)",
-                ),
+            // Without -g, the gids are the -u value (as in Istio).
+            let (gid_raw, gid_note) = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
+                Some(g) => (g, ""),
+                None => (uid_raw, " (--proxy-gid defaults to the --proxy-uid value)"),
             };
             let missing = |kind: &str, n: &str| {
                 format!("there is no {kind} named {} on this machine", quoted(n))
@@ -909,7 +905,7 @@ impl Config {
                 if let Owner::Name(n) = o
                     && host.group_gid(n).is_none()
                 {
-                    return Err(src(gid_id).err(gid_raw, missing("group", n) + gid_note));
+                    return Err(src("proxy_gid").err(gid_raw, missing("group", n) + gid_note));
                 }
             }
         }
@@ -1108,7 +1104,11 @@ pub(crate) mod tests {
 
     impl Host for FakeHost {
         fn user_uid(&self, name: &str) -> Option<u32> {
-            (name == "istio-proxy").then_some(1337)
+            match name {
+                "istio-proxy" => Some(1337),
+                "svc" => Some(500), // a user without a group of its name
+                _ => None,
+            }
         }
         fn detect_ipv6(&self, _dual_stack: bool) -> Option<bool> {
             self.ipv6
@@ -1247,6 +1247,14 @@ pub(crate) mod tests {
         assert!(e.reason.contains("no group named \"nobody-here\""), "{e}");
         let e = build(&["-u", "nobody-here"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--proxy-uid");
+        let e = build(&["-u", "svc"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--proxy-gid");
+        assert!(
+            e.reason.contains("defaults to the --proxy-uid value"),
+            "{e}"
+        );
+        assert!(build(&["-u", "svc", "-g", "0"], &[]).is_ok());
+        assert!(build(&["-u", "svc", "--cleanup-only"], &[]).is_ok());
         // The dry run prints names as given; the script may run on another machine.
         assert!(build(&["-u", "nobody-here", "--dry-run"], &[]).is_ok());
         let e = build(&["--probe-timeout", "forever"], &[]).unwrap_err();
