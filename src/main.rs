@@ -92,7 +92,10 @@ fn main() -> ExitCode {
     };
     init_logging(args.cli.verbose);
 
-    let mut cfg = match Config::build(&args, &|k| std::env::var(k).ok(), &RealHost) {
+    // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
+    // `std::env::var` would make of them); lossy text fails validation naming the variable.
+    let env = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
+    let mut cfg = match Config::build(&args, &env, &RealHost) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("istio-iptables: error: {e}");

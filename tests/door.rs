@@ -201,6 +201,34 @@ fn ipv6_addresses_without_ipv6_rules_are_warned_about() {
 }
 
 #[test]
+fn bytes_that_are_not_utf8_are_refused_not_a_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"eth\xff0");
+    for (args, env) in [
+        (vec![OsStr::new("--dry-run"), OsStr::new("-c"), bad], None),
+        (
+            vec![OsStr::new("--dry-run")],
+            Some(("ISTIO_EXCLUDE_INTERFACES", bad)),
+        ),
+        (
+            vec![OsStr::new("--dry-run")],
+            Some(("ISTIO_OUTBOUND_OWNER_GROUPS", bad)),
+        ),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear().args(&args).stdin(Stdio::null());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = common::run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
 fn values_echoed_in_errors_are_cut_and_dry_run_names_are_explained() {
     let long = "x".repeat(100_000);
     for args in [
