@@ -165,6 +165,14 @@ if [ -z "$found" ]; then
     istio_cleanup iptables
     istio_cleanup ip6tables
 fi
+# Istio's native nftables capture (--native-nftables) keeps its rules in tables of its own.
+if command -v nft >/dev/null 2>&1; then
+    for t in istio-proxy-nat istio-proxy-mangle istio-proxy-raw; do
+        if nft list table inet "$t" >/dev/null 2>&1; then
+            nft delete table inet "$t"
+        fi
+    done
+fi
 istio_cleanup_routing -4
 istio_cleanup_routing -6
 while ip -6 addr del ::6/128 dev lo 2>/dev/null; do :; done
@@ -180,7 +188,8 @@ pub fn render_cleanup(_cfg: &Config) -> String {
          # Run as root inside the target network namespace. Like a real --cleanup-only, it\n\
          # reads the live state (rules with every installed iptables variant, both families)\n\
          # and removes every jump into an ISTIO_* chain, the other rules istio-iptables adds to\n\
-         # built-in chains (by their shape), then every ISTIO_* chain; then TPROXY policy\n\
+         # built-in chains (by their shape), then every ISTIO_* chain; the tables of Istio's\n\
+         # native nftables capture (inet istio-proxy-nat, -mangle, -raw); then TPROXY policy\n\
          # routing of any mark and table (a plain fwmark rule whose table routes local default\n\
          # via lo) and the ::6 address on lo.\n\
          # On a namespace without such state it changes nothing and exits 0.\n",

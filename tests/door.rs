@@ -588,7 +588,7 @@ fn cleanup_script_works_on_any_state() {
         "mount -t tmpfs tmpfs /run # a private xtables lock\n\
          ip link set lo up\n\
          snap() {\n\
-           { iptables-nft-save; ip6tables-nft-save; ip -N rule; ip -6 -N rule;\n\
+           { iptables-nft-save; ip6tables-nft-save; nft list tables; ip -N rule; ip -6 -N rule;\n\
              ip route show table all; ip -6 route show table all; ip -6 addr show dev lo; } \\\n\
              2>/dev/null | grep -v '^#' | sed 's/ \\[[0-9]*:[0-9]*\\]$//' > \"$NS_OUT/$1.state\"\n\
            { iptables-legacy-save; ip6tables-legacy-save; } 2>/dev/null | grep -v '^#' \\\n\
@@ -623,6 +623,17 @@ fn cleanup_script_works_on_any_state() {
             ));
         }
     }
+    // What Istio's native nftables capture leaves: tables of its own.
+    script.push_str(&format!(
+        "nft add table inet istio-proxy-nat\n\
+         nft add chain inet istio-proxy-nat output '{{ type nat hook output priority -100; }}'\n\
+         nft add rule inet istio-proxy-nat output meta l4proto tcp counter return\n\
+         nft add table inet istio-proxy-raw\n\
+         snap native-nft-applied\n\
+         sh {c} > \"$NS_OUT/native-nft.out\" 2>&1\n\
+         snap native-nft-cleaned\n",
+        c = cleanup_script.display()
+    ));
     let out = run_in_fresh_ns(&script);
     assert!(out.success(), "{}", out.describe());
     let state = |label: &str| {
@@ -638,25 +649,27 @@ fn cleanup_script_works_on_any_state() {
         "the script must change nothing on a clean namespace:\n{}",
         out.describe()
     );
-    for flavor in ["nft", "legacy"] {
-        for (name, _) in &applies {
-            let label = format!("{flavor}-{name}");
-            assert_ne!(
-                state(&format!("{label}-applied")),
-                clean,
-                "{label}: the apply should have changed something"
+    let mut labels: Vec<String> = ["nft", "legacy"]
+        .iter()
+        .flat_map(|f| applies.iter().map(move |(name, _)| format!("{f}-{name}")))
+        .collect();
+    labels.push("native-nft".to_string());
+    for label in labels {
+        assert_ne!(
+            state(&format!("{label}-applied")),
+            clean,
+            "{label}: the apply should have changed something"
+        );
+        let after = state(&format!("{label}-cleaned"));
+        if after != clean {
+            panic!(
+                "{label}: the cleanup script should restore the clean state\n--- clean ---\n{}{}\n--- after ---\n{}{}\n--- script output ---\n{}",
+                clean.0,
+                clean.1,
+                after.0,
+                after.1,
+                out.file(&format!("{label}.out")).unwrap_or_default()
             );
-            let after = state(&format!("{label}-cleaned"));
-            if after != clean {
-                panic!(
-                    "{label}: the cleanup script should restore the clean state\n--- clean ---\n{}{}\n--- after ---\n{}{}\n--- script output ---\n{}",
-                    clean.0,
-                    clean.1,
-                    after.0,
-                    after.1,
-                    out.file(&format!("{label}.out")).unwrap_or_default()
-                );
-            }
         }
     }
 }
