@@ -13,19 +13,45 @@ use crate::cli::{Args, Origin, describe, env_only};
 
 /// Istio's default proxy uid when `ENVOY_USER` does not resolve.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
-/// Istio caps the include list of owner groups (they become one rule).
-pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+/// Istio documents 64 for the include list of owner groups, but they become ONE rule
+/// (`-m owner ! --gid-owner G` five words each) and iptables-restore's parser stops at 255
+/// words a line (`MAX_ARGC`, iptables 1.8.x): 49 groups fit, 50 fail with "Parser cannot
+/// handle more arguments" (measured with iptables 1.8.9, legacy and nft). We reject at 50.
+pub const MAX_OWNER_GROUPS_INCLUDE: usize = 49;
+/// Values echoed in messages are cut to this many characters.
+pub const MAX_ECHO_CHARS: usize = 80;
 /// How long the legacy backend waits for the xtables lock by default.
 pub const DEFAULT_LOCK_WAIT_SECS: u32 = 30;
 
 /// A bad input: which flag or env var, the value, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid value {value:?} for {source_name}: {reason}")]
+#[error("invalid value {} for {source_name}: {reason}", quoted(value))]
 pub struct ConfigError {
     /// e.g. `--envoy-port`, `--envoy-port (from env ENVOY_PORT)`, `env ENVOY_USER`.
     pub source_name: String,
     pub value: String,
     pub reason: String,
+}
+
+/// `s` quoted (Rust debug syntax, so control characters show), cut to [`MAX_ECHO_CHARS`]
+/// characters: a 100 KB value must not flood the terminal.
+pub fn quoted(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MAX_ECHO_CHARS {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head:?}... ({n} characters in all)")
+}
+
+/// `s` as is when short, else cut like [`quoted`] (for paths printed without quotes).
+pub fn shortened(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MAX_ECHO_CHARS {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head}... ({n} characters in all)")
 }
 
 /// A TCP/UDP port, 1-65535.
@@ -111,6 +137,29 @@ pub struct Cidrs {
 impl Cidrs {
     pub fn is_empty(&self) -> bool {
         self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// The CIDRs as typed that have host bits set (`10.0.0.1/8`).
+    fn with_host_bits(&self) -> Vec<String> {
+        let v4 = self
+            .v4
+            .iter()
+            .filter(|n| **n != n.trunc())
+            .map(|n| n.to_string());
+        let v6 = self
+            .v6
+            .iter()
+            .filter(|n| **n != n.trunc())
+            .map(|n| n.to_string());
+        v4.chain(v6).collect()
+    }
+
+    /// The kernel's form: host bits cleared (`10.0.0.1/8` is stored as `10.0.0.0/8`).
+    fn truncated(&self) -> Cidrs {
+        Cidrs {
+            v4: self.v4.iter().map(Ipv4Net::trunc).collect(),
+            v6: self.v6.iter().map(Ipv6Net::trunc).collect(),
+        }
     }
 }
 
@@ -246,9 +295,16 @@ pub trait Host {
     fn user_uid(&self, name: &str) -> Option<u32>;
     /// Whether the pod's address is IPv6 (Istio's rule); `None` when it has no usable address.
     fn detect_ipv6(&self, dual_stack: bool) -> Option<bool>;
-    /// Read a file (resolv.conf).
-    fn read_file(&self, path: &std::path::Path) -> std::io::Result<String>;
+    /// gid of the group `name`, if it exists.
+    fn group_gid(&self, name: &str) -> Option<u32>;
+    /// Reads resolv.conf: at most [`RESOLV_CONF_MAX_BYTES`] + 1 bytes (so that a longer
+    /// file shows), and only from a regular file (a FIFO or a device is an error).
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
 }
+
+/// How much of resolv.conf is read, as resolvers do (musl reads lines up to a fixed buffer;
+/// nobody's resolv.conf is anywhere near this).
+pub const RESOLV_CONF_MAX_BYTES: usize = 64 * 1024;
 
 /// Names a value's source for error messages.
 /// Where a value came from; the flag/env name is only worked out for an error message.
@@ -312,7 +368,10 @@ fn parse_u16_strict(s: &str) -> Option<u16> {
 fn port(src: &Src, whole: &str, item: &str) -> Result<Port, ConfigError> {
     match parse_u16_strict(item) {
         Some(n) if n > 0 => Ok(Port(n)),
-        _ => Err(src.err(whole, format!("{item:?} is not a port number (1-65535)"))),
+        _ => Err(src.err(
+            whole,
+            format!("{} is not a port number (1-65535)", quoted(item)),
+        )),
     }
 }
 
@@ -326,7 +385,7 @@ fn port_spec(src: &Src, whole: &str, item: &str) -> Result<PortSpec, ConfigError
         Some((a, b)) => {
             let (a, b) = (port(src, whole, a)?, port(src, whole, b)?);
             if a.0 > b.0 {
-                return Err(src.err(whole, format!("port range {item:?} is reversed")));
+                return Err(src.err(whole, format!("port range {} is reversed", quoted(item))));
             }
             Ok(PortSpec::Range(a, b))
         }
@@ -371,17 +430,35 @@ fn valid_account_name(s: &str) -> bool {
 
 fn owner(src: &Src, whole: &str, item: &str) -> Result<Owner, ConfigError> {
     if item.bytes().all(|b| b.is_ascii_digit()) {
-        return item
-            .parse()
-            .map(Owner::Id)
-            .map_err(|_| src.err(whole, format!("id {item:?} is out of range")));
+        return match item.parse::<u32>() {
+            // (uid_t)-1 means "no id" to the kernel; iptables' owner match refuses it.
+            Ok(u32::MAX) => Err(src.err(
+                whole,
+                format!(
+                    "id {item} is reserved (it means \"no id\"); the highest id is {}",
+                    u32::MAX - 1
+                ),
+            )),
+            Ok(n) => Ok(Owner::Id(n)),
+            Err(_) => Err(src.err(
+                whole,
+                format!(
+                    "id {} is out of range (at most {})",
+                    quoted(item),
+                    u32::MAX - 1
+                ),
+            )),
+        };
     }
     if valid_account_name(item) {
         Ok(Owner::Name(item.to_string()))
     } else {
         Err(src.err(
             whole,
-            format!("{item:?} is neither a numeric id nor a valid user/group name"),
+            format!(
+                "{} is neither a numeric id nor a valid user/group name",
+                quoted(item)
+            ),
         ))
     }
 }
@@ -397,7 +474,7 @@ fn owner_list(src: &Src, s: &str) -> Result<Vec<Owner>, ConfigError> {
 /// Linux's dev_valid_name, plus no quotes/backslashes/leading `-` or `!` that iptables would
 /// read as syntax. A trailing `+` (iptables wildcard) is allowed.
 fn iface(src: &Src, whole: &str, item: &str) -> Result<Iface, ConfigError> {
-    let bad = |why: &str| src.err(whole, format!("interface name {item:?} {why}"));
+    let bad = |why: &str| src.err(whole, format!("interface name {} {why}", quoted(item)));
     if item.is_empty() || item.len() > 15 {
         return Err(bad("must be 1-15 bytes long"));
     }
@@ -433,7 +510,10 @@ fn cidr(src: &Src, whole: &str, item: &str) -> Result<IpNet, ConfigError> {
     if let Ok(a) = item.parse::<IpAddr>() {
         return Ok(IpNet::from(a));
     }
-    Err(src.err(whole, format!("{item:?} is not a valid CIDR or IP address")))
+    Err(src.err(
+        whole,
+        format!("{} is not a valid CIDR or IP address", quoted(item)),
+    ))
 }
 
 fn cidr_list(src: &Src, s: &str) -> Result<Cidrs, ConfigError> {
@@ -518,30 +598,49 @@ fn go_bool_with_alias(
     go_bool(args, id, raw)
 }
 
-/// Parses `nameserver` lines of a resolv.conf into IPv4 and IPv6 servers (unparsable entries
-/// are skipped with a warning, as Istio does).
-pub fn parse_resolv_conf(text: &str) -> (Vec<DnsServer>, Vec<DnsServer>) {
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        if fields.next() != Some("nameserver") {
+/// Reads the `nameserver` lines of a resolv.conf as a resolver does: bytes, not text (a
+/// Latin-1 comment is fine), every other line ignored, an address that does not parse
+/// skipped with a warning, each server kept once in the order of first mention. Only the
+/// first [`RESOLV_CONF_MAX_BYTES`] are read; a line cut there is dropped.
+pub fn parse_resolv_conf(bytes: &[u8]) -> (Vec<DnsServer>, Vec<DnsServer>) {
+    let mut bytes = bytes;
+    if bytes.len() > RESOLV_CONF_MAX_BYTES {
+        bytes = &bytes[..RESOLV_CONF_MAX_BYTES];
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes = &bytes[..whole];
+        tracing::warn!(
+            "resolv.conf is longer than {RESOLV_CONF_MAX_BYTES} bytes; reading only its beginning"
+        );
+    }
+    let (mut v4, mut v6): (Vec<DnsServer>, Vec<DnsServer>) = (Vec::new(), Vec::new());
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let mut fields = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty());
+        if fields.next() != Some(b"nameserver".as_slice()) {
             continue;
         }
-        let Some(text) = fields.next() else { continue };
-        match text.parse::<IpAddr>() {
-            Ok(addr @ IpAddr::V4(_)) => v4.push(DnsServer {
-                addr,
-                text: text.to_string(),
-            }),
-            Ok(addr @ IpAddr::V6(_)) => v6.push(DnsServer {
-                addr,
-                text: text.to_string(),
-            }),
-            Err(_) => tracing::warn!(
-                server = text,
-                "ignoring resolv.conf nameserver that is not an IP address"
-            ),
+        let Some(field) = fields.next() else { continue };
+        let text = String::from_utf8_lossy(field);
+        let addr = match std::str::from_utf8(field).ok().map(str::parse::<IpAddr>) {
+            Some(Ok(a)) => a,
+            _ => {
+                tracing::warn!(
+                    line = n + 1,
+                    server = %quoted(&text),
+                    "ignoring resolv.conf nameserver that is not an IP address"
+                );
+                continue;
+            }
+        };
+        let list = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
+        if list.iter().any(|d| d.addr == addr) {
+            continue;
         }
+        list.push(DnsServer {
+            addr,
+            text: text.into_owned(),
+        });
     }
     (v4, v6)
 }
@@ -770,8 +869,11 @@ impl Config {
                     return Err(s.err(
                         &include,
                         format!(
-                            "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {}",
-                            groups.len()
+                            "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {} \
+                             (they form one iptables rule, and iptables-restore cannot parse a \
+                             longer one; capture all groups with `*` and list the others in {})",
+                            groups.len(),
+                            env_only::OWNER_GROUPS_EXCLUDE
                         ),
                     ));
                 }
@@ -792,12 +894,58 @@ impl Config {
             Some(v) => u32_value(&Src::env(env_only::LOCK_WAIT), &v, "a number of seconds")?,
         };
 
+        // Names are resolved by iptables when the rules are applied: a name that does not
+        // exist here would fail there, after the first steps ran. A dry run prints names
+        // as given (the script may run on another machine); a cleanup must always run.
+        // (Owner group names are left to iptables-restore, whose error quotes the rule.)
+        if !dry_run && !cleanup_only {
+            let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
+            // Without -g, the gids are the -u value (as in Istio).
+            let (gid_raw, gid_note) = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
+                Some(g) => (g, ""),
+                None => (uid_raw, " (--proxy-gid defaults to the --proxy-uid value)"),
+            };
+            let missing = |kind: &str, n: &str| {
+                format!("there is no {kind} named {} on this machine", quoted(n))
+            };
+            for o in &proxy_uids {
+                if let Owner::Name(n) = o
+                    && host.user_uid(n).is_none()
+                {
+                    return Err(src("proxy_uid").err(uid_raw, missing("user", n)));
+                }
+            }
+            for o in &proxy_gids {
+                if let Owner::Name(n) = o
+                    && host.group_gid(n).is_none()
+                {
+                    return Err(src("proxy_gid").err(gid_raw, missing("group", n) + gid_note));
+                }
+            }
+        }
+
+        let mut host_bits = match &outbound_include {
+            OutboundCidrs::Only(c) => c.with_host_bits(),
+            OutboundCidrs::All => Vec::new(),
+        };
+        host_bits.extend(outbound_exclude.with_host_bits());
+        if host_loopback_cidr != host_loopback_cidr.trunc() {
+            host_bits.push(host_loopback_cidr.to_string());
+        }
+        if !host_bits.is_empty() {
+            tracing::warn!(
+                cidrs = %host_bits.join(","),
+                "host bits of these CIDRs are ignored: the kernel matches the network \
+                 (10.0.0.1/8 is 10.0.0.0/8)"
+            );
+        }
+
         let resolv_conf = PathBuf::from(&c.resolv_conf);
         let (dns_servers_v4, dns_servers_v6) = if redirect_dns && !capture_all_dns {
-            let text = host.read_file(&resolv_conf).map_err(|e| {
+            let bytes = host.read_file(&resolv_conf).map_err(|e| {
                 src("resolv_conf").err(&c.resolv_conf, format!("cannot read it: {e}"))
             })?;
-            parse_resolv_conf(&text)
+            parse_resolv_conf(&bytes)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -844,6 +992,17 @@ impl Config {
             resolv_conf,
             lock_wait_secs,
         })
+    }
+
+    /// The configuration as the kernel stores it: CIDRs without host bits. Rules built from
+    /// it compare equal to what iptables-save shows, so a second run changes nothing and
+    /// `verify` sees no drift. (The dry-run script keeps the CIDRs as typed, like Istio.)
+    pub fn kernel_form(&mut self) {
+        if let OutboundCidrs::Only(c) = &mut self.outbound_include {
+            *c = c.truncated();
+        }
+        self.outbound_exclude = self.outbound_exclude.truncated();
+        self.host_loopback_cidr = self.host_loopback_cidr.trunc();
     }
 
     /// The effective configuration as `NAME=value` pairs (Istio's names), for logs and the
@@ -965,15 +1124,25 @@ pub(crate) mod tests {
 
     impl Host for FakeHost {
         fn user_uid(&self, name: &str) -> Option<u32> {
-            (name == "istio-proxy").then_some(1337)
+            match name {
+                "istio-proxy" => Some(1337),
+                "svc" => Some(500), // a user without a group of its name
+                _ => None,
+            }
         }
         fn detect_ipv6(&self, _dual_stack: bool) -> Option<bool> {
             self.ipv6
         }
-        fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
+        fn group_gid(&self, name: &str) -> Option<u32> {
+            ["istio-proxy", "java", "ftp"]
+                .iter()
+                .position(|g| *g == name)
+                .map(|i| 1337 + i as u32)
+        }
+        fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
             self.files
                 .get(path)
-                .cloned()
+                .map(|s| s.clone().into_bytes())
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
         }
     }
@@ -1089,7 +1258,25 @@ pub(crate) mod tests {
         assert_eq!(e.source_name, "env ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR");
         let many: Vec<String> = (0..65).map(|i| i.to_string()).collect();
         let e = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &many.join(","))]).unwrap_err();
-        assert!(e.reason.contains("at most 64"), "{e}");
+        assert!(e.reason.contains("at most 49"), "{e}");
+        let e = build(&["-u", "4294967295"], &[]).unwrap_err();
+        assert!(e.reason.contains("reserved"), "{e}");
+        assert!(build(&["-u", "4294967294"], &[]).is_ok());
+        let e = build(&["-g", "nobody-here"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--proxy-gid");
+        assert!(e.reason.contains("no group named \"nobody-here\""), "{e}");
+        let e = build(&["-u", "nobody-here"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--proxy-uid");
+        let e = build(&["-u", "svc"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--proxy-gid");
+        assert!(
+            e.reason.contains("defaults to the --proxy-uid value"),
+            "{e}"
+        );
+        assert!(build(&["-u", "svc", "-g", "0"], &[]).is_ok());
+        assert!(build(&["-u", "svc", "--cleanup-only"], &[]).is_ok());
+        // The dry run prints names as given; the script may run on another machine.
+        assert!(build(&["-u", "nobody-here", "--dry-run"], &[]).is_ok());
         let e = build(&["--probe-timeout", "forever"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--probe-timeout");
         let e = build(&["--force-iptables-binary", "foo"], &[]).unwrap_err();
@@ -1140,6 +1327,47 @@ pub(crate) mod tests {
         assert!(c.dns_servers_v4.is_empty());
         let e = build(&["--redirect-dns", "--resolv-conf", "/nope"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--resolv-conf");
+    }
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let long = "x".repeat(100_000);
+        let e = build(&["-c", &long], &[]).unwrap_err().to_string();
+        assert!(e.len() < 400, "{} bytes", e.len());
+        assert!(e.contains("(100000 characters in all)"), "{e}");
+        assert_eq!(quoted("eth\n0"), r#""eth\n0""#);
+    }
+
+    #[test]
+    fn host_bits_are_cleared_in_the_kernel_form_only() {
+        let mut c = build(
+            &["-x", "10.0.0.1/8,2001:db8:5::1/48", "-i", "192.168.1.7/24"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.outbound_exclude.v4[0].to_string(), "10.0.0.1/8");
+        c.kernel_form();
+        assert_eq!(c.outbound_exclude.v4[0].to_string(), "10.0.0.0/8");
+        assert_eq!(c.outbound_exclude.v6[0].to_string(), "2001:db8:5::/48");
+        let OutboundCidrs::Only(inc) = &c.outbound_include else {
+            panic!()
+        };
+        assert_eq!(inc.v4[0].to_string(), "192.168.1.0/24");
+    }
+
+    #[test]
+    fn resolv_conf_is_read_like_a_resolver() {
+        let mut text = b"# caf\xe9 in Latin-1\nnameserver 10.0.0.1\nnameserver bad\xff\n".to_vec();
+        text.extend_from_slice(b"options ndots:5\nnameserver 10.0.0.1\nnameserver fd00::1 x\n");
+        text.extend_from_slice(b"nameserver\n  nameserver\t10.0.0.2\nnameserver 10.0.0.1\n");
+        let (v4, v6) = parse_resolv_conf(&text);
+        let v4: Vec<&str> = v4.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(v4, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(v6[0].text, "fd00::1");
+        // A line cut at the size limit is dropped, not misread.
+        let mut big = vec![b'#'; RESOLV_CONF_MAX_BYTES - 12];
+        big.extend_from_slice(b"\nnameserver 10.0.0.77\n");
+        assert!(parse_resolv_conf(&big).0.is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::config::Host;
+use crate::config::{Host, RESOLV_CONF_MAX_BYTES};
 use crate::state::OwnerResolver;
 
 /// The machine we run on.
@@ -61,8 +61,43 @@ impl Host for RealHost {
         found
     }
 
-    fn read_file(&self, path: &Path) -> std::io::Result<String> {
-        std::fs::read_to_string(path)
+    fn group_gid(&self, name: &str) -> Option<u32> {
+        OwnerResolver::gid(self, name)
+    }
+
+    /// Opens without blocking (a FIFO would wait for a writer), refuses what is not a
+    /// regular file once symlinks are followed, and reads a bounded amount.
+    fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let mut buf = Vec::new();
+        file.take(RESOLV_CONF_MAX_BYTES as u64 + 1)
+            .read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+impl RealHost {
+    /// Whether this namespace has an IPv6 address of global scope (not loopback,
+    /// link-local or multicast), e.g. to warn when IPv6 rules are off.
+    pub fn has_global_ipv6(&self) -> bool {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return false;
+        };
+        addrs
+            .filter_map(|ifa| ifa.address)
+            .filter_map(|sa| sa.as_sockaddr_in6().map(|a| a.ip()))
+            .any(|ip| ip.to_ipv4_mapped().is_none() && usable(IpAddr::V6(ip)))
     }
 }
 
@@ -78,9 +113,47 @@ impl OwnerResolver for RealHost {
     }
 }
 
+/// Capabilities iptables needs, by bit number (linux/capability.h) and name.
+const NET_CAPS: [(u32, &str); 2] = [(12, "NET_ADMIN"), (13, "NET_RAW")];
+
+/// The names (`NET_ADMIN`, `NET_RAW`) of the capabilities iptables needs that this process
+/// does not have in effect. Empty when they cannot be read (we then let iptables tell).
+pub fn missing_net_caps() -> Vec<&'static str> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| missing_from_status(&s))
+        .unwrap_or_default()
+}
+
+fn missing_from_status(status: &str) -> Option<Vec<&'static str>> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    let eff = u64::from_str_radix(hex.trim(), 16).ok()?;
+    Some(
+        NET_CAPS
+            .iter()
+            .filter(|(bit, _)| eff & (1 << bit) == 0)
+            .map(|(_, name)| *name)
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_capabilities_from_proc_status() {
+        let all = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(missing_from_status(all), Some(vec![]));
+        let no_raw = "CapEff:\t0000000000001000\n";
+        assert_eq!(missing_from_status(no_raw), Some(vec!["NET_RAW"]));
+        let none = "CapEff:\t0000000000000000\n";
+        assert_eq!(
+            missing_from_status(none),
+            Some(vec!["NET_ADMIN", "NET_RAW"])
+        );
+        assert_eq!(missing_from_status("Name: x\n"), None);
+    }
 
     #[test]
     fn loopback_and_link_local_are_not_usable() {

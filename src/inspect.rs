@@ -18,7 +18,7 @@ use crate::state::{OwnerResolver, SaveState, parse_save};
 /// A failure of explain/verify (not a drift: that is a result).
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("invalid value {value:?} for {flag}: {reason}")]
+    #[error("invalid value {} for {flag}: {reason}", crate::config::quoted(value))]
     BadArg {
         flag: &'static str,
         value: String,

@@ -16,7 +16,7 @@ use istio_iptables::exec::SystemRunner;
 use istio_iptables::host::RealHost;
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
-use istio_iptables::rules::{Family, IpCommand};
+use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
 use istio_iptables::{logging, netns, nft, rules, script, validate};
 
@@ -115,10 +115,10 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 _ => {
-                    // clap's first line names the flag and the value; the rest is advice.
+                    // All of clap's message: the missing arguments, "a similar argument
+                    // exists", the allowed values and the usage line are the help.
                     let text = e.to_string();
-                    let first = text.lines().next().unwrap_or("invalid arguments");
-                    eprintln!("istio-iptables: {first} (see --help)");
+                    eprintln!("istio-iptables: {}", text.trim_end());
                     ExitCode::from(code::USAGE)
                 }
             };
@@ -132,13 +132,23 @@ fn main() -> ExitCode {
         dry_run || !apply_command,
     ));
 
-    let mut cfg = match Config::build(&args, &|k| std::env::var(k).ok(), &RealHost) {
+    // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
+    // `std::env::var` would make of them); lossy text fails validation naming the variable.
+    let env = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
+    let mut cfg = match Config::build(&args, &env, &RealHost) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(code::USAGE);
         }
     };
+    if !cfg.cleanup_only && !cfg.skip_rule_apply && apply_command {
+        warn_if_nothing_captured(&cfg);
+    }
+    // Past the dry run, rules are compared with what the kernel stores.
+    if !cfg.dry_run {
+        cfg.kernel_form();
+    }
     if let Some(command) = args.cli.command.as_ref().filter(|_| !apply_command) {
         return inspect_command(command, &mut cfg);
     }
@@ -161,6 +171,20 @@ fn main() -> ExitCode {
     if let Err(e) = enter_namespace(&mut cfg) {
         report(&e);
         return ExitCode::from(code::FAILURE);
+    }
+    if (cfg.cleanup_only || !cfg.skip_rule_apply)
+        && let Err(msg) = check_capabilities()
+    {
+        tracing::error!("{msg}");
+        return ExitCode::from(code::FAILURE);
+    }
+    // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
+    if !cfg.cleanup_only && cfg.ipv6_detected && !cfg.enable_ipv6 && RealHost.has_global_ipv6() {
+        tracing::warn!(
+            "this network namespace has global IPv6 addresses, but only IPv4 rules are \
+             applied: IPv6 traffic is not captured (the first address is IPv4; set \
+             --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
+        );
     }
     log_config(&cfg);
     let plan = rules::build(&cfg);
@@ -247,6 +271,42 @@ fn enter_namespace(cfg: &mut Config) -> Result<(), netns::NetnsError> {
     Ok(())
 }
 
+/// Capture that silently does nothing is worth a warning at the default level.
+fn warn_if_nothing_captured(cfg: &Config) {
+    use istio_iptables::config::{InboundPorts, OutboundCidrs};
+    let outbound = match &cfg.outbound_include {
+        OutboundCidrs::All => true,
+        OutboundCidrs::Only(c) => !c.is_empty(),
+    };
+    let inbound = cfg.inbound_ports != InboundPorts::None;
+    if !(outbound || inbound || !cfg.outbound_ports_include.is_empty() || cfg.redirect_dns) {
+        tracing::warn!(
+            "this configuration captures no traffic: no outbound CIDRs (-i), no inbound ports \
+             (-b), no outbound ports (-q) and no DNS capture; Istio's sidecar uses -i '*' -b '*'"
+        );
+    }
+    if cfg.capture_all_dns && !cfg.redirect_dns {
+        tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
+    }
+}
+
+/// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
+/// "Permission denied (you must be root)", which misleads in a container running as root.
+fn check_capabilities() -> Result<(), String> {
+    let missing = istio_iptables::host::missing_net_caps();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(|c| format!("CAP_{c}")).collect();
+    Err(format!(
+        "this process lacks {}, which iptables needs to read and change the rules. In a \
+         Kubernetes pod spec, grant them to this (init) container: securityContext: \
+         {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
+        names.join(" and "),
+        missing.join(", ")
+    ))
+}
+
 /// The first owner as a number (the probe runs with that identity).
 fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
     match owners.first()? {
@@ -261,18 +321,7 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
     both.enable_ipv6 = true;
     let plan = rules::build(&both);
     let rules = BTreeMap::from([(Family::V4, plan.v4.clone()), (Family::V6, plan.v6.clone())]);
-    let mut ip = vec![IpCommand::AddInboundV6Address];
-    for family in [Family::V4, Family::V6] {
-        ip.push(IpCommand::RuleAdd {
-            family,
-            mark: cfg.tproxy_mark,
-            table: cfg.tproxy_route_table,
-        });
-        ip.push(IpCommand::RouteAddLocal {
-            family,
-            table: cfg.tproxy_route_table,
-        });
-    }
+    let ip = script::cleanup_ip_commands(cfg);
     match apply::cleanup(&rules, &ip, opts, env) {
         Ok(s) => {
             tracing::info!(
@@ -300,6 +349,10 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
+        return ExitCode::from(code::FAILURE);
+    }
+    if needs_kernel && let Err(msg) = check_capabilities() {
+        tracing::error!("{msg}");
         return ExitCode::from(code::FAILURE);
     }
     let cfg = &*cfg;

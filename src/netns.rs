@@ -1,13 +1,17 @@
 //! Entering a network namespace (`--network-namespace`) and scoping the xtables lock to the
 //! pod (`--cni-mode`). Only this process changes namespace; the caller's stays as it was.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{CloneFlags, setns};
 
 /// The namespace could not be entered.
 #[derive(Debug, thiserror::Error)]
-#[error("entering network namespace {path}: {source}")]
+#[error(
+    "entering network namespace {}: {source}",
+    crate::config::shortened(&path.to_string_lossy())
+)]
 pub struct NetnsError {
     pub path: PathBuf,
     #[source]
@@ -21,8 +25,23 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(err)?;
-    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| err(std::io::Error::from(e)))
+    // Non-blocking: a FIFO given by mistake must not hang the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(err)?;
+    setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        err(match e {
+            // setns(2) says EINVAL when the file is not a namespace of the asked type.
+            nix::errno::Errno::EINVAL => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path is not a network namespace (expected e.g. /var/run/netns/NAME or \
+                 /proc/PID/ns/net)",
+            ),
+            e => std::io::Error::from(e),
+        })
+    })
 }
 
 /// In CNI mode we run in the node's filesystem, where /run/xtables.lock is shared by every

@@ -983,6 +983,8 @@ mod tests {
     fn names_nft_cannot_read_bare_are_quoted() {
         let t = text(
             &[
+                // Names are resolved where the script runs: only a dry run takes unknown ones.
+                "--dry-run",
                 "-c",
                 "eth0,not-istio-nic,eth+,0a",
                 "-u",

@@ -26,7 +26,8 @@ pub struct Policy {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "the {table} table already has different ISTIO_* rules ({detail}); nothing was changed. \
-     Run with --reconcile=true (the default) to replace them, or --force-apply to add ours on top"
+     Run with --reconcile=true (the default) to replace them, or remove them first with \
+     --cleanup-only"
 )]
 pub struct Conflict {
     pub table: Table,

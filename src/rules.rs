@@ -336,7 +336,7 @@ pub fn build(cfg: &Config) -> Plan {
             || !cfg.dns_servers_v6.is_empty());
     if cfg.redirect_dns && !redirect_dns {
         tracing::warn!(
-            "--redirect-dns is set, but --capture-all-dns is not and no DNS servers were found; DNS capture disabled"
+            "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
         );
     }
 

@@ -1,9 +1,9 @@
 //! The dry-run output: a POSIX sh script an operator can save and run (e.g. on a VM).
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
-use crate::config::Config;
+use crate::config::{Config, Owner, OwnerGroups};
 use crate::restore;
-use crate::rules::{Family, Plan};
+use crate::rules::{Family, IpCommand, Plan};
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).
 const EOF_MARK: &str = "EOF";
@@ -17,6 +17,16 @@ pub fn render(cfg: &Config, plan: &Plan) -> String {
         env!("CARGO_PKG_VERSION")
     ));
     s.push_str("# Run as root inside the target network namespace.\n");
+    let names = |o: &[Owner]| o.iter().any(|o| matches!(o, Owner::Name(_)));
+    let group_names = match &cfg.owner_groups {
+        OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => names(g),
+    };
+    if names(&cfg.proxy_uids) || names(&cfg.proxy_gids) || group_names {
+        s.push_str(
+            "# User and group names are not checked here: iptables-restore resolves them where\n\
+             # the script runs, and fails if they do not exist there.\n",
+        );
+    }
     s.push_str("# Effective configuration:\n");
     for (k, v) in cfg.summary() {
         // Values are validated (ports, CIDRs, names); escape nothing but keep one per line.
@@ -42,56 +52,150 @@ pub fn render(cfg: &Config, plan: &Plan) -> String {
     s
 }
 
-/// `--dry-run --cleanup-only`: a real cleanup reads the live state; the script removes what
-/// a fresh apply of this configuration adds (its rules in built-in chains, then its chains).
-pub fn render_cleanup(cfg: &Config) -> String {
+/// The `ip` changes a cleanup undoes: both families, whatever IPv6 says, with this config's
+/// TPROXY mark and table.
+pub fn cleanup_ip_commands(cfg: &Config) -> Vec<IpCommand> {
+    let mut ip = vec![IpCommand::AddInboundV6Address];
+    for family in [Family::V4, Family::V6] {
+        ip.push(IpCommand::RuleAdd {
+            family,
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        });
+        ip.push(IpCommand::RouteAddLocal {
+            family,
+            table: cfg.tproxy_route_table,
+        });
+    }
+    ip
+}
+
+/// The part of the cleanup script that does not depend on the configuration: it reads the
+/// live state with each installed iptables variant and removes, as a real `--cleanup-only`
+/// does, every jump into an ISTIO_* chain, the rules of our shape in built-in chains of
+/// tables that hold ISTIO_* chains, then every ISTIO_* chain. Nothing is removed (nor run)
+/// where nothing is ours, so a clean namespace is left as it is.
+const CLEANUP_BODY: &str = r#"set -e
+
+# Reads iptables-save output; prints the iptables-restore payload that removes our state.
+istio_cleanup_payload() {
+    awk '
+        function flush() {
+            if (nd + nc > 0) {
+                print table
+                for (i = 1; i <= nd; i++) print del[i]
+                for (i = 1; i <= nc; i++) print "-F " chains[i]
+                for (i = 1; i <= nc; i++) print "-X " chains[i]
+                print "COMMIT"
+            }
+            nd = 0; nc = 0
+        }
+        /^\*/ { table = $0; name = substr($0, 2); nd = 0; nc = 0; next }
+        /^:ISTIO_/ { chains[++nc] = substr($1, 2); next }
+        /^COMMIT/ { flush(); next }
+        /^-A / {
+            if ($2 ~ /^ISTIO_/) next
+            rule = $0; sub(/^-A [^ ]+ /, "", rule)
+            ours = (rule ~ / -[jg] ISTIO_[^ ]*( |$)/ || rule ~ /^-[jg] ISTIO_/)
+            if (!ours && nc > 0 && (name == "nat" || name == "mangle")) {
+                if ($2 == "PREROUTING" && rule ~ /^-i [^ ]+ -j RETURN$/) ours = 1
+                if ($2 == "OUTPUT" && rule ~ /^-o [^ ]+ -j RETURN$/) ours = 1
+            }
+            if (!ours && nc > 0 && name == "mangle") {
+                if ($2 == "PREROUTING" && rule ~ /^-p tcp -m mark --mark [^ ]+ -j CONNMARK --save-mark/) ours = 1
+                if ($2 == "OUTPUT" && rule ~ /^-o lo -p tcp -m mark --mark [^ ]+ -j RETURN$/) ours = 1
+                if ($2 == "OUTPUT" && rule ~ /^-p tcp -m connmark --mark [^ ]+ -j CONNMARK --restore-mark/) ours = 1
+                if ($2 == "OUTPUT" && rule ~ /^! -d [^ ]+ -o lo -p tcp -m owner .* -j MARK --set-xmark /) ours = 1
+            }
+            if (ours) del[++nd] = "-D " $2 " " rule
+        }'
+}
+
+# $1: an iptables program name (iptables-nft, ip6tables-legacy, ...).
+istio_cleanup() {
+    command -v "$1-save" >/dev/null 2>&1 || return 0
+    command -v "$1-restore" >/dev/null 2>&1 || return 0
+    # No state to read (e.g. IPv6 disabled): nothing of ours either.
+    state=$("$1-save" 2>/dev/null) || return 0
+    payload=$(printf '%s\n' "$state" | istio_cleanup_payload)
+    [ -n "$payload" ] || return 0
+    printf '%s\n' "$payload" | "$1-restore" --noflush
+    # nft keeps a table emptied this way; a real cleanup deletes it, as this does.
+    case "$1" in *-nft) ;; *) return 0 ;; esac
+    command -v nft >/dev/null 2>&1 || return 0
+    fam=ip
+    case "$1" in ip6*) fam=ip6 ;; esac
+    for t in $(printf '%s\n' "$payload" | sed -n 's/^[*]//p'); do
+        if "$1-save" -t "$t" 2>/dev/null | awk '
+            /^-A / { busy = 1 }
+            /^:/ && !/^:(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) ACCEPT/ { busy = 1 }
+            END { exit busy }'; then
+            nft delete table "$fam" "$t"
+        fi
+    done
+}
+
+# TPROXY policy routing of any run, whatever its mark and table: a plain
+# "fwmark M lookup T" rule whose table T holds a "local default dev lo" route, then such
+# routes that no rule looks up. $1: -4 or -6.
+istio_cleanup_routing() {
+    ip "$1" -N rule show 2>/dev/null \
+        | awk 'NF == 7 && $2 == "from" && $3 == "all" && $4 == "fwmark" && $5 !~ /\// &&
+               $6 == "lookup" { print $5, $7 }' \
+        | while read -r mark table; do
+            if ip "$1" route show table "$table" 2>/dev/null | grep -q '^local default dev lo '; then
+                ip "$1" rule del fwmark "$mark" lookup "$table"
+            fi
+        done
+    tables=$(ip "$1" route show table all type local 2>/dev/null \
+        | sed -n 's/^local default dev lo table \([0-9][0-9]*\) .*/\1/p' | sort -u)
+    for table in $tables; do
+        if ! ip "$1" -N rule show 2>/dev/null | grep -q " lookup $table\$"; then
+            ip "$1" route del local default dev lo table "$table"
+        fi
+    done
+}
+
+found=
+for v in iptables-legacy iptables-nft ip6tables-legacy ip6tables-nft; do
+    if command -v "$v-save" >/dev/null 2>&1; then found=1; fi
+    istio_cleanup "$v"
+done
+if [ -z "$found" ]; then
+    istio_cleanup iptables
+    istio_cleanup ip6tables
+fi
+# Istio's native nftables capture (--native-nftables) keeps its rules in tables of its own.
+if command -v nft >/dev/null 2>&1; then
+    for t in istio-proxy-nat istio-proxy-mangle istio-proxy-raw; do
+        if nft list table inet "$t" >/dev/null 2>&1; then
+            nft delete table inet "$t"
+        fi
+    done
+fi
+istio_cleanup_routing -4
+istio_cleanup_routing -6
+while ip -6 addr del ::6/128 dev lo 2>/dev/null; do :; done
+"#;
+
+/// `--dry-run --cleanup-only`: a script that works on any state (a script for a VM cannot
+/// know what it will meet): it removes whatever this tool may have added, in an order that
+/// works, and changes nothing on a clean namespace. It depends on no configuration value.
+pub fn render_cleanup(_cfg: &Config) -> String {
     let mut s = String::from("#!/bin/sh\n");
     s.push_str(&format!(
         "# Generated by istio-iptables {} (--dry-run --cleanup-only).\n\
-         # A real --cleanup-only reads the live state and removes every ISTIO_* chain and jump;\n\
-         # this script removes what a fresh apply of this configuration adds.\n",
-        env!("CARGO_PKG_VERSION")
+         # Run as root inside the target network namespace. Like a real --cleanup-only, it\n\
+         # reads the live state (rules with every installed iptables variant, both families)\n\
+         # and removes every jump into an ISTIO_* chain, the other rules istio-iptables adds to\n\
+         # built-in chains (by their shape), then every ISTIO_* chain; the tables of Istio's\n\
+         # native nftables capture (inet istio-proxy-nat, -mangle, -raw); then TPROXY policy\n\
+         # routing of any mark and table (a plain fwmark rule whose table routes local default\n\
+         # via lo) and the ::6 address on lo.\n\
+         # On a namespace without such state it changes nothing and exits 0.\n",
+        env!("CARGO_PKG_VERSION"),
     ));
-    let plan = crate::rules::build(cfg);
-    for family in plan.families() {
-        let rules = plan.rules(family);
-        let mut payload = String::new();
-        for table in crate::rules::Table::ALL {
-            let in_table: Vec<&crate::rules::Rule> =
-                rules.iter().filter(|r| r.table == table).collect();
-            if in_table.is_empty() {
-                continue;
-            }
-            payload.push_str(&format!("*{table}\n"));
-            for r in in_table
-                .iter()
-                .filter(|r| !r.chain.starts_with(crate::rules::chain::PREFIX))
-            {
-                payload.push_str(&format!("-D {} {}\n", r.chain, r.spec()));
-            }
-            let chains = restore::declared_chains(&in_table);
-            for c in &chains {
-                payload.push_str(&format!("-F {c}\n"));
-            }
-            for c in &chains {
-                payload.push_str(&format!("-X {c}\n"));
-            }
-            payload.push_str("COMMIT\n");
-        }
-        let bin = match family {
-            Family::V4 => "iptables-restore",
-            Family::V6 => "ip6tables-restore",
-        };
-        s.push_str(&format!(
-            "{bin} --noflush <<'{EOF_MARK}'\n{payload}{EOF_MARK}\n"
-        ));
-    }
-    for cmd in plan.ip.iter().rev() {
-        s.push_str(&format!(
-            "ip {} || true\n",
-            crate::iproute::undo_args(cmd).join(" ")
-        ));
-    }
+    s.push_str(CLEANUP_BODY);
     s
 }
 
@@ -123,12 +227,11 @@ mod tests {
     }
 
     #[test]
-    fn cleanup_script_reverses_a_fresh_apply() {
-        let c = config(&["-b", "*", "-c", "eth9"], &[]).unwrap();
-        let s = render_cleanup(&c);
-        assert!(s.contains("-D OUTPUT -j ISTIO_OUTPUT\n"), "{s}");
-        assert!(s.contains("-D PREROUTING -i eth9 -j RETURN\n"), "{s}");
-        assert!(s.contains("-X ISTIO_REDIRECT\n"), "{s}");
+    fn cleanup_script_carries_no_config_value() {
+        let a = config(&["-b", "*", "-c", "eth9", "-t", "4242", "-r", "77"], &[]).unwrap();
+        let b = config(&[], &[]).unwrap();
+        assert_eq!(render_cleanup(&a), render_cleanup(&b));
+        assert!(!render_cleanup(&a).contains("eth9"));
     }
 
     #[test]

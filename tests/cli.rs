@@ -721,6 +721,8 @@ struct Bad {
     mentions: Vec<String>,
     /// Also run it with `--dry-run` (off when the case is about the dry-run switch itself).
     with_dry_run_flag: bool,
+    /// A clap error: clap's whole message (several lines: the tip, the usage) is printed.
+    clap: bool,
 }
 
 fn bad(args: &[&str], env: &[(&str, &str)], mentions: &[&str]) -> Bad {
@@ -732,6 +734,7 @@ fn bad(args: &[&str], env: &[(&str, &str)], mentions: &[&str]) -> Bad {
             .collect(),
         mentions: mentions.iter().map(|s| s.to_string()).collect(),
         with_dry_run_flag: true,
+        clap: false,
     }
 }
 
@@ -742,18 +745,29 @@ impl Bad {
         self.with_dry_run_flag = false;
         self
     }
+
+    /// Refused by clap: its whole message, several lines, is expected.
+    fn clap(mut self) -> Bad {
+        self.clap = true;
+        self
+    }
 }
 
-/// Every input that must be refused with exit code 2, one line of stderr, nothing on stdout and
-/// nothing executed. Add a case here in one line.
+/// Every input that must be refused with exit code 2, one line of stderr (clap's whole
+/// message for what clap refuses), nothing on stdout and nothing executed. Add a case here in
+/// one line.
 #[rustfmt::skip] // one case per line
 fn bad_inputs() -> Vec<Bad> {
-    let groups_65 = (1..=65).map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    let groups = |n: u32| (1..=n).map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    let (groups_50, groups_65) = (groups(50), groups(65));
     vec![
         //  flags                                 env                                                   the error mentions
         bad(&["-p", "70000"],                     &[],                                                  &["--envoy-port", "70000"]),
         bad(&["-p", "abc"],                       &[],                                                  &["--envoy-port", "abc"]),
-        bad(&["-p"],                              &[],                                                  &["--envoy-port"]),
+        bad(&["-p"],                              &[],                                                  &["--envoy-port"]).clap(),
+        bad(&["--envoy-prot", "1"],               &[],                                                  &["--envoy-prot", "a similar argument exists", "--envoy-port"]).clap(),
+        bad(&["explain"],                         &[],                                                  &["--direction", "--dst"]).clap(),
+        bad(&["explain", "--direction", "up", "--dst", "10.0.0.1:80"], &[],                             &["up", "inbound", "outbound"]).clap(),
         bad(&["-z", "0"],                         &[],                                                  &["--inbound-capture-port", "0"]),
         bad(&["-m", "FOO"],                       &[],                                                  &["--istio-inbound-interception-mode", "FOO"]),
         bad(&["-i", "10.0.0.0/33"],               &[],                                                  &["--istio-service-cidr", "10.0.0.0/33"]),
@@ -768,14 +782,25 @@ fn bad_inputs() -> Vec<Bad> {
         bad(&["-t", "abc"],                       &[],                                                  &["--istio-inbound-tproxy-mark", "abc"]),
         bad(&["-r", "0"],                         &[],                                                  &["--istio-inbound-tproxy-route-table", "0"]),
         bad(&["-u", "1337;rm"],                   &[],                                                  &["--proxy-uid", "1337;rm"]),
+        // (uid_t)-1 means "no id": iptables refuses it.
+        bad(&["-u", "4294967295"],                &[],                                                  &["--proxy-uid", "4294967295"]),
+        bad(&["-g", "0,4294967295"],              &[],                                                  &["--proxy-gid", "4294967295"]),
+        bad(&["-u", "4294967296"],                &[],                                                  &["--proxy-uid", "4294967296"]),
+        // Names must exist (a dry run prints them as given: the script may run elsewhere).
+        bad(&["-u", "no-such-user-9"],            &[],                                                  &["--proxy-uid", "no-such-user-9"]).not_with_dry_run_flag(),
+        bad(&["-u", "0", "-g", "no-such-group-9"], &[],                                                 &["--proxy-gid", "no-such-group-9"]).not_with_dry_run_flag(),
+        bad(&["-u", "root"],                      &[("PROXY_GID", "no-such-group-9")],                  &["PROXY_GID", "no-such-group-9"]).not_with_dry_run_flag(),
         bad(&["--force-iptables-binary", "foo"],  &[],                                                  &["--force-iptables-binary", "foo"]),
         bad(&["--probe-timeout", "forever"],      &[],                                                  &["--probe-timeout", "forever"]),
-        bad(&["--no-such-flag"],                  &[],                                                  &["--no-such-flag"]),
+        bad(&["--no-such-flag"],                  &[],                                                  &["--no-such-flag"]).clap(),
         // With --dry-run it prints Istio's nft transaction (tests/conformance_nft.rs).
         bad(&["--native-nftables"],               &[],                                                  &["--native-nftables", "not supported"]).not_with_dry_run_flag(),
         bad(&[],                                  &[("ENVOY_PORT", "abc")],                             &["ENVOY_PORT", "abc"]),
         bad(&[],                                  &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")], &["ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32"]),
-        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups_65)],       &["ISTIO_OUTBOUND_OWNER_GROUPS", &groups_65]),
+        // One rule of `! --gid-owner` matches: iptables-restore parses at most 49 of them.
+        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups_50)],       &["ISTIO_OUTBOUND_OWNER_GROUPS", "49"]),
+        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups_65)],       &["ISTIO_OUTBOUND_OWNER_GROUPS", "49"]),
+        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4294967295")], &["ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4294967295"]),
         bad(&[],                                  &[("ENABLE_INBOUND_IPV6", "maybe")],                  &["ENABLE_INBOUND_IPV6", "maybe"]),
         // A `--dry-run` flag would override (DRY_RUN) or duplicate (--dry-run=) these.
         bad(&[],                                  &[("DRY_RUN", "maybe")],                              &["DRY_RUN", "maybe"]).not_with_dry_run_flag(),
@@ -807,8 +832,11 @@ fn check_bad(case: &Bad, dry_run_flag: bool) -> Option<String> {
         wrong.push("stdout should be empty".to_string());
     }
     let lines = run.stderr.lines().count();
-    if lines != 1 {
+    if lines != 1 && !case.clap {
         wrong.push(format!("stderr should be exactly one line, has {lines}"));
+    }
+    if case.clap && !run.stderr.starts_with("istio-iptables: error: ") {
+        wrong.push("stderr should start with `istio-iptables: error: `".to_string());
     }
     for token in &case.mentions {
         if !contains_token(&run.stderr, token) {
