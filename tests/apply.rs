@@ -93,6 +93,10 @@ enum Fail {
     Ip6tablesRestoreNoflush,
     /// `ip ... rule add ...` fails like the kernel refusing it.
     IpRuleAdd,
+    /// `{ip,ip6}tables-*restore --noflush` (`ipv6` picks the family) commits the tables before
+    /// the `n`th (1-based) of its payload with the real program, then fails like a kernel
+    /// refusing the `n`th table: what iptables-restore does, table by table.
+    NthTable { ipv6: bool, n: usize },
 }
 
 /// A namespace script under construction.
@@ -157,6 +161,24 @@ snap() {
                 body.push_str(
                     "case \" $* \" in *\" --noflush \"*) \
                      echo 'ip6tables-restore: line 3 failed' >&2; exit 1;; esac\n",
+                );
+            }
+            if let Fail::NthTable { ipv6, n } = fail
+                && name.starts_with(if ipv6 { "ip6tables" } else { "iptables" })
+                && name.ends_with("restore")
+            {
+                let real = shell_quote(&real);
+                let _ = write!(
+                    body,
+                    "case \" $* \" in *\" --noflush \"*)\n\
+                     __p=\"$(dirname \"$0\")/payload.$$\"; cat > \"$__p\"\n\
+                     __l=$(awk -v n={n} 'substr($0,1,1)==\"*\"{{k++; if (k==n) {{print NR; exit}}}}' \"$__p\")\n\
+                     if [ -n \"$__l\" ]; then\n\
+                     head -n $((__l - 1)) \"$__p\" | {real} \"$@\" || exit $?\n\
+                     echo \"{name}: line $((__l + 1)) failed (shim: table {n} refused)\" >&2; exit 1\n\
+                     fi\n\
+                     exec {real} \"$@\" < \"$__p\";;\n\
+                     esac\n"
                 );
             }
             if fail == Fail::IpRuleAdd && name == "ip" {
@@ -1236,7 +1258,7 @@ fn assert_ip6tables_failure_message(run: &Run) {
         line.contains("committing IPv6 rules")
             && line.contains("ip6tables-nft-restore")
             && line.contains("line 3 failed")
-            && line.contains("(IPv4)"),
+            && line.contains("(IPv4; checked by re-reading the kernel)"),
         "the error should name the phase, the program, its message and what was restored: \
          {line}"
     );
@@ -1882,4 +1904,145 @@ fn failed_restore_quotes_the_rejected_payload_line() {
         "the error should quote the rejected payload line (`... --gid-owner nosuchgroup123 ...`): \
          {line}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 11. All or nothing across tables: iptables-restore commits table by table
+// ---------------------------------------------------------------------------
+
+/// A TPROXY + DNS config (mangle, nat and raw in both families), with its resolv.conf.
+struct TproxyDns {
+    _tmp: common::TempDir,
+    resolv: String,
+}
+
+impl TproxyDns {
+    fn new() -> TproxyDns {
+        let tmp = common::TempDir::new("istio-iptables-resolv");
+        let resolv = tmp.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 10.0.0.53\nnameserver fd00::53\n")
+            .expect("write resolv.conf");
+        let resolv = resolv.to_string_lossy().into_owned();
+        TproxyDns { _tmp: tmp, resolv }
+    }
+
+    fn args(&self) -> Vec<&str> {
+        vec![
+            "-m",
+            "TPROXY",
+            "-b",
+            "*",
+            "-c",
+            "eth9",
+            "--redirect-dns",
+            "--resolv-conf",
+            &self.resolv,
+        ]
+    }
+}
+
+/// After `setup`, `args` with the `n`th table of one family refused: exit 1, everything as
+/// before, and the message says what failed and what was restored.
+fn assert_table_fault(setup: &str, ipv6: bool, n: usize, args: &[&str]) {
+    let ns = Script::new()
+        .sh(setup)
+        .snap("before")
+        .shims(Fail::NthTable { ipv6, n })
+        .run("failing", V6, args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    let what = format!(
+        "table {n} of {} refused (setup: {})",
+        if ipv6 { "IPv6" } else { "IPv4" },
+        if setup.is_empty() {
+            "fresh"
+        } else {
+            "existing"
+        }
+    );
+    assert_same(
+        &format!("{what}: the namespace must be exactly as before"),
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    assert!(
+        line.contains(&format!("committing {family} rules"))
+            && line.contains(&format!("table {n} refused")),
+        "{what}: the error should name the family and the refusal: {line}"
+    );
+    // Only a refused first IPv4 table leaves nothing to restore.
+    let expected = if !ipv6 && n == 1 {
+        "nothing was changed (checked by re-reading the kernel)"
+    } else {
+        "the previous state was restored ("
+    };
+    assert!(
+        line.contains(expected) && !line.contains("ROLLBACK FAILED"),
+        "{what}: the error should say `{expected}`: {line}\n{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn a_refused_table_in_a_fresh_namespace_leaves_nothing_behind() {
+    if skip_unless_root("a_refused_table_in_a_fresh_namespace_leaves_nothing_behind") {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    for ipv6 in [false, true] {
+        for n in 1..=3 {
+            assert_table_fault("", ipv6, n, &cfg.args());
+        }
+    }
+}
+
+#[test]
+fn a_refused_table_over_an_existing_config_restores_it() {
+    if skip_unless_root("a_refused_table_over_an_existing_config_restores_it") {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    let setup = existing_state_setup();
+    for ipv6 in [false, true] {
+        for n in 1..=3 {
+            assert_table_fault(&setup, ipv6, n, &cfg.args());
+        }
+    }
+}
+
+/// A real refusal: `--drop-invalid` puts ISTIO_DROP into mangle, then the kernel side of
+/// iptables refuses the nat table's unknown owner. Mangle must not stay behind.
+#[test]
+fn a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones() {
+    if skip_unless_root("a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones") {
+        return;
+    }
+    let args = cat(&seed_with("-u", "nosuchuser8"), &["--drop-invalid"]);
+    for setup in [String::new(), existing_state_setup()] {
+        let ns = Script::new()
+            .sh(&setup)
+            .snap("before")
+            .run("failing", V6, &args)
+            .snap("after")
+            .exec();
+        let ctx = ns.context();
+        let run = ns.run_rc("failing", 1);
+        assert_same(
+            "a refused nat table must not leave mangle's ISTIO_DROP behind",
+            &ns.state("before"),
+            &ns.state("after"),
+            &ctx,
+        );
+        let line = run.one_error();
+        assert!(
+            line.contains("committing IPv4 rules")
+                && line.contains("the previous state was restored (IPv4"),
+            "{line}"
+        );
+    }
 }
