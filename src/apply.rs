@@ -289,14 +289,12 @@ fn roll_back(
         return Ok(Restored::Restored);
     }
     Err(format!(
-        "restoring {family} failed{}: the {} table(s) still differ from before the run \
-         ({family} {})",
+        "restoring {family} failed{}: {family} tables still differing from before the run: {}",
         failure.map(|f| format!(" ({f})")).unwrap_or_default(),
-        left.join(", "),
         left.iter()
-            .map(|t| describe_table(after.tables.get(t)))
+            .map(|t| format!("{t} ({})", describe_table(after.tables.get(t))))
             .collect::<Vec<_>>()
-            .join("; ")
+            .join(", ")
     ))
 }
 
@@ -723,8 +721,13 @@ mod tests {
         };
         let msg = apply_nft(&plan, &OPTS, &mut fake).unwrap_err().to_string();
         assert!(msg.contains("ROLLBACK FAILED"), "{msg}");
-        assert!(msg.contains("the nat table(s) still differ"), "{msg}");
-        assert!(msg.contains("ISTIO chains: ISTIO_INBOUND"), "{msg}");
+        assert!(
+            msg.contains(
+                "IPv4 tables still differing from before the run: nat (0 rules, ISTIO chains: \
+                 ISTIO_INBOUND)"
+            ),
+            "{msg}"
+        );
         assert!(!msg.contains("restored ("), "{msg}");
     }
 

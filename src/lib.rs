@@ -18,6 +18,7 @@ pub mod interp;
 pub mod iproute;
 pub mod netns;
 pub mod nftprobe;
+pub mod nslock;
 pub mod reconcile;
 pub mod restore;
 pub mod rules;

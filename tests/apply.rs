@@ -2046,3 +2046,121 @@ fn a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// 12. Concurrent runs in one namespace
+// ---------------------------------------------------------------------------
+
+impl Script {
+    /// Starts the binary in the background as run `label` (see [`Script::run`]; no timing,
+    /// no shims); `wait` collects it.
+    fn spawn(self, label: &str, env: &[(&str, &str)], args: &[&str]) -> Script {
+        let mut words: Vec<String> = vec![format!("PATH={}", sane_path())];
+        words.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        words.push(BIN.to_string());
+        words.extend(args.iter().map(|a| a.to_string()));
+        let l = shell_quote(label);
+        self.sh(&format!(
+            "set +x\n( __rc=0; env -i {} >\"$NS_OUT/{l}.out\" 2>\"$NS_OUT/{l}.err\" || __rc=$?; \
+             echo $__rc > \"$NS_OUT/{l}.rc\" ) &\nset -x",
+            shell_command(&words)
+        ))
+    }
+}
+
+/// `rounds` rounds of ten simultaneous runs, run `i` using `configs[i % configs.len()]`;
+/// after each round every run exited 0 and the state is a fresh apply of one of the configs.
+fn assert_concurrent_runs_converge(env: &[(&str, &str)], configs: &[Vec<&str>], rounds: usize) {
+    let fresh: Vec<State> = configs.iter().map(|c| fresh_state(env, c)).collect();
+    let mut script = Script::new();
+    for round in 0..rounds {
+        for i in 0..10 {
+            script = script.spawn(&format!("r{round}-{i}"), env, &configs[i % configs.len()]);
+        }
+        script = script.sh("wait").snap(&format!("r{round}"));
+    }
+    let ns = script.exec();
+    let ctx = ns.context();
+    for round in 0..rounds {
+        for i in 0..10 {
+            let run = ns.run_rc(&format!("r{round}-{i}"), 0);
+            assert!(
+                run.error_lines().is_empty(),
+                "a concurrent run must not fail or warn\n{}",
+                run.describe()
+            );
+        }
+        let mut got = ns.state(&format!("r{round}"));
+        got.label = format!("after round {round} of 10 simultaneous runs");
+        if !fresh.iter().any(|f| f.parts == got.parts) {
+            // Show the difference from the first config's clean state.
+            assert_same(
+                "simultaneous runs must end in one config's clean state",
+                &fresh[0],
+                &got,
+                &ctx,
+            );
+        }
+    }
+}
+
+#[test]
+fn ten_simultaneous_runs_of_one_config_end_in_its_clean_state() {
+    if skip_unless_root("ten_simultaneous_runs_of_one_config_end_in_its_clean_state") {
+        return;
+    }
+    assert_concurrent_runs_converge(V6, &[SEED.to_vec()], 3);
+}
+
+#[test]
+fn ten_simultaneous_runs_of_two_configs_end_in_one_clean_state() {
+    if skip_unless_root("ten_simultaneous_runs_of_two_configs_end_in_one_clean_state") {
+        return;
+    }
+    let tproxy = seed_with("-m", "TPROXY");
+    assert_concurrent_runs_converge(V6, &[SEED.to_vec(), tproxy], 3);
+}
+
+/// A run that cannot get the namespace's lock in time says so, names the holder, and
+/// changes nothing.
+#[test]
+fn a_run_that_waited_past_the_lock_timeout_says_so() {
+    let test = "a_run_that_waited_past_the_lock_timeout_says_so";
+    if skip_unless_root(test) || skip_unless_installed(test, &["python3"]) {
+        return;
+    }
+    // python3 holds the abstract socket the binary uses as the namespace's lock.
+    let hold = "python3 -c 'import socket,time,sys; s=socket.socket(socket.AF_UNIX); \
+                s.bind(\"\\0istio-iptables.netns.lock\"); s.listen(1); \
+                open(sys.argv[1],\"w\").close(); time.sleep(30)' \"$NS_TMP/held\" &\n\
+                __holder=$!\n\
+                __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done";
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let ns = Script::new()
+        .snap("before")
+        .sh(hold)
+        .run("apply", &env, SEED)
+        .sh("echo $__holder > \"$NS_OUT/holder\"; kill $__holder; wait $__holder || true")
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    let holder = ns.file("holder").trim().to_string();
+    assert!(
+        line.contains("gave up waiting")
+            && line.contains("more than 1 s")
+            && line.contains(&format!("(pid {holder})"))
+            && line.contains("nothing was changed"),
+        "the error should say the run waited past the lock timeout and name the holder: {line}"
+    );
+    assert_same(
+        "nothing may change without the lock",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
