@@ -341,7 +341,7 @@ fn undo_all(
             failures.push(format!("undoing the change to `{cmd}`: {e}"));
             continue;
         }
-        match iproute::is_present(cmd, runner) {
+        match iproute::present(cmd, probe, runner) {
             Ok(p) if p == present => {}
             Ok(_) => failures.push(format!(
                 "undoing the change to `{cmd}` did not take: it is still {}",
@@ -436,45 +436,63 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         summary.committed.push(family);
     }
 
-    // A TPROXY setup from an earlier config (seen as ISTIO_TPROXY in the mangle table we just
-    // read) whose routing this config no longer wants: remove its rule and route. Checked
-    // only then, so a plain REDIRECT apply runs no `ip` at all.
+    // TPROXY routing an earlier run added (whatever mark and table it used, found over
+    // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
+    // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
     let mut stale: Vec<IpCommand> = Vec::new();
-    for run in &runs {
-        let had_tproxy = run.before.tables.get("mangle").is_some_and(|t| {
-            t.user_chains
-                .iter()
-                .any(|c| c == crate::rules::chain::TPROXY)
-        });
-        if !had_tproxy {
-            continue;
-        }
-        let family = run.backend.family;
-        for cmd in [
-            IpCommand::RuleAdd {
-                family,
-                mark: opts.tproxy_mark,
-                table: opts.tproxy_route_table,
-            },
-            IpCommand::RouteAddLocal {
-                family,
-                table: opts.tproxy_route_table,
-            },
-        ] {
-            if !plan.ip.contains(&cmd) {
-                stale.push(cmd);
+    for family in [Family::V4, Family::V6] {
+        match env.probe.routing(family) {
+            Some(routing) => stale.extend(iproute::leftovers(family, &routing, &plan.ip)),
+            None => {
+                // Netlink unavailable: the configured mark and table, when mangle shows an
+                // earlier TPROXY config.
+                let had_tproxy = runs.iter().any(|r| {
+                    r.backend.family == family
+                        && r.before.tables.get("mangle").is_some_and(|t| {
+                            t.user_chains
+                                .iter()
+                                .any(|c| c == crate::rules::chain::TPROXY)
+                        })
+                });
+                if !had_tproxy {
+                    continue;
+                }
+                for cmd in [
+                    IpCommand::RuleAdd {
+                        family,
+                        mark: opts.tproxy_mark,
+                        table: opts.tproxy_route_table,
+                    },
+                    IpCommand::RouteAddLocal {
+                        family,
+                        table: opts.tproxy_route_table,
+                    },
+                ] {
+                    if !plan.ip.contains(&cmd) {
+                        stale.push(cmd);
+                    }
+                }
             }
         }
     }
+    // The route before the rule that looks it up: a run killed in between leaves a route
+    // nothing uses (and the next run finds it), never a rule into an empty table.
+    let mut wanted_ip: Vec<&IpCommand> = plan.ip.iter().collect();
+    wanted_ip.sort_by_key(|c| match c {
+        IpCommand::AddInboundV6Address => 0,
+        IpCommand::RouteAddLocal { .. } => 1,
+        IpCommand::RuleAdd { .. } => 2,
+    });
 
     let mut ip_done: Vec<IpChange> = Vec::new();
-    let steps = plan
-        .ip
+    // Leftovers go first: the kernel numbers a new rule below the lowest one there, so
+    // adding ours first would give it another priority than a fresh apply does.
+    let steps = stale
         .iter()
-        .map(|c| (c, true))
-        .chain(stale.iter().map(|c| (c, false)));
+        .map(|c| (c, false))
+        .chain(wanted_ip.into_iter().map(|c| (c, true)));
     for (cmd, wanted) in steps {
-        let step = iproute::is_present(cmd, env.runner).and_then(|present| {
+        let step = iproute::present(cmd, env.probe, env.runner).and_then(|present| {
             if present == wanted {
                 tracing::debug!(command = %cmd, wanted, "already as wanted");
                 Ok(None)
@@ -567,8 +585,27 @@ pub fn cleanup(
             }
         }
     }
-    for cmd in ip_cmds {
-        match iproute::is_present(cmd, env.runner) {
+    // The configured routing and address, then whatever TPROXY routing earlier runs added
+    // with other marks and tables (found over netlink). Rules before the routes they use.
+    let mut cmds: Vec<IpCommand> = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        if let Some(routing) = env.probe.routing(family) {
+            // Duplicates included: each removal takes one.
+            cmds.extend(iproute::leftovers(family, &routing, &[]));
+        }
+    }
+    for c in ip_cmds {
+        if !cmds.contains(c) {
+            cmds.push(c.clone());
+        }
+    }
+    cmds.sort_by_key(|c| match c {
+        IpCommand::RuleAdd { .. } => 0,
+        IpCommand::RouteAddLocal { .. } => 1,
+        IpCommand::AddInboundV6Address => 2,
+    });
+    for cmd in &cmds {
+        match iproute::present(cmd, env.probe, env.runner) {
             Ok(true) => match env.runner.run("ip", &iproute::undo_args(cmd), None) {
                 Ok(_) => summary
                     .ip_changed

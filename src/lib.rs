@@ -21,6 +21,7 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod reconcile;
 pub mod restore;
+pub mod rtnl;
 pub mod rules;
 pub mod script;
 pub mod state;

@@ -111,6 +111,8 @@ impl Script {
         let text = r#"mount -t tmpfs tmpfs /run
 ip link set lo up
 snap() {
+    # An address in DAD (`tentative`) gains its local route a moment later: wait it out.
+    __w=0; while ip -6 addr show | grep -q tentative; do __w=$((__w+1)); [ $__w -lt 500 ]; sleep 0.01; done
     iptables-nft-save > "$NS_OUT/$1.v4-nft"
     ip6tables-nft-save > "$NS_OUT/$1.v6-nft"
     if command -v iptables-legacy-save >/dev/null; then iptables-legacy-save > "$NS_OUT/$1.v4-legacy"; else : > "$NS_OUT/$1.v4-legacy"; fi
@@ -1243,8 +1245,11 @@ fn assert_rollback(setup: &str, fail: Fail, env: &[(&str, &str)], args: &[&str])
 /// A namespace with foreign rules in both families and an earlier Istio config (IPv6 on).
 fn existing_state_setup() -> String {
     let earlier = cat(&[BIN], &seed_with("-b", "8080"));
+    // The ::6 address is `tentative` for a moment (DAD): wait, so that snapshots compare.
     format!(
-        "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
+        "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n\
+         __i=0; while ip -6 addr show dev lo | grep -q tentative; do \
+         __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done\n",
         foreign_rules("iptables-nft"),
         foreign_rules("ip6tables-nft"),
         shell_quote(sane_path()),
@@ -2117,7 +2122,7 @@ fn ten_simultaneous_runs_of_two_configs_end_in_one_clean_state() {
     if skip_unless_root("ten_simultaneous_runs_of_two_configs_end_in_one_clean_state") {
         return;
     }
-    let tproxy = seed_with("-m", "TPROXY");
+    let tproxy = cat(&seed_with("-m", "TPROXY"), &["-t", "1400", "-r", "140"]);
     assert_concurrent_runs_converge(V6, &[SEED.to_vec(), tproxy], 3);
 }
 
@@ -2305,4 +2310,234 @@ fn other_tools_chains_stay_in_place_through_apply_reconfigure_and_cleanup() {
         &ns.state("cleanup"),
         &ctx,
     );
+}
+
+// ---------------------------------------------------------------------------
+// 14. TPROXY routing: exact values, no leftovers
+// ---------------------------------------------------------------------------
+
+/// TPROXY with mark 1400 (0x578) and route table 140.
+fn tproxy_1400() -> Vec<&'static str> {
+    cat(&seed_with("-m", "TPROXY"), &["-t", "1400", "-r", "140"])
+}
+
+#[test]
+fn dangerous_tproxy_values_are_refused_before_anything_runs() {
+    if skip_unless_root("dangerous_tproxy_values_are_refused_before_anything_runs") {
+        return;
+    }
+    /// (label, extra env, args, the flag or env var the error must name)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
+    let cases: [Case; 5] = [
+        (
+            "t0",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-t", "0"]),
+            "--istio-inbound-tproxy-mark",
+        ),
+        (
+            "r254",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-r", "254"]),
+            "--istio-inbound-tproxy-route-table",
+        ),
+        (
+            "r255",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-r", "255"]),
+            "--istio-inbound-tproxy-route-table",
+        ),
+        (
+            "env-mark",
+            vec![("ISTIO_INBOUND_TPROXY_MARK", "0")],
+            seed_with("-m", "TPROXY"),
+            "ISTIO_INBOUND_TPROXY_MARK",
+        ),
+        (
+            "env-table",
+            vec![("ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "253")],
+            seed_with("-m", "TPROXY"),
+            "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        ),
+    ];
+    let mut script = Script::new().snap("before").shims(Fail::Nothing);
+    for (label, env, args, _) in &cases {
+        let mut env = env.clone();
+        env.push(("ENABLE_INBOUND_IPV6", "true"));
+        script = script.run(label, &env, args);
+    }
+    let ns = script.snap("after").exec();
+    let ctx = ns.context();
+    for (label, env, _, flag) in &cases {
+        let run = ns.run_rc(label, 2);
+        let lines = run.error_lines();
+        let value = env
+            .first()
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| label.trim_start_matches(['t', 'r']));
+        assert!(
+            lines.len() == 1
+                && lines[0].contains(flag)
+                && lines[0].contains(&format!("\"{value}\"")),
+            "one line naming {flag} and {value:?}\n{}",
+            run.describe()
+        );
+        assert!(run.execs.is_empty(), "nothing may run\n{}", run.describe());
+    }
+    assert_same(
+        "refused values change nothing",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
+#[test]
+fn tproxy_with_another_mark_and_table_then_redirect_leaves_no_routing() {
+    if skip_unless_root("tproxy_with_another_mark_and_table_then_redirect_leaves_no_routing") {
+        return;
+    }
+    assert_transition(V6, &tproxy_1400(), SEED, PARTS);
+    assert_transition(V6, &tproxy_1400(), &seed_with("-m", "TPROXY"), PARTS);
+    assert_transition(V6, &seed_with("-m", "TPROXY"), &tproxy_1400(), PARTS);
+}
+
+#[test]
+fn cleanup_removes_tproxy_routing_of_any_mark_and_table() {
+    if skip_unless_root("cleanup_removes_tproxy_routing_of_any_mark_and_table") {
+        return;
+    }
+    let ns = assert_cleanup_restores(
+        &foreign_rules("iptables-nft"),
+        V6,
+        &tproxy_1400(),
+        &["--cleanup-only"],
+    );
+    let applied = ns.state("applied");
+    assert!(
+        applied.get("rule4").contains("fwmark 0x578 lookup 140")
+            && applied
+                .get("route6")
+                .contains("local default dev lo table 140"),
+        "{}",
+        applied.describe()
+    );
+}
+
+/// Leftover routing (another mark and table, and a duplicate of ours) is drift for verify,
+/// and one apply removes it.
+#[test]
+fn leftover_tproxy_routing_is_drift_and_the_next_apply_removes_it() {
+    if skip_unless_root("leftover_tproxy_routing_is_drift_and_the_next_apply_removes_it") {
+        return;
+    }
+    let tproxy = seed_with("-m", "TPROXY");
+    let verify = |a: &[&'static str]| cat(&["verify"], a);
+    let ns = Script::new()
+        .run("apply", V6, &tproxy)
+        .sh("ip -4 rule add fwmark 1400 lookup 140; ip -4 route add local default dev lo table 140")
+        .sh("ip -6 rule add fwmark 1337 lookup 133")
+        .run("verify-drift", V6, &verify(&tproxy))
+        .run("repair", V6, &tproxy)
+        .snap("repaired")
+        .run("verify-ok", V6, &verify(&tproxy))
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    let drift = ns.run_rc("verify-drift", 3);
+    for leftover in [
+        "routes: not wanted, left by an earlier run `ip -4 rule add fwmark 1400 lookup 140`",
+        "routes: not wanted, left by an earlier run `ip -4 route add local default dev lo table 140`",
+        "routes: not wanted, left by an earlier run `ip -6 rule add fwmark 1337 lookup 133`",
+    ] {
+        assert!(
+            drift.stdout.contains(leftover),
+            "verify should report {leftover}\n{}",
+            drift.describe()
+        );
+    }
+    ns.run_rc("repair", 0);
+    ns.run_rc("verify-ok", 0);
+    let fresh = fresh_state(V6, &tproxy);
+    assert_same(
+        "one apply removes leftover routing",
+        &fresh,
+        &ns.state("repaired"),
+        &ctx,
+    );
+}
+
+/// Deterministic pseudo-random delays (seeded from the clock, printed on failure).
+fn kill_delays(n: usize, max_us: u64) -> (u64, Vec<u64>) {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    let mut x = seed;
+    let mut v: Vec<u64> = (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Spread over the whole run, plus jitter.
+            (max_us * i as u64 / n as u64) + x % (max_us / n as u64 + 1)
+        })
+        .collect();
+    v.sort();
+    (seed, v)
+}
+
+/// SIGKILL at random moments of a TPROXY reconfigure (iptables commit, rollback, `ip`
+/// steps); one more run of the target config always ends in its clean state.
+#[test]
+fn a_run_killed_at_any_moment_is_repaired_by_the_next() {
+    if skip_unless_root("a_run_killed_at_any_moment_is_repaired_by_the_next") {
+        return;
+    }
+    let from = tproxy_1400();
+    let targets: [(&str, Vec<&str>); 2] = [
+        ("redirect", SEED.to_vec()),
+        ("tproxy", seed_with("-m", "TPROXY")),
+    ];
+    for (name, to) in &targets {
+        let (seed, delays) = kill_delays(12, 120_000);
+        let mut script = Script::new();
+        for (i, us) in delays.iter().enumerate() {
+            let mut words: Vec<String> = vec![
+                format!("PATH={}", sane_path()),
+                "ENABLE_INBOUND_IPV6=true".into(),
+                BIN.into(),
+            ];
+            words.extend(to.iter().map(|a| a.to_string()));
+            script = script
+                .run(&format!("setup{i}"), V6, &from)
+                .sh(&format!(
+                    "set +x\nenv -i {} >/dev/null 2>&1 &\n__k=$!\nsleep {}.{:06}\nkill -9 $__k 2>/dev/null || true\nwait $__k || true\nset -x",
+                    shell_command(&words),
+                    us / 1_000_000,
+                    us % 1_000_000
+                ))
+                .run(&format!("repair{i}"), V6, to)
+                .snap(&format!("k{i}"));
+        }
+        let ns = script.exec();
+        let ctx = ns.context();
+        // A kill between the commit and `nft delete table` can leave an emptied table: no
+        // rules, ACCEPT policies, inert; the next run cannot tell it from another tool's and
+        // leaves it (README). Everything else must be exactly the clean state.
+        let fresh = fresh_state(V6, to).without_empty_tables();
+        for (i, us) in delays.iter().enumerate() {
+            ns.run_rc(&format!("setup{i}"), 0);
+            ns.run_rc(&format!("repair{i}"), 0);
+            let mut got = ns.state(&format!("k{i}")).without_empty_tables();
+            got.label = format!("killed after {us} us (seed {seed}), then one run of {name}");
+            assert_same(
+                "a run after a SIGKILL must end in the clean state",
+                &fresh,
+                &got,
+                &ctx,
+            );
+        }
+    }
 }
