@@ -359,7 +359,18 @@ fn undo_all(
         }
     }
     if !failures.is_empty() {
-        format!("ROLLBACK FAILED ({}); rerun to repair", failures.join("; "))
+        let fine = if restored.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; restored and checked by re-reading the kernel: {}",
+                restored.join(", ")
+            )
+        };
+        format!(
+            "ROLLBACK FAILED ({}){fine}; rerun to repair",
+            failures.join("; ")
+        )
     } else if restored.is_empty() && ip_done.is_empty() {
         "nothing was changed (checked by re-reading the kernel)".to_string()
     } else {

@@ -97,6 +97,8 @@ enum Fail {
     /// the `n`th (1-based) of its payload with the real program, then fails like a kernel
     /// refusing the `n`th table: what iptables-restore does, table by table.
     NthTable { ipv6: bool, n: usize },
+    /// `ip ... rule add` fails when its arguments contain this text.
+    IpRuleAddOf(&'static str),
 }
 
 /// A namespace script under construction.
@@ -181,6 +183,15 @@ snap() {
                      fi\n\
                      exec {real} \"$@\" < \"$__p\";;\n\
                      esac\n"
+                );
+            }
+            if let Fail::IpRuleAddOf(text) = fail
+                && name == "ip"
+            {
+                let _ = writeln!(
+                    body,
+                    "case \" $* \" in *\" rule add \"*\"{text}\"*) \
+                     echo 'RTNETLINK answers: Operation not permitted (shim)' >&2; exit 2;; esac"
                 );
             }
             if fail == Fail::IpRuleAdd && name == "ip" {
@@ -2115,6 +2126,10 @@ fn ten_simultaneous_runs_of_one_config_end_in_its_clean_state() {
         return;
     }
     assert_concurrent_runs_converge(V6, &[SEED.to_vec()], 3);
+    if real_program("iptables-legacy").is_some() {
+        // Legacy: our lock and the (private) xtables lock together.
+        assert_concurrent_runs_converge(V4, &[seed_forcing("legacy")], 2);
+    }
 }
 
 #[test]
@@ -2537,6 +2552,104 @@ fn a_run_killed_at_any_moment_is_repaired_by_the_next() {
                 &fresh,
                 &got,
                 &ctx,
+            );
+        }
+    }
+}
+
+/// A failing `ip rule add` in a reconfigure that already removed the earlier config's
+/// routing (another mark and table): everything comes back, routing included.
+#[test]
+fn a_failed_ip_step_in_a_tproxy_reconfigure_restores_the_earlier_routing() {
+    if skip_unless_root("a_failed_ip_step_in_a_tproxy_reconfigure_restores_the_earlier_routing") {
+        return;
+    }
+    let setup = format!(
+        "{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
+        foreign_rules("iptables-nft"),
+        shell_quote(sane_path()),
+        shell_command(cat(&[BIN], &tproxy_1400()))
+    );
+    let run = assert_rollback(
+        &setup,
+        Fail::IpRuleAddOf("fwmark 1337"),
+        V6,
+        &seed_with("-m", "TPROXY"),
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("configuring routes")
+            && line.contains("rule add fwmark 1337 lookup 133")
+            && line.contains("IPv4, IPv6, routes"),
+        "{line}"
+    );
+    // When putting the earlier rules back fails too, the message says exactly that.
+    let ns = Script::new()
+        .sh(&setup)
+        .shims(Fail::IpRuleAdd)
+        .run("failing", V6, &seed_with("-m", "TPROXY"))
+        .exec();
+    let run = ns.run_rc("failing", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("ROLLBACK FAILED")
+            && line.contains("undoing the change to `ip -4 rule add fwmark 1400 lookup 140`")
+            && line.contains("restored and checked by re-reading the kernel: IPv4, IPv6")
+            && !line.contains("the previous state was restored"),
+        "{line}"
+    );
+}
+
+/// The same faults with the legacy backend, whose tables cannot be unloaded: a table the
+/// failed run created stays, empty; everything else is exactly as before.
+#[test]
+fn a_refused_table_with_legacy_leaves_nothing_but_empty_tables() {
+    let test = "a_refused_table_with_legacy_leaves_nothing_but_empty_tables";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    let args = cat(&cfg.args(), &["--force-iptables-binary", "legacy"]);
+    let earlier = cat(&[BIN], &seed_forcing("legacy"));
+    let existing = format!(
+        "{}env -i PATH={} ENABLE_INBOUND_IPV6=false {} 2>/dev/null\n",
+        foreign_rules("iptables-legacy"),
+        shell_quote(sane_path()),
+        shell_command(&earlier)
+    );
+    let parts = [
+        "v4-nft",
+        "v6-nft",
+        "v4-legacy",
+        "rule4",
+        "rule6",
+        "route4",
+        "route6",
+        "addr6-lo",
+    ];
+    for setup in ["", existing.as_str()] {
+        for n in 1..=3 {
+            let ns = Script::new()
+                .sh(setup)
+                .snap("before")
+                .shims(Fail::NthTable { ipv6: false, n })
+                .run("failing", V4, &args)
+                .snap("after")
+                .exec();
+            let ctx = ns.context();
+            let run = ns.run_rc("failing", 1);
+            assert_same(
+                &format!("legacy, table {n} refused"),
+                &ns.state("before").without_empty_tables().only(&parts),
+                &ns.state("after").without_empty_tables().only(&parts),
+                &ctx,
+            );
+            let line = run.one_error();
+            assert!(
+                (line.contains("the previous state was restored (IPv4;")
+                    || (n == 1 && line.contains("nothing was changed")))
+                    && !line.contains("ROLLBACK FAILED"),
+                "{line}"
             );
         }
     }
