@@ -1,5 +1,6 @@
 //! Reconcile: from the current state of one family (parsed iptables-save) and the rules we
-//! want, compute ONE iptables-restore --noflush transaction that leaves exactly the desired
+//! want, compute one iptables-restore --noflush input (committed table by table by
+//! iptables-restore; `apply` rolls back across tables) that leaves exactly the desired
 //! state: our ISTIO_* chains with exactly our rules, exactly our rules in the built-in chains
 //! (stale ones and duplicates removed), foreign rules and chains untouched. Pure: no I/O.
 //!
