@@ -2141,6 +2141,60 @@ fn ten_simultaneous_runs_of_two_configs_end_in_one_clean_state() {
     assert_concurrent_runs_converge(V6, &[SEED.to_vec(), tproxy], 3);
 }
 
+/// Shell lines: python3 holds the abstract socket the binary uses as the namespace's lock,
+/// in the current network namespace (prefixed by `ns_exec`, e.g. `ip netns exec pod`);
+/// `$__holder` is its pid.
+fn hold_ns_lock(ns_exec: &str) -> String {
+    format!(
+        "{ns_exec} python3 -c 'import socket,time,sys; s=socket.socket(socket.AF_UNIX); \
+         s.bind(\"\\0istio-iptables.netns.lock\"); s.listen(1); \
+         open(sys.argv[1],\"w\").close(); time.sleep(30)' \"$NS_TMP/held\" &\n\
+         __holder=$!\n\
+         __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done"
+    )
+}
+
+/// With `--network-namespace` (and `--cni-mode`), the lock is the target namespace's, not
+/// the caller's: a holder in the pod's namespace blocks, one in the caller's does not.
+#[test]
+fn the_lock_is_the_target_namespaces() {
+    let test = "the_lock_is_the_target_namespaces";
+    if skip_unless_root(test) || skip_unless_installed(test, &["python3"]) {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let args = cat(
+        SEED,
+        &["--cni-mode", "--network-namespace", "/run/netns/pod"],
+    );
+    let ns = Script::new()
+        .sh("ip netns add pod")
+        .sh(&hold_ns_lock(""))
+        .run("caller-held", &env, &args)
+        .sh("kill $__holder; wait $__holder || true; rm \"$NS_TMP/held\"")
+        .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-first\"")
+        .sh(&hold_ns_lock("ip netns exec pod"))
+        .run("pod-held", &env, &cat(&args, &["--cleanup-only"]))
+        .sh("kill $__holder; wait $__holder || true")
+        .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-second\"")
+        .exec();
+    ns.run_rc("caller-held", 0);
+    assert!(ns.file("pod-after-first").contains("-A ISTIO_OUTPUT"));
+    let run = ns.run_rc("pod-held", 1);
+    assert!(
+        run.one_error().contains("gave up waiting"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        ns.file("pod-after-second").contains("-A ISTIO_OUTPUT"),
+        "the cleanup that did not get the lock must change nothing"
+    );
+}
+
 /// A run that cannot get the namespace's lock in time says so, names the holder, and
 /// changes nothing.
 #[test]
@@ -2149,12 +2203,8 @@ fn a_run_that_waited_past_the_lock_timeout_says_so() {
     if skip_unless_root(test) || skip_unless_installed(test, &["python3"]) {
         return;
     }
-    // python3 holds the abstract socket the binary uses as the namespace's lock.
-    let hold = "python3 -c 'import socket,time,sys; s=socket.socket(socket.AF_UNIX); \
-                s.bind(\"\\0istio-iptables.netns.lock\"); s.listen(1); \
-                open(sys.argv[1],\"w\").close(); time.sleep(30)' \"$NS_TMP/held\" &\n\
-                __holder=$!\n\
-                __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done";
+    let hold = hold_ns_lock("");
+    let hold = hold.as_str();
     let env = [
         ("ENABLE_INBOUND_IPV6", "false"),
         ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
