@@ -7,7 +7,9 @@
 //! belong to the network namespace, so the lock is keyed to the namespace itself (after
 //! `--network-namespace` was entered, whatever path named it, and pod by pod in CNI mode),
 //! needs no file on any filesystem, and is released by the kernel when the holder exits,
-//! SIGKILL included. A waiter that gives up asks the holder's pid (SO_PEERCRED) to name it.
+//! SIGKILL included — once the programs it started, which inherit the socket, have exited
+//! too (an orphaned iptables-restore finishing its commit after its parent was killed must
+//! not race the next run). A waiter that gives up asks the holder's pid (SO_PEERCRED).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -47,10 +49,13 @@ fn addr() -> UnixAddr {
 }
 
 fn try_bind() -> Result<Option<OwnedFd>, Errno> {
+    // Not close-on-exec, on purpose: the programs we run inherit the socket, so the lock is
+    // held until the last of them exits. A run killed while its iptables-restore is still
+    // committing keeps the namespace locked until that commit is over.
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::empty(),
         None,
     )?;
     match bind(fd.as_raw_fd(), &addr()) {
