@@ -34,7 +34,8 @@ pub struct Options {
 #[derive(Debug, Clone)]
 enum IpChange {
     Added(IpCommand),
-    Removed(IpCommand),
+    /// With the rule's priority, when known, to put it back where it was.
+    Removed(IpCommand, Option<u32>),
 }
 
 /// What the process needs from the outside world.
@@ -335,7 +336,7 @@ fn undo_all(
     for change in ip_done.iter().rev() {
         let (cmd, args, present) = match change {
             IpChange::Added(c) => (c, iproute::undo_args(c), false),
-            IpChange::Removed(c) => (c, c.args(), true),
+            IpChange::Removed(c, priority) => (c, iproute::change_args(c, true, *priority), true),
         };
         if let Err(e) = runner.run("ip", &args, None) {
             failures.push(format!("undoing the change to `{cmd}`: {e}"));
@@ -450,10 +451,10 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     // TPROXY routing an earlier run added (whatever mark and table it used, found over
     // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
     // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
-    let mut stale: Vec<IpCommand> = Vec::new();
+    let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
     for family in [Family::V4, Family::V6] {
         match env.probe.routing(family) {
-            Some(routing) => stale.extend(iproute::leftovers(family, &routing, &plan.ip)),
+            Some(routing) => stale.extend(iproute::leftovers_at(family, &routing, &plan.ip)),
             None => {
                 // Netlink unavailable: the configured mark and table, when mangle shows an
                 // earlier TPROXY config.
@@ -480,7 +481,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                     },
                 ] {
                     if !plan.ip.contains(&cmd) {
-                        stale.push(cmd);
+                        stale.push((cmd, None));
                     }
                 }
             }
@@ -500,9 +501,9 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     // adding ours first would give it another priority than a fresh apply does.
     let steps = stale
         .iter()
-        .map(|c| (c, false))
-        .chain(wanted_ip.into_iter().map(|c| (c, true)));
-    for (cmd, wanted) in steps {
+        .map(|(c, priority)| (c, false, *priority))
+        .chain(wanted_ip.into_iter().map(|c| (c, true, None)));
+    for (cmd, wanted, priority) in steps {
         let step = iproute::present(cmd, env.probe, env.runner).and_then(|present| {
             if present == wanted {
                 tracing::debug!(command = %cmd, wanted, "already as wanted");
@@ -511,9 +512,9 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 tracing::info!(command = %cmd, "configuring");
                 env.runner.run("ip", &cmd.args(), None).map(|_| Some(IpChange::Added(cmd.clone())))
             } else {
-                let undo = iproute::undo_args(cmd);
+                let undo = iproute::change_args(cmd, false, priority);
                 tracing::info!(command = %format!("ip {}", undo.join(" ")), "removing routing left by an earlier TPROXY config");
-                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone())))
+                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone(), priority)))
             }
         });
         match step {

@@ -133,11 +133,26 @@ pub fn present(
 /// lo` route, and such a route no remaining rule looks up. Duplicates of a wanted rule are
 /// leftovers too.
 pub fn leftovers(family: Family, routing: &Routing, wanted: &[IpCommand]) -> Vec<IpCommand> {
+    leftovers_at(family, routing, wanted)
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// [`leftovers`], each rule with its priority (to remove exactly that rule, and to put it
+/// back where it was).
+pub fn leftovers_at(
+    family: Family,
+    routing: &Routing,
+    wanted: &[IpCommand],
+) -> Vec<(IpCommand, Option<u32>)> {
     let mut out = Vec::new();
     let mut kept: Vec<IpCommand> = Vec::new();
     let mut others: Vec<u32> = Vec::new();
+    // Oldest first: the kernel numbers a new rule below the lowest one there, so the highest
+    // number is the rule a fresh apply made; a duplicate added later goes.
     let mut rules: Vec<&crate::rtnl::Rule> = routing.rules.iter().collect();
-    rules.sort_by_key(|r| r.priority);
+    rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
     for r in rules {
         let ours = r.plain
             && r.mask == u32::MAX
@@ -155,7 +170,7 @@ pub fn leftovers(family: Family, routing: &Routing, wanted: &[IpCommand]) -> Vec
         if wanted.contains(&cmd) && !kept.contains(&cmd) {
             kept.push(cmd);
         } else {
-            out.push(cmd);
+            out.push((cmd, Some(r.priority)));
         }
     }
     for &table in &routing.local_default_tables {
@@ -165,10 +180,41 @@ pub fn leftovers(family: Family, routing: &Routing, wanted: &[IpCommand]) -> Vec
                 .iter()
                 .any(|k| matches!(k, IpCommand::RuleAdd { table: t, .. } if *t == table));
         if !wanted.contains(&cmd) && !looked_up {
-            out.push(cmd);
+            out.push((cmd, None));
         }
     }
     out
+}
+
+/// The `ip` arguments that add (`add`) or remove (`!add`) `cmd`'s effect; a rule with a
+/// known priority is named by it too, so that exactly that rule goes, or comes back there.
+pub fn change_args(cmd: &IpCommand, add: bool, priority: Option<u32>) -> Vec<String> {
+    match (cmd, priority) {
+        (
+            IpCommand::RuleAdd {
+                family,
+                mark,
+                table,
+            },
+            Some(p),
+        ) => {
+            let (p, m, t) = (p.to_string(), mark.to_string(), table.to_string());
+            let verb = if add { "add" } else { "del" };
+            args(&[
+                fam(*family),
+                "rule",
+                verb,
+                "priority",
+                &p,
+                "fwmark",
+                &m,
+                "lookup",
+                &t,
+            ])
+        }
+        _ if add => cmd.args(),
+        _ => undo_args(cmd),
+    }
 }
 
 /// Whether `cmd`'s effect already exists, asking `ip`.
@@ -258,17 +304,17 @@ mod tests {
         assert_eq!(
             leftovers(v4, &routing, &wanted),
             vec![
-                // The earlier config's rule, a duplicate of ours; not table 300 (no route of
-                // ours there) nor the rule with other selectors.
-                IpCommand::RuleAdd {
-                    family: v4,
-                    mark: 1400,
-                    table: 140
-                },
+                // A later duplicate of ours, the earlier config's rule; not table 300 (no
+                // route of ours there) nor the rule with other selectors.
                 IpCommand::RuleAdd {
                     family: v4,
                     mark: 1337,
                     table: 133
+                },
+                IpCommand::RuleAdd {
+                    family: v4,
+                    mark: 1400,
+                    table: 140
                 },
                 // Routes nothing looks up any more; table 150 is still looked up.
                 IpCommand::RouteAddLocal {
@@ -283,7 +329,21 @@ mod tests {
         );
         assert_eq!(present_in_routing(&wanted[0], &routing), Some(true));
         assert_eq!(present_in_routing(&wanted[1], &routing), Some(true));
-        assert_eq!(leftovers(v4, &routing, &wanted).len(), 4);
+        let at = leftovers_at(v4, &routing, &wanted);
+        assert_eq!(at[0].1, Some(101));
+        assert_eq!(at[1].1, Some(100));
+        assert_eq!(
+            change_args(&at[0].0, false, at[0].1).join(" "),
+            "-4 rule del priority 101 fwmark 1337 lookup 133"
+        );
+        assert_eq!(
+            change_args(&at[1].0, true, at[1].1).join(" "),
+            "-4 rule add priority 100 fwmark 1400 lookup 140"
+        );
+        assert_eq!(
+            change_args(&at[2].0, false, None).join(" "),
+            "-4 route del local default dev lo table 140"
+        );
         assert_eq!(leftovers(v4, &Routing::default(), &wanted), vec![]);
     }
 

@@ -2620,6 +2620,8 @@ fn a_failed_ip_step_in_a_tproxy_reconfigure_restores_the_earlier_routing() {
         shell_quote(sane_path()),
         shell_command(cat(&[BIN], &tproxy_1400()))
     );
+    // A second rule into table 140 at an explicit priority: put back exactly there.
+    let setup = format!("{setup}ip -4 rule add priority 100 fwmark 1500 lookup 140\n");
     let run = assert_rollback(
         &setup,
         Fail::IpRuleAddOf("fwmark 1337"),
