@@ -208,6 +208,51 @@ fn drop_nft_tables(
         .map(|_| ())
 }
 
+/// What to feed iptables-restore and which tables to drop afterwards. With nft (and `nft`
+/// installed) a table the transaction empties is not emptied by iptables-restore and then
+/// dropped: its section is left out and the table dropped whole after the restore. A run
+/// killed in between then leaves our old rules, which the next run recognises and removes,
+/// never an empty table it could not tell from another tool's.
+fn commit_plan(backend: &Backend, tx: &Transaction) -> (String, Vec<Table>) {
+    let drop = backend.flavor == Some(Flavor::Nft) && backend::which("nft").is_some();
+    if !drop || tx.emptied.is_empty() {
+        return (tx.payload.clone(), tx.emptied.clone());
+    }
+    let mut payload = String::new();
+    let mut skipping = false;
+    for line in tx.payload.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            skipping = tx.emptied.iter().any(|t| t.name() == name.trim());
+        }
+        if !skipping {
+            payload.push_str(line);
+            payload.push('\n');
+        }
+        if line == "COMMIT" {
+            skipping = false;
+        }
+    }
+    (payload, tx.emptied.clone())
+}
+
+/// Runs iptables-restore --noflush with `payload` (when there is any), then drops `drop`.
+fn commit(
+    backend: &Backend,
+    payload: &str,
+    drop: &[Table],
+    opts: &Options,
+    runner: &mut dyn Runner,
+) -> Result<(), ExecError> {
+    if !payload.is_empty() {
+        runner.run(
+            &backend.restore_program(),
+            &restore_args(backend, true, opts),
+            Some(payload),
+        )?;
+    }
+    drop_nft_tables(backend, drop, runner)
+}
+
 /// Whether a table reads the same now as before (legacy tables cannot be unloaded, so an
 /// empty legacy table counts as absent).
 fn same_table(backend: &Backend, before: Option<&TableState>, now: Option<&TableState>) -> bool {
@@ -420,19 +465,13 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         let run = &runs[i];
         tracing::info!(%program, lines = run.tx.payload.lines().count(), tables = ?run.tx.touched, "committing the {family} transaction");
         tracing::debug!("{family} transaction:\n{}", run.tx.payload.trim_end());
-        let result = env
-            .runner
-            .run(
-                &program,
-                &restore_args(&run.backend, true, opts),
-                Some(&run.tx.payload),
-            )
-            .and_then(|_| drop_nft_tables(&run.backend, &run.tx.emptied, env.runner));
+        let (payload, drop) = commit_plan(&run.backend, &run.tx);
+        let result = commit(&run.backend, &payload, &drop, opts, env.runner);
         if let Err(error) = result {
             let rejected = error
                 .stderr()
                 .and_then(failed_restore_line)
-                .and_then(|n| run.tx.payload.lines().nth(n.saturating_sub(1)))
+                .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
                 .map(str::to_string);
             let version = run.version.clone();
             let rollback = undo_all(&runs, &[], opts, env.probe, env.runner);
@@ -584,10 +623,8 @@ pub fn cleanup(
             }
             let program = b.restore_program();
             tracing::info!(%program, "removing {family} ISTIO_* rules:\n{}", tx.payload.trim_end());
-            let r = env
-                .runner
-                .run(&program, &restore_args(&b, true, opts), Some(&tx.payload))
-                .and_then(|_| drop_nft_tables(&b, &tx.emptied, env.runner));
+            let (payload, drop) = commit_plan(&b, &tx);
+            let r = commit(&b, &payload, &drop, opts, env.runner);
             match r {
                 Ok(()) => summary.committed.push(family),
                 Err(e) => errors.push(format!(
