@@ -2141,17 +2141,31 @@ fn ten_simultaneous_runs_of_two_configs_end_in_one_clean_state() {
     assert_concurrent_runs_converge(V6, &[SEED.to_vec(), tproxy], 3);
 }
 
-/// Shell lines: python3 holds the abstract socket the binary uses as the namespace's lock,
-/// in the current network namespace (prefixed by `ns_exec`, e.g. `ip netns exec pod`);
-/// `$__holder` is its pid.
+/// Shell lines: a run of the binary holds the namespace's lock (in the current network
+/// namespace, or the one `ns_exec` enters, e.g. `ip netns exec pod`) while its
+/// `iptables-nft-restore` (a shim) sleeps, having changed nothing. `$__holder` is the run's
+/// pid; [`release_ns_lock`] ends it and the sleeper.
 fn hold_ns_lock(ns_exec: &str) -> String {
+    let mut words = vec!["ENABLE_INBOUND_IPV6=false".to_string(), BIN.to_string()];
+    // --force-apply: it commits (here: sleeps) even where the rules are already in place.
+    words.extend(seed_forcing("nft").iter().map(|a| a.to_string()));
+    words.push("--force-apply".into());
     format!(
-        "{ns_exec} python3 -c 'import socket,time,sys; s=socket.socket(socket.AF_UNIX); \
-         s.bind(\"\\0istio-iptables.netns.lock\"); s.listen(1); \
-         open(sys.argv[1],\"w\").close(); time.sleep(30)' \"$NS_TMP/held\" &\n\
+        "mkdir -p \"$NS_TMP/holdshim\"; rm -f \"$NS_TMP/held\"\n\
+         printf '#!/bin/sh\\necho $$ > %s/held.tmp; mv %s/held.tmp %s/held; exec sleep 30\\n' \
+         \"$NS_TMP\" \"$NS_TMP\" \"$NS_TMP\" > \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
+         chmod 755 \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
+         {ns_exec} env -i PATH=\"$NS_TMP/holdshim\":{} {} >/dev/null 2>&1 &\n\
          __holder=$!\n\
-         __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done"
+         __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done",
+        shell_quote(sane_path()),
+        shell_command(&words)
     )
+}
+
+/// Ends the holder of [`hold_ns_lock`] and its sleeping child (which inherited the lock).
+fn release_ns_lock() -> &'static str {
+    "kill $__holder $(cat \"$NS_TMP/held\") 2>/dev/null || true; wait $__holder || true"
 }
 
 /// With `--network-namespace` (and `--cni-mode`), the lock is the target namespace's, not
@@ -2159,7 +2173,7 @@ fn hold_ns_lock(ns_exec: &str) -> String {
 #[test]
 fn the_lock_is_the_target_namespaces() {
     let test = "the_lock_is_the_target_namespaces";
-    if skip_unless_root(test) || skip_unless_installed(test, &["python3"]) {
+    if skip_unless_root(test) {
         return;
     }
     let env = [
@@ -2174,11 +2188,11 @@ fn the_lock_is_the_target_namespaces() {
         .sh("ip netns add pod")
         .sh(&hold_ns_lock(""))
         .run("caller-held", &env, &args)
-        .sh("kill $__holder; wait $__holder || true; rm \"$NS_TMP/held\"")
+        .sh(release_ns_lock())
         .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-first\"")
         .sh(&hold_ns_lock("ip netns exec pod"))
         .run("pod-held", &env, &cat(&args, &["--cleanup-only"]))
-        .sh("kill $__holder; wait $__holder || true")
+        .sh(release_ns_lock())
         .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-second\"")
         .exec();
     ns.run_rc("caller-held", 0);
@@ -2200,7 +2214,7 @@ fn the_lock_is_the_target_namespaces() {
 #[test]
 fn a_run_that_waited_past_the_lock_timeout_says_so() {
     let test = "a_run_that_waited_past_the_lock_timeout_says_so";
-    if skip_unless_root(test) || skip_unless_installed(test, &["python3"]) {
+    if skip_unless_root(test) {
         return;
     }
     let hold = hold_ns_lock("");
@@ -2213,7 +2227,8 @@ fn a_run_that_waited_past_the_lock_timeout_says_so() {
         .snap("before")
         .sh(hold)
         .run("apply", &env, SEED)
-        .sh("echo $__holder > \"$NS_OUT/holder\"; kill $__holder; wait $__holder || true")
+        .sh("echo $__holder > \"$NS_OUT/holder\"")
+        .sh(release_ns_lock())
         .snap("after")
         .exec();
     let ctx = ns.context();
