@@ -2031,36 +2031,40 @@ fn a_refused_table_over_an_existing_config_restores_it() {
     }
 }
 
-/// A real refusal: `--drop-invalid` puts ISTIO_DROP into mangle, then the kernel side of
-/// iptables refuses the nat table's unknown owner. Mangle must not stay behind.
+/// A real refusal, no shim: over an existing config, `--reconcile=false --force-apply` feeds
+/// Istio's plain payload, whose mangle table (`--drop-invalid`: ISTIO_DROP) commits and whose
+/// nat table the kernel refuses (`-N ISTIO_INBOUND`: the chain exists). Mangle must not
+/// stay behind.
 #[test]
 fn a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones() {
     if skip_unless_root("a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones") {
         return;
     }
-    let args = cat(&seed_with("-u", "nosuchuser8"), &["--drop-invalid"]);
-    for setup in [String::new(), existing_state_setup()] {
-        let ns = Script::new()
-            .sh(&setup)
-            .snap("before")
-            .run("failing", V6, &args)
-            .snap("after")
-            .exec();
-        let ctx = ns.context();
-        let run = ns.run_rc("failing", 1);
-        assert_same(
-            "a refused nat table must not leave mangle's ISTIO_DROP behind",
-            &ns.state("before"),
-            &ns.state("after"),
-            &ctx,
-        );
-        let line = run.one_error();
-        assert!(
-            line.contains("committing IPv4 rules")
-                && line.contains("the previous state was restored (IPv4"),
-            "{line}"
-        );
-    }
+    let args = cat(
+        SEED,
+        &["--drop-invalid", "--reconcile=false", "--force-apply"],
+    );
+    let ns = Script::new()
+        .sh(&existing_state_setup())
+        .snap("before")
+        .run("failing", V6, &args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    assert_same(
+        "a refused nat table must not leave mangle's ISTIO_DROP behind",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("committing IPv4 rules")
+            && line.contains("-N ISTIO_INBOUND")
+            && line.contains("the previous state was restored (IPv4"),
+        "{line}"
+    );
 }
 
 // ---------------------------------------------------------------------------
