@@ -1,9 +1,11 @@
-//! Applying a plan for real: detect the backend, read the current state, commit ONE
+//! Applying a plan for real: detect the backend, read the current state, commit one
 //! iptables-restore --noflush transaction per family that leaves exactly the desired state,
-//! then the `ip` plumbing. All or nothing: when a later step fails, every earlier step is
-//! put back (tables restored from what was read, `ip` changes undone).
+//! then the `ip` plumbing. iptables-restore commits table by table, so a transaction is not
+//! atomic by itself; all or nothing comes from the rollback: when any step fails, `ip`
+//! changes are undone and every family whose commit was attempted is put back table by table
+//! to what was read, then read again to prove it before the error says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::backend::{self, Backend, NotInstalled, Probe};
 use crate::config::Flavor;
@@ -11,7 +13,7 @@ use crate::exec::{ExecError, Runner, failed_restore_line};
 use crate::iproute;
 use crate::reconcile::{self, Conflict, Policy, Transaction};
 use crate::rules::{Family, IpCommand, Plan, Rule, Table};
-use crate::state::{OwnerResolver, ParseError, SaveState, parse_save};
+use crate::state::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
 
 /// How to apply.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +34,8 @@ pub struct Options {
 #[derive(Debug, Clone)]
 enum IpChange {
     Added(IpCommand),
-    Removed(IpCommand),
+    /// With the rule's priority, when known, to put it back where it was.
+    Removed(IpCommand, Option<u32>),
 }
 
 /// What the process needs from the outside world.
@@ -122,7 +125,8 @@ struct Run {
     before: SaveState,
     version: String,
     tx: Transaction,
-    committed: bool,
+    /// A commit was attempted: the family may have changed, even if the commit failed.
+    attempted: bool,
 }
 
 #[allow(clippy::result_large_err)]
@@ -208,60 +212,226 @@ fn drop_nft_tables(
         .map(|_| ())
 }
 
-/// Puts a committed family back exactly as it was read.
-fn roll_back(run: &Run, opts: &Options, runner: &mut dyn Runner) -> Result<(), ExecError> {
+/// What to feed iptables-restore and which tables to drop afterwards. With nft (and `nft`
+/// installed) a table the transaction empties is not emptied by iptables-restore and then
+/// dropped: its section is left out and the table dropped whole after the restore. A run
+/// killed in between then leaves our old rules, which the next run recognises and removes,
+/// never an empty table it could not tell from another tool's.
+fn commit_plan(backend: &Backend, tx: &Transaction) -> (String, Vec<Table>) {
+    let drop = backend.flavor == Some(Flavor::Nft) && backend::which("nft").is_some();
+    if !drop || tx.emptied.is_empty() {
+        return (tx.payload.clone(), tx.emptied.clone());
+    }
+    let mut payload = String::new();
+    let mut skipping = false;
+    for line in tx.payload.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            skipping = tx.emptied.iter().any(|t| t.name() == name.trim());
+        }
+        if !skipping {
+            payload.push_str(line);
+            payload.push('\n');
+        }
+        if line == "COMMIT" {
+            skipping = false;
+        }
+    }
+    (payload, tx.emptied.clone())
+}
+
+/// Runs iptables-restore --noflush with `payload` (when there is any), then drops `drop`.
+fn commit(
+    backend: &Backend,
+    payload: &str,
+    drop: &[Table],
+    opts: &Options,
+    runner: &mut dyn Runner,
+) -> Result<(), ExecError> {
+    if !payload.is_empty() {
+        runner.run(
+            &backend.restore_program(),
+            &restore_args(backend, true, opts),
+            Some(payload),
+        )?;
+    }
+    drop_nft_tables(backend, drop, runner)
+}
+
+/// Whether a table reads the same now as before (legacy tables cannot be unloaded, so an
+/// empty legacy table counts as absent).
+fn same_table(backend: &Backend, before: Option<&TableState>, now: Option<&TableState>) -> bool {
+    let legacy = backend.flavor != Some(Flavor::Nft);
+    match (before, now) {
+        (Some(b), Some(n)) => b == n,
+        (None, None) => true,
+        (None, Some(t)) | (Some(t), None) => legacy && t.is_empty(),
+    }
+}
+
+/// Tables of `now` that differ from `before`.
+fn changed_tables(backend: &Backend, before: &SaveState, now: &SaveState) -> Vec<String> {
+    let names: BTreeSet<&String> = before.tables.keys().chain(now.tables.keys()).collect();
+    names
+        .into_iter()
+        .filter(|t| !same_table(backend, before.tables.get(*t), now.tables.get(*t)))
+        .cloned()
+        .collect()
+}
+
+/// How putting one family back went.
+enum Restored {
+    /// The kernel already held exactly the state read before the run.
+    Unchanged,
+    /// Tables were put back, and re-reading them proves it.
+    Restored,
+}
+
+/// Puts one family back exactly as it was read before the run, whatever happened to it
+/// (iptables-restore commits table by table: a failed transaction may have committed its
+/// first tables). Re-reads the kernel first, to know what changed, and after, to prove it;
+/// the error says what is left.
+fn roll_back(
+    backend: &Backend,
+    before: &SaveState,
+    opts: &Options,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<Restored, String> {
+    let family = backend.family;
+    let reread = |runner: &mut dyn Runner| {
+        read_state(family, backend, probe, runner)
+            .map_err(|e| format!("{e}; the {family} tables may be partly changed"))
+    };
+    let now = reread(runner)?;
+    let changed = changed_tables(backend, before, &now);
+    if changed.is_empty() {
+        return Ok(Restored::Unchanged);
+    }
     let mut text = String::new();
     let mut absent = Vec::new();
-    for t in &run.tx.touched {
-        match run.before.sections.get(t.name()) {
+    for t in &changed {
+        match before.sections.get(t) {
             Some(section) => text.push_str(section),
-            None if run.backend.flavor == Some(Flavor::Nft) => absent.push(*t),
+            None if backend.flavor == Some(Flavor::Nft) => {
+                absent.extend(Table::ALL.into_iter().filter(|x| x.name() == t.as_str()))
+            }
             None => text.push_str(&format!("*{t}\nCOMMIT\n")),
         }
     }
+    tracing::info!(tables = %changed.join(","), "restoring the {family} tables read before the run");
+    let mut failure = None;
     if !text.is_empty() {
         // Without --noflush each listed table is replaced whole by its previous content.
-        runner.run(
-            &run.backend.restore_program(),
-            &restore_args(&run.backend, false, opts),
+        if let Err(e) = runner.run(
+            &backend.restore_program(),
+            &restore_args(backend, false, opts),
             Some(&text),
-        )?;
+        ) {
+            failure = Some(explain_exec(&e));
+        }
     }
-    drop_nft_tables(&run.backend, &absent, runner)
+    if let Err(e) = drop_nft_tables(backend, &absent, runner) {
+        failure.get_or_insert(e.to_string());
+    }
+    let after = reread(runner)?;
+    let left = changed_tables(backend, before, &after);
+    if left.is_empty() {
+        return Ok(Restored::Restored);
+    }
+    Err(format!(
+        "restoring {family} failed{}: {family} tables still differing from before the run: {}",
+        failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+        left.iter()
+            .map(|t| format!("{t} ({})", describe_table(after.tables.get(t))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
-/// Rolls back every committed family and undoes `ip` changes; describes the outcome.
-fn undo_all(runs: &[Run], ip_done: &[IpChange], opts: &Options, runner: &mut dyn Runner) -> String {
+/// A short description of a table's content, for "what is left" messages.
+fn describe_table(t: Option<&TableState>) -> String {
+    match t {
+        None => "absent".into(),
+        Some(t) => {
+            let ours: Vec<&str> = t
+                .user_chains
+                .iter()
+                .filter(|c| c.starts_with(crate::rules::chain::PREFIX))
+                .map(String::as_str)
+                .collect();
+            format!(
+                "{} rules, ISTIO chains: {}",
+                t.rules.len(),
+                if ours.is_empty() {
+                    "none".to_string()
+                } else {
+                    ours.join(" ")
+                }
+            )
+        }
+    }
+}
+
+/// Undoes `ip` changes (newest first), then puts every family back as it was read; checks
+/// both by re-reading the kernel and describes the outcome for the error message.
+fn undo_all(
+    runs: &[Run],
+    ip_done: &[IpChange],
+    opts: &Options,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> String {
     let mut failures = Vec::new();
     for change in ip_done.iter().rev() {
-        let (cmd, args) = match change {
-            IpChange::Added(c) => (c, iproute::undo_args(c)),
-            IpChange::Removed(c) => (c, c.args()),
+        let (cmd, args, present) = match change {
+            IpChange::Added(c) => (c, iproute::undo_args(c), false),
+            IpChange::Removed(c, priority) => (c, iproute::change_args(c, true, *priority), true),
         };
         if let Err(e) = runner.run("ip", &args, None) {
             failures.push(format!("undoing the change to `{cmd}`: {e}"));
+            continue;
+        }
+        match iproute::present(cmd, probe, runner) {
+            Ok(p) if p == present => {}
+            Ok(_) => failures.push(format!(
+                "undoing the change to `{cmd}` did not take: it is still {}",
+                if present { "missing" } else { "present" }
+            )),
+            Err(e) => failures.push(format!("checking `{cmd}` after undoing it: {e}")),
         }
     }
     let mut restored = Vec::new();
-    for run in runs.iter().filter(|r| r.committed) {
-        match roll_back(run, opts, runner) {
-            Ok(()) => restored.push(run.backend.family.to_string()),
-            Err(e) => failures.push(format!("restoring {}: {e}", run.backend.family)),
+    for run in runs.iter().filter(|r| r.attempted) {
+        match roll_back(&run.backend, &run.before, opts, probe, runner) {
+            Ok(Restored::Restored) => restored.push(run.backend.family.to_string()),
+            Ok(Restored::Unchanged) => {}
+            Err(e) => failures.push(e),
         }
     }
     if !failures.is_empty() {
+        let fine = if restored.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; restored and checked by re-reading the kernel: {}",
+                restored.join(", ")
+            )
+        };
         format!(
-            "ROLLBACK FAILED ({}); the namespace may be half-configured: rerun to repair",
+            "ROLLBACK FAILED ({}){fine}; rerun to repair",
             failures.join("; ")
         )
     } else if restored.is_empty() && ip_done.is_empty() {
-        "nothing was changed".to_string()
+        "nothing was changed (checked by re-reading the kernel)".to_string()
     } else {
         let mut what = restored;
         if !ip_done.is_empty() {
             what.push("routes".into());
         }
-        format!("the previous state was restored ({})", what.join(", "))
+        format!(
+            "the previous state was restored ({}; checked by re-reading the kernel)",
+            what.join(", ")
+        )
     }
 }
 
@@ -282,7 +452,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             before,
             version,
             tx,
-            committed: false,
+            attempted: false,
         });
     }
 
@@ -295,26 +465,22 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             continue;
         }
         let program = run.backend.restore_program();
+        runs[i].attempted = true;
+        let run = &runs[i];
+        let (payload, drop) = commit_plan(&run.backend, &run.tx);
         tracing::info!(
             "Running iptables restore with: {program} --noflush and the following input:\n{}",
-            run.tx.payload.trim_end()
+            payload.trim_end()
         );
-        let result = env
-            .runner
-            .run(
-                &program,
-                &restore_args(&run.backend, true, opts),
-                Some(&run.tx.payload),
-            )
-            .and_then(|_| drop_nft_tables(&run.backend, &run.tx.emptied, env.runner));
+        let result = commit(&run.backend, &payload, &drop, opts, env.runner);
         if let Err(error) = result {
             let rejected = error
                 .stderr()
                 .and_then(failed_restore_line)
-                .and_then(|n| run.tx.payload.lines().nth(n.saturating_sub(1)))
+                .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
                 .map(str::to_string);
             let version = run.version.clone();
-            let rollback = undo_all(&runs, &[], opts, env.runner);
+            let rollback = undo_all(&runs, &[], opts, env.probe, env.runner);
             return Err(ApplyError::Commit {
                 family,
                 program,
@@ -324,49 +490,66 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 rollback,
             });
         }
-        runs[i].committed = true;
         summary.committed.push(family);
     }
 
-    // A TPROXY setup from an earlier config (seen as ISTIO_TPROXY in the mangle table we just
-    // read) whose routing this config no longer wants: remove its rule and route. Checked
-    // only then, so a plain REDIRECT apply runs no `ip` at all.
-    let mut stale: Vec<IpCommand> = Vec::new();
-    for run in &runs {
-        let had_tproxy = run.before.tables.get("mangle").is_some_and(|t| {
-            t.user_chains
-                .iter()
-                .any(|c| c == crate::rules::chain::TPROXY)
-        });
-        if !had_tproxy {
-            continue;
-        }
-        let family = run.backend.family;
-        for cmd in [
-            IpCommand::RuleAdd {
-                family,
-                mark: opts.tproxy_mark,
-                table: opts.tproxy_route_table,
-            },
-            IpCommand::RouteAddLocal {
-                family,
-                table: opts.tproxy_route_table,
-            },
-        ] {
-            if !plan.ip.contains(&cmd) {
-                stale.push(cmd);
+    // TPROXY routing an earlier run added (whatever mark and table it used, found over
+    // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
+    // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
+    let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        match env.probe.routing(family) {
+            Some(routing) => stale.extend(iproute::leftovers_at(family, &routing, &plan.ip)),
+            None => {
+                // Netlink unavailable: the configured mark and table, when mangle shows an
+                // earlier TPROXY config.
+                let had_tproxy = runs.iter().any(|r| {
+                    r.backend.family == family
+                        && r.before.tables.get("mangle").is_some_and(|t| {
+                            t.user_chains
+                                .iter()
+                                .any(|c| c == crate::rules::chain::TPROXY)
+                        })
+                });
+                if !had_tproxy {
+                    continue;
+                }
+                for cmd in [
+                    IpCommand::RuleAdd {
+                        family,
+                        mark: opts.tproxy_mark,
+                        table: opts.tproxy_route_table,
+                    },
+                    IpCommand::RouteAddLocal {
+                        family,
+                        table: opts.tproxy_route_table,
+                    },
+                ] {
+                    if !plan.ip.contains(&cmd) {
+                        stale.push((cmd, None));
+                    }
+                }
             }
         }
     }
+    // The route before the rule that looks it up: a run killed in between leaves a route
+    // nothing uses (and the next run finds it), never a rule into an empty table.
+    let mut wanted_ip: Vec<&IpCommand> = plan.ip.iter().collect();
+    wanted_ip.sort_by_key(|c| match c {
+        IpCommand::AddInboundV6Address => 0,
+        IpCommand::RouteAddLocal { .. } => 1,
+        IpCommand::RuleAdd { .. } => 2,
+    });
 
     let mut ip_done: Vec<IpChange> = Vec::new();
-    let steps = plan
-        .ip
+    // Leftovers go first: the kernel numbers a new rule below the lowest one there, so
+    // adding ours first would give it another priority than a fresh apply does.
+    let steps = stale
         .iter()
-        .map(|c| (c, true))
-        .chain(stale.iter().map(|c| (c, false)));
-    for (cmd, wanted) in steps {
-        let step = iproute::is_present(cmd, env.runner).and_then(|present| {
+        .map(|(c, priority)| (c, false, *priority))
+        .chain(wanted_ip.into_iter().map(|c| (c, true, None)));
+    for (cmd, wanted, priority) in steps {
+        let step = iproute::present(cmd, env.probe, env.runner).and_then(|present| {
             if present == wanted {
                 tracing::debug!(command = %cmd, wanted, "already as wanted");
                 Ok(None)
@@ -374,9 +557,9 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 tracing::info!(command = %cmd, "configuring");
                 env.runner.run("ip", &cmd.args(), None).map(|_| Some(IpChange::Added(cmd.clone())))
             } else {
-                let undo = iproute::undo_args(cmd);
+                let undo = iproute::change_args(cmd, false, priority);
                 tracing::info!(command = %format!("ip {}", undo.join(" ")), "removing routing left by an earlier TPROXY config");
-                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone())))
+                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone(), priority)))
             }
         });
         match step {
@@ -386,7 +569,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             }
             Ok(None) => {}
             Err(error) => {
-                let rollback = undo_all(&runs, &ip_done, opts, env.runner);
+                let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);
                 return Err(ApplyError::Ip {
                     command: cmd.args().join(" "),
                     error,
@@ -446,10 +629,8 @@ pub fn cleanup(
             }
             let program = b.restore_program();
             tracing::info!(%program, "removing {family} ISTIO_* rules:\n{}", tx.payload.trim_end());
-            let r = env
-                .runner
-                .run(&program, &restore_args(&b, true, opts), Some(&tx.payload))
-                .and_then(|_| drop_nft_tables(&b, &tx.emptied, env.runner));
+            let (payload, drop) = commit_plan(&b, &tx);
+            let r = commit(&b, &payload, &drop, opts, env.runner);
             match r {
                 Ok(()) => summary.committed.push(family),
                 Err(e) => errors.push(format!(
@@ -459,8 +640,27 @@ pub fn cleanup(
             }
         }
     }
-    for cmd in ip_cmds {
-        match iproute::is_present(cmd, env.runner) {
+    // The configured routing and address, then whatever TPROXY routing earlier runs added
+    // with other marks and tables (found over netlink). Rules before the routes they use.
+    let mut cmds: Vec<IpCommand> = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        if let Some(routing) = env.probe.routing(family) {
+            // Duplicates included: each removal takes one.
+            cmds.extend(iproute::leftovers(family, &routing, &[]));
+        }
+    }
+    for c in ip_cmds {
+        if !cmds.contains(c) {
+            cmds.push(c.clone());
+        }
+    }
+    cmds.sort_by_key(|c| match c {
+        IpCommand::RuleAdd { .. } => 0,
+        IpCommand::RouteAddLocal { .. } => 1,
+        IpCommand::AddInboundV6Address => 2,
+    });
+    for cmd in &cmds {
+        match iproute::present(cmd, env.probe, env.runner) {
             Ok(true) => match env.runner.run("ip", &iproute::undo_args(cmd), None) {
                 Ok(_) => summary
                     .ip_changed
@@ -490,6 +690,8 @@ mod tests {
     struct Fake {
         calls: Vec<(String, Vec<String>, Option<String>)>,
         save_output: String,
+        /// Successive outputs of one save program, before falling back to `save_output`.
+        saves: BTreeMap<String, std::collections::VecDeque<String>>,
         fail_program: Option<String>,
     }
 
@@ -512,7 +714,8 @@ mod tests {
                 });
             }
             if program.ends_with("-save") {
-                return Ok(self.save_output.clone());
+                let queued = self.saves.get_mut(program).and_then(|q| q.pop_front());
+                return Ok(queued.unwrap_or_else(|| self.save_output.clone()));
             }
             Ok(String::new())
         }
@@ -567,8 +770,14 @@ mod tests {
     #[test]
     fn failed_ipv6_commit_restores_ipv4() {
         let plan = rules::build(&config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
+        let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
         let mut fake = Fake {
             fail_program: Some("ip6tables-nft-restore".into()),
+            // Read before the run, re-read before restoring, re-read to check.
+            saves: BTreeMap::from([(
+                "iptables-nft-save".to_string(),
+                ["", committed, ""].map(String::from).into(),
+            )]),
             ..Default::default()
         };
         let e = apply_nft(&plan, &OPTS, &mut fake).unwrap_err();
@@ -578,13 +787,40 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("at `-N ISTIO_REDIRECT`"), "{msg}");
-        assert!(msg.contains("previous state was restored (IPv4)"), "{msg}");
-        // The IPv4 tables did not exist before: they are dropped, not left empty.
-        let last = fake.calls.last().unwrap();
-        assert_eq!(last.0, "nft");
-        assert!(last.2.as_deref().unwrap().contains("delete table ip nat"));
+        assert!(
+            msg.contains("previous state was restored (IPv4; checked by re-reading"),
+            "{msg}"
+        );
+        // The IPv4 nat table did not exist before: it is dropped, not left empty.
+        let nft = fake.calls.iter().find(|c| c.0 == "nft").unwrap();
+        assert_eq!(nft.2.as_deref(), Some("delete table ip nat\n"));
         // No ip command ran.
         assert!(!fake.calls.iter().any(|c| c.0 == "ip"));
+    }
+
+    #[test]
+    fn a_rollback_that_does_not_take_says_what_is_left() {
+        let plan = rules::build(&config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
+        let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
+        let mut fake = Fake {
+            fail_program: Some("ip6tables-nft-restore".into()),
+            // The table is still there after the rollback.
+            saves: BTreeMap::from([(
+                "iptables-nft-save".to_string(),
+                ["", committed, committed].map(String::from).into(),
+            )]),
+            ..Default::default()
+        };
+        let msg = apply_nft(&plan, &OPTS, &mut fake).unwrap_err().to_string();
+        assert!(msg.contains("ROLLBACK FAILED"), "{msg}");
+        assert!(
+            msg.contains(
+                "IPv4 tables still differing from before the run: nat (0 rules, ISTIO chains: \
+                 ISTIO_INBOUND)"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("restored ("), "{msg}");
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub trait Probe {
     fn nft_tables(&self, _family: Family) -> Option<usize> {
         None
     }
+    /// The family's policy routing rules and `local default dev lo` routes (`None`: could not
+    /// tell; callers then ask `ip`).
+    fn routing(&self, _family: Family) -> Option<crate::rtnl::Routing> {
+        None
+    }
 }
 
 /// The real machine.
@@ -124,6 +129,10 @@ impl Probe for SystemProbe {
 
     fn nft_tables(&self, family: Family) -> Option<usize> {
         crate::nftprobe::table_count(family)
+    }
+
+    fn routing(&self, family: Family) -> Option<crate::rtnl::Routing> {
+        crate::rtnl::routing(family)
     }
 }
 

@@ -749,9 +749,30 @@ impl Config {
             &c.istio_inbound_tproxy_route_table,
             "a routing table number (a non-negative integer)",
         )?;
-        if tproxy_route_table == 0 {
-            return Err(src("istio_inbound_tproxy_route_table")
-                .err(&c.istio_inbound_tproxy_route_table, "table 0 is reserved"));
+        // Mark 0 makes `ip rule add fwmark 0` match every packet ("from all"); tables 0, 253,
+        // 254 and 255 are unspec, default, main and local: a `local default` route there takes
+        // the namespace's routing away.
+        if tproxy_mark == 0 {
+            return Err(src("istio_inbound_tproxy_mark").err(
+                &c.istio_inbound_tproxy_mark,
+                "mark 0 would match every packet (`ip rule add fwmark 0` means \"from all\"); \
+                 use 1-4294967295",
+            ));
+        }
+        if matches!(tproxy_route_table, 0 | 253..=255) {
+            let name = match tproxy_route_table {
+                0 => "unspec",
+                253 => "default",
+                254 => "main",
+                _ => "local",
+            };
+            return Err(src("istio_inbound_tproxy_route_table").err(
+                &c.istio_inbound_tproxy_route_table,
+                format!(
+                    "table {tproxy_route_table} is the kernel's {name} table; \
+                     use 1-252 or 256-4294967295"
+                ),
+            ));
         }
 
         let dry_run = go_bool(args, "dry_run", &c.dry_run)?;
@@ -1398,5 +1419,36 @@ pub(crate) mod tests {
             c.owner_groups,
             OwnerGroups::AllExcept(vec![Owner::Id(888), Owner::Name("ftp".into())])
         );
+    }
+
+    #[test]
+    fn tproxy_mark_and_table_that_break_routing_are_refused() {
+        for (flag, value) in [
+            ("-t", "0"),
+            ("-r", "0"),
+            ("-r", "253"),
+            ("-r", "254"),
+            ("-r", "255"),
+        ] {
+            let e = build(&[flag, value], &[]).unwrap_err();
+            let long = if flag == "-t" {
+                "--istio-inbound-tproxy-mark"
+            } else {
+                "--istio-inbound-tproxy-route-table"
+            };
+            assert_eq!(e.source_name, long, "{e}");
+            assert_eq!(e.value, value);
+        }
+        for (t, r) in [
+            ("1", "1"),
+            ("4294967295", "252"),
+            ("1337", "256"),
+            ("7", "4294967295"),
+        ] {
+            let c = build(&["-t", t, "-r", r], &[]).unwrap();
+            assert_eq!(c.tproxy_mark.to_string(), t);
+            assert_eq!(c.tproxy_route_table.to_string(), r);
+        }
+        assert!(build(&["-t", "4294967296"], &[]).is_err());
     }
 }

@@ -386,11 +386,14 @@ pub struct Report {
     pub diffs: Vec<(Family, ChainDiff)>,
     /// `ip` commands whose effect is missing.
     pub routes_missing: Vec<String>,
+    /// TPROXY routing an earlier run added that the config does not want (as the `ip`
+    /// commands that added it).
+    pub routes_extra: Vec<String>,
 }
 
 impl Report {
     pub fn drift(&self) -> bool {
-        !self.diffs.is_empty() || !self.routes_missing.is_empty()
+        !self.diffs.is_empty() || !self.routes_missing.is_empty() || !self.routes_extra.is_empty()
     }
 }
 
@@ -409,8 +412,15 @@ pub fn verify(
             report.diffs.push((family, d));
         }
     }
+    for family in [Family::V4, Family::V6] {
+        if let Some(routing) = probe.routing(family) {
+            for cmd in iproute::leftovers(family, &routing, &plan.ip) {
+                report.routes_extra.push(cmd.to_string());
+            }
+        }
+    }
     for cmd in &plan.ip {
-        match iproute::is_present(cmd, runner) {
+        match iproute::present(cmd, probe, runner) {
             Ok(true) => {}
             Ok(false) => report.routes_missing.push(cmd.to_string()),
             Err(e) => {
@@ -448,8 +458,15 @@ pub fn render_report(r: &Report, output: Output) -> String {
                 })
                 .collect();
             let routes: Vec<String> = r.routes_missing.iter().map(|x| js(x)).collect();
+            // Only present when there are some (older readers see the same object as before).
+            let extra = if r.routes_extra.is_empty() {
+                String::new()
+            } else {
+                let v: Vec<String> = r.routes_extra.iter().map(|x| js(x)).collect();
+                format!(",\"routes_extra\":[{}]", v.join(","))
+            };
             format!(
-                "{{\"match\":{},\"differences\":[{}],\"routes_missing\":[{}]}}\n",
+                "{{\"match\":{},\"differences\":[{}],\"routes_missing\":[{}]{extra}}}\n",
                 !r.drift(),
                 diffs.join(","),
                 routes.join(",")
@@ -479,6 +496,9 @@ pub fn render_report(r: &Report, output: Output) -> String {
             }
             for m in &r.routes_missing {
                 let _ = writeln!(s, "routes: missing `{m}`");
+            }
+            for m in &r.routes_extra {
+                let _ = writeln!(s, "routes: not wanted, left by an earlier run `{m}`");
             }
             s
         }
@@ -646,11 +666,25 @@ mod tests {
                 },
             )],
             routes_missing: vec![],
+            routes_extra: vec![],
         };
         assert!(render_report(&r, Output::Text).contains("missing:  -A X"));
         assert!(
             render_report(&r, Output::Json)
                 .starts_with("{\"match\":false,\"differences\":[{\"family\":\"ipv4\"")
+        );
+        assert!(!render_report(&r, Output::Json).contains("routes_extra"));
+        let extra = Report {
+            routes_extra: vec!["ip -4 rule add fwmark 1400 lookup 140".into()],
+            ..Report::default()
+        };
+        assert!(extra.drift());
+        assert!(render_report(&extra, Output::Text).contains(
+            "routes: not wanted, left by an earlier run `ip -4 rule add fwmark 1400 lookup 140`"
+        ));
+        assert!(
+            render_report(&extra, Output::Json)
+                .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
         );
     }
 }

@@ -1,7 +1,9 @@
 //! The `ip` plumbing (TPROXY policy routing, the ::6 address), made idempotent: each command
 //! is run only when its effect is missing, and can be undone. We shell out to iproute2's `ip`.
 
+use crate::backend::Probe;
 use crate::exec::{ExecError, Runner};
+use crate::rtnl::Routing;
 use crate::rules::{Family, IpCommand};
 
 fn fam(f: Family) -> &'static str {
@@ -19,7 +21,8 @@ fn args(v: &[&str]) -> Vec<String> {
 fn show_args(cmd: &IpCommand) -> Vec<String> {
     match cmd {
         IpCommand::AddInboundV6Address => args(&["-6", "addr", "show", "dev", "lo"]),
-        IpCommand::RuleAdd { family, .. } => args(&[fam(*family), "rule", "show"]),
+        // -N: table numbers, not names (`main`, `default`, `local`).
+        IpCommand::RuleAdd { family, .. } => args(&["-N", fam(*family), "rule", "show"]),
         IpCommand::RouteAddLocal { family, table } => {
             let t = table.to_string();
             args(&[fam(*family), "route", "show", "table", &t])
@@ -86,7 +89,135 @@ pub fn undo_args(cmd: &IpCommand) -> Vec<String> {
     }
 }
 
-/// Whether `cmd`'s effect already exists.
+/// The family `cmd` acts on.
+pub fn family_of(cmd: &IpCommand) -> Family {
+    match cmd {
+        IpCommand::AddInboundV6Address => Family::V6,
+        IpCommand::RuleAdd { family, .. } | IpCommand::RouteAddLocal { family, .. } => *family,
+    }
+}
+
+/// Whether `cmd`'s effect is in `routing` (`None` for the address, which it does not hold).
+pub fn present_in_routing(cmd: &IpCommand, routing: &Routing) -> Option<bool> {
+    match cmd {
+        IpCommand::AddInboundV6Address => None,
+        IpCommand::RuleAdd { mark, table, .. } => {
+            Some(routing.rules.iter().any(|r| {
+                r.plain && r.mark == Some(*mark) && r.mask == u32::MAX && r.table == *table
+            }))
+        }
+        IpCommand::RouteAddLocal { table, .. } => {
+            Some(routing.local_default_tables.contains(table))
+        }
+    }
+}
+
+/// Whether `cmd`'s effect exists: read over netlink when the probe can, else with `ip`.
+pub fn present(
+    cmd: &IpCommand,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<bool, ExecError> {
+    if let Some(p) = probe
+        .routing(family_of(cmd))
+        .and_then(|r| present_in_routing(cmd, &r))
+    {
+        return Ok(p);
+    }
+    is_present(cmd, runner)
+}
+
+/// The TPROXY policy routing this tool added (in any earlier run, whatever mark and table it
+/// used) that `wanted` does not ask for, as the commands that added it; rules first, then
+/// routes. Ours: a plain `fwmark M lookup T` rule whose table T holds a `local default dev
+/// lo` route, and such a route no remaining rule looks up. Duplicates of a wanted rule are
+/// leftovers too.
+pub fn leftovers(family: Family, routing: &Routing, wanted: &[IpCommand]) -> Vec<IpCommand> {
+    leftovers_at(family, routing, wanted)
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// [`leftovers`], each rule with its priority (to remove exactly that rule, and to put it
+/// back where it was).
+pub fn leftovers_at(
+    family: Family,
+    routing: &Routing,
+    wanted: &[IpCommand],
+) -> Vec<(IpCommand, Option<u32>)> {
+    let mut out = Vec::new();
+    let mut kept: Vec<IpCommand> = Vec::new();
+    let mut others: Vec<u32> = Vec::new();
+    // Oldest first: the kernel numbers a new rule below the lowest one there, so the highest
+    // number is the rule a fresh apply made; a duplicate added later goes.
+    let mut rules: Vec<&crate::rtnl::Rule> = routing.rules.iter().collect();
+    rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
+    for r in rules {
+        let ours = r.plain
+            && r.mask == u32::MAX
+            && r.mark.is_some()
+            && routing.local_default_tables.contains(&r.table);
+        let Some(mark) = r.mark.filter(|_| ours) else {
+            others.push(r.table);
+            continue;
+        };
+        let cmd = IpCommand::RuleAdd {
+            family,
+            mark,
+            table: r.table,
+        };
+        if wanted.contains(&cmd) && !kept.contains(&cmd) {
+            kept.push(cmd);
+        } else {
+            out.push((cmd, Some(r.priority)));
+        }
+    }
+    for &table in &routing.local_default_tables {
+        let cmd = IpCommand::RouteAddLocal { family, table };
+        let looked_up = others.contains(&table)
+            || kept
+                .iter()
+                .any(|k| matches!(k, IpCommand::RuleAdd { table: t, .. } if *t == table));
+        if !wanted.contains(&cmd) && !looked_up {
+            out.push((cmd, None));
+        }
+    }
+    out
+}
+
+/// The `ip` arguments that add (`add`) or remove (`!add`) `cmd`'s effect; a rule with a
+/// known priority is named by it too, so that exactly that rule goes, or comes back there.
+pub fn change_args(cmd: &IpCommand, add: bool, priority: Option<u32>) -> Vec<String> {
+    match (cmd, priority) {
+        (
+            IpCommand::RuleAdd {
+                family,
+                mark,
+                table,
+            },
+            Some(p),
+        ) => {
+            let (p, m, t) = (p.to_string(), mark.to_string(), table.to_string());
+            let verb = if add { "add" } else { "del" };
+            args(&[
+                fam(*family),
+                "rule",
+                verb,
+                "priority",
+                &p,
+                "fwmark",
+                &m,
+                "lookup",
+                &t,
+            ])
+        }
+        _ if add => cmd.args(),
+        _ => undo_args(cmd),
+    }
+}
+
+/// Whether `cmd`'s effect already exists, asking `ip`.
 pub fn is_present(cmd: &IpCommand, runner: &mut dyn Runner) -> Result<bool, ExecError> {
     match runner.run("ip", &show_args(cmd), None) {
         Ok(out) => Ok(present_in(cmd, &out)),
@@ -134,6 +265,86 @@ mod tests {
             "1: lo: <LOOPBACK>\n    inet6 ::6/128 scope global \n"
         ));
         assert!(!present_in(&addr, "    inet6 ::1/128 scope host \n"));
+    }
+
+    #[test]
+    fn leftovers_are_found_by_their_route_whatever_mark_and_table() {
+        use crate::rtnl::Rule;
+        let rule = |priority, mark: Option<u32>, table, plain| Rule {
+            priority,
+            mark,
+            mask: u32::MAX,
+            table,
+            plain,
+        };
+        let routing = Routing {
+            rules: vec![
+                rule(0, None, 255, true),
+                rule(100, Some(1400), 140, true),
+                rule(101, Some(1337), 133, true),
+                rule(102, Some(1337), 133, true),
+                rule(103, Some(9), 300, true),
+                rule(104, Some(7), 150, false),
+                rule(32766, None, 254, true),
+            ],
+            local_default_tables: [133, 140, 150, 160].into(),
+        };
+        let v4 = Family::V4;
+        let wanted = vec![
+            IpCommand::RuleAdd {
+                family: v4,
+                mark: 1337,
+                table: 133,
+            },
+            IpCommand::RouteAddLocal {
+                family: v4,
+                table: 133,
+            },
+        ];
+        assert_eq!(
+            leftovers(v4, &routing, &wanted),
+            vec![
+                // A later duplicate of ours, the earlier config's rule; not table 300 (no
+                // route of ours there) nor the rule with other selectors.
+                IpCommand::RuleAdd {
+                    family: v4,
+                    mark: 1337,
+                    table: 133
+                },
+                IpCommand::RuleAdd {
+                    family: v4,
+                    mark: 1400,
+                    table: 140
+                },
+                // Routes nothing looks up any more; table 150 is still looked up.
+                IpCommand::RouteAddLocal {
+                    family: v4,
+                    table: 140
+                },
+                IpCommand::RouteAddLocal {
+                    family: v4,
+                    table: 160
+                },
+            ]
+        );
+        assert_eq!(present_in_routing(&wanted[0], &routing), Some(true));
+        assert_eq!(present_in_routing(&wanted[1], &routing), Some(true));
+        let at = leftovers_at(v4, &routing, &wanted);
+        assert_eq!(at[0].1, Some(101));
+        assert_eq!(at[1].1, Some(100));
+        assert_eq!(
+            change_args(&at[0].0, false, at[0].1).join(" "),
+            "-4 rule del priority 101 fwmark 1337 lookup 133"
+        );
+        assert_eq!(
+            change_args(&at[1].0, true, at[1].1).join(" "),
+            "-4 rule add priority 100 fwmark 1400 lookup 140"
+        );
+        assert_eq!(
+            change_args(&at[2].0, false, None).join(" "),
+            "-4 route del local default dev lo table 140"
+        );
+        assert_eq!(leftovers(v4, &Routing::default(), &wanted), vec![]);
     }
 
     #[test]

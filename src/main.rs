@@ -18,7 +18,7 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{logging, netns, nft, rules, script, validate};
+use istio_iptables::{logging, netns, nft, nslock, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -206,6 +206,19 @@ fn main() -> ExitCode {
         resolver: &RealHost,
     };
 
+    // One run at a time in this namespace, from the first read to the last `ip` step.
+    let lock = if cfg.cleanup_only || !cfg.skip_rule_apply {
+        match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                report(&e);
+                return ExitCode::from(code::FAILURE);
+            }
+        }
+    } else {
+        None
+    };
+
     if cfg.cleanup_only {
         return cleanup(&cfg, &opts, &mut env);
     }
@@ -231,6 +244,8 @@ fn main() -> ExitCode {
             }
         }
     }
+
+    drop(lock);
 
     if cfg.run_validation {
         let settings = validate::Settings {

@@ -1,11 +1,18 @@
 //! Reconcile: from the current state of one family (parsed iptables-save) and the rules we
-//! want, compute ONE iptables-restore --noflush transaction that leaves exactly the desired
+//! want, compute one iptables-restore --noflush input (committed table by table by
+//! iptables-restore; `apply` rolls back across tables) that leaves exactly the desired
 //! state: our ISTIO_* chains with exactly our rules, exactly our rules in the built-in chains
 //! (stale ones and duplicates removed), foreign rules and chains untouched. Pure: no I/O.
 //!
-//! Ownership of rules in built-in chains: a rule is ours when it jumps to an ISTIO_* chain,
-//! when it is one of the rules we want, or when it has the shape of a rule this tool writes
-//! into built-in chains (interface RETURNs, TPROXY marks) and the table holds ISTIO_* chains.
+//! Ownership of rules in built-in chains: a rule is ours when it jumps to an ISTIO_* chain or
+//! is one of the rules we want. A rule that only has the shape of one this tool writes into
+//! built-in chains (interface RETURNs, TPROXY marks), left by an earlier config, is ours only
+//! in a table that holds ISTIO_* chains, and then in two steps, so that ownership is stable:
+//! first only when corroborated (TPROXY mark rules; an interface RETURN whose other half is
+//! there too: `-i X -j RETURN` in PREROUTING with `-o X -j RETURN` in OUTPUT, or a jump into
+//! an ISTIO_* chain for `-i X`); if the table is then already as wanted, nothing changes, so
+//! an identical re-run never takes a lone foreign `-i eth9 -j RETURN` for ours. Only when the
+//! table must change anyway (a reconfigure) are lone rules of our shape taken for ours too.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -70,15 +77,49 @@ fn target(tokens: &[String]) -> Option<&str> {
     tokens.get(i + 1).map(String::as_str)
 }
 
+/// The interface of an interface RETURN (`-i X -j RETURN` / `-o X -j RETURN`, by `flag`).
+fn iface_return<'a>(canon: &'a str, flag: &str) -> Option<&'a str> {
+    let words: Vec<&str> = canon.split(' ').collect();
+    (words.len() == 4 && words[0] == flag && words[2] == "-j" && words[3] == "RETURN")
+        .then_some(words[1])
+}
+
+/// Whether a rule of our shape is corroborated by the rest of the table (see the module doc).
+fn corroborated(
+    table: &TableState,
+    chain: &str,
+    canon: &str,
+    resolver: &dyn OwnerResolver,
+) -> bool {
+    let canon_of = |c: &str| {
+        table
+            .chain_rules(c)
+            .map(|r| canonical(r, resolver))
+            .collect::<Vec<_>>()
+    };
+    if chain == "PREROUTING"
+        && let Some(x) = iface_return(canon, "-i")
+    {
+        let jumps_in = table.rules.iter().any(|(_, r)| {
+            target(r).is_some_and(is_ours)
+                && canonical(r, resolver).starts_with(&format!("-i {x} "))
+        });
+        return jumps_in || canon_of("OUTPUT").contains(&format!("-o {x} -j RETURN"));
+    }
+    if chain == "OUTPUT"
+        && let Some(x) = iface_return(canon, "-o")
+    {
+        return canon_of("PREROUTING").contains(&format!("-i {x} -j RETURN"));
+    }
+    // The TPROXY mark rules are specific enough.
+    true
+}
+
 /// Shapes of the non-jump rules this tool writes into built-in chains.
 fn has_our_shape(table: &str, chain: &str, canon: &str) -> bool {
-    let words: Vec<&str> = canon.split(' ').collect();
-    let iface_return = |flag: &str| {
-        words.len() == 4 && words[0] == flag && words[2] == "-j" && words[3] == "RETURN"
-    };
     match (table, chain) {
-        ("nat" | "mangle", "PREROUTING") if iface_return("-i") => true,
-        ("nat" | "mangle", "OUTPUT") if iface_return("-o") => true,
+        ("nat" | "mangle", "PREROUTING") if iface_return(canon, "-i").is_some() => true,
+        ("nat" | "mangle", "OUTPUT") if iface_return(canon, "-o").is_some() => true,
         ("mangle", "PREROUTING") => {
             canon.starts_with("-p tcp -m mark --mark ")
                 && canon.ends_with("-j CONNMARK --save-mark")
@@ -123,11 +164,28 @@ struct TablePlan<'a> {
 }
 
 impl<'a> TablePlan<'a> {
+    /// The plan for one table, ownership decided in two steps (see the module doc).
     fn new(
         table: Table,
         current: &SaveState,
         rules: &'a [Rule],
         resolver: &dyn OwnerResolver,
+    ) -> Self {
+        let cautious = Self::with_ownership(table, current, rules, resolver, false);
+        if cautious.is_current() {
+            return cautious;
+        }
+        Self::with_ownership(table, current, rules, resolver, true)
+    }
+
+    /// The plan for one table; `lone_shapes`: whether uncorroborated rules of our shape are
+    /// ours.
+    fn with_ownership(
+        table: Table,
+        current: &SaveState,
+        rules: &'a [Rule],
+        resolver: &dyn OwnerResolver,
+        lone_shapes: bool,
     ) -> Self {
         let name = table.name();
         let cur = current.tables.get(name).cloned().unwrap_or_default();
@@ -154,7 +212,9 @@ impl<'a> TablePlan<'a> {
                 || wanted_in
                     .get(c.as_str())
                     .is_some_and(|s| s.contains(canon.as_str()))
-                || (table_has_ours && has_our_shape(name, c, &canon));
+                || (table_has_ours
+                    && has_our_shape(name, c, &canon)
+                    && (lone_shapes || corroborated(&cur, c, &canon, resolver)));
             have.entry(c.clone()).or_default().push((canon, owned));
         }
 
@@ -370,7 +430,8 @@ pub fn reconcile(
 pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver) -> Transaction {
     let mut tx = Transaction::default();
     for table in Table::ALL {
-        let p = TablePlan::new(table, current, ours, resolver);
+        // Cleanup takes every rule of our shape in a table that holds our chains.
+        let p = TablePlan::with_ownership(table, current, ours, resolver, true);
         if !p.has_our_state() {
             continue;
         }
@@ -682,6 +743,41 @@ mod tests {
             tx.payload
         );
         assert!(tx.emptied.is_empty());
+    }
+
+    #[test]
+    fn a_lone_foreign_rule_of_our_shape_stays_foreign_run_after_run() {
+        for argv in [&["-b", "*"][..], &["-m", "TPROXY", "-b", "*"]] {
+            let r = plan(argv);
+            for foreign in [
+                "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -i eth9 -j RETURN\nCOMMIT\n",
+                "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o eth9 -j RETURN\nCOMMIT\n",
+                "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -i eth9 -j RETURN\nCOMMIT\n",
+            ] {
+                let st = parse_save(foreign).unwrap();
+                let tx = reconcile(&st, &r, &NoResolver, RECONCILE).unwrap();
+                let first = apply_model(&st, &tx.payload);
+                let again = reconcile(&first, &r, &NoResolver, RECONCILE).unwrap();
+                assert!(again.is_noop(), "{argv:?} {foreign}: {}", again.payload);
+            }
+        }
+    }
+
+    #[test]
+    fn dropped_interface_rules_are_removed_with_the_rest_of_their_config() {
+        // -k veth1 under TPROXY writes a lone `-i veth1 -j RETURN` into nat PREROUTING.
+        let (a, b) = (
+            plan(&["-m", "TPROXY", "-b", "*", "-k", "veth1", "-c", "eth9"]),
+            plan(&["-m", "TPROXY", "-b", "*"]),
+        );
+        let st = fresh(&a);
+        let tx = reconcile(&st, &b, &NoResolver, RECONCILE).unwrap();
+        assert_eq!(
+            canon_state(&apply_model(&st, &tx.payload)),
+            canon_state(&fresh(&b)),
+            "{}",
+            tx.payload
+        );
     }
 
     #[test]

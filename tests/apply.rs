@@ -93,6 +93,12 @@ enum Fail {
     Ip6tablesRestoreNoflush,
     /// `ip ... rule add ...` fails like the kernel refusing it.
     IpRuleAdd,
+    /// `{ip,ip6}tables-*restore --noflush` (`ipv6` picks the family) commits the tables before
+    /// the `n`th (1-based) of its payload with the real program, then fails like a kernel
+    /// refusing the `n`th table: what iptables-restore does, table by table.
+    NthTable { ipv6: bool, n: usize },
+    /// `ip ... rule add` fails when its arguments contain this text.
+    IpRuleAddOf(&'static str),
 }
 
 /// A namespace script under construction.
@@ -107,6 +113,8 @@ impl Script {
         let text = r#"mount -t tmpfs tmpfs /run
 ip link set lo up
 snap() {
+    # An address in DAD (`tentative`) gains its local route a moment later: wait it out.
+    __w=0; while ip -6 addr show | grep -q tentative; do __w=$((__w+1)); [ $__w -lt 500 ]; sleep 0.01; done
     iptables-nft-save > "$NS_OUT/$1.v4-nft"
     ip6tables-nft-save > "$NS_OUT/$1.v6-nft"
     if command -v iptables-legacy-save >/dev/null; then iptables-legacy-save > "$NS_OUT/$1.v4-legacy"; else : > "$NS_OUT/$1.v4-legacy"; fi
@@ -157,6 +165,33 @@ snap() {
                 body.push_str(
                     "case \" $* \" in *\" --noflush \"*) \
                      echo 'ip6tables-restore: line 3 failed' >&2; exit 1;; esac\n",
+                );
+            }
+            if let Fail::NthTable { ipv6, n } = fail
+                && name.starts_with(if ipv6 { "ip6tables" } else { "iptables" })
+                && name.ends_with("restore")
+            {
+                let real = shell_quote(&real);
+                let _ = write!(
+                    body,
+                    "case \" $* \" in *\" --noflush \"*)\n\
+                     __p=\"$(dirname \"$0\")/payload.$$\"; cat > \"$__p\"\n\
+                     __l=$(awk -v n={n} 'substr($0,1,1)==\"*\"{{k++; if (k==n) {{print NR; exit}}}}' \"$__p\")\n\
+                     if [ -n \"$__l\" ]; then\n\
+                     head -n $((__l - 1)) \"$__p\" | {real} \"$@\" || exit $?\n\
+                     echo \"{name}: line $((__l + 1)) failed (shim: table {n} refused)\" >&2; exit 1\n\
+                     fi\n\
+                     exec {real} \"$@\" < \"$__p\";;\n\
+                     esac\n"
+                );
+            }
+            if let Fail::IpRuleAddOf(text) = fail
+                && name == "ip"
+            {
+                let _ = writeln!(
+                    body,
+                    "case \" $* \" in *\" rule add \"*\"{text}\"*) \
+                     echo 'RTNETLINK answers: Operation not permitted (shim)' >&2; exit 2;; esac"
                 );
             }
             if fail == Fail::IpRuleAdd && name == "ip" {
@@ -1223,8 +1258,11 @@ fn assert_rollback(setup: &str, fail: Fail, env: &[(&str, &str)], args: &[&str])
 /// A namespace with foreign rules in both families and an earlier Istio config (IPv6 on).
 fn existing_state_setup() -> String {
     let earlier = cat(&[BIN], &seed_with("-b", "8080"));
+    // The ::6 address is `tentative` for a moment (DAD): wait, so that snapshots compare.
     format!(
-        "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
+        "{}{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n\
+         __i=0; while ip -6 addr show dev lo | grep -q tentative; do \
+         __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done\n",
         foreign_rules("iptables-nft"),
         foreign_rules("ip6tables-nft"),
         shell_quote(sane_path()),
@@ -1238,7 +1276,7 @@ fn assert_ip6tables_failure_message(run: &Run) {
         line.contains("committing IPv6 rules")
             && line.contains("ip6tables-nft-restore")
             && line.contains("line 3 failed")
-            && line.contains("(IPv4)"),
+            && line.contains("(IPv4; checked by re-reading the kernel)"),
         "the error should name the phase, the program, its message and what was restored: \
          {line}"
     );
@@ -1884,4 +1922,805 @@ fn failed_restore_quotes_the_rejected_payload_line() {
         "the error should quote the rejected payload line (`... --gid-owner nosuchgroup123 ...`): \
          {line}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 11. All or nothing across tables: iptables-restore commits table by table
+// ---------------------------------------------------------------------------
+
+/// A TPROXY + DNS config (mangle, nat and raw in both families), with its resolv.conf.
+struct TproxyDns {
+    _tmp: common::TempDir,
+    resolv: String,
+}
+
+impl TproxyDns {
+    fn new() -> TproxyDns {
+        let tmp = common::TempDir::new("istio-iptables-resolv");
+        let resolv = tmp.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 10.0.0.53\nnameserver fd00::53\n")
+            .expect("write resolv.conf");
+        let resolv = resolv.to_string_lossy().into_owned();
+        TproxyDns { _tmp: tmp, resolv }
+    }
+
+    fn args(&self) -> Vec<&str> {
+        vec![
+            "-m",
+            "TPROXY",
+            "-b",
+            "*",
+            "-c",
+            "eth9",
+            "--redirect-dns",
+            "--resolv-conf",
+            &self.resolv,
+        ]
+    }
+}
+
+/// After `setup`, `args` with the `n`th table of one family refused: exit 1, everything as
+/// before, and the message says what failed and what was restored.
+fn assert_table_fault(setup: &str, ipv6: bool, n: usize, args: &[&str]) {
+    let ns = Script::new()
+        .sh(setup)
+        .snap("before")
+        .shims(Fail::NthTable { ipv6, n })
+        .run("failing", V6, args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    let what = format!(
+        "table {n} of {} refused (setup: {})",
+        if ipv6 { "IPv6" } else { "IPv4" },
+        if setup.is_empty() {
+            "fresh"
+        } else {
+            "existing"
+        }
+    );
+    assert_same(
+        &format!("{what}: the namespace must be exactly as before"),
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    assert!(
+        line.contains(&format!("committing {family} rules"))
+            && line.contains(&format!("table {n} refused")),
+        "{what}: the error should name the family and the refusal: {line}"
+    );
+    // Only a refused first IPv4 table leaves nothing to restore.
+    let expected = if !ipv6 && n == 1 {
+        "nothing was changed (checked by re-reading the kernel)"
+    } else {
+        "the previous state was restored ("
+    };
+    assert!(
+        line.contains(expected) && !line.contains("ROLLBACK FAILED"),
+        "{what}: the error should say `{expected}`: {line}\n{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn a_refused_table_in_a_fresh_namespace_leaves_nothing_behind() {
+    if skip_unless_root("a_refused_table_in_a_fresh_namespace_leaves_nothing_behind") {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    for ipv6 in [false, true] {
+        for n in 1..=3 {
+            assert_table_fault("", ipv6, n, &cfg.args());
+        }
+    }
+}
+
+#[test]
+fn a_refused_table_over_an_existing_config_restores_it() {
+    if skip_unless_root("a_refused_table_over_an_existing_config_restores_it") {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    let setup = existing_state_setup();
+    for ipv6 in [false, true] {
+        for n in 1..=3 {
+            assert_table_fault(&setup, ipv6, n, &cfg.args());
+        }
+    }
+}
+
+/// A real refusal, no shim: over an existing config, `--reconcile=false --force-apply` feeds
+/// Istio's plain payload, whose mangle table (`--drop-invalid`: ISTIO_DROP) commits and whose
+/// nat table the kernel refuses (`-N ISTIO_INBOUND`: the chain exists). Mangle must not
+/// stay behind.
+#[test]
+fn a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones() {
+    if skip_unless_root("a_real_refusal_of_a_later_table_rolls_back_the_earlier_ones") {
+        return;
+    }
+    let args = cat(
+        SEED,
+        &["--drop-invalid", "--reconcile=false", "--force-apply"],
+    );
+    let ns = Script::new()
+        .sh(&existing_state_setup())
+        .snap("before")
+        .run("failing", V6, &args)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    assert_same(
+        "a refused nat table must not leave mangle's ISTIO_DROP behind",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("committing IPv4 rules")
+            && line.contains("-N ISTIO_INBOUND")
+            && line.contains("the previous state was restored (IPv4"),
+        "{line}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 12. Concurrent runs in one namespace
+// ---------------------------------------------------------------------------
+
+impl Script {
+    /// Starts the binary in the background as run `label` (see [`Script::run`]; no timing,
+    /// no shims); `wait` collects it.
+    fn spawn(self, label: &str, env: &[(&str, &str)], args: &[&str]) -> Script {
+        let mut words: Vec<String> = vec![format!("PATH={}", sane_path())];
+        words.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        words.push(BIN.to_string());
+        words.extend(args.iter().map(|a| a.to_string()));
+        let l = shell_quote(label);
+        self.sh(&format!(
+            "set +x\n( __rc=0; env -i {} >\"$NS_OUT/{l}.out\" 2>\"$NS_OUT/{l}.err\" || __rc=$?; \
+             echo $__rc > \"$NS_OUT/{l}.rc\" ) &\nset -x",
+            shell_command(&words)
+        ))
+    }
+}
+
+/// `rounds` rounds of ten simultaneous runs, run `i` using `configs[i % configs.len()]`;
+/// after each round every run exited 0 and the state is a fresh apply of one of the configs.
+fn assert_concurrent_runs_converge(env: &[(&str, &str)], configs: &[Vec<&str>], rounds: usize) {
+    let fresh: Vec<State> = configs.iter().map(|c| fresh_state(env, c)).collect();
+    let mut script = Script::new();
+    for round in 0..rounds {
+        for i in 0..10 {
+            script = script.spawn(&format!("r{round}-{i}"), env, &configs[i % configs.len()]);
+        }
+        script = script.sh("wait").snap(&format!("r{round}"));
+    }
+    let ns = script.exec();
+    let ctx = ns.context();
+    for round in 0..rounds {
+        for i in 0..10 {
+            let run = ns.run_rc(&format!("r{round}-{i}"), 0);
+            assert!(
+                run.error_lines().is_empty(),
+                "a concurrent run must not fail or warn\n{}",
+                run.describe()
+            );
+        }
+        let mut got = ns.state(&format!("r{round}"));
+        got.label = format!("after round {round} of 10 simultaneous runs");
+        if !fresh.iter().any(|f| f.parts == got.parts) {
+            // Show the difference from the first config's clean state.
+            assert_same(
+                "simultaneous runs must end in one config's clean state",
+                &fresh[0],
+                &got,
+                &ctx,
+            );
+        }
+    }
+}
+
+#[test]
+fn ten_simultaneous_runs_of_one_config_end_in_its_clean_state() {
+    if skip_unless_root("ten_simultaneous_runs_of_one_config_end_in_its_clean_state") {
+        return;
+    }
+    assert_concurrent_runs_converge(V6, &[SEED.to_vec()], 3);
+    if real_program("iptables-legacy").is_some() {
+        // Legacy: our lock and the (private) xtables lock together.
+        assert_concurrent_runs_converge(V4, &[seed_forcing("legacy")], 2);
+    }
+}
+
+#[test]
+fn ten_simultaneous_runs_of_two_configs_end_in_one_clean_state() {
+    if skip_unless_root("ten_simultaneous_runs_of_two_configs_end_in_one_clean_state") {
+        return;
+    }
+    let tproxy = cat(&seed_with("-m", "TPROXY"), &["-t", "1400", "-r", "140"]);
+    assert_concurrent_runs_converge(V6, &[SEED.to_vec(), tproxy], 3);
+}
+
+/// Shell lines: a run of the binary holds the namespace's lock (in the current network
+/// namespace, or the one `ns_exec` enters, e.g. `ip netns exec pod`) while its
+/// `iptables-nft-restore` (a shim) sleeps, having changed nothing. `$__holder` is the run's
+/// pid; [`release_ns_lock`] ends it and the sleeper.
+fn hold_ns_lock(ns_exec: &str) -> String {
+    let mut words = vec!["ENABLE_INBOUND_IPV6=false".to_string(), BIN.to_string()];
+    // --force-apply: it commits (here: sleeps) even where the rules are already in place.
+    words.extend(seed_forcing("nft").iter().map(|a| a.to_string()));
+    words.push("--force-apply".into());
+    format!(
+        "mkdir -p \"$NS_TMP/holdshim\"; rm -f \"$NS_TMP/held\"\n\
+         printf '#!/bin/sh\\necho $$ > %s/held.tmp; mv %s/held.tmp %s/held; exec sleep 30\\n' \
+         \"$NS_TMP\" \"$NS_TMP\" \"$NS_TMP\" > \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
+         chmod 755 \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
+         {ns_exec} env -i PATH=\"$NS_TMP/holdshim\":{} {} >/dev/null 2>&1 &\n\
+         __holder=$!\n\
+         __i=0; while [ ! -f \"$NS_TMP/held\" ]; do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done",
+        shell_quote(sane_path()),
+        shell_command(&words)
+    )
+}
+
+/// Ends the holder of [`hold_ns_lock`] and its sleeping child (which inherited the lock).
+fn release_ns_lock() -> &'static str {
+    "kill $__holder $(cat \"$NS_TMP/held\") 2>/dev/null || true; wait $__holder || true"
+}
+
+/// With `--network-namespace` (and `--cni-mode`), the lock is the target namespace's, not
+/// the caller's: a holder in the pod's namespace blocks, one in the caller's does not.
+#[test]
+fn the_lock_is_the_target_namespaces() {
+    let test = "the_lock_is_the_target_namespaces";
+    if skip_unless_root(test) {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let args = cat(
+        SEED,
+        &["--cni-mode", "--network-namespace", "/run/netns/pod"],
+    );
+    let ns = Script::new()
+        .sh("ip netns add pod")
+        .sh(&hold_ns_lock(""))
+        .run("caller-held", &env, &args)
+        .sh(release_ns_lock())
+        .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-first\"")
+        .sh(&hold_ns_lock("ip netns exec pod"))
+        .run("pod-held", &env, &cat(&args, &["--cleanup-only"]))
+        .sh(release_ns_lock())
+        .sh("ip netns exec pod iptables-nft-save > \"$NS_OUT/pod-after-second\"")
+        .exec();
+    ns.run_rc("caller-held", 0);
+    assert!(ns.file("pod-after-first").contains("-A ISTIO_OUTPUT"));
+    let run = ns.run_rc("pod-held", 1);
+    assert!(
+        run.one_error().contains("gave up waiting"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        ns.file("pod-after-second").contains("-A ISTIO_OUTPUT"),
+        "the cleanup that did not get the lock must change nothing"
+    );
+}
+
+/// A run that cannot get the namespace's lock in time says so, names the holder, and
+/// changes nothing.
+#[test]
+fn a_run_that_waited_past_the_lock_timeout_says_so() {
+    let test = "a_run_that_waited_past_the_lock_timeout_says_so";
+    if skip_unless_root(test) {
+        return;
+    }
+    let hold = hold_ns_lock("");
+    let hold = hold.as_str();
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let ns = Script::new()
+        .snap("before")
+        .sh(hold)
+        .run("apply", &env, SEED)
+        .sh("echo $__holder > \"$NS_OUT/holder\"")
+        .sh(release_ns_lock())
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    let holder = ns.file("holder").trim().to_string();
+    assert!(
+        line.contains("gave up waiting")
+            && line.contains("more than 1 s")
+            && line.contains(&format!("(pid {holder})"))
+            && line.contains("nothing was changed"),
+        "the error should say the run waited past the lock timeout and name the holder: {line}"
+    );
+    assert_same(
+        "nothing may change without the lock",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 13. Only our own state is touched
+// ---------------------------------------------------------------------------
+
+/// A foreign rule of the shape of our exclude-interface rules, alone, survives a first apply
+/// and an identical second run commits nothing and deletes nothing.
+#[test]
+fn an_identical_rerun_keeps_a_foreign_rule_of_our_shape() {
+    if skip_unless_root("an_identical_rerun_keeps_a_foreign_rule_of_our_shape") {
+        return;
+    }
+    let tproxy = seed_with("-m", "TPROXY");
+    for foreign in [
+        "iptables-nft -t nat -A PREROUTING -i eth9 -j RETURN",
+        "iptables-nft -t nat -A OUTPUT -o eth9 -j RETURN",
+        "iptables-nft -t mangle -A PREROUTING -i eth9 -j RETURN",
+    ] {
+        for args in [SEED, &tproxy] {
+            let ns = Script::new()
+                .sh(foreign)
+                .shims(Fail::Nothing)
+                .run("first", V4, args)
+                .snap("first")
+                .run("second", V4, args)
+                .snap("second")
+                .exec();
+            let ctx = ns.context();
+            ns.run_rc("first", 0);
+            let second = ns.run_rc("second", 0);
+            let first = ns.state("first");
+            let rule = foreign.split_once(" -A ").unwrap().1;
+            assert!(
+                first.get("v4-nft").contains(&format!("-A {rule}")),
+                "the first run must keep the foreign `{rule}`\n{}\n{ctx}",
+                first.describe()
+            );
+            assert_same(
+                "an identical second run must change nothing",
+                &first,
+                &ns.state("second"),
+                &ctx,
+            );
+            let changes = second.execs_of(|p| p.ends_with("-restore") || p == "nft");
+            assert!(
+                changes.is_empty(),
+                "the second run must commit nothing, ran {changes:?}\n{}",
+                second.describe()
+            );
+        }
+    }
+}
+
+/// kube-proxy's and Docker's chains and jumps, in nat, filter, mangle and raw.
+fn kube_and_docker_rules(tool: &str) -> String {
+    [
+        "-t nat -N KUBE-SERVICES",
+        "-t nat -N DOCKER",
+        "-t nat -A PREROUTING -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+        "-t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+        "-t nat -A OUTPUT -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+        "-t nat -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER",
+        "-t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE",
+        "-t nat -A DOCKER -i docker0 -j RETURN",
+        "-t nat -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp --dport 443 -j RETURN",
+        "-t filter -N DOCKER-USER",
+        "-t filter -A FORWARD -j DOCKER-USER",
+        "-t mangle -N KUBE-KUBELET-CANARY",
+        "-t mangle -A PREROUTING -j KUBE-KUBELET-CANARY",
+        "-t mangle -A OUTPUT -p udp --dport 4789 -j RETURN",
+        "-t raw -A PREROUTING -p udp --dport 4789 -j NOTRACK",
+        "-t raw -A OUTPUT -p udp --sport 4789 -j NOTRACK",
+    ]
+    .iter()
+    .map(|r| {
+        let r = if tool.starts_with("ip6") {
+            r.replace("172.17.0.0/16", "fd17::/64")
+                .replace("127.0.0.0/8", "::1/128")
+                .replace("10.96.0.1/32", "fd96::1/128")
+        } else {
+            r.to_string()
+        };
+        format!("{tool} {r}\n")
+    })
+    .collect()
+}
+
+/// The `-A`/`:` lines of `before` appear in `after`, each once, in the same order.
+fn assert_foreign_in_place(what: &str, before: &str, after: &str) {
+    let foreign: Vec<&str> = before
+        .lines()
+        .filter(|l| l.starts_with("-A ") || (l.starts_with(':') && l.ends_with(" -")))
+        .collect();
+    let kept: Vec<&str> = after.lines().filter(|l| foreign.contains(l)).collect();
+    if let Some(d) = compare_lines("foreign rules before", &foreign, what, &kept) {
+        panic!("{what}: other tools' chains and rules must stay, in order\n{d}\n{after}");
+    }
+}
+
+#[test]
+fn other_tools_chains_stay_in_place_through_apply_reconfigure_and_cleanup() {
+    if skip_unless_root("other_tools_chains_stay_in_place_through_apply_reconfigure_and_cleanup") {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    let tproxy_dns = cfg.args();
+    let redirect_dns = cat(SEED, &["--redirect-dns", "--resolv-conf", &cfg.resolv]);
+    let steps: [(&str, Vec<&str>); 5] = [
+        ("redirect-dns", redirect_dns.clone()),
+        ("tproxy-dns", tproxy_dns.clone()),
+        ("redirect", SEED.to_vec()),
+        ("tproxy", seed_with("-m", "TPROXY")),
+        ("cleanup", vec!["--cleanup-only"]),
+    ];
+    let mut script = Script::new()
+        .sh(&kube_and_docker_rules("iptables-nft"))
+        .sh(&kube_and_docker_rules("ip6tables-nft"))
+        .snap("before");
+    for (label, args) in &steps {
+        script = script.run(label, V6, args).snap(label);
+    }
+    let ns = script.exec();
+    let ctx = ns.context();
+    let before = ns.state("before");
+    for (label, _) in &steps {
+        ns.run_rc(label, 0);
+        let st = ns.state(label);
+        for part in ["v4-nft", "v6-nft"] {
+            assert_foreign_in_place(
+                &format!("[{part}] after `{label}`\n{ctx}"),
+                before.get(part),
+                st.get(part),
+            );
+        }
+    }
+    assert_same(
+        "cleanup must return to exactly the other tools' state",
+        &before,
+        &ns.state("cleanup"),
+        &ctx,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 14. TPROXY routing: exact values, no leftovers
+// ---------------------------------------------------------------------------
+
+/// TPROXY with mark 1400 (0x578) and route table 140.
+fn tproxy_1400() -> Vec<&'static str> {
+    cat(&seed_with("-m", "TPROXY"), &["-t", "1400", "-r", "140"])
+}
+
+#[test]
+fn dangerous_tproxy_values_are_refused_before_anything_runs() {
+    if skip_unless_root("dangerous_tproxy_values_are_refused_before_anything_runs") {
+        return;
+    }
+    /// (label, extra env, args, the flag or env var the error must name)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
+    let cases: [Case; 5] = [
+        (
+            "t0",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-t", "0"]),
+            "--istio-inbound-tproxy-mark",
+        ),
+        (
+            "r254",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-r", "254"]),
+            "--istio-inbound-tproxy-route-table",
+        ),
+        (
+            "r255",
+            vec![],
+            cat(&seed_with("-m", "TPROXY"), &["-r", "255"]),
+            "--istio-inbound-tproxy-route-table",
+        ),
+        (
+            "env-mark",
+            vec![("ISTIO_INBOUND_TPROXY_MARK", "0")],
+            seed_with("-m", "TPROXY"),
+            "ISTIO_INBOUND_TPROXY_MARK",
+        ),
+        (
+            "env-table",
+            vec![("ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "253")],
+            seed_with("-m", "TPROXY"),
+            "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        ),
+    ];
+    let mut script = Script::new().snap("before").shims(Fail::Nothing);
+    for (label, env, args, _) in &cases {
+        let mut env = env.clone();
+        env.push(("ENABLE_INBOUND_IPV6", "true"));
+        script = script.run(label, &env, args);
+    }
+    let ns = script.snap("after").exec();
+    let ctx = ns.context();
+    for (label, env, _, flag) in &cases {
+        let run = ns.run_rc(label, 2);
+        let lines = run.error_lines();
+        let value = env
+            .first()
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| label.trim_start_matches(['t', 'r']));
+        assert!(
+            lines.len() == 1
+                && lines[0].contains(flag)
+                && lines[0].contains(&format!("\"{value}\"")),
+            "one line naming {flag} and {value:?}\n{}",
+            run.describe()
+        );
+        assert!(run.execs.is_empty(), "nothing may run\n{}", run.describe());
+    }
+    assert_same(
+        "refused values change nothing",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
+#[test]
+fn tproxy_with_another_mark_and_table_then_redirect_leaves_no_routing() {
+    if skip_unless_root("tproxy_with_another_mark_and_table_then_redirect_leaves_no_routing") {
+        return;
+    }
+    assert_transition(V6, &tproxy_1400(), SEED, PARTS);
+    assert_transition(V6, &tproxy_1400(), &seed_with("-m", "TPROXY"), PARTS);
+    assert_transition(V6, &seed_with("-m", "TPROXY"), &tproxy_1400(), PARTS);
+}
+
+#[test]
+fn cleanup_removes_tproxy_routing_of_any_mark_and_table() {
+    if skip_unless_root("cleanup_removes_tproxy_routing_of_any_mark_and_table") {
+        return;
+    }
+    let ns = assert_cleanup_restores(
+        &foreign_rules("iptables-nft"),
+        V6,
+        &tproxy_1400(),
+        &["--cleanup-only"],
+    );
+    let applied = ns.state("applied");
+    assert!(
+        applied.get("rule4").contains("fwmark 0x578 lookup 140")
+            && applied
+                .get("route6")
+                .contains("local default dev lo table 140"),
+        "{}",
+        applied.describe()
+    );
+}
+
+/// Leftover routing (another mark and table, and a duplicate of ours) is drift for verify,
+/// and one apply removes it.
+#[test]
+fn leftover_tproxy_routing_is_drift_and_the_next_apply_removes_it() {
+    if skip_unless_root("leftover_tproxy_routing_is_drift_and_the_next_apply_removes_it") {
+        return;
+    }
+    let tproxy = seed_with("-m", "TPROXY");
+    let verify = |a: &[&'static str]| cat(&["verify"], a);
+    let ns = Script::new()
+        .run("apply", V6, &tproxy)
+        .sh("ip -4 rule add fwmark 1400 lookup 140; ip -4 route add local default dev lo table 140")
+        .sh("ip -6 rule add fwmark 1337 lookup 133")
+        .run("verify-drift", V6, &verify(&tproxy))
+        .run("repair", V6, &tproxy)
+        .snap("repaired")
+        .run("verify-ok", V6, &verify(&tproxy))
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("apply", 0);
+    let drift = ns.run_rc("verify-drift", 3);
+    for leftover in [
+        "routes: not wanted, left by an earlier run `ip -4 rule add fwmark 1400 lookup 140`",
+        "routes: not wanted, left by an earlier run `ip -4 route add local default dev lo table 140`",
+        "routes: not wanted, left by an earlier run `ip -6 rule add fwmark 1337 lookup 133`",
+    ] {
+        assert!(
+            drift.stdout.contains(leftover),
+            "verify should report {leftover}\n{}",
+            drift.describe()
+        );
+    }
+    ns.run_rc("repair", 0);
+    ns.run_rc("verify-ok", 0);
+    let fresh = fresh_state(V6, &tproxy);
+    assert_same(
+        "one apply removes leftover routing",
+        &fresh,
+        &ns.state("repaired"),
+        &ctx,
+    );
+}
+
+/// Deterministic pseudo-random delays (seeded from the clock, printed on failure).
+fn kill_delays(n: usize, max_us: u64) -> (u64, Vec<u64>) {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    let mut x = seed;
+    let mut v: Vec<u64> = (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Spread over the whole run, plus jitter.
+            (max_us * i as u64 / n as u64) + x % (max_us / n as u64 + 1)
+        })
+        .collect();
+    v.sort();
+    (seed, v)
+}
+
+/// SIGKILL at random moments of a TPROXY reconfigure (iptables commit, rollback, `ip`
+/// steps); one more run of the target config always ends in its clean state.
+#[test]
+fn a_run_killed_at_any_moment_is_repaired_by_the_next() {
+    if skip_unless_root("a_run_killed_at_any_moment_is_repaired_by_the_next") {
+        return;
+    }
+    let from = tproxy_1400();
+    let targets: [(&str, Vec<&str>); 2] = [
+        ("redirect", SEED.to_vec()),
+        ("tproxy", seed_with("-m", "TPROXY")),
+    ];
+    for (name, to) in &targets {
+        let (seed, delays) = kill_delays(12, 120_000);
+        let mut script = Script::new();
+        for (i, us) in delays.iter().enumerate() {
+            let mut words: Vec<String> = vec![
+                format!("PATH={}", sane_path()),
+                "ENABLE_INBOUND_IPV6=true".into(),
+                BIN.into(),
+            ];
+            words.extend(to.iter().map(|a| a.to_string()));
+            script = script
+                .run(&format!("setup{i}"), V6, &from)
+                .sh(&format!(
+                    "set +x\nenv -i {} >/dev/null 2>&1 &\n__k=$!\nsleep {}.{:06}\nkill -9 $__k 2>/dev/null || true\nwait $__k || true\nset -x",
+                    shell_command(&words),
+                    us / 1_000_000,
+                    us % 1_000_000
+                ))
+                .run(&format!("repair{i}"), V6, to)
+                .snap(&format!("k{i}"));
+        }
+        let ns = script.exec();
+        let ctx = ns.context();
+        let fresh = fresh_state(V6, to);
+        for (i, us) in delays.iter().enumerate() {
+            ns.run_rc(&format!("setup{i}"), 0);
+            ns.run_rc(&format!("repair{i}"), 0);
+            let mut got = ns.state(&format!("k{i}"));
+            got.label = format!("killed after {us} us (seed {seed}), then one run of {name}");
+            assert_same(
+                "a run after a SIGKILL must end in the clean state",
+                &fresh,
+                &got,
+                &ctx,
+            );
+        }
+    }
+}
+
+/// A failing `ip rule add` in a reconfigure that already removed the earlier config's
+/// routing (another mark and table): everything comes back, routing included.
+#[test]
+fn a_failed_ip_step_in_a_tproxy_reconfigure_restores_the_earlier_routing() {
+    if skip_unless_root("a_failed_ip_step_in_a_tproxy_reconfigure_restores_the_earlier_routing") {
+        return;
+    }
+    let setup = format!(
+        "{}env -i PATH={} ENABLE_INBOUND_IPV6=true {} 2>/dev/null\n",
+        foreign_rules("iptables-nft"),
+        shell_quote(sane_path()),
+        shell_command(cat(&[BIN], &tproxy_1400()))
+    );
+    // A second rule into table 140 at an explicit priority: put back exactly there.
+    let setup = format!("{setup}ip -4 rule add priority 100 fwmark 1500 lookup 140\n");
+    let run = assert_rollback(
+        &setup,
+        Fail::IpRuleAddOf("fwmark 1337"),
+        V6,
+        &seed_with("-m", "TPROXY"),
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("configuring routes")
+            && line.contains("rule add fwmark 1337 lookup 133")
+            && line.contains("IPv4, IPv6, routes"),
+        "{line}"
+    );
+    // When putting the earlier rules back fails too, the message says exactly that.
+    let ns = Script::new()
+        .sh(&setup)
+        .shims(Fail::IpRuleAdd)
+        .run("failing", V6, &seed_with("-m", "TPROXY"))
+        .exec();
+    let run = ns.run_rc("failing", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("ROLLBACK FAILED")
+            && line.contains("undoing the change to `ip -4 rule add fwmark 1400 lookup 140`")
+            && line.contains("restored and checked by re-reading the kernel: IPv4, IPv6")
+            && !line.contains("the previous state was restored"),
+        "{line}"
+    );
+}
+
+/// The same faults with the legacy backend, whose tables cannot be unloaded: a table the
+/// failed run created stays, empty; everything else is exactly as before.
+#[test]
+fn a_refused_table_with_legacy_leaves_nothing_but_empty_tables() {
+    let test = "a_refused_table_with_legacy_leaves_nothing_but_empty_tables";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
+        return;
+    }
+    let cfg = TproxyDns::new();
+    let args = cat(&cfg.args(), &["--force-iptables-binary", "legacy"]);
+    let earlier = cat(&[BIN], &seed_forcing("legacy"));
+    let existing = format!(
+        "{}env -i PATH={} ENABLE_INBOUND_IPV6=false {} 2>/dev/null\n",
+        foreign_rules("iptables-legacy"),
+        shell_quote(sane_path()),
+        shell_command(&earlier)
+    );
+    let parts = [
+        "v4-nft",
+        "v6-nft",
+        "v4-legacy",
+        "rule4",
+        "rule6",
+        "route4",
+        "route6",
+        "addr6-lo",
+    ];
+    for setup in ["", existing.as_str()] {
+        for n in 1..=3 {
+            let ns = Script::new()
+                .sh(setup)
+                .snap("before")
+                .shims(Fail::NthTable { ipv6: false, n })
+                .run("failing", V4, &args)
+                .snap("after")
+                .exec();
+            let ctx = ns.context();
+            let run = ns.run_rc("failing", 1);
+            assert_same(
+                &format!("legacy, table {n} refused"),
+                &ns.state("before").without_empty_tables().only(&parts),
+                &ns.state("after").without_empty_tables().only(&parts),
+                &ctx,
+            );
+            let line = run.one_error();
+            assert!(
+                (line.contains("the previous state was restored (IPv4;")
+                    || (n == 1 && line.contains("nothing was changed")))
+                    && !line.contains("ROLLBACK FAILED"),
+                "{line}"
+            );
+        }
+    }
 }

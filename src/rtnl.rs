@@ -1,0 +1,253 @@
+//! Reads policy routing rules and routes over rtnetlink, in process: the numbers the kernel
+//! holds (no table names to translate, no `ip` process), for finding the TPROXY routing an
+//! earlier run left whatever mark and table it used. Any failure means "unknown" (`None`).
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    socket,
+};
+
+use crate::rules::Family;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_GETRULE: u16 = 34;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const FRA_DST: u16 = 1;
+const FRA_SRC: u16 = 2;
+const FRA_IIFNAME: u16 = 3;
+const FRA_PRIORITY: u16 = 6;
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+const FRA_OIFNAME: u16 = 17;
+const FR_ACT_TO_TBL: u8 = 1;
+const FIB_RULE_INVERT: u32 = 2;
+
+/// One policy routing rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub priority: u32,
+    /// `fwmark`, when the rule has one.
+    pub mark: Option<u32>,
+    pub mask: u32,
+    pub table: u32,
+    /// Nothing but `fwmark ... lookup TABLE`: no other selector, not inverted.
+    pub plain: bool,
+}
+
+/// What one family's policy routing holds that matters to TPROXY.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub rules: Vec<Rule>,
+    /// Tables holding a `local default dev lo` route (what TPROXY mode adds).
+    pub local_default_tables: BTreeSet<u32>,
+}
+
+fn af(family: Family) -> u8 {
+    match family {
+        Family::V4 => libc_af::INET,
+        Family::V6 => libc_af::INET6,
+    }
+}
+
+mod libc_af {
+    pub const INET: u8 = 2;
+    pub const INET6: u8 = 10;
+}
+
+/// Runs one rtnetlink dump of `kind` with a 12-byte family header; returns (type, body).
+fn dump(kind: u16, family: Family) -> Option<Vec<(u16, Vec<u8>)>> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .ok()?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).ok()?;
+    let mut msg = Vec::with_capacity(28);
+    msg.extend_from_slice(&28u32.to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // rtmsg / fib_rule_hdr: family first, the rest zero.
+    msg.push(af(family));
+    msg.extend_from_slice(&[0u8; 11]);
+    send(fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..100_000 {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
+            if len < 16 || off + len > n {
+                return None;
+            }
+            match ty {
+                NLMSG_DONE => return Some(out),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().ok()?);
+                    return (errno == 0).then_some(out);
+                }
+                _ => out.push((ty, buf[off + 16..off + len].to_vec())),
+            }
+            off += (len + 3) & !3;
+        }
+    }
+    None
+}
+
+/// The attributes after a 12-byte header: (type, payload).
+fn attrs(body: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 12;
+    while off + 4 <= body.len() {
+        let len = u16::from_ne_bytes([body[off], body[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > body.len() {
+            break;
+        }
+        out.push((ty, &body[off + 4..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+fn u32_of(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// Parses one RTM_NEWRULE body.
+fn parse_rule(body: &[u8]) -> Option<Rule> {
+    if body.len() < 12 {
+        return None;
+    }
+    let (dst_len, src_len, tos, table8, action) = (body[1], body[2], body[3], body[4], body[7]);
+    let flags = u32::from_ne_bytes(body[8..12].try_into().ok()?);
+    let mut rule = Rule {
+        priority: 0,
+        mark: None,
+        mask: u32::MAX,
+        table: table8 as u32,
+        plain: dst_len == 0
+            && src_len == 0
+            && tos == 0
+            && action == FR_ACT_TO_TBL
+            && flags & FIB_RULE_INVERT == 0,
+    };
+    for (ty, v) in attrs(body) {
+        match ty {
+            FRA_PRIORITY => rule.priority = u32_of(v)?,
+            FRA_FWMARK => rule.mark = Some(u32_of(v)?),
+            FRA_FWMASK => rule.mask = u32_of(v)?,
+            FRA_TABLE => rule.table = u32_of(v)?,
+            FRA_DST | FRA_SRC | FRA_IIFNAME | FRA_OIFNAME => rule.plain = false,
+            _ => {}
+        }
+    }
+    Some(rule)
+}
+
+/// From one RTM_NEWROUTE body, the table of a `local default dev lo` route.
+fn local_default_table(body: &[u8], lo: u32) -> Option<u32> {
+    if body.len() < 12 || body[1] != 0 || body[7] != RTN_LOCAL {
+        return None;
+    }
+    let mut table = body[4] as u32;
+    let mut oif = None;
+    for (ty, v) in attrs(body) {
+        match ty {
+            RTA_TABLE => table = u32_of(v)?,
+            RTA_OIF => oif = u32_of(v),
+            _ => {}
+        }
+    }
+    (oif == Some(lo)).then_some(table)
+}
+
+/// The policy routing of `family` in the current network namespace.
+pub fn routing(family: Family) -> Option<Routing> {
+    let rules: Vec<Rule> = dump(RTM_GETRULE, family)?
+        .into_iter()
+        .filter(|(ty, _)| *ty == RTM_NEWRULE)
+        .filter_map(|(_, b)| parse_rule(&b))
+        .collect();
+    let mut tables = BTreeSet::new();
+    // Routes are only of interest next to a rule with a mark, or on their own as leftovers
+    // of a run killed between adding the route and the rule: always look.
+    let lo = nix::net::if_::if_nametoindex("lo").ok()?;
+    for (ty, b) in dump(RTM_GETROUTE, family)? {
+        if ty == RTM_NEWROUTE
+            && let Some(t) = local_default_table(&b, lo)
+        {
+            tables.insert(t);
+        }
+    }
+    Some(Routing {
+        rules,
+        local_default_tables: tables,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_marks_and_tables_as_numbers() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED rtnl::reads_marks_and_tables_as_numbers: needs root");
+            return;
+        }
+        let r = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let ip = |a: &str| {
+                std::process::Command::new("ip")
+                    .args(a.split(' '))
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            let ok = ip("link set lo up")
+                && ip("-4 rule add fwmark 1400 lookup 140")
+                && ip("-4 route add local default dev lo table 140")
+                && ip("-4 rule add fwmark 5 lookup 254")
+                && ip("-4 rule add fwmark 6 lookup 300 iif eth0");
+            ok.then(|| (routing(Family::V4), routing(Family::V6)))
+        })
+        .join()
+        .unwrap();
+        let Some((Some(v4), Some(v6))) = r else {
+            panic!("could not set up or read the namespace: {r:?}");
+        };
+        let marked: Vec<(Option<u32>, u32, bool)> = v4
+            .rules
+            .iter()
+            .filter(|r| r.mark.is_some())
+            .map(|r| (r.mark, r.table, r.plain))
+            .collect();
+        assert!(marked.contains(&(Some(1400), 140, true)), "{v4:?}");
+        assert!(marked.contains(&(Some(5), 254, true)), "{v4:?}");
+        assert!(marked.contains(&(Some(6), 300, false)), "{v4:?}");
+        assert_eq!(v4.local_default_tables, BTreeSet::from([140]));
+        assert!(v6.local_default_tables.is_empty());
+        assert!(v4.rules.iter().any(|r| r.mark.is_none() && r.table == 254));
+    }
+}
