@@ -11,6 +11,7 @@ pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod docs;
 pub mod exec;
 pub mod host;
 pub mod inspect;

@@ -18,7 +18,7 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{logging, netns, nft, rules, script, validate};
+use istio_iptables::{docs, logging, netns, nft, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -131,6 +131,13 @@ fn main() -> ExitCode {
         &args.cli,
         dry_run || !apply_command,
     ));
+
+    // Generated from the clap definition; no config is read (a bad env var cannot stop them).
+    match &args.cli.command {
+        Some(Command::Completion { shell }) => return print_doc(docs::completion(*shell)),
+        Some(Command::Man) => return print_doc(docs::man_page()),
+        _ => {}
+    }
 
     // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
     // `std::env::var` would make of them); lossy text fails validation naming the variable.
@@ -345,7 +352,9 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
-        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
@@ -399,6 +408,21 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
+    }
+}
+
+/// Writes a generated document (completion script, man page) to stdout.
+fn print_doc(doc: Vec<u8>) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&doc).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("cannot write to stdout: {e}");
+            ExitCode::from(code::FAILURE)
+        }
     }
 }
