@@ -17,6 +17,7 @@ pub mod host;
 pub mod inspect;
 pub mod interp;
 pub mod iproute;
+pub mod listfile;
 pub mod logging;
 pub mod netns;
 pub mod nft;

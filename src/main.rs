@@ -18,7 +18,7 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{docs, logging, netns, nft, rules, script, validate};
+use istio_iptables::{docs, listfile, logging, netns, nft, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
     // `std::env::var` would make of them); lossy text fails validation naming the variable.
     let env = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
-    let mut cfg = match Config::build(&args, &env, &RealHost) {
+    let mut cfg = match listfile::build_config(&args, &env, &RealHost) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
