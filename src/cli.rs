@@ -690,6 +690,31 @@ pub fn command() -> clap::Command {
     cmd
 }
 
+/// The same command as [`command`], for completion scripts: each command offers exactly the
+/// flags it takes (generators list hidden stand-ins too, so none are used here). Every flag
+/// is given to each command that takes it instead of being global: the root and
+/// `istio-iptables` take them all, `explain` and `verify` all but [`APPLY_ONLY`],
+/// `completion` and `man` none.
+pub fn completion_command() -> clap::Command {
+    let mut cmd = Cli::command().version(VERSION);
+    let root: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
+    cmd = cmd.mut_args(|a| a.global(false));
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        let refused = refused_flags(&name);
+        let taken: Vec<clap::Arg> = root
+            .iter()
+            .filter(|a| refused.is_none_or(|r| !r(a)))
+            .map(|a| a.clone().global(false))
+            .collect();
+        cmd = cmd.mut_subcommand(name, |sc| sc.args(taken));
+    }
+    cmd
+}
+
 /// `explain --dry-run` (or `--dry-run explain`): an error naming the flag and the command.
 fn refuse_foreign_flags(cmd: &mut clap::Command, m: &clap::ArgMatches) -> Result<(), clap::Error> {
     let Some((name, sub)) = m.subcommand() else {

@@ -13,7 +13,33 @@ const NAME: &str = "istio-iptables";
 /// The completion script for `shell`.
 pub fn completion(shell: Shell) -> Vec<u8> {
     let mut out = Vec::new();
-    clap_complete::generate(shell, &mut cli::command(), NAME, &mut out);
+    clap_complete::generate(shell, &mut cli::completion_command(), NAME, &mut out);
+    if shell == Shell::Bash {
+        out = fix_bash_states(&String::from_utf8_lossy(&out)).into_bytes();
+    }
+    out
+}
+
+/// clap_complete's bash script (4.6.11) completes nothing after a subcommand when the binary
+/// name has a hyphen (clap-rs/clap#6421, open): its loop names the state of `explain`
+/// `istio__iptables__subcmd__explain` (the binary name escaped on its own), but its `case`
+/// arms escape the whole path at once, `istio__subcmd__iptables__subcmd__explain`, so no arm
+/// matches. Spell the arms the way the loop does.
+fn fix_bash_states(script: &str) -> String {
+    const WRONG: &str = "istio__subcmd__iptables__subcmd__";
+    const RIGHT: &str = "istio__iptables__subcmd__";
+    let mut out = String::with_capacity(script.len());
+    for line in script.split_inclusive('\n') {
+        let body = line.trim_start();
+        match body.strip_prefix(WRONG) {
+            Some(rest) if body.trim_end().ends_with(')') => {
+                out.push_str(&line[..line.len() - body.len()]);
+                out.push_str(RIGHT);
+                out.push_str(rest);
+            }
+            _ => out.push_str(line),
+        }
+    }
     out
 }
 
