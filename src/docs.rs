@@ -73,19 +73,17 @@ pub fn man_page() -> Vec<u8> {
 fn commands_section(cmd: &clap::Command) -> Roff {
     let mut r = Roff::new();
     r.control("SH", ["COMMANDS"]);
-    r.text([roman(
+    let apply_only = cli::APPLY_ONLY
+        .iter()
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    r.text([roman(format!(
         "Without a command, the capture rules are applied (or printed with --dry-run). \
          explain and verify take the capture flags and env vars above, but not the flags \
-         that only concern applying (",
-    )]);
-    r.text([roman(
-        cli::APPLY_ONLY
-            .iter()
-            .map(|id| format!("--{}", id.replace('_', "-")))
-            .collect::<Vec<_>>()
-            .join(", ")
-            + "): given to them, those are an error.",
-    )]);
+         that only concern applying ({apply_only}): given to them, those are an error, and \
+         their env vars are ignored."
+    ))]);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         r.control("TP", []);
         let usage = match sub.get_name() {
@@ -181,6 +179,7 @@ fn closing_sections() -> Roff {
             "    -i '*' -x '' -b '*' -d 15090,15021,15020 --log_output_level=default:info",
         ],
     );
+    r.control("PP", []);
     r.text([roman(
         "A VM: write the rules as a script to read and run at boot, or apply them directly \
          and check them:",
@@ -196,6 +195,7 @@ fn closing_sections() -> Roff {
             "    -x @/etc/istio-iptables/exclude.txt -b '*' -d 15090,15021",
         ],
     );
+    r.control("PP", []);
     r.text([roman("Why is a connection to 10.1.2.3:80 (not) captured?")]);
     example(
         &mut r,
