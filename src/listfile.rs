@@ -275,6 +275,21 @@ mod tests {
     }
 
     #[test]
+    fn twenty_thousand_cidrs_from_a_file_print_the_script_of_the_typed_list() {
+        // In-process there is no argv limit, so the typed list can be as long as the file.
+        let cidrs: Vec<String> = (0..20_000u32)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let f = Temp::new("20k", (cidrs.join("\n") + "\n").as_bytes());
+        let typed = cidrs.join(",");
+        let script = |c: &Config| crate::script::render(c, &crate::rules::build(c));
+        let from_file = build(&["-n", "-i", "*", "-x", &f.at()], &[]).unwrap();
+        let from_typed = build_typed(&["-n", "-i", "*", "-x", &typed], &[]).unwrap();
+        assert_eq!(from_file.outbound_exclude.v4.len(), 20_000);
+        assert!(script(&from_file) == script(&from_typed), "same script");
+    }
+
+    #[test]
     fn owner_group_knobs_take_files_too() {
         let f = Temp::new("groups", b"java\n202\n");
         let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &f.at())]).unwrap();
