@@ -426,3 +426,29 @@ fn print_doc(doc: Vec<u8>) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::code;
+
+    /// `--help` and the man page list `cli::EXIT_CODES`; they must be the codes used here.
+    #[test]
+    fn documented_exit_codes_are_the_ones_used() {
+        let documented: Vec<u8> = istio_iptables::cli::EXIT_CODES
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        let used = [
+            0,
+            code::FAILURE,
+            code::USAGE,
+            code::DRIFT,
+            code::CONFLICT,
+            code::VALIDATION_ERROR,
+            code::VALIDATION_FAILED,
+        ];
+        let mut sorted = used.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(documented, sorted);
+    }
+}
