@@ -420,6 +420,8 @@ fn print_doc(doc: Vec<u8>) -> ExitCode {
     let mut out = std::io::stdout().lock();
     match out.write_all(&doc).and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,
+        // `istio-iptables man | head`: the reader had enough.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot write to stdout: {e}");
             ExitCode::from(code::FAILURE)
