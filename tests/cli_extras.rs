@@ -150,6 +150,31 @@ impl Sandbox {
         fs::read_to_string(self.dir.path().join("calls.log")).unwrap_or_default()
     }
 
+    /// Asserts that clap refused `run`: exit 2, the first line of stderr mentioning each of
+    /// `mentions` (clap's usage may follow), nothing on stdout, nothing executed.
+    fn assert_usage_error(&self, run: &Run, mentions: &[&str]) {
+        assert_eq!(run.code, Some(2), "should exit 2: {}", run.dump());
+        assert!(
+            run.stdout.is_empty(),
+            "stdout should be empty: {}",
+            run.dump()
+        );
+        let first = run.stderr.lines().next().unwrap_or_default();
+        for m in mentions {
+            assert!(
+                first.contains(m),
+                "stderr's first line should mention {m:?}: {}",
+                run.dump()
+            );
+        }
+        assert!(
+            self.calls().is_empty(),
+            "nothing may run on bad input; ran:\n{}\n{}",
+            self.calls(),
+            run.dump()
+        );
+    }
+
     /// Asserts that `run` was refused: exit 2, one line on stderr mentioning each of
     /// `mentions`, nothing on stdout, nothing executed.
     fn assert_refused(&self, run: &Run, mentions: &[&str]) {
@@ -588,7 +613,7 @@ fn apply_only_flags_given_to_explain_or_verify_are_refused_by_name() {
                     base.iter().chain(flag.iter()).copied().collect()
                 };
                 let run = sb.run(&args, &[]);
-                sb.assert_refused(&run, &[long, command, "only for applying"]);
+                sb.assert_usage_error(&run, &[long, command, "only for applying"]);
             }
         }
     }
@@ -598,7 +623,7 @@ fn apply_only_flags_given_to_explain_or_verify_are_refused_by_name() {
     assert!(run.success().contains("verdict:"), "{}", run.dump());
     // completion and man take no flags at all.
     let run = sb.run(&["completion", "bash", "-x", "10.0.0.0/8"], &[]);
-    sb.assert_refused(&run, &["--istio-service-exclude-cidr", "completion"]);
+    sb.assert_usage_error(&run, &["--istio-service-exclude-cidr", "completion"]);
 }
 
 #[test]
