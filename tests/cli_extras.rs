@@ -44,7 +44,7 @@ const SHIMS: &[&str] = &[
     "nsenter",
 ];
 
-/// The clap ids of the flags that only concern applying (`cli::APPLY_ONLY`), as flags with
+/// The flags that only concern applying (`cli::APPLY_ONLY`, checked below), as flags with
 /// a value that makes them valid.
 const APPLY_ONLY: &[&[&str]] = &[
     &["--dry-run"],
@@ -600,6 +600,21 @@ fn explain_and_verify_help_show_only_their_flags() {
 
 #[test]
 fn apply_only_flags_given_to_explain_or_verify_are_refused_by_name() {
+    let ids: BTreeSet<String> = APPLY_ONLY
+        .iter()
+        .map(|f| {
+            f[0].trim_start_matches("--")
+                .split('=')
+                .next()
+                .unwrap()
+                .replace('-', "_")
+        })
+        .collect();
+    let lib: BTreeSet<String> = istio_iptables::cli::APPLY_ONLY
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(ids, lib, "this test covers every apply-only flag");
     let explain = ["explain", "--direction", "inbound", "--dst", "10.0.0.1:80"];
     for flag in APPLY_ONLY {
         let long = flag[0].split('=').next().unwrap();
