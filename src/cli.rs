@@ -5,6 +5,10 @@
 //! that carried the bad value. Nothing in this file is interpreted beyond clap's precedence
 //! rules (flag > env > default).
 
+use std::ffi::OsStr;
+
+use clap::builder::{PossibleValue, StringValueParser, TypedValueParser};
+use clap::error::ErrorKind;
 use clap::{
     ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource,
 };
@@ -29,13 +33,123 @@ pub mod env_only {
     pub const DUAL_STACK_ALIAS: &str = "ISTIO_DUAL_STACK";
     /// Ours: seconds to wait for the xtables lock with the legacy backend (default 30).
     pub const LOCK_WAIT: &str = "IPTABLES_LOCK_WAIT_SECONDS";
+
+    /// The knobs above that have no flag, with their default and meaning, for `--help` and
+    /// the man page.
+    pub const DOCS: &[(&str, &str, &str)] = &[
+        (
+            HOST_IPV4_LOOPBACK_CIDR,
+            "127.0.0.1/32",
+            "the host loopback CIDR; IPv4 loopback with a mask of 8 to 32",
+        ),
+        (
+            OWNER_GROUPS_INCLUDE,
+            "*",
+            "groups whose outbound traffic is captured (`*`: all); accepts @PATH",
+        ),
+        (
+            OWNER_GROUPS_EXCLUDE,
+            "empty",
+            "groups whose outbound traffic is not captured (with `*` above); accepts @PATH",
+        ),
+        (
+            ENVOY_USER,
+            "istio-proxy",
+            "user whose uid is the --proxy-uid default (1337 when there is no such user)",
+        ),
+        (
+            ENABLE_INBOUND_IPV6,
+            "detected",
+            "true/false overrides the detection of IPv6 from the pod's addresses",
+        ),
+        (
+            LOCK_WAIT,
+            "30",
+            "seconds the legacy backend waits for the xtables lock",
+        ),
+    ];
+}
+
+/// Exit codes and their meaning (the values are `main.rs`'s), for `--help` and the man page.
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (0, "success (also: nothing to do)"),
+    (
+        1,
+        "applying or cleaning up failed (what had changed was restored unless the message \
+         says ROLLBACK FAILED), or the network namespace could not be entered",
+    ),
+    (
+        2,
+        "bad input (unknown flag, invalid value, unreadable @PATH); nothing was run",
+    ),
+    (3, "verify: the live rules differ from the config"),
+    (
+        4,
+        "--reconcile=false and the namespace holds different ISTIO_* rules; nothing changed",
+    ),
+    (125, "--run-validation could not run its probe"),
+    (
+        126,
+        "--run-validation: traffic was not captured within --probe-timeout",
+    ),
+];
+
+/// `--version`: the crate version and the git commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ISTIO_IPTABLES_GIT_COMMIT"),
+    ")"
+);
+
+/// Flags that only mean something when applying: `explain`, `verify` (and `completion`,
+/// `man`) refuse them on the command line and leave them out of their --help. Their env vars
+/// are ignored there (a pod's environment is shared by every command).
+pub const APPLY_ONLY: &[&str] = &[
+    "dry_run",
+    "skip_rule_apply",
+    "run_validation",
+    "iptables_probe_port",
+    "probe_timeout",
+    "cni_mode",
+    "reconcile",
+    "cleanup_only",
+    "force_apply",
+];
+
+/// `-m`'s value parser: any string (config.rs validates it, naming the flag or the env
+/// var, and the empty default means REDIRECT), but REDIRECT and TPROXY are offered to
+/// completion and shown in --help.
+#[derive(Clone, Debug)]
+struct ModeValues;
+
+impl TypedValueParser for ModeValues {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<String, clap::Error> {
+        StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            [PossibleValue::new("REDIRECT"), PossibleValue::new("TPROXY")].into_iter(),
+        ))
+    }
 }
 
 /// Set up iptables rules so that the Istio sidecar (Envoy) captures the pod's traffic.
 ///
 /// A drop-in replacement for Istio's istio-iptables: same flags, same env vars, same rules.
-/// Lists are comma separated; empty items are ignored. Booleans given through env vars take
-/// Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False).
+/// Lists are comma separated; empty items are ignored. Every list (-i -x -b -d -q -o -k -c -u
+/// -g, their env vars and the owner-group knobs) also takes `@PATH`: the items are read from
+/// that file, separated by commas, spaces or newlines, `#` starting a comment. Booleans given
+/// through env vars take Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false,
+/// False).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "istio-iptables", version, max_term_width = 100)]
 pub struct Cli {
@@ -100,7 +214,8 @@ pub struct Cli {
         long,
         env = "ISTIO_INBOUND_INTERCEPTION_MODE",
         default_value = "",
-        value_name = "MODE"
+        value_name = "MODE",
+        value_parser = ModeValues
     )]
     pub istio_inbound_interception_mode: String,
 
@@ -409,6 +524,14 @@ pub enum Command {
     /// Compare the live rules with what the config produces: exit 0 when they match, 3 on
     /// drift (with a diff per family, table and chain).
     Verify(VerifyArgs),
+    /// Print the shell completion script for bash, zsh, fish or powershell.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff, section 8): `man -l <(istio-iptables man)`.
+    Man,
 }
 
 /// Output format.
@@ -505,7 +628,9 @@ impl Args {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(argv)?;
+        let mut cmd = command();
+        let matches = cmd.try_get_matches_from_mut(argv)?;
+        refuse_foreign_flags(&mut cmd, &matches)?;
         let cli = Cli::from_arg_matches(&matches)?;
         Ok(Self { cli, matches })
     }
@@ -518,6 +643,120 @@ impl Args {
             _ => Origin::Default,
         }
     }
+}
+
+/// Commands that do not apply rules, and the root flags each refuses: `explain` and `verify`
+/// take the capture config but not [`APPLY_ONLY`]; `completion` and `man` take no flags.
+fn refused_flags(subcommand: &str) -> Option<fn(&clap::Arg) -> bool> {
+    match subcommand {
+        "explain" | "verify" => Some(|a| APPLY_ONLY.contains(&a.get_id().as_str())),
+        "completion" | "man" => Some(|a| a.is_global_set()),
+        _ => None,
+    }
+}
+
+/// The clap command: [`Cli`] plus the version with its commit, the long help's closing
+/// sections (env-only knobs, exit codes), and, in the commands that do not apply rules, a
+/// hidden stand-in (no env var, no default) for each root flag they refuse, so that it is
+/// missing from their --help and [`refuse_foreign_flags`] can name it. Parsing, completion
+/// and the man page all use this one definition.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command()
+        .version(VERSION)
+        .after_long_help(after_long_help());
+    let root: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        let Some(refused) = refused_flags(&name) else {
+            continue;
+        };
+        let stand_ins: Vec<clap::Arg> = root
+            .iter()
+            .filter(|a| refused(a))
+            .map(|a| {
+                a.clone()
+                    .global(false)
+                    .hide(true)
+                    .env(None)
+                    .default_value(None)
+                    .required(false)
+            })
+            .collect();
+        cmd = cmd.mut_subcommand(name, |sc| sc.args(stand_ins));
+    }
+    cmd
+}
+
+/// The same command as [`command`], for completion scripts: each command offers exactly the
+/// flags it takes (generators list hidden stand-ins too, so none are used here). Every flag
+/// is given to each command that takes it instead of being global: the root and
+/// `istio-iptables` take them all, `explain` and `verify` all but [`APPLY_ONLY`],
+/// `completion` and `man` none.
+pub fn completion_command() -> clap::Command {
+    let mut cmd = Cli::command().version(VERSION);
+    let root: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
+    cmd = cmd.mut_args(|a| a.global(false));
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        let refused = refused_flags(&name);
+        let taken: Vec<clap::Arg> = root
+            .iter()
+            .filter(|a| refused.is_none_or(|r| !r(a)))
+            .map(|a| a.clone().global(false))
+            .collect();
+        cmd = cmd.mut_subcommand(name, |sc| sc.args(taken));
+    }
+    cmd
+}
+
+/// `explain --dry-run` (or `--dry-run explain`): an error naming the flag and the command.
+fn refuse_foreign_flags(cmd: &mut clap::Command, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+    let Some((name, sub)) = m.subcommand() else {
+        return Ok(());
+    };
+    let Some(refused) = refused_flags(name) else {
+        return Ok(());
+    };
+    let given = |id: &str| {
+        [m, sub].iter().any(|m| {
+            m.try_contains_id(id).unwrap_or(false)
+                && m.value_source(id) == Some(ValueSource::CommandLine)
+        })
+    };
+    let bad = cmd
+        .get_arguments()
+        .find(|a| refused(a) && given(a.get_id().as_str()));
+    if let Some(a) = bad {
+        let flag = format!("--{}", a.get_long().unwrap_or(a.get_id().as_str()));
+        let why = if APPLY_ONLY.contains(&a.get_id().as_str()) {
+            format!("{flag} is only for applying the rules; `{name}` does not take it")
+        } else {
+            format!("`{name}` takes no flags; {flag} has no effect on it")
+        };
+        return Err(cmd.error(ErrorKind::ArgumentConflict, why));
+    }
+    Ok(())
+}
+
+/// The closing sections of `--help` (not `-h`): env-only knobs and exit codes.
+fn after_long_help() -> String {
+    let mut s = String::from("Environment variables without a flag:\n");
+    for (name, default, meaning) in env_only::DOCS {
+        s.push_str(&format!(
+            "  {name}\n          {meaning} [default: {default}]\n"
+        ));
+    }
+    s.push_str("\nExit codes:\n");
+    for (code, meaning) in EXIT_CODES {
+        s.push_str(&format!("  {code:<5} {meaning}\n"));
+    }
+    s
 }
 
 /// Flag name and env var of every clap argument, for messages (`--envoy-port / ENVOY_PORT`).

@@ -341,6 +341,12 @@ impl<'a> Src<'a> {
     }
 }
 
+/// How errors name the flag `id` (or its env var, when the value came from there), for
+/// values read outside this module (`@PATH` list files).
+pub fn source_name(args: &Args, id: &str) -> String {
+    Src::arg(args, id).name()
+}
+
 /// Splits a comma list, trimming items and dropping empty ones.
 pub fn split_list(s: &str) -> Vec<&str> {
     s.split(',')

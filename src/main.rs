@@ -18,7 +18,7 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::reconcile::Policy;
 use istio_iptables::rules::Family;
 use istio_iptables::state::OwnerResolver;
-use istio_iptables::{logging, netns, nft, nslock, rules, script, validate};
+use istio_iptables::{docs, listfile, logging, netns, nft, nslock, rules, script, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -132,10 +132,17 @@ fn main() -> ExitCode {
         dry_run || !apply_command,
     ));
 
+    // Generated from the clap definition; no config is read (a bad env var cannot stop them).
+    match &args.cli.command {
+        Some(Command::Completion { shell }) => return print_doc(docs::completion(*shell)),
+        Some(Command::Man) => return print_doc(docs::man_page()),
+        _ => {}
+    }
+
     // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
     // `std::env::var` would make of them); lossy text fails validation naming the variable.
     let env = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
-    let mut cfg = match Config::build(&args, &env, &RealHost) {
+    let mut cfg = match listfile::build_config(&args, &env, &RealHost) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
@@ -360,7 +367,9 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
-        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(&e);
@@ -414,6 +423,49 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::IstioIptables => unreachable!("istio-iptables is the apply command"),
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
+    }
+}
+
+/// Writes a generated document (completion script, man page) to stdout.
+fn print_doc(doc: Vec<u8>) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&doc).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `istio-iptables man | head`: the reader had enough.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("cannot write to stdout: {e}");
+            ExitCode::from(code::FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code;
+
+    /// `--help` and the man page list `cli::EXIT_CODES`; they must be the codes used here.
+    #[test]
+    fn documented_exit_codes_are_the_ones_used() {
+        let documented: Vec<u8> = istio_iptables::cli::EXIT_CODES
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        let used = [
+            0,
+            code::FAILURE,
+            code::USAGE,
+            code::DRIFT,
+            code::CONFLICT,
+            code::VALIDATION_ERROR,
+            code::VALIDATION_FAILED,
+        ];
+        let mut sorted = used.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(documented, sorted);
     }
 }

@@ -1,0 +1,359 @@
+//! Lists from files: `-x @/etc/istio-iptables/exclude.txt`.
+//!
+//! Linux caps one argument or environment string at 128 KiB (`MAX_ARG_STRLEN`), about 5,000
+//! CIDRs; past that, `execve` fails with "Argument list too long" before this program even
+//! starts. So every list flag, its env var, and the two owner-group knobs also take `@PATH`:
+//! the items are read from that file, separated by commas, spaces or newlines, `#` starting
+//! a comment that runs to the end of the line.
+//!
+//! This is a step in front of [`Config::build`], not a second validator: each `@PATH` value
+//! is replaced by its items joined with commas, exactly as if they had been typed, and
+//! `Config::build` validates them as usual. An error about an item read from a file then
+//! shows `@PATH` as the value (not the whole joined list), and still names the flag or env
+//! var and the bad item.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::cli::{Args, Cli, env_only};
+use crate::config::{Config, ConfigError, Host, source_name};
+
+/// The largest list file read: 4 MiB is about 250,000 CIDRs, far past anything iptables
+/// handles well, and small enough that a wrong path (a log file, say) fails quickly.
+pub const MAX_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The env-only knobs that take `@PATH`.
+pub const ENV_LISTS: [&str; 2] = [
+    env_only::OWNER_GROUPS_INCLUDE,
+    env_only::OWNER_GROUPS_EXCLUDE,
+];
+
+/// The list flags (clap ids) and their values, to be expanded in place.
+fn list_fields(cli: &mut Cli) -> [(&'static str, Option<&mut String>); 10] {
+    [
+        ("proxy_uid", cli.proxy_uid.as_mut()),
+        ("proxy_gid", cli.proxy_gid.as_mut()),
+        ("istio_inbound_ports", Some(&mut cli.istio_inbound_ports)),
+        (
+            "istio_local_exclude_ports",
+            Some(&mut cli.istio_local_exclude_ports),
+        ),
+        (
+            "istio_exclude_interfaces",
+            Some(&mut cli.istio_exclude_interfaces),
+        ),
+        ("istio_service_cidr", Some(&mut cli.istio_service_cidr)),
+        (
+            "istio_service_exclude_cidr",
+            Some(&mut cli.istio_service_exclude_cidr),
+        ),
+        ("istio_outbound_ports", Some(&mut cli.istio_outbound_ports)),
+        (
+            "istio_local_outbound_ports_exclude",
+            Some(&mut cli.istio_local_outbound_ports_exclude),
+        ),
+        ("kube_virt_interfaces", Some(&mut cli.kube_virt_interfaces)),
+    ]
+}
+
+/// The path of an `@PATH` value, if it is one.
+pub fn at_path(raw: &str) -> Option<&str> {
+    raw.trim().strip_prefix('@')
+}
+
+/// The items of a list file: separated by commas and whitespace, `#` to the end of a line
+/// being a comment, empty items dropped.
+pub fn items(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(|line| line.split_once('#').map_or(line, |(before, _)| before))
+        .flat_map(|line| line.split(|c: char| c == ',' || c.is_whitespace()))
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
+/// Reads a list file: a regular file (following symlinks, as a ConfigMap volume has them) of
+/// at most [`MAX_BYTES`], UTF-8. The error is the reason, for a message that names the flag.
+pub fn read(path: &str) -> Result<String, String> {
+    if path.is_empty() {
+        return Err("`@` must be followed by the path of a file".into());
+    }
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(Path::new(path))
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "cannot read {path}: it is {what}, not a regular file"
+        ));
+    }
+    let too_big = || format!("{path} is larger than {} MiB", MAX_BYTES >> 20);
+    if meta.len() > MAX_BYTES {
+        return Err(too_big());
+    }
+    // The size can change between fstat and read: never read more than the cap.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&mut file)
+        .take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{path} is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The list an `@PATH` value stands for, as typed: its items joined with commas.
+pub fn expand(raw: &str) -> Option<Result<String, String>> {
+    let path = at_path(raw)?;
+    Some(read(path).map(|text| items(&text).join(",")))
+}
+
+/// A value that came from a file: where errors about it are reported.
+struct FromFile {
+    /// How errors name its flag or env var.
+    source_name: String,
+    /// The list it was expanded to.
+    joined: String,
+    /// `@PATH`, as given.
+    raw: String,
+}
+
+/// [`Config::build`], with every `@PATH` list expanded first. A file that cannot be read is
+/// an error naming the flag (or env var) and the path; an invalid item read from a file is
+/// reported with `@PATH` as the value.
+pub fn build_config(
+    args: &Args,
+    env: &dyn Fn(&str) -> Option<String>,
+    host: &dyn Host,
+) -> Result<Config, ConfigError> {
+    let mut expanded = args.clone();
+    let mut from_files = Vec::new();
+    for (id, value) in list_fields(&mut expanded.cli) {
+        let Some(value) = value else { continue };
+        let Some(result) = expand(value) else {
+            continue;
+        };
+        let source_name = source_name(args, id);
+        let joined = result.map_err(|reason| ConfigError {
+            source_name: source_name.clone(),
+            value: value.clone(),
+            reason,
+        })?;
+        from_files.push(FromFile {
+            source_name,
+            joined: joined.clone(),
+            raw: std::mem::replace(value, joined),
+        });
+    }
+    let mut env_lists = HashMap::new();
+    for var in ENV_LISTS {
+        let Some(raw) = env(var) else { continue };
+        let Some(result) = expand(&raw) else { continue };
+        let source_name = format!("env {var}");
+        let joined = result.map_err(|reason| ConfigError {
+            source_name: source_name.clone(),
+            value: raw.clone(),
+            reason,
+        })?;
+        env_lists.insert(var, joined.clone());
+        from_files.push(FromFile {
+            source_name,
+            joined,
+            raw,
+        });
+    }
+    let env = |k: &str| env_lists.get(k).cloned().or_else(|| env(k));
+    Config::build(&expanded, &env, host).map_err(|mut e| {
+        if let Some(f) = from_files
+            .iter()
+            .find(|f| f.source_name == e.source_name && f.joined == e.value)
+        {
+            e.value.clone_from(&f.raw);
+        }
+        e
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::build as build_typed;
+    use crate::config::tests::{FakeHost, SEED};
+    use std::io::Write as _;
+    use std::path::PathBuf;
+
+    /// A temp file holding `text`, removed on drop.
+    struct Temp(PathBuf);
+    impl Temp {
+        fn new(name: &str, text: &[u8]) -> Temp {
+            let path = std::env::temp_dir().join(format!(
+                "istio-iptables-listfile-{}-{name}",
+                std::process::id()
+            ));
+            let mut f = File::create(&path).unwrap();
+            f.write_all(text).unwrap();
+            Temp(path)
+        }
+        fn at(&self) -> String {
+            format!("@{}", self.0.display())
+        }
+    }
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let host = FakeHost {
+            files: HashMap::new(),
+            ipv6: Some(false),
+        };
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut full = vec!["istio-iptables"];
+        full.extend_from_slice(argv);
+        let args = Args::parse_from(full).expect("clap accepts");
+        build_config(&args, &|k| env.get(k).cloned(), &host)
+    }
+
+    #[test]
+    fn items_split_on_commas_spaces_newlines_and_drop_comments() {
+        let text = "# excluded ranges\n10.0.0.0/8, 172.16.0.0/12\t192.168.0.0/16 # RFC 1918\n\n\
+                    ,,fd00::/8\r\n#10.9.9.9\n";
+        assert_eq!(
+            items(text),
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fd00::/8"]
+        );
+        assert!(items("# nothing\n\n").is_empty());
+    }
+
+    #[test]
+    fn a_list_from_a_file_is_the_list_typed() {
+        let f = Temp::new("same", b"10.0.0.0/8\n# comment\nfd00::/8, 1.2.3.4 # host\n");
+        let typed = build_typed(&["-x", "10.0.0.0/8,fd00::/8,1.2.3.4"], &[]).unwrap();
+        assert_eq!(build(&["-x", &f.at()], &[]).unwrap(), typed);
+        // (Flags' env vars are read by clap from the process: tests/cli_extras.rs has them.)
+
+        let ports = Temp::new("ports", b"15090\n15020 15021\n");
+        let mut argv = SEED.to_vec();
+        let at = ports.at();
+        *argv.last_mut().unwrap() = &at;
+        let mut typed_argv = SEED.to_vec();
+        *typed_argv.last_mut().unwrap() = "15090,15020,15021";
+        assert_eq!(
+            build(&argv, &[]).unwrap(),
+            build_typed(&typed_argv, &[]).unwrap()
+        );
+    }
+
+    #[test]
+    fn twenty_thousand_cidrs_from_a_file_print_the_script_of_the_typed_list() {
+        // In-process there is no argv limit, so the typed list can be as long as the file.
+        let cidrs: Vec<String> = (0..20_000u32)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let f = Temp::new("20k", (cidrs.join("\n") + "\n").as_bytes());
+        let typed = cidrs.join(",");
+        let script = |c: &Config| crate::script::render(c, &crate::rules::build(c));
+        let from_file = build(&["-n", "-i", "*", "-x", &f.at()], &[]).unwrap();
+        let from_typed = build_typed(&["-n", "-i", "*", "-x", &typed], &[]).unwrap();
+        assert_eq!(from_file.outbound_exclude.v4.len(), 20_000);
+        assert!(script(&from_file) == script(&from_typed), "same script");
+    }
+
+    #[test]
+    fn owner_group_knobs_take_files_too() {
+        let f = Temp::new("groups", b"java\n202\n");
+        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &f.at())]).unwrap();
+        let typed = build_typed(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        assert_eq!(c.owner_groups, typed.owner_groups);
+        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &f.at())]).unwrap();
+        let typed = build_typed(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "java,202")]);
+        assert_eq!(c.owner_groups, typed.unwrap().owner_groups);
+    }
+
+    #[test]
+    fn an_unreadable_file_names_the_flag_or_env_var_and_the_path() {
+        let e = build(&["-x", "@/nonexistent/exclude.txt"], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-service-exclude-cidr");
+        assert_eq!(e.value, "@/nonexistent/exclude.txt");
+        assert!(e.reason.contains("/nonexistent/exclude.txt"), "{e}");
+        assert!(e.reason.contains("No such file"), "{e}");
+
+        let e = build(
+            &[],
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "@/nonexistent/g")],
+        )
+        .unwrap_err();
+        assert_eq!(e.source_name, "env ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE");
+
+        let e = build(&["-u", "@"], &[]).unwrap_err();
+        assert!(e.reason.contains("followed by the path"), "{e}");
+        let e = build(
+            &["-c", &format!("@{}", std::env::temp_dir().display())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("a directory"), "{e}");
+        let e = build(&["-k", "@/dev/null"], &[]).unwrap_err();
+        assert!(e.reason.contains("a device"), "{e}");
+    }
+
+    #[test]
+    fn too_large_or_binary_files_are_refused() {
+        let big = Temp::new("big", &vec![b'\n'; MAX_BYTES as usize + 1]);
+        let e = build(&["-i", &big.at()], &[]).unwrap_err();
+        assert!(e.reason.contains("larger than 4 MiB"), "{e}");
+        let exactly = Temp::new("exact", &vec![b' '; MAX_BYTES as usize]);
+        assert!(build(&["-i", &exactly.at()], &[]).is_ok());
+        let bin = Temp::new("bin", b"10.0.0.0/8\n\xff\xfe");
+        let e = build(&["-i", &bin.at()], &[]).unwrap_err();
+        assert!(e.reason.contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_item_in_a_file_is_reported_with_the_path() {
+        let f = Temp::new("bad", b"10.0.0.0/8\n10.0.0.0/33\n");
+        let e = build(&["-x", &f.at()], &[]).unwrap_err();
+        assert_eq!(e.source_name, "--istio-service-exclude-cidr");
+        assert_eq!(e.value, f.at());
+        assert!(e.reason.contains("10.0.0.0/33"), "{e}");
+        // `*` is refused in -x whether typed or read, and `@` does not nest.
+        let star = Temp::new("star", b"*\n");
+        assert!(build(&["-x", &star.at()], &[]).is_err());
+        let nested = Temp::new("nested", format!("{}\n", f.at()).as_bytes());
+        let e = build(&["-x", &nested.at()], &[]).unwrap_err();
+        assert_eq!(e.value, nested.at());
+        // ... while `*` read from a file means "all" where typing it does.
+        let c = build(&["-i", &star.at()], &[]).unwrap();
+        assert_eq!(c, build_typed(&["-i", "*"], &[]).unwrap());
+    }
+}
