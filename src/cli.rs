@@ -1,6 +1,6 @@
 //! Command line: every flag of Istio's istio-iptables, each with its env var.
 //!
-//! Values stay raw strings here on purpose: `config.rs` validates every one of them and,
+//! Values stay raw strings here on purpose: `config` validates every one of them and,
 //! because it can ask clap where a value came from, its error names the flag *or* the env var
 //! that carried the bad value. Nothing in this file is interpreted beyond clap's precedence
 //! rules (flag > env > default).
@@ -117,7 +117,7 @@ pub const APPLY_ONLY: &[&str] = &[
     "force_apply",
 ];
 
-/// `-m`'s value parser: any string (config.rs validates it, naming the flag or the env
+/// `-m`'s value parser: any string (`config` validates it, naming the flag or the env
 /// var, and the empty default means REDIRECT), but REDIRECT and TPROXY are offered to
 /// completion and shown in --help.
 #[derive(Clone, Debug)]

@@ -1,32 +1,32 @@
 //! istio-iptables: a drop-in replacement for Istio's istio-iptables.
 //!
-//! Data flows one way: [`cli`] (flags and env) → [`config`] (typed, validated) → [`rules`]
-//! (pure rule builder) → [`restore`] / [`script`] (payload text, dry-run script) → [`apply`]
-//! (detect with [`backend`], read with [`state`], plan one transaction with [`reconcile`],
-//! commit and roll back through [`exec`], `ip` plumbing in [`iproute`]) → [`validate`].
-//! [`inspect`] (`explain`, `verify`) reads the same rules back, walking packets with
-//! [`interp`].
+//! Data flows one way, one folder per step:
+//!
+//! 1. [`cli`]: clap flags and env vars, nothing else.
+//! 2. [`config`]: raw strings → one typed, validated [`config::Config`] (value parsers, `@PATH`
+//!    lists in [`config::listfile`]).
+//! 3. [`rules`]: the pure builders, config → rules: iptables ([`rules::build`], Istio's
+//!    `run.go`), native nftables ([`rules::nft`]) and the `ip` plumbing ([`rules::ip`]).
+//! 4. [`render`]: rules → text: the iptables-restore payload ([`render::restore`]) and the
+//!    `--dry-run` script ([`render::script`]).
+//! 5. [`system`]: everything that touches the host: running programs ([`system::exec`]),
+//!    backend detection ([`system::backend`]), netlink reads ([`system::nftprobe`],
+//!    [`system::rtnl`]), namespaces and locks ([`system::netns`], [`system::nslock`]), users
+//!    and addresses ([`system::host`]), and iptables-save parsing ([`system::save`]).
+//! 6. [`apply`]: read the state, plan one transaction ([`apply::reconcile`]), commit, roll
+//!    back, then the `ip` steps; cleanup.
+//!
+//! Beside the flow: [`inspect`] (`explain` and `verify`, walking packets with
+//! [`inspect::interp`]), [`validate`] (`--run-validation`), [`logging`] (Istio's log
+//! formats) and [`docs`] (completion and man page, generated from [`cli`]).
 
 pub mod apply;
-pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod docs;
-pub mod exec;
-pub mod host;
 pub mod inspect;
-pub mod interp;
-pub mod iproute;
-pub mod listfile;
 pub mod logging;
-pub mod netns;
-pub mod nft;
-pub mod nftprobe;
-pub mod nslock;
-pub mod reconcile;
-pub mod restore;
-pub mod rtnl;
+pub mod render;
 pub mod rules;
-pub mod script;
-pub mod state;
+pub mod system;
 pub mod validate;

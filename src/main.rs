@@ -8,17 +8,21 @@ use std::time::Instant;
 
 use clap::error::ErrorKind;
 
+use istio_iptables::apply::reconcile::Policy;
 use istio_iptables::apply::{self, Env, Options};
-use istio_iptables::backend::SystemProbe;
 use istio_iptables::cli::{Args, Command};
+use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, Owner, detect_ipv6, parse_go_bool};
-use istio_iptables::exec::SystemRunner;
-use istio_iptables::host::RealHost;
 use istio_iptables::inspect::{self, InspectError};
-use istio_iptables::reconcile::Policy;
+use istio_iptables::render::script;
 use istio_iptables::rules::Family;
-use istio_iptables::state::OwnerResolver;
-use istio_iptables::{docs, listfile, logging, netns, nft, nslock, rules, script, validate};
+use istio_iptables::rules::{self, nft};
+use istio_iptables::system::backend::SystemProbe;
+use istio_iptables::system::exec::SystemRunner;
+use istio_iptables::system::host::RealHost;
+use istio_iptables::system::save::OwnerResolver;
+use istio_iptables::system::{netns, nslock};
+use istio_iptables::{docs, logging, validate};
 
 /// Exit codes (documented in the README).
 mod code {
@@ -315,7 +319,7 @@ fn warn_if_nothing_captured(cfg: &Config) {
 /// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
 /// "Permission denied (you must be root)", which misleads in a container running as root.
 fn check_capabilities() -> Result<(), String> {
-    let missing = istio_iptables::host::missing_net_caps();
+    let missing = istio_iptables::system::host::missing_net_caps();
     if missing.is_empty() {
         return Ok(());
     }

@@ -49,9 +49,9 @@ use std::time::{Duration, Instant};
 
 use istio_iptables::cli::{Args, Command as Subcommand};
 use istio_iptables::config::Config;
-use istio_iptables::host::RealHost;
 use istio_iptables::inspect;
 use istio_iptables::rules::{self, Family};
+use istio_iptables::system::host::RealHost;
 
 use common::{
     APP, BIN, DEFAULT_TIMEOUT, Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Listener,

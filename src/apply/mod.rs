@@ -5,15 +5,17 @@
 //! changes are undone and every family whose commit was attempted is put back table by table
 //! to what was read, then read again to prove it before the error says so.
 
+pub mod reconcile;
+
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::backend::{self, Backend, NotInstalled, Probe};
+use self::reconcile::{Conflict, Policy, Transaction};
 use crate::config::Flavor;
-use crate::exec::{ExecError, Runner, failed_restore_line};
-use crate::iproute;
-use crate::reconcile::{self, Conflict, Policy, Transaction};
+use crate::rules::ip;
 use crate::rules::{Family, IpCommand, Plan, Rule, Table};
-use crate::state::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
+use crate::system::backend::{self, Backend, NotInstalled, Probe};
+use crate::system::exec::{ExecError, Runner, failed_restore_line};
+use crate::system::save::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
 
 /// How to apply.
 #[derive(Debug, Clone, Copy)]
@@ -384,14 +386,14 @@ fn undo_all(
     let mut failures = Vec::new();
     for change in ip_done.iter().rev() {
         let (cmd, args, present) = match change {
-            IpChange::Added(c) => (c, iproute::undo_args(c), false),
-            IpChange::Removed(c, priority) => (c, iproute::change_args(c, true, *priority), true),
+            IpChange::Added(c) => (c, ip::undo_args(c), false),
+            IpChange::Removed(c, priority) => (c, ip::change_args(c, true, *priority), true),
         };
         if let Err(e) = runner.run("ip", &args, None) {
             failures.push(format!("undoing the change to `{cmd}`: {e}"));
             continue;
         }
-        match iproute::present(cmd, probe, runner) {
+        match ip::present(cmd, probe, runner) {
             Ok(p) if p == present => {}
             Ok(_) => failures.push(format!(
                 "undoing the change to `{cmd}` did not take: it is still {}",
@@ -499,7 +501,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
     for family in [Family::V4, Family::V6] {
         match env.probe.routing(family) {
-            Some(routing) => stale.extend(iproute::leftovers_at(family, &routing, &plan.ip)),
+            Some(routing) => stale.extend(ip::leftovers_at(family, &routing, &plan.ip)),
             None => {
                 // Netlink unavailable: the configured mark and table, when mangle shows an
                 // earlier TPROXY config.
@@ -549,7 +551,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         .map(|(c, priority)| (c, false, *priority))
         .chain(wanted_ip.into_iter().map(|c| (c, true, None)));
     for (cmd, wanted, priority) in steps {
-        let step = iproute::present(cmd, env.probe, env.runner).and_then(|present| {
+        let step = ip::present(cmd, env.probe, env.runner).and_then(|present| {
             if present == wanted {
                 tracing::debug!(command = %cmd, wanted, "already as wanted");
                 Ok(None)
@@ -557,7 +559,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 tracing::info!(command = %cmd, "configuring");
                 env.runner.run("ip", &cmd.args(), None).map(|_| Some(IpChange::Added(cmd.clone())))
             } else {
-                let undo = iproute::change_args(cmd, false, priority);
+                let undo = ip::change_args(cmd, false, priority);
                 tracing::info!(command = %format!("ip {}", undo.join(" ")), "removing routing left by an earlier TPROXY config");
                 env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone(), priority)))
             }
@@ -646,7 +648,7 @@ pub fn cleanup(
     for family in [Family::V4, Family::V6] {
         if let Some(routing) = env.probe.routing(family) {
             // Duplicates included: each removal takes one.
-            cmds.extend(iproute::leftovers(family, &routing, &[]));
+            cmds.extend(ip::leftovers(family, &routing, &[]));
         }
     }
     for c in ip_cmds {
@@ -660,11 +662,11 @@ pub fn cleanup(
         IpCommand::AddInboundV6Address => 2,
     });
     for cmd in &cmds {
-        match iproute::present(cmd, env.probe, env.runner) {
-            Ok(true) => match env.runner.run("ip", &iproute::undo_args(cmd), None) {
+        match ip::present(cmd, env.probe, env.runner) {
+            Ok(true) => match env.runner.run("ip", &ip::undo_args(cmd), None) {
                 Ok(_) => summary
                     .ip_changed
-                    .push(format!("ip {}", iproute::undo_args(cmd).join(" "))),
+                    .push(format!("ip {}", ip::undo_args(cmd).join(" "))),
                 Err(e) => errors.push(format!("removing `{cmd}`: {e}")),
             },
             Ok(false) => {}
@@ -683,7 +685,7 @@ mod tests {
     use super::*;
     use crate::config::tests::build as config;
     use crate::rules;
-    use crate::state::NoResolver;
+    use crate::system::save::NoResolver;
 
     /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).
     #[derive(Default)]

@@ -3,6 +3,9 @@
 //! The order and text of every rule reproduce Istio's `capture/run.go`, because operators diff
 //! our output against Istio's and because iptables evaluates rules in order.
 
+pub mod ip;
+pub mod nft;
+
 use std::fmt;
 
 use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec};

@@ -282,7 +282,7 @@ mod tests {
             .collect();
         let f = Temp::new("20k", (cidrs.join("\n") + "\n").as_bytes());
         let typed = cidrs.join(",");
-        let script = |c: &Config| crate::script::render(c, &crate::rules::build(c));
+        let script = |c: &Config| crate::render::script::render(c, &crate::rules::build(c));
         let from_file = build(&["-n", "-i", "*", "-x", &f.at()], &[]).unwrap();
         let from_typed = build_typed(&["-n", "-i", "*", "-x", &typed], &[]).unwrap();
         assert_eq!(from_file.outbound_exclude.v4.len(), 20_000);

@@ -82,7 +82,7 @@ pub trait Probe {
     }
     /// The family's policy routing rules and `local default dev lo` routes (`None`: could not
     /// tell; callers then ask `ip`).
-    fn routing(&self, _family: Family) -> Option<crate::rtnl::Routing> {
+    fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
 }
@@ -128,11 +128,11 @@ impl Probe for SystemProbe {
     }
 
     fn nft_tables(&self, family: Family) -> Option<usize> {
-        crate::nftprobe::table_count(family)
+        crate::system::nftprobe::table_count(family)
     }
 
-    fn routing(&self, family: Family) -> Option<crate::rtnl::Routing> {
-        crate::rtnl::routing(family)
+    fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
+        crate::system::rtnl::routing(family)
     }
 }
 

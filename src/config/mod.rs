@@ -2,6 +2,8 @@
 //! strings become typed values; nothing raw survives past it, so every string that later
 //! reaches an iptables-restore payload has been checked here.
 
+pub mod listfile;
+
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
 use crate::config::{Config, Owner, OwnerGroups};
-use crate::restore;
+use crate::render::restore;
 use crate::rules::{Family, IpCommand, Plan};
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).

@@ -16,9 +16,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::restore;
+use crate::render::restore;
 use crate::rules::{Position, Rule, Table, chain};
-use crate::state::{OwnerResolver, SaveState, TableState, canonical};
+use crate::system::save::{OwnerResolver, SaveState, TableState, canonical};
 
 /// What to do when the namespace already holds different ISTIO_* state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -572,7 +572,7 @@ mod tests {
     use super::*;
     use crate::config::tests::build as config;
     use crate::rules;
-    use crate::state::{NoResolver, parse_save, tokenize};
+    use crate::system::save::{NoResolver, parse_save, tokenize};
 
     const RECONCILE: Policy = Policy {
         reconcile: true,

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::state::OwnerResolver;
+use crate::system::save::OwnerResolver;
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
@@ -434,7 +434,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{NoResolver, tokenize};
+    use crate::system::save::{NoResolver, tokenize};
 
     fn ruleset(lines: &[(&str, &str)]) -> Ruleset {
         let mut rs = Ruleset::new();

@@ -2,18 +2,20 @@
 //! pieces (`interp` walks a packet, `reconcile::diff` compares chains). Output as text for
 //! people or JSON for tools.
 
+pub mod interp;
+
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::backend::{self, Probe};
+use self::interp::{Outcome, Packet, Proto, Ruleset, Verdict};
+use crate::apply::reconcile::{self, ChainDiff};
 use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
 use crate::config::Config;
-use crate::exec::{ExecError, Runner};
-use crate::interp::{self, Outcome, Packet, Proto, Ruleset, Verdict};
-use crate::iproute;
-use crate::reconcile::{self, ChainDiff};
+use crate::rules::ip;
 use crate::rules::{self, Family, Position, Rule};
-use crate::state::{OwnerResolver, SaveState, parse_save};
+use crate::system::backend::{self, Probe};
+use crate::system::exec::{ExecError, Runner};
+use crate::system::save::{OwnerResolver, SaveState, parse_save};
 
 /// A failure of explain/verify (not a drift: that is a result).
 #[derive(Debug, thiserror::Error)]
@@ -414,13 +416,13 @@ pub fn verify(
     }
     for family in [Family::V4, Family::V6] {
         if let Some(routing) = probe.routing(family) {
-            for cmd in iproute::leftovers(family, &routing, &plan.ip) {
+            for cmd in ip::leftovers(family, &routing, &plan.ip) {
                 report.routes_extra.push(cmd.to_string());
             }
         }
     }
     for cmd in &plan.ip {
-        match iproute::present(cmd, probe, runner) {
+        match ip::present(cmd, probe, runner) {
             Ok(true) => {}
             Ok(false) => report.routes_missing.push(cmd.to_string()),
             Err(e) => {
@@ -510,7 +512,7 @@ mod tests {
     use super::*;
     use crate::cli::{Args, Command};
     use crate::config::tests::{SEED, build as config};
-    use crate::state::NoResolver;
+    use crate::system::save::NoResolver;
 
     fn explain_args(argv: &[&str]) -> ExplainArgs {
         let mut full = vec!["istio-iptables", "explain"];

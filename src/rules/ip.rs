@@ -1,10 +1,10 @@
 //! The `ip` plumbing (TPROXY policy routing, the ::6 address), made idempotent: each command
 //! is run only when its effect is missing, and can be undone. We shell out to iproute2's `ip`.
 
-use crate::backend::Probe;
-use crate::exec::{ExecError, Runner};
-use crate::rtnl::Routing;
 use crate::rules::{Family, IpCommand};
+use crate::system::backend::Probe;
+use crate::system::exec::{ExecError, Runner};
+use crate::system::rtnl::Routing;
 
 fn fam(f: Family) -> &'static str {
     match f {
@@ -151,7 +151,7 @@ pub fn leftovers_at(
     let mut others: Vec<u32> = Vec::new();
     // Oldest first: the kernel numbers a new rule below the lowest one there, so the highest
     // number is the rule a fresh apply made; a duplicate added later goes.
-    let mut rules: Vec<&crate::rtnl::Rule> = routing.rules.iter().collect();
+    let mut rules: Vec<&crate::system::rtnl::Rule> = routing.rules.iter().collect();
     rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
     for r in rules {
         let ours = r.plain
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn leftovers_are_found_by_their_route_whatever_mark_and_table() {
-        use crate::rtnl::Rule;
+        use crate::system::rtnl::Rule;
         let rule = |priority, mark: Option<u32>, table, plain| Rule {
             priority,
             mark,
