@@ -5,15 +5,16 @@
 //! 1. [`cli`]: clap flags and env vars, nothing else.
 //! 2. [`config`]: raw strings → one typed, validated [`config::Config`] (value parsers, `@PATH`
 //!    lists in [`config::listfile`]).
-//! 3. [`rules`]: the pure builders, config → rules: iptables ([`rules::build`], Istio's
+//! 3. [`model`]: the data every later step speaks: families, tables, rules, chain names.
+//! 4. [`rules`]: the pure builders, config → rules: iptables ([`rules::build`], Istio's
 //!    `run.go`), native nftables ([`rules::nft`]) and the `ip` plumbing ([`rules::ip`]).
-//! 4. [`render`]: rules → text: the iptables-restore payload ([`render::restore`]) and the
+//! 5. [`render`]: rules → text: the iptables-restore payload ([`render::restore`]) and the
 //!    `--dry-run` script ([`render::script`]).
-//! 5. [`system`]: everything that touches the host: running programs ([`system::exec`]),
+//! 6. [`system`]: everything that touches the host: running programs ([`system::exec`]),
 //!    backend detection ([`system::backend`]), netlink reads ([`system::nftprobe`],
 //!    [`system::rtnl`]), namespaces and locks ([`system::netns`], [`system::nslock`]), users
 //!    and addresses ([`system::host`]), and iptables-save parsing ([`system::save`]).
-//! 6. [`apply`]: read the state, plan one transaction ([`apply::reconcile`]), commit, roll
+//! 7. [`apply`]: read the state, plan one transaction ([`apply::reconcile`]), commit, roll
 //!    back, then the `ip` steps; cleanup.
 //!
 //! Beside the flow: [`inspect`] (`explain` and `verify`, walking packets with
@@ -26,6 +27,7 @@ pub mod config;
 pub mod docs;
 pub mod inspect;
 pub mod logging;
+pub mod model;
 pub mod render;
 pub mod rules;
 pub mod system;

@@ -50,7 +50,8 @@ use std::time::{Duration, Instant};
 use istio_iptables::cli::{Args, Command as Subcommand};
 use istio_iptables::config::Config;
 use istio_iptables::inspect;
-use istio_iptables::rules::{self, Family};
+use istio_iptables::model::Family;
+use istio_iptables::rules;
 use istio_iptables::system::host::RealHost;
 
 use common::{

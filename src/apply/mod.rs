@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use self::reconcile::{Conflict, Policy, Transaction};
 use crate::config::Flavor;
+use crate::model::{Family, Rule, Table};
+use crate::rules::Plan;
 use crate::rules::ip;
-use crate::rules::{Family, IpCommand, Plan, Rule, Table};
+use crate::rules::ip::IpCommand;
 use crate::system::backend::{self, Backend, NotInstalled, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
 use crate::system::save::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
@@ -358,7 +360,7 @@ fn describe_table(t: Option<&TableState>) -> String {
             let ours: Vec<&str> = t
                 .user_chains
                 .iter()
-                .filter(|c| c.starts_with(crate::rules::chain::PREFIX))
+                .filter(|c| c.starts_with(crate::model::chain::PREFIX))
                 .map(String::as_str)
                 .collect();
             format!(
@@ -510,7 +512,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                         && r.before.tables.get("mangle").is_some_and(|t| {
                             t.user_chains
                                 .iter()
-                                .any(|c| c == crate::rules::chain::TPROXY)
+                                .any(|c| c == crate::model::chain::TPROXY)
                         })
                 });
                 if !had_tproxy {

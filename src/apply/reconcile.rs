@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::model::{Position, Rule, Table, chain};
 use crate::render::restore;
-use crate::rules::{Position, Rule, Table, chain};
 use crate::system::save::{OwnerResolver, SaveState, TableState, canonical};
 
 /// What to do when the namespace already holds different ISTIO_* state.

@@ -11,8 +11,9 @@ use self::interp::{Outcome, Packet, Proto, Ruleset, Verdict};
 use crate::apply::reconcile::{self, ChainDiff};
 use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
 use crate::config::Config;
+use crate::model::{self, Family, Position, Rule};
+use crate::rules;
 use crate::rules::ip;
-use crate::rules::{self, Family, Position, Rule};
 use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner};
 use crate::system::save::{OwnerResolver, SaveState, parse_save};
@@ -361,7 +362,7 @@ fn render_text(
         Verdict::Redirect { port } if port == cfg.inbound_capture_port.get() => {
             format!("redirected to the inbound port {port} (original destination {dst} kept)")
         }
-        Verdict::Redirect { port } if port == rules::DNS_PROXY_PORT => {
+        Verdict::Redirect { port } if port == model::DNS_PROXY_PORT => {
             format!("redirected to the DNS proxy on {port} (original destination {dst} kept)")
         }
         Verdict::Redirect { port } => {
@@ -660,7 +661,7 @@ mod tests {
             diffs: vec![(
                 Family::V4,
                 ChainDiff {
-                    table: crate::rules::Table::Nat,
+                    table: crate::model::Table::Nat,
                     chain: "ISTIO_OUTPUT".into(),
                     missing: vec!["-A X".into()],
                     extra: vec![],

@@ -2,7 +2,7 @@
 //! tables in alphabetical order; per table, `-N` for every ISTIO_* chain (chains with rules, in
 //! order of their first rule, then chains only jumped to), then the rules in order, then COMMIT.
 
-use crate::rules::{Rule, Table, chain};
+use crate::model::{Rule, Table, chain};
 
 /// The ISTIO_* chains a table's rules need, in Istio's order: chains with rules in the order
 /// of their first rule, then chains that are only jumped to.
@@ -61,7 +61,7 @@ pub fn owned_chain(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Position;
+    use crate::model::Position;
 
     fn rule(table: Table, chain: &'static str, args: &[&str]) -> Rule {
         Rule {

@@ -2,8 +2,10 @@
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
 use crate::config::{Config, Owner, OwnerGroups};
+use crate::model::Family;
 use crate::render::restore;
-use crate::rules::{Family, IpCommand, Plan};
+use crate::rules::Plan;
+use crate::rules::ip::IpCommand;
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).
 const EOF_MARK: &str = "EOF";

@@ -1,10 +1,107 @@
-//! The `ip` plumbing (TPROXY policy routing, the ::6 address), made idempotent: each command
-//! is run only when its effect is missing, and can be undone. We shell out to iproute2's `ip`.
+//! The `ip` plumbing (TPROXY policy routing, the ::6 address), in one place: which steps a
+//! config needs, and for each step how it is added, shown, recognised in the output and
+//! undone. Applying makes it idempotent: each step is run only when its effect is missing,
+//! and can be undone. We shell out to iproute2's `ip`.
 
-use crate::rules::{Family, IpCommand};
+use std::fmt;
+
+use crate::config::{Config, InboundPorts, Mode};
+use crate::model::Family;
 use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
 use crate::system::rtnl::Routing;
+
+/// An `ip` command the mode needs, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpCommand {
+    /// `ip -6 addr add ::6/128 dev lo`: the source address of inbound passthrough over IPv6.
+    AddInboundV6Address,
+    /// `ip -4|-6 rule add fwmark MARK lookup TABLE`.
+    RuleAdd {
+        family: Family,
+        mark: u32,
+        table: u32,
+    },
+    /// `ip -4|-6 route add local default dev lo table TABLE`.
+    RouteAddLocal { family: Family, table: u32 },
+}
+
+impl IpCommand {
+    /// Arguments for `ip`.
+    pub fn args(&self) -> Vec<String> {
+        let fam = |f: &Family| match f {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        let v: Vec<String> = match self {
+            IpCommand::AddInboundV6Address => vec!["-6", "addr", "add", "::6/128", "dev", "lo"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            IpCommand::RuleAdd {
+                family,
+                mark,
+                table,
+            } => vec![
+                fam(family).into(),
+                "rule".into(),
+                "add".into(),
+                "fwmark".into(),
+                mark.to_string(),
+                "lookup".into(),
+                table.to_string(),
+            ],
+            IpCommand::RouteAddLocal { family, table } => vec![
+                fam(family).into(),
+                "route".into(),
+                "add".into(),
+                "local".into(),
+                "default".into(),
+                "dev".into(),
+                "lo".into(),
+                "table".into(),
+                table.to_string(),
+            ],
+        };
+        v
+    }
+}
+
+impl fmt::Display for IpCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ip {}", self.args().join(" "))
+    }
+}
+
+/// The `ip` plumbing a config needs, in Istio's order (its `tproxy.ConfigureRoutes`, shared
+/// by the iptables and nftables backends): the ::6 address, then TPROXY rules, then routes.
+pub fn ip_commands(cfg: &Config) -> Vec<IpCommand> {
+    let mut ip = Vec::new();
+    if cfg.enable_ipv6 {
+        ip.push(IpCommand::AddInboundV6Address);
+    }
+    if cfg.mode == Mode::Tproxy && cfg.inbound_ports != InboundPorts::None {
+        let families: &[Family] = if cfg.enable_ipv6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        for &family in families {
+            ip.push(IpCommand::RuleAdd {
+                family,
+                mark: cfg.tproxy_mark,
+                table: cfg.tproxy_route_table,
+            });
+        }
+        for &family in families {
+            ip.push(IpCommand::RouteAddLocal {
+                family,
+                table: cfg.tproxy_route_table,
+            });
+        }
+    }
+    ip
+}
 
 fn fam(f: Family) -> &'static str {
     match f {

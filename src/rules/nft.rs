@@ -20,7 +20,8 @@ use std::fmt;
 use crate::config::{
     Config, Iface, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
 };
-use crate::rules::{DNS_PROXY_PORT, IpCommand, OUTBOUND_MARK, ip_commands};
+use crate::model::{DNS_PROXY_PORT, OUTBOUND_MARK};
+use crate::rules::ip::{IpCommand, ip_commands};
 
 use self::Table::{Mangle, Nat, Raw};
 use self::chain::{

@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::config::Flavor;
-use crate::rules::Family;
+use crate::model::Family;
 
 /// The chosen iptables for one family.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use nix::sys::socket::{
     socket,
 };
 
-use crate::rules::Family;
+use crate::model::Family;
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
