@@ -136,41 +136,80 @@ fn owner_match(kind: &str, o: &Owner) -> Vec<String> {
     args!["-m", "owner", kind, o]
 }
 
-/// Builds Istio's rule set for `cfg`.
+/// What the phases share, worked out once from the config.
+struct Ctx<'a> {
+    cfg: &'a Config,
+    tproxy: bool,
+    loopback_v4: String,
+    loopback_v6: &'static str,
+    tunnel: String,
+    /// `-i` names a loopback CIDR: the app's own traffic over lo is then captured.
+    include_has_loopback: bool,
+    /// DNS capture is asked for and has something to capture.
+    redirect_dns: bool,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(cfg: &'a Config) -> Self {
+        let include_has_loopback = match &cfg.outbound_include {
+            OutboundCidrs::All => false,
+            OutboundCidrs::Only(c) => {
+                c.v4.iter().any(|n| n.addr().is_loopback())
+                    || c.v6.iter().any(|n| n.addr().is_loopback())
+            }
+        };
+        // Istio: DNS capture needs either capture-all or at least one known server.
+        let redirect_dns = cfg.redirect_dns
+            && (cfg.capture_all_dns
+                || !cfg.dns_servers_v4.is_empty()
+                || !cfg.dns_servers_v6.is_empty());
+        if cfg.redirect_dns && !redirect_dns {
+            tracing::warn!(
+                "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
+            );
+        }
+        Ctx {
+            cfg,
+            tproxy: cfg.mode == Mode::Tproxy,
+            loopback_v4: cfg.host_loopback_cidr.to_string(),
+            loopback_v6: "::1/128",
+            tunnel: cfg.inbound_tunnel_port.to_string(),
+            include_has_loopback,
+            redirect_dns,
+        }
+    }
+}
+
+/// Builds Istio's rule set for `cfg`: its phases, in the order of Istio's `run.go`.
 pub fn build(cfg: &Config) -> Plan {
-    use Table::{Mangle, Nat};
     let mut b = Builder {
         plan: Plan {
             ipv6: cfg.enable_ipv6,
             ..Plan::default()
         },
     };
-    let tproxy = cfg.mode == Mode::Tproxy;
-    let loopback_v4 = cfg.host_loopback_cidr.to_string();
-    let loopback_v6 = "::1/128";
-    let tunnel = cfg.inbound_tunnel_port.to_string();
+    let x = Ctx::new(cfg);
+    exclude_interfaces(&mut b, &x);
+    kube_virt_interfaces_return(&mut b, &x);
+    drop_invalid(&mut b, &x);
+    proxy_chains(&mut b, &x);
+    inbound(&mut b, &x);
+    outbound_entry(&mut b, &x);
+    proxy_traffic(&mut b, &x);
+    owner_groups(&mut b, &x);
+    dns(&mut b, &x);
+    outbound_excludes(&mut b, &x);
+    outbound_captures(&mut b, &x);
+    tproxy_marks(&mut b, &x);
+    b.plan.ip = ip_commands(cfg);
+    b.plan
+}
 
-    let (include_v4_loopback, include_v6_loopback) = match &cfg.outbound_include {
-        OutboundCidrs::All => (false, false),
-        OutboundCidrs::Only(c) => (
-            c.v4.iter().any(|n| n.addr().is_loopback()),
-            c.v6.iter().any(|n| n.addr().is_loopback()),
-        ),
-    };
-    let include_has_loopback = include_v4_loopback || include_v6_loopback;
-
-    // Istio: DNS capture needs either capture-all or at least one known server.
-    let redirect_dns = cfg.redirect_dns
-        && (cfg.capture_all_dns
-            || !cfg.dns_servers_v4.is_empty()
-            || !cfg.dns_servers_v6.is_empty());
-    if cfg.redirect_dns && !redirect_dns {
-        tracing::warn!(
-            "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
-        );
-    }
-
-    // Excluded interfaces are never captured.
+/// Excluded interfaces are never captured (nat, and mangle in TPROXY mode).
+fn exclude_interfaces(b: &mut Builder, x: &Ctx) {
+    use Table::{Mangle, Nat};
+    let cfg = x.cfg;
+    let tproxy = x.tproxy;
     for i in &cfg.exclude_interfaces {
         b.append(Nat, "PREROUTING", args!["-i", i, "-j", "RETURN"]);
         b.append(Nat, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
@@ -181,12 +220,21 @@ pub fn build(cfg: &Config) -> Plan {
             b.append(Mangle, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
         }
     }
+}
 
-    // Virtual interfaces are not captured as inbound.
+/// Virtual interfaces are not captured as inbound.
+fn kube_virt_interfaces_return(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
     for i in &cfg.kube_virt_interfaces {
         b.insert(Nat, "PREROUTING", 1, args!["-i", i, "-j", "RETURN"]);
     }
+}
 
+/// `--drop-invalid`: mangle ISTIO_DROP for INVALID packets.
+fn drop_invalid(b: &mut Builder, x: &Ctx) {
+    use Table::Mangle;
+    let cfg = x.cfg;
     if cfg.drop_invalid {
         b.append(
             Mangle,
@@ -195,7 +243,14 @@ pub fn build(cfg: &Config) -> Plan {
         );
         b.append(Mangle, chain::DROP, args!["-j", "DROP"]);
     }
+}
 
+/// The chains every capture jumps to: the tunnel port's exemption, ISTIO_REDIRECT and
+/// ISTIO_IN_REDIRECT.
+fn proxy_chains(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
+    let tunnel = x.tunnel.as_str();
     b.append(
         Nat,
         chain::INBOUND,
@@ -218,8 +273,16 @@ pub fn build(cfg: &Config) -> Plan {
             cfg.inbound_capture_port
         ],
     );
+}
 
-    // Inbound.
+/// Inbound: PREROUTING to ISTIO_INBOUND, then per port (or all but the excluded ones) to
+/// the proxy, through REDIRECT or TPROXY (Istio's `handleInboundPortsInclude`).
+fn inbound(b: &mut Builder, x: &Ctx) {
+    use Table::{Mangle, Nat};
+    let cfg = x.cfg;
+    let tproxy = x.tproxy;
+    let loopback_v4 = x.loopback_v4.as_str();
+    let loopback_v6 = x.loopback_v6;
     if cfg.inbound_ports != InboundPorts::None {
         let table = if tproxy {
             b.append(
@@ -229,7 +292,7 @@ pub fn build(cfg: &Config) -> Plan {
             );
             b.append(Mangle, chain::DIVERT, args!["-j", "ACCEPT"]);
             b.append_versioned(
-                &loopback_v4,
+                loopback_v4,
                 loopback_v6,
                 Mangle,
                 chain::TPROXY,
@@ -289,18 +352,22 @@ pub fn build(cfg: &Config) -> Plan {
                         with_target(dport("tcp", p), "RETURN"),
                     );
                 }
-                to_proxy(&mut b, None);
+                to_proxy(b, None);
             }
             InboundPorts::Only(ports) => {
                 for p in ports {
-                    to_proxy(&mut b, Some(p));
+                    to_proxy(b, Some(p));
                 }
             }
             InboundPorts::None => unreachable!("checked above"),
         }
     }
+}
 
-    // Outbound.
+/// Outbound entry: OUTPUT to ISTIO_OUTPUT, excluded ports, the passthrough source.
+fn outbound_entry(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
     b.append(Nat, "OUTPUT", args!["-j", chain::OUTPUT]);
     // Per port, TCP then UDP, as Istio's handleOutboundPortsExclude does.
     for p in &cfg.outbound_ports_exclude {
@@ -316,7 +383,17 @@ pub fn build(cfg: &Config) -> Plan {
         chain::OUTPUT,
         args!["-o", "lo", "-s", VERSIONED, "-j", "RETURN"],
     );
+}
 
+/// The proxy's own traffic, and the app's calls back to itself over lo.
+fn proxy_traffic(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
+    let loopback_v4 = x.loopback_v4.as_str();
+    let loopback_v6 = x.loopback_v6;
+    let tunnel = x.tunnel.as_str();
+    let include_has_loopback = x.include_has_loopback;
+    let redirect_dns = x.redirect_dns;
     for (kind, owners) in [
         ("--uid-owner", &cfg.proxy_uids),
         ("--gid-owner", &cfg.proxy_gids),
@@ -337,7 +414,7 @@ pub fn build(cfg: &Config) -> Plan {
             }
             r.extend(owner_match(kind, o));
             r.extend(args!["-j", chain::IN_REDIRECT]);
-            b.append_versioned(&loopback_v4, loopback_v6, Nat, chain::OUTPUT, r);
+            b.append_versioned(loopback_v4, loopback_v6, Nat, chain::OUTPUT, r);
 
             // App to itself over lo is not captured (unless loopback is explicitly included).
             if !include_has_loopback {
@@ -354,7 +431,12 @@ pub fn build(cfg: &Config) -> Plan {
             b.append(Nat, chain::OUTPUT, r);
         }
     }
+}
 
+/// Owner groups captured or not (Istio's `handleCaptureByOwnerGroup`).
+fn owner_groups(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
     match &cfg.owner_groups {
         OwnerGroups::AllExcept(groups) => {
             for g in groups {
@@ -374,14 +456,27 @@ pub fn build(cfg: &Config) -> Plan {
             b.append(Nat, chain::OUTPUT, r);
         }
     }
+}
 
+/// DNS capture, when asked for and possible (Istio's `SetupDNSRedir`).
+fn dns(b: &mut Builder, x: &Ctx) {
+    let cfg = x.cfg;
+    let redirect_dns = x.redirect_dns;
     if redirect_dns {
-        dns_rules(&mut b, cfg);
+        dns_rules(b, cfg);
     }
+}
 
+/// What outbound is never captured: localhost, excluded CIDRs; then ports always captured
+/// (Istio's `handleOutboundPortsInclude`).
+fn outbound_excludes(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
+    let loopback_v4 = x.loopback_v4.as_str();
+    let loopback_v6 = x.loopback_v6;
     // Traffic to localhost is not captured.
     b.append_versioned(
-        &loopback_v4,
+        loopback_v4,
         loopback_v6,
         Nat,
         chain::OUTPUT,
@@ -410,6 +505,13 @@ pub fn build(cfg: &Config) -> Plan {
             args!["-p", "tcp", "--dport", p, "-j", chain::REDIRECT],
         );
     }
+}
+
+/// Outbound CIDRs captured, and virtual interfaces' traffic treated as outbound (Istio's
+/// `handleOutboundIncludeRules`).
+fn outbound_captures(b: &mut Builder, x: &Ctx) {
+    use Table::Nat;
+    let cfg = x.cfg;
     for family in [Family::V4, Family::V6] {
         match &cfg.outbound_include {
             OutboundCidrs::All => {
@@ -449,7 +551,16 @@ pub fn build(cfg: &Config) -> Plan {
             }
         }
     }
+}
 
+/// TPROXY mode's marks: connmark save/restore, the proxy's outbound mark, and the
+/// ISTIO_INBOUND exemptions for marked and passthrough traffic.
+fn tproxy_marks(b: &mut Builder, x: &Ctx) {
+    use Table::Mangle;
+    let cfg = x.cfg;
+    let tproxy = x.tproxy;
+    let loopback_v4 = x.loopback_v4.as_str();
+    let loopback_v6 = x.loopback_v6;
     if tproxy {
         let mark = cfg.tproxy_mark;
         // Save the mark set by Envoy's original_src filter as the connection mark.
@@ -484,7 +595,7 @@ pub fn build(cfg: &Config) -> Plan {
                 let mut r = args!["!", "-d", VERSIONED, "-p", "tcp", "-o", "lo"];
                 r.extend(owner_match(kind, o));
                 r.extend(args!["-j", "MARK", "--set-mark", OUTBOUND_MARK]);
-                b.append_versioned(&loopback_v4, loopback_v6, Mangle, "OUTPUT", r);
+                b.append_versioned(loopback_v4, loopback_v6, Mangle, "OUTPUT", r);
             }
         }
         b.append(
@@ -550,9 +661,6 @@ pub fn build(cfg: &Config) -> Plan {
             ],
         );
     }
-
-    b.plan.ip = ip_commands(cfg);
-    b.plan
 }
 
 /// DNS capture: nat redirection to the agent and raw-table conntrack zones.
