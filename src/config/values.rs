@@ -1,0 +1,484 @@
+//! Flag and env values, one type and one parser each: ports and port ranges, owners,
+//! interfaces, CIDR lists, Go's bools and durations. Every parser names the flag (or the env
+//! var) its value came from in its error.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::cli::{Args, Origin, describe};
+
+/// Values echoed in messages are cut to this many characters.
+pub const MAX_ECHO_CHARS: usize = 80;
+
+/// A bad input: which flag or env var, the value, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid value {} for {source_name}: {reason}", quoted(value))]
+pub struct ConfigError {
+    /// e.g. `--envoy-port`, `--envoy-port (from env ENVOY_PORT)`, `env ENVOY_USER`.
+    pub source_name: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// `s` quoted (Rust debug syntax, so control characters show), cut to [`MAX_ECHO_CHARS`]
+/// characters: a 100 KB value must not flood the terminal.
+pub fn quoted(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MAX_ECHO_CHARS {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head:?}... ({n} characters in all)")
+}
+
+/// `s` as is when short, else cut like [`quoted`] (for paths printed without quotes).
+pub fn shortened(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MAX_ECHO_CHARS {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head}... ({n} characters in all)")
+}
+
+/// A TCP/UDP port, 1-65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port(pub(super) u16);
+
+impl Port {
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A port or an iptables port range `a:b` (a <= b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSpec {
+    One(Port),
+    Range(Port, Port),
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortSpec::One(p) => write!(f, "{p}"),
+            PortSpec::Range(a, b) => write!(f, "{a}:{b}"),
+        }
+    }
+}
+
+/// A uid or gid: a number, or a user/group name that iptables resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Id(n) => write!(f, "{n}"),
+            Owner::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A network interface name as Linux accepts it (a trailing `+` wildcard allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iface(pub(super) String);
+
+impl fmt::Display for Iface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How inbound traffic reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redirect,
+    Tproxy,
+}
+
+/// Which inbound ports are captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundPorts {
+    None,
+    All,
+    Only(Vec<PortSpec>),
+}
+
+/// IPv4 and IPv6 CIDRs of one list, in the order given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cidrs {
+    pub v4: Vec<Ipv4Net>,
+    pub v6: Vec<Ipv6Net>,
+}
+
+impl Cidrs {
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// The CIDRs as typed that have host bits set (`10.0.0.1/8`).
+    pub(super) fn with_host_bits(&self) -> Vec<String> {
+        let v4 = self
+            .v4
+            .iter()
+            .filter(|n| **n != n.trunc())
+            .map(|n| n.to_string());
+        let v6 = self
+            .v6
+            .iter()
+            .filter(|n| **n != n.trunc())
+            .map(|n| n.to_string());
+        v4.chain(v6).collect()
+    }
+
+    /// The kernel's form: host bits cleared (`10.0.0.1/8` is stored as `10.0.0.0/8`).
+    pub(super) fn truncated(&self) -> Cidrs {
+        Cidrs {
+            v4: self.v4.iter().map(Ipv4Net::trunc).collect(),
+            v6: self.v6.iter().map(Ipv6Net::trunc).collect(),
+        }
+    }
+}
+
+/// Which outbound destinations are captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundCidrs {
+    All,
+    Only(Cidrs),
+}
+
+/// Owner groups whose outbound traffic is captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Every group but these (Istio: include `*`, exclude list).
+    AllExcept(Vec<Owner>),
+    /// Only these groups.
+    Only(Vec<Owner>),
+}
+
+/// iptables flavour forced by `--force-iptables-binary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Legacy,
+    Nft,
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Legacy => "legacy",
+            Flavor::Nft => "nft",
+        })
+    }
+}
+
+/// Names a value's source for error messages.
+/// Where a value came from; the flag/env name is only worked out for an error message.
+pub(super) enum Src<'a> {
+    Arg(&'a Args, &'a str),
+    Env(&'a str),
+}
+
+impl<'a> Src<'a> {
+    pub(super) fn arg(args: &'a Args, id: &'a str) -> Self {
+        Src::Arg(args, id)
+    }
+    pub(super) fn env(var: &'a str) -> Self {
+        Src::Env(var)
+    }
+    pub(super) fn name(&self) -> String {
+        match self {
+            Src::Arg(args, id) => {
+                let (flag, env) = describe(id);
+                match (args.origin(id), env) {
+                    (Origin::Env, Some(env)) => format!("{flag} (from env {env})"),
+                    _ => flag,
+                }
+            }
+            Src::Env(var) => format!("env {var}"),
+        }
+    }
+    pub(super) fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source_name: self.name(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How errors name the flag `id` (or its env var, when the value came from there), for
+/// values read outside this module (`@PATH` list files).
+pub fn source_name(args: &Args, id: &str) -> String {
+    Src::arg(args, id).name()
+}
+
+/// Splits a comma list, trimming items and dropping empty ones.
+pub fn split_list(s: &str) -> Vec<&str> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// Go's strconv.ParseBool.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+pub(super) fn parse_u16_strict(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+pub(super) fn port(src: &Src, whole: &str, item: &str) -> Result<Port, ConfigError> {
+    match parse_u16_strict(item) {
+        Some(n) if n > 0 => Ok(Port(n)),
+        _ => Err(src.err(
+            whole,
+            format!("{} is not a port number (1-65535)", quoted(item)),
+        )),
+    }
+}
+
+pub(super) fn single_port(src: &Src, s: &str) -> Result<Port, ConfigError> {
+    port(src, s, s.trim())
+}
+
+pub(super) fn port_spec(src: &Src, whole: &str, item: &str) -> Result<PortSpec, ConfigError> {
+    match item.split_once(':') {
+        None => Ok(PortSpec::One(port(src, whole, item)?)),
+        Some((a, b)) => {
+            let (a, b) = (port(src, whole, a)?, port(src, whole, b)?);
+            if a.0 > b.0 {
+                return Err(src.err(whole, format!("port range {} is reversed", quoted(item))));
+            }
+            Ok(PortSpec::Range(a, b))
+        }
+    }
+}
+
+pub(super) fn port_list(src: &Src, s: &str) -> Result<Vec<PortSpec>, ConfigError> {
+    split_list(s)
+        .into_iter()
+        .map(|item| {
+            if item == "*" {
+                return Err(src.err(s, "`*` is not allowed here"));
+            }
+            port_spec(src, s, item)
+        })
+        .collect()
+}
+
+pub(super) fn u32_value(src: &Src, s: &str, what: &str) -> Result<u32, ConfigError> {
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(src.err(s, format!("expected {what}")));
+    }
+    t.parse()
+        .map_err(|_| src.err(s, format!("expected {what} (at most {})", u32::MAX)))
+}
+
+/// A user or group name as shadow-utils accepts it (no shell or iptables metacharacters).
+pub(super) fn valid_account_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter().enumerate().all(|(i, &c)| {
+            c.is_ascii_alphanumeric()
+                || c == b'_'
+                || c == b'.'
+                || c == b'-'
+                || (c == b'$' && i == b.len() - 1)
+        })
+}
+
+pub(super) fn owner(src: &Src, whole: &str, item: &str) -> Result<Owner, ConfigError> {
+    if item.bytes().all(|b| b.is_ascii_digit()) {
+        return match item.parse::<u32>() {
+            // (uid_t)-1 means "no id" to the kernel; iptables' owner match refuses it.
+            Ok(u32::MAX) => Err(src.err(
+                whole,
+                format!(
+                    "id {item} is reserved (it means \"no id\"); the highest id is {}",
+                    u32::MAX - 1
+                ),
+            )),
+            Ok(n) => Ok(Owner::Id(n)),
+            Err(_) => Err(src.err(
+                whole,
+                format!(
+                    "id {} is out of range (at most {})",
+                    quoted(item),
+                    u32::MAX - 1
+                ),
+            )),
+        };
+    }
+    if valid_account_name(item) {
+        Ok(Owner::Name(item.to_string()))
+    } else {
+        Err(src.err(
+            whole,
+            format!(
+                "{} is neither a numeric id nor a valid user/group name",
+                quoted(item)
+            ),
+        ))
+    }
+}
+
+pub(super) fn owner_list(src: &Src, s: &str) -> Result<Vec<Owner>, ConfigError> {
+    let items = split_list(s);
+    if items.is_empty() {
+        return Err(src.err(s, "expected at least one id or name"));
+    }
+    items.into_iter().map(|i| owner(src, s, i)).collect()
+}
+
+/// Linux's dev_valid_name, plus no quotes/backslashes/leading `-` or `!` that iptables would
+/// read as syntax. A trailing `+` (iptables wildcard) is allowed.
+pub(super) fn iface(src: &Src, whole: &str, item: &str) -> Result<Iface, ConfigError> {
+    let bad = |why: &str| src.err(whole, format!("interface name {} {why}", quoted(item)));
+    if item.is_empty() || item.len() > 15 {
+        return Err(bad("must be 1-15 bytes long"));
+    }
+    if item == "." || item == ".." {
+        return Err(bad("is not allowed"));
+    }
+    if item.starts_with('-') || item.starts_with('!') {
+        return Err(bad("must not start with '-' or '!'"));
+    }
+    if let Some(c) = item.chars().find(|&c| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | ',')
+            || !c.is_ascii()
+    }) {
+        return Err(bad(&format!("contains the character {c:?}")));
+    }
+    Ok(Iface(item.to_string()))
+}
+
+pub(super) fn iface_list(src: &Src, s: &str) -> Result<Vec<Iface>, ConfigError> {
+    // Whitespace is invalid inside names, so do not trim it away silently.
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|i| iface(src, s, i))
+        .collect()
+}
+
+pub(super) fn cidr(src: &Src, whole: &str, item: &str) -> Result<IpNet, ConfigError> {
+    if let Ok(n) = item.parse::<IpNet>() {
+        return Ok(n);
+    }
+    if let Ok(a) = item.parse::<IpAddr>() {
+        return Ok(IpNet::from(a));
+    }
+    Err(src.err(
+        whole,
+        format!("{} is not a valid CIDR or IP address", quoted(item)),
+    ))
+}
+
+pub(super) fn cidr_list(src: &Src, s: &str) -> Result<Cidrs, ConfigError> {
+    let mut out = Cidrs::default();
+    for item in split_list(s) {
+        if item == "*" {
+            return Err(src.err(s, "`*` is not allowed here"));
+        }
+        match cidr(src, s, item)? {
+            IpNet::V4(n) => out.v4.push(n),
+            IpNet::V6(n) => out.v6.push(n),
+        }
+    }
+    Ok(out)
+}
+
+/// Go's time.ParseDuration (non-negative values only).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return None;
+        }
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    if !total.is_finite() || total > 1e9 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+pub(super) fn go_bool(args: &Args, id: &str, raw: &str) -> Result<bool, ConfigError> {
+    parse_go_bool(raw.trim()).ok_or_else(|| {
+        Src::arg(args, id).err(
+            raw,
+            "expected a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)",
+        )
+    })
+}
+
+/// A bool flag that Istio also reads from an older env name.
+pub(super) fn go_bool_with_alias(
+    args: &Args,
+    id: &str,
+    raw: &str,
+    alias: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<bool, ConfigError> {
+    if args.origin(id) == Origin::Default
+        && let Some(v) = env(alias)
+    {
+        return parse_go_bool(v.trim())
+            .ok_or_else(|| Src::env(alias).err(&v, "expected a boolean (true/false, 1/0, t/f)"));
+    }
+    go_bool(args, id, raw)
+}
