@@ -78,6 +78,28 @@ pub enum Position {
     Insert(u32),
 }
 
+impl Position {
+    /// Puts `item` into `chain` as iptables would: at the end, or before the rule now at
+    /// 1-based position N (past the end: at the end).
+    pub fn place<T>(self, chain: &mut Vec<T>, item: T) {
+        match self {
+            Position::Append => chain.push(item),
+            Position::Insert(n) => {
+                let at = (n as usize).saturating_sub(1).min(chain.len());
+                chain.insert(at, item);
+            }
+        }
+    }
+}
+
+/// A number as iptables-save and `ip` print it: decimal, or hex with `0x`.
+pub fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 /// One rule: where it goes and its match/target tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {

@@ -139,13 +139,7 @@ fn has_our_shape(table: &str, chain: &str, canon: &str) -> bool {
 /// Applies append/insert operations to a chain's content.
 fn simulate(mut content: Vec<String>, ops: &[(Position, String)]) -> Vec<String> {
     for (pos, r) in ops {
-        match pos {
-            Position::Append => content.push(r.clone()),
-            Position::Insert(n) => {
-                let at = (*n as usize).saturating_sub(1).min(content.len());
-                content.insert(at, r.clone());
-            }
-        }
+        pos.place(&mut content, r.clone());
     }
     content
 }
@@ -492,13 +486,7 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
                 canonical(&r.args, resolver),
                 format!("-A {} {}", r.chain, r.spec()),
             );
-            match r.position {
-                Position::Append => entry.push(item),
-                Position::Insert(n) => {
-                    let at = (n as usize).saturating_sub(1).min(entry.len());
-                    entry.insert(at, item);
-                }
-            }
+            r.position.place(entry, item);
         }
         for c in &p.desired_chains {
             want.entry(c.to_string()).or_default();

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::model::parse_number;
 use crate::system::save::OwnerResolver;
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
@@ -135,10 +136,7 @@ struct Walker<'a> {
 }
 
 fn num(s: &str) -> Option<u32> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16).ok(),
-        None => s.parse().ok(),
-    }
+    parse_number(s).and_then(|n| u32::try_from(n).ok())
 }
 
 /// `V[/M]` → (value, mask).

@@ -11,7 +11,7 @@ use self::interp::{Outcome, Packet, Proto, Ruleset, Verdict};
 use crate::apply::reconcile::{self, ChainDiff};
 use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
 use crate::config::Config;
-use crate::model::{self, Family, Position, Rule};
+use crate::model::{self, Family, Rule};
 use crate::rules;
 use crate::rules::ip;
 use crate::system::backend::{self, Probe};
@@ -65,13 +65,7 @@ pub fn ruleset_from_rules(rules: &[Rule]) -> Ruleset {
             .entry(r.chain.to_string())
             .or_default();
         let item = (format!("-A {} {}", r.chain, r.spec()), r.args.clone());
-        match r.position {
-            Position::Append => chain.push(item),
-            Position::Insert(n) => {
-                let at = (n as usize).saturating_sub(1).min(chain.len());
-                chain.insert(at, item);
-            }
-        }
+        r.position.place(chain, item);
     }
     rs
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use crate::config::{Config, InboundPorts, Mode};
-use crate::model::Family;
+use crate::model::{Family, parse_number};
 use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
 use crate::system::rtnl::Routing;
@@ -143,11 +143,7 @@ pub fn present_in(cmd: &IpCommand, show: &str) -> bool {
             };
             let mark_ok = after("fwmark").is_some_and(|m| {
                 let m = m.split('/').next().unwrap_or(m);
-                let n = m
-                    .strip_prefix("0x")
-                    .map(|h| u32::from_str_radix(h, 16).ok())
-                    .unwrap_or_else(|| m.parse().ok());
-                n == Some(*mark)
+                parse_number(m) == Some(u64::from(*mark))
             });
             mark_ok && after("lookup") == Some(table.to_string().as_str())
         }),

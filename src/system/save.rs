@@ -8,6 +8,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::model::parse_number;
+
 /// One table as iptables-save prints it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableState {
@@ -175,21 +177,13 @@ fn is_number(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_digit() || b == b'-')
 }
 
-fn parse_num(s: &str) -> Option<u64> {
-    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        u64::from_str_radix(h, 16).ok()
-    } else {
-        s.parse().ok()
-    }
-}
-
 /// `value[/mask]` → `0xVALUE[/0xMASK]` with the full mask left out, or kept when `keep_mask`.
 fn canon_mark(s: &str, keep_mask: bool) -> String {
     let (v, m) = match s.split_once('/') {
         Some((v, m)) => (v, Some(m)),
         None => (s, None),
     };
-    let (Some(v), m) = (parse_num(v), m.map(parse_num)) else {
+    let (Some(v), m) = (parse_number(v), m.map(parse_number)) else {
         return s.to_string();
     };
     let m = match m {
@@ -359,7 +353,9 @@ fn canon_target_opts(target: &str, opts: &[String]) -> Vec<String> {
                 Some(format!("--tproxy-mark {}", canon_mark(v, true)))
             }
             ("TPROXY", "--on-ip", Some("0.0.0.0" | "::")) => None,
-            ("CONNMARK", "--nfmask" | "--ctmask", Some(m)) if parse_num(m) == Some(0xffff_ffff) => {
+            ("CONNMARK", "--nfmask" | "--ctmask", Some(m))
+                if parse_number(m) == Some(0xffff_ffff) =>
+            {
                 None
             }
             ("REDIRECT", "--to-port", Some(v)) => Some(format!("--to-ports {v}")),
