@@ -22,6 +22,7 @@ use crate::config::{
 };
 use crate::model::{DNS_PROXY_PORT, OUTBOUND_MARK};
 use crate::rules::ip::{IpCommand, ip_commands};
+use crate::rules::{dns_capture_on, include_has_loopback};
 
 use self::Table::{Mangle, Nat, Raw};
 use self::chain::{
@@ -358,18 +359,7 @@ pub fn build(cfg: &Config) -> Ruleset {
         ipv6: cfg.enable_ipv6,
         rules: Vec::new(),
     };
-    let include_has_loopback = match &cfg.outbound_include {
-        OutboundCidrs::All => false,
-        OutboundCidrs::Only(c) => {
-            c.v4.iter().any(|n| n.addr().is_loopback())
-                || c.v6.iter().any(|n| n.addr().is_loopback())
-        }
-    };
-    // Istio: DNS capture needs either capture-all or at least one known server.
-    let redirect_dns = cfg.redirect_dns
-        && (cfg.capture_all_dns
-            || !cfg.dns_servers_v4.is_empty()
-            || !cfg.dns_servers_v6.is_empty());
+    let redirect_dns = dns_capture_on(cfg);
     if cfg.redirect_dns && !redirect_dns {
         tracing::warn!(
             "--redirect-dns is set, but --capture-all-dns is not and no DNS servers were found; DNS capture disabled"
@@ -381,7 +371,7 @@ pub fn build(cfg: &Config) -> Ruleset {
         lo4: cfg.host_loopback_cidr.to_string(),
         tunnel: cfg.inbound_tunnel_port.to_string(),
         redirect_dns,
-        include_has_loopback,
+        include_has_loopback: include_has_loopback(cfg),
     };
 
     exclude_interfaces(&mut b, &x);
