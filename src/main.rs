@@ -1,7 +1,6 @@
 //! Entry point: parse, validate, build, then print (dry run), clean up, or apply; then
 //! optionally validate. Exit codes are listed in `code` and in the README.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -342,13 +341,7 @@ fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u
 }
 
 fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
-    // Rules of the current config help recognise ours; both families, whatever IPv6 says.
-    let mut both = cfg.clone();
-    both.enable_ipv6 = true;
-    let plan = rules::build(&both);
-    let rules = BTreeMap::from([(Family::V4, plan.v4.clone()), (Family::V6, plan.v6.clone())]);
-    let ip = script::cleanup_ip_commands(cfg);
-    match apply::cleanup(&rules, &ip, opts, env) {
+    match apply::cleanup(&rules::teardown(cfg), opts, env) {
         Ok(s) => {
             tracing::info!(
                 cleaned = %join(&s.committed),

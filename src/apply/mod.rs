@@ -7,11 +7,11 @@
 
 pub mod reconcile;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use self::reconcile::{Conflict, Policy, Transaction};
 use crate::config::Flavor;
-use crate::model::{Family, Rule, Table};
+use crate::model::{Family, Table};
 use crate::rules::Plan;
 use crate::rules::ip;
 use crate::rules::ip::IpCommand;
@@ -586,14 +586,10 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
 }
 
 /// Removes every ISTIO_* chain and jump (and our other built-in chain rules), in every table,
-/// both families, on every backend that holds them; then the `ip` plumbing in `ip_cmds`.
+/// both families, on every backend that holds them; then the `ip` plumbing in `plan.ip`
+/// (`plan` is [`rules::teardown`](crate::rules::teardown)'s).
 /// Keeps going after a failure and reports all of them.
-pub fn cleanup(
-    rules: &BTreeMap<Family, Vec<Rule>>,
-    ip_cmds: &[IpCommand],
-    opts: &Options,
-    env: &mut Env<'_>,
-) -> Result<Summary, Vec<String>> {
+pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, Vec<String>> {
     let mut summary = Summary::default();
     let mut errors = Vec::new();
     for family in [Family::V4, Family::V6] {
@@ -617,7 +613,7 @@ pub fn cleanup(
                 }
             }
         }
-        let ours = rules.get(&family).map(Vec::as_slice).unwrap_or(&[]);
+        let ours = plan.rules(family);
         for b in backends {
             let before = match read_state(family, &b, env.probe, env.runner) {
                 Ok(s) => s,
@@ -653,7 +649,7 @@ pub fn cleanup(
             cmds.extend(ip::leftovers(family, &routing, &[]));
         }
     }
-    for c in ip_cmds {
+    for c in &plan.ip {
         if !cmds.contains(c) {
             cmds.push(c.clone());
         }
@@ -688,6 +684,7 @@ mod tests {
     use crate::config::tests::build as config;
     use crate::rules;
     use crate::system::save::NoResolver;
+    use std::collections::BTreeMap;
 
     /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).
     #[derive(Default)]

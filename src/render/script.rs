@@ -5,7 +5,6 @@ use crate::config::{Config, Owner, OwnerGroups};
 use crate::model::Family;
 use crate::render::restore;
 use crate::rules::Plan;
-use crate::rules::ip::IpCommand;
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).
 const EOF_MARK: &str = "EOF";
@@ -52,24 +51,6 @@ pub fn render(cfg: &Config, plan: &Plan) -> String {
         s.push_str(&format!("{cmd}\n"));
     }
     s
-}
-
-/// The `ip` changes a cleanup undoes: both families, whatever IPv6 says, with this config's
-/// TPROXY mark and table.
-pub fn cleanup_ip_commands(cfg: &Config) -> Vec<IpCommand> {
-    let mut ip = vec![IpCommand::AddInboundV6Address];
-    for family in [Family::V4, Family::V6] {
-        ip.push(IpCommand::RuleAdd {
-            family,
-            mark: cfg.tproxy_mark,
-            table: cfg.tproxy_route_table,
-        });
-        ip.push(IpCommand::RouteAddLocal {
-            family,
-            table: cfg.tproxy_route_table,
-        });
-    }
-    ip
 }
 
 /// The part of the cleanup script that does not depend on the configuration: it reads the

@@ -103,6 +103,24 @@ pub fn ip_commands(cfg: &Config) -> Vec<IpCommand> {
     ip
 }
 
+/// The `ip` changes a cleanup undoes: both families, whatever IPv6 says, with this config's
+/// TPROXY mark and table.
+pub fn teardown(cfg: &Config) -> Vec<IpCommand> {
+    let mut ip = vec![IpCommand::AddInboundV6Address];
+    for family in [Family::V4, Family::V6] {
+        ip.push(IpCommand::RuleAdd {
+            family,
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        });
+        ip.push(IpCommand::RouteAddLocal {
+            family,
+            table: cfg.tproxy_route_table,
+        });
+    }
+    ip
+}
+
 fn fam(f: Family) -> &'static str {
     match f {
         Family::V4 => "-4",

@@ -136,6 +136,16 @@ fn owner_match(kind: &str, o: &Owner) -> Vec<String> {
     args!["-m", "owner", kind, o]
 }
 
+/// What a cleanup removes: this config's rules in both families, whatever IPv6 says (they
+/// help recognise ours among the live rules), and the `ip` steps of [`ip::teardown`].
+pub fn teardown(cfg: &Config) -> Plan {
+    let mut both = cfg.clone();
+    both.enable_ipv6 = true;
+    let mut plan = build(&both);
+    plan.ip = ip::teardown(cfg);
+    plan
+}
+
 /// What the phases share, worked out once from the config.
 struct Ctx<'a> {
     cfg: &'a Config,
