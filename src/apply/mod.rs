@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use self::reconcile::{Conflict, Policy, Transaction};
 use crate::config::Flavor;
 use crate::model::{Family, Table};
+use crate::render::restore::{self, Header};
 use crate::rules::Plan;
 use crate::rules::ip;
 use crate::rules::ip::IpCommand;
@@ -319,7 +320,7 @@ fn roll_back(
             None if backend.flavor == Some(Flavor::Nft) => {
                 absent.extend(Table::ALL.into_iter().filter(|x| x.name() == t.as_str()))
             }
-            None => text.push_str(&format!("*{t}\nCOMMIT\n")),
+            None => restore::section(&mut text, t, Header::Save, |_| {}),
         }
     }
     tracing::info!(tables = %changed.join(","), "restoring the {family} tables read before the run");

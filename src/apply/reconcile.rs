@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{Position, Rule, Table, chain};
-use crate::render::restore;
+use crate::render::restore::{self, Header};
 use crate::system::save::{OwnerResolver, SaveState, TableState, canonical};
 
 /// What to do when the namespace already holds different ISTIO_* state.
@@ -310,44 +310,56 @@ impl<'a> TablePlan<'a> {
     fn section(&self) -> String {
         let changed = self.changed_builtin();
         let existing: Vec<&str> = self.current_ours();
-        let mut s = format!("*{}\n", self.name);
-        for c in &self.desired_chains {
-            if !existing.contains(c) {
-                s.push_str(&format!("-N {c}\n"));
-            }
-        }
-        for c in &changed {
-            if let Some(rules) = self.have.get(c) {
-                for (idx, (_, owned)) in rules.iter().enumerate().rev() {
-                    if *owned {
-                        s.push_str(&format!("-D {c} {}\n", idx + 1));
-                    }
+        let mut s = String::new();
+        restore::section(&mut s, self.name, Header::Save, |s| {
+            for c in &self.desired_chains {
+                if !existing.contains(c) {
+                    s.push_str(&format!("-N {c}\n"));
                 }
             }
-        }
-        for c in &existing {
-            s.push_str(&format!("-F {c}\n"));
-        }
-        for c in &existing {
-            if !self.desired_chains.contains(c) {
-                s.push_str(&format!("-X {c}\n"));
+            for c in &changed {
+                if let Some(rules) = self.have.get(c) {
+                    Self::delete_owned(s, c, rules);
+                }
             }
-        }
-        for r in &self.desired {
-            if is_ours(r.chain) || changed.iter().any(|c| c == r.chain) {
-                s.push_str(&format!("{r}\n"));
+            for c in &existing {
+                s.push_str(&format!("-F {c}\n"));
             }
-        }
-        s.push_str("COMMIT\n");
+            for c in &existing {
+                if !self.desired_chains.contains(c) {
+                    s.push_str(&format!("-X {c}\n"));
+                }
+            }
+            for r in &self.desired {
+                if is_ours(r.chain) || changed.iter().any(|c| c == r.chain) {
+                    s.push_str(&format!("{r}\n"));
+                }
+            }
+        });
         s
+    }
+
+    /// `-D CHAIN N` for each of our rules in a built-in chain, last first (so that the
+    /// numbers of the ones still to go do not move).
+    fn delete_owned(s: &mut String, chain: &str, rules: &[(String, bool)]) {
+        for (idx, (_, owned)) in rules.iter().enumerate().rev() {
+            if *owned {
+                s.push_str(&format!("-D {chain} {}\n", idx + 1));
+            }
+        }
+    }
+
+    /// Whether the table holds nothing but our state: only ISTIO_* chains, every built-in
+    /// chain's policy ACCEPT, and every rule in the built-in chains ours.
+    fn only_ours(&self) -> bool {
+        self.cur.user_chains.iter().all(|c| is_ours(c))
+            && self.cur.builtin.iter().all(|(_, p)| p == "ACCEPT")
+            && self.have.values().flatten().all(|(_, owned)| *owned)
     }
 
     /// Whether the table holds nothing once the section is applied.
     fn empty_after(&self) -> bool {
-        self.desired.is_empty()
-            && self.cur.user_chains.iter().all(|c| is_ours(c))
-            && self.cur.builtin.iter().all(|(_, p)| p == "ACCEPT")
-            && self.have.values().flatten().all(|(_, owned)| *owned)
+        self.desired.is_empty() && self.only_ours()
     }
 }
 
@@ -429,30 +441,21 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
         if !p.has_our_state() {
             continue;
         }
-        let mut s = format!("*{}\n", p.name);
-        for (c, rules) in &p.have {
-            if is_ours(c) {
-                continue;
-            }
-            for (idx, (_, owned)) in rules.iter().enumerate().rev() {
-                if *owned {
-                    s.push_str(&format!("-D {c} {}\n", idx + 1));
+        restore::section(&mut tx.payload, p.name, Header::Save, |s| {
+            for (c, rules) in &p.have {
+                if !is_ours(c) {
+                    TablePlan::delete_owned(s, c, rules);
                 }
             }
-        }
-        for c in p.current_ours() {
-            s.push_str(&format!("-F {c}\n"));
-        }
-        for c in p.current_ours() {
-            s.push_str(&format!("-X {c}\n"));
-        }
-        s.push_str("COMMIT\n");
-        tx.payload.push_str(&s);
+            for c in p.current_ours() {
+                s.push_str(&format!("-F {c}\n"));
+            }
+            for c in p.current_ours() {
+                s.push_str(&format!("-X {c}\n"));
+            }
+        });
         tx.touched.push(table);
-        let empty = p.cur.user_chains.iter().all(|c| is_ours(c))
-            && p.cur.builtin.iter().all(|(_, pol)| pol == "ACCEPT")
-            && p.have.values().flatten().all(|(_, owned)| *owned);
-        if empty {
+        if p.only_ours() {
             tx.emptied.push(table);
         }
     }

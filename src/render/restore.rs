@@ -22,6 +22,27 @@ pub fn declared_chains(rules: &[&Rule]) -> Vec<&'static str> {
     out
 }
 
+/// How a section names its table: `* nat` as Istio's payload does (the dry-run script matches
+/// Istio's byte for byte), or `*nat` as iptables-save does (the transactions we commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    Istio,
+    Save,
+}
+
+/// Appends one table's section of an iptables-restore input to `out`: the `*` line, what
+/// `body` writes (whole lines), `COMMIT`. The one writer of that framing.
+pub fn section(out: &mut String, table: &str, header: Header, body: impl FnOnce(&mut String)) {
+    match header {
+        Header::Istio => out.push_str("* "),
+        Header::Save => out.push('*'),
+    }
+    out.push_str(table);
+    out.push('\n');
+    body(out);
+    out.push_str("COMMIT\n");
+}
+
 /// The rules of one family as an iptables-restore payload.
 pub fn payload(rules: &[Rule]) -> String {
     let mut out = String::new();
@@ -30,14 +51,14 @@ pub fn payload(rules: &[Rule]) -> String {
         if in_table.is_empty() {
             continue;
         }
-        out.push_str(&format!("* {table}\n"));
-        for c in declared_chains(&in_table) {
-            out.push_str(&format!("-N {c}\n"));
-        }
-        for r in in_table {
-            out.push_str(&format!("{r}\n"));
-        }
-        out.push_str("COMMIT\n");
+        section(&mut out, table.name(), Header::Istio, |out| {
+            for c in declared_chains(&in_table) {
+                out.push_str(&format!("-N {c}\n"));
+            }
+            for r in in_table {
+                out.push_str(&format!("{r}\n"));
+            }
+        });
     }
     out
 }
