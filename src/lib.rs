@@ -14,7 +14,7 @@
 //!    backend detection ([`system::backend`]), netlink reads ([`system::nftprobe`],
 //!    [`system::rtnl`]), namespaces and locks ([`system::netns`], [`system::nslock`]), users
 //!    and addresses ([`system::host`]), and iptables-save parsing ([`system::save`]).
-//! 7. [`apply`]: read the state, plan one transaction ([`apply::reconcile`]), commit, roll
+//! 7. [`apply`]: read the state, work out one transaction ([`apply::reconcile`]), commit, roll
 //!    back, then the `ip` steps; cleanup.
 //!
 //! Beside the flow: [`inspect`] (`explain` and `verify`, walking packets with

@@ -222,7 +222,7 @@ fn drop_nft_tables(
 /// dropped: its section is left out and the table dropped whole after the restore. A run
 /// killed in between then leaves our old rules, which the next run recognises and removes,
 /// never an empty table it could not tell from another tool's.
-fn commit_plan(backend: &Backend, tx: &Transaction) -> (String, Vec<Table>) {
+fn restore_input(backend: &Backend, tx: &Transaction) -> (String, Vec<Table>) {
     let drop = backend.flavor == Some(Flavor::Nft) && backend::which("nft").is_some();
     if !drop || tx.emptied.is_empty() {
         return (tx.payload.clone(), tx.emptied.clone());
@@ -472,7 +472,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         let program = run.backend.restore_program();
         runs[i].attempted = true;
         let run = &runs[i];
-        let (payload, drop) = commit_plan(&run.backend, &run.tx);
+        let (payload, drop) = restore_input(&run.backend, &run.tx);
         tracing::info!(
             "Running iptables restore with: {program} --noflush and the following input:\n{}",
             payload.trim_end()
@@ -630,7 +630,7 @@ pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary
             }
             let program = b.restore_program();
             tracing::info!(%program, "removing {family} ISTIO_* rules:\n{}", tx.payload.trim_end());
-            let (payload, drop) = commit_plan(&b, &tx);
+            let (payload, drop) = restore_input(&b, &tx);
             let r = commit(&b, &payload, &drop, opts, env.runner);
             match r {
                 Ok(()) => summary.committed.push(family),

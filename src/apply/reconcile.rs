@@ -145,7 +145,7 @@ fn simulate(mut content: Vec<String>, ops: &[(Position, String)]) -> Vec<String>
 }
 
 /// Our view of one table: which current rules are ours and what every chain should hold.
-struct TablePlan<'a> {
+struct TableView<'a> {
     name: &'static str,
     cur: TableState,
     desired: Vec<&'a Rule>,
@@ -157,8 +157,8 @@ struct TablePlan<'a> {
     have: BTreeMap<String, Vec<(String, bool)>>,
 }
 
-impl<'a> TablePlan<'a> {
-    /// The plan for one table, ownership decided in two steps (see the module doc).
+impl<'a> TableView<'a> {
+    /// The view of one table, ownership decided in two steps (see the module doc).
     fn new(
         table: Table,
         current: &SaveState,
@@ -172,7 +172,7 @@ impl<'a> TablePlan<'a> {
         Self::with_ownership(table, current, rules, resolver, true)
     }
 
-    /// The plan for one table; `lone_shapes`: whether uncorroborated rules of our shape are
+    /// The view of one table; `lone_shapes`: whether uncorroborated rules of our shape are
     /// ours.
     fn with_ownership(
         table: Table,
@@ -235,7 +235,7 @@ impl<'a> TablePlan<'a> {
                 want.insert(c, content);
             }
         }
-        TablePlan {
+        TableView {
             name,
             cur,
             desired,
@@ -385,13 +385,13 @@ pub fn reconcile(
             emptied: Vec::new(),
         });
     }
-    let plans: Vec<(Table, TablePlan)> = Table::ALL
+    let views: Vec<(Table, TableView)> = Table::ALL
         .into_iter()
-        .map(|t| (t, TablePlan::new(t, current, desired, resolver)))
+        .map(|t| (t, TableView::new(t, current, desired, resolver)))
         .collect();
 
     if !policy.reconcile {
-        let conflict = plans
+        let conflict = views
             .iter()
             .find(|(_, p)| p.has_our_state() && !p.is_current());
         if let Some((table, p)) = conflict {
@@ -401,7 +401,7 @@ pub fn reconcile(
                 );
                 return Ok(Transaction {
                     payload: restore::payload(desired),
-                    touched: plans
+                    touched: views
                         .iter()
                         .filter(|(_, p)| !p.desired.is_empty())
                         .map(|(t, _)| *t)
@@ -417,7 +417,7 @@ pub fn reconcile(
     }
 
     let mut tx = Transaction::default();
-    for (table, p) in &plans {
+    for (table, p) in &views {
         let forced = policy.force && !p.desired.is_empty();
         if p.is_current() && !forced {
             continue;
@@ -437,14 +437,14 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
     let mut tx = Transaction::default();
     for table in Table::ALL {
         // Cleanup takes every rule of our shape in a table that holds our chains.
-        let p = TablePlan::with_ownership(table, current, ours, resolver, true);
+        let p = TableView::with_ownership(table, current, ours, resolver, true);
         if !p.has_our_state() {
             continue;
         }
         restore::section(&mut tx.payload, p.name, Header::Save, |s| {
             for (c, rules) in &p.have {
                 if !is_ours(c) {
-                    TablePlan::delete_owned(s, c, rules);
+                    TableView::delete_owned(s, c, rules);
                 }
             }
             for c in p.current_ours() {
@@ -480,7 +480,7 @@ pub struct ChainDiff {
 pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<ChainDiff> {
     let mut out = Vec::new();
     for table in Table::ALL {
-        let p = TablePlan::new(table, current, desired, resolver);
+        let p = TableView::new(table, current, desired, resolver);
         // Ours, wanted, per chain: (canonical, text), in final order.
         let mut want: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for r in &p.desired {

@@ -10,7 +10,8 @@ use self::ip::{IpCommand, ip_commands};
 use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec};
 use crate::model::{DNS_PROXY_PORT, Family, OUTBOUND_MARK, Position, Rule, Table, chain};
 
-/// Everything a config asks for: rules per family in order, then `ip` commands.
+/// Everything a config asks for: rules per family in order, then `ip` commands. The only
+/// thing this crate calls a plan: what `rules` builds and `render`, `apply` and `inspect` take.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub v4: Vec<Rule>,

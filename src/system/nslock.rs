@@ -1,5 +1,5 @@
-//! One run at a time per network namespace. Applying is read → plan → commit → roll back →
-//! `ip` steps; two runs interleaving in one namespace would plan from stale reads, restore
+//! One run at a time per network namespace. Applying is read → reconcile → commit → roll back →
+//! `ip` steps; two runs interleaving in one namespace would reconcile from stale reads, restore
 //! stale snapshots over each other's commits and race on `ip` (seen as "Chain already
 //! exists", "Index of deletion too big", rules missing after every run exited 0).
 //!
