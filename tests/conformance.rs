@@ -339,6 +339,7 @@ fn check_real_run(case: &Case, groups: &str) -> Result<(), String> {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn real_run_matches_expected_in_fresh_namespace() {
     if skip_unless_root("conformance real-run") {
         return;
@@ -365,6 +366,7 @@ fn real_run_matches_expected_in_fresh_namespace() {
 /// Root only: the namespace harness really applies rules, isolates them,
 /// makes the test groups exist, and reports failing commands loudly.
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn harness_sanity() {
     if skip_unless_root("conformance harness sanity") {
         return;

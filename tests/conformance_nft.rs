@@ -304,6 +304,7 @@ fn check_kernel(case: &NftCase, groups: &str) -> Result<(), String> {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn dry_run_script_matches_expected_in_the_kernel() {
     if skip_unless_root("nft conformance kernel") {
         return;
@@ -362,6 +363,7 @@ fn native_nftables_applies_only_as_a_dry_run_so_far() {
 /// Root only: the namespace harness starts from an empty ruleset, and different transactions
 /// give different rulesets (the comparison can fail).
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn harness_sanity_nft() {
     if skip_unless_root("nft conformance harness sanity") {
         return;

@@ -168,6 +168,7 @@ fn capture_that_does_less_than_expected_is_warned_about() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn ipv6_addresses_without_ipv6_rules_are_warned_about() {
     if skip_unless_root("ipv6_addresses_without_ipv6_rules_are_warned_about") {
         return;
@@ -287,6 +288,7 @@ fn a_path_that_is_not_a_network_namespace_is_named_as_such() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn missing_capabilities_are_named_with_the_pod_spec_fix() {
     if skip_unless_root("missing_capabilities_are_named_with_the_pod_spec_fix") {
         return;
@@ -342,6 +344,7 @@ fn missing_capabilities_are_named_with_the_pod_spec_fix() {
 const TRACE: &str = "strace -f -qq -e trace=execve -s 64 -o \"$NS_OUT/NAME\" ";
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn cidrs_with_host_bits_converge_and_verify_clean() {
     if skip_unless_root("cidrs_with_host_bits_converge_and_verify_clean") {
         return;
@@ -416,6 +419,7 @@ fn cidrs_with_host_bits_converge_and_verify_clean() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn owner_groups_at_the_limit_apply_and_a_long_exclude_list_too() {
     if skip_unless_root("owner_groups_at_the_limit_apply_and_a_long_exclude_list_too") {
         return;
@@ -483,6 +487,7 @@ fn common_limit() -> u32 {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn reconcile_false_conflict_suggests_only_what_works() {
     if skip_unless_root("reconcile_false_conflict_suggests_only_what_works") {
         return;
@@ -541,6 +546,7 @@ fn without_empty_tables(save: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn cleanup_script_works_on_any_state() {
     if skip_unless_root("cleanup_script_works_on_any_state") {
         return;

@@ -827,11 +827,13 @@ fn traffic_seed_ipv4() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_seed_ipv6() {
     traffic_seed("traffic_seed_ipv6", true);
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_outbound_cidr_include_and_exclude() {
     let test = "traffic_outbound_cidr_include_and_exclude";
     if skip_unless_root(test) {
@@ -902,6 +904,7 @@ fn port_scenarios(
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_outbound_port_exclude() {
     port_scenarios(
         "traffic_outbound_port_exclude",
@@ -924,6 +927,7 @@ fn traffic_outbound_port_exclude() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_inbound_port_include() {
     port_scenarios(
         "traffic_inbound_port_include",
@@ -946,6 +950,7 @@ fn traffic_inbound_port_include() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_tproxy_inbound() {
     let test = "traffic_tproxy_inbound";
     if skip_unless_root(test) {
@@ -989,6 +994,7 @@ fn traffic_tproxy_inbound() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_dns_redirect() {
     let test = "traffic_dns_redirect";
     if skip_unless_root(test) {
@@ -1051,6 +1057,7 @@ fn traffic_dns_redirect() {
 /// `::6` for `::6` (the same address is preferred), so `-A ISTIO_OUTPUT -o lo -s ::6/128 -j
 /// RETURN` leaves them alone; `explain` must route `::6` over lo from `::6` too.
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn explain_passthrough_address_as_destination() {
     let test = "explain_passthrough_address_as_destination";
     if skip_unless_root(test) {
@@ -1292,6 +1299,7 @@ fn generate(rng: &mut Rng, lab: &Lab, c: &DiffConfig) -> Probe {
 /// (in-process from the config; every fifth also the binary `--from-kernel`) with where the
 /// packet really landed.
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn differential_explain_vs_kernel() {
     let test = "differential_explain_vs_kernel";
     if skip_unless_root(test) {
@@ -1598,6 +1606,7 @@ fn verify_each_family(test: &str, tag: &str, mut check: impl FnMut(&mut Report, 
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn verify_matches_right_after_apply() {
     let test = "verify_matches_right_after_apply";
     if skip_unless_root(test) {
@@ -1761,6 +1770,7 @@ fn verify_foreign_rules_in_builtin_chains_are_not_drift() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn verify_missing_tproxy_routes_are_drift() {
     let test = "verify_missing_tproxy_routes_are_drift";
     if skip_unless_root(test) {

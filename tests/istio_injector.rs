@@ -192,6 +192,7 @@ fn is_console_line(line: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn injector_argument_lists_apply_istios_rules_with_istios_logs() {
     if skip_unless_root("injector_argument_lists_apply_istios_rules_with_istios_logs") {
         return;
@@ -352,6 +353,7 @@ fn log_target_file_and_dry_run_keep_stdout_for_the_script() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn rerun_over_the_old_multiport_form_reconciles_to_istio_masters_form() {
     if skip_unless_root("rerun_over_the_old_multiport_form_reconciles_to_istio_masters_form") {
         return;

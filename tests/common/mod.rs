@@ -125,10 +125,14 @@ pub fn can_unshare() -> bool {
 
 /// Returns `true` when the test must be SKIPPED (not root, or namespaces are
 /// unavailable), after printing a clear `SKIPPED <test_name>: ...` line to
-/// stderr. Use as:
+/// stderr. Such a test is also marked ignored, so that a plain `cargo test` lists it
+/// (`cargo test -- --include-ignored` runs it). Use as:
 ///
 /// ```ignore
-/// if common::skip_unless_root("my test") { return; }
+/// #[test]
+/// #[ignore = "needs root and network namespaces"]
+/// fn my_test() {
+///     if common::skip_unless_root("my test") { return; }
 /// ```
 pub fn skip_unless_root(test_name: &str) -> bool {
     if !is_root() {
