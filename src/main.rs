@@ -7,19 +7,17 @@ use std::time::Instant;
 
 use clap::error::ErrorKind;
 
-use istio_iptables::apply::reconcile::Policy;
 use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::cli::{Args, Command};
 use istio_iptables::config::listfile;
-use istio_iptables::config::{Config, Owner, detect_ipv6, parse_go_bool};
+use istio_iptables::config::{Config, detect_ipv6, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::model::Family;
 use istio_iptables::render::script;
 use istio_iptables::rules::{self, nft};
 use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
-use istio_iptables::system::host::RealHost;
-use istio_iptables::system::save::OwnerResolver;
+use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
 use istio_iptables::{docs, logging, validate};
 
@@ -153,7 +151,7 @@ fn main() -> ExitCode {
         }
     };
     if !cfg.cleanup_only && !cfg.skip_rule_apply && apply_command {
-        warn_if_nothing_captured(&cfg);
+        cfg.warn_if_nothing_captured();
     }
     // Past the dry run, rules are compared with what the kernel stores.
     if !cfg.dry_run {
@@ -183,9 +181,9 @@ fn main() -> ExitCode {
         return ExitCode::from(code::FAILURE);
     }
     if (cfg.cleanup_only || !cfg.skip_rule_apply)
-        && let Err(msg) = check_capabilities()
+        && let Err(e) = host::check_net_caps()
     {
-        tracing::error!("{msg}");
+        tracing::error!("{e}");
         return ExitCode::from(code::FAILURE);
     }
     // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
@@ -199,16 +197,7 @@ fn main() -> ExitCode {
     log_config(&cfg);
     let plan = rules::build(&cfg);
 
-    let opts = Options {
-        flavor: cfg.flavor,
-        policy: Policy {
-            reconcile: cfg.reconcile,
-            force: cfg.force_apply,
-        },
-        lock_wait_secs: cfg.lock_wait_secs,
-        tproxy_mark: cfg.tproxy_mark,
-        tproxy_route_table: cfg.tproxy_route_table,
-    };
+    let opts = Options::from_config(&cfg);
     let mut runner = SystemRunner;
     let mut env = Env {
         runner: &mut runner,
@@ -258,15 +247,7 @@ fn main() -> ExitCode {
     drop(lock);
 
     if cfg.run_validation {
-        let settings = validate::Settings {
-            proxy_port: cfg.proxy_port.get(),
-            inbound_port: cfg.inbound_capture_port.get(),
-            probe_port: cfg.probe_port.get(),
-            timeout: cfg.probe_timeout,
-            ipv6: cfg.enable_ipv6,
-            uid: first_id(&cfg.proxy_uids, |n| RealHost.uid(n)),
-            gid: first_id(&cfg.proxy_gids, |n| RealHost.gid(n)),
-        };
+        let settings = validate::Settings::from_config(&cfg, &RealHost);
         if let Err(e) = validate::run(&settings) {
             report(&e);
             if e.is_timeout() {
@@ -294,50 +275,6 @@ fn enter_namespace(cfg: &mut Config) -> Result<(), netns::NetnsError> {
         cfg.enable_ipv6 = detect_ipv6(&RealHost, cfg.dual_stack);
     }
     Ok(())
-}
-
-/// Capture that silently does nothing is worth a warning at the default level.
-fn warn_if_nothing_captured(cfg: &Config) {
-    use istio_iptables::config::{InboundPorts, OutboundCidrs};
-    let outbound = match &cfg.outbound_include {
-        OutboundCidrs::All => true,
-        OutboundCidrs::Only(c) => !c.is_empty(),
-    };
-    let inbound = cfg.inbound_ports != InboundPorts::None;
-    if !(outbound || inbound || !cfg.outbound_ports_include.is_empty() || cfg.redirect_dns) {
-        tracing::warn!(
-            "this configuration captures no traffic: no outbound CIDRs (-i), no inbound ports \
-             (-b), no outbound ports (-q) and no DNS capture; Istio's sidecar uses -i '*' -b '*'"
-        );
-    }
-    if cfg.capture_all_dns && !cfg.redirect_dns {
-        tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
-    }
-}
-
-/// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
-/// "Permission denied (you must be root)", which misleads in a container running as root.
-fn check_capabilities() -> Result<(), String> {
-    let missing = istio_iptables::system::host::missing_net_caps();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<String> = missing.iter().map(|c| format!("CAP_{c}")).collect();
-    Err(format!(
-        "this process lacks {}, which iptables needs to read and change the rules. In a \
-         Kubernetes pod spec, grant them to this (init) container: securityContext: \
-         {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
-        names.join(" and "),
-        missing.join(", ")
-    ))
-}
-
-/// The first owner as a number (the probe runs with that identity).
-fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
-    match owners.first()? {
-        Owner::Id(n) => Some(*n),
-        Owner::Name(n) => resolve(n),
-    }
 }
 
 fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
@@ -372,8 +309,8 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
         report(&e);
         return ExitCode::from(code::FAILURE);
     }
-    if needs_kernel && let Err(msg) = check_capabilities() {
-        tracing::error!("{msg}");
+    if needs_kernel && let Err(e) = host::check_net_caps() {
+        tracing::error!("{e}");
         return ExitCode::from(code::FAILURE);
     }
     let cfg = &*cfg;

@@ -55,6 +55,9 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 use nix::unistd::{Gid, Uid};
 
+use crate::config::{Config, Owner};
+use crate::system::save::OwnerResolver;
+
 /// Destination of the IPv4 probe (never `127.0.0.1`, which the capture rules exempt).
 pub const PROBE_ADDR_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// Destination of the IPv6 probe, `::6`.
@@ -101,6 +104,30 @@ impl Default for Settings {
             uid: None,
             gid: None,
         }
+    }
+}
+
+impl Settings {
+    /// The validation settings of `cfg`; the probe runs as the first proxy uid and gid,
+    /// names looked up with `resolver`.
+    pub fn from_config(cfg: &Config, resolver: &dyn OwnerResolver) -> Settings {
+        Settings {
+            proxy_port: cfg.proxy_port.get(),
+            inbound_port: cfg.inbound_capture_port.get(),
+            probe_port: cfg.probe_port.get(),
+            timeout: cfg.probe_timeout,
+            ipv6: cfg.enable_ipv6,
+            uid: first_id(&cfg.proxy_uids, |n| resolver.uid(n)),
+            gid: first_id(&cfg.proxy_gids, |n| resolver.gid(n)),
+        }
+    }
+}
+
+/// The first owner as a number (the probe runs with that identity).
+fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u32> {
+    match owners.first()? {
+        Owner::Id(n) => Some(*n),
+        Owner::Name(n) => resolve(n),
     }
 }
 

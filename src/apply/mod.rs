@@ -10,7 +10,7 @@ pub mod reconcile;
 use std::collections::BTreeSet;
 
 use self::reconcile::{Conflict, Policy, Transaction};
-use crate::config::Flavor;
+use crate::config::{Config, Flavor};
 use crate::model::{Family, Table};
 use crate::render::restore::{self, Header};
 use crate::rules::Plan;
@@ -33,6 +33,22 @@ pub struct Options {
     /// earlier config that used them.
     pub tproxy_mark: u32,
     pub tproxy_route_table: u32,
+}
+
+impl Options {
+    /// The apply settings of `cfg`.
+    pub fn from_config(cfg: &Config) -> Options {
+        Options {
+            flavor: cfg.flavor,
+            policy: Policy {
+                reconcile: cfg.reconcile,
+                force: cfg.force_apply,
+            },
+            lock_wait_secs: cfg.lock_wait_secs,
+            tproxy_mark: cfg.tproxy_mark,
+            tproxy_route_table: cfg.tproxy_route_table,
+        }
+    }
 }
 
 /// An `ip` change made by this run, for rollback.

@@ -480,6 +480,24 @@ impl Config {
         })
     }
 
+    /// Warns about capture that silently does nothing (worth a warning at the default level).
+    pub fn warn_if_nothing_captured(&self) {
+        let outbound = match &self.outbound_include {
+            OutboundCidrs::All => true,
+            OutboundCidrs::Only(c) => !c.is_empty(),
+        };
+        let inbound = self.inbound_ports != InboundPorts::None;
+        if !(outbound || inbound || !self.outbound_ports_include.is_empty() || self.redirect_dns) {
+            tracing::warn!(
+                "this configuration captures no traffic: no outbound CIDRs (-i), no inbound ports \
+                 (-b), no outbound ports (-q) and no DNS capture; Istio's sidecar uses -i '*' -b '*'"
+            );
+        }
+        if self.capture_all_dns && !self.redirect_dns {
+            tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
+        }
+    }
+
     /// The configuration as the kernel stores it: CIDRs without host bits. Rules built from
     /// it compare equal to what iptables-save shows, so a second run changes nothing and
     /// `verify` sees no drift. (The dry-run script keeps the CIDRs as typed, like Istio.)

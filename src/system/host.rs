@@ -116,6 +116,31 @@ impl OwnerResolver for RealHost {
 /// Capabilities iptables needs, by bit number (linux/capability.h) and name.
 const NET_CAPS: [(u32, &str); 2] = [(12, "NET_ADMIN"), (13, "NET_RAW")];
 
+/// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
+/// "Permission denied (you must be root)", which misleads in a container running as root.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this process lacks {}, which iptables needs to read and change the rules. In a \
+     Kubernetes pod spec, grant them to this (init) container: securityContext: \
+     {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
+    self.missing.iter().map(|c| format!("CAP_{c}")).collect::<Vec<_>>().join(" and "),
+    self.missing.join(", ")
+)]
+pub struct MissingCapabilities {
+    /// `NET_ADMIN`, `NET_RAW`.
+    pub missing: Vec<&'static str>,
+}
+
+/// Checks that this process has the capabilities iptables needs.
+pub fn check_net_caps() -> Result<(), MissingCapabilities> {
+    let missing = missing_net_caps();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MissingCapabilities { missing })
+    }
+}
+
 /// The names (`NET_ADMIN`, `NET_RAW`) of the capabilities iptables needs that this process
 /// does not have in effect. Empty when they cannot be read (we then let iptables tell).
 pub fn missing_net_caps() -> Vec<&'static str> {
