@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod exec;
 pub mod host;
+pub mod netlink;
 pub mod netns;
 pub mod nftprobe;
 pub mod nslock;

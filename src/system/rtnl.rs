@@ -3,19 +3,12 @@
 //! earlier run left whatever mark and table it used. Any failure means "unknown" (`None`).
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    socket,
-};
+use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
+use crate::system::netlink;
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
@@ -68,50 +61,14 @@ mod libc_af {
 
 /// Runs one rtnetlink dump of `kind` with a 12-byte family header; returns (type, body).
 fn dump(kind: u16, family: Family) -> Option<Vec<(u16, Vec<u8>)>> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .ok()?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).ok()?;
-    let mut msg = Vec::with_capacity(28);
-    msg.extend_from_slice(&28u32.to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
     // rtmsg / fib_rule_hdr: family first, the rest zero.
-    msg.push(af(family));
-    msg.extend_from_slice(&[0u8; 11]);
-    send(fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
+    let mut header = [0u8; 12];
+    header[0] = af(family);
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    for _ in 0..100_000 {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).ok()?;
-        if n == 0 {
-            return None;
-        }
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
-            if len < 16 || off + len > n {
-                return None;
-            }
-            match ty {
-                NLMSG_DONE => return Some(out),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().ok()?);
-                    return (errno == 0).then_some(out);
-                }
-                _ => out.push((ty, buf[off + 16..off + len].to_vec())),
-            }
-            off += (len + 3) & !3;
-        }
-    }
-    None
+    netlink::dump(SockProtocol::NetlinkRoute, kind, &header, |ty, body| {
+        out.push((ty, body.to_vec()));
+    })?;
+    Some(out)
 }
 
 /// The attributes after a 12-byte header: (type, payload).
