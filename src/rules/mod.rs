@@ -501,21 +501,11 @@ fn outbound_excludes(b: &mut Builder, x: &Ctx) {
         chain::OUTPUT,
         args!["-d", VERSIONED, "-j", "RETURN"],
     );
-    for n in &cfg.outbound_exclude.v4 {
-        b.append_to(
-            Family::V4,
-            Nat,
-            chain::OUTPUT,
-            args!["-d", n, "-j", "RETURN"],
-        );
-    }
-    for n in &cfg.outbound_exclude.v6 {
-        b.append_to(
-            Family::V6,
-            Nat,
-            chain::OUTPUT,
-            args!["-d", n, "-j", "RETURN"],
-        );
+    let ex = &cfg.outbound_exclude;
+    let v4 = ex.v4.iter().map(|n| (Family::V4, n.to_string()));
+    let excluded = v4.chain(ex.v6.iter().map(|n| (Family::V6, n.to_string())));
+    for (family, n) in excluded {
+        b.append_to(family, Nat, chain::OUTPUT, args!["-d", n, "-j", "RETURN"]);
     }
     for p in &cfg.outbound_ports_include {
         b.append(
