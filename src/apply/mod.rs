@@ -526,7 +526,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 // earlier TPROXY config.
                 let had_tproxy = runs.iter().any(|r| {
                     r.backend.family == family
-                        && r.before.tables.get("mangle").is_some_and(|t| {
+                        && r.before.table(Table::Mangle).is_some_and(|t| {
                             t.user_chains
                                 .iter()
                                 .any(|c| c == crate::model::chain::TPROXY)

@@ -116,15 +116,15 @@ fn corroborated(
 }
 
 /// Shapes of the non-jump rules this tool writes into built-in chains.
-fn has_our_shape(table: &str, chain: &str, canon: &str) -> bool {
+fn has_our_shape(table: Table, chain: &str, canon: &str) -> bool {
     match (table, chain) {
-        ("nat" | "mangle", "PREROUTING") if iface_return(canon, "-i").is_some() => true,
-        ("nat" | "mangle", "OUTPUT") if iface_return(canon, "-o").is_some() => true,
-        ("mangle", "PREROUTING") => {
+        (Table::Nat | Table::Mangle, "PREROUTING") if iface_return(canon, "-i").is_some() => true,
+        (Table::Nat | Table::Mangle, "OUTPUT") if iface_return(canon, "-o").is_some() => true,
+        (Table::Mangle, "PREROUTING") => {
             canon.starts_with("-p tcp -m mark --mark ")
                 && canon.ends_with("-j CONNMARK --save-mark")
         }
-        ("mangle", "OUTPUT") => {
+        (Table::Mangle, "OUTPUT") => {
             (canon.starts_with("-o lo -p tcp -m mark --mark ") && canon.ends_with("-j RETURN"))
                 || (canon.starts_with("-p tcp -m connmark --mark ")
                     && canon.ends_with("-j CONNMARK --restore-mark"))
@@ -182,7 +182,7 @@ impl<'a> TableView<'a> {
         lone_shapes: bool,
     ) -> Self {
         let name = table.name();
-        let cur = current.tables.get(name).cloned().unwrap_or_default();
+        let cur = current.table(table).cloned().unwrap_or_default();
         let desired: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
         let desired_chains = restore::declared_chains(&desired);
 
@@ -207,7 +207,7 @@ impl<'a> TableView<'a> {
                     .get(c.as_str())
                     .is_some_and(|s| s.contains(canon.as_str()))
                 || (table_has_ours
-                    && has_our_shape(name, c, &canon)
+                    && has_our_shape(table, c, &canon)
                     && (lone_shapes || corroborated(&cur, c, &canon, resolver)));
             have.entry(c.clone()).or_default().push((canon, owned));
         }
