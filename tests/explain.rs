@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use istio_iptables::cli::{Args, Command as Subcommand};
 use istio_iptables::config::Config;
 use istio_iptables::inspect;
-use istio_iptables::model::Family;
+use istio_iptables::model::{Family, Table};
 use istio_iptables::rules;
 use istio_iptables::system::host::RealHost;
 
@@ -1498,7 +1498,9 @@ impl Drift {
         let cfg = Config::build(&args, &env, &RealHost).expect("valid config");
         let plan = rules::build(&cfg);
         let rs = inspect::ruleset_from_rules(plan.rules(family));
-        rs[table][chain][n - 1].0.clone()
+        rs[&Table::from_name(table).expect("a table name")][chain][n - 1]
+            .0
+            .clone()
     }
 
     fn context(&self) -> String {

@@ -10,12 +10,12 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::parse_number;
+use crate::model::{Table, parse_number};
 use crate::system::save::OwnerResolver;
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
-pub type Ruleset = BTreeMap<String, BTreeMap<String, Vec<(String, Vec<String>)>>>;
+pub type Ruleset = BTreeMap<Table, BTreeMap<String, Vec<(String, Vec<String>)>>>;
 
 /// Transport protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub enum Verdict {
 /// One rule looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
-    pub table: String,
+    pub table: Table,
     pub chain: String,
     /// 1-based position in the chain.
     pub rule: usize,
@@ -94,7 +94,7 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot evaluate `{text}` ({table}/{chain} rule {rule}): {reason}")]
 pub struct Unsupported {
-    pub table: String,
+    pub table: Table,
     pub chain: String,
     pub rule: usize,
     pub text: String,
@@ -102,20 +102,20 @@ pub struct Unsupported {
 }
 
 /// A hook: the (table, built-in chain) pairs a packet traverses, in netfilter order.
-pub type Hook = &'static [(&'static str, &'static str)];
+pub type Hook = &'static [(Table, &'static str)];
 
 /// Locally generated packets.
 pub const OUTPUT_HOOK: Hook = &[
-    ("raw", "OUTPUT"),
-    ("mangle", "OUTPUT"),
-    ("nat", "OUTPUT"),
-    ("filter", "OUTPUT"),
+    (Table::Raw, "OUTPUT"),
+    (Table::Mangle, "OUTPUT"),
+    (Table::Nat, "OUTPUT"),
+    (Table::Filter, "OUTPUT"),
 ];
 /// Packets arriving on an interface.
 pub const PREROUTING_HOOK: Hook = &[
-    ("raw", "PREROUTING"),
-    ("mangle", "PREROUTING"),
-    ("nat", "PREROUTING"),
+    (Table::Raw, "PREROUTING"),
+    (Table::Mangle, "PREROUTING"),
+    (Table::Nat, "PREROUTING"),
 ];
 
 enum Flow {
@@ -177,14 +177,14 @@ fn addr_in(spec: &str, a: IpAddr) -> Option<bool> {
 }
 
 impl Walker<'_> {
-    fn chain(&mut self, table: &str, chain: &str, depth: usize) -> Result<Flow, Unsupported> {
-        let rules = match self.rules.get(table).and_then(|t| t.get(chain)) {
+    fn chain(&mut self, table: Table, chain: &str, depth: usize) -> Result<Flow, Unsupported> {
+        let rules = match self.rules.get(&table).and_then(|t| t.get(chain)) {
             Some(r) => r.clone(),
             None => return Ok(Flow::Continue),
         };
         for (i, (text, toks)) in rules.iter().enumerate() {
             let err = |reason: String| Unsupported {
-                table: table.into(),
+                table,
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
@@ -192,7 +192,7 @@ impl Walker<'_> {
             };
             let (matched, target) = self.eval(toks).map_err(err)?;
             self.walk.push(Step {
-                table: table.into(),
+                table,
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
@@ -269,7 +269,7 @@ impl Walker<'_> {
                     if depth > 16 {
                         return Err(err("jumps nested too deep".into()));
                     }
-                    if !self.rules.get(table).is_some_and(|t| t.contains_key(user))
+                    if !self.rules.get(&table).is_some_and(|t| t.contains_key(user))
                         && !user.starts_with("ISTIO_")
                     {
                         return Err(err(format!("unknown target {user:?}")));
@@ -408,8 +408,8 @@ pub fn evaluate(
             w.pkt.in_iface = Some("lo".into());
             w.pkt.out_iface = None;
         }
-        for (table, chain) in hook.iter() {
-            if n > 0 && *table == "nat" {
+        for &(table, chain) in hook.iter() {
+            if n > 0 && table == Table::Nat {
                 continue; // NAT is decided once per connection, at its first hook.
             }
             match w.chain(table, chain, 0)? {
@@ -438,7 +438,7 @@ mod tests {
         let mut rs = Ruleset::new();
         for (table, line) in lines {
             let toks = tokenize(line);
-            rs.entry(table.to_string())
+            rs.entry(Table::from_name(table).expect("a table name"))
                 .or_default()
                 .entry(toks[1].clone())
                 .or_default()

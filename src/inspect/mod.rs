@@ -11,7 +11,7 @@ use self::interp::{Outcome, Packet, Proto, Ruleset, Verdict};
 use crate::apply::reconcile::{self, ChainDiff};
 use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
 use crate::config::Config;
-use crate::model::{self, Family, Rule};
+use crate::model::{self, Family, Rule, Table};
 use crate::rules;
 use crate::rules::ip;
 use crate::system::backend::{self, Probe};
@@ -60,7 +60,7 @@ pub fn ruleset_from_rules(rules: &[Rule]) -> Ruleset {
     let mut rs = Ruleset::new();
     for r in rules {
         let chain = rs
-            .entry(r.table.name().to_string())
+            .entry(r.table)
             .or_default()
             .entry(r.chain.to_string())
             .or_default();
@@ -73,9 +73,14 @@ pub fn ruleset_from_rules(rules: &[Rule]) -> Ruleset {
 /// Live rules as chains.
 pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
     let mut rs = Ruleset::new();
-    for (table, ts) in &st.tables {
+    // Only our tables: a hook walks nothing else.
+    let ours = st
+        .tables
+        .iter()
+        .filter_map(|(n, ts)| Some((Table::from_name(n)?, ts)));
+    for (table, ts) in ours {
         for (chain, toks) in &ts.rules {
-            rs.entry(table.clone())
+            rs.entry(table)
                 .or_default()
                 .entry(chain.clone())
                 .or_default()
@@ -283,7 +288,7 @@ fn render_json(o: &Outcome) -> String {
         .map(|s| {
             format!(
                 "{{\"table\":{},\"chain\":{},\"rule\":{},\"text\":{},\"matched\":{}}}",
-                js(&s.table),
+                js(s.table.name()),
                 js(&s.chain),
                 s.rule,
                 js(&s.text),
