@@ -76,7 +76,7 @@ pub struct Summary {
 }
 
 /// A failed apply. Every variant says the phase; commit failures say whether the earlier
-/// steps were put back. (Large, but only ever built once, on the way out.)
+/// steps were put back.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("choosing the {family} backend: {source}")]
@@ -115,14 +115,15 @@ pub enum ApplyError {
         program: String,
         version: String,
         rejected: Option<String>,
-        /// Not `source`: the message already includes it, once.
-        error: ExecError,
+        /// Not `source`: the message already includes it, once. Boxed: the error is large
+        /// and only ever built once, on the way out.
+        error: Box<ExecError>,
         rollback: String,
     },
     #[error("configuring routes: `ip {command}`: {error}; {rollback}")]
     Ip {
         command: String,
-        error: ExecError,
+        error: Box<ExecError>,
         rollback: String,
     },
 }
@@ -150,7 +151,6 @@ struct Run {
     attempted: bool,
 }
 
-#[allow(clippy::result_large_err)]
 fn read_state(
     family: Family,
     backend: &Backend,
@@ -457,7 +457,6 @@ fn undo_all(
 }
 
 /// Applies `plan`, reconciling whatever the namespace already holds.
-#[allow(clippy::result_large_err)]
 pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, ApplyError> {
     let mut runs: Vec<Run> = Vec::new();
     for family in plan.families() {
@@ -507,7 +506,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 program,
                 version,
                 rejected,
-                error,
+                error: Box::new(error),
                 rollback,
             });
         }
@@ -593,7 +592,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);
                 return Err(ApplyError::Ip {
                     command: cmd.args().join(" "),
-                    error,
+                    error: Box::new(error),
                     rollback,
                 });
             }
@@ -761,7 +760,6 @@ mod tests {
     };
 
     /// Applies through the fake runner on an nft-only machine.
-    #[allow(clippy::result_large_err)]
     fn apply_nft(plan: &Plan, opts: &Options, fake: &mut Fake) -> Result<Summary, ApplyError> {
         apply(
             plan,
