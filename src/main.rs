@@ -289,7 +289,7 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
         }
         Err(errors) => {
             for e in &errors {
-                tracing::error!("{}", e.replace('\n', " "));
+                tracing::error!("{}", e.to_string().replace('\n', " "));
             }
             ExitCode::from(code::FAILURE)
         }

@@ -128,6 +128,28 @@ pub enum ApplyError {
     },
 }
 
+/// One failure of a cleanup, which goes on past it (see [`cleanup`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The state of one family could not be read (ip6tables may be unusable where IPv6 is
+    /// off).
+    #[error(transparent)]
+    Read(ApplyError),
+    #[error("cleaning up {family} with {program}: {}", explain_exec(.error))]
+    Commit {
+        family: Family,
+        program: String,
+        /// Not `source`: the message already includes it, once.
+        error: ExecError,
+    },
+    #[error("removing `{command}`: {error}")]
+    Ip {
+        command: IpCommand,
+        /// Not `source`: the message already includes it, once.
+        error: ExecError,
+    },
+}
+
 /// The exec error, with the xtables lock named plainly.
 fn explain_exec(e: &ExecError) -> String {
     match e.stderr() {
@@ -605,7 +627,11 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
 /// both families, on every backend that holds them; then the `ip` plumbing in `plan.ip`
 /// (`plan` is [`rules::teardown`](crate::rules::teardown)'s).
 /// Keeps going after a failure and reports all of them.
-pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, Vec<String>> {
+pub fn cleanup(
+    plan: &Plan,
+    opts: &Options,
+    env: &mut Env<'_>,
+) -> Result<Summary, Vec<CleanupError>> {
     let mut summary = Summary::default();
     let mut errors = Vec::new();
     for family in [Family::V4, Family::V6] {
@@ -635,7 +661,7 @@ pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary
                 Ok(s) => s,
                 Err(e) => {
                     // ip6tables may be unusable where IPv6 is off; say so but go on.
-                    errors.push(e.to_string());
+                    errors.push(CleanupError::Read(e));
                     continue;
                 }
             };
@@ -649,10 +675,11 @@ pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary
             let r = commit(&b, &payload, &drop, opts, env.runner);
             match r {
                 Ok(()) => summary.committed.push(family),
-                Err(e) => errors.push(format!(
-                    "cleaning up {family} with {program}: {}",
-                    explain_exec(&e)
-                )),
+                Err(error) => errors.push(CleanupError::Commit {
+                    family,
+                    program,
+                    error,
+                }),
             }
         }
     }
@@ -681,7 +708,10 @@ pub fn cleanup(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary
                 Ok(_) => summary
                     .ip_changed
                     .push(format!("ip {}", ip::undo_args(cmd).join(" "))),
-                Err(e) => errors.push(format!("removing `{cmd}`: {e}")),
+                Err(error) => errors.push(CleanupError::Ip {
+                    command: cmd.clone(),
+                    error,
+                }),
             },
             Ok(false) => {}
             Err(e) => tracing::debug!("checking `{cmd}`: {e}"),
