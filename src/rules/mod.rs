@@ -118,6 +118,18 @@ impl Builder {
     }
 }
 
+/// One rule's tokens from its text as iptables writes it:
+/// `rule!("-p tcp --dport {port} -j RETURN")`. Every value a rule holds (ports, CIDRs,
+/// owners, interface names) is validated to hold no whitespace, so splitting on it is exact.
+macro_rules! rule {
+    ($($fmt:tt)*) => {
+        format!($($fmt)*)
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<String>>()
+    };
+}
+
 /// `["-x", "y"]` from displayable pieces.
 macro_rules! args {
     ($($x:expr),* $(,)?) => { vec![$($x.to_string()),*] };
@@ -283,14 +295,7 @@ fn proxy_chains(b: &mut Builder, x: &Ctx) {
     b.append(
         Nat,
         chain::IN_REDIRECT,
-        args![
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            cfg.inbound_capture_port
-        ],
+        rule!("-p tcp -j REDIRECT --to-ports {}", cfg.inbound_capture_port),
     );
 }
 
@@ -315,19 +320,11 @@ fn inbound(b: &mut Builder, x: &Ctx) {
                 loopback_v6,
                 Mangle,
                 chain::TPROXY,
-                args![
-                    "!",
-                    "-d",
-                    VERSIONED,
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "TPROXY",
-                    "--tproxy-mark",
-                    format!("{}/0xffffffff", cfg.tproxy_mark),
-                    "--on-port",
+                rule!(
+                    "! -d {VERSIONED} -p tcp -j TPROXY --tproxy-mark {}/0xffffffff --on-port {}",
+                    cfg.tproxy_mark,
                     cfg.inbound_capture_port
-                ],
+                ),
             );
             Mangle
         } else {
@@ -346,14 +343,10 @@ fn inbound(b: &mut Builder, x: &Ctx) {
             }
             if tproxy {
                 let mut divert = m.clone();
-                divert.extend(args![
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "RELATED,ESTABLISHED",
-                    "-j",
+                divert.extend(rule!(
+                    "-m conntrack --ctstate RELATED,ESTABLISHED -j {}",
                     chain::DIVERT
-                ]);
+                ));
                 b.append(Mangle, chain::INBOUND, divert);
                 m.extend(args!["-j", chain::TPROXY]);
                 b.append(Mangle, chain::INBOUND, m);
@@ -421,13 +414,7 @@ fn proxy_traffic(b: &mut Builder, x: &Ctx) {
             // App calls back to itself through a VIP go via the inbound side of the proxy.
             let mut r = args!["-o", "lo", "!", "-d", VERSIONED, "-p", "tcp"];
             if redirect_dns && kind == "--uid-owner" {
-                r.extend(args![
-                    "-m",
-                    "multiport",
-                    "!",
-                    "--dports",
-                    format!("53,{tunnel}")
-                ]);
+                r.extend(rule!("-m multiport ! --dports 53,{tunnel}"));
             } else {
                 r.extend(args!["!", "--dport", tunnel]);
             }
@@ -576,25 +563,13 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
         b.append(
             Mangle,
             "PREROUTING",
-            args![
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "--mark",
-                mark,
-                "-j",
-                "CONNMARK",
-                "--save-mark"
-            ],
+            rule!("-p tcp -m mark --mark {mark} -j CONNMARK --save-mark"),
         );
         // Already marked (envoy -> app): leave it.
         b.append(
             Mangle,
             "OUTPUT",
-            args![
-                "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN"
-            ],
+            rule!("-p tcp -o lo -m mark --mark {mark} -j RETURN"),
         );
         for (kind, owners) in [
             ("--uid-owner", &cfg.proxy_uids),
@@ -610,17 +585,7 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
         b.append(
             Mangle,
             "OUTPUT",
-            args![
-                "-p",
-                "tcp",
-                "-m",
-                "connmark",
-                "--mark",
-                mark,
-                "-j",
-                "CONNMARK",
-                "--restore-mark"
-            ],
+            rule!("-p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark"),
         );
         b.insert(
             Mangle,
@@ -633,16 +598,7 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
             Mangle,
             chain::INBOUND,
             2,
-            args![
-                "-p",
-                "tcp",
-                "-s",
-                "127.0.0.6/32",
-                "-i",
-                "lo",
-                "-j",
-                "RETURN"
-            ],
+            rule!("-p tcp -s 127.0.0.6/32 -i lo -j RETURN"),
         );
         b.insert_to(
             Family::V6,
@@ -655,19 +611,7 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
             Mangle,
             chain::INBOUND,
             3,
-            args![
-                "-p",
-                "tcp",
-                "-i",
-                "lo",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                OUTBOUND_MARK,
-                "-j",
-                "RETURN"
-            ],
+            rule!("-p tcp -i lo -m mark ! --mark {OUTBOUND_MARK} -j RETURN"),
         );
     }
 }
@@ -717,9 +661,7 @@ fn dns_rules(b: &mut Builder, cfg: &Config) {
                         fam,
                         Nat,
                         chain::OUTPUT_DNS,
-                        args![
-                            "-p", proto, "--dport", "53", "-d", s, "-j", "REDIRECT", to, dns_port
-                        ],
+                        rule!("-p {proto} --dport 53 -d {s} -j REDIRECT {to} {dns_port}"),
                     );
                 }
             }
@@ -764,17 +706,13 @@ fn dns_rules(b: &mut Builder, cfg: &Config) {
                     fam,
                     Raw,
                     chain::OUTPUT_DNS,
-                    args![
-                        "-p", "udp", "--dport", "53", "-d", s, "-j", "CT", "--zone", "2"
-                    ],
+                    rule!("-p udp --dport 53 -d {s} -j CT --zone 2"),
                 );
                 b.append_to(
                     fam,
                     Raw,
                     chain::INBOUND,
-                    args![
-                        "-p", "udp", "--sport", "53", "-s", s, "-j", "CT", "--zone", "1"
-                    ],
+                    rule!("-p udp --sport 53 -s {s} -j CT --zone 1"),
                 );
             }
         }
