@@ -489,14 +489,12 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
     let mut out = Vec::new();
     for table in Table::ALL {
         let p = TablePlan::new(table, current, desired, resolver);
-        // Ours, wanted, per chain: (canonical, text), in final order.
-        let mut want: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        // Ours, wanted, per chain: (canonical, rule), in final order. The text of a rule is
+        // written only when it is reported: 7,000 of them would double the peak memory.
+        let mut want: BTreeMap<String, Vec<(String, &Rule)>> = BTreeMap::new();
         for r in &p.desired {
             let entry = want.entry(r.chain.to_string()).or_default();
-            let item = (
-                canonical(&r.args, resolver),
-                format!("-A {} {}", r.chain, r.spec()),
-            );
+            let item = (canonical(&r.args, resolver), *r);
             match r.position {
                 Position::Append => entry.push(item),
                 Position::Insert(n) => {
@@ -508,8 +506,8 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
         for c in &p.desired_chains {
             want.entry(c.to_string()).or_default();
         }
-        // Ours, present, per chain.
-        let mut have: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        // Ours, present, per chain: (canonical, tokens).
+        let mut have: BTreeMap<String, Vec<(&str, &[String])>> = BTreeMap::new();
         for c in p.current_ours() {
             have.entry(c.to_string()).or_default();
         }
@@ -521,33 +519,33 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
             if *owned {
                 have.entry(c.clone())
                     .or_default()
-                    .push((canon.clone(), format!("-A {c} {}", toks.join(" "))));
+                    .push((canon.as_str(), toks.as_slice()));
             }
         }
         let chains: BTreeSet<&String> = want.keys().chain(have.keys()).collect();
         for c in chains {
-            let w = want.get(c).cloned().unwrap_or_default();
-            let h = have.get(c).cloned().unwrap_or_default();
+            let w = want.get(c).map_or(&[][..], Vec::as_slice);
+            let h = have.get(c).map_or(&[][..], Vec::as_slice);
             let chain_missing = is_ours(c) && !have.contains_key(c);
             let chain_extra = is_ours(c) && !want.contains_key(c);
             let mut missing = Vec::new();
-            let mut pool: Vec<&String> = h.iter().map(|(k, _)| k).collect();
-            for (k, text) in &w {
+            let mut pool: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
+            for (k, r) in w {
                 match pool.iter().position(|x| *x == k) {
                     Some(i) => {
                         pool.remove(i);
                     }
-                    None => missing.push(text.clone()),
+                    None => missing.push(format!("-A {} {}", r.chain, r.spec())),
                 }
             }
             let mut extra = Vec::new();
-            let mut pool: Vec<&String> = w.iter().map(|(k, _)| k).collect();
-            for (k, text) in &h {
-                match pool.iter().position(|x| *x == k) {
+            let mut pool: Vec<&str> = w.iter().map(|(k, _)| k.as_str()).collect();
+            for (k, toks) in h {
+                match pool.iter().position(|x| x == k) {
                     Some(i) => {
                         pool.remove(i);
                     }
-                    None => extra.push(text.clone()),
+                    None => extra.push(format!("-A {c} {}", toks.join(" "))),
                 }
             }
             if chain_missing {
@@ -556,7 +554,10 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
             if chain_extra {
                 extra.insert(0, format!("-N {c}"));
             }
-            let same_order = w.iter().map(|(k, _)| k).eq(h.iter().map(|(k, _)| k));
+            let same_order = w
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .eq(h.iter().map(|(k, _)| *k));
             let out_of_order = missing.is_empty() && extra.is_empty() && !same_order;
             if !missing.is_empty() || !extra.is_empty() || out_of_order {
                 out.push(ChainDiff {
