@@ -167,7 +167,6 @@ fn explain_exec(e: &ExecError) -> String {
 struct Run {
     backend: Backend,
     before: SaveState,
-    version: String,
     tx: Transaction,
     /// A commit was attempted: the family may have changed, even if the commit failed.
     attempted: bool,
@@ -485,14 +484,21 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         let backend = backend::detect(family, opts.flavor, env.probe)
             .map_err(|source| ApplyError::Backend { family, source })?;
         let before = read_state(family, &backend, env.probe, env.runner)?;
-        let version = version_of(&backend, &before);
-        tracing::info!(backend = %backend.restore_program(), %version, reason = %backend.reason, "{family} backend");
+        // The version is logged when the save printed it (free); read from the binary's file
+        // (228 KB for xtables-nft-multi) only for a failed commit's message.
+        match &before.version {
+            Some(version) => {
+                tracing::info!(backend = %backend.restore_program(), %version, reason = %backend.reason, "{family} backend");
+            }
+            None => {
+                tracing::info!(backend = %backend.restore_program(), reason = %backend.reason, "{family} backend");
+            }
+        }
         let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
             .map_err(|source| ApplyError::Conflict { family, source })?;
         runs.push(Run {
             backend,
             before,
-            version,
             tx,
             attempted: false,
         });
@@ -521,7 +527,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 .and_then(failed_restore_line)
                 .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
                 .map(str::to_string);
-            let version = run.version.clone();
+            let version = version_of(&run.backend, &run.before);
             let rollback = undo_all(&runs, &[], opts, env.probe, env.runner);
             return Err(ApplyError::Commit {
                 family,

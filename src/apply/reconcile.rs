@@ -14,6 +14,7 @@
 //! an identical re-run never takes a lone foreign `-i eth9 -j RETURN` for ours. Only when the
 //! table must change anyway (a reconfigure) are lone rules of our shape taken for ours too.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{Position, Rule, Table, chain};
@@ -147,7 +148,8 @@ fn simulate(mut content: Vec<String>, ops: &[(Position, String)]) -> Vec<String>
 /// Our view of one table: which current rules are ours and what every chain should hold.
 struct TableView<'a> {
     name: &'static str,
-    cur: TableState,
+    /// Borrowed from the save: a clone would double the memory of a 7,000-rule table.
+    cur: Cow<'a, TableState>,
     desired: Vec<&'a Rule>,
     /// Desired ISTIO_* chains in Istio's declaration order.
     desired_chains: Vec<&'static str>,
@@ -161,7 +163,7 @@ impl<'a> TableView<'a> {
     /// The view of one table, ownership decided in two steps (see the module doc).
     fn new(
         table: Table,
-        current: &SaveState,
+        current: &'a SaveState,
         rules: &'a [Rule],
         resolver: &dyn OwnerResolver,
     ) -> Self {
@@ -176,13 +178,15 @@ impl<'a> TableView<'a> {
     /// ours.
     fn with_ownership(
         table: Table,
-        current: &SaveState,
+        current: &'a SaveState,
         rules: &'a [Rule],
         resolver: &dyn OwnerResolver,
         lone_shapes: bool,
     ) -> Self {
         let name = table.name();
-        let cur = current.table(table).cloned().unwrap_or_default();
+        let cur = current
+            .table(table)
+            .map_or_else(|| Cow::Owned(TableState::default()), Cow::Borrowed);
         let desired: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
         let desired_chains = restore::declared_chains(&desired);
 
@@ -481,21 +485,19 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
     let mut out = Vec::new();
     for table in Table::ALL {
         let p = TableView::new(table, current, desired, resolver);
-        // Ours, wanted, per chain: (canonical, text), in final order.
-        let mut want: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        // Ours, wanted, per chain: (canonical, rule), in final order. The text of a rule is
+        // written only when it is reported: 7,000 of them would double the peak memory.
+        let mut want: BTreeMap<String, Vec<(String, &Rule)>> = BTreeMap::new();
         for r in &p.desired {
             let entry = want.entry(r.chain.to_string()).or_default();
-            let item = (
-                canonical(&r.args, resolver),
-                format!("-A {} {}", r.chain, r.spec()),
-            );
+            let item = (canonical(&r.args, resolver), *r);
             r.position.place(entry, item);
         }
         for c in &p.desired_chains {
             want.entry(c.to_string()).or_default();
         }
-        // Ours, present, per chain.
-        let mut have: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        // Ours, present, per chain: (canonical, tokens).
+        let mut have: BTreeMap<String, Vec<(&str, &[String])>> = BTreeMap::new();
         for c in p.current_ours() {
             have.entry(c.to_string()).or_default();
         }
@@ -507,33 +509,33 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
             if *owned {
                 have.entry(c.clone())
                     .or_default()
-                    .push((canon.clone(), format!("-A {c} {}", toks.join(" "))));
+                    .push((canon.as_str(), toks.as_slice()));
             }
         }
         let chains: BTreeSet<&String> = want.keys().chain(have.keys()).collect();
         for c in chains {
-            let w = want.get(c).cloned().unwrap_or_default();
-            let h = have.get(c).cloned().unwrap_or_default();
+            let w = want.get(c).map_or(&[][..], Vec::as_slice);
+            let h = have.get(c).map_or(&[][..], Vec::as_slice);
             let chain_missing = is_ours(c) && !have.contains_key(c);
             let chain_extra = is_ours(c) && !want.contains_key(c);
             let mut missing = Vec::new();
-            let mut pool: Vec<&String> = h.iter().map(|(k, _)| k).collect();
-            for (k, text) in &w {
+            let mut pool: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
+            for (k, r) in w {
                 match pool.iter().position(|x| *x == k) {
                     Some(i) => {
                         pool.remove(i);
                     }
-                    None => missing.push(text.clone()),
+                    None => missing.push(format!("-A {} {}", r.chain, r.spec())),
                 }
             }
             let mut extra = Vec::new();
-            let mut pool: Vec<&String> = w.iter().map(|(k, _)| k).collect();
-            for (k, text) in &h {
-                match pool.iter().position(|x| *x == k) {
+            let mut pool: Vec<&str> = w.iter().map(|(k, _)| k.as_str()).collect();
+            for (k, toks) in h {
+                match pool.iter().position(|x| x == k) {
                     Some(i) => {
                         pool.remove(i);
                     }
-                    None => extra.push(text.clone()),
+                    None => extra.push(format!("-A {c} {}", toks.join(" "))),
                 }
             }
             if chain_missing {
@@ -542,7 +544,10 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
             if chain_extra {
                 extra.insert(0, format!("-N {c}"));
             }
-            let same_order = w.iter().map(|(k, _)| k).eq(h.iter().map(|(k, _)| k));
+            let same_order = w
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .eq(h.iter().map(|(k, _)| *k));
             let out_of_order = missing.is_empty() && extra.is_empty() && !same_order;
             if !missing.is_empty() || !extra.is_empty() || out_of_order {
                 out.push(ChainDiff {
