@@ -325,6 +325,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     let mut runner = SystemRunner;
     match command {
         Command::Explain(a) => {
+            let a = &inspect::ExplainRequest::from(a);
             let live = if a.from_kernel {
                 let family = match inspect::packet(a, cfg.enable_ipv6) {
                     Ok((p, _)) if p.dst.is_ipv4() => Family::V4,
@@ -348,7 +349,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
         }
         Command::Verify(v) => match inspect::verify(cfg, &SystemProbe, &mut runner, &RealHost) {
             Ok(r) => {
-                print!("{}", inspect::render_report(&r, v.output));
+                print!("{}", inspect::render_report(&r, v.output.into()));
                 if r.drift() {
                     ExitCode::from(code::DRIFT)
                 } else {

@@ -539,7 +539,8 @@ impl Lab {
         let Some(Subcommand::Explain(a)) = &args.cli.command else {
             return Err("not an explain command line".into());
         };
-        inspect::explain(a, &cfg, &RealHost, None).map_err(|e| e.to_string())
+        inspect::explain(&inspect::ExplainRequest::from(a), &cfg, &RealHost, None)
+            .map_err(|e| e.to_string())
     }
 
     /// Sends `p` for real.

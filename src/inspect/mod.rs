@@ -12,7 +12,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use self::interp::{Packet, Proto, Ruleset};
 use crate::apply::reconcile::{self, ChainDiff};
-use crate::cli::{Direction, ExplainArgs, Output, ProtoArg};
 use crate::config::Config;
 use crate::model::{Family, Rule, Table};
 use crate::rules;
@@ -20,6 +19,40 @@ use crate::rules::ip;
 use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner};
 use crate::system::save::{OwnerResolver, SaveState, parse_save};
+
+/// How a result is printed: text for people, JSON for tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Direction of the packet, as seen from the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// What `explain` is asked (`cli::ExplainArgs`, typed): the packet, where the rules come
+/// from, how to print. Addresses stay text here: [`packet`] reads them, naming the flag.
+#[derive(Debug, Clone)]
+pub struct ExplainRequest {
+    pub direction: Direction,
+    /// `--dst` ADDR:PORT.
+    pub dst: String,
+    /// `--src` ADDR or ADDR:PORT.
+    pub src: Option<String>,
+    pub proto: Proto,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub in_iface: Option<String>,
+    pub out_iface: Option<String>,
+    pub pod_ip: Option<IpAddr>,
+    /// Walk the live rules instead of the config's.
+    pub from_kernel: bool,
+    pub format: Format,
+}
 
 /// A failure of explain/verify (not a drift: that is a result).
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +152,10 @@ fn parse_endpoint(
 
 /// The packet `explain` walks, and the hooks it traverses.
 /// With `ipv6` on, this tool puts `::6` on lo, so it is a local address like the pod's own.
-pub fn packet(args: &ExplainArgs, ipv6: bool) -> Result<(Packet, Vec<interp::Hook>), InspectError> {
+pub fn packet(
+    args: &ExplainRequest,
+    ipv6: bool,
+) -> Result<(Packet, Vec<interp::Hook>), InspectError> {
     let (dst, dport) = parse_endpoint("--dst", &args.dst, true)?;
     let dport = dport.unwrap_or(0);
     let src = args
@@ -136,10 +172,7 @@ pub fn packet(args: &ExplainArgs, ipv6: bool) -> Result<(Packet, Vec<interp::Hoo
             reason: "source and destination must be of the same family".into(),
         });
     }
-    let proto = match args.proto {
-        ProtoArg::Tcp => Proto::Tcp,
-        ProtoArg::Udp => Proto::Udp,
-    };
+    let proto = args.proto;
     let inbound_v6_source = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
     let local = Some(dst) == args.pod_ip || (ipv6 && dst == inbound_v6_source);
     let loopback = dst.is_loopback() || local;
@@ -217,7 +250,7 @@ pub fn packet(args: &ExplainArgs, ipv6: bool) -> Result<(Packet, Vec<interp::Hoo
 
 /// Runs `explain`; returns the rendered output.
 pub fn explain(
-    args: &ExplainArgs,
+    args: &ExplainRequest,
     cfg: &Config,
     resolver: &dyn OwnerResolver,
     live: Option<&SaveState>,
@@ -237,9 +270,9 @@ pub fn explain(
         ),
     };
     let outcome = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
-    Ok(match args.output {
-        Output::Json => render_json(&outcome),
-        Output::Text => render_text(
+    Ok(match args.format {
+        Format::Json => render_json(&outcome),
+        Format::Text => render_text(
             args,
             cfg,
             &pkt,
@@ -312,11 +345,11 @@ mod tests {
     use crate::config::tests::{SEED, build as config};
     use crate::system::save::NoResolver;
 
-    fn explain_args(argv: &[&str]) -> ExplainArgs {
+    fn explain_args(argv: &[&str]) -> ExplainRequest {
         let mut full = vec!["istio-iptables", "explain"];
         full.extend_from_slice(argv);
         match Args::parse_from(full).unwrap().cli.command {
-            Some(Command::Explain(a)) => a,
+            Some(Command::Explain(a)) => ExplainRequest::from(&a),
             _ => panic!("not explain"),
         }
     }
@@ -327,7 +360,7 @@ mod tests {
 
     fn verdict(argv: &[&str], cfg: &Config) -> String {
         let mut a = explain_args(argv);
-        a.output = Output::Json;
+        a.format = Format::Json;
         explain(&a, cfg, &NoResolver, None).unwrap()
     }
 
@@ -468,22 +501,22 @@ mod tests {
             routes_missing: vec![],
             routes_extra: vec![],
         };
-        assert!(render_report(&r, Output::Text).contains("missing:  -A X"));
+        assert!(render_report(&r, Format::Text).contains("missing:  -A X"));
         assert!(
-            render_report(&r, Output::Json)
+            render_report(&r, Format::Json)
                 .starts_with("{\"match\":false,\"differences\":[{\"family\":\"ipv4\"")
         );
-        assert!(!render_report(&r, Output::Json).contains("routes_extra"));
+        assert!(!render_report(&r, Format::Json).contains("routes_extra"));
         let extra = Report {
             routes_extra: vec!["ip -4 rule add fwmark 1400 lookup 140".into()],
             ..Report::default()
         };
         assert!(extra.drift());
-        assert!(render_report(&extra, Output::Text).contains(
+        assert!(render_report(&extra, Format::Text).contains(
             "routes: not wanted, left by an earlier run `ip -4 rule add fwmark 1400 lookup 140`"
         ));
         assert!(
-            render_report(&extra, Output::Json)
+            render_report(&extra, Format::Json)
                 .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
         );
     }

@@ -3,9 +3,8 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use super::Report;
 use super::interp::{Outcome, Packet, Verdict};
-use crate::cli::{Direction, ExplainArgs, Output};
+use super::{Direction, ExplainRequest, Format, Report};
 use crate::config::Config;
 use crate::model::{self, Family};
 
@@ -68,7 +67,7 @@ pub(super) fn render_json(o: &Outcome) -> String {
 }
 
 pub(super) fn render_text(
-    args: &ExplainArgs,
+    args: &ExplainRequest,
     cfg: &Config,
     p: &Packet,
     o: &Outcome,
@@ -144,9 +143,9 @@ pub(super) fn render_text(
 }
 
 /// Renders a verify report.
-pub fn render_report(r: &Report, output: Output) -> String {
+pub fn render_report(r: &Report, output: Format) -> String {
     match output {
-        Output::Json => {
+        Format::Json => {
             let diffs: Vec<String> = r
                 .diffs
                 .iter()
@@ -181,7 +180,7 @@ pub fn render_report(r: &Report, output: Output) -> String {
                 routes.join(",")
             )
         }
-        Output::Text => {
+        Format::Text => {
             let mut s = String::new();
             if !r.drift() {
                 s.push_str("OK: the live rules match the config\n");
