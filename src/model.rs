@@ -40,7 +40,9 @@ impl fmt::Display for Family {
 }
 
 /// iptables table. The derived order is alphabetical, the order Istio writes tables in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Serialized by its name (`nat`), as [`Table::name`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Table {
     Filter,
     Mangle,

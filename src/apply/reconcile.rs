@@ -468,7 +468,7 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
 
 /// How one chain differs from what the config produces (only our rules are compared; foreign
 /// rules in built-in chains are ignored).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChainDiff {
     pub table: Table,
     pub chain: String,

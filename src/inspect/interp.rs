@@ -68,8 +68,8 @@ pub enum Verdict {
     NotCaptured,
 }
 
-/// One rule looked at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One rule looked at (explain's JSON prints it as it is).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Step {
     pub table: Table,
     pub chain: String,

@@ -3,32 +3,13 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use super::interp::{Outcome, Packet, Verdict};
+use serde::Serialize;
+
+use super::interp::{Outcome, Packet, Step, Verdict};
 use super::{Direction, ExplainRequest, Format, Report};
+use crate::apply::reconcile::ChainDiff;
 use crate::config::Config;
 use crate::model::{self, Family};
-
-/// Minimal JSON string escaping.
-fn js(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn opt_num(n: Option<u32>) -> String {
-    n.map(|n| n.to_string()).unwrap_or_else(|| "null".into())
-}
 
 pub(super) fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u32>) {
     let mark = (o.mark != 0).then_some(o.mark);
@@ -40,30 +21,33 @@ pub(super) fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u3
     }
 }
 
+/// explain's JSON: the verdict, then every rule looked at.
+#[derive(Serialize)]
+struct ExplainJson<'a> {
+    verdict: &'static str,
+    port: Option<u32>,
+    mark: Option<u32>,
+    zone: Option<u16>,
+    walk: &'a [Step],
+}
+
 pub(super) fn render_json(o: &Outcome) -> String {
     let (verdict, port, mark) = verdict_word(o);
-    let walk: Vec<String> = o
-        .walk
-        .iter()
-        .map(|s| {
-            format!(
-                "{{\"table\":{},\"chain\":{},\"rule\":{},\"text\":{},\"matched\":{}}}",
-                js(s.table.name()),
-                js(&s.chain),
-                s.rule,
-                js(&s.text),
-                s.matched
-            )
-        })
-        .collect();
-    format!(
-        "{{\"verdict\":{},\"port\":{},\"mark\":{},\"zone\":{},\"walk\":[{}]}}\n",
-        js(verdict),
-        opt_num(port),
-        opt_num(mark),
-        opt_num(o.zone.map(u32::from)),
-        walk.join(",")
-    )
+    let json = ExplainJson {
+        verdict,
+        port,
+        mark,
+        zone: o.zone,
+        walk: &o.walk,
+    };
+    to_json(&json)
+}
+
+/// One line of compact JSON.
+fn to_json(value: &impl Serialize) -> String {
+    let mut s = serde_json::to_string(value).expect("plain data serializes");
+    s.push('\n');
+    s
 }
 
 pub(super) fn render_text(
@@ -142,43 +126,47 @@ pub(super) fn render_text(
     s
 }
 
+/// verify's JSON.
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    #[serde(rename = "match")]
+    matches: bool,
+    differences: Vec<DiffJson<'a>>,
+    routes_missing: &'a [String],
+    /// Only present when there are some (older readers see the same object as before).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    routes_extra: &'a [String],
+}
+
+/// One chain's difference, with its family.
+#[derive(Serialize)]
+struct DiffJson<'a> {
+    family: &'static str,
+    #[serde(flatten)]
+    diff: &'a ChainDiff,
+}
+
 /// Renders a verify report.
 pub fn render_report(r: &Report, output: Format) -> String {
     match output {
         Format::Json => {
-            let diffs: Vec<String> = r
+            let differences = r
                 .diffs
                 .iter()
-                .map(|(f, d)| {
-                    let list = |v: &[String]| v.iter().map(|x| js(x)).collect::<Vec<_>>().join(",");
-                    format!(
-                        "{{\"family\":{},\"table\":{},\"chain\":{},\"missing\":[{}],\"extra\":[{}],\"out_of_order\":{}}}",
-                        js(match f {
-                            Family::V4 => "ipv4",
-                            Family::V6 => "ipv6",
-                        }),
-                        js(d.table.name()),
-                        js(&d.chain),
-                        list(&d.missing),
-                        list(&d.extra),
-                        d.out_of_order
-                    )
+                .map(|(f, diff)| DiffJson {
+                    family: match f {
+                        Family::V4 => "ipv4",
+                        Family::V6 => "ipv6",
+                    },
+                    diff,
                 })
                 .collect();
-            let routes: Vec<String> = r.routes_missing.iter().map(|x| js(x)).collect();
-            // Only present when there are some (older readers see the same object as before).
-            let extra = if r.routes_extra.is_empty() {
-                String::new()
-            } else {
-                let v: Vec<String> = r.routes_extra.iter().map(|x| js(x)).collect();
-                format!(",\"routes_extra\":[{}]", v.join(","))
-            };
-            format!(
-                "{{\"match\":{},\"differences\":[{}],\"routes_missing\":[{}]{extra}}}\n",
-                !r.drift(),
-                diffs.join(","),
-                routes.join(",")
-            )
+            to_json(&ReportJson {
+                matches: !r.drift(),
+                differences,
+                routes_missing: &r.routes_missing,
+                routes_extra: &r.routes_extra,
+            })
         }
         Format::Text => {
             let mut s = String::new();
