@@ -1,0 +1,191 @@
+//! Snapshots (insta) of the text this tool generates: `--help`, the dry-run script of each
+//! conformance case, the one line bad input gets, and explain's text and JSON. A change of
+//! rule order or wording shows up as a diff of a file in `tests/snapshots/`; when the change
+//! is meant, review it and write the new snapshots with
+//! `INSTA_UPDATE=always cargo test --test snapshots -- --include-ignored` (or `cargo insta
+//! review`). Under CI (`CI=true`) a missing or different snapshot fails.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{BIN, Case, case_command, istio_cases_dir, read_cases, skip_unless_root};
+
+/// Env vars of one run.
+type Env = &'static [(&'static str, &'static str)];
+
+/// Runs the binary with only `env` set (no inherited env var changes a default or a value).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// stderr without the time at the start of each log line.
+fn stderr_untimed(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| match l.split_once('\t') {
+            Some((time, rest)) if time.ends_with('Z') => rest,
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn help() {
+    for (name, args) in [
+        ("help", &["--help"][..]),
+        ("help_explain", &["explain", "--help"][..]),
+        ("help_verify", &["verify", "--help"][..]),
+    ] {
+        let out = run(args, &[]);
+        assert!(out.status.success(), "{name}: {out:?}");
+        insta::assert_snapshot!(name, stdout(&out));
+    }
+}
+
+/// Every kind of bad input: the exit code and the one line that names the flag (or env
+/// var) and the value.
+#[test]
+fn bad_input_error_lines() {
+    let cases: &[(&[&str], Env)] = &[
+        (&["-p", "0"], &[]),
+        (&["-p", "70000"], &[]),
+        (&["-z", "x"], &[]),
+        (&["-m", "FOO"], &[]),
+        (&["-b", "80,x"], &[]),
+        (&["-d", "90:80"], &[]),
+        (&["-q", "*"], &[]),
+        (&["-i", "10.0.0.0/33"], &[]),
+        (&["-x", "not-a-cidr"], &[]),
+        (&["-u", "bad name"], &[]),
+        (&["-c=-eth0"], &[]),
+        (&["-k", "a/b"], &[]),
+        (&["-t=-1"], &[]),
+        (&["--probe-timeout", "5x"], &[]),
+        (&["--redirect-dns=maybe"], &[]),
+        (&[], &[("ENVOY_PORT", "abc")]),
+        (&[], &[("IPTABLES_LOCK_WAIT_SECONDS", "soon")]),
+        (&["--no-such-flag"], &[]),
+    ];
+    let mut report = String::new();
+    for (args, env) in cases {
+        let mut argv = vec!["--dry-run"];
+        argv.extend_from_slice(args);
+        let out = run(&argv, env);
+        report.push_str(&format!(
+            "$ {}{}\nexit {}\n{}\n\n",
+            env.iter()
+                .map(|(k, v)| format!("{k}={v} "))
+                .collect::<String>(),
+            argv.join(" "),
+            out.status.code().unwrap_or(-1),
+            stderr_untimed(&out)
+        ));
+    }
+    insta::assert_snapshot!("bad_input", report);
+}
+
+/// `explain` of the config's rules (no kernel), as text and as JSON.
+#[test]
+fn explain_text_and_json() {
+    let seed = [
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15020",
+    ];
+    let env = [("ENABLE_INBOUND_IPV6", "false")];
+    for (name, packet) in [
+        (
+            "explain_outbound",
+            &["--direction", "outbound", "--dst", "10.1.2.3:80"][..],
+        ),
+        (
+            "explain_inbound",
+            &["--direction", "inbound", "--dst", "10.0.0.5:8080"][..],
+        ),
+        (
+            "explain_inbound_excluded",
+            &["--direction", "inbound", "--dst", "10.0.0.5:15090"][..],
+        ),
+        (
+            "explain_proxy_own",
+            &[
+                "--direction",
+                "outbound",
+                "--dst",
+                "10.1.2.3:80",
+                "--uid",
+                "1337",
+            ][..],
+        ),
+    ] {
+        for output in ["text", "json"] {
+            let mut args = vec!["explain"];
+            args.extend_from_slice(packet);
+            args.extend_from_slice(&["--output", output]);
+            args.extend_from_slice(&seed);
+            let out = run(&args, &env);
+            assert!(out.status.success(), "{name}: {out:?}");
+            insta::assert_snapshot!(format!("{name}_{output}"), stdout(&out));
+        }
+    }
+}
+
+/// The dry-run script of `case`, in a fresh network namespace (so that IPv6 detection and
+/// the rest of the host cannot change it).
+fn dry_run_in_fresh_ns(case: &Case) -> String {
+    let cmd = case_command(case, &["--dry-run"]);
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
+    let mut unshare = Command::new("unshare");
+    unshare.arg("--net").arg("--").arg(program).args(args);
+    unshare.current_dir(cmd.get_current_dir().unwrap_or(Path::new(".")));
+    unshare.env_clear();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            unshare.env(k, v);
+        }
+    }
+    let out = unshare.output().expect("run unshare");
+    assert!(out.status.success(), "{}: {out:?}", case.name);
+    stdout(&out)
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn dry_run_script_of_each_conformance_case() {
+    if skip_unless_root("dry_run_script_of_each_conformance_case") {
+        return;
+    }
+    for dir in ["istio", "istio-more"] {
+        let root = istio_cases_dir().parent().expect("tests/data").join(dir);
+        for case in read_cases(&root) {
+            let script = dry_run_in_fresh_ns(&case);
+            insta::assert_snapshot!(format!("dry_run_{dir}_{}", case.name), script);
+        }
+    }
+}
