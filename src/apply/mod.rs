@@ -79,31 +79,31 @@ pub struct Summary {
 /// steps were put back.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("choosing the {family} backend: {source}")]
+    #[error("choosing the {family} backend: {error}")]
     Backend {
         family: Family,
-        #[source]
-        source: NotInstalled,
+        /// Printed in the message, so not exposed as `source` too.
+        error: NotInstalled,
     },
-    #[error("reading the current {family} state with {program}: {source}")]
+    #[error("reading the current {family} state with {program}: {error}")]
     Read {
         family: Family,
         program: String,
-        #[source]
-        source: ExecError,
+        /// Printed in the message, so not exposed as `source` too.
+        error: ExecError,
     },
-    #[error("reading the current {family} state with {program}: {source}")]
+    #[error("reading the current {family} state with {program}: {error}")]
     Parse {
         family: Family,
         program: String,
-        #[source]
-        source: ParseError,
+        /// Printed in the message, so not exposed as `source` too.
+        error: ParseError,
     },
-    #[error("{family}: {source}")]
+    #[error("{family}: {error}")]
     Conflict {
         family: Family,
-        #[source]
-        source: Conflict,
+        /// Printed in the message, so not exposed as `source` too.
+        error: Conflict,
     },
     #[error(
         "committing {family} rules with {program} (iptables {version}) failed{}: {}; {rollback}",
@@ -194,15 +194,15 @@ fn read_state(
     let program = backend.save_program();
     let text = runner
         .run(&program, &[], None)
-        .map_err(|source| ApplyError::Read {
+        .map_err(|error| ApplyError::Read {
             family,
             program: program.clone(),
-            source,
+            error,
         })?;
-    parse_save(&text).map_err(|source| ApplyError::Parse {
+    parse_save(&text).map_err(|error| ApplyError::Parse {
         family,
         program,
-        source,
+        error,
     })
 }
 
@@ -482,7 +482,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     let mut runs: Vec<Run> = Vec::new();
     for family in plan.families() {
         let backend = backend::detect(family, opts.flavor, env.probe)
-            .map_err(|source| ApplyError::Backend { family, source })?;
+            .map_err(|error| ApplyError::Backend { family, error })?;
         let before = read_state(family, &backend, env.probe, env.runner)?;
         // The version is logged when the save printed it (free); read from the binary's file
         // (228 KB for xtables-nft-multi) only for a failed commit's message.
@@ -495,7 +495,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             }
         }
         let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
-            .map_err(|source| ApplyError::Conflict { family, source })?;
+            .map_err(|error| ApplyError::Conflict { family, error })?;
         runs.push(Run {
             backend,
             before,

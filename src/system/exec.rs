@@ -12,11 +12,11 @@ pub enum ExecError {
     NotFound { program: String },
     #[error("{program}: permission denied (run as root, or with NET_ADMIN and NET_RAW)")]
     PermissionDenied { program: String },
-    #[error("could not start {program}: {source}")]
+    #[error("could not start {program}: {error}")]
     Spawn {
         program: String,
-        #[source]
-        source: io::Error,
+        /// Printed in the message, so not exposed as `source` too.
+        error: io::Error,
     },
     #[error("`{command}` failed ({status}){}", stderr_suffix(.stderr))]
     Failed {
@@ -91,7 +91,7 @@ impl Runner for SystemRunner {
                 },
                 _ => ExecError::Spawn {
                     program: program.to_string(),
-                    source: e,
+                    error: e,
                 },
             })?;
         if let Some(input) = stdin {
@@ -101,7 +101,7 @@ impl Runner for SystemRunner {
         }
         let out = child.wait_with_output().map_err(|e| ExecError::Spawn {
             program: program.to_string(),
-            source: e,
+            error: e,
         })?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {

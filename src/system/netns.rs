@@ -9,21 +9,21 @@ use nix::sched::{CloneFlags, setns};
 /// The namespace could not be entered.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "entering network namespace {}: {source}",
+    "entering network namespace {}: {error}",
     crate::config::shortened(&path.to_string_lossy())
 )]
 pub struct NetnsError {
     pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+    /// Printed in the message, so not exposed as `source` too.
+    pub error: std::io::Error,
 }
 
 /// Moves this (still single-threaded) process into the network namespace at `path`, e.g.
 /// `/var/run/netns/pod` or `/proc/PID/ns/net`. Must run before any thread or child starts.
 pub fn enter(path: &Path) -> Result<(), NetnsError> {
-    let err = |source| NetnsError {
+    let err = |error| NetnsError {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     // Non-blocking: a FIFO given by mistake must not hang the open.
     let file = std::fs::OpenOptions::new()
