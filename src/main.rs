@@ -38,19 +38,11 @@ mod code {
     pub const VALIDATION_FAILED: u8 = 126;
 }
 
-/// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does.
-fn report(err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !msg.contains(&s) {
-            msg.push_str(": ");
-            msg.push_str(&s);
-        }
-        cur = e.source();
-    }
-    tracing::error!("{}", msg.replace('\n', " "));
+/// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
+/// (anyhow's `{:#}`: each cause after a colon).
+fn report(err: impl Into<anyhow::Error>) {
+    let err: anyhow::Error = err.into();
+    tracing::error!("{}", format!("{err:#}").replace('\n', " "));
 }
 
 /// Istio's environment and config blocks (`capture.logConfig` and `config.Print`), one log
@@ -177,7 +169,7 @@ fn main() -> ExitCode {
         netns::scope_xtables_lock(cfg.network_namespace.as_deref());
     }
     if let Err(e) = enter_namespace(&mut cfg) {
-        report(&e);
+        report(e);
         return ExitCode::from(code::FAILURE);
     }
     if (cfg.cleanup_only || !cfg.skip_rule_apply)
@@ -210,7 +202,7 @@ fn main() -> ExitCode {
         match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
             Ok(l) => Some(l),
             Err(e) => {
-                report(&e);
+                report(e);
                 return ExitCode::from(code::FAILURE);
             }
         }
@@ -233,12 +225,12 @@ fn main() -> ExitCode {
                 "capture rules are in place"
             ),
             Err(e) => {
-                report(&e);
                 let c = if matches!(e, apply::ApplyError::Conflict { .. }) {
                     code::CONFLICT
                 } else {
                     code::FAILURE
                 };
+                report(e);
                 return ExitCode::from(c);
             }
         }
@@ -249,8 +241,9 @@ fn main() -> ExitCode {
     if cfg.run_validation {
         let settings = validate::Settings::from_config(&cfg, &RealHost);
         if let Err(e) = validate::run(&settings) {
-            report(&e);
-            if e.is_timeout() {
+            let timeout = e.is_timeout();
+            report(e);
+            if timeout {
                 tracing::error!(
                     "iptables validation failed; workload is not ready for Istio \
                      (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
@@ -288,8 +281,8 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            for e in &errors {
-                tracing::error!("{}", e.to_string().replace('\n', " "));
+            for e in errors {
+                report(e);
             }
             ExitCode::from(code::FAILURE)
         }
@@ -306,7 +299,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
         }
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
-        report(&e);
+        report(e);
         return ExitCode::from(code::FAILURE);
     }
     if needs_kernel && let Err(e) = host::check_net_caps() {
@@ -315,12 +308,13 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
     }
     let cfg = &*cfg;
     let fail = |e: InspectError| {
-        report(&e);
-        ExitCode::from(if matches!(e, InspectError::BadArg { .. }) {
+        let c = if matches!(e, InspectError::BadArg { .. }) {
             code::USAGE
         } else {
             code::FAILURE
-        })
+        };
+        report(e);
+        ExitCode::from(c)
     };
     let mut runner = SystemRunner;
     match command {
