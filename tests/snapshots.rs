@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{BIN, Case, case_command, istio_cases_dir, read_cases, skip_unless_root};
+use common::{BIN, Case, SEED, case_command, istio_cases_dir, read_cases, skip_unless_root};
 
 /// Env vars of one run.
 type Env = &'static [(&'static str, &'static str)];
@@ -99,24 +99,6 @@ fn bad_input_error_lines() {
 /// `explain` of the config's rules (no kernel), as text and as JSON.
 #[test]
 fn explain_text_and_json() {
-    let seed = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15020",
-    ];
     let env = [("ENABLE_INBOUND_IPV6", "false")];
     for (name, packet) in [
         (
@@ -147,7 +129,7 @@ fn explain_text_and_json() {
             let mut args = vec!["explain"];
             args.extend_from_slice(packet);
             args.extend_from_slice(&["--output", output]);
-            args.extend_from_slice(&seed);
+            args.extend_from_slice(SEED);
             let out = run(&args, &env);
             assert!(out.status.success(), "{name}: {out:?}");
             insta::assert_snapshot!(format!("{name}_{output}"), stdout(&out));
