@@ -74,24 +74,46 @@ pub fn items(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Why a list file could not be read (the message names the path; the caller names the
+/// flag).
+#[derive(Debug, thiserror::Error)]
+pub enum ListFileError {
+    #[error("`@` must be followed by the path of a file")]
+    NoPath,
+    #[error("cannot read {path}: {error}")]
+    Io {
+        path: String,
+        /// Printed in the message, so not exposed as `source` too.
+        error: std::io::Error,
+    },
+    #[error("cannot read {path}: it is {kind}, not a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    #[error("{path} is larger than {} MiB", MAX_BYTES >> 20)]
+    TooBig { path: String },
+    #[error("{path} is not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 { path: String, offset: usize },
+}
+
 /// Reads a list file: a regular file (following symlinks, as a ConfigMap volume has them) of
-/// at most [`MAX_BYTES`], UTF-8. The error is the reason, for a message that names the flag.
-pub fn read(path: &str) -> Result<String, String> {
+/// at most [`MAX_BYTES`], UTF-8.
+pub fn read(path: &str) -> Result<String, ListFileError> {
     if path.is_empty() {
-        return Err("`@` must be followed by the path of a file".into());
+        return Err(ListFileError::NoPath);
     }
+    let io = |error| ListFileError::Io {
+        path: path.to_string(),
+        error,
+    };
     // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
     let mut file = File::options()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
         .open(Path::new(path))
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     let kind = meta.file_type();
     if !kind.is_file() {
-        let what = if kind.is_dir() {
+        let kind = if kind.is_dir() {
             "a directory"
         } else if kind.is_fifo() {
             "a FIFO"
@@ -102,11 +124,14 @@ pub fn read(path: &str) -> Result<String, String> {
         } else {
             "not a regular file"
         };
-        return Err(format!(
-            "cannot read {path}: it is {what}, not a regular file"
-        ));
+        return Err(ListFileError::NotAFile {
+            path: path.to_string(),
+            kind,
+        });
     }
-    let too_big = || format!("{path} is larger than {} MiB", MAX_BYTES >> 20);
+    let too_big = || ListFileError::TooBig {
+        path: path.to_string(),
+    };
     if meta.len() > MAX_BYTES {
         return Err(too_big());
     }
@@ -115,20 +140,18 @@ pub fn read(path: &str) -> Result<String, String> {
     (&mut file)
         .take(MAX_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_BYTES {
         return Err(too_big());
     }
-    String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "{path} is not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        )
+    String::from_utf8(bytes).map_err(|e| ListFileError::NotUtf8 {
+        path: path.to_string(),
+        offset: e.utf8_error().valid_up_to(),
     })
 }
 
 /// The list an `@PATH` value stands for, as typed: its items joined with commas.
-pub fn expand(raw: &str) -> Option<Result<String, String>> {
+pub fn expand(raw: &str) -> Option<Result<String, ListFileError>> {
     let path = at_path(raw)?;
     Some(read(path).map(|text| items(&text).join(",")))
 }
@@ -159,10 +182,10 @@ pub fn build_config(
             continue;
         };
         let source_name = source_name(args, id);
-        let joined = result.map_err(|reason| ConfigError {
+        let joined = result.map_err(|e| ConfigError {
             source_name: source_name.clone(),
             value: value.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         from_files.push(FromFile {
             source_name,
@@ -175,10 +198,10 @@ pub fn build_config(
         let Some(raw) = env(var) else { continue };
         let Some(result) = expand(&raw) else { continue };
         let source_name = format!("env {var}");
-        let joined = result.map_err(|reason| ConfigError {
+        let joined = result.map_err(|e| ConfigError {
             source_name: source_name.clone(),
             value: raw.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         env_lists.insert(var, joined.clone());
         from_files.push(FromFile {
