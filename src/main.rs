@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::cli::{Args, Command};
 use istio_iptables::config::listfile;
-use istio_iptables::config::{Config, detect_ipv6, parse_go_bool};
+use istio_iptables::config::{Config, HostFacts, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::model::Family;
 use istio_iptables::render::script;
@@ -47,7 +47,7 @@ fn report(err: impl Into<anyhow::Error>) {
 
 /// Istio's environment and config blocks (`capture.logConfig` and `config.Print`), one log
 /// entry each, with the names Istio prints.
-fn log_config(cfg: &Config) {
+fn log_config(cfg: &Config, facts: &HostFacts) {
     if !tracing::enabled!(tracing::Level::INFO) {
         return;
     }
@@ -62,7 +62,7 @@ fn log_config(cfg: &Config) {
     };
     tracing::info!("Istio {backend} environment:\n{env}");
     let mut vars = String::new();
-    for (k, v) in cfg.summary() {
+    for (k, v) in cfg.summary(facts) {
         let _ = writeln!(vars, "{k}={v}");
     }
     tracing::info!("Istio config:\n{vars}");
@@ -135,32 +135,38 @@ fn main() -> ExitCode {
     // Env-only knobs: bytes that are not UTF-8 must be refused, not read as "unset" (which
     // `std::env::var` would make of them); lossy text fails validation naming the variable.
     let env = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
-    let mut cfg = match listfile::build_config(&args, &env, &RealHost) {
+    let mut cfg = match listfile::build_config(&args, &env) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(code::USAGE);
         }
     };
-    if !cfg.cleanup_only && !cfg.skip_rule_apply && apply_command {
-        cfg.warn_if_nothing_captured();
-    }
     // Past the dry run, rules are compared with what the kernel stores.
     if !cfg.dry_run {
         cfg.kernel_form();
     }
     if let Some(command) = args.cli.command.as_ref().filter(|_| !apply_command) {
-        return inspect_command(command, &mut cfg);
+        return inspect_command(command, &cfg);
     }
 
     if cfg.dry_run {
-        log_config(&cfg);
+        // Read where the dry run runs: it enters no namespace.
+        let facts = match host_facts(&cfg) {
+            Ok(f) => f,
+            Err(c) => return c,
+        };
+        warn_if_nothing_captured(&cfg);
+        log_config(&cfg, &facts);
         if cfg.native_nftables {
-            print!("{}", nft::script(&cfg, &nft::build(&cfg)));
+            print!("{}", nft::script(&cfg, &facts, &nft::build(&cfg, &facts)));
         } else if cfg.cleanup_only {
             print!("{}", script::render_cleanup(&cfg));
         } else {
-            print!("{}", script::render(&cfg, &rules::build(&cfg)));
+            print!(
+                "{}",
+                script::render(&cfg, &facts, &rules::build(&cfg, &facts))
+            );
         }
         return ExitCode::SUCCESS;
     }
@@ -168,10 +174,15 @@ fn main() -> ExitCode {
     if cfg.cni_mode {
         netns::scope_xtables_lock(cfg.network_namespace.as_deref());
     }
-    if let Err(e) = enter_namespace(&mut cfg) {
+    if let Err(e) = enter_namespace(&cfg) {
         report(e);
         return ExitCode::from(code::FAILURE);
     }
+    let facts = match host_facts(&cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    warn_if_nothing_captured(&cfg);
     if (cfg.cleanup_only || !cfg.skip_rule_apply)
         && let Err(e) = host::check_net_caps()
     {
@@ -179,15 +190,19 @@ fn main() -> ExitCode {
         return ExitCode::from(code::FAILURE);
     }
     // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
-    if !cfg.cleanup_only && cfg.ipv6_detected && !cfg.enable_ipv6 && RealHost.has_global_ipv6() {
+    if !cfg.cleanup_only
+        && cfg.enable_inbound_ipv6.is_none()
+        && !facts.ipv6
+        && RealHost.has_global_ipv6()
+    {
         tracing::warn!(
             "this network namespace has global IPv6 addresses, but only IPv4 rules are \
              applied: IPv6 traffic is not captured (the first address is IPv4; set \
              --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
         );
     }
-    log_config(&cfg);
-    let plan = rules::build(&cfg);
+    log_config(&cfg, &facts);
+    let plan = rules::build(&cfg, &facts);
 
     let opts = Options::from_config(&cfg);
     let mut runner = SystemRunner;
@@ -211,7 +226,7 @@ fn main() -> ExitCode {
     };
 
     if cfg.cleanup_only {
-        return cleanup(&cfg, &opts, &mut env);
+        return cleanup(&cfg, &facts, &opts, &mut env);
     }
 
     if cfg.skip_rule_apply {
@@ -239,7 +254,7 @@ fn main() -> ExitCode {
     drop(lock);
 
     if cfg.run_validation {
-        let settings = validate::Settings::from_config(&cfg, &RealHost);
+        let settings = validate::Settings::from_config(&cfg, &facts, &RealHost);
         if let Err(e) = validate::run(&settings) {
             let timeout = e.is_timeout();
             report(e);
@@ -257,21 +272,35 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Enters --network-namespace, if given; IPv6 detection then looks at that namespace.
-fn enter_namespace(cfg: &mut Config) -> Result<(), netns::NetnsError> {
+/// Enters --network-namespace, if given; the host facts are then read in that namespace.
+fn enter_namespace(cfg: &Config) -> Result<(), netns::NetnsError> {
     let Some(path) = &cfg.network_namespace else {
         return Ok(());
     };
     netns::enter(path)?;
     tracing::info!(namespace = %path.display(), "entered network namespace");
-    if cfg.ipv6_detected {
-        cfg.enable_ipv6 = detect_ipv6(&RealHost, cfg.dual_stack);
-    }
     Ok(())
 }
 
-fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
-    match apply::cleanup(&rules::teardown(cfg), opts, env) {
+/// The one step that reads the host facts `cfg` needs, where we are (after entering the
+/// namespace). An owner name that does not exist here or an unreadable resolv.conf is bad
+/// input, as a bad value is: nothing has run yet.
+fn host_facts(cfg: &Config) -> Result<HostFacts, ExitCode> {
+    HostFacts::detect(cfg, &RealHost).map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::from(code::USAGE)
+    })
+}
+
+/// After the host facts, whose errors come first (the apply command only).
+fn warn_if_nothing_captured(cfg: &Config) {
+    if !cfg.cleanup_only && !cfg.skip_rule_apply {
+        cfg.warn_if_nothing_captured();
+    }
+}
+
+fn cleanup(cfg: &Config, facts: &HostFacts, opts: &Options, env: &mut Env<'_>) -> ExitCode {
+    match apply::cleanup(&rules::teardown(cfg, facts), opts, env) {
         Ok(s) => {
             tracing::info!(
                 cleaned = %join(&s.committed),
@@ -290,7 +319,7 @@ fn cleanup(cfg: &Config, opts: &Options, env: &mut Env<'_>) -> ExitCode {
 }
 
 /// `explain` and `verify`: read-only.
-fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
+fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
@@ -302,11 +331,14 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
         report(e);
         return ExitCode::from(code::FAILURE);
     }
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
     if needs_kernel && let Err(e) = host::check_net_caps() {
         tracing::error!("{e}");
         return ExitCode::from(code::FAILURE);
     }
-    let cfg = &*cfg;
     let fail = |e: InspectError| {
         let c = if matches!(e, InspectError::BadArg { .. }) {
             code::USAGE
@@ -321,7 +353,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
         Command::Explain(a) => {
             let a = &inspect::ExplainRequest::from(a);
             let live = if a.from_kernel {
-                let family = match inspect::packet(a, cfg.enable_ipv6) {
+                let family = match inspect::packet(a, facts.ipv6) {
                     Ok((p, _)) if p.dst.is_ipv4() => Family::V4,
                     Ok(_) => Family::V6,
                     Err(e) => return fail(e),
@@ -333,7 +365,7 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
             } else {
                 None
             };
-            match inspect::explain(a, cfg, &RealHost, live.as_ref()) {
+            match inspect::explain(a, cfg, &facts, &RealHost, live.as_ref()) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS
@@ -341,17 +373,19 @@ fn inspect_command(command: &Command, cfg: &mut Config) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Verify(v) => match inspect::verify(cfg, &SystemProbe, &mut runner, &RealHost) {
-            Ok(r) => {
-                print!("{}", inspect::render_report(&r, v.output.into()));
-                if r.drift() {
-                    ExitCode::from(code::DRIFT)
-                } else {
-                    ExitCode::SUCCESS
+        Command::Verify(v) => {
+            match inspect::verify(cfg, &facts, &SystemProbe, &mut runner, &RealHost) {
+                Ok(r) => {
+                    print!("{}", inspect::render_report(&r, v.output.into()));
+                    if r.drift() {
+                        ExitCode::from(code::DRIFT)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
         Command::IstioIptables | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }

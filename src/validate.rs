@@ -55,7 +55,7 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 use nix::unistd::{Gid, Uid};
 
-use crate::config::{Config, Owner};
+use crate::config::{Config, HostFacts, Owner};
 use crate::system::save::OwnerResolver;
 
 /// Destination of the IPv4 probe (never `127.0.0.1`, which the capture rules exempt).
@@ -108,17 +108,17 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The validation settings of `cfg`; the probe runs as the first proxy uid and gid,
-    /// names looked up with `resolver`.
-    pub fn from_config(cfg: &Config, resolver: &dyn OwnerResolver) -> Settings {
+    /// The validation settings of `cfg` on a host with `facts`; the probe runs as the first
+    /// proxy uid and gid, names looked up with `resolver`.
+    pub fn from_config(cfg: &Config, facts: &HostFacts, resolver: &dyn OwnerResolver) -> Settings {
         Settings {
             proxy_port: cfg.proxy_port.get(),
             inbound_port: cfg.inbound_capture_port.get(),
             probe_port: cfg.probe_port.get(),
             timeout: cfg.probe_timeout,
-            ipv6: cfg.enable_ipv6,
-            uid: first_id(&cfg.proxy_uids, |n| resolver.uid(n)),
-            gid: first_id(&cfg.proxy_gids, |n| resolver.gid(n)),
+            ipv6: facts.ipv6,
+            uid: first_id(&facts.proxy_uids, |n| resolver.uid(n)),
+            gid: first_id(&facts.proxy_gids, |n| resolver.gid(n)),
         }
     }
 }

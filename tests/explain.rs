@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use istio_iptables::cli::{Args, Command as Subcommand};
-use istio_iptables::config::Config;
+use istio_iptables::config::{Config, HostFacts};
 use istio_iptables::inspect;
 use istio_iptables::model::{Family, Table};
 use istio_iptables::rules;
@@ -535,12 +535,19 @@ impl Lab {
         let args = Args::parse_from(full).map_err(|e| e.to_string())?;
         let ipv6 = self.ipv6.to_string();
         let env = |k: &str| (k == "ENABLE_INBOUND_IPV6").then(|| ipv6.clone());
-        let cfg = Config::build(&args, &env, &RealHost).map_err(|e| e.to_string())?;
+        let cfg = Config::build(&args, &env).map_err(|e| e.to_string())?;
+        let facts = HostFacts::detect(&cfg, &RealHost).map_err(|e| e.to_string())?;
         let Some(Subcommand::Explain(a)) = &args.cli.command else {
             return Err("not an explain command line".into());
         };
-        inspect::explain(&inspect::ExplainRequest::from(a), &cfg, &RealHost, None)
-            .map_err(|e| e.to_string())
+        inspect::explain(
+            &inspect::ExplainRequest::from(a),
+            &cfg,
+            &facts,
+            &RealHost,
+            None,
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Sends `p` for real.
@@ -1496,8 +1503,9 @@ impl Drift {
         full.extend(self.args.iter().cloned());
         let args = Args::parse_from(full).expect("valid flags");
         let env = |k: &str| (k == "ENABLE_INBOUND_IPV6").then(|| "true".to_string());
-        let cfg = Config::build(&args, &env, &RealHost).expect("valid config");
-        let plan = rules::build(&cfg);
+        let cfg = Config::build(&args, &env).expect("valid config");
+        let facts = HostFacts::detect(&cfg, &RealHost).expect("host facts");
+        let plan = rules::build(&cfg, &facts);
         let rs = inspect::ruleset_from_rules(plan.rules(family));
         rs[&Table::from_name(table).expect("a table name")][chain][n - 1]
             .0

@@ -733,8 +733,7 @@ pub fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::build as config;
-    use crate::rules;
+    use crate::config::tests::{build as config, plan};
     use crate::system::save::NoResolver;
     use std::collections::BTreeMap;
 
@@ -810,7 +809,7 @@ mod tests {
 
     #[test]
     fn fresh_apply_runs_one_save_and_one_restore_per_family() {
-        let plan = rules::build(&config(&["-b", "*", "-i", "*"], &[]).unwrap());
+        let plan = plan(config(&["-b", "*", "-i", "*"], &[]).unwrap());
         let mut fake = Fake::default();
         let s = apply_nft(&plan, &OPTS, &mut fake).unwrap();
         let programs: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
@@ -821,7 +820,7 @@ mod tests {
 
     #[test]
     fn failed_ipv6_commit_restores_ipv4() {
-        let plan = rules::build(&config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
+        let plan = plan(config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
         let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
         let mut fake = Fake {
             fail_program: Some("ip6tables-nft-restore".into()),
@@ -852,7 +851,7 @@ mod tests {
 
     #[test]
     fn a_rollback_that_does_not_take_says_what_is_left() {
-        let plan = rules::build(&config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
+        let plan = plan(config(&["-b", "*"], &[("ENABLE_INBOUND_IPV6", "true")]).unwrap());
         let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
         let mut fake = Fake {
             fail_program: Some("ip6tables-nft-restore".into()),
@@ -877,7 +876,7 @@ mod tests {
 
     #[test]
     fn conflict_without_reconcile_changes_nothing() {
-        let plan = rules::build(&config(&["-b", "8080"], &[]).unwrap());
+        let plan = plan(config(&["-b", "8080"], &[]).unwrap());
         let mut fake = Fake {
             save_output: "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n".into(),
             ..Default::default()

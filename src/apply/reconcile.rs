@@ -566,8 +566,7 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::build as config;
-    use crate::rules;
+    use crate::config::tests;
     use crate::system::save::{NoResolver, parse_save, tokenize};
 
     const RECONCILE: Policy = Policy {
@@ -656,7 +655,7 @@ mod tests {
     }
 
     fn plan(argv: &[&str]) -> Vec<Rule> {
-        rules::build(&config(argv, &[]).unwrap()).v4
+        tests::plan(tests::build(argv, &[]).unwrap()).v4
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Facts about the host a config needs: the proxy user's uid, whether the pod's address is
-//! IPv6, the DNS servers in resolv.conf. Asked through the [`Host`] trait (the real answers
-//! are `system::host::RealHost`), so that the config is tested without a machine.
+//! Facts about the host the rules depend on, apart from the pure [`Config`]: the proxy
+//! user's uid, whether IPv6 rules are on, the DNS servers in resolv.conf, and whether the
+//! owner names of -u/-g exist. [`HostFacts::detect`] reads them in one step, in the target
+//! network namespace (a dry run reads them where it runs). Asked through the [`Host`] trait
+//! (the real answers are `system::host::RealHost`), so that they are tested without a machine.
 
 use std::net::IpAddr;
 
-use super::quoted;
+use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, quoted};
 
 /// A DNS server from resolv.conf: the parsed address and the text as written (Istio writes
 /// the text into the rule, e.g. `::127.0.0.53/128`; it only ever holds a valid address).
@@ -14,7 +16,7 @@ pub struct DnsServer {
     pub text: String,
 }
 
-/// What `Config::build` needs to know about the machine (kept behind a trait for tests).
+/// What [`HostFacts::detect`] asks the machine (kept behind a trait for tests).
 pub trait Host {
     /// uid of the user `name`, if it exists.
     fn user_uid(&self, name: &str) -> Option<u32>;
@@ -79,7 +81,7 @@ pub fn parse_resolv_conf(bytes: &[u8]) -> (Vec<DnsServer>, Vec<DnsServer>) {
 }
 
 /// Istio's rule (see `Host::detect_ipv6`); no usable address means IPv4 only.
-pub fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> bool {
+fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> bool {
     host.detect_ipv6(dual_stack).unwrap_or_else(|| {
         tracing::warn!(
             "no non-loopback, non-link-local address found; generating IPv4 rules only \
@@ -87,4 +89,84 @@ pub fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> bool {
         );
         false
     })
+}
+
+/// What the rules need to know about the host, read by [`HostFacts::detect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The proxy's uids: -u as given, else the uid of ENVOY_USER here (1337 when it does
+    /// not exist, as in Istio).
+    pub proxy_uids: Vec<Owner>,
+    /// The proxy's gids: -g as given, else the proxy uids.
+    pub proxy_gids: Vec<Owner>,
+    /// Generate IPv6 rules: ENABLE_INBOUND_IPV6 when set, else detected from this
+    /// namespace's addresses.
+    pub ipv6: bool,
+    /// IPv4 DNS servers from resolv.conf (with --redirect-dns).
+    pub dns_servers_v4: Vec<DnsServer>,
+    /// IPv6 DNS servers from resolv.conf (with --redirect-dns).
+    pub dns_servers_v6: Vec<DnsServer>,
+}
+
+impl HostFacts {
+    /// Reads the facts `cfg` needs from `host`. An owner name of -u/-g that does not exist
+    /// here, or a resolv.conf that cannot be read, is an error naming its flag, as a bad
+    /// value in [`Config::build`] is.
+    pub fn detect(cfg: &Config, host: &dyn Host) -> Result<HostFacts, ConfigError> {
+        let proxy_uids = cfg.proxy_uids.clone().unwrap_or_else(|| {
+            vec![Owner::Id(
+                host.user_uid(&cfg.envoy_user).unwrap_or(DEFAULT_PROXY_UID),
+            )]
+        });
+        let proxy_gids = cfg.proxy_gids.clone().unwrap_or_else(|| proxy_uids.clone());
+        let ipv6 = cfg
+            .enable_inbound_ipv6
+            .unwrap_or_else(|| detect_ipv6(host, cfg.dual_stack));
+
+        // Names are resolved by iptables when the rules are applied: a name that does not
+        // exist here would fail there, after the first steps ran. A dry run prints names
+        // as given (the script may run on another machine); a cleanup must always run.
+        // (Owner group names are left to iptables-restore, whose error quotes the rule.)
+        if !cfg.dry_run && !cfg.cleanup_only {
+            let missing = |kind: &str, n: &str| {
+                format!("there is no {kind} named {} on this machine", quoted(n))
+            };
+            // Without -g, the gids are the -u value (as in Istio).
+            let gid_note = if cfg.proxy_gids.is_none() {
+                " (--proxy-gid defaults to the --proxy-uid value)"
+            } else {
+                ""
+            };
+            for o in &proxy_uids {
+                if let Owner::Name(n) = o
+                    && host.user_uid(n).is_none()
+                {
+                    return Err(cfg.given.proxy_uid.err(missing("user", n)));
+                }
+            }
+            for o in &proxy_gids {
+                if let Owner::Name(n) = o
+                    && host.group_gid(n).is_none()
+                {
+                    return Err(cfg.given.proxy_gid.err(missing("group", n) + gid_note));
+                }
+            }
+        }
+
+        let (dns_servers_v4, dns_servers_v6) = if cfg.redirect_dns && !cfg.capture_all_dns {
+            let bytes = host
+                .read_file(&cfg.resolv_conf)
+                .map_err(|e| cfg.given.resolv_conf.err(format!("cannot read it: {e}")))?;
+            parse_resolv_conf(&bytes)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(HostFacts {
+            proxy_uids,
+            proxy_gids,
+            ipv6,
+            dns_servers_v4,
+            dns_servers_v6,
+        })
+    }
 }

@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::cli::{Args, Cli, env_only};
-use crate::config::{Config, ConfigError, Host, source_name};
+use crate::config::{Config, ConfigError, source_name};
 
 /// The largest list file read: 4 MiB is about 250,000 CIDRs, far past anything iptables
 /// handles well, and small enough that a wrong path (a log file, say) fails quickly.
@@ -172,7 +172,6 @@ struct FromFile {
 pub fn build_config(
     args: &Args,
     env: &dyn Fn(&str) -> Option<String>,
-    host: &dyn Host,
 ) -> Result<Config, ConfigError> {
     let mut expanded = args.clone();
     let mut from_files = Vec::new();
@@ -211,20 +210,30 @@ pub fn build_config(
         });
     }
     let env = |k: &str| env_lists.get(k).cloned().or_else(|| env(k));
-    Config::build(&expanded, &env, host).map_err(|mut e| {
+    // A value read from a file is named by its `@PATH`, also in the errors the host facts
+    // find later (an owner name of -u/-g that does not exist).
+    let as_given = |source_name: &str, value: &mut String| {
         if let Some(f) = from_files
             .iter()
-            .find(|f| f.source_name == e.source_name && f.joined == e.value)
+            .find(|f| f.source_name == source_name && f.joined == *value)
         {
-            e.value.clone_from(&f.raw);
+            value.clone_from(&f.raw);
         }
+    };
+    let mut cfg = Config::build(&expanded, &env).map_err(|mut e| {
+        as_given(&e.source_name, &mut e.value);
         e
-    })
+    })?;
+    for g in [&mut cfg.given.proxy_uid, &mut cfg.given.proxy_gid] {
+        as_given(&g.source_name, &mut g.value);
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HostFacts;
     use crate::config::tests::build as build_typed;
     use crate::config::tests::{FakeHost, SEED};
     use std::io::Write as _;
@@ -252,7 +261,7 @@ mod tests {
         }
     }
 
-    fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<(Config, HostFacts), ConfigError> {
         let host = FakeHost {
             files: HashMap::new(),
             ipv6: Some(false),
@@ -264,7 +273,9 @@ mod tests {
         let mut full = vec!["istio-iptables"];
         full.extend_from_slice(argv);
         let args = Args::parse_from(full).expect("clap accepts");
-        build_config(&args, &|k| env.get(k).cloned(), &host)
+        let cfg = build_config(&args, &|k| env.get(k).cloned())?;
+        let facts = HostFacts::detect(&cfg, &host)?;
+        Ok((cfg, facts))
     }
 
     #[test]
@@ -305,22 +316,24 @@ mod tests {
             .collect();
         let f = Temp::new("20k", (cidrs.join("\n") + "\n").as_bytes());
         let typed = cidrs.join(",");
-        let script = |c: &Config| crate::render::script::render(c, &crate::rules::build(c));
+        let script = |(c, f): &(Config, HostFacts)| {
+            crate::render::script::render(c, f, &crate::rules::build(c, f))
+        };
         let from_file = build(&["-n", "-i", "*", "-x", &f.at()], &[]).unwrap();
         let from_typed = build_typed(&["-n", "-i", "*", "-x", &typed], &[]).unwrap();
-        assert_eq!(from_file.outbound_exclude.v4.len(), 20_000);
+        assert_eq!(from_file.0.outbound_exclude.v4.len(), 20_000);
         assert!(script(&from_file) == script(&from_typed), "same script");
     }
 
     #[test]
     fn owner_group_knobs_take_files_too() {
         let f = Temp::new("groups", b"java\n202\n");
-        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &f.at())]).unwrap();
-        let typed = build_typed(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        let (c, _) = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &f.at())]).unwrap();
+        let (typed, _) = build_typed(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
         assert_eq!(c.owner_groups, typed.owner_groups);
-        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &f.at())]).unwrap();
+        let (c, _) = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &f.at())]).unwrap();
         let typed = build_typed(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "java,202")]);
-        assert_eq!(c.owner_groups, typed.unwrap().owner_groups);
+        assert_eq!(c.owner_groups, typed.unwrap().0.owner_groups);
     }
 
     #[test]

@@ -1,16 +1,17 @@
 //! Typed, validated configuration. `Config::build` is the one place where raw flag and env
 //! strings become typed values; nothing raw survives past it, so every string that later
-//! reaches an iptables-restore payload has been checked here.
+//! reaches an iptables-restore payload has been checked here. It is pure: what it needs to
+//! know about the host is read afterwards, by [`HostFacts::detect`].
 
 pub mod host;
 pub mod listfile;
 pub mod values;
 
-pub use self::host::{DnsServer, Host, RESOLV_CONF_MAX_BYTES, detect_ipv6, parse_resolv_conf};
+pub use self::host::{DnsServer, Host, HostFacts, RESOLV_CONF_MAX_BYTES, parse_resolv_conf};
 pub use self::values::{
-    Cidrs, ConfigError, Flavor, Iface, InboundPorts, MAX_ECHO_CHARS, Mode, OutboundCidrs, Owner,
-    OwnerGroups, Port, PortSpec, parse_go_bool, parse_go_duration, quoted, shortened, source_name,
-    split_list,
+    Cidrs, ConfigError, Flavor, Given, Iface, InboundPorts, MAX_ECHO_CHARS, Mode, OutboundCidrs,
+    Owner, OwnerGroups, Port, PortSpec, parse_go_bool, parse_go_duration, quoted, shortened,
+    source_name, split_list,
 };
 use self::values::{
     Src, cidr_list, go_bool, go_bool_with_alias, iface_list, owner, owner_list, port_list,
@@ -44,10 +45,13 @@ pub struct Config {
     pub inbound_capture_port: Port,
     /// Tunnel port, never captured (-e, INBOUND_TUNNEL_PORT).
     pub inbound_tunnel_port: Port,
-    /// Proxy uids (-u, PROXY_UID).
-    pub proxy_uids: Vec<Owner>,
-    /// Proxy gids (-g, PROXY_GID).
-    pub proxy_gids: Vec<Owner>,
+    /// Proxy uids (-u, PROXY_UID); without them, the uid of `envoy_user`
+    /// ([`HostFacts::proxy_uids`]).
+    pub proxy_uids: Option<Vec<Owner>>,
+    /// Proxy gids (-g, PROXY_GID); without them, the proxy uids ([`HostFacts::proxy_gids`]).
+    pub proxy_gids: Option<Vec<Owner>>,
+    /// The user whose uid is the proxy uid without -u (ENVOY_USER, else istio-proxy).
+    pub envoy_user: String,
     /// Inbound mode (-m).
     pub mode: Mode,
     /// Inbound ports captured (-b).
@@ -106,29 +110,30 @@ pub struct Config {
     pub host_loopback_cidr: Ipv4Net,
     /// Owner groups captured (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`).
     pub owner_groups: OwnerGroups,
-    /// Generate IPv6 rules (ENABLE_INBOUND_IPV6, else detected).
-    pub enable_ipv6: bool,
-    /// Whether `enable_ipv6` was detected from this namespace's addresses (so it must be
-    /// detected again after entering --network-namespace).
-    pub ipv6_detected: bool,
-    /// IPv4 DNS servers from resolv.conf (with --redirect-dns).
-    pub dns_servers_v4: Vec<DnsServer>,
-    /// IPv6 DNS servers from resolv.conf (with --redirect-dns).
-    pub dns_servers_v6: Vec<DnsServer>,
-    /// Where the DNS servers were read from (--resolv-conf).
+    /// Generate IPv6 rules (ENABLE_INBOUND_IPV6); unset, [`HostFacts::ipv6`] is detected.
+    pub enable_inbound_ipv6: Option<bool>,
+    /// Where the DNS servers are read from (--resolv-conf).
     pub resolv_conf: PathBuf,
+    /// -u, -g and --resolv-conf as given, for the errors of [`HostFacts::detect`].
+    pub given: GivenValues,
     /// Seconds to wait for the xtables lock (IPTABLES_LOCK_WAIT_SECONDS).
     pub lock_wait_secs: u32,
 }
 
+/// The values [`HostFacts::detect`] checks on the host, as given, so that its errors name
+/// them as `Config::build`'s do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GivenValues {
+    pub proxy_uid: Given,
+    /// (-u's value when -g is not given: the gids default to it.)
+    pub proxy_gid: Given,
+    pub resolv_conf: Given,
+}
+
 impl Config {
-    /// Validates every flag and env value. `env` reads environment variables (for env-only
-    /// knobs); `host` answers the few questions about the machine Istio also asks.
-    pub fn build(
-        args: &Args,
-        env: &dyn Fn(&str) -> Option<String>,
-        host: &dyn Host,
-    ) -> Result<Config, ConfigError> {
+    /// Validates every flag and env value, without asking the host anything. `env` reads
+    /// environment variables (for env-only knobs).
+    pub fn build(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let c = &args.cli;
         let src = |id: &'static str| Src::arg(args, id);
 
@@ -138,15 +143,13 @@ impl Config {
         let inbound_tunnel_port = single_port(&src("inbound_tunnel_port"), &c.inbound_tunnel_port)?;
 
         let proxy_uids = match c.proxy_uid.as_deref().filter(|s| !s.is_empty()) {
-            Some(s) => owner_list(&src("proxy_uid"), s)?,
-            None => {
-                let user = env(env_only::ENVOY_USER).unwrap_or_else(|| "istio-proxy".into());
-                vec![Owner::Id(host.user_uid(&user).unwrap_or(DEFAULT_PROXY_UID))]
-            }
+            Some(s) => Some(owner_list(&src("proxy_uid"), s)?),
+            None => None,
         };
+        let envoy_user = env(env_only::ENVOY_USER).unwrap_or_else(|| "istio-proxy".into());
         let proxy_gids = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
-            Some(s) => owner_list(&src("proxy_gid"), s)?,
-            None => proxy_uids.clone(),
+            Some(s) => Some(owner_list(&src("proxy_gid"), s)?),
+            None => None,
         };
 
         let mode = match c.istio_inbound_interception_mode.trim() {
@@ -366,49 +369,29 @@ impl Config {
                 OwnerGroups::Only(groups)
             }
         };
-        let ipv6_override = env(env_only::ENABLE_INBOUND_IPV6)
+        let enable_inbound_ipv6 = env(env_only::ENABLE_INBOUND_IPV6)
             .map(|v| {
                 parse_go_bool(v.trim()).ok_or_else(|| {
                     Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
                 })
             })
             .transpose()?;
-        let enable_ipv6 = ipv6_override.unwrap_or_else(|| detect_ipv6(host, dual_stack));
-
         let lock_wait_secs = match env(env_only::LOCK_WAIT) {
             None => DEFAULT_LOCK_WAIT_SECS,
             Some(v) => u32_value(&Src::env(env_only::LOCK_WAIT), &v, "a number of seconds")?,
         };
 
-        // Names are resolved by iptables when the rules are applied: a name that does not
-        // exist here would fail there, after the first steps ran. A dry run prints names
-        // as given (the script may run on another machine); a cleanup must always run.
-        // (Owner group names are left to iptables-restore, whose error quotes the rule.)
-        if !dry_run && !cleanup_only {
-            let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
-            // Without -g, the gids are the -u value (as in Istio).
-            let (gid_raw, gid_note) = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
-                Some(g) => (g, ""),
-                None => (uid_raw, " (--proxy-gid defaults to the --proxy-uid value)"),
-            };
-            let missing = |kind: &str, n: &str| {
-                format!("there is no {kind} named {} on this machine", quoted(n))
-            };
-            for o in &proxy_uids {
-                if let Owner::Name(n) = o
-                    && host.user_uid(n).is_none()
-                {
-                    return Err(src("proxy_uid").err(uid_raw, missing("user", n)));
-                }
-            }
-            for o in &proxy_gids {
-                if let Owner::Name(n) = o
-                    && host.group_gid(n).is_none()
-                {
-                    return Err(src("proxy_gid").err(gid_raw, missing("group", n) + gid_note));
-                }
-            }
-        }
+        let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
+        let given = GivenValues {
+            proxy_uid: src("proxy_uid").given(uid_raw),
+            proxy_gid: src("proxy_gid").given(
+                c.proxy_gid
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(uid_raw),
+            ),
+            resolv_conf: src("resolv_conf").given(&c.resolv_conf),
+        };
 
         let mut host_bits = match &outbound_include {
             OutboundCidrs::Only(c) => c.with_host_bits(),
@@ -427,14 +410,6 @@ impl Config {
         }
 
         let resolv_conf = PathBuf::from(&c.resolv_conf);
-        let (dns_servers_v4, dns_servers_v6) = if redirect_dns && !capture_all_dns {
-            let bytes = host.read_file(&resolv_conf).map_err(|e| {
-                src("resolv_conf").err(&c.resolv_conf, format!("cannot read it: {e}"))
-            })?;
-            parse_resolv_conf(&bytes)
-        } else {
-            (Vec::new(), Vec::new())
-        };
 
         Ok(Config {
             proxy_port,
@@ -442,6 +417,7 @@ impl Config {
             inbound_tunnel_port,
             proxy_uids,
             proxy_gids,
+            envoy_user,
             mode,
             inbound_ports,
             inbound_ports_exclude,
@@ -471,11 +447,9 @@ impl Config {
             flavor,
             host_loopback_cidr,
             owner_groups,
-            enable_ipv6,
-            ipv6_detected: ipv6_override.is_none(),
-            dns_servers_v4,
-            dns_servers_v6,
+            enable_inbound_ipv6,
             resolv_conf,
+            given,
             lock_wait_secs,
         })
     }
@@ -511,7 +485,7 @@ impl Config {
 
     /// The effective configuration as `NAME=value` pairs (Istio's names), for logs and the
     /// dry-run header.
-    pub fn summary(&self) -> Vec<(&'static str, String)> {
+    pub fn summary(&self, facts: &HostFacts) -> Vec<(&'static str, String)> {
         fn join<T: fmt::Display>(v: &[T]) -> String {
             v.iter()
                 .map(|x| x.to_string())
@@ -523,10 +497,10 @@ impl Config {
             v.extend(c.v6.iter().map(|n| n.to_string()));
             v.join(",")
         };
-        let dns: Vec<String> = self
+        let dns: Vec<String> = facts
             .dns_servers_v4
             .iter()
-            .chain(&self.dns_servers_v6)
+            .chain(&facts.dns_servers_v6)
             .map(|d| d.text.clone())
             .collect();
         vec![
@@ -536,8 +510,8 @@ impl Config {
                 self.inbound_capture_port.to_string(),
             ),
             ("PROXY_TUNNEL_PORT", self.inbound_tunnel_port.to_string()),
-            ("PROXY_UID", join(&self.proxy_uids)),
-            ("PROXY_GID", join(&self.proxy_gids)),
+            ("PROXY_UID", join(&facts.proxy_uids)),
+            ("PROXY_GID", join(&facts.proxy_gids)),
             (
                 "INBOUND_INTERCEPTION_MODE",
                 match self.mode {
@@ -585,7 +559,7 @@ impl Config {
             ("OUTBOUND_PORTS_EXCLUDE", join(&self.outbound_ports_exclude)),
             ("KUBE_VIRT_INTERFACES", join(&self.kube_virt_interfaces)),
             ("EXCLUDE_INTERFACES", join(&self.exclude_interfaces)),
-            ("ENABLE_INBOUND_IPV6", self.enable_ipv6.to_string()),
+            ("ENABLE_INBOUND_IPV6", facts.ipv6.to_string()),
             ("DUAL_STACK", self.dual_stack.to_string()),
             ("DNS_CAPTURE", self.redirect_dns.to_string()),
             ("CAPTURE_ALL_DNS", self.capture_all_dns.to_string()),
@@ -671,7 +645,8 @@ pub(crate) mod tests {
         "15090,15020",
     ];
 
-    pub fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    /// The config of `argv` and `env`, and its host facts read from a [`FakeHost`].
+    pub fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<(Config, HostFacts), ConfigError> {
         let host = FakeHost {
             files: HashMap::from([(
                 PathBuf::from("/etc/resolv.conf"),
@@ -686,17 +661,24 @@ pub(crate) mod tests {
         let mut full = vec!["istio-iptables"];
         full.extend_from_slice(argv);
         let args = Args::parse_from(full).expect("clap accepts");
-        Config::build(&args, &|k| env.get(k).cloned(), &host)
+        let cfg = Config::build(&args, &|k| env.get(k).cloned())?;
+        let facts = HostFacts::detect(&cfg, &host)?;
+        Ok((cfg, facts))
+    }
+
+    /// The rules of a config and its host facts (as [`build`] returns them).
+    pub fn plan((cfg, facts): (Config, HostFacts)) -> crate::rules::Plan {
+        crate::rules::build(&cfg, &facts)
     }
 
     #[test]
     fn defaults_match_istio() {
-        let c = build(&[], &[]).unwrap();
+        let (c, f) = build(&[], &[]).unwrap();
         assert_eq!(c.proxy_port.get(), 15001);
         assert_eq!(c.inbound_capture_port.get(), 15006);
         assert_eq!(c.inbound_tunnel_port.get(), 15008);
-        assert_eq!(c.proxy_uids, vec![Owner::Id(1337)]);
-        assert_eq!(c.proxy_gids, vec![Owner::Id(1337)]);
+        assert_eq!(f.proxy_uids, vec![Owner::Id(1337)]);
+        assert_eq!(f.proxy_gids, vec![Owner::Id(1337)]);
         assert_eq!(c.mode, Mode::Redirect);
         assert_eq!(c.inbound_ports, InboundPorts::None);
         assert_eq!(c.outbound_include, OutboundCidrs::Only(Cidrs::default()));
@@ -711,7 +693,7 @@ pub(crate) mod tests {
 
     #[test]
     fn lists_ignore_empty_items_and_keep_order() {
-        let c = build(
+        let (c, _) = build(
             &["-d", "15090,15021,", "-i", "10.0.0.0/8,,fd00::/8,1.2.3.4"],
             &[],
         )
@@ -727,7 +709,7 @@ pub(crate) mod tests {
 
     #[test]
     fn port_ranges() {
-        let c = build(&["-b", "80:90,443"], &[]).unwrap();
+        let (c, _) = build(&["-b", "80:90,443"], &[]).unwrap();
         assert_eq!(
             c.inbound_ports,
             InboundPorts::Only(vec![
@@ -802,6 +784,7 @@ pub(crate) mod tests {
         assert!(
             build(&["--native-nftables", "--dry-run"], &[])
                 .unwrap()
+                .0
                 .native_nftables
         );
     }
@@ -811,12 +794,14 @@ pub(crate) mod tests {
         assert!(
             build(&[], &[("ISTIO_META_DNS_CAPTURE", "T")])
                 .unwrap()
+                .0
                 .redirect_dns
         );
-        assert!(build(&[], &[("INVALID_DROP", "1")]).unwrap().drop_invalid);
+        assert!(build(&[], &[("INVALID_DROP", "1")]).unwrap().0.drop_invalid);
         assert!(
             build(&[], &[("ISTIO_DUAL_STACK", "True")])
                 .unwrap()
+                .0
                 .dual_stack
         );
         assert!(build(&[], &[("ISTIO_META_DNS_CAPTURE", "yes")]).is_err());
@@ -824,11 +809,11 @@ pub(crate) mod tests {
 
     #[test]
     fn dns_servers_from_resolv_conf() {
-        let c = build(&["--redirect-dns"], &[]).unwrap();
-        assert_eq!(c.dns_servers_v4[0].text, "10.96.0.10");
-        assert_eq!(c.dns_servers_v6[0].text, "fd00::10");
-        let c = build(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
-        assert!(c.dns_servers_v4.is_empty());
+        let (_, f) = build(&["--redirect-dns"], &[]).unwrap();
+        assert_eq!(f.dns_servers_v4[0].text, "10.96.0.10");
+        assert_eq!(f.dns_servers_v6[0].text, "fd00::10");
+        let (_, f) = build(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
+        assert!(f.dns_servers_v4.is_empty());
         let e = build(&["--redirect-dns", "--resolv-conf", "/nope"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--resolv-conf");
     }
@@ -844,7 +829,7 @@ pub(crate) mod tests {
 
     #[test]
     fn host_bits_are_cleared_in_the_kernel_form_only() {
-        let mut c = build(
+        let (mut c, _) = build(
             &["-x", "10.0.0.1/8,2001:db8:5::1/48", "-i", "192.168.1.7/24"],
             &[],
         )
@@ -890,14 +875,15 @@ pub(crate) mod tests {
         assert!(
             build(&[], &[("ENABLE_INBOUND_IPV6", "true")])
                 .unwrap()
-                .enable_ipv6
+                .1
+                .ipv6
         );
-        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
+        let (c, _) = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]).unwrap();
         assert_eq!(
             c.owner_groups,
             OwnerGroups::Only(vec![Owner::Name("java".into()), Owner::Id(202)])
         );
-        let c = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp")]).unwrap();
+        let (c, _) = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp")]).unwrap();
         assert_eq!(
             c.owner_groups,
             OwnerGroups::AllExcept(vec![Owner::Id(888), Owner::Name("ftp".into())])
@@ -928,7 +914,7 @@ pub(crate) mod tests {
             ("1337", "256"),
             ("7", "4294967295"),
         ] {
-            let c = build(&["-t", t, "-r", r], &[]).unwrap();
+            let (c, _) = build(&["-t", t, "-r", r], &[]).unwrap();
             assert_eq!(c.tproxy_mark.to_string(), t);
             assert_eq!(c.tproxy_route_table.to_string(), r);
         }

@@ -212,9 +212,29 @@ impl<'a> Src<'a> {
         }
     }
     pub(super) fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
+        self.given(value).err(reason)
+    }
+    pub(super) fn given(&self, value: &str) -> Given {
+        Given {
             source_name: self.name(),
             value: value.to_string(),
+        }
+    }
+}
+
+/// A value as given and how errors name its source: kept for the errors found after
+/// `Config::build`, once the host is asked (`HostFacts::detect`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Given {
+    pub source_name: String,
+    pub value: String,
+}
+
+impl Given {
+    pub fn err(&self, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source_name: self.source_name.clone(),
+            value: self.value.clone(),
             reason: reason.into(),
         }
     }

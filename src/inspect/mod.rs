@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use self::interp::{Packet, Proto, Ruleset};
 use crate::apply::reconcile::{self, ChainDiff};
-use crate::config::Config;
+use crate::config::{Config, HostFacts};
 use crate::model::{Family, Rule, Table};
 use crate::rules;
 use crate::rules::ip;
@@ -252,16 +252,17 @@ pub fn packet(
 pub fn explain(
     args: &ExplainRequest,
     cfg: &Config,
+    facts: &HostFacts,
     resolver: &dyn OwnerResolver,
     live: Option<&SaveState>,
 ) -> Result<String, InspectError> {
-    let (pkt, hooks) = packet(args, cfg.enable_ipv6)?;
+    let (pkt, hooks) = packet(args, facts.ipv6)?;
     let family = if pkt.dst.is_ipv4() {
         Family::V4
     } else {
         Family::V6
     };
-    let plan = rules::build(cfg);
+    let plan = rules::build(cfg, facts);
     let (rs, source) = match live {
         Some(st) => (ruleset_from_state(st), "live rules (iptables-save)"),
         None => (
@@ -304,11 +305,12 @@ impl Report {
 /// Compares live state with the config, both families, and the `ip` plumbing.
 pub fn verify(
     cfg: &Config,
+    facts: &HostFacts,
     probe: &dyn Probe,
     runner: &mut dyn Runner,
     resolver: &dyn OwnerResolver,
 ) -> Result<Report, InspectError> {
-    let plan = rules::build(cfg);
+    let plan = rules::build(cfg, facts);
     let mut report = Report::default();
     for family in plan.families() {
         let st = read_live(family, cfg, probe, runner)?;
@@ -354,14 +356,14 @@ mod tests {
         }
     }
 
-    fn seed() -> Config {
+    fn seed() -> (Config, HostFacts) {
         config(SEED, &[]).unwrap()
     }
 
-    fn verdict(argv: &[&str], cfg: &Config) -> String {
+    fn verdict(argv: &[&str], (cfg, facts): &(Config, HostFacts)) -> String {
         let mut a = explain_args(argv);
         a.format = Format::Json;
-        explain(&a, cfg, &NoResolver, None).unwrap()
+        explain(&a, cfg, facts, &NoResolver, None).unwrap()
     }
 
     #[test]
@@ -426,7 +428,7 @@ mod tests {
     #[test]
     fn text_output_walks_and_concludes() {
         let a = explain_args(&["--direction", "outbound", "--dst", "10.1.2.3:80"]);
-        let out = explain(&a, &seed(), &NoResolver, None).unwrap();
+        let out = explain(&a, &seed().0, &seed().1, &NoResolver, None).unwrap();
         assert!(
             out.contains("MATCH nat/OUTPUT #1: -A OUTPUT -j ISTIO_OUTPUT"),
             "{out}"
@@ -480,7 +482,7 @@ mod tests {
     fn bad_endpoints_are_rejected() {
         let a = explain_args(&["--direction", "outbound", "--dst", "10.1.2.3"]);
         assert!(matches!(
-            explain(&a, &seed(), &NoResolver, None),
+            explain(&a, &seed().0, &seed().1, &NoResolver, None),
             Err(InspectError::BadArg { flag: "--dst", .. })
         ));
     }

@@ -1,7 +1,7 @@
 //! The dry-run output: a POSIX sh script an operator can save and run (e.g. on a VM).
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
-use crate::config::{Config, Owner, OwnerGroups};
+use crate::config::{Config, HostFacts, Owner, OwnerGroups};
 use crate::model::Family;
 use crate::render::restore;
 use crate::rules::Plan;
@@ -10,7 +10,7 @@ use crate::rules::Plan;
 const EOF_MARK: &str = "EOF";
 
 /// Renders the whole script.
-pub fn render(cfg: &Config, plan: &Plan) -> String {
+pub fn render(cfg: &Config, facts: &HostFacts, plan: &Plan) -> String {
     let mut s = String::new();
     s.push_str("#!/bin/sh\n");
     s.push_str(&format!(
@@ -22,14 +22,14 @@ pub fn render(cfg: &Config, plan: &Plan) -> String {
     let group_names = match &cfg.owner_groups {
         OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => names(g),
     };
-    if names(&cfg.proxy_uids) || names(&cfg.proxy_gids) || group_names {
+    if names(&facts.proxy_uids) || names(&facts.proxy_gids) || group_names {
         s.push_str(
             "# User and group names are not checked here: iptables-restore resolves them where\n\
              # the script runs, and fails if they do not exist there.\n",
         );
     }
     s.push_str("# Effective configuration:\n");
-    for (k, v) in cfg.summary() {
+    for (k, v) in cfg.summary(facts) {
         // Values are validated (ports, CIDRs, names); escape nothing but keep one per line.
         s.push_str(&format!("#   {k}={}\n", v.replace('\n', " ")));
     }
@@ -190,12 +190,12 @@ mod tests {
 
     #[test]
     fn script_has_one_heredoc_per_family_and_ip_commands() {
-        let c = config(
+        let (c, f) = config(
             &["-m", "TPROXY", "-b", "80"],
             &[("ENABLE_INBOUND_IPV6", "true")],
         )
         .unwrap();
-        let s = render(&c, &rules::build(&c));
+        let s = render(&c, &f, &rules::build(&c, &f));
         assert!(s.starts_with("#!/bin/sh\n"));
         assert_eq!(
             s.matches("\niptables-restore --noflush <<'EOF'\n").count(),
@@ -211,16 +211,16 @@ mod tests {
 
     #[test]
     fn cleanup_script_carries_no_config_value() {
-        let a = config(&["-b", "*", "-c", "eth9", "-t", "4242", "-r", "77"], &[]).unwrap();
-        let b = config(&[], &[]).unwrap();
+        let (a, _) = config(&["-b", "*", "-c", "eth9", "-t", "4242", "-r", "77"], &[]).unwrap();
+        let (b, _) = config(&[], &[]).unwrap();
         assert_eq!(render_cleanup(&a), render_cleanup(&b));
         assert!(!render_cleanup(&a).contains("eth9"));
     }
 
     #[test]
     fn ipv4_only_script_never_mentions_ip6tables() {
-        let c = config(&[], &[]).unwrap();
-        let s = render(&c, &rules::build(&c));
+        let (c, f) = config(&[], &[]).unwrap();
+        let s = render(&c, &f, &rules::build(&c, &f));
         assert!(!s.contains("ip6tables"));
     }
 }

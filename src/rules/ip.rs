@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::config::{Config, InboundPorts, Mode};
+use crate::config::{Config, HostFacts, InboundPorts, Mode};
 use crate::model::{Family, parse_number};
 use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
@@ -75,13 +75,13 @@ impl fmt::Display for IpCommand {
 
 /// The `ip` plumbing a config needs, in Istio's order (its `tproxy.ConfigureRoutes`, shared
 /// by the iptables and nftables backends): the ::6 address, then TPROXY rules, then routes.
-pub fn ip_commands(cfg: &Config) -> Vec<IpCommand> {
+pub fn ip_commands(cfg: &Config, facts: &HostFacts) -> Vec<IpCommand> {
     let mut ip = Vec::new();
-    if cfg.enable_ipv6 {
+    if facts.ipv6 {
         ip.push(IpCommand::AddInboundV6Address);
     }
     if cfg.mode == Mode::Tproxy && cfg.inbound_ports != InboundPorts::None {
-        let families: &[Family] = if cfg.enable_ipv6 {
+        let families: &[Family] = if facts.ipv6 {
             &[Family::V4, Family::V6]
         } else {
             &[Family::V4]

@@ -7,7 +7,9 @@ pub mod ip;
 pub mod nft;
 
 use self::ip::{IpCommand, ip_commands};
-use crate::config::{Config, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec};
+use crate::config::{
+    Config, HostFacts, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
+};
 use crate::model::{DNS_PROXY_PORT, Family, OUTBOUND_MARK, Position, Rule, Table, chain};
 
 /// Everything a config asks for: rules per family in order, then `ip` commands. The only
@@ -151,10 +153,12 @@ fn owner_match(kind: &str, o: &Owner) -> Vec<String> {
 
 /// What a cleanup removes: this config's rules in both families, whatever IPv6 says (they
 /// help recognise ours among the live rules), and the `ip` steps of [`ip::teardown`].
-pub fn teardown(cfg: &Config) -> Plan {
-    let mut both = cfg.clone();
-    both.enable_ipv6 = true;
-    let mut plan = build(&both);
+pub fn teardown(cfg: &Config, facts: &HostFacts) -> Plan {
+    let both = HostFacts {
+        ipv6: true,
+        ..facts.clone()
+    };
+    let mut plan = build(cfg, &both);
     plan.ip = ip::teardown(cfg);
     plan
 }
@@ -162,6 +166,7 @@ pub fn teardown(cfg: &Config) -> Plan {
 /// What the phases share, worked out once from the config.
 struct Ctx<'a> {
     cfg: &'a Config,
+    facts: &'a HostFacts,
     tproxy: bool,
     loopback_v4: String,
     loopback_v6: &'static str,
@@ -173,8 +178,8 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(cfg: &'a Config) -> Self {
-        let redirect_dns = dns_capture_on(cfg);
+    fn new(cfg: &'a Config, facts: &'a HostFacts) -> Self {
+        let redirect_dns = dns_capture_on(cfg, facts);
         if cfg.redirect_dns && !redirect_dns {
             tracing::warn!(
                 "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
@@ -182,6 +187,7 @@ impl<'a> Ctx<'a> {
         }
         Ctx {
             cfg,
+            facts,
             tproxy: cfg.mode == Mode::Tproxy,
             loopback_v4: cfg.host_loopback_cidr.to_string(),
             loopback_v6: "::1/128",
@@ -206,20 +212,23 @@ pub(crate) fn include_has_loopback(cfg: &Config) -> bool {
 
 /// Istio: DNS capture needs --redirect-dns and either capture-all or at least one known
 /// server. Shared by both backends' builders (each warns in its own words when it is off).
-pub(crate) fn dns_capture_on(cfg: &Config) -> bool {
+pub(crate) fn dns_capture_on(cfg: &Config, facts: &HostFacts) -> bool {
     cfg.redirect_dns
-        && (cfg.capture_all_dns || !cfg.dns_servers_v4.is_empty() || !cfg.dns_servers_v6.is_empty())
+        && (cfg.capture_all_dns
+            || !facts.dns_servers_v4.is_empty()
+            || !facts.dns_servers_v6.is_empty())
 }
 
-/// Builds Istio's rule set for `cfg`: its phases, in the order of Istio's `run.go`.
-pub fn build(cfg: &Config) -> Plan {
+/// Builds Istio's rule set for `cfg` on a host with `facts`: its phases, in the order of
+/// Istio's `run.go`.
+pub fn build(cfg: &Config, facts: &HostFacts) -> Plan {
     let mut b = Builder {
         plan: Plan {
-            ipv6: cfg.enable_ipv6,
+            ipv6: facts.ipv6,
             ..Plan::default()
         },
     };
-    let x = Ctx::new(cfg);
+    let x = Ctx::new(cfg, facts);
     exclude_interfaces(&mut b, &x);
     kube_virt_interfaces_return(&mut b, &x);
     drop_invalid(&mut b, &x);
@@ -232,7 +241,7 @@ pub fn build(cfg: &Config) -> Plan {
     outbound_excludes(&mut b, &x);
     outbound_captures(&mut b, &x);
     tproxy_marks(&mut b, &x);
-    b.plan.ip = ip_commands(cfg);
+    b.plan.ip = ip_commands(cfg, facts);
     b.plan
 }
 
@@ -400,15 +409,15 @@ fn outbound_entry(b: &mut Builder, x: &Ctx) {
 /// The proxy's own traffic, and the app's calls back to itself over lo.
 fn proxy_traffic(b: &mut Builder, x: &Ctx) {
     use Table::Nat;
-    let cfg = x.cfg;
+    let facts = x.facts;
     let loopback_v4 = x.loopback_v4.as_str();
     let loopback_v6 = x.loopback_v6;
     let tunnel = x.tunnel.as_str();
     let include_has_loopback = x.include_has_loopback;
     let redirect_dns = x.redirect_dns;
     for (kind, owners) in [
-        ("--uid-owner", &cfg.proxy_uids),
-        ("--gid-owner", &cfg.proxy_gids),
+        ("--uid-owner", &facts.proxy_uids),
+        ("--gid-owner", &facts.proxy_gids),
     ] {
         for o in owners {
             // App calls back to itself through a VIP go via the inbound side of the proxy.
@@ -469,7 +478,7 @@ fn dns(b: &mut Builder, x: &Ctx) {
     let cfg = x.cfg;
     let redirect_dns = x.redirect_dns;
     if redirect_dns {
-        dns_rules(b, cfg);
+        dns_rules(b, cfg, x.facts);
     }
 }
 
@@ -572,8 +581,8 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
             rule!("-p tcp -o lo -m mark --mark {mark} -j RETURN"),
         );
         for (kind, owners) in [
-            ("--uid-owner", &cfg.proxy_uids),
-            ("--gid-owner", &cfg.proxy_gids),
+            ("--uid-owner", &x.facts.proxy_uids),
+            ("--gid-owner", &x.facts.proxy_gids),
         ] {
             for o in owners {
                 let mut r = args!["!", "-d", VERSIONED, "-p", "tcp", "-o", "lo"];
@@ -617,11 +626,11 @@ fn tproxy_marks(b: &mut Builder, x: &Ctx) {
 }
 
 /// DNS capture: nat redirection to the agent and raw-table conntrack zones.
-fn dns_rules(b: &mut Builder, cfg: &Config) {
+fn dns_rules(b: &mut Builder, cfg: &Config, facts: &HostFacts) {
     use Table::{Nat, Raw};
     let all = cfg.capture_all_dns;
-    let v4 = &cfg.dns_servers_v4;
-    let v6 = &cfg.dns_servers_v6;
+    let v4 = &facts.dns_servers_v4;
+    let v6 = &facts.dns_servers_v6;
     let dns_port = DNS_PROXY_PORT;
 
     b.append(Raw, "OUTPUT", args!["-j", chain::OUTPUT_DNS]);
@@ -669,8 +678,8 @@ fn dns_rules(b: &mut Builder, cfg: &Config) {
     }
     // Conntrack zones: proxy <-> upstream servers in zone 1, app <-> proxy in zone 2.
     for (kind, owners) in [
-        ("--uid-owner", &cfg.proxy_uids),
-        ("--gid-owner", &cfg.proxy_gids),
+        ("--uid-owner", &facts.proxy_uids),
+        ("--gid-owner", &facts.proxy_gids),
     ] {
         for o in owners {
             let mut r = args!["-p", "udp", "--dport", "53"];
@@ -730,8 +739,8 @@ mod tests {
 
     #[test]
     fn seed_command_captures_all_inbound_and_outbound() {
-        let c = config(SEED, &[]).unwrap();
-        let plan = build(&c);
+        let (c, f) = config(SEED, &[]).unwrap();
+        let plan = build(&c, &f);
         let l = lines(&plan.v4);
         assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN".to_string()));
         assert!(l.contains(&"nat -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN".to_string()));
@@ -743,12 +752,12 @@ mod tests {
 
     #[test]
     fn ipv6_rules_use_v6_addresses_and_add_loopback_address() {
-        let c = config(
+        let (c, f) = config(
             &["-i", "10.0.0.0/8,fd00::/8"],
             &[("ENABLE_INBOUND_IPV6", "true")],
         )
         .unwrap();
-        let plan = build(&c);
+        let plan = build(&c, &f);
         let v6 = lines(&plan.v6);
         assert!(v6.contains(&"nat -A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN".to_string()));
         assert!(v6.contains(&"nat -A ISTIO_OUTPUT -d fd00::/8 -j ISTIO_REDIRECT".to_string()));
@@ -758,12 +767,12 @@ mod tests {
 
     #[test]
     fn tproxy_adds_routes_per_family() {
-        let c = config(
+        let (c, f) = config(
             &["-m", "TPROXY", "-b", "*", "-t", "7", "-r", "99"],
             &[("ENABLE_INBOUND_IPV6", "true")],
         )
         .unwrap();
-        let plan = build(&c);
+        let plan = build(&c, &f);
         let ip: Vec<String> = plan.ip.iter().map(|c| c.to_string()).collect();
         assert_eq!(
             ip,
@@ -782,28 +791,28 @@ mod tests {
 
     #[test]
     fn loopback_include_keeps_app_to_self_traffic_captured() {
-        let c = config(&["-i", "127.0.0.0/8"], &[]).unwrap();
-        let l = lines(&build(&c).v4);
+        let (c, f) = config(&["-i", "127.0.0.0/8"], &[]).unwrap();
+        let l = lines(&build(&c, &f).v4);
         assert!(!l.iter().any(|r| r.contains("! --uid-owner")), "{l:#?}");
     }
 
     #[test]
     fn dns_without_servers_is_disabled() {
-        let c = config(
+        let (c, f) = config(
             &["--redirect-dns", "--resolv-conf", "/etc/resolv.conf"],
             &[],
         )
         .unwrap();
         assert!(
-            lines(&build(&c).v4)
+            lines(&build(&c, &f).v4)
                 .iter()
                 .any(|l| l.contains("ISTIO_OUTPUT_DNS"))
         );
-        let mut c = c;
-        c.dns_servers_v4.clear();
-        c.dns_servers_v6.clear();
+        let mut f = f;
+        f.dns_servers_v4.clear();
+        f.dns_servers_v6.clear();
         assert!(
-            !lines(&build(&c).v4)
+            !lines(&build(&c, &f).v4)
                 .iter()
                 .any(|l| l.contains("ISTIO_OUTPUT_DNS"))
         );
@@ -811,8 +820,8 @@ mod tests {
 
     #[test]
     fn capture_all_dns_ignores_servers() {
-        let c = config(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
-        let l = lines(&build(&c).v4);
+        let (c, f) = config(&["--redirect-dns", "--capture-all-dns"], &[]).unwrap();
+        let l = lines(&build(&c, &f).v4);
         assert!(l.contains(
             &"nat -A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053".to_string()
         ));
@@ -821,12 +830,12 @@ mod tests {
 
     #[test]
     fn port_exclusions_are_one_rule_per_port_as_istio_master_writes_them() {
-        let c = config(
+        let (c, f) = config(
             &["-b", "*", "-d", "15090,15020,8000:8010", "-o", "22,443"],
             &[],
         )
         .unwrap();
-        let l = lines(&build(&c).v4);
+        let l = lines(&build(&c, &f).v4);
         let inbound: Vec<&String> = l
             .iter()
             .filter(|r| r.starts_with("nat -A ISTIO_INBOUND") && r.ends_with("-j RETURN"))
@@ -864,8 +873,8 @@ mod tests {
 
     #[test]
     fn outbound_port_exclusion_covers_tcp_and_udp() {
-        let c = config(&["-o", "3306"], &[]).unwrap();
-        let l = lines(&build(&c).v4);
+        let (c, f) = config(&["-o", "3306"], &[]).unwrap();
+        let l = lines(&build(&c, &f).v4);
         assert!(l.contains(&"nat -A ISTIO_OUTPUT -p tcp --dport 3306 -j RETURN".to_string()));
         assert!(l.contains(&"nat -A ISTIO_OUTPUT -p udp --dport 3306 -j RETURN".to_string()));
     }
