@@ -189,12 +189,7 @@ fn main() -> ExitCode {
         tracing::error!("{e}");
         return ExitCode::from(code::FAILURE);
     }
-    // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
-    if !cfg.cleanup_only
-        && cfg.enable_inbound_ipv6.is_none()
-        && !facts.ipv6
-        && RealHost.has_global_ipv6()
-    {
+    if !cfg.cleanup_only && facts.ipv6_uncaptured {
         tracing::warn!(
             "this network namespace has global IPv6 addresses, but only IPv4 rules are \
              applied: IPv6 traffic is not captured (the first address is IPv4; set \

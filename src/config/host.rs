@@ -24,6 +24,9 @@ pub trait Host {
     fn detect_ipv6(&self, dual_stack: bool) -> Option<bool>;
     /// gid of the group `name`, if it exists.
     fn group_gid(&self, name: &str) -> Option<u32>;
+    /// Whether this namespace has an IPv6 address of global scope (not loopback,
+    /// link-local or multicast).
+    fn has_global_ipv6(&self) -> bool;
     /// Reads resolv.conf: at most [`RESOLV_CONF_MAX_BYTES`] + 1 bytes (so that a longer
     /// file shows), and only from a regular file (a FIFO or a device is an error).
     fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
@@ -102,6 +105,9 @@ pub struct HostFacts {
     /// Generate IPv6 rules: ENABLE_INBOUND_IPV6 when set, else detected from this
     /// namespace's addresses.
     pub ipv6: bool,
+    /// IPv6 was detected off (the first address is IPv4), yet this namespace has global
+    /// IPv6 addresses: their traffic is not captured (worth a warning when applying).
+    pub ipv6_uncaptured: bool,
     /// IPv4 DNS servers from resolv.conf (with --redirect-dns).
     pub dns_servers_v4: Vec<DnsServer>,
     /// IPv6 DNS servers from resolv.conf (with --redirect-dns).
@@ -122,6 +128,8 @@ impl HostFacts {
         let ipv6 = cfg
             .enable_inbound_ipv6
             .unwrap_or_else(|| detect_ipv6(host, cfg.dual_stack));
+        // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
+        let ipv6_uncaptured = cfg.enable_inbound_ipv6.is_none() && !ipv6 && host.has_global_ipv6();
 
         // Names are resolved by iptables when the rules are applied: a name that does not
         // exist here would fail there, after the first steps ran. A dry run prints names
@@ -165,6 +173,7 @@ impl HostFacts {
             proxy_uids,
             proxy_gids,
             ipv6,
+            ipv6_uncaptured,
             dns_servers_v4,
             dns_servers_v6,
         })

@@ -611,6 +611,9 @@ pub(crate) mod tests {
         fn detect_ipv6(&self, _dual_stack: bool) -> Option<bool> {
             self.ipv6
         }
+        fn has_global_ipv6(&self) -> bool {
+            false
+        }
         fn group_gid(&self, name: &str) -> Option<u32> {
             ["istio-proxy", "java", "ftp"]
                 .iter()

@@ -65,6 +65,18 @@ impl Host for RealHost {
         OwnerResolver::gid(self, name)
     }
 
+    /// Whether this namespace has an IPv6 address of global scope (not loopback,
+    /// link-local or multicast), e.g. to warn when IPv6 rules are off.
+    fn has_global_ipv6(&self) -> bool {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return false;
+        };
+        addrs
+            .filter_map(|ifa| ifa.address)
+            .filter_map(|sa| sa.as_sockaddr_in6().map(|a| a.ip()))
+            .any(|ip| ip.to_ipv4_mapped().is_none() && usable(IpAddr::V6(ip)))
+    }
+
     /// Opens without blocking (a FIFO would wait for a writer), refuses what is not a
     /// regular file once symlinks are followed, and reads a bounded amount.
     fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
@@ -84,20 +96,6 @@ impl Host for RealHost {
         file.take(RESOLV_CONF_MAX_BYTES as u64 + 1)
             .read_to_end(&mut buf)?;
         Ok(buf)
-    }
-}
-
-impl RealHost {
-    /// Whether this namespace has an IPv6 address of global scope (not loopback,
-    /// link-local or multicast), e.g. to warn when IPv6 rules are off.
-    pub fn has_global_ipv6(&self) -> bool {
-        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-            return false;
-        };
-        addrs
-            .filter_map(|ifa| ifa.address)
-            .filter_map(|sa| sa.as_sockaddr_in6().map(|a| a.ip()))
-            .any(|ip| ip.to_ipv4_mapped().is_none() && usable(IpAddr::V6(ip)))
     }
 }
 
