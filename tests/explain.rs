@@ -5,9 +5,9 @@
 //! joined by a veth pair named `eth0` on both sides), all root-only (they skip visibly
 //! otherwise):
 //!
-//! 1. **Traffic scenarios** (`traffic_*`): every scenario of `tests/traffic.rs` (seed command
-//!    over IPv4 and IPv6, CIDR include/exclude, `-o` port exclude, `-b` include, TPROXY, DNS
-//!    over UDP and TCP). Each connection is made for real, and `istio-iptables explain` with
+//! 1. **Traffic scenarios** (`traffic_*`): every scenario of `tests/traffic.rs`, from the
+//!    table both read (`tests/common/scenarios.rs`: seed command over IPv4 and IPv6, CIDR
+//!    include/exclude, `-o` port exclude, `-b` include, TPROXY, DNS over UDP and TCP). Each connection is made for real, and `istio-iptables explain` with
 //!    the same config flags is asked twice, from the config and `--from-kernel` (inside the
 //!    pod namespace); both verdicts must equal where the connection landed, and the one from
 //!    the config must equal what `tests/traffic.rs` expects (so a test cannot pass because
@@ -55,28 +55,16 @@ use istio_iptables::rules;
 use istio_iptables::system::host::RealHost;
 
 use common::{
-    APP, BIN, DEFAULT_TIMEOUT, Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Listener,
-    PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY, SEED, TOPOLOGY_DEV, TempDir, Topology, UdpListener, Way,
-    connect, proxy_flags, run_with_timeout, sa, sane_path, seed_with, shell_command,
-    skip_unless_root, udp_exchange,
+    APP, BIN, CIDR_SCENARIOS, DEFAULT_TIMEOUT, DNS_SCENARIOS, Dest, INBOUND_PORT_INCLUDE_SCENARIOS,
+    Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Lands, Listener, OTHER_APP,
+    OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4, OUTSIDE_V6, PASSTHROUGH_V4, PROXY, PROXY_GROUP,
+    SEED, SEED_SCENARIOS, Sender, TOPOLOGY_DEV, TPROXY_SCENARIOS, TempDir, Topology,
+    TrafficScenario, UdpListener, connect, passthrough, proxy_flags, run_with_timeout, sa,
+    sane_path, seed_with, shell_command, skip_unless_root, udp_exchange,
 };
 
 /// Real destination ports: every one has a listener in both namespaces, both families.
 const PORTS: &[u16] = &[53, 80, 443, 3306, 8080, 9090, 15008, 15020, 15090];
-/// An address outside the topology's subnets, on the peer's `lo`, routed from the pod via the
-/// peer.
-const OUTSIDE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
-/// A process of a non-root, non-proxy user in the proxy's group.
-const PROXY_GROUP: Ident = Ident {
-    uid: 5000,
-    gid: 1337,
-};
-/// A non-root application.
-const OTHER_APP: Ident = Ident {
-    uid: 5000,
-    gid: 5000,
-};
 
 // ---------------------------------------------------------------------------
 // explain's JSON
@@ -349,44 +337,24 @@ impl Lab {
     }
 
     fn pod(&self, v6: bool) -> IpAddr {
-        if v6 {
-            self.t.pod_v6.into()
-        } else {
-            self.t.pod_v4.into()
-        }
+        Dest::Pod.addr(&self.t, v6)
     }
 
     fn peer(&self, v6: bool) -> IpAddr {
-        if v6 {
-            self.t.peer_v6.into()
-        } else {
-            self.t.peer_v4.into()
-        }
+        Dest::Peer.addr(&self.t, v6)
     }
 
     /// The peer's second address in the subnet.
     fn second(&self, v6: bool) -> IpAddr {
-        if v6 {
-            self.t.v6(3).into()
-        } else {
-            self.t.v4(3).into()
-        }
+        Dest::Second.addr(&self.t, v6)
     }
 
     fn outside(&self, v6: bool) -> IpAddr {
-        if v6 {
-            OUTSIDE_V6.into()
-        } else {
-            OUTSIDE_V4.into()
-        }
+        Dest::Outside.addr(&self.t, v6)
     }
 
     fn localhost(v6: bool) -> IpAddr {
         if v6 { LOCALHOST_V6 } else { LOCALHOST_V4 }
-    }
-
-    fn passthrough(v6: bool) -> IpAddr {
-        if v6 { PASSTHROUGH_V6 } else { PASSTHROUGH_V4 }
     }
 
     fn subnet(&self, v6: bool) -> String {
@@ -583,7 +551,7 @@ impl Lab {
         let dst_ns = if p.inbound
             || dst.ip().is_loopback()
             || dst.ip() == self.pod(v6)
-            || dst.ip() == Lab::passthrough(v6)
+            || dst.ip() == passthrough(v6)
         {
             "pod"
         } else {
@@ -755,6 +723,31 @@ fn run_scenarios(test: &str, lab: &Lab, scenarios: &[Scenario]) {
     r.finish(|| lab.context());
 }
 
+/// The rows of a table shared with `tests/traffic.rs` as probes (IPv6 with `v6`), each with
+/// the verdict where that test expects the connection to land.
+fn from_table(lab: &Lab, v6: bool, table: &[TrafficScenario]) -> Vec<Scenario> {
+    table
+        .iter()
+        .map(|s| {
+            let dst = sa(s.to.addr(&lab.t, v6), s.port);
+            let mut probe = match s.from {
+                Sender::Pod(who) => Probe::outbound(who, dst),
+                Sender::ProxyFromPassthrough => Probe::outbound(PROXY, dst).from(passthrough(v6)),
+                Sender::Peer => Probe::inbound(lab.peer(v6), dst),
+            };
+            if s.udp {
+                probe = probe.udp();
+            }
+            let want = match s.lands {
+                Lands::Redirect(p) => format!("redirect {p}"),
+                Lands::Tproxy(p) => format!("tproxy {p}"),
+                Lands::NotCaptured => "not-captured".to_string(),
+            };
+            scenario(s.what, probe, &want)
+        })
+        .collect()
+}
+
 fn traffic_seed(test: &str, v6: bool) {
     if skip_unless_root(test) {
         return;
@@ -762,71 +755,7 @@ fn traffic_seed(test: &str, v6: bool) {
     let mut lab = Lab::new(if v6 { "xseed6" } else { "xseed4" });
     lab.apply(strings(SEED), v6);
     lab.listen(false, false);
-    let (pod, peer) = (lab.pod(v6), lab.peer(v6));
-    let lo = Lab::localhost(v6);
-    let s = [
-        scenario(
-            "app's outbound is captured",
-            Probe::outbound(APP, sa(peer, 80)),
-            "redirect 15001",
-        ),
-        scenario(
-            "proxy's outbound is not captured",
-            Probe::outbound(PROXY, sa(peer, 80)),
-            "not-captured",
-        ),
-        scenario(
-            "a non-root app's outbound is captured",
-            Probe::outbound(OTHER_APP, sa(peer, 80)),
-            "redirect 15001",
-        ),
-        scenario(
-            "outbound of a process in the proxy's group is not captured",
-            Probe::outbound(PROXY_GROUP, sa(peer, 80)),
-            "not-captured",
-        ),
-        scenario(
-            "inbound is captured",
-            Probe::inbound(peer, sa(pod, 8080)),
-            "redirect 15006",
-        ),
-        scenario(
-            "inbound to an excluded port (-d 15090) is not captured",
-            Probe::inbound(peer, sa(pod, 15090)),
-            "not-captured",
-        ),
-        scenario(
-            "inbound to the tunnel port 15008 is not captured",
-            Probe::inbound(peer, sa(pod, 15008)),
-            "not-captured",
-        ),
-        scenario(
-            "app to localhost is not captured",
-            Probe::outbound(APP, sa(lo, 8080)),
-            "not-captured",
-        ),
-        scenario(
-            "proxy to localhost is not captured",
-            Probe::outbound(PROXY, sa(lo, 8080)),
-            "not-captured",
-        ),
-        scenario(
-            "app to its own pod IP is not captured",
-            Probe::outbound(APP, sa(pod, 8080)),
-            "not-captured",
-        ),
-        scenario(
-            "proxy to its own pod IP goes to the inbound side",
-            Probe::outbound(PROXY, sa(pod, 8080)),
-            "redirect 15006",
-        ),
-        scenario(
-            "inbound passthrough (proxy from the passthrough source) is not captured",
-            Probe::outbound(PROXY, sa(pod, 8080)).from(Lab::passthrough(v6)),
-            "not-captured",
-        ),
-    ];
-    run_scenarios(test, &lab, &s);
+    run_scenarios(test, &lab, &from_table(&lab, v6, SEED_SCENARIOS));
 }
 
 #[test]
@@ -857,58 +786,19 @@ fn traffic_outbound_cidr_include_and_exclude() {
         false,
     );
     lab.listen(false, false);
-    let s = [
-        scenario(
-            "destination in -i but in -x is not captured",
-            Probe::outbound(APP, sa(lab.peer(false), 80)),
-            "not-captured",
-        ),
-        scenario(
-            "other destination in -i is captured",
-            Probe::outbound(APP, sa(lab.second(false), 80)),
-            "redirect 15001",
-        ),
-        scenario(
-            "destination outside -i is not captured",
-            Probe::outbound(APP, sa(lab.outside(false), 80)),
-            "not-captured",
-        ),
-        scenario(
-            "proxy's outbound into the included range is not captured",
-            Probe::outbound(PROXY, sa(lab.second(false), 80)),
-            "not-captured",
-        ),
-    ];
-    run_scenarios(test, &lab, &s);
+    run_scenarios(test, &lab, &from_table(&lab, false, CIDR_SCENARIOS));
 }
 
-/// One IPv4-only test: applies `args` in a fresh lab `name`, then sends as the app, `way`, to
-/// the port of each scenario (as `port_scenarios` in tests/traffic.rs).
-fn port_scenarios(
-    test: &str,
-    name: &str,
-    args: &[&str],
-    way: Way,
-    scenarios: &[(&str, u16, &str)],
-) {
+/// One IPv4-only test: applies `args` in a fresh lab `name`, then sends each row of `table`
+/// (as `port_scenarios` in tests/traffic.rs).
+fn port_scenarios(test: &str, name: &str, args: &[&str], table: &[TrafficScenario]) {
     if skip_unless_root(test) {
         return;
     }
     let mut lab = Lab::new(name);
     lab.apply(strings(args), false);
     lab.listen(false, false);
-    let (pod, peer) = (lab.pod(false), lab.peer(false));
-    let s: Vec<Scenario> = scenarios
-        .iter()
-        .map(|&(what, port, want)| {
-            let probe = match way {
-                Way::Outbound => Probe::outbound(APP, sa(peer, port)),
-                Way::Inbound => Probe::inbound(peer, sa(pod, port)),
-            };
-            scenario(what, probe, want)
-        })
-        .collect();
-    run_scenarios(test, &lab, &s);
+    run_scenarios(test, &lab, &from_table(&lab, false, table));
 }
 
 #[test]
@@ -918,19 +808,7 @@ fn traffic_outbound_port_exclude() {
         "traffic_outbound_port_exclude",
         "xoport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "*", "-o", "80"]),
-        Way::Outbound,
-        &[
-            (
-                "outbound to the excluded port (-o 80) is not captured",
-                80,
-                "not-captured",
-            ),
-            (
-                "outbound to another port is captured",
-                443,
-                "redirect 15001",
-            ),
-        ],
+        OUTBOUND_PORT_EXCLUDE_SCENARIOS,
     );
 }
 
@@ -941,19 +819,7 @@ fn traffic_inbound_port_include() {
         "traffic_inbound_port_include",
         "xiport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
-        Way::Inbound,
-        &[
-            (
-                "inbound to a listed port (-b 8080) is captured",
-                8080,
-                "redirect 15006",
-            ),
-            (
-                "inbound to an unlisted port is not captured",
-                9090,
-                "not-captured",
-            ),
-        ],
+        INBOUND_PORT_INCLUDE_SCENARIOS,
     );
 }
 
@@ -969,34 +835,7 @@ fn traffic_tproxy_inbound() {
     lab.listen(true, false);
     let mut s = Vec::new();
     for v6 in [false, true] {
-        let (pod, peer) = (lab.pod(v6), lab.peer(v6));
-        s.extend([
-            scenario(
-                "inbound is delivered to the transparent inbound listener, destination intact",
-                Probe::inbound(peer, sa(pod, 8080)),
-                "tproxy 15006",
-            ),
-            scenario(
-                "inbound to an excluded port (-d 15090) is not captured",
-                Probe::inbound(peer, sa(pod, 15090)),
-                "not-captured",
-            ),
-            scenario(
-                "inbound passthrough (proxy from the passthrough source) is not captured",
-                Probe::outbound(PROXY, sa(pod, 8080)).from(Lab::passthrough(v6)),
-                "not-captured",
-            ),
-            scenario(
-                "app's outbound is captured (REDIRECT)",
-                Probe::outbound(APP, sa(peer, 80)),
-                "redirect 15001",
-            ),
-            scenario(
-                "proxy's outbound is not captured",
-                Probe::outbound(PROXY, sa(peer, 80)),
-                "not-captured",
-            ),
-        ]);
+        s.extend(from_table(&lab, v6, TPROXY_SCENARIOS));
     }
     run_scenarios(test, &lab, &s);
 }
@@ -1028,34 +867,7 @@ fn traffic_dns_redirect() {
     lab.listen(false, true);
     let mut s = Vec::new();
     for v6 in [false, true] {
-        let (server, other) = (lab.peer(v6), lab.second(v6));
-        s.extend([
-            scenario(
-                "app's DNS query to the resolv.conf server is captured by the agent",
-                Probe::outbound(APP, sa(server, 53)).udp(),
-                "redirect 15053",
-            ),
-            scenario(
-                "proxy's DNS query reaches the real server",
-                Probe::outbound(PROXY, sa(server, 53)).udp(),
-                "not-captured",
-            ),
-            scenario(
-                "app's DNS query to a server not in resolv.conf is not captured",
-                Probe::outbound(APP, sa(other, 53)).udp(),
-                "not-captured",
-            ),
-            scenario(
-                "app's DNS over TCP to the resolv.conf server is captured by the agent",
-                Probe::outbound(APP, sa(server, 53)),
-                "redirect 15053",
-            ),
-            scenario(
-                "proxy's DNS over TCP reaches the real server",
-                Probe::outbound(PROXY, sa(server, 53)),
-                "not-captured",
-            ),
-        ]);
+        s.extend(from_table(&lab, v6, DNS_SCENARIOS));
     }
     run_scenarios(test, &lab, &s);
 }
@@ -1076,7 +888,7 @@ fn explain_passthrough_address_as_destination() {
     lab.listen(false, false);
     let mut s = Vec::new();
     for v6 in [false, true] {
-        let pass = Lab::passthrough(v6);
+        let pass = passthrough(v6);
         s.extend([
             scenario(
                 "app to the passthrough address is not captured",
@@ -1288,7 +1100,7 @@ fn generate(rng: &mut Rng, lab: &Lab, c: &DiffConfig) -> Probe {
     let port = rng.pick(PORTS);
     match rng.below(10) {
         0..=2 => Probe::inbound(rng.pick(&peers), sa(pod, port)),
-        3 => Probe::outbound(PROXY, sa(pod, port)).from(Lab::passthrough(v6)),
+        3 => Probe::outbound(PROXY, sa(pod, port)).from(passthrough(v6)),
         _ => {
             // Loopback: 127.0.0.1 or another 127/8 address (127.0.0.6) for IPv4, ::1 for
             // IPv6 (`::6` is left to `explain_passthrough_address_as_destination`).

@@ -33,9 +33,10 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    APP, Ident, LOCALHOST_V4, LOCALHOST_V6, Listener, PASSTHROUGH_V4, PASSTHROUGH_V6, PROXY, SEED,
-    Topology, UdpListener, Way, connect, proxy_flags, sa, seed_with, skip_unless_root,
-    udp_exchange,
+    APP, CIDR_SCENARIOS, DNS_SCENARIOS, Dest, INBOUND_PORT_INCLUDE_SCENARIOS, Ident, LOCALHOST_V4,
+    LOCALHOST_V6, Lands, Listener, OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4, PROXY, SEED,
+    SEED_SCENARIOS, Sender, TPROXY_SCENARIOS, Topology, TrafficScenario, UdpListener, connect,
+    passthrough, proxy_flags, sa, seed_with, skip_unless_root, udp_exchange,
 };
 
 // ---------------------------------------------------------------------------
@@ -43,15 +44,27 @@ use common::{
 // ---------------------------------------------------------------------------
 
 /// Where a connection to `dst` must land.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Want {
     /// Not captured: accepted by the listener labelled so, at `dst` itself.
-    Direct(&'static str),
+    Direct(String),
     /// Captured by REDIRECT: accepted by the listener labelled so, with original dst `dst`.
-    Redirected(&'static str),
+    Redirected(String),
     /// Captured by TPROXY: accepted by the (transparent) listener labelled so, whose socket's
     /// local address is `dst`.
-    Transparent(&'static str),
+    Transparent(String),
+}
+
+impl Want {
+    /// Where a row of the shared table must land, for a connection to `to` on `port`: the
+    /// listener labelled `side:port`.
+    fn of(s: &TrafficScenario) -> Want {
+        match s.lands {
+            Lands::Redirect(p) => Want::Redirected(format!("pod:{p}")),
+            Lands::Tproxy(p) => Want::Transparent(format!("pod:{p}")),
+            Lands::NotCaptured => Want::Direct(format!("{}:{}", s.to.side(), s.port)),
+        }
+    }
 }
 
 impl std::fmt::Display for Want {
@@ -118,10 +131,10 @@ impl Checks {
         let problem = match connect(ns, who, dst, src) {
             Err(e) => Some(format!("connection failed: {e}")),
             Ok(got) => {
-                let ok = match want {
-                    Want::Direct(l) => got.label == l && got.local == dst,
-                    Want::Redirected(l) => got.label == l && got.orig == Some(dst),
-                    Want::Transparent(l) => got.label == l && got.local == dst,
+                let ok = match &want {
+                    Want::Direct(l) => got.label == *l && got.local == dst,
+                    Want::Redirected(l) => got.label == *l && got.orig == Some(dst),
+                    Want::Transparent(l) => got.label == *l && got.local == dst,
                 };
                 (!ok).then(|| format!("actual: landed on {got}"))
             }
@@ -166,6 +179,23 @@ impl Checks {
             }
         };
         self.record(&scenario, problem);
+    }
+
+    /// Connects as each row of `table` says, in `t`, IPv6 with `v6`; checks where it lands.
+    fn table(&mut self, t: &Topology, v6: bool, table: &[TrafficScenario]) {
+        for s in table {
+            let (ns, who, src) = match s.from {
+                Sender::Pod(who) => (t.pod.as_str(), who, None),
+                Sender::ProxyFromPassthrough => (t.pod.as_str(), PROXY, Some(passthrough(v6))),
+                Sender::Peer => (t.peer.as_str(), APP, None),
+            };
+            self.tcp(
+                s.what,
+                (ns, who, src),
+                sa(s.to.addr(t, v6), s.port),
+                Want::of(s),
+            );
+        }
     }
 
     fn check(&mut self, scenario: &str, ok: bool, detail: impl FnOnce() -> String) {
@@ -223,24 +253,12 @@ fn seed_scenarios(test: &'static str, v6: bool) {
     }
     let t = Topology::new(if v6 { "seed6" } else { "seed4" });
     let bin_log = t.run_bin_ok(&t.pod, v6, SEED);
-    let (pod_ip, peer_ip, any, localhost, passthrough): (IpAddr, IpAddr, IpAddr, IpAddr, IpAddr) =
-        if v6 {
-            (
-                t.pod_v6.into(),
-                t.peer_v6.into(),
-                Ipv6Addr::UNSPECIFIED.into(),
-                LOCALHOST_V6,
-                PASSTHROUGH_V6,
-            )
-        } else {
-            (
-                t.pod_v4.into(),
-                t.peer_v4.into(),
-                Ipv4Addr::UNSPECIFIED.into(),
-                LOCALHOST_V4,
-                PASSTHROUGH_V4,
-            )
-        };
+    let any: IpAddr = if v6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let pod_ip = Dest::Pod.addr(&t, v6);
     let outbound = Listener::tcp(&t.pod, "pod:15001", sa(any, 15001));
     let _others = tcp_listeners(
         &t,
@@ -254,11 +272,9 @@ fn seed_scenarios(test: &'static str, v6: bool) {
         ],
     );
 
-    let pod = t.pod.as_str();
-    let peer = t.peer.as_str();
     let mut c = Checks::new(test);
     if v6 {
-        let lo = t.exec(pod, "ip", &["-6", "addr", "show", "dev", "lo"], &[]);
+        let lo = t.exec(&t.pod, "ip", &["-6", "addr", "show", "dev", "lo"], &[]);
         let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
         c.check(
             "the binary added ::6/128 to lo",
@@ -266,92 +282,7 @@ fn seed_scenarios(test: &'static str, v6: bool) {
             || format!("`ip -6 addr show dev lo`:\n{lo}"),
         );
     }
-    c.tcp(
-        "app's outbound is captured",
-        (pod, APP, None),
-        sa(peer_ip, 80),
-        Want::Redirected("pod:15001"),
-    );
-    c.tcp(
-        "proxy's outbound is not captured",
-        (pod, PROXY, None),
-        sa(peer_ip, 80),
-        Want::Direct("peer:80"),
-    );
-    c.tcp(
-        "a non-root app's outbound is captured",
-        (
-            pod,
-            Ident {
-                uid: 5000,
-                gid: 5000,
-            },
-            None,
-        ),
-        sa(peer_ip, 80),
-        Want::Redirected("pod:15001"),
-    );
-    c.tcp(
-        "outbound of a process in the proxy's group (gid 1337) is not captured",
-        (
-            pod,
-            Ident {
-                uid: 5000,
-                gid: 1337,
-            },
-            None,
-        ),
-        sa(peer_ip, 80),
-        Want::Direct("peer:80"),
-    );
-    c.tcp(
-        "inbound is captured",
-        (peer, APP, None),
-        sa(pod_ip, 8080),
-        Want::Redirected("pod:15006"),
-    );
-    c.tcp(
-        "inbound to an excluded port (-d 15090) is not captured",
-        (peer, APP, None),
-        sa(pod_ip, 15090),
-        Want::Direct("pod:15090"),
-    );
-    c.tcp(
-        "inbound to the tunnel port 15008 is not captured",
-        (peer, APP, None),
-        sa(pod_ip, 15008),
-        Want::Direct("pod:15008"),
-    );
-    c.tcp(
-        "app to localhost is not captured",
-        (pod, APP, None),
-        sa(localhost, 8080),
-        Want::Direct("pod:8080"),
-    );
-    c.tcp(
-        "proxy to localhost is not captured",
-        (pod, PROXY, None),
-        sa(localhost, 8080),
-        Want::Direct("pod:8080"),
-    );
-    c.tcp(
-        "app to its own pod IP is not captured",
-        (pod, APP, None),
-        sa(pod_ip, 8080),
-        Want::Direct("pod:8080"),
-    );
-    c.tcp(
-        "proxy to its own pod IP (a VIP resolving to itself) goes to the inbound side",
-        (pod, PROXY, None),
-        sa(pod_ip, 8080),
-        Want::Redirected("pod:15006"),
-    );
-    c.tcp(
-        "inbound passthrough (proxy from the passthrough source) is not captured",
-        (pod, PROXY, Some(passthrough)),
-        sa(pod_ip, 8080),
-        Want::Direct("pod:8080"),
-    );
+    c.table(&t, v6, SEED_SCENARIOS);
     let outbound_seen = outbound.accepted();
     c.check(
         "the outbound listener accepted exactly the two captured connections, both from the pod",
@@ -383,7 +314,7 @@ fn outbound_cidr_include_and_exclude() {
     let dev = common::TOPOLOGY_DEV;
     // A second peer address inside the subnet, and one outside it (routed via the peer).
     let second = t.v4(3);
-    let outside = Ipv4Addr::new(192, 0, 2, 2);
+    let outside = OUTSIDE_V4;
     t.ip(
         &t.peer,
         &["addr", "add", &format!("{second}/24"), "dev", dev],
@@ -412,44 +343,19 @@ fn outbound_cidr_include_and_exclude() {
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let _listeners = tcp_listeners(&t, any, &[("pod", 15001), ("pod", 15006), ("peer", 80)]);
 
-    let pod = t.pod.as_str();
     let mut c = Checks::new(test);
-    c.tcp(
-        &format!("destination in -i {include} but in -x {exclude} is not captured"),
-        (pod, APP, None),
-        sa(t.peer_v4, 80),
-        Want::Direct("peer:80"),
-    );
-    c.tcp(
-        &format!("other destination in -i {include} is captured"),
-        (pod, APP, None),
-        sa(second, 80),
-        Want::Redirected("pod:15001"),
-    );
-    c.tcp(
-        &format!("destination outside -i {include} is not captured"),
-        (pod, APP, None),
-        sa(outside, 80),
-        Want::Direct("peer:80"),
-    );
-    c.tcp(
-        "proxy's outbound into the included range is not captured",
-        (pod, PROXY, None),
-        sa(second, 80),
-        Want::Direct("peer:80"),
-    );
+    c.table(&t, false, CIDR_SCENARIOS);
     c.finish(|| context(&t, &bin_log));
 }
 
 /// One IPv4-only test: applies `args` in a fresh topology `name`, starts the TCP listeners `at`
-/// (see [`tcp_listeners`]), then connects as the app, `way`, to the port of each scenario.
+/// (see [`tcp_listeners`]), then connects as each row of `table` says.
 fn port_scenarios(
     test: &'static str,
     name: &str,
     args: &[&str],
     at: &[(&str, u16)],
-    way: Way,
-    scenarios: &[(&str, u16, Want)],
+    table: &[TrafficScenario],
 ) {
     if skip_unless_root(test) {
         return;
@@ -457,14 +363,8 @@ fn port_scenarios(
     let t = Topology::new(name);
     let bin_log = t.run_bin_ok(&t.pod, false, args);
     let _listeners = tcp_listeners(&t, IpAddr::V4(Ipv4Addr::UNSPECIFIED), at);
-    let (from, to) = match way {
-        Way::Outbound => (&t.pod, t.peer_v4),
-        Way::Inbound => (&t.peer, t.pod_v4),
-    };
     let mut c = Checks::new(test);
-    for &(scenario, port, want) in scenarios {
-        c.tcp(scenario, (from, APP, None), sa(to, port), want);
-    }
+    c.table(&t, false, table);
     c.finish(|| context(&t, &bin_log));
 }
 
@@ -476,20 +376,8 @@ fn outbound_port_exclude() {
         "outbound_port_exclude",
         "oport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "*", "-o", "80"]),
-        &[("pod", 15001), ("peer", 80), ("peer", 81)],
-        Way::Outbound,
-        &[
-            (
-                "outbound to the excluded port (-o 80) is not captured",
-                80,
-                Want::Direct("peer:80"),
-            ),
-            (
-                "outbound to another port is captured",
-                81,
-                Want::Redirected("pod:15001"),
-            ),
-        ],
+        &[("pod", 15001), ("peer", 80), ("peer", 443)],
+        OUTBOUND_PORT_EXCLUDE_SCENARIOS,
     );
 }
 
@@ -502,19 +390,7 @@ fn inbound_port_include() {
         "iport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
         &[("pod", 15006), ("pod", 8080), ("pod", 9090)],
-        Way::Inbound,
-        &[
-            (
-                "inbound to a listed port (-b 8080) is captured",
-                8080,
-                Want::Redirected("pod:15006"),
-            ),
-            (
-                "inbound to an unlisted port is not captured",
-                9090,
-                Want::Direct("pod:9090"),
-            ),
-        ],
+        INBOUND_PORT_INCLUDE_SCENARIOS,
     );
 }
 
@@ -531,7 +407,6 @@ fn tproxy_inbound() {
     let args = seed_with("-m", "TPROXY");
     let bin_log = t.run_bin_ok(&t.pod, true, &args);
     let pod = t.pod.as_str();
-    let peer = t.peer.as_str();
     let mut c = Checks::new(test);
 
     // Default mark 1337 (0x539) and route table 133, for both families.
@@ -557,56 +432,19 @@ fn tproxy_inbound() {
     }
 
     let mut listeners = Vec::new();
-    for (any, pod_ip, peer_ip, passthrough) in [
-        (
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V4(t.pod_v4),
-            IpAddr::V4(t.peer_v4),
-            PASSTHROUGH_V4,
-        ),
-        (
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            IpAddr::V6(t.pod_v6),
-            IpAddr::V6(t.peer_v6),
-            PASSTHROUGH_V6,
-        ),
-    ] {
+    for v6 in [false, true] {
+        let any: IpAddr = if v6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
         listeners.push(Listener::transparent(pod, "pod:15006", sa(any, 15006)));
         listeners.extend(tcp_listeners(
             &t,
             any,
             &[("pod", 15001), ("pod", 8080), ("pod", 15090), ("peer", 80)],
         ));
-        c.tcp(
-            "inbound is delivered to the transparent inbound listener, destination intact",
-            (peer, APP, None),
-            sa(pod_ip, 8080),
-            Want::Transparent("pod:15006"),
-        );
-        c.tcp(
-            "inbound to an excluded port (-d 15090) is not captured",
-            (peer, APP, None),
-            sa(pod_ip, 15090),
-            Want::Direct("pod:15090"),
-        );
-        c.tcp(
-            "inbound passthrough (proxy from the passthrough source) is not captured",
-            (pod, PROXY, Some(passthrough)),
-            sa(pod_ip, 8080),
-            Want::Direct("pod:8080"),
-        );
-        c.tcp(
-            "app's outbound is captured (REDIRECT)",
-            (pod, APP, None),
-            sa(peer_ip, 80),
-            Want::Redirected("pod:15001"),
-        );
-        c.tcp(
-            "proxy's outbound is not captured",
-            (pod, PROXY, None),
-            sa(peer_ip, 80),
-            Want::Direct("peer:80"),
-        );
+        c.table(&t, v6, TPROXY_SCENARIOS);
     }
     drop(listeners);
     c.finish(|| context(&t, &bin_log));
@@ -667,20 +505,13 @@ fn dns_redirect() {
     let peer = t.peer.as_str();
     let mut c = Checks::new(test);
 
-    for (any, localhost, server, other) in [
-        (
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            LOCALHOST_V4,
-            IpAddr::V4(t.peer_v4),
-            IpAddr::V4(other_v4),
-        ),
-        (
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            LOCALHOST_V6,
-            IpAddr::V6(t.peer_v6),
-            IpAddr::V6(other_v6),
-        ),
-    ] {
+    for v6 in [false, true] {
+        let (any, localhost): (IpAddr, IpAddr) = if v6 {
+            (Ipv6Addr::UNSPECIFIED.into(), LOCALHOST_V6)
+        } else {
+            (Ipv4Addr::UNSPECIFIED.into(), LOCALHOST_V4)
+        };
+        let (server, other) = (Dest::Peer.addr(&t, v6), Dest::Second.addr(&t, v6));
         // The agent's DNS proxy listens on localhost as the proxy user (the conntrack-zone
         // rules match its replies by owner).
         let agent_udp = UdpListener::start(pod, "pod:15053", sa(localhost, 15053), PROXY);
@@ -697,39 +528,26 @@ fn dns_redirect() {
             ("peer(other):53", &other_udp),
         ];
 
-        c.udp(
-            "app's DNS query to the resolv.conf server is captured by the agent",
-            (pod, APP),
-            sa(server, 53),
-            ("pod:15053", &agent_udp),
-            &all,
-        );
-        c.udp(
-            "proxy's DNS query reaches the real server",
-            (pod, PROXY),
-            sa(server, 53),
-            ("peer:53", &server_udp),
-            &all,
-        );
-        c.udp(
-            "app's DNS query to a server not in resolv.conf is not captured",
-            (pod, APP),
-            sa(other, 53),
-            ("peer(other):53", &other_udp),
-            &all,
-        );
-        c.tcp(
-            "app's DNS over TCP to the resolv.conf server is captured by the agent",
-            (pod, APP, None),
-            sa(server, 53),
-            Want::Redirected("pod:15053/tcp"),
-        );
-        c.tcp(
-            "proxy's DNS over TCP reaches the real server",
-            (pod, PROXY, None),
-            sa(server, 53),
-            Want::Direct("peer:53/tcp"),
-        );
+        for row in DNS_SCENARIOS {
+            let Sender::Pod(who) = row.from else {
+                panic!("DNS is sent from the pod: {row:?}")
+            };
+            let dst = sa(row.to.addr(&t, v6), row.port);
+            if row.udp {
+                let at = match (row.lands, row.to) {
+                    (Lands::Redirect(_), _) => ("pod:15053", &agent_udp),
+                    (Lands::NotCaptured, Dest::Peer) => ("peer:53", &server_udp),
+                    _ => ("peer(other):53", &other_udp),
+                };
+                c.udp(row.what, (pod, who), dst, at, &all);
+            } else {
+                let want = match row.lands {
+                    Lands::Redirect(_) => Want::Redirected("pod:15053/tcp".into()),
+                    _ => Want::Direct("peer:53/tcp".into()),
+                };
+                c.tcp(row.what, (pod, who, None), dst, want);
+            }
+        }
     }
     c.finish(|| context(&t, &bin_log));
 }

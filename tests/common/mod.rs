@@ -18,12 +18,15 @@
 //!   output handling ([`normalize_save`], [`normalize_restore_payload`],
 //!   [`extract_heredoc_blocks`], [`line_diff`], [`compare_lines`], [`indent`]);
 //! - `sockets.rs`: listeners that say where a connection landed, clients, identities;
+//! - `scenarios.rs`: the traffic scenarios `tests/traffic.rs` and `tests/explain.rs` share
+//!   ([`TrafficScenario`]: who sends, where to, where it must land);
 //! - here: Istio's seed command line and variants ([`SEED`], [`seed_with`], [`proxy_flags`]).
 #![allow(dead_code)]
 
 mod cases;
 mod namespaces;
 mod process;
+mod scenarios;
 mod shell;
 mod sockets;
 
@@ -33,6 +36,8 @@ pub use cases::*;
 pub use namespaces::*;
 #[allow(unused_imports)] // each test file uses some of them
 pub use process::*;
+#[allow(unused_imports)] // each test file uses some of them
+pub use scenarios::*;
 #[allow(unused_imports)] // each test file uses some of them
 pub use shell::*;
 #[allow(unused_imports)] // each test file uses some of them
