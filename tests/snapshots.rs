@@ -1,7 +1,7 @@
 //! Snapshots (insta) of the text this tool generates: `--help`, the dry-run script of each
-//! conformance case, the one line bad input gets, and explain's text and JSON. A change of
-//! rule order or wording shows up as a diff of a file in `tests/snapshots/`; when the change
-//! is meant, review it and write the new snapshots with
+//! conformance case, the one line bad input gets, explain's text and JSON, and verify's text
+//! and JSON on drifted rules. A change of rule order or wording shows up as a diff of a file
+//! in `tests/snapshots/`; when the change is meant, review it and write the new snapshots with
 //! `INSTA_UPDATE=always cargo test --test snapshots -- --include-ignored` (or `cargo insta
 //! review`). Under CI (`CI=true`) a missing or different snapshot fails.
 
@@ -10,7 +10,10 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{BIN, Case, SEED, case_command, istio_cases_dir, read_cases, skip_unless_root};
+use common::{
+    BIN, Case, SEED, case_command, istio_cases_dir, read_cases, run_in_fresh_ns, shell_command,
+    skip_unless_root,
+};
 
 /// Env vars of one run.
 type Env = &'static [(&'static str, &'static str)];
@@ -169,5 +172,39 @@ fn dry_run_script_of_each_conformance_case() {
             let script = dry_run_in_fresh_ns(&case);
             insta::assert_snapshot!(format!("dry_run_{dir}_{}", case.name), script);
         }
+    }
+}
+
+/// `verify` of the seed's rules after drift: in a fresh namespace, the seed applied (IPv4
+/// only; a fresh namespace has no legacy tables, so the nft backend), then one of its rules
+/// deleted and a foreign rule added; the exit code and stdout of `verify` as text and as JSON. Nothing in them names the host (no backend, no time).
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn verify_text_and_json_after_drift() {
+    if skip_unless_root("verify_text_and_json_after_drift") {
+        return;
+    }
+    let seed = shell_command(SEED.iter().copied());
+    let script = format!(
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
+         export ENABLE_INBOUND_IPV6=false\n\
+         {BIN} {seed} 2> /dev/null\n\
+         iptables-nft -t nat -D ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN\n\
+         iptables-nft -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN\n\
+         rc=0; {BIN} verify {seed} > \"$NS_OUT/text\" 2> /dev/null || rc=$?\n\
+         echo $rc > \"$NS_OUT/text-rc\"\n\
+         rc=0; {BIN} verify --output json {seed} > \"$NS_OUT/json\" 2> /dev/null || rc=$?\n\
+         echo $rc > \"$NS_OUT/json-rc\"\n"
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    for output in ["text", "json"] {
+        let report = format!(
+            "exit {}\n{}",
+            out.file(&format!("{output}-rc")).unwrap().trim(),
+            out.file(output).unwrap()
+        );
+        insta::assert_snapshot!(format!("verify_drift_{output}"), report);
     }
 }
