@@ -113,10 +113,11 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// The target: the token after the last `-j`.
-    pub fn target(&self) -> Option<&str> {
-        let i = self.args.iter().rposition(|a| a == "-j")?;
-        self.args.get(i + 1).map(String::as_str)
+    /// The target's name, as [`RuleSpec`] reads the args.
+    pub fn target(&self) -> Option<String> {
+        RuleSpec::parse(&self.args)
+            .target_name()
+            .map(str::to_string)
     }
 
     /// The rule's match and target text, without `-A CHAIN`.
@@ -136,5 +137,174 @@ impl fmt::Display for Rule {
             write!(f, " {a}")?;
         }
         Ok(())
+    }
+}
+
+/// A rule's match and target tokens (after `-A CHAIN`), read once: the matches in order,
+/// then the target. The save canonicaliser, reconcile's ownership tests and the packet
+/// walker all read rules through this one parser.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub matches: Vec<Match>,
+    pub target: Option<Target>,
+}
+
+/// One match option as written: `[!] FLAG VALUES...`. `-m NAME` is a match too (flag `-m`).
+/// A `!` with nothing after it is a match with an empty flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    pub negated: bool,
+    /// The option as written (`-p`, `--dport`, `-m`, ...), or a stray word.
+    pub flag: String,
+    /// The values that follow: exactly one for the base options (`-s -d -i -o -p`) and
+    /// `-m`; for other options every word up to the next option or `!`.
+    pub values: Vec<String>,
+}
+
+impl Match {
+    /// The first value, or "" when there is none.
+    pub fn value(&self) -> &str {
+        self.values.first().map_or("", String::as_str)
+    }
+}
+
+/// The target: `-j NAME` (or `-g NAME`) and every token after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `-g`/`--goto` rather than `-j`/`--jump`.
+    pub goto: bool,
+    /// None when the flag is the last token.
+    pub name: Option<String>,
+    pub options: Vec<String>,
+}
+
+impl RuleSpec {
+    /// Reads `tokens` (as [`crate::system::save::tokenize`] splits a rule).
+    pub fn parse(tokens: &[String]) -> RuleSpec {
+        let mut spec = RuleSpec::default();
+        let mut i = 0;
+        while i < tokens.len() {
+            let negated = tokens[i] == "!";
+            if negated {
+                i += 1;
+            }
+            let Some(flag) = tokens.get(i) else {
+                spec.matches.push(Match {
+                    negated,
+                    flag: String::new(),
+                    values: Vec::new(),
+                });
+                break;
+            };
+            if matches!(flag.as_str(), "-j" | "--jump" | "-g" | "--goto") {
+                spec.target = Some(Target {
+                    goto: flag == "-g" || flag == "--goto",
+                    name: tokens.get(i + 1).cloned(),
+                    options: tokens.get(i + 2..).unwrap_or_default().to_vec(),
+                });
+                break;
+            }
+            let one_value = matches!(
+                flag.as_str(),
+                "-s" | "--source"
+                    | "--src"
+                    | "-d"
+                    | "--destination"
+                    | "--dst"
+                    | "-i"
+                    | "--in-interface"
+                    | "-o"
+                    | "--out-interface"
+                    | "-p"
+                    | "--protocol"
+                    | "-m"
+                    | "--match"
+            );
+            let mut j = i + 1;
+            if one_value {
+                j = (i + 2).min(tokens.len());
+            } else if flag.starts_with('-') {
+                while j < tokens.len() && !tokens[j].starts_with('-') && tokens[j] != "!" {
+                    j += 1;
+                }
+            }
+            spec.matches.push(Match {
+                negated,
+                flag: flag.clone(),
+                values: tokens[i + 1..j].to_vec(),
+            });
+            i = j;
+        }
+        spec
+    }
+
+    /// The target's name, when the rule has one.
+    pub fn target_name(&self) -> Option<&str> {
+        self.target.as_ref()?.name.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> RuleSpec {
+        RuleSpec::parse(&crate::system::save::tokenize(s))
+    }
+
+    fn m(negated: bool, flag: &str, values: &[&str]) -> Match {
+        Match {
+            negated,
+            flag: flag.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn reads_matches_in_order_then_the_target() {
+        let spec = parse(
+            "! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 \
+             -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff",
+        );
+        assert_eq!(
+            spec.matches,
+            vec![
+                m(true, "-d", &["127.0.0.1/32"]),
+                m(false, "-p", &["tcp"]),
+                m(false, "-m", &["tcp"]),
+                m(true, "--dport", &["15008"]),
+                m(false, "-m", &["owner"]),
+                m(false, "--uid-owner", &["1337"]),
+            ]
+        );
+        assert_eq!(
+            spec.target,
+            Some(Target {
+                goto: false,
+                name: Some("TPROXY".into()),
+                options: ["--on-port", "15006", "--tproxy-mark", "0x539/0xffffffff"]
+                    .map(String::from)
+                    .to_vec(),
+            })
+        );
+    }
+
+    #[test]
+    fn options_take_every_word_up_to_the_next_option() {
+        let spec = parse("-p tcp --tcp-flags SYN,ACK SYN -g ISTIO_X");
+        assert_eq!(
+            spec.matches[1],
+            m(false, "--tcp-flags", &["SYN,ACK", "SYN"])
+        );
+        assert!(spec.target.as_ref().is_some_and(|t| t.goto));
+        assert_eq!(spec.target_name(), Some("ISTIO_X"));
+    }
+
+    #[test]
+    fn a_dangling_bang_and_a_bare_jump_are_kept_for_the_reader_to_refuse() {
+        assert_eq!(parse("-p tcp !").matches[1], m(true, "", &[]));
+        let bare = parse("-j");
+        assert_eq!(bare.target_name(), None);
+        assert!(bare.target.is_some());
     }
 }

@@ -17,9 +17,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{Position, Rule, Table, chain};
+use crate::model::{Position, Rule, RuleSpec, Table, Target, chain};
 use crate::render::restore::{self, Header};
-use crate::system::save::{OwnerResolver, SaveState, TableState, canonical};
+use crate::system::save::{OwnerResolver, SaveState, TableState, canonical, tokenize};
 
 /// What to do when the namespace already holds different ISTIO_* state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,19 +70,33 @@ fn is_ours(chain: &str) -> bool {
     chain.starts_with(chain::PREFIX)
 }
 
-/// Target of a rule's tokens (after the last `-j`/`-g`).
-fn target(tokens: &[String]) -> Option<&str> {
-    let i = tokens
-        .iter()
-        .rposition(|t| t == "-j" || t == "-g" || t == "--jump" || t == "--goto")?;
-    tokens.get(i + 1).map(String::as_str)
+/// Target of a rule's tokens (the name after `-j`/`-g`).
+fn target(tokens: &[String]) -> Option<String> {
+    RuleSpec::parse(tokens).target_name().map(str::to_string)
 }
 
-/// The interface of an interface RETURN (`-i X -j RETURN` / `-o X -j RETURN`, by `flag`).
-fn iface_return<'a>(canon: &'a str, flag: &str) -> Option<&'a str> {
-    let words: Vec<&str> = canon.split(' ').collect();
-    (words.len() == 4 && words[0] == flag && words[2] == "-j" && words[3] == "RETURN")
-        .then_some(words[1])
+/// The interface of an interface RETURN (`-i X -j RETURN` / `-o X -j RETURN`, by `flag`),
+/// read from a rule's canonical text.
+fn iface_return(canon: &str, flag: &str) -> Option<String> {
+    let spec = RuleSpec::parse(&tokenize(canon));
+    match (spec.matches.as_slice(), spec.target) {
+        (
+            [m],
+            Some(Target {
+                goto: false,
+                name: Some(name),
+                options,
+            }),
+        ) if !m.negated
+            && m.flag == flag
+            && m.values.len() == 1
+            && name == "RETURN"
+            && options.is_empty() =>
+        {
+            Some(m.value().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Whether a rule of our shape is corroborated by the rest of the table (see the module doc).
@@ -102,7 +116,7 @@ fn corroborated(
         && let Some(x) = iface_return(canon, "-i")
     {
         let jumps_in = table.rules.iter().any(|(_, r)| {
-            target(r).is_some_and(is_ours)
+            target(r).is_some_and(|t| is_ours(&t))
                 && canonical(r, resolver).starts_with(&format!("-i {x} "))
         });
         return jumps_in || canon_of("OUTPUT").contains(&format!("-o {x} -j RETURN"));
@@ -206,7 +220,7 @@ impl<'a> TableView<'a> {
         for (c, toks) in &cur.rules {
             let canon = canonical(toks, resolver);
             let owned = is_ours(c)
-                || target(toks).is_some_and(is_ours)
+                || target(toks).is_some_and(|t| is_ours(&t))
                 || wanted_in
                     .get(c.as_str())
                     .is_some_and(|s| s.contains(canon.as_str()))

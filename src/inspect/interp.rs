@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Table, parse_number};
+use crate::model::{RuleSpec, Table, parse_number};
 use crate::system::save::OwnerResolver;
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
@@ -288,24 +288,16 @@ impl Walker<'_> {
     #[allow(clippy::type_complexity)]
     fn eval(&self, toks: &[String]) -> Result<(bool, Option<(String, Vec<String>)>), String> {
         let p = &self.pkt;
+        let spec = RuleSpec::parse(toks);
         let mut ok = true;
         let mut module = String::new();
-        let mut i = 0;
-        while i < toks.len() {
-            let mut neg = false;
-            if toks[i] == "!" {
-                neg = true;
-                i += 1;
+        for m in &spec.matches {
+            let neg = m.negated;
+            let tok = m.flag.as_str();
+            if tok.is_empty() {
+                return Err("dangling `!`".into());
             }
-            let tok = toks.get(i).ok_or("dangling `!`")?.as_str();
-            if tok == "-j" || tok == "--jump" {
-                let t = toks.get(i + 1).ok_or("`-j` without a target")?.clone();
-                return Ok((ok, Some((t, toks[i + 2..].to_vec()))));
-            }
-            if tok == "-g" || tok == "--goto" {
-                return Err("goto is not supported".into());
-            }
-            let val = toks.get(i + 1).map(String::as_str).unwrap_or("");
+            let val = m.value();
             let cond: Option<bool> = match tok {
                 "-p" | "--protocol" => Some(match val {
                     "all" | "0" => true,
@@ -328,7 +320,6 @@ impl Walker<'_> {
                         other => return Err(format!("unknown match {other:?}")),
                     }
                     module = val.to_string();
-                    i += 2;
                     continue;
                 }
                 "--dport" | "--destination-port" => {
@@ -380,9 +371,19 @@ impl Walker<'_> {
             if let Some(c) = cond {
                 ok &= c != neg;
             }
-            i += 2;
+            // Each option this walker knows takes one value; a second is a word it does not.
+            if let Some(extra) = m.values.get(1) {
+                return Err(format!("unknown option {extra:?}"));
+            }
         }
-        Ok((ok, None))
+        match spec.target {
+            Some(t) if t.goto => Err("goto is not supported".into()),
+            Some(t) => {
+                let name = t.name.ok_or("`-j` without a target")?;
+                Ok((ok, Some((name, t.options))))
+            }
+            None => Ok((ok, None)),
+        }
     }
 }
 

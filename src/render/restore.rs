@@ -12,7 +12,7 @@ pub fn declared_chains(rules: &[&Rule]) -> Vec<&'static str> {
         rules
             .iter()
             .filter_map(|r| r.target())
-            .filter_map(owned_chain),
+            .filter_map(|t| owned_chain(&t)),
     );
     for c in names {
         if c.starts_with(chain::PREFIX) && !out.contains(&c) {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Table, parse_number};
+use crate::model::{RuleSpec, Table, parse_number};
 
 /// One table as iptables-save prints it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -223,28 +223,17 @@ fn canon_addr(s: &str) -> String {
 /// in hex, default target options dropped, owner names resolved. Two specs that iptables
 /// treats as the same rule have the same canonical text.
 pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
+    let spec = RuleSpec::parse(tokens);
     let mut base: BTreeMap<u8, String> = BTreeMap::new();
     let mut modules: Vec<(String, Vec<String>)> = Vec::new();
-    let mut target: Option<(String, Vec<String>)> = None;
     let mut proto: Option<String> = None;
-    let mut i = 0;
-    while i < tokens.len() {
-        let mut neg = false;
-        if tokens[i] == "!" {
-            neg = true;
-            i += 1;
-            if i >= tokens.len() {
-                break;
-            }
-        }
-        let tok = tokens[i].as_str();
-        let next = tokens.get(i + 1).cloned().unwrap_or_default();
-        let bang = if neg { "! " } else { "" };
+    for m in &spec.matches {
+        let tok = m.flag.as_str();
+        let next = m.value();
+        let bang = if m.negated { "! " } else { "" };
         let slot = match tok {
-            "-s" | "--source" | "--src" => Some((0u8, format!("{bang}-s {}", canon_addr(&next)))),
-            "-d" | "--destination" | "--dst" => {
-                Some((1, format!("{bang}-d {}", canon_addr(&next))))
-            }
+            "-s" | "--source" | "--src" => Some((0u8, format!("{bang}-s {}", canon_addr(next)))),
+            "-d" | "--destination" | "--dst" => Some((1, format!("{bang}-d {}", canon_addr(next)))),
             "-i" | "--in-interface" => Some((2, format!("{bang}-i {next}"))),
             "-o" | "--out-interface" => Some((3, format!("{bang}-o {next}"))),
             "-p" | "--protocol" => {
@@ -256,32 +245,12 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
         };
         if let Some((k, v)) = slot {
             base.insert(k, v);
-            i += 2;
             continue;
         }
         match tok {
-            "-m" | "--match" => {
-                modules.push((next, Vec::new()));
-                i += 2;
-            }
-            "-j" | "--jump" | "-g" | "--goto" => {
-                let kind = if tok.starts_with("-g") || tok == "--goto" {
-                    "-g"
-                } else {
-                    "-j"
-                };
-                let opts = tokens[i + 2..].to_vec();
-                target = Some((format!("{kind} {next}"), opts));
-                break;
-            }
+            "-m" | "--match" => modules.push((next.to_string(), Vec::new())),
             opt if opt.starts_with('-') => {
                 // An option of the current match; a bare --dport/--sport is the protocol's.
-                let mut vals = Vec::new();
-                let mut j = i + 1;
-                while j < tokens.len() && !tokens[j].starts_with('-') && tokens[j] != "!" {
-                    vals.push(tokens[j].clone());
-                    j += 1;
-                }
                 let needs_proto_module = matches!(
                     opt,
                     "--dport"
@@ -305,8 +274,10 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
                     "--source-ports" => "--sports",
                     o => o,
                 };
-                let vals: Vec<String> = vals
-                    .into_iter()
+                let vals: Vec<String> = m
+                    .values
+                    .iter()
+                    .cloned()
                     .map(|v| match (module.as_str(), opt) {
                         ("mark" | "connmark", "--mark") => canon_mark(&v, false),
                         ("owner", "--uid-owner") if !is_number(&v) => {
@@ -322,11 +293,14 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
                     .trim_end()
                     .to_string();
                 modules.last_mut().expect("module pushed").1.push(text);
-                i = j;
             }
-            _ => i += 1,
+            _ => {}
         }
     }
+    let target = spec.target.map(|t| {
+        let kind = if t.goto { "-g" } else { "-j" };
+        (format!("{kind} {}", t.name.unwrap_or_default()), t.options)
+    });
     let mut out: Vec<String> = base.into_values().collect();
     for (name, mut opts) in modules {
         opts.sort();
