@@ -6,7 +6,8 @@
 //! 2. [`config`]: raw strings → one typed, validated [`config::Config`] (value parsers, `@PATH`
 //!    lists in [`config::listfile`]), pure; then, in the target namespace, one step reads
 //!    what the rules need to know about the host: [`config::HostFacts::detect`].
-//! 3. [`model`]: the data every later step speaks: families, tables, rules, chain names.
+//! 3. [`model`]: the data every later step speaks: families, tables, rules (and their
+//!    matches and target, read once as a `RuleSpec`), chain names.
 //! 4. [`rules`]: the pure builders, config + host facts → rules: iptables ([`rules::build`], Istio's
 //!    `run.go`), native nftables ([`rules::nft`]) and the `ip` plumbing ([`rules::ip`]).
 //! 5. [`render`]: rules → text: the iptables-restore payload ([`render::restore`]) and the
