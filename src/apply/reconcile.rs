@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{Position, Rule, RuleSpec, Table, Target, chain};
+use crate::model::{Match, Position, Rule, RuleSpec, Table, Target, chain};
 use crate::render::restore::{self, Header};
 use crate::system::save::{OwnerResolver, SaveState, TableState, canonical, tokenize};
 
@@ -130,22 +130,64 @@ fn corroborated(
     true
 }
 
-/// Shapes of the non-jump rules this tool writes into built-in chains.
+/// Whether `m` is `FLAG VALUE`, not negated (any value when `value` is None).
+fn is(m: Option<&Match>, flag: &str, value: Option<&str>) -> bool {
+    m.is_some_and(|m| {
+        !m.negated
+            && m.flag == flag
+            && !m.values.is_empty()
+            && value.is_none_or(|v| m.values == [v])
+    })
+}
+
+/// Whether the matches begin `-p tcp -m MODULE --mark VALUE` after `skip` matches.
+fn tcp_mark_first(spec: &RuleSpec, skip: usize, module: &str) -> bool {
+    let m = |i: usize| spec.matches.get(skip + i);
+    is(m(0), "-p", Some("tcp")) && is(m(1), "-m", Some(module)) && is(m(2), "--mark", None)
+}
+
+/// Whether the target is `-j NAME` with exactly `options`.
+fn jumps_to(spec: &RuleSpec, name: &str, options: &[&str]) -> bool {
+    spec.target
+        .as_ref()
+        .is_some_and(|t| !t.goto && t.name.as_deref() == Some(name) && t.options == options)
+}
+
+/// Shapes of the non-jump rules this tool writes into built-in chains, read from a rule's
+/// canonical text.
 fn has_our_shape(table: Table, chain: &str, canon: &str) -> bool {
+    let spec = RuleSpec::parse(&tokenize(canon));
     match (table, chain) {
         (Table::Nat | Table::Mangle, "PREROUTING") if iface_return(canon, "-i").is_some() => true,
         (Table::Nat | Table::Mangle, "OUTPUT") if iface_return(canon, "-o").is_some() => true,
         (Table::Mangle, "PREROUTING") => {
-            canon.starts_with("-p tcp -m mark --mark ")
-                && canon.ends_with("-j CONNMARK --save-mark")
+            tcp_mark_first(&spec, 0, "mark") && jumps_to(&spec, "CONNMARK", &["--save-mark"])
         }
         (Table::Mangle, "OUTPUT") => {
-            (canon.starts_with("-o lo -p tcp -m mark --mark ") && canon.ends_with("-j RETURN"))
-                || (canon.starts_with("-p tcp -m connmark --mark ")
-                    && canon.ends_with("-j CONNMARK --restore-mark"))
-                || (canon.starts_with("! -d ")
-                    && canon.contains(" -o lo -p tcp -m owner ")
-                    && canon.contains("-j MARK --set-xmark "))
+            // -o lo -p tcp -m mark --mark M -j RETURN
+            (is(spec.matches.first(), "-o", Some("lo"))
+                && tcp_mark_first(&spec, 1, "mark")
+                && jumps_to(&spec, "RETURN", &[]))
+                // -p tcp -m connmark --mark M -j CONNMARK --restore-mark
+                || (tcp_mark_first(&spec, 0, "connmark")
+                    && jumps_to(&spec, "CONNMARK", &["--restore-mark"]))
+                // ! -d ADDR ... -o lo -p tcp -m owner ... -j MARK --set-xmark M
+                || (spec
+                    .matches
+                    .first()
+                    .is_some_and(|m| m.negated && m.flag == "-d" && !m.values.is_empty())
+                    && spec.matches.windows(3).any(|w| {
+                        w[0].flag == "-o"
+                            && w[0].values == ["lo"]
+                            && is(w.get(1), "-p", Some("tcp"))
+                            && is(w.get(2), "-m", Some("owner"))
+                    })
+                    && spec.target.as_ref().is_some_and(|t| {
+                        !t.goto
+                            && t.name.as_deref() == Some("MARK")
+                            && t.options.first().is_some_and(|o| o == "--set-xmark")
+                            && t.options.len() > 1
+                    }))
         }
         _ => false,
     }
@@ -670,6 +712,57 @@ mod tests {
 
     fn plan(argv: &[&str]) -> Vec<Rule> {
         tests::plan(tests::build(argv, &[]).unwrap()).v4
+    }
+
+    #[test]
+    fn our_tproxy_rules_in_built_in_chains_have_our_shape_and_near_misses_do_not() {
+        let r = plan(&["-m", "TPROXY", "-b", "*", "-c", "eth1"]);
+        let mut seen = 0;
+        for rule in &r {
+            let builtin = is_builtin(rule.chain);
+            if !builtin || rule.target().is_some_and(|t| is_ours(&t)) {
+                continue;
+            }
+            let canon = canonical(&rule.args, &NoResolver);
+            assert!(has_our_shape(rule.table, rule.chain, &canon), "{rule}");
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} non-jump rules in built-in chains");
+        for (table, chain, rule) in [
+            (
+                Table::Mangle,
+                "PREROUTING",
+                "-p tcp -m mark ! --mark 1337 -j CONNMARK --save-mark",
+            ),
+            (
+                Table::Mangle,
+                "PREROUTING",
+                "-p udp -m mark --mark 1337 -j CONNMARK --save-mark",
+            ),
+            (
+                Table::Mangle,
+                "OUTPUT",
+                "-o lo -p tcp -m mark --mark 1337 -j ACCEPT",
+            ),
+            (
+                Table::Mangle,
+                "OUTPUT",
+                "-p tcp -m connmark --mark 1337 -j CONNMARK --save-mark",
+            ),
+            (
+                Table::Mangle,
+                "OUTPUT",
+                "-d 10.0.0.1/32 -o lo -p tcp -m owner --uid-owner 1 -j MARK --set-mark 1",
+            ),
+            (Table::Nat, "PREROUTING", "! -i eth1 -j RETURN"),
+            (Table::Nat, "OUTPUT", "-o eth1 -p tcp -j RETURN"),
+        ] {
+            let canon = canonical(&tokenize(rule), &NoResolver);
+            assert!(
+                !has_our_shape(table, chain, &canon),
+                "{table}/{chain} {rule}"
+            );
+        }
     }
 
     #[test]
