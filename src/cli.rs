@@ -693,7 +693,7 @@ fn refused_flags(subcommand: &str) -> Option<fn(&clap::Arg) -> bool> {
 /// The clap command: [`Cli`] plus the version with its commit, the long help's closing
 /// sections (env-only knobs, exit codes), and, in the commands that do not apply rules, a
 /// hidden stand-in (no env var, no default) for each root flag they refuse, so that it is
-/// missing from their --help and [`refuse_foreign_flags`] can name it. Parsing, completion
+/// missing from their --help and `refuse_foreign_flags` can name it. Parsing, completion
 /// and the man page all use this one definition.
 pub fn command() -> clap::Command {
     let mut cmd = Cli::command()

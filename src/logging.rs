@@ -53,7 +53,7 @@ pub struct Settings {
     pub json: bool,
     /// `--log_caller` names the default scope.
     pub caller: bool,
-    /// `--log_target`, when given; otherwise [`Settings::default_targets`] decide.
+    /// `--log_target`, when given; otherwise `Settings::default_target` decides.
     pub targets: Vec<Target>,
     /// Without `--log_target`: true when stdout carries the command's own output (dry-run
     /// script, explain, verify), so every log line goes to stderr.

@@ -234,8 +234,9 @@ pub fn build_config(
 mod tests {
     use super::*;
     use crate::config::HostFacts;
-    use crate::config::tests::build as build_typed;
-    use crate::config::tests::{FakeHost, SEED};
+    use crate::config::tests::SEED;
+    // One builder, as main runs it; `build_typed` names it where the input is typed out.
+    use crate::config::tests::{build, build as build_typed};
     use std::io::Write as _;
     use std::path::PathBuf;
 
@@ -259,23 +260,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
-    }
-
-    fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<(Config, HostFacts), ConfigError> {
-        let host = FakeHost {
-            files: HashMap::new(),
-            ipv6: Some(false),
-        };
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut full = vec!["istio-iptables"];
-        full.extend_from_slice(argv);
-        let args = Args::parse_from(full).expect("clap accepts");
-        let cfg = build_config(&args, &|k| env.get(k).cloned())?;
-        let facts = HostFacts::detect(&cfg, &host)?;
-        Ok((cfg, facts))
     }
 
     #[test]

@@ -648,7 +648,8 @@ pub(crate) mod tests {
         "15090,15020",
     ];
 
-    /// The config of `argv` and `env`, and its host facts read from a [`FakeHost`].
+    /// The config of `argv` and `env`, and its host facts read from a [`FakeHost`] (whose
+    /// resolv.conf has one server per family).
     pub fn build(argv: &[&str], env: &[(&str, &str)]) -> Result<(Config, HostFacts), ConfigError> {
         let host = FakeHost {
             files: HashMap::from([(
@@ -664,7 +665,8 @@ pub(crate) mod tests {
         let mut full = vec!["istio-iptables"];
         full.extend_from_slice(argv);
         let args = Args::parse_from(full).expect("clap accepts");
-        let cfg = Config::build(&args, &|k| env.get(k).cloned())?;
+        // As main builds it: `@PATH` lists expanded, then `Config::build`.
+        let cfg = super::listfile::build_config(&args, &|k| env.get(k).cloned())?;
         let facts = HostFacts::detect(&cfg, &host)?;
         Ok((cfg, facts))
     }
