@@ -15,8 +15,9 @@ mod common;
 
 use common::{
     Case, NsOutput, all_istio_cases, case_command, case_shell_command, compare_lines,
-    extract_heredoc_blocks, indent, normalize_restore_payload, normalize_save, run_in_fresh_ns,
-    run_in_fresh_ns_ok, run_with_timeout, shell_quote, skip_unless_root, with_test_groups_prelude,
+    describe_output, extract_heredoc_blocks, indent, normalize_restore_payload, normalize_save,
+    report_cases, run_in_fresh_ns, run_in_fresh_ns_ok, run_with_timeout, shell_quote,
+    skip_unless_root, with_test_groups_prelude,
 };
 use std::fmt::Write as _;
 use std::process::Output;
@@ -30,39 +31,6 @@ fn dry_run(case: &Case) -> Result<Output, String> {
         &mut case_command(case, &["--dry-run"]),
         common::DEFAULT_TIMEOUT,
     )
-}
-
-fn describe_output(what: &str, out: &Output) -> String {
-    format!(
-        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end()
-    )
-}
-
-/// Panics with every failure, after a one-line summary.
-fn report(test: &str, total: usize, failures: Vec<(String, String)>) {
-    if failures.is_empty() {
-        eprintln!("{test}: all {total} cases passed");
-        return;
-    }
-    let mut msg = String::new();
-    for (name, why) in &failures {
-        let _ = writeln!(
-            msg,
-            "\n==================== case {name} ===================="
-        );
-        msg.push_str(why);
-    }
-    let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
-    let _ = writeln!(
-        msg,
-        "\n{test}: {} of {total} cases FAILED: {}",
-        failures.len(),
-        names.join(", ")
-    );
-    panic!("{msg}");
 }
 
 // ---------------------------------------------------------------------------
@@ -154,7 +122,7 @@ fn dry_run_payloads_match_expected() {
             }
         }
     }
-    report("conformance dry-run", cases.len(), failures);
+    report_cases("conformance dry-run", cases.len(), failures);
 }
 
 // ---------------------------------------------------------------------------
@@ -356,7 +324,7 @@ fn real_run_matches_expected_in_fresh_namespace() {
             }
         }
     }
-    report("conformance real-run", cases.len(), failures);
+    report_cases("conformance real-run", cases.len(), failures);
 }
 
 // ---------------------------------------------------------------------------

@@ -16,9 +16,9 @@
 mod common;
 
 use common::{
-    BIN, DEFAULT_TIMEOUT, compare_lines, extract_heredoc_blocks, indent, parse_args_file,
-    parse_env_file, run_in_fresh_ns_ok, run_with_timeout, sane_path, shell_quote, skip_unless_root,
-    with_test_groups_prelude,
+    BIN, DEFAULT_TIMEOUT, case_dirs, compare_lines, describe_output, extract_heredoc_blocks,
+    indent, parse_args_file, parse_env_file, report_cases, run_in_fresh_ns_ok, run_with_timeout,
+    sane_path, shell_quote, skip_unless_root, with_test_groups_prelude,
 };
 use std::fmt::Write as _;
 use std::fs;
@@ -54,14 +54,7 @@ fn nft_cases() -> Vec<NftCase> {
 /// or an empty set.
 fn read_cases(root: &str) -> Vec<NftCase> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no cases in {}", root.display());
+    let dirs = case_dirs(&root);
     dirs.into_iter()
         .map(|dir| {
             let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -108,20 +101,11 @@ fn run(mut cmd: Command) -> Result<Output, String> {
     run_with_timeout(&mut cmd, DEFAULT_TIMEOUT)
 }
 
-fn describe(what: &str, out: &Output) -> String {
-    format!(
-        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        String::from_utf8_lossy(&out.stderr).trim_end()
-    )
-}
-
 /// The case's `--dry-run` script.
 fn dry_run_script(case: &NftCase) -> Result<String, String> {
     let out = run(command(case, &case.args, &["--dry-run"]))?;
     if !out.status.success() {
-        return Err(describe("`--dry-run` did not exit 0", &out));
+        return Err(describe_output("`--dry-run` did not exit 0", &out));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -135,30 +119,6 @@ fn after_last_heredoc(script: &str) -> Vec<&str> {
         .copied()
         .filter(|l| !l.trim().is_empty())
         .collect()
-}
-
-/// Panics with every failure, after a one-line summary.
-fn report(test: &str, total: usize, failures: Vec<(String, String)>) {
-    if failures.is_empty() {
-        eprintln!("{test}: all {total} cases passed");
-        return;
-    }
-    let mut msg = String::new();
-    for (name, why) in &failures {
-        let _ = writeln!(
-            msg,
-            "\n==================== case {name} ===================="
-        );
-        msg.push_str(why);
-    }
-    let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
-    let _ = writeln!(
-        msg,
-        "\n{test}: {} of {total} cases FAILED: {}",
-        failures.len(),
-        names.join(", ")
-    );
-    panic!("{msg}");
 }
 
 // ---------------------------------------------------------------------------
@@ -197,7 +157,12 @@ fn check_dry_run(case: &NftCase) -> Result<(), String> {
     let iptables_args: Vec<String> = case.args[1..].to_vec();
     let iptables_script = match run(command(case, &iptables_args, &["--dry-run"])) {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Ok(out) => return Err(describe("the iptables `--dry-run` did not exit 0", &out)),
+        Ok(out) => {
+            return Err(describe_output(
+                "the iptables `--dry-run` did not exit 0",
+                &out,
+            ));
+        }
         Err(e) => return Err(e),
     };
     if extract_heredoc_blocks(&iptables_script, V4_MARKER).map(|b| b.len()) != Ok(1) {
@@ -236,7 +201,7 @@ fn dry_run_transaction_matches_expected() {
             }
         }
     }
-    report("nft conformance dry-run", cases.len(), failures);
+    report_cases("nft conformance dry-run", cases.len(), failures);
 }
 
 // ---------------------------------------------------------------------------
@@ -321,7 +286,7 @@ fn dry_run_script_matches_expected_in_the_kernel() {
             }
         }
     }
-    report("nft conformance kernel", cases.len(), failures);
+    report_cases("nft conformance kernel", cases.len(), failures);
 }
 
 // ---------------------------------------------------------------------------
@@ -340,8 +305,13 @@ fn native_nftables_applies_only_as_a_dry_run_so_far() {
     ] {
         let out = run(command(case, &case.args, extra)).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{}", describe("exit", &out));
-        assert!(out.stdout.is_empty(), "{}", describe("stdout", &out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            describe_output("exit", &out)
+        );
+        assert!(out.stdout.is_empty(), "{}", describe_output("stdout", &out));
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("--native-nftables"), "{stderr}");
         assert!(stderr.contains("not supported"), "{stderr}");
@@ -356,7 +326,7 @@ fn native_nftables_applies_only_as_a_dry_run_so_far() {
         c
     })
     .unwrap();
-    assert!(out.status.success(), "{}", describe("env", &out));
+    assert!(out.status.success(), "{}", describe_output("env", &out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(NFT_MARKER));
 }
 

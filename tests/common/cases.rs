@@ -107,9 +107,9 @@ pub fn read_case(dir: &Path) -> Case {
     }
 }
 
-/// Reads every sub-directory of `root` as a case, sorted by name. Panics if
-/// there are none.
-pub fn read_cases(root: &Path) -> Vec<Case> {
+/// Every sub-directory of `root` (one test case each), sorted by name. Panics if there are
+/// none.
+pub fn case_dirs(root: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = fs::read_dir(root)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display()))
         .flatten()
@@ -122,7 +122,48 @@ pub fn read_cases(root: &Path) -> Vec<Case> {
         "no test cases found in {}",
         root.display()
     );
-    dirs.iter().map(|d| read_case(d)).collect()
+    dirs
+}
+
+/// Reads every sub-directory of `root` as a case, sorted by name. Panics if
+/// there are none.
+pub fn read_cases(root: &Path) -> Vec<Case> {
+    case_dirs(root).iter().map(|d| read_case(d)).collect()
+}
+
+/// A finished process for a failure message: `what`, its exit status, stdout and stderr.
+pub fn describe_output(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
+
+/// Ends a test over many cases: a one-line summary when all passed, otherwise a panic with
+/// every failure (`(case name, why)`) and then the summary.
+pub fn report_cases(test: &str, total: usize, failures: Vec<(String, String)>) {
+    if failures.is_empty() {
+        eprintln!("{test}: all {total} cases passed");
+        return;
+    }
+    let mut msg = String::new();
+    for (name, why) in &failures {
+        let _ = writeln!(
+            msg,
+            "\n==================== case {name} ===================="
+        );
+        msg.push_str(why);
+    }
+    let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
+    let _ = writeln!(
+        msg,
+        "\n{test}: {} of {total} cases FAILED: {}",
+        failures.len(),
+        names.join(", ")
+    );
+    panic!("{msg}");
 }
 
 /// Environment a case runs with: PATH ([`sane_path`]) then the case's env.
