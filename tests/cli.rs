@@ -28,31 +28,11 @@ use std::sync::RwLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{BIN, SEED, TempDir};
+use common::{BIN, SEED, SHIMMED_PROGRAMS, TempDir};
 
 /// How long one run of the binary may take before the test fails (a shim waiting on stdin
 /// forever, say).
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Programs the tool runs, or may run once backend detection lands; each gets a shim.
-const SHIMS: &[&str] = &[
-    "iptables",
-    "iptables-save",
-    "iptables-restore",
-    "ip6tables",
-    "ip6tables-save",
-    "ip6tables-restore",
-    "iptables-legacy-save",
-    "iptables-legacy-restore",
-    "iptables-nft-save",
-    "iptables-nft-restore",
-    "ip6tables-legacy-save",
-    "ip6tables-legacy-restore",
-    "ip6tables-nft-save",
-    "ip6tables-nft-restore",
-    "ip",
-    "nsenter",
-];
 
 /// A user name that exists nowhere, so that the proxy uid default is the built-in 1337.
 const NO_SUCH_USER: &str = "no-such-user-istio-iptables-cli-test";
@@ -202,7 +182,7 @@ impl Sandbox {
         let bin = dir.path().join("bin");
         fs::create_dir(&bin).expect("create the shim dir");
         let _guard = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
-        for name in SHIMS {
+        for name in SHIMMED_PROGRAMS {
             let path = bin.join(name);
             fs::write(&path, shim_script(name, dir.path()))
                 .unwrap_or_else(|e| panic!("write shim {}: {e}", path.display()));

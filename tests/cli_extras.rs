@@ -17,32 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::RwLock;
 
-use common::{BIN, DEFAULT_TIMEOUT, SEED, TempDir, run_with_timeout, shell_quote};
+use common::{
+    BIN, DEFAULT_TIMEOUT, SEED, SHIMMED_PROGRAMS, TempDir, run_with_timeout, shell_quote,
+};
 
 /// Writing an executable while another thread forks can make exec'ing it fail with ETXTBSY
 /// (the child holds a copy of the write fd until it execs): shims are written under the
 /// write lock, every spawn happens under the read lock.
 static SPAWN_LOCK: RwLock<()> = RwLock::new(());
-
-/// Programs the binary could run; each is a shim that records the call and exits 0.
-const SHIMS: &[&str] = &[
-    "iptables",
-    "iptables-save",
-    "iptables-restore",
-    "ip6tables",
-    "ip6tables-save",
-    "ip6tables-restore",
-    "iptables-legacy-save",
-    "iptables-legacy-restore",
-    "iptables-nft-save",
-    "iptables-nft-restore",
-    "ip6tables-legacy-save",
-    "ip6tables-legacy-restore",
-    "ip6tables-nft-save",
-    "ip6tables-nft-restore",
-    "ip",
-    "nsenter",
-];
 
 /// The flags that only concern applying (`cli::APPLY_ONLY`, checked below), as flags with
 /// a value that makes them valid.
@@ -102,7 +84,7 @@ impl Sandbox {
         fs::create_dir(&bin).expect("create the shim dir");
         let log = shell_quote(dir.path().join("calls.log"));
         let _guard = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
-        for name in SHIMS {
+        for name in SHIMMED_PROGRAMS {
             let path = bin.join(name);
             let script = format!(
                 "#!/bin/sh\n# Test stand-in: records the call, changes nothing.\n\

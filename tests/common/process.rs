@@ -190,3 +190,24 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, 
         stderr,
     })
 }
+
+/// The programs the binary may run (iptables in every flavour, `ip`, `nsenter`): the CLI tests
+/// put a recording shim for each first in PATH, to prove what ran, or that nothing did.
+pub const SHIMMED_PROGRAMS: &[&str] = &[
+    "iptables",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables",
+    "ip6tables-save",
+    "ip6tables-restore",
+    "iptables-legacy-save",
+    "iptables-legacy-restore",
+    "iptables-nft-save",
+    "iptables-nft-restore",
+    "ip6tables-legacy-save",
+    "ip6tables-legacy-restore",
+    "ip6tables-nft-save",
+    "ip6tables-nft-restore",
+    "ip",
+    "nsenter",
+];
