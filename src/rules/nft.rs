@@ -127,6 +127,11 @@ impl Table {
         }
     }
 
+    /// The table named `name` (`istio-proxy-nat`...), if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The chains Istio may declare in this table, in its order.
     pub fn chains(self) -> &'static [Chain] {
         match self {

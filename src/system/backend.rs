@@ -85,6 +85,15 @@ pub trait Probe {
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
+    /// The names of the nftables `inet` tables here (`None`: could not tell).
+    fn nft_inet_tables(&self) -> Option<Vec<String>> {
+        None
+    }
+    /// Whether an nftables table of `family` (iptables-nft's) has a chain named `prefix…`
+    /// (`None`: could not tell).
+    fn nft_chain_with_prefix(&self, _family: Family, _prefix: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// The real machine.
@@ -133,6 +142,14 @@ impl Probe for SystemProbe {
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
         crate::system::rtnl::routing(family)
+    }
+
+    fn nft_inet_tables(&self) -> Option<Vec<String>> {
+        crate::system::nftprobe::inet_tables()
+    }
+
+    fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {
+        crate::system::nftprobe::has_chain_with_prefix(family, prefix)
     }
 }
 

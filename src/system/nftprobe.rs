@@ -10,18 +10,20 @@ use crate::system::netlink;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
+/// `NFTA_TABLE_NAME` and `NFTA_CHAIN_NAME`.
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
 
 /// The number of nftables tables of `family` in the current network namespace, or `None`
 /// when the kernel could not be asked.
 pub fn table_count(family: Family) -> Option<usize> {
     // nfgenmsg: family, NFNETLINK_V0, res_id (big endian).
-    let nfproto = match family {
-        Family::V4 => NFPROTO_IPV4,
-        Family::V6 => NFPROTO_IPV6,
-    };
-    let body = [nfproto, 0, 0, 0];
+    let body = [nfproto(family), 0, 0, 0];
     let mut count = 0;
     netlink::dump(
         SockProtocol::NetlinkNetFilter,
@@ -34,6 +36,71 @@ pub fn table_count(family: Family) -> Option<usize> {
         },
     )?;
     Some(count)
+}
+
+fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    }
+}
+
+/// The value of attribute `kind` in a netfilter message body (a 4-byte `nfgenmsg`, then
+/// netlink attributes), as text.
+fn attr(body: &[u8], kind: u16) -> Option<String> {
+    let mut off = 4;
+    while off + 4 <= body.len() {
+        let len = u16::from_ne_bytes([body[off], body[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > body.len() {
+            return None;
+        }
+        if ty == kind {
+            let v = &body[off + 4..off + len];
+            let v = v.strip_suffix(&[0]).unwrap_or(v);
+            return Some(String::from_utf8_lossy(v).into_owned());
+        }
+        off += (len + 3) & !3;
+    }
+    None
+}
+
+/// The names of the `inet` tables here (native nftables' family), or `None` when the kernel
+/// could not be asked.
+pub fn inet_tables() -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    netlink::dump(
+        SockProtocol::NetlinkNetFilter,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+        &[NFPROTO_INET, 0, 0, 0],
+        |kind, body| {
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE
+                && let Some(n) = attr(body, NFTA_TABLE_NAME)
+            {
+                names.push(n);
+            }
+        },
+    )?;
+    Some(names)
+}
+
+/// Whether any nftables table of `family` (where iptables-nft keeps its tables) has a chain
+/// whose name starts with `prefix`; `None` when the kernel could not be asked.
+pub fn has_chain_with_prefix(family: Family, prefix: &str) -> Option<bool> {
+    let mut found = false;
+    netlink::dump(
+        SockProtocol::NetlinkNetFilter,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN,
+        &[nfproto(family), 0, 0, 0],
+        |kind, body| {
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN
+                && attr(body, NFTA_CHAIN_NAME).is_some_and(|n| n.starts_with(prefix))
+            {
+                found = true;
+            }
+        },
+    )?;
+    Some(found)
 }
 
 #[cfg(test)]
@@ -63,5 +130,44 @@ mod tests {
             assert_eq!(r.2, Some(1));
             assert_eq!(r.3, Some(0));
         }
+    }
+
+    #[test]
+    fn lists_inet_tables_and_finds_istio_chains() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED nftprobe::lists_inet_tables_and_finds_istio_chains: needs root");
+            return;
+        }
+        let r = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let before = (inet_tables(), has_chain_with_prefix(Family::V4, "ISTIO_"));
+            let run = |args: &[&str]| {
+                std::process::Command::new(args[0])
+                    .args(&args[1..])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            let ok = run(&["nft", "add table inet istio-proxy-nat"])
+                && run(&["nft", "add table inet other"])
+                && run(&["iptables-nft", "-t", "nat", "-N", "ISTIO_OUTPUT"]);
+            (
+                before,
+                ok,
+                inet_tables(),
+                has_chain_with_prefix(Family::V4, "ISTIO_"),
+                has_chain_with_prefix(Family::V6, "ISTIO_"),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(r.0, (Some(vec![]), Some(false)));
+        assert!(r.1, "nft and iptables-nft must work here");
+        assert_eq!(
+            r.2,
+            Some(vec!["istio-proxy-nat".to_string(), "other".to_string()])
+        );
+        assert_eq!(r.3, Some(true));
+        assert_eq!(r.4, Some(false));
     }
 }
