@@ -251,32 +251,11 @@ fn context(t: &Topology, backend: Backend, apply_log: &str) -> String {
     )
 }
 
-/// Declares each test once per backend: `$iptables` applies its config with iptables,
-/// `$nft` with `--native-nftables` (see [`Topology::apply_ok`]); `$run` gets the test's name
-/// and the backend. Both are root tests.
-macro_rules! per_backend {
-    ($($(#[doc = $doc:literal])* $iptables:ident, $nft:ident => $run:expr;)*) => {$(
-        $(#[doc = $doc])*
-        #[test]
-        #[ignore = "needs root and network namespaces"]
-        fn $iptables() {
-            ($run)(stringify!($iptables), Backend::Iptables);
-        }
-
-        $(#[doc = $doc])*
-        #[test]
-        #[ignore = "needs root and network namespaces"]
-        fn $nft() {
-            ($run)(stringify!($nft), Backend::Nft);
-        }
-    )*};
-}
-
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
 
-per_backend! {
+common::per_backend! {
     /// The seed command over IPv4.
     seed_command_ipv4_iptables, seed_command_ipv4_nft => |test, b| seed_scenarios(test, b, false);
     /// The seed command over IPv6 (ENABLE_INBOUND_IPV6=true).
@@ -292,9 +271,10 @@ per_backend! {
     tproxy_inbound_iptables, tproxy_inbound_nft => tproxy_inbound;
     /// `--redirect-dns`, IPv4 and IPv6, UDP and TCP.
     dns_redirect_iptables, dns_redirect_nft => dns_redirect;
-    /// `--run-validation`. With nft this is the binary's real `--native-nftables` run
-    /// whatever `NFT_REAL_APPLY` says (a dry-run script cannot validate): it fails (exit 2,
-    /// "not supported yet") until that apply lands.
+    /// `--run-validation`. The rules come from [`Topology::apply_ok`]; the probe is always
+    /// the binary's real run, with nft `--native-nftables --skip-rule-apply --run-validation`
+    /// (nothing stands in for the binary probing live rules), so the nft test fails with
+    /// exit 2 ("not supported yet") until the real `--native-nftables` apply lands.
     validation_probe_iptables, validation_probe_nft => validation_probe;
 }
 

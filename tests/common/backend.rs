@@ -57,6 +57,39 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Declares each test once per backend, as two root tests (`#[ignore = "needs root and
+/// network namespaces"]`): `$iptables` runs `$run(stringify!($iptables), Backend::Iptables)`,
+/// `$nft` runs `$run(stringify!($nft), Backend::Nft)`. `$run` applies its config with
+/// [`Topology::apply_ok`] for that backend, and passes the backend's [`Backend::argv`] to
+/// every other run of the binary. Doc comments before a pair go on both tests.
+///
+/// ```ignore
+/// common::per_backend! {
+///     /// The seed command over IPv4.
+///     seed_ipv4_iptables, seed_ipv4_nft => |test, backend| seed(test, backend, false);
+/// }
+/// ```
+#[allow(unused_macros)] // only the test files with per-backend tests use it
+macro_rules! per_backend {
+    ($($(#[doc = $doc:literal])* $iptables:ident, $nft:ident => $run:expr;)*) => {$(
+        $(#[doc = $doc])*
+        #[test]
+        #[ignore = "needs root and network namespaces"]
+        fn $iptables() {
+            ($run)(stringify!($iptables), $crate::common::Backend::Iptables);
+        }
+
+        $(#[doc = $doc])*
+        #[test]
+        #[ignore = "needs root and network namespaces"]
+        fn $nft() {
+            ($run)(stringify!($nft), $crate::common::Backend::Nft);
+        }
+    )*};
+}
+#[allow(unused_imports)] // only the test files with per-backend tests use it
+pub(crate) use per_backend;
+
 /// True when `NFT_REAL_APPLY=1`: apply `--native-nftables` with the binary itself.
 pub fn nft_real_apply() -> bool {
     std::env::var(NFT_REAL_APPLY).is_ok_and(|v| v == "1")
