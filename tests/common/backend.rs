@@ -6,7 +6,7 @@
 use super::*;
 
 /// The env var that makes the [`Backend::Nft`] apply run the binary for real
-/// (`NFT_REAL_APPLY=1`) instead of piping its dry-run script to `sh` (the default, until the
+/// (`NFT_REAL_APPLY=1`) instead of running its dry-run script with `sh` (the default, until the
 /// real `--native-nftables` apply lands).
 pub const NFT_REAL_APPLY: &str = "NFT_REAL_APPLY";
 
@@ -134,7 +134,8 @@ impl Topology {
         // TEMPORARY until the real --native-nftables apply lands: apply via the dry-run script.
         // (To switch: drop this part and the `if` above, keep the real run.) The dry run runs
         // in the namespace too, so IPv6 and the DNS servers are detected there, as a real run
-        // would; its stdout is the script (one `nft -f -` transaction, then the `ip` steps).
+        // would; its stdout is the script (one `nft -f -` transaction, then the `ip` steps),
+        // which `sh` runs from a file in the namespace (as piping it to `ip netns exec NS sh`).
         let dry = ["--dry-run", "--native-nftables"];
         let argv: Vec<&str> = dry.iter().copied().chain(args.iter().copied()).collect();
         let out = self.run_bin(ns, ipv6, &argv);
@@ -144,7 +145,7 @@ impl Topology {
         );
         let how = format!(
             "applied with the script of `istio-iptables {}` (ENABLE_INBOUND_IPV6={ipv6}) \
-             piped to `sh` in {ns}",
+             run with `sh` in {ns}",
             shell_command(&argv)
         );
         assert!(
