@@ -22,8 +22,7 @@
 //! `..._iptables` applies the config with the binary's iptables backend, `..._nft` with
 //! `--native-nftables` (Istio's `inet istio-proxy-*` tables). How a config is applied for a
 //! backend is decided in one place, [`Topology::apply_ok`] in `tests/common/backend.rs`
-//! (for nft, until the real apply lands: the binary's `--dry-run` script run with `sh` in the
-//! pod; `NFT_REAL_APPLY=1` runs the binary for real instead), which also checks that the
+//! (the binary run for real in the pod, as an init container), which also checks that the
 //! capture is in that backend's tables. The scenarios (`tests/common/scenarios.rs`) and what
 //! they expect are the same for both backends.
 //!

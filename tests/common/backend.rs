@@ -5,11 +5,6 @@
 
 use super::*;
 
-/// The env var that makes the [`Backend::Nft`] apply run the binary for real
-/// (`NFT_REAL_APPLY=1`) instead of running its dry-run script with `sh` (the default, until the
-/// real `--native-nftables` apply lands).
-pub const NFT_REAL_APPLY: &str = "NFT_REAL_APPLY";
-
 /// The table every capture config of the traffic tests writes with `--native-nftables`.
 const NFT_NAT_TABLE: &str = "table inet istio-proxy-nat";
 
@@ -90,11 +85,6 @@ macro_rules! per_backend {
 #[allow(unused_imports)] // only the test files with per-backend tests use it
 pub(crate) use per_backend;
 
-/// True when `NFT_REAL_APPLY=1`: apply `--native-nftables` with the binary itself.
-pub fn nft_real_apply() -> bool {
-    std::env::var(NFT_REAL_APPLY).is_ok_and(|v| v == "1")
-}
-
 impl Topology {
     /// Applies the capture config `args` in namespace `ns` with `backend`
     /// (`ENABLE_INBOUND_IPV6=<ipv6>`), then checks that the capture is where that backend
@@ -119,60 +109,15 @@ impl Topology {
         log
     }
 
-    /// Applies `args` with `--native-nftables` in `ns`; see [`Topology::apply_ok`].
+    /// Applies `args` with `--native-nftables` in `ns`, as an init container does; see
+    /// [`Topology::apply_ok`].
     fn apply_nft(&self, ns: &str, ipv6: bool, args: &[&str]) -> String {
-        if nft_real_apply() {
-            // The real run, what an init container does: `istio-iptables --native-nftables
-            // ARGS` in the namespace.
-            let argv = Backend::Nft.argv(args);
-            return format!(
-                "applied with `istio-iptables {}` ({NFT_REAL_APPLY}=1)\n{}",
-                shell_command(&argv),
-                self.run_bin_ok(ns, ipv6, &argv)
-            );
-        }
-        // TEMPORARY until the real --native-nftables apply lands: apply via the dry-run script.
-        // (To switch: drop this part and the `if` above, keep the real run.) The dry run runs
-        // in the namespace too, so IPv6 and the DNS servers are detected there, as a real run
-        // would; its stdout is the script (one `nft -f -` transaction, then the `ip` steps),
-        // which `sh` runs from a file in the namespace (as piping it to `ip netns exec NS sh`).
-        let dry = ["--dry-run", "--native-nftables"];
-        let argv: Vec<&str> = dry.iter().copied().chain(args.iter().copied()).collect();
-        let out = self.run_bin(ns, ipv6, &argv);
-        let (script, dry_log) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        let how = format!(
-            "applied with the script of `istio-iptables {}` (ENABLE_INBOUND_IPV6={ipv6}) \
-             run with `sh` in {ns}",
-            shell_command(&argv)
-        );
-        assert!(
-            out.status.success(),
-            "{how}: the dry run failed with {}\n--- stdout ---\n{script}\n--- stderr ---\n{dry_log}",
-            out.status
-        );
-        let tmp = TempDir::new("istio-iptables-nft-script");
-        let path = tmp.path().join("apply.sh");
-        fs::write(&path, &script).expect("write the dry-run script");
-        let path = path.to_string_lossy().into_owned();
-        let sh = self.exec(ns, "sh", &["-e", &path], &[]);
-        // The script without its header (the effective configuration, also in the log).
-        let body: String = script
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let sh_err = String::from_utf8_lossy(&sh.stderr);
-        assert!(
-            sh.status.success(),
-            "{how}: the script failed with {}\n--- script ---\n{body}--- sh stdout ---\n{}\n\
-             --- sh stderr ---\n{sh_err}\n--- dry run's log ---\n{dry_log}",
-            sh.status,
-            String::from_utf8_lossy(&sh.stdout),
-        );
-        format!("{how}\n--- script ---\n{body}--- dry run's log ---\n{dry_log}")
+        let argv = Backend::Nft.argv(args);
+        format!(
+            "applied with `istio-iptables {}`\n{}",
+            shell_command(&argv),
+            self.run_bin_ok(ns, ipv6, &argv)
+        )
     }
 
     /// Whether the capture in `ns` is in `backend`'s place: with nft, Istio's `inet
