@@ -76,9 +76,28 @@ fn differing(live: &nftstate::NftState, want: &nftstate::NftState) -> Vec<Table>
         .collect()
 }
 
-/// One transaction that turns `live` into `ruleset` for the `tables` that differ: each one
-/// that exists is deleted, then Istio's lines for it are written (in a fresh namespace:
-/// exactly Istio's transaction).
+/// The tables to write anew so that `now` becomes `target`, listed in `order` (nft lists
+/// tables in the order they were created, so a fixed table goes to the end): every table
+/// from the first of `order` that is not in place (same content, same rank among ours) on,
+/// and every table `target` does not have. Empty when `now` is `target` already.
+fn to_rewrite(now: &Live, target: &nftstate::NftState, order: &[Table]) -> Vec<Table> {
+    let kept = order
+        .iter()
+        .zip(&now.order)
+        .take_while(|(t, n)| t == n && now.state.tables.get(t) == target.tables.get(t))
+        .count();
+    Table::ALL
+        .into_iter()
+        .filter(|t| {
+            order[kept..].contains(t)
+                || (now.state.tables.contains_key(t) && !target.tables.contains_key(t))
+        })
+        .collect()
+}
+
+/// One transaction that turns `live` into `ruleset` for `tables`: each one that exists is
+/// deleted, then Istio's lines for it are written (in a fresh namespace: exactly Istio's
+/// transaction).
 fn transaction(ruleset: &Ruleset, live: &Live, tables: &[Table], delete: bool) -> String {
     let mut text = String::new();
     if delete {
@@ -123,18 +142,16 @@ pub fn restore(before: &Live, env: &mut Env<'_>) -> Result<Restored, String> {
         read_live(env).map_err(|e| format!("{e}; the nftables tables may be partly changed"))
     };
     let now = reread(env)?;
-    let changed = differing(&now.state, &before.state);
+    let changed = to_rewrite(&now, &before.state, &before.order);
     if changed.is_empty() {
         return Ok(Restored::Unchanged);
     }
     let mut text = String::new();
-    for t in &changed {
-        if now.state.tables.contains_key(t) {
-            text.push_str(&format!("delete table {FAMILY} {t}\n"));
-        }
-        if let Some(old) = before.text.get(t) {
-            text.push_str(old);
-        }
+    for t in changed.iter().filter(|t| now.state.tables.contains_key(t)) {
+        text.push_str(&format!("delete table {FAMILY} {t}\n"));
+    }
+    for t in before.order.iter().filter(|t| changed.contains(t)) {
+        text.push_str(&before.text[t]);
     }
     tracing::info!(
         tables = %changed.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
@@ -142,7 +159,7 @@ pub fn restore(before: &Live, env: &mut Env<'_>) -> Result<Restored, String> {
     );
     let failure = run_nft(&text, env).err();
     let after = reread(env)?;
-    let left = differing(&after.state, &before.state);
+    let left = to_rewrite(&after, &before.state, &before.order);
     if left.is_empty() {
         return Ok(Restored::Restored);
     }
@@ -223,11 +240,15 @@ pub fn apply(
     tracing::info!("native nftables enabled, using nft rules for traffic redirection.");
     let live = read_live(env)?;
     let want = nftstate::desired(ruleset, env.resolver);
-    let mut changed = differing(&live.state, &want);
+    let order: Vec<Table> = Table::ALL
+        .into_iter()
+        .filter(|t| want.tables.contains_key(t))
+        .collect();
+    let mut changed = to_rewrite(&live, &want, &order);
     let mut runs = iptables_state(teardown, env)?;
     let policy = opts.policy;
     if !policy.reconcile {
-        let mut found: Vec<String> = changed
+        let mut found: Vec<String> = differing(&live.state, &want)
             .iter()
             .filter(|t| live.state.tables.contains_key(t))
             .map(|t| format!("table {FAMILY} {t} differs"))
@@ -388,6 +409,57 @@ mod tests {
         assert!(parse_version("1.0.1").unwrap() >= MIN_NFT);
         assert!(parse_version("1.1").unwrap() >= MIN_NFT);
         assert_eq!(parse_version("x"), None);
+    }
+
+    #[test]
+    fn tables_are_rewritten_from_the_first_one_out_of_place() {
+        use crate::system::nftstate::{NftState, TableState};
+        let table = |rules: usize| TableState {
+            chains: vec![nftstate::Chain {
+                name: "output".into(),
+                hook: None,
+                rules: vec!["counter".into(); rules],
+            }],
+            other: vec![],
+        };
+        let want = NftState {
+            tables: [(Table::Nat, table(1)), (Table::Mangle, table(1))].into(),
+        };
+        let order = [Table::Nat, Table::Mangle];
+        let live = |tables: Vec<(Table, usize)>| Live {
+            order: tables.iter().map(|(t, _)| *t).collect(),
+            state: NftState {
+                tables: tables.iter().map(|(t, n)| (*t, table(*n))).collect(),
+            },
+            text: Default::default(),
+        };
+        assert!(
+            to_rewrite(
+                &live(vec![(Table::Nat, 1), (Table::Mangle, 1)]),
+                &want,
+                &order
+            )
+            .is_empty()
+        );
+        // Out of order: both, so that nat is listed first again.
+        assert_eq!(
+            to_rewrite(
+                &live(vec![(Table::Mangle, 1), (Table::Nat, 1)]),
+                &want,
+                &order
+            ),
+            [Table::Nat, Table::Mangle]
+        );
+        // The second differs: only it; a table no longer wanted goes too.
+        assert_eq!(
+            to_rewrite(
+                &live(vec![(Table::Nat, 1), (Table::Mangle, 2), (Table::Raw, 1)]),
+                &want,
+                &order
+            ),
+            [Table::Mangle, Table::Raw]
+        );
+        assert_eq!(to_rewrite(&live(vec![]), &want, &order), order);
     }
 
     #[test]
