@@ -394,7 +394,8 @@ pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
         let prev = if i > 0 { w[i - 1].as_str() } else { "" };
         let prev2 = if i > 1 { w[i - 2].as_str() } else { "" };
         let owner = |p: &str| p == "skuid" || p == "skgid";
-        let new = if owner(prev) || (prev == "!=" && owner(prev2)) {
+        let name = w[i] != "!=" && w[i].parse::<u32>().is_err();
+        let new = if name && (owner(prev) || (prev == "!=" && owner(prev2))) {
             let kind = if prev == "skuid" || prev2 == "skuid" {
                 resolver.uid(&w[i])
             } else {
