@@ -102,6 +102,28 @@ fn branches() -> Vec<Branch> {
             tail: vec![info, "--run-validation", "--skip-rule-apply"],
             preinstalled: true,
         },
+        // Helm `global.nativeNftables`: the flag comes last.
+        b(
+            "native-nftables",
+            template("REDIRECT", &[]),
+            &[info, "--native-nftables"],
+        ),
+        b(
+            "native-nftables-tproxy-json",
+            template("TPROXY", &[("-k", "eth1"), ("-c", "eth2")]),
+            &[info, "--log_as_json", "--native-nftables"],
+        ),
+        Branch {
+            name: "cni-validation-native-nftables",
+            capture: template("REDIRECT", &[]),
+            tail: vec![
+                info,
+                "--run-validation",
+                "--skip-rule-apply",
+                "--native-nftables",
+            ],
+            preinstalled: true,
+        },
         Branch {
             name: "cni-validation-json",
             capture: template("REDIRECT", &[]),
@@ -121,7 +143,8 @@ fn branches() -> Vec<Branch> {
 const SNAPSHOT: &str = "snapshot() {\n\
     { iptables-nft-save; echo '## v6'; ip6tables-nft-save; echo '## rules'; ip rule show; \
       ip -6 rule show; echo '## routes'; ip route show table all; ip -6 route show table all; \
-      echo '## lo'; ip -o addr show dev lo; } > \"$NS_OUT/$1\" 2>/dev/null\n}\n";
+      echo '## lo'; ip -o addr show dev lo; echo '## nft'; nft list ruleset inet; } \
+      > \"$NS_OUT/$1\" 2>/dev/null\n}\n";
 
 /// Runs `argv` in a fresh namespace (after `setup`, if any): exit code, stdout, stderr and
 /// the state after.
@@ -215,7 +238,20 @@ fn injector_argument_lists_apply_istios_rules_with_istios_logs() {
                     .map(|s| s.to_string()),
             )
             .collect();
-        let setup = branch.preinstalled.then_some(branch.capture.as_slice());
+        // CNI installed the rules with the same backend.
+        let installed: Vec<String> = branch
+            .capture
+            .iter()
+            .cloned()
+            .chain(
+                branch
+                    .tail
+                    .iter()
+                    .filter(|t| **t == "--native-nftables")
+                    .map(|s| s.to_string()),
+            )
+            .collect();
+        let setup = branch.preinstalled.then_some(installed.as_slice());
         let got = run_in_ns(setup, &argv);
         let want = run_in_ns(setup, &plain);
         let mut wrong = Vec::new();
@@ -231,7 +267,13 @@ fn injector_argument_lists_apply_istios_rules_with_istios_logs() {
                 want.state, got.state
             ));
         }
-        if !got.state.contains("ISTIO_") {
+        let nft = branch.tail.contains(&"--native-nftables");
+        if nft
+            && (!got.state.contains("table inet istio-proxy-nat") || got.state.contains("ISTIO_"))
+        {
+            wrong.push("not Istio's nft tables alone in the kernel".to_string());
+        }
+        if !nft && !got.state.contains("ISTIO_") {
             wrong.push("no ISTIO_ chains in the kernel".to_string());
         }
         let json = branch.tail.contains(&"--log_as_json");
