@@ -298,6 +298,13 @@ fn host_facts(cfg: &Config) -> Result<HostFacts, ExitCode> {
 fn warn_if_nothing_captured(cfg: &Config) {
     if !cfg.cleanup_only && !cfg.skip_rule_apply {
         cfg.warn_if_nothing_captured();
+        if cfg.native_nftables && cfg.flavor.is_some() {
+            // Istio CNI says the same of the two settings together.
+            tracing::warn!(
+                "--force-iptables-binary is ignored with --native-nftables: the capture uses \
+                 native nftables (ISTIO_* iptables rules of either flavour are removed)"
+            );
+        }
     }
 }
 

@@ -314,6 +314,21 @@ fn native_nftables_env_var_and_cleanup_dry_run() {
     assert!(out.status.success(), "{}", describe_output("env", &out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(NFT_MARKER));
 
+    // Istio CNI's rule: native nftables wins over a forced iptables flavour, with a warning.
+    let out = run(command(
+        case,
+        &case.args,
+        &["--dry-run", "--force-iptables-binary", "legacy"],
+    ))
+    .unwrap();
+    assert!(out.status.success(), "{}", describe_output("forced", &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(NFT_MARKER));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ignored with --native-nftables"),
+        "{}",
+        describe_output("forced", &out)
+    );
+
     let out = run(command(case, &case.args, &["--dry-run", "--cleanup-only"])).unwrap();
     assert!(out.status.success(), "{}", describe_output("cleanup", &out));
     let script = String::from_utf8_lossy(&out.stdout);
