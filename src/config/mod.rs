@@ -273,7 +273,9 @@ impl Config {
         let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
         let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
         let native_nftables = go_bool(args, "native_nftables", &c.native_nftables)?;
-        if native_nftables {
+        // explain and verify read the nft rules as they read iptables'.
+        let inspect = !matches!(c.command, None | Some(crate::cli::Command::IstioIptables));
+        if native_nftables && !inspect {
             // Only the dry run (Istio's nft transaction as a script) is built so far.
             let unsupported = if !dry_run {
                 Some(
@@ -281,8 +283,6 @@ impl Config {
                 )
             } else if cleanup_only {
                 Some("--cleanup-only is not supported yet with the native nftables backend")
-            } else if !matches!(c.command, None | Some(crate::cli::Command::IstioIptables)) {
-                Some("explain and verify are not supported yet with the native nftables backend")
             } else {
                 None
             };
