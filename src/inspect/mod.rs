@@ -314,7 +314,7 @@ pub fn explain(
             let st = nftstate::desired(&nft::build(cfg, facts), resolver);
             let o = nft_evaluate(&st, resolver, &pkt, &hooks)?;
             let note = v6_off.then_some(
-                "IPv6 is off for this config: no ip6 rules are generated (the inet rules without an address still see IPv6)",
+                "IPv6 is off for this config: no ip6 rules are generated, but inet rules that name no address see IPv6 too",
             );
             (o, "nftables rules from the config", note)
         }
