@@ -693,4 +693,146 @@ mod tests {
                 .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
         );
     }
+
+    /// A machine with iptables-nft, answering `nft list ruleset inet` and the save
+    /// programs from fixed text.
+    struct Machine {
+        nft: String,
+        iptables_save: Result<String, ()>,
+    }
+
+    impl Runner for Machine {
+        fn run(
+            &mut self,
+            program: &str,
+            args: &[String],
+            _: Option<&str>,
+        ) -> Result<String, ExecError> {
+            match program {
+                "nft" => {
+                    assert_eq!(args, ["list", "ruleset", "inet"]);
+                    Ok(self.nft.clone())
+                }
+                "iptables-nft-save" => {
+                    self.iptables_save
+                        .clone()
+                        .map_err(|()| ExecError::NotFound {
+                            program: program.into(),
+                        })
+                }
+                "ip6tables-nft-save" => Ok(String::new()),
+                other => panic!("unexpected program {other}"),
+            }
+        }
+    }
+
+    struct NftOnly;
+    impl Probe for NftOnly {
+        fn in_path(&self, p: &str) -> bool {
+            p.contains("-nft-")
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+    }
+
+    /// `st` as `nft list ruleset` prints it.
+    fn listing(st: &NftState) -> String {
+        let mut s = String::new();
+        for (t, ts) in &st.tables {
+            s.push_str(&format!("table inet {} {{\n", t.name()));
+            for c in &ts.chains {
+                s.push_str(&format!("\tchain {} {{\n", c.name));
+                if let Some(h) = &c.hook {
+                    s.push_str(&format!(
+                        "\t\ttype {} hook {} priority {}; policy {};\n",
+                        h.kind, h.hook, h.priority, h.policy
+                    ));
+                }
+                for r in &c.rules {
+                    s.push_str(&format!("\t\t{r}\n"));
+                }
+                s.push_str("\t}\n");
+            }
+            s.push_str("}\n");
+        }
+        s
+    }
+
+    #[test]
+    fn nft_verify_reads_the_listing_and_the_other_backend() {
+        let mut args = vec!["verify", "--native-nftables"];
+        args.extend_from_slice(SEED);
+        let (cfg, facts) = config(&args, &[]).unwrap();
+        let want = nftstate::desired(&nft::build(&cfg, &facts), &NoResolver);
+        let mut m = Machine {
+            nft: listing(&want),
+            iptables_save: Err(()),
+        };
+        let r = verify(&cfg, &facts, &NftOnly, &mut m, &NoResolver).unwrap();
+        assert!(!r.drift(), "{r:?}");
+
+        let mut live = want.clone();
+        let gone = live.tables.get_mut(&nft::Table::Nat).unwrap().chains[1]
+            .rules
+            .remove(0);
+        m.nft = listing(&live);
+        m.iptables_save = Ok("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n".into());
+        let r = verify(&cfg, &facts, &NftOnly, &mut m, &NoResolver).unwrap();
+        assert_eq!(r.nft.len(), 1);
+        assert_eq!(r.nft[0].missing, [gone]);
+        assert_eq!(
+            r.other_backend,
+            ["IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT"]
+        );
+        let text = render_report(&r, Format::Text);
+        assert!(
+            text.contains("other backend: IPv4 iptables table nat"),
+            "{text}"
+        );
+        let json = render_report(&r, Format::Json);
+        assert!(
+            json.contains(",\"other_backend\":[\"IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT\"],\"routes_missing\":[]}"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn nft_report_renders_tables_chains_and_unread_lines() {
+        let r = Report {
+            nft: vec![
+                nftverify::NftDiff {
+                    table: "istio-proxy-raw",
+                    chain: None,
+                    extra: vec!["table inet istio-proxy-raw".into()],
+                    unread: vec!["flags dormant".into()],
+                    ..Default::default()
+                },
+                nftverify::NftDiff {
+                    table: "istio-proxy-nat",
+                    chain: Some("output".into()),
+                    out_of_order: true,
+                    ..Default::default()
+                },
+            ],
+            ..Report::default()
+        };
+        assert!(r.drift());
+        assert_eq!(
+            render_report(&r, Format::Text),
+            "DRIFT: the live rules differ from the config\n\
+             inet istio-proxy-raw:\n\
+             \x20 extra:    table inet istio-proxy-raw\n\
+             \x20 not read: flags dormant   (nft lists something this tool never writes: see `nft list table inet istio-proxy-raw`)\n\
+             inet istio-proxy-nat/output:\n\
+             \x20 out of order: the same rules are there, in another order\n"
+        );
+        assert_eq!(
+            render_report(&r, Format::Json),
+            "{\"match\":false,\"differences\":[\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-raw\",\"chain\":null,\"missing\":[],\"extra\":[\"table inet istio-proxy-raw\"],\"out_of_order\":false,\"unread\":[\"flags dormant\"]},\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-nat\",\"chain\":\"output\",\"missing\":[],\"extra\":[],\"out_of_order\":true}],\
+             \"routes_missing\":[]}\n"
+        );
+    }
 }
