@@ -174,6 +174,23 @@ pub(super) fn iface_matches(pattern: &str, iface: Option<&str>, wildcard: char) 
     }
 }
 
+/// The ids an owner match names: a uid or gid, a name `resolve` knows, or a range `a-b`.
+pub(super) fn id_range(
+    val: &str,
+    resolve: impl Fn(&str) -> Option<u32>,
+) -> Result<(u32, u32), String> {
+    if let Some(n) = num(val).or_else(|| resolve(val)) {
+        return Ok((n, n));
+    }
+    match val.split_once('-') {
+        Some((a, b)) => match (num(a), num(b)) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(format!("bad id range {val:?}")),
+        },
+        None => Err(format!("cannot resolve owner {val:?}")),
+    }
+}
+
 /// Whether `a` is the address or in the network `spec`; `None` when `spec` is neither.
 pub(super) fn addr_in(spec: &str, a: IpAddr) -> Option<bool> {
     if let Ok(n) = spec.parse::<IpNet>() {
@@ -345,20 +362,10 @@ impl Walker<'_> {
                         || port_in(val, p.sport, ':').unwrap_or(false),
                 ),
                 "--uid-owner" | "--gid-owner" if module == "owner" => {
-                    let (who, resolved) = if tok == "--uid-owner" {
-                        (p.uid, num(val).or_else(|| self.resolver.uid(val)))
+                    let (who, (lo, hi)) = if tok == "--uid-owner" {
+                        (p.uid, id_range(val, |n| self.resolver.uid(n))?)
                     } else {
-                        (p.gid, num(val).or_else(|| self.resolver.gid(val)))
-                    };
-                    let (lo, hi) = match val.split_once('-') {
-                        Some((a, b)) => (
-                            num(a).ok_or(format!("bad id range {val:?}"))?,
-                            num(b).ok_or(format!("bad id range {val:?}"))?,
-                        ),
-                        None => {
-                            let n = resolved.ok_or(format!("cannot resolve owner {val:?}"))?;
-                            (n, n)
-                        }
+                        (p.gid, id_range(val, |n| self.resolver.gid(n))?)
                     };
                     // No local socket (inbound): xt_owner matches only when negated.
                     Some(who.is_some_and(|id| lo <= id && id <= hi))

@@ -19,7 +19,8 @@
 //! [`nftstate::parse_listing`]: crate::system::nftstate::parse_listing
 
 use super::interp::{
-    Flow, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, iface_matches, num, port_in,
+    Flow, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range, iface_matches,
+    num, port_in,
 };
 use crate::rules::nft::Table;
 use crate::system::nftstate::NftState;
@@ -355,23 +356,10 @@ impl Walker<'_> {
                 let Some(id) = who else { return Ok(false) };
                 let mut any = false;
                 for v in ids {
-                    let (lo, hi) = match v.split_once('-') {
-                        Some((a, b)) => (
-                            num(a).ok_or(format!("bad id range {v:?}"))?,
-                            num(b).ok_or(format!("bad id range {v:?}"))?,
-                        ),
-                        None => {
-                            let n = num(v)
-                                .or_else(|| {
-                                    if *gid {
-                                        self.resolver.gid(v)
-                                    } else {
-                                        self.resolver.uid(v)
-                                    }
-                                })
-                                .ok_or(format!("cannot resolve owner {v:?}"))?;
-                            (n, n)
-                        }
+                    let (lo, hi) = if *gid {
+                        id_range(v, |n| self.resolver.gid(n))?
+                    } else {
+                        id_range(v, |n| self.resolver.uid(n))?
                     };
                     any |= lo <= id && id <= hi;
                 }
@@ -879,5 +867,30 @@ mod tests {
             let e = verdict_of(&[rule], "10.1.2.3:80").unwrap_err();
             assert_eq!((e.table, e.rule), ("istio-proxy-nat", 1), "{rule}: {e}");
         }
+    }
+
+    struct Names;
+    impl OwnerResolver for Names {
+        fn uid(&self, name: &str) -> Option<u32> {
+            (name == "istio-proxy").then_some(0)
+        }
+        fn gid(&self, _: &str) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn owners_by_name_and_by_range() {
+        let (p, _) = packet(&request(&out("10.1.2.3:80", "0")), false).unwrap();
+        for (rule, v) in [
+            ("skuid istio-proxy drop", Verdict::Drop),
+            ("skuid 1-2000 drop", Verdict::NotCaptured),
+            ("skuid != 1-2000 drop", Verdict::Drop),
+        ] {
+            let o = evaluate(&state(&[rule]), &Names, p.clone(), &["output"]).unwrap();
+            assert_eq!(o.verdict, v, "{rule}");
+        }
+        let e = evaluate(&state(&["skgid nobody-here drop"]), &Names, p, &["output"]).unwrap_err();
+        assert!(e.reason.contains("nobody-here"), "{e}");
     }
 }
