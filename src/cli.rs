@@ -420,7 +420,7 @@ pub struct Cli {
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub force_apply: String,
 
-    /// Use native nftables (so far only with --dry-run: prints Istio's nft transaction).
+    /// Use native nftables instead of iptables: one `nft -f -` transaction for Istio's nft tables.
     #[arg(global = true, long, env = "NATIVE_NFTABLES", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub native_nftables: String,

@@ -158,10 +158,11 @@ fn main() -> ExitCode {
         };
         warn_if_nothing_captured(&cfg);
         log_config(&cfg, &facts);
-        if cfg.native_nftables {
-            print!("{}", nft::script(&cfg, &facts, &nft::build(&cfg, &facts)));
-        } else if cfg.cleanup_only {
+        if cfg.cleanup_only {
+            // Either backend: the script removes both backends' state.
             print!("{}", script::render_cleanup(&cfg));
+        } else if cfg.native_nftables {
+            print!("{}", nft::script(&cfg, &facts, &nft::build(&cfg, &facts)));
         } else {
             print!(
                 "{}",
@@ -197,7 +198,6 @@ fn main() -> ExitCode {
         );
     }
     log_config(&cfg, &facts);
-    let plan = rules::build(&cfg, &facts);
 
     let opts = Options::from_config(&cfg);
     let mut runner = SystemRunner;
@@ -227,15 +227,22 @@ fn main() -> ExitCode {
     if cfg.skip_rule_apply {
         tracing::info!("--skip-rule-apply: applying nothing");
     } else {
-        match apply::apply(&plan, &opts, &mut env) {
+        let result = if cfg.native_nftables {
+            let ruleset = nft::build(&cfg, &facts);
+            apply::nft::apply(&ruleset, &rules::teardown(&cfg, &facts), &opts, &mut env)
+        } else {
+            apply::apply(&rules::build(&cfg, &facts), &opts, &mut env)
+        };
+        match result {
             Ok(s) => tracing::info!(
                 committed = %join(&s.committed),
+                nftables = %s.nft_tables.join(","),
                 routes = s.ip_changed.len(),
                 elapsed = %elapsed(started),
                 "capture rules are in place"
             ),
             Err(e) => {
-                let c = if matches!(e, apply::ApplyError::Conflict { .. }) {
+                let c = if e.is_conflict() {
                     code::CONFLICT
                 } else {
                     code::FAILURE
@@ -299,6 +306,7 @@ fn cleanup(cfg: &Config, facts: &HostFacts, opts: &Options, env: &mut Env<'_>) -
         Ok(s) => {
             tracing::info!(
                 cleaned = %join(&s.committed),
+                nftables = %s.nft_tables.join(","),
                 routes = %s.ip_changed.join("; "),
                 "cleanup done"
             );

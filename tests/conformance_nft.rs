@@ -10,8 +10,12 @@
 //! - `dry_run_script_matches_expected_in_the_kernel` (root only): in a fresh network + mount
 //!   namespace, `nft list ruleset` after running the dry-run script with `sh` equals the one
 //!   after `nft -f expected.nft`.
-//! - `native_nftables_applies_only_as_a_dry_run_so_far` and `harness_sanity_nft` check the
-//!   refusals and the harness itself.
+//! - `real_apply_matches_expected_and_reruns_commit_nothing` (root only): in a fresh
+//!   namespace, the real apply leaves the same `nft list ruleset` as `nft -f expected.nft`,
+//!   runs no program but one `nft` (and the config's `ip` steps), and a second run commits
+//!   nothing and changes nothing.
+//! - `native_nftables_env_var_and_cleanup_dry_run` and `harness_sanity_nft` check the env
+//!   var, the cleanup script and the harness itself.
 
 mod common;
 
@@ -293,31 +297,12 @@ fn dry_run_script_matches_expected_in_the_kernel() {
 // Refusals and harness checks
 // ---------------------------------------------------------------------------
 
-/// Applying with nftables is not built yet: without `--dry-run` (and for a cleanup) the flag
-/// is refused with exit 2 and one line saying so, before anything runs.
+/// `NATIVE_NFTABLES` is the flag's env var; `--dry-run --cleanup-only` with it prints the
+/// cleanup script (which removes both backends' state).
 #[test]
-fn native_nftables_applies_only_as_a_dry_run_so_far() {
+fn native_nftables_env_var_and_cleanup_dry_run() {
     let cases = nft_cases();
     let case = &cases[0];
-    for (extra, says) in [
-        (&[][..], "only --dry-run"),
-        (&["--dry-run", "--cleanup-only"][..], "--cleanup-only"),
-    ] {
-        let out = run(command(case, &case.args, extra)).unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{}",
-            describe_output("exit", &out)
-        );
-        assert!(out.stdout.is_empty(), "{}", describe_output("stdout", &out));
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("--native-nftables"), "{stderr}");
-        assert!(stderr.contains("not supported"), "{stderr}");
-        assert!(stderr.contains(says), "{stderr}");
-    }
-    // NATIVE_NFTABLES is the flag's env var.
     let mut args = case.args[1..].to_vec();
     args.push("--dry-run".into());
     let out = run({
@@ -328,6 +313,119 @@ fn native_nftables_applies_only_as_a_dry_run_so_far() {
     .unwrap();
     assert!(out.status.success(), "{}", describe_output("env", &out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(NFT_MARKER));
+
+    let out = run(command(case, &case.args, &["--dry-run", "--cleanup-only"])).unwrap();
+    assert!(out.status.success(), "{}", describe_output("cleanup", &out));
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains("nft delete table inet \"$t\""), "{script}");
+}
+
+// ---------------------------------------------------------------------------
+// Test 3: the real apply (root)
+// ---------------------------------------------------------------------------
+
+/// The case's command as one shell line: from its folder, with only PATH and its env.
+fn shell_line(case: &NftCase, prefix: &str, out: &str) -> String {
+    let env: Vec<String> = case
+        .env
+        .iter()
+        .map(|(k, v)| shell_quote(format!("{k}={v}")))
+        .collect();
+    let args: Vec<String> = case.args.iter().map(shell_quote).collect();
+    format!(
+        "(cd {} && exec env -i PATH=\"$PATH\" {} {prefix}{} {}) > \"$NS_OUT/{out}\" 2>&1\n",
+        shell_quote(&case.dir),
+        env.join(" "),
+        shell_quote(BIN),
+        args.join(" ")
+    )
+}
+
+/// In a fresh namespace: apply for real (under strace, recording every program started),
+/// list the ruleset, run again, list again.
+fn check_real_apply(case: &NftCase, groups: &str) -> Result<(), String> {
+    let want = expected_ruleset(case, groups)
+        .map_err(|e| format!("`nft -f expected.nft` failed:\n{}", indent(&e, "  ")))?;
+    let script = format!(
+        "{groups}ip link set lo up\n{}{LIST_RULESET}{}nft list ruleset > \"$NS_OUT/ruleset2\"\n",
+        shell_line(
+            case,
+            "strace -f -qq -e trace=execve -e signal=none -o \"$NS_OUT/trace\" ",
+            "log1"
+        ),
+        shell_line(case, "", "log2"),
+    );
+    let out = run_in_fresh_ns_ok(&script)?;
+    let got = ruleset_lines(out.file("ruleset")?);
+    let mut problems = String::new();
+    if let Some(diff) = compare_lines(
+        "nft list ruleset after nft -f expected.nft",
+        &want,
+        "nft list ruleset after the real apply",
+        &got,
+    ) {
+        let _ = writeln!(problems, "first run:\n{diff}");
+    }
+    // Exactly one program besides ours, nft (and `ip` where the config has ip steps).
+    let programs: Vec<String> = out
+        .file("trace")?
+        .lines()
+        .filter(|l| l.contains("execve(") && !l.contains("= -1"))
+        .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+        .filter(|p| p != BIN)
+        .collect();
+    let ip_steps = dry_run_script(case)?
+        .lines()
+        .filter(|l| l.starts_with("ip "))
+        .count();
+    let nft_runs = programs.iter().filter(|p| p.ends_with("/nft")).count();
+    let others: Vec<&String> = programs
+        .iter()
+        .filter(|p| !p.ends_with("/nft") && !p.ends_with("/ip"))
+        .collect();
+    if nft_runs != 1 || !others.is_empty() || programs.len() > 1 + ip_steps {
+        let _ = writeln!(
+            problems,
+            "a fresh apply must run nft once (and ip at most once per ip step: {ip_steps}); it ran {programs:?}"
+        );
+    }
+    let log2 = out.file("log2")?;
+    if !log2.contains("nothing to commit") {
+        let _ = writeln!(problems, "the second run committed something:\n{log2}");
+    }
+    let again = ruleset_lines(out.file("ruleset2")?);
+    if let Some(diff) = compare_lines("after the first run", &got, "after the second run", &again) {
+        let _ = writeln!(problems, "the second run changed the ruleset:\n{diff}");
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{problems}--- first run's log ---\n{}",
+            out.file("log1").unwrap_or_default()
+        ))
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn real_apply_matches_expected_and_reruns_commit_nothing() {
+    if skip_unless_root("nft conformance real apply") {
+        return;
+    }
+    let groups = with_test_groups_prelude();
+    let cases = nft_cases();
+    let mut failures = Vec::new();
+    for case in &cases {
+        match check_real_apply(case, &groups) {
+            Ok(()) => eprintln!("nft apply    PASS {}", case.name),
+            Err(why) => {
+                eprintln!("nft apply    FAIL {}", case.name);
+                failures.push((case.name.clone(), why));
+            }
+        }
+    }
+    report_cases("nft conformance real apply", cases.len(), failures);
 }
 
 /// Root only: the namespace harness starts from an empty ruleset, and different transactions

@@ -2,8 +2,9 @@
 //!
 //! Root-only (ignored by default; `cargo test --test inspect_nft -- --include-ignored`).
 //! Each test builds a [`Topology`] and applies the nft rules of a config in its `pod`
-//! namespace the way a user can today: `istio-iptables --dry-run --native-nftables ARGS | sh`
-//! (the transaction and the `ip` steps), with `ENABLE_INBOUND_IPV6` as the only env var.
+//! namespace, with `ENABLE_INBOUND_IPV6` as the only env var, both ways a user can: the real
+//! apply (`istio-iptables --native-nftables ARGS`) and the dry-run script run by `sh` (Istio's
+//! transaction and the `ip` steps, nothing else).
 //!
 //! 1. **explain** (`explain_*`): for every row of the traffic tables of
 //!    `tests/common/scenarios.rs` (seed over IPv4 and IPv6, CIDR include/exclude, `-o`, `-b`,
@@ -12,10 +13,10 @@
 //!    ruleset inet`), and where `tests/traffic.rs` expects the connection to land (so that
 //!    nothing passes because nothing is captured). No packet is sent: `tests/explain.rs`
 //!    checks the iptables answers against real traffic.
-//! 2. **verify** (`verify_*`): exit 0 right after the apply, for every config above; exit 3,
-//!    naming the table, chain and rule, after a rule is deleted by handle or an unwanted
+//! 2. **verify** (`verify_*`): exit 0 right after either apply, for every config above; exit
+//!    3, naming the table, chain and rule, after a rule is deleted by handle or an unwanted
 //!    chain is added; exit 0 again once the rule is put back; and exit 3 when the other
-//!    backend's capture rules are in the namespace too, in both directions.
+//!    backend's capture rules are in the namespace (too), in both directions.
 
 mod common;
 
@@ -39,10 +40,20 @@ struct NftPod {
     ipv6: bool,
 }
 
+/// How the nft rules get into the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Apply {
+    /// `istio-iptables --native-nftables ARGS`, as an init container runs it.
+    Real,
+    /// `istio-iptables --dry-run --native-nftables ARGS`, run by `sh`: Istio's transaction
+    /// and nothing else (no reconcile, no other backend removed).
+    Script,
+}
+
 impl NftPod {
     /// A fresh topology `name` (and a resolv.conf naming the peer, for `--redirect-dns`: its
-    /// path is passed to `args` as the `{resolv}` word).
-    fn new(name: &str, args: &[&str], ipv6: bool) -> NftPod {
+    /// path is passed to `args` as the `{resolv}` word), with `args` applied `how`.
+    fn new(name: &str, args: &[&str], ipv6: bool, how: Apply) -> NftPod {
         let t = Topology::new(name);
         let tmp = TempDir::new("istio-iptables-inspect-nft");
         let resolv = tmp.path().join("resolv.conf");
@@ -68,20 +79,31 @@ impl NftPod {
             args,
             ipv6,
         };
-        let mut dry = vec![
-            BIN.to_string(),
-            "--dry-run".into(),
-            "--native-nftables".into(),
-        ];
-        dry.extend(pod.args.iter().cloned());
-        let script = tmp_script(&pod, &format!("{} 2>/dev/null", shell_command(&dry)));
-        let out = pod.sh(&script);
+        pod.apply(how);
+        pod
+    }
+
+    /// Applies `self.args` with `--native-nftables`, `how`; panics if that fails.
+    fn apply(&self, how: Apply) {
+        let mut words = vec!["--native-nftables".to_string()];
+        words.extend(self.args.iter().cloned());
+        let out = match how {
+            Apply::Real => self.bin(&words, true),
+            Apply::Script => {
+                let mut dry = vec![BIN.to_string(), "--dry-run".into()];
+                dry.extend(words);
+                self.sh(&tmp_script(
+                    self,
+                    &format!("{} 2>/dev/null", shell_command(&dry)),
+                ))
+            }
+        };
         assert!(
             out.status.success(),
-            "applying the nft dry-run script failed: {}",
+            "applying {} ({how:?}) failed: {}",
+            shell_command(&self.args),
             describe(&out)
         );
-        pod
     }
 
     fn env(&self) -> [(&'static str, &'static str); 1] {
@@ -269,25 +291,27 @@ fn explain_and_verify(
     ipv6: bool,
     tables: &[(bool, &[TrafficScenario])],
 ) {
-    let pod = NftPod::new(name, args, ipv6);
-    let mut failures = Vec::new();
-    for (v6, table) in tables {
-        failures.extend(check_explain(&pod, *v6, table));
+    for how in [Apply::Real, Apply::Script] {
+        let pod = NftPod::new(name, args, ipv6, how);
+        let mut failures = Vec::new();
+        for (v6, table) in tables {
+            failures.extend(check_explain(&pod, *v6, table));
+        }
+        let (code, out) = pod.verify(true, false);
+        if code != Some(0) {
+            failures.push(format!(
+                "verify --native-nftables right after the apply: exit {code:?}\n{out}"
+            ));
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failure(s) with {} ({how:?}):\n\n{}\n--- nft list ruleset inet ---\n{}",
+            failures.len(),
+            shell_command(&pod.args),
+            failures.join("\n"),
+            pod.nft(&["list", "ruleset", "inet"])
+        );
     }
-    let (code, out) = pod.verify(true, false);
-    if code != Some(0) {
-        failures.push(format!(
-            "verify --native-nftables right after the apply: exit {code:?}\n{out}"
-        ));
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s) with {}:\n\n{}\n--- nft list ruleset inet ---\n{}",
-        failures.len(),
-        shell_command(&pod.args),
-        failures.join("\n"),
-        pod.nft(&["list", "ruleset", "inet"])
-    );
 }
 
 #[test]
@@ -327,32 +351,24 @@ fn explain_cidrs_and_ports() {
 }
 
 /// `-i <subnet> -x <peer>/32 -b '*'`: the flags name the topology's own addresses, so the
-/// pod is built first with the seed, then the rules are replaced by the CIDR config's.
+/// pod is built first with the seed, then the CIDR config is applied over it.
 fn explain_cidrs() {
-    let mut pod = NftPod::new("ncidr", SEED, false);
-    let (include, exclude) = (pod.t.subnet_v4(), format!("{}/32", pod.t.peer_v4));
-    pod.args = proxy_flags("REDIRECT", &["-i", &include, "-x", &exclude, "-b", "*"])
-        .into_iter()
-        .map(String::from)
-        .collect();
-    let mut dry = vec![
-        BIN.to_string(),
-        "--dry-run".into(),
-        "--native-nftables".into(),
-    ];
-    dry.extend(pod.args.iter().cloned());
-    // The transaction flushes our tables before it writes them.
-    let out = pod.sh(&tmp_script(
-        &pod,
-        &format!("{} 2>/dev/null", shell_command(&dry)),
-    ));
-    assert!(out.status.success(), "{}", describe(&out));
-    let mut failures = check_explain(&pod, false, CIDR_SCENARIOS);
-    let (code, out) = pod.verify(true, false);
-    if code != Some(0) {
-        failures.push(format!("verify after the apply: exit {code:?}\n{out}"));
+    for how in [Apply::Real, Apply::Script] {
+        let mut pod = NftPod::new("ncidr", SEED, false, how);
+        let (include, exclude) = (pod.t.subnet_v4(), format!("{}/32", pod.t.peer_v4));
+        pod.args = proxy_flags("REDIRECT", &["-i", &include, "-x", &exclude, "-b", "*"])
+            .into_iter()
+            .map(String::from)
+            .collect();
+        // Over the seed's tables: a re-run rewrites them, the script flushes them first.
+        pod.apply(how);
+        let mut failures = check_explain(&pod, false, CIDR_SCENARIOS);
+        let (code, out) = pod.verify(true, false);
+        if code != Some(0) {
+            failures.push(format!("verify after the apply: exit {code:?}\n{out}"));
+        }
+        assert!(failures.is_empty(), "{how:?}: {}", failures.join("\n"));
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -400,7 +416,7 @@ fn verify_sees_a_deleted_rule_and_an_unwanted_chain() {
     if skip_unless_root("verify_sees_a_deleted_rule_and_an_unwanted_chain") {
         return;
     }
-    let pod = NftPod::new("nverify", SEED, false);
+    let pod = NftPod::new("nverify", SEED, false, Apply::Real);
     assert_eq!(
         pod.verify(true, false),
         (Some(0), "OK: the live rules match the config\n".into())
@@ -479,7 +495,7 @@ fn verify_finds_the_other_backend() {
     if skip_unless_root("verify_finds_the_other_backend") {
         return;
     }
-    let pod = NftPod::new("nboth", SEED, false);
+    let pod = NftPod::new("nboth", SEED, false, Apply::Real);
     // Without --native-nftables our nft tables are drift (and the iptables rules missing).
     let (code, text) = pod.verify(false, false);
     assert_eq!(code, Some(3), "{text}");
@@ -489,19 +505,31 @@ fn verify_finds_the_other_backend() {
         ),
         "{text}"
     );
-    // The iptables rules applied too: each verify sees the other's rules.
+    // An iptables apply removes our nft tables: then only the nft verify sees drift.
     let out = pod.bin(&pod.args, true);
     assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(pod.verify(false, false).0, Some(0));
     let (code, text) = pod.verify(true, false);
     assert_eq!(code, Some(3), "{text}");
     assert!(
-        text.contains("other backend: IPv4 iptables table nat: ") && text.contains("ISTIO_OUTPUT"),
+        text.contains("  missing:  table inet istio-proxy-nat\n"),
         "{text}"
+    );
+    // The dry-run script removes nothing: both backends' rules are there, and each verify
+    // sees the other's.
+    pod.apply(Apply::Script);
+    let (code, text) = pod.verify(true, false);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.starts_with(
+            "DRIFT: the live rules differ from the config\nother backend: IPv4 iptables table nat: "
+        ) && text.contains("ISTIO_OUTPUT"),
+        "only the other backend differs: {text}"
     );
     let (code, json) = pod.verify(true, true);
     assert_eq!(code, Some(3));
     assert!(
-        json.contains(r#""other_backend":["IPv4 iptables table nat: "#),
+        json.contains(r#""differences":[],"other_backend":["IPv4 iptables table nat: "#),
         "{json}"
     );
     let (code, text) = pod.verify(false, false);

@@ -5,6 +5,7 @@
 //! changes are undone and every family whose commit was attempted is put back table by table
 //! to what was read, then read again to prove it before the error says so.
 
+pub mod nft;
 pub mod reconcile;
 
 use std::collections::BTreeSet;
@@ -73,6 +74,8 @@ pub struct Summary {
     pub committed: Vec<Family>,
     /// `ip` commands run.
     pub ip_changed: Vec<String>,
+    /// Native nftables tables written (or, by cleanup, deleted).
+    pub nft_tables: Vec<String>,
 }
 
 /// A failed apply. Every variant says the phase; commit failures say whether the earlier
@@ -126,6 +129,62 @@ pub enum ApplyError {
         error: Box<ExecError>,
         rollback: String,
     },
+    #[error(
+        "the native nftables backend (--native-nftables) needs the nft program, which is not \
+         in PATH: install the nftables package (apt-get install nftables, apk add nftables, \
+         dnf install nftables); nothing was changed"
+    )]
+    NftMissing,
+    #[error(
+        "nft {version} is too old: the native nftables backend needs nft 1.0.1 or later \
+         (older nft parses every table of the namespace on each change); nothing was changed"
+    )]
+    NftTooOld { version: String },
+    #[error("reading the current nftables state with `nft list ruleset inet`: {error}")]
+    NftRead { error: String },
+    #[error(
+        "the namespace already holds different capture rules ({detail}); nothing was changed. \
+         Run with --reconcile=true (the default) to replace them, or remove them first with \
+         --cleanup-only"
+    )]
+    NftConflict { detail: String },
+    #[error(
+        "committing the nftables transaction with nft -f failed{}: {}; {rollback}",
+        rejected.as_ref().map(|l| format!(" at `{l}`")).unwrap_or_default(),
+        .error
+    )]
+    NftCommit {
+        rejected: Option<String>,
+        /// Not `source`: the message already includes it, once.
+        error: Box<ExecError>,
+        rollback: String,
+    },
+    #[error(
+        "removing the {family} ISTIO_* iptables rules with {program} (switching to native \
+         nftables) failed: {}; {rollback}",
+        explain_exec(.error)
+    )]
+    Switch {
+        family: Family,
+        program: String,
+        /// Not `source`: the message already includes it, once.
+        error: Box<ExecError>,
+        rollback: String,
+    },
+    #[error(
+        "removing the native nftables tables (switching to iptables) failed: {error}; {rollback}"
+    )]
+    SwitchNft { error: String, rollback: String },
+}
+
+impl ApplyError {
+    /// --reconcile=false met different state (exit code 4).
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::Conflict { .. } | ApplyError::NftConflict { .. }
+        )
+    }
 }
 
 /// One failure of a cleanup, which goes on past it (see [`cleanup`]).
@@ -148,6 +207,8 @@ pub enum CleanupError {
         /// Not `source`: the message already includes it, once.
         error: ExecError,
     },
+    #[error("{error}")]
+    Nft { error: String },
 }
 
 /// The exec error, with the xtables lock named plainly.
@@ -414,6 +475,90 @@ fn describe_table(t: Option<&TableState>) -> String {
     }
 }
 
+/// What a rollback did, for the error message: what it proved restored, what it could not.
+#[derive(Debug, Default)]
+struct Undo {
+    failures: Vec<String>,
+    /// What was put back and proved so ("IPv4", "nftables", ...).
+    restored: Vec<String>,
+    /// `ip` changes were undone (and checked).
+    routes: bool,
+}
+
+impl Undo {
+    /// Undoes `ip` changes, newest first, checking each by asking the kernel again.
+    fn ip(&mut self, ip_done: &[IpChange], probe: &dyn Probe, runner: &mut dyn Runner) {
+        for change in ip_done.iter().rev() {
+            let (cmd, args, present) = match change {
+                IpChange::Added(c) => (c, ip::undo_args(c), false),
+                IpChange::Removed(c, priority) => (c, ip::change_args(c, true, *priority), true),
+            };
+            if let Err(e) = runner.run("ip", &args, None) {
+                self.failures
+                    .push(format!("undoing the change to `{cmd}`: {e}"));
+                continue;
+            }
+            match ip::present(cmd, probe, runner) {
+                Ok(p) if p == present => {}
+                Ok(_) => self.failures.push(format!(
+                    "undoing the change to `{cmd}` did not take: it is still {}",
+                    if present { "missing" } else { "present" }
+                )),
+                Err(e) => self
+                    .failures
+                    .push(format!("checking `{cmd}` after undoing it: {e}")),
+            }
+        }
+        self.routes |= !ip_done.is_empty();
+    }
+
+    /// Puts every iptables family whose commit was attempted back as it was read.
+    fn families(
+        &mut self,
+        runs: &[Run],
+        opts: &Options,
+        probe: &dyn Probe,
+        runner: &mut dyn Runner,
+    ) {
+        for run in runs.iter().filter(|r| r.attempted) {
+            match roll_back(&run.backend, &run.before, opts, probe, runner) {
+                Ok(Restored::Restored) => self.restored.push(run.backend.family.to_string()),
+                Ok(Restored::Unchanged) => {}
+                Err(e) => self.failures.push(e),
+            }
+        }
+    }
+
+    /// The outcome, for the error message; it claims only what re-reading proved.
+    fn describe(self) -> String {
+        if !self.failures.is_empty() {
+            let fine = if self.restored.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; restored and checked by re-reading the kernel: {}",
+                    self.restored.join(", ")
+                )
+            };
+            format!(
+                "ROLLBACK FAILED ({}){fine}; rerun to repair",
+                self.failures.join("; ")
+            )
+        } else if self.restored.is_empty() && !self.routes {
+            "nothing was changed (checked by re-reading the kernel)".to_string()
+        } else {
+            let mut what = self.restored;
+            if self.routes {
+                what.push("routes".into());
+            }
+            format!(
+                "the previous state was restored ({}; checked by re-reading the kernel)",
+                what.join(", ")
+            )
+        }
+    }
+}
+
 /// Undoes `ip` changes (newest first), then puts every family back as it was read; checks
 /// both by re-reading the kernel and describes the outcome for the error message.
 fn undo_all(
@@ -423,58 +568,10 @@ fn undo_all(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> String {
-    let mut failures = Vec::new();
-    for change in ip_done.iter().rev() {
-        let (cmd, args, present) = match change {
-            IpChange::Added(c) => (c, ip::undo_args(c), false),
-            IpChange::Removed(c, priority) => (c, ip::change_args(c, true, *priority), true),
-        };
-        if let Err(e) = runner.run("ip", &args, None) {
-            failures.push(format!("undoing the change to `{cmd}`: {e}"));
-            continue;
-        }
-        match ip::present(cmd, probe, runner) {
-            Ok(p) if p == present => {}
-            Ok(_) => failures.push(format!(
-                "undoing the change to `{cmd}` did not take: it is still {}",
-                if present { "missing" } else { "present" }
-            )),
-            Err(e) => failures.push(format!("checking `{cmd}` after undoing it: {e}")),
-        }
-    }
-    let mut restored = Vec::new();
-    for run in runs.iter().filter(|r| r.attempted) {
-        match roll_back(&run.backend, &run.before, opts, probe, runner) {
-            Ok(Restored::Restored) => restored.push(run.backend.family.to_string()),
-            Ok(Restored::Unchanged) => {}
-            Err(e) => failures.push(e),
-        }
-    }
-    if !failures.is_empty() {
-        let fine = if restored.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; restored and checked by re-reading the kernel: {}",
-                restored.join(", ")
-            )
-        };
-        format!(
-            "ROLLBACK FAILED ({}){fine}; rerun to repair",
-            failures.join("; ")
-        )
-    } else if restored.is_empty() && ip_done.is_empty() {
-        "nothing was changed (checked by re-reading the kernel)".to_string()
-    } else {
-        let mut what = restored;
-        if !ip_done.is_empty() {
-            what.push("routes".into());
-        }
-        format!(
-            "the previous state was restored ({}; checked by re-reading the kernel)",
-            what.join(", ")
-        )
-    }
+    let mut undo = Undo::default();
+    undo.ip(ip_done, probe, runner);
+    undo.families(runs, opts, probe, runner);
+    undo.describe()
 }
 
 /// Applies `plan`, reconciling whatever the namespace already holds.
@@ -541,25 +638,70 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
         summary.committed.push(family);
     }
 
+    let had_tproxy = |family: Family| {
+        runs.iter().any(|r| {
+            r.backend.family == family
+                && r.before.table(Table::Mangle).is_some_and(|t| {
+                    t.user_chains
+                        .iter()
+                        .any(|c| c == crate::model::chain::TPROXY)
+                })
+        })
+    };
+    let ip_done = match ip_phase(&plan.ip, &had_tproxy, opts, env, &mut summary) {
+        Ok(done) => done,
+        Err(failed) => {
+            let rollback = undo_all(&runs, &failed.done, opts, env.probe, env.runner);
+            return Err(ApplyError::Ip {
+                command: failed.command.args().join(" "),
+                error: Box::new(failed.error),
+                rollback,
+            });
+        }
+    };
+    // Switching from native nftables: its tables go last, in one transaction (which either
+    // happens or not), so that a failure before leaves the pod captured as it was.
+    match nft::drop_tables(env) {
+        Ok(dropped) => summary.nft_tables = dropped,
+        Err(error) => {
+            for r in &mut runs {
+                r.attempted = true;
+            }
+            let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);
+            return Err(ApplyError::SwitchNft { error, rollback });
+        }
+    }
+    Ok(summary)
+}
+
+/// An `ip` step that failed, with the changes made before it (to undo).
+struct IpFailed {
+    command: IpCommand,
+    error: ExecError,
+    done: Vec<IpChange>,
+}
+
+/// The `ip` plumbing: removes TPROXY routing an earlier run added that `wanted` no longer
+/// has, then adds what is missing of `wanted`. `had_tproxy(family)`: whether the state read
+/// before the run shows a TPROXY config (used only when netlink cannot tell).
+fn ip_phase(
+    wanted: &[IpCommand],
+    had_tproxy: &dyn Fn(Family) -> bool,
+    opts: &Options,
+    env: &mut Env<'_>,
+    summary: &mut Summary,
+) -> Result<Vec<IpChange>, IpFailed> {
     // TPROXY routing an earlier run added (whatever mark and table it used, found over
     // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
     // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
     let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
     for family in [Family::V4, Family::V6] {
         match env.probe.routing(family) {
-            Some(routing) => stale.extend(ip::leftovers_at(family, &routing, &plan.ip)),
+            Some(routing) => stale.extend(ip::leftovers_at(family, &routing, wanted)),
             None => {
-                // Netlink unavailable: the configured mark and table, when mangle shows an
-                // earlier TPROXY config.
-                let had_tproxy = runs.iter().any(|r| {
-                    r.backend.family == family
-                        && r.before.table(Table::Mangle).is_some_and(|t| {
-                            t.user_chains
-                                .iter()
-                                .any(|c| c == crate::model::chain::TPROXY)
-                        })
-                });
-                if !had_tproxy {
+                // Netlink unavailable: the configured mark and table, when the state read
+                // before shows an earlier TPROXY config.
+                if !had_tproxy(family) {
                     continue;
                 }
                 for cmd in [
@@ -573,7 +715,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                         table: opts.tproxy_route_table,
                     },
                 ] {
-                    if !plan.ip.contains(&cmd) {
+                    if !wanted.contains(&cmd) {
                         stale.push((cmd, None));
                     }
                 }
@@ -582,7 +724,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     }
     // The route before the rule that looks it up: a run killed in between leaves a route
     // nothing uses (and the next run finds it), never a rule into an empty table.
-    let mut wanted_ip: Vec<&IpCommand> = plan.ip.iter().collect();
+    let mut wanted_ip: Vec<&IpCommand> = wanted.iter().collect();
     wanted_ip.sort_by_key(|c| match c {
         IpCommand::AddInboundV6Address => 0,
         IpCommand::RouteAddLocal { .. } => 1,
@@ -617,16 +759,15 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
             }
             Ok(None) => {}
             Err(error) => {
-                let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);
-                return Err(ApplyError::Ip {
-                    command: cmd.args().join(" "),
-                    error: Box::new(error),
-                    rollback,
+                return Err(IpFailed {
+                    command: cmd.clone(),
+                    error,
+                    done: ip_done,
                 });
             }
         }
     }
-    Ok(summary)
+    Ok(ip_done)
 }
 
 /// Removes every ISTIO_* chain and jump (and our other built-in chain rules), in every table,
@@ -688,6 +829,11 @@ pub fn cleanup(
                 }),
             }
         }
+    }
+    // Istio's native nftables capture keeps its rules in tables of its own.
+    match nft::drop_tables(env) {
+        Ok(dropped) => summary.nft_tables = dropped,
+        Err(e) => errors.push(CleanupError::Nft { error: e }),
     }
     // The configured routing and address, then whatever TPROXY routing earlier runs added
     // with other marks and tables (found over netlink). Rules before the routes they use.

@@ -273,23 +273,6 @@ impl Config {
         let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
         let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
         let native_nftables = go_bool(args, "native_nftables", &c.native_nftables)?;
-        // explain and verify read the nft rules as they read iptables'.
-        let inspect = !matches!(c.command, None | Some(crate::cli::Command::IstioIptables));
-        if native_nftables && !inspect {
-            // Only the dry run (Istio's nft transaction as a script) is built so far.
-            let unsupported = if !dry_run {
-                Some(
-                    "applying with the native nftables backend is not supported yet: only --dry-run is supported so far; use the iptables backends to apply",
-                )
-            } else if cleanup_only {
-                Some("--cleanup-only is not supported yet with the native nftables backend")
-            } else {
-                None
-            };
-            if let Some(reason) = unsupported {
-                return Err(src("native_nftables").err(&c.native_nftables, reason));
-            }
-        }
 
         let probe_port = single_port(&src("iptables_probe_port"), &c.iptables_probe_port)?;
         let probe_timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {
@@ -777,14 +760,17 @@ pub(crate) mod tests {
         assert!(build(&["-t", "abc"], &[]).is_err());
         assert!(build(&["-z", "0"], &[]).is_err());
         assert!(build(&["-u", "1337;rm"], &[]).is_err());
-        let e = build(&["--native-nftables"], &[]).unwrap_err();
-        assert!(e.reason.contains("not supported"), "{e}");
-        assert!(e.reason.contains("only --dry-run"), "{e}");
+        assert!(
+            build(&["--native-nftables"], &[])
+                .unwrap()
+                .0
+                .native_nftables
+        );
         assert!(
             build(&["--native-nftables", "--dry-run", "--cleanup-only"], &[])
-                .unwrap_err()
-                .reason
-                .contains("--cleanup-only")
+                .unwrap()
+                .0
+                .cleanup_only
         );
         assert!(
             build(&["--native-nftables", "--dry-run"], &[])

@@ -208,10 +208,10 @@ pub fn family_of(cmd: &IpCommand) -> Family {
     }
 }
 
-/// Whether `cmd`'s effect is in `routing` (`None` for the address, which it does not hold).
+/// Whether `cmd`'s effect is in `routing` (the family's: IPv6 for the address).
 pub fn present_in_routing(cmd: &IpCommand, routing: &Routing) -> Option<bool> {
     match cmd {
-        IpCommand::AddInboundV6Address => None,
+        IpCommand::AddInboundV6Address => Some(routing.lo_passthrough_v6),
         IpCommand::RuleAdd { mark, table, .. } => {
             Some(routing.rules.iter().any(|r| {
                 r.plain && r.mark == Some(*mark) && r.mask == u32::MAX && r.table == *table
@@ -399,6 +399,7 @@ mod tests {
                 rule(32766, None, 254, true),
             ],
             local_default_tables: [133, 140, 150, 160].into(),
+            lo_passthrough_v6: false,
         };
         let v4 = Family::V4;
         let wanted = vec![

@@ -224,6 +224,16 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The table the line is about.
+    pub fn table(&self) -> Table {
+        match self {
+            Op::AddTable(t) | Op::FlushTable(t) | Op::AddChain(t, _) => *t,
+            Op::Rule { table, .. } => *table,
+        }
+    }
+}
+
 impl fmt::Display for Op {
     /// knftables' text for `nft -f -`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -89,6 +89,10 @@ pub trait Probe {
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         None
     }
+    /// The version of the `nft` program (`None`: could not tell).
+    fn nft_version(&self) -> Option<String> {
+        None
+    }
     /// Whether an nftables table of `family` (iptables-nft's) has a chain named `prefix…`
     /// (`None`: could not tell).
     fn nft_chain_with_prefix(&self, _family: Family, _prefix: &str) -> Option<bool> {
@@ -146,6 +150,10 @@ impl Probe for SystemProbe {
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         crate::system::nftprobe::inet_tables()
+    }
+
+    fn nft_version(&self) -> Option<String> {
+        binary_version("nft")
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {

@@ -63,11 +63,13 @@ pub struct NftState {
 }
 
 /// The live state, with each table's listing text (valid `nft -f` input: how a rollback
-/// puts the table back as it was).
+/// puts the table back as it was) and the order nft lists them in (the order they were
+/// created in).
 #[derive(Debug, Clone, Default)]
 pub struct Live {
     pub state: NftState,
     pub text: BTreeMap<Table, String>,
+    pub order: Vec<Table>,
 }
 
 /// A listing we could not follow (unbalanced braces: not `nft list` output).
@@ -239,6 +241,7 @@ pub fn parse_listing(text: &str, resolver: &dyn OwnerResolver) -> Result<Live, P
             let (t, state, body) = table.take().expect("inside a table");
             live.state.tables.insert(t, state);
             live.text.insert(t, body);
+            live.order.push(t);
         }
     }
     if depth != 0 {
@@ -391,7 +394,8 @@ pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
         let prev = if i > 0 { w[i - 1].as_str() } else { "" };
         let prev2 = if i > 1 { w[i - 2].as_str() } else { "" };
         let owner = |p: &str| p == "skuid" || p == "skgid";
-        let new = if owner(prev) || (prev == "!=" && owner(prev2)) {
+        let name = w[i] != "!=" && w[i].parse::<u32>().is_err();
+        let new = if name && (owner(prev) || (prev == "!=" && owner(prev2))) {
             let kind = if prev == "skuid" || prev2 == "skuid" {
                 resolver.uid(&w[i])
             } else {
@@ -553,6 +557,7 @@ table inet istio-proxy-mangle {\n\
         let mangle = &live.state.tables[&Table::Mangle];
         assert_eq!(mangle.chains[0].hook.as_ref().unwrap().priority, -150);
         assert_eq!(mangle.other, ["set s {", "type ipv4_addr", "}"]);
+        assert_eq!(live.order, [Table::Nat, Table::Mangle]);
         assert!(live.text[&Table::Nat].starts_with("table inet istio-proxy-nat {\n"));
         assert!(live.text[&Table::Nat].ends_with("\t}\n}\n"));
         assert!(parse_listing("table inet x {\n", &NoResolver).is_err());

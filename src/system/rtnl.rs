@@ -45,6 +45,25 @@ pub struct Routing {
     pub rules: Vec<Rule>,
     /// Tables holding a `local default dev lo` route (what TPROXY mode adds).
     pub local_default_tables: BTreeSet<u32>,
+    /// IPv6 only: `lo` has the inbound passthrough address `::6/128`.
+    pub lo_passthrough_v6: bool,
+}
+
+/// Whether `lo` has `::6/128` (the address IPv6 TPROXY/inbound passthrough adds).
+fn lo_has_passthrough_v6() -> Option<bool> {
+    let six = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    Some(addrs.into_iter().any(|a| {
+        a.interface_name == "lo"
+            && a.address
+                .as_ref()
+                .and_then(|x| x.as_sockaddr_in6())
+                .is_some_and(|x| x.ip() == six)
+            && a.netmask
+                .as_ref()
+                .and_then(|x| x.as_sockaddr_in6())
+                .is_some_and(|m| m.ip() == std::net::Ipv6Addr::from(u128::MAX))
+    }))
 }
 
 fn af(family: Family) -> u8 {
@@ -157,9 +176,14 @@ pub fn routing(family: Family) -> Option<Routing> {
             tables.insert(t);
         }
     }
+    let lo_passthrough_v6 = match family {
+        Family::V4 => false,
+        Family::V6 => lo_has_passthrough_v6()?,
+    };
     Some(Routing {
         rules,
         local_default_tables: tables,
+        lo_passthrough_v6,
     })
 }
 

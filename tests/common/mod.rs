@@ -10,6 +10,9 @@
 //! - `namespaces.rs`: running a shell script as root inside a fresh network + mount
 //!   namespace ([`run_in_fresh_ns`], [`run_in_fresh_ns_ok`], [`NsOutput`]), and the
 //!   two-namespace topology real traffic crosses;
+//! - `backend.rs`: which backend programs the capture ([`Backend`]: iptables or native
+//!   nftables), applying a config in a namespace with it ([`Topology::apply_ok`]) and its
+//!   rules for failure reports ([`Topology::describe_for`]);
 //! - `shell.rs`: shell snippets ([`with_test_groups_prelude`], [`groups_prelude`],
 //!   [`shell_quote`], [`shell_command`]);
 //! - `cases.rs`: test-case data ([`Case`], [`read_case`], [`read_cases`],
@@ -23,6 +26,7 @@
 //! - here: Istio's seed command line and variants ([`SEED`], [`seed_with`], [`proxy_flags`]).
 #![allow(dead_code)]
 
+mod backend;
 mod cases;
 mod namespaces;
 mod process;
@@ -30,6 +34,8 @@ mod scenarios;
 mod shell;
 mod sockets;
 
+#[allow(unused_imports)] // each test file uses some of them
+pub use backend::*;
 #[allow(unused_imports)] // each test file uses some of them
 pub use cases::*;
 #[allow(unused_imports)] // each test file uses some of them

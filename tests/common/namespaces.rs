@@ -277,26 +277,10 @@ impl Topology {
     }
 
     /// The rules and routing state of namespace `ns`, for failure messages: `iptables-save`,
-    /// `ip6tables-save`, `ip rule`, addresses.
+    /// `ip6tables-save`, `ip rule`, addresses ([`Topology::describe_for`] the iptables
+    /// backend).
     pub fn describe(&self, ns: &str) -> String {
-        let mut s = String::new();
-        for (program, args) in [
-            ("iptables-save", &[][..]),
-            ("ip6tables-save", &[][..]),
-            ("ip", &["-4", "rule"][..]),
-            ("ip", &["-6", "rule"][..]),
-            ("ip", &["-br", "addr"][..]),
-        ] {
-            let out = self.exec(ns, program, args, &[]);
-            let _ = writeln!(
-                s,
-                "--- {ns}: {program} {} ---\n{}{}",
-                args.join(" "),
-                normalize_save(&String::from_utf8_lossy(&out.stdout)),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        s
+        self.describe_for(Backend::Iptables, ns)
     }
 }
 

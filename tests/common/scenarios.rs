@@ -17,6 +17,12 @@ pub const PROXY_GROUP: Ident = Ident {
     uid: 5000,
     gid: 1337,
 };
+/// A process of the proxy's user (uid 1337) in another group: only the uid rules leave it
+/// alone (the proxy itself, uid and gid 1337, is left alone by either).
+pub const PROXY_USER: Ident = Ident {
+    uid: 1337,
+    gid: 5000,
+};
 /// An address outside the topology's subnets, on the peer's `lo`, routed from the pod via the
 /// peer.
 pub const OUTSIDE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -172,6 +178,13 @@ pub const SEED_SCENARIOS: &[TrafficScenario] = &[
         Dest::Peer,
         80,
         Lands::Redirect(15001),
+    ),
+    row(
+        "outbound of the proxy's user in another group (uid 1337, gid 5000) is not captured",
+        Sender::Pod(PROXY_USER),
+        Dest::Peer,
+        80,
+        Lands::NotCaptured,
     ),
     row(
         "outbound of a process in the proxy's group (gid 1337) is not captured",

@@ -93,7 +93,7 @@ impl Ident {
 
 impl std::fmt::Display for Ident {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "uid {}", self.uid)
+        write!(f, "uid {} gid {}", self.uid, self.gid)
     }
 }
 
