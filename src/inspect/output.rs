@@ -164,6 +164,22 @@ enum Difference<'a> {
     Nft(NftDiffJson<'a>),
 }
 
+/// A chain's (or table's) missing and extra lines, and whether only the order differs.
+fn write_rule_diff(s: &mut String, missing: &[String], extra: &[String], out_of_order: bool) {
+    for m in missing {
+        let _ = writeln!(s, "  missing:  {m}");
+    }
+    for e in extra {
+        let _ = writeln!(s, "  extra:    {e}");
+    }
+    if out_of_order {
+        let _ = writeln!(
+            s,
+            "  out of order: the same rules are there, in another order"
+        );
+    }
+}
+
 /// Renders a verify report.
 pub fn render_report(r: &Report, output: Format) -> String {
     match output {
@@ -200,18 +216,7 @@ pub fn render_report(r: &Report, output: Format) -> String {
             s.push_str("DRIFT: the live rules differ from the config\n");
             for (f, d) in &r.diffs {
                 let _ = writeln!(s, "{f} {}/{}:", d.table, d.chain);
-                for m in &d.missing {
-                    let _ = writeln!(s, "  missing:  {m}");
-                }
-                for e in &d.extra {
-                    let _ = writeln!(s, "  extra:    {e}");
-                }
-                if d.out_of_order {
-                    let _ = writeln!(
-                        s,
-                        "  out of order: the same rules are there, in another order"
-                    );
-                }
+                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
             }
             for d in &r.nft {
                 match &d.chain {
@@ -222,18 +227,7 @@ pub fn render_report(r: &Report, output: Format) -> String {
                         let _ = writeln!(s, "{} {}:", nft::FAMILY, d.table);
                     }
                 }
-                for m in &d.missing {
-                    let _ = writeln!(s, "  missing:  {m}");
-                }
-                for e in &d.extra {
-                    let _ = writeln!(s, "  extra:    {e}");
-                }
-                if d.out_of_order {
-                    let _ = writeln!(
-                        s,
-                        "  out of order: the same rules are there, in another order"
-                    );
-                }
+                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
                 for u in &d.unread {
                     let _ = writeln!(
                         s,
