@@ -368,8 +368,15 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
                     Ok(_) => Family::V6,
                     Err(e) => return fail(e),
                 };
-                match inspect::read_live(family, cfg, &SystemProbe, &mut runner) {
-                    Ok(st) => Some(st),
+                let read = if cfg.native_nftables {
+                    inspect::read_live_nft(&mut runner, &RealHost)
+                        .map(|l| inspect::Live::Nft(l.state))
+                } else {
+                    inspect::read_live(family, cfg, &SystemProbe, &mut runner)
+                        .map(inspect::Live::Iptables)
+                };
+                match read {
+                    Ok(l) => Some(l),
                     Err(e) => return fail(e),
                 }
             } else {

@@ -11,7 +11,8 @@
 //!    the same config flags is asked twice, from the config and `--from-kernel` (inside the
 //!    pod namespace); both verdicts must equal where the connection landed, and the one from
 //!    the config must equal what `tests/traffic.rs` expects (so a test cannot pass because
-//!    nothing was captured at all).
+//!    nothing was captured at all). Each has a twin `…_nft` that applies and explains with
+//!    `--native-nftables` (the nft walk, from the config and from `nft list ruleset inet`).
 //!    `explain_passthrough_address_as_destination` (ignored: a known disagreement) does the
 //!    same for connections to the passthrough addresses 127.0.0.6 and `::6`.
 //! 2. **Differential** (`differential_explain_vs_kernel`): 300 generated packets (seeded
@@ -19,6 +20,7 @@
 //!    (REDIRECT and TPROXY, includes/excludes, IPv4 and IPv6, DNS), each sent for real and
 //!    explained in-process from the config (through the library, with the same argv the
 //!    binary would get); every fifth one is also explained by the binary `--from-kernel`.
+//!    `differential_explain_vs_kernel_nft` does the same with `--native-nftables`.
 //! 3. **verify** (`verify_*`): exit 0 right after an apply; exit 3 after deleting, adding or
 //!    reordering one rule, or deleting a jump from a built-in chain, in either family, with a
 //!    diff that names family, table, chain and rule; foreign rules in built-in chains are no
@@ -55,10 +57,10 @@ use istio_iptables::rules;
 use istio_iptables::system::host::RealHost;
 
 use common::{
-    APP, BIN, CIDR_SCENARIOS, DEFAULT_TIMEOUT, DNS_SCENARIOS, Dest, INBOUND_PORT_INCLUDE_SCENARIOS,
-    Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Lands, Listener, OTHER_APP,
-    OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4, OUTSIDE_V6, PASSTHROUGH_V4, PROXY, PROXY_GROUP,
-    SEED, SEED_SCENARIOS, Sender, TOPOLOGY_DEV, TPROXY_SCENARIOS, TempDir, Topology,
+    APP, BIN, Backend, CIDR_SCENARIOS, DEFAULT_TIMEOUT, DNS_SCENARIOS, Dest,
+    INBOUND_PORT_INCLUDE_SCENARIOS, Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Lands, Listener,
+    OTHER_APP, OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4, OUTSIDE_V6, PASSTHROUGH_V4, PROXY,
+    PROXY_GROUP, SEED, SEED_SCENARIOS, Sender, TOPOLOGY_DEV, TPROXY_SCENARIOS, TempDir, Topology,
     TrafficScenario, UdpListener, connect, passthrough, proxy_flags, run_with_timeout, sa,
     sane_path, seed_with, shell_command, skip_unless_root, udp_exchange,
 };
@@ -254,9 +256,19 @@ struct Lab {
     args: Vec<String>,
     ipv6: bool,
     bin_log: String,
+    /// The backend of the apply and of every explain (iptables unless a test says).
+    backend: Backend,
 }
 
 impl Lab {
+    /// A lab whose rules are applied and explained with `backend`.
+    fn with_backend(name: &str, backend: Backend) -> Lab {
+        Lab {
+            backend,
+            ..Lab::new(name)
+        }
+    }
+
     fn new(name: &str) -> Lab {
         let t = Topology::new(name);
         let dev = TOPOLOGY_DEV;
@@ -333,6 +345,7 @@ impl Lab {
             args: Vec::new(),
             ipv6: false,
             bin_log: String::new(),
+            backend: Backend::Iptables,
         }
     }
 
@@ -369,10 +382,14 @@ impl Lab {
         [self.peer(v6), self.second(v6), self.outside(v6)]
     }
 
-    /// Applies `args` in the pod (`ENABLE_INBOUND_IPV6=<ipv6>`); panics if that fails.
+    /// Applies `args` in the pod (`ENABLE_INBOUND_IPV6=<ipv6>`) with the lab's backend;
+    /// panics if that fails.
     fn apply(&mut self, args: Vec<String>, ipv6: bool) {
         let words: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.bin_log = self.t.run_bin_ok(&self.t.pod, ipv6, &words);
+        self.bin_log = match self.backend {
+            Backend::Iptables => self.t.run_bin_ok(&self.t.pod, ipv6, &words),
+            Backend::Nft => self.t.apply_ok(Backend::Nft, &self.t.pod, ipv6, &words),
+        };
         self.args = args;
         self.ipv6 = ipv6;
     }
@@ -430,6 +447,7 @@ impl Lab {
     /// the packet, `extra`.
     fn explain_argv(&self, p: &Probe, extra: &[&str]) -> Vec<String> {
         let mut v = vec!["explain".to_string()];
+        v.extend(self.backend.flags().iter().map(|f| f.to_string()));
         v.extend(self.args.iter().cloned());
         let dir = if p.inbound { "inbound" } else { "outbound" };
         v.extend(["--direction".into(), dir.into(), "--dst".into()]);
@@ -602,7 +620,7 @@ impl Lab {
             self.ipv6,
             shell_command(&self.args),
             self.bin_log,
-            common::indent(&self.t.describe(&self.t.pod), "  ")
+            common::indent(&self.t.describe_for(self.backend, &self.t.pod), "  ")
         )
     }
 }
@@ -748,11 +766,11 @@ fn from_table(lab: &Lab, v6: bool, table: &[TrafficScenario]) -> Vec<Scenario> {
         .collect()
 }
 
-fn traffic_seed(test: &str, v6: bool) {
+fn traffic_seed(test: &str, backend: Backend, v6: bool) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new(if v6 { "xseed6" } else { "xseed4" });
+    let mut lab = Lab::with_backend(if v6 { "xseed6" } else { "xseed4" }, backend);
     lab.apply(strings(SEED), v6);
     lab.listen(false, false);
     run_scenarios(test, &lab, &from_table(&lab, v6, SEED_SCENARIOS));
@@ -760,23 +778,20 @@ fn traffic_seed(test: &str, v6: bool) {
 
 #[test]
 fn traffic_seed_ipv4() {
-    traffic_seed("traffic_seed_ipv4", false);
+    traffic_seed("traffic_seed_ipv4", Backend::Iptables, false);
 }
 
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn traffic_seed_ipv6() {
-    traffic_seed("traffic_seed_ipv6", true);
+    traffic_seed("traffic_seed_ipv6", Backend::Iptables, true);
 }
 
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_cidr_include_and_exclude() {
-    let test = "traffic_outbound_cidr_include_and_exclude";
+fn traffic_cidrs(test: &str, backend: Backend) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new("xcidr");
+    let mut lab = Lab::with_backend("xcidr", backend);
     let (include, exclude) = (lab.subnet(false), format!("{}/32", lab.t.peer_v4));
     lab.apply(
         strings(&proxy_flags(
@@ -789,23 +804,37 @@ fn traffic_outbound_cidr_include_and_exclude() {
     run_scenarios(test, &lab, &from_table(&lab, false, CIDR_SCENARIOS));
 }
 
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_outbound_cidr_include_and_exclude() {
+    traffic_cidrs(
+        "traffic_outbound_cidr_include_and_exclude",
+        Backend::Iptables,
+    );
+}
+
 /// One IPv4-only test: applies `args` in a fresh lab `name`, then sends each row of `table`
 /// (as `port_scenarios` in tests/traffic.rs).
-fn port_scenarios(test: &str, name: &str, args: &[&str], table: &[TrafficScenario]) {
+fn port_scenarios(
+    test: &str,
+    backend: Backend,
+    name: &str,
+    args: &[&str],
+    table: &[TrafficScenario],
+) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new(name);
+    let mut lab = Lab::with_backend(name, backend);
     lab.apply(strings(args), false);
     lab.listen(false, false);
     run_scenarios(test, &lab, &from_table(&lab, false, table));
 }
 
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_port_exclude() {
+fn outbound_port_exclude(test: &str, backend: Backend) {
     port_scenarios(
-        "traffic_outbound_port_exclude",
+        test,
+        backend,
         "xoport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "*", "-o", "80"]),
         OUTBOUND_PORT_EXCLUDE_SCENARIOS,
@@ -814,9 +843,14 @@ fn traffic_outbound_port_exclude() {
 
 #[test]
 #[ignore = "needs root and network namespaces"]
-fn traffic_inbound_port_include() {
+fn traffic_outbound_port_exclude() {
+    outbound_port_exclude("traffic_outbound_port_exclude", Backend::Iptables);
+}
+
+fn inbound_port_include(test: &str, backend: Backend) {
     port_scenarios(
-        "traffic_inbound_port_include",
+        test,
+        backend,
         "xiport",
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
         INBOUND_PORT_INCLUDE_SCENARIOS,
@@ -825,12 +859,15 @@ fn traffic_inbound_port_include() {
 
 #[test]
 #[ignore = "needs root and network namespaces"]
-fn traffic_tproxy_inbound() {
-    let test = "traffic_tproxy_inbound";
+fn traffic_inbound_port_include() {
+    inbound_port_include("traffic_inbound_port_include", Backend::Iptables);
+}
+
+fn traffic_tproxy(test: &str, backend: Backend) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new("xtproxy");
+    let mut lab = Lab::with_backend("xtproxy", backend);
     lab.apply(strings(&seed_with("-m", "TPROXY")), true);
     lab.listen(true, false);
     let mut s = Vec::new();
@@ -842,12 +879,15 @@ fn traffic_tproxy_inbound() {
 
 #[test]
 #[ignore = "needs root and network namespaces"]
-fn traffic_dns_redirect() {
-    let test = "traffic_dns_redirect";
+fn traffic_tproxy_inbound() {
+    traffic_tproxy("traffic_tproxy_inbound", Backend::Iptables);
+}
+
+fn traffic_dns(test: &str, backend: Backend) {
     if skip_unless_root(test) {
         return;
     }
-    let mut lab = Lab::new("xdns");
+    let mut lab = Lab::with_backend("xdns", backend);
     let resolv = lab.resolv.clone();
     lab.apply(
         strings(&proxy_flags(
@@ -870,6 +910,60 @@ fn traffic_dns_redirect() {
         s.extend(from_table(&lab, v6, DNS_SCENARIOS));
     }
     run_scenarios(test, &lab, &s);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_dns_redirect() {
+    traffic_dns("traffic_dns_redirect", Backend::Iptables);
+}
+
+// The same scenarios with `--native-nftables`: applied for real, explained from the config and
+// `--from-kernel` (nft's listing), each against where the connection really lands.
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_seed_ipv4_nft() {
+    traffic_seed("traffic_seed_ipv4_nft", Backend::Nft, false);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_seed_ipv6_nft() {
+    traffic_seed("traffic_seed_ipv6_nft", Backend::Nft, true);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_outbound_cidr_include_and_exclude_nft() {
+    traffic_cidrs(
+        "traffic_outbound_cidr_include_and_exclude_nft",
+        Backend::Nft,
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_outbound_port_exclude_nft() {
+    outbound_port_exclude("traffic_outbound_port_exclude_nft", Backend::Nft);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_inbound_port_include_nft() {
+    inbound_port_include("traffic_inbound_port_include_nft", Backend::Nft);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_tproxy_inbound_nft() {
+    traffic_tproxy("traffic_tproxy_inbound_nft", Backend::Nft);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn traffic_dns_redirect_nft() {
+    traffic_dns("traffic_dns_redirect_nft", Backend::Nft);
 }
 
 /// Connections to the pod's passthrough addresses, which the binary puts on `lo` (`::6/128`
@@ -1121,7 +1215,17 @@ fn generate(rng: &mut Rng, lab: &Lab, c: &DiffConfig) -> Probe {
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn differential_explain_vs_kernel() {
-    let test = "differential_explain_vs_kernel";
+    differential("differential_explain_vs_kernel", Backend::Iptables);
+}
+
+/// [`differential_explain_vs_kernel`] with `--native-nftables` (applied for real).
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn differential_explain_vs_kernel_nft() {
+    differential("differential_explain_vs_kernel_nft", Backend::Nft);
+}
+
+fn differential(test: &str, backend: Backend) {
     if skip_unless_root(test) {
         return;
     }
@@ -1133,7 +1237,7 @@ fn differential_explain_vs_kernel() {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let (mut sent, mut kernel_checked) = (0, 0);
     'configs: for (ci, c) in diff_configs().iter().enumerate() {
-        let mut lab = Lab::new(&format!("xdiff{ci}"));
+        let mut lab = Lab::with_backend(&format!("xdiff{ci}"), backend);
         let args = (c.args)(&lab);
         lab.apply(args, c.ipv6);
         lab.listen(c.tproxy, c.dns);

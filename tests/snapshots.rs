@@ -1,7 +1,8 @@
 //! Snapshots (insta) of the text this tool generates: `--help`, the dry-run script of each
 //! conformance case, the one line bad input gets, explain's text and JSON, and verify's text
-//! and JSON on drifted rules. A change of rule order or wording shows up as a diff of a file
-//! in `tests/snapshots/`; when the change is meant, review it and write the new snapshots with
+//! and JSON on drifted rules (each for iptables and for `--native-nftables`). A change of rule
+//! order or wording shows up as a diff of a file in `tests/snapshots/`; when the change is
+//! meant, review it and write the new snapshots with
 //! `INSTA_UPDATE=always cargo test --test snapshots -- --include-ignored` (or `cargo insta
 //! review`). Under CI (`CI=true`) a missing or different snapshot fails.
 
@@ -140,6 +141,52 @@ fn explain_text_and_json() {
     }
 }
 
+/// `explain --native-nftables` of the config's nftables rules (no kernel), as text and as
+/// JSON: the same packets as [`explain_text_and_json`].
+#[test]
+fn explain_nft_text_and_json() {
+    let env = [("ENABLE_INBOUND_IPV6", "false")];
+    for (name, packet) in [
+        (
+            "explain_nft_outbound",
+            &["--direction", "outbound", "--dst", "10.1.2.3:80"][..],
+        ),
+        (
+            "explain_nft_inbound",
+            &["--direction", "inbound", "--dst", "10.0.0.5:8080"][..],
+        ),
+        (
+            "explain_nft_inbound_excluded",
+            &["--direction", "inbound", "--dst", "10.0.0.5:15090"][..],
+        ),
+        (
+            "explain_nft_proxy_own",
+            &[
+                "--direction",
+                "outbound",
+                "--dst",
+                "10.1.2.3:80",
+                "--uid",
+                "1337",
+            ][..],
+        ),
+        (
+            "explain_nft_ipv6_off",
+            &["--direction", "outbound", "--dst", "[fd00::1]:80"][..],
+        ),
+    ] {
+        for output in ["text", "json"] {
+            let mut args = vec!["explain", "--native-nftables"];
+            args.extend_from_slice(packet);
+            args.extend_from_slice(&["--output", output]);
+            args.extend_from_slice(SEED);
+            let out = run(&args, &env);
+            assert!(out.status.success(), "{name}: {out:?}");
+            insta::assert_snapshot!(format!("{name}_{output}"), stdout(&out));
+        }
+    }
+}
+
 /// The dry-run script of `case`, in a fresh network namespace (so that IPv6 detection and
 /// the rest of the host cannot change it).
 fn dry_run_in_fresh_ns(case: &Case) -> String {
@@ -206,5 +253,42 @@ fn verify_text_and_json_after_drift() {
             out.file(output).unwrap()
         );
         insta::assert_snapshot!(format!("verify_drift_{output}"), report);
+    }
+}
+
+/// `verify --native-nftables` of the seed's nftables rules after drift: in a fresh
+/// namespace, the seed's transaction applied (the dry-run script), then a rule deleted by
+/// its handle and an unwanted chain with a rule added; the exit code and stdout of `verify`
+/// as text and as JSON.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn verify_nft_text_and_json_after_drift() {
+    if skip_unless_root("verify_nft_text_and_json_after_drift") {
+        return;
+    }
+    let seed = shell_command(SEED.iter().copied());
+    let script = format!(
+        "ip link set lo up\n\
+         export ENABLE_INBOUND_IPV6=false\n\
+         {BIN} --dry-run --native-nftables {seed} > apply.sh 2> /dev/null\n\
+         sh -e apply.sh\n\
+         h=$(nft -a list chain inet istio-proxy-nat istio-output | grep 'skuid != 1337' | sed 's/.*# handle //')\n\
+         nft delete rule inet istio-proxy-nat istio-output handle $h\n\
+         nft add chain inet istio-proxy-nat stray\n\
+         nft add rule inet istio-proxy-nat stray tcp dport 9999 counter return\n\
+         rc=0; {BIN} verify --native-nftables {seed} > \"$NS_OUT/text\" 2> /dev/null || rc=$?\n\
+         echo $rc > \"$NS_OUT/text-rc\"\n\
+         rc=0; {BIN} verify --native-nftables --output json {seed} > \"$NS_OUT/json\" 2> /dev/null || rc=$?\n\
+         echo $rc > \"$NS_OUT/json-rc\"\n"
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    for output in ["text", "json"] {
+        let report = format!(
+            "exit {}\n{}",
+            out.file(&format!("{output}-rc")).unwrap().trim(),
+            out.file(output).unwrap()
+        );
+        insta::assert_snapshot!(format!("verify_nft_drift_{output}"), report);
     }
 }

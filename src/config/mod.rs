@@ -273,13 +273,6 @@ impl Config {
         let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
         let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
         let native_nftables = go_bool(args, "native_nftables", &c.native_nftables)?;
-        if native_nftables && !matches!(c.command, None | Some(crate::cli::Command::IstioIptables))
-        {
-            return Err(src("native_nftables").err(
-                &c.native_nftables,
-                "explain and verify are not supported yet with the native nftables backend",
-            ));
-        }
 
         let probe_port = single_port(&src("iptables_probe_port"), &c.iptables_probe_port)?;
         let probe_timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {

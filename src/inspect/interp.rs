@@ -71,7 +71,8 @@ pub enum Verdict {
 /// One rule looked at (explain's JSON prints it as it is).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Step {
-    pub table: Table,
+    /// The table's name: `nat` (iptables), `istio-proxy-nat` (nftables).
+    pub table: &'static str,
     pub chain: String,
     /// 1-based position in the chain.
     pub rule: usize,
@@ -94,7 +95,7 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot evaluate `{text}` ({table}/{chain} rule {rule}): {reason}")]
 pub struct Unsupported {
-    pub table: Table,
+    pub table: &'static str,
     pub chain: String,
     pub rule: usize,
     pub text: String,
@@ -118,7 +119,7 @@ pub const PREROUTING_HOOK: Hook = &[
     (Table::Nat, "PREROUTING"),
 ];
 
-enum Flow {
+pub(super) enum Flow {
     /// Fell off the end or RETURN: continue in the caller.
     Continue,
     /// ACCEPT: stop this table.
@@ -135,7 +136,7 @@ struct Walker<'a> {
     zone: Option<u16>,
 }
 
-fn num(s: &str) -> Option<u32> {
+pub(super) fn num(s: &str) -> Option<u32> {
     parse_number(s).and_then(|n| u32::try_from(n).ok())
 }
 
@@ -147,9 +148,11 @@ fn mark_mask(s: &str) -> Option<(u32, u32)> {
     }
 }
 
-fn port_in(spec: &str, port: u16) -> Option<bool> {
+/// Whether `port` is in `spec`: ports and ranges (`a<range>b`: `8000:8010` in iptables,
+/// `8000-8010` in nft) separated by commas; `None` for a spec that is not that.
+pub(super) fn port_in(spec: &str, port: u16, range: char) -> Option<bool> {
     let one = |s: &str| -> Option<bool> {
-        match s.split_once(':') {
+        match s.split_once(range) {
             Some((a, b)) => Some(a.parse::<u16>().ok()? <= port && port <= b.parse::<u16>().ok()?),
             None => Some(s.parse::<u16>().ok()? == port),
         }
@@ -161,15 +164,35 @@ fn port_in(spec: &str, port: u16) -> Option<bool> {
     Some(any)
 }
 
-fn iface_matches(pattern: &str, iface: Option<&str>) -> bool {
+/// Whether `iface` matches `pattern`, whose trailing `wildcard` (`+` in iptables, `*` in
+/// nft) matches any suffix.
+pub(super) fn iface_matches(pattern: &str, iface: Option<&str>, wildcard: char) -> bool {
     let Some(iface) = iface else { return false };
-    match pattern.strip_suffix('+') {
+    match pattern.strip_suffix(wildcard) {
         Some(prefix) => iface.starts_with(prefix),
         None => iface == pattern,
     }
 }
 
-fn addr_in(spec: &str, a: IpAddr) -> Option<bool> {
+/// The ids an owner match names: a uid or gid, a name `resolve` knows, or a range `a-b`.
+pub(super) fn id_range(
+    val: &str,
+    resolve: impl Fn(&str) -> Option<u32>,
+) -> Result<(u32, u32), String> {
+    if let Some(n) = num(val).or_else(|| resolve(val)) {
+        return Ok((n, n));
+    }
+    match val.split_once('-') {
+        Some((a, b)) => match (num(a), num(b)) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(format!("bad id range {val:?}")),
+        },
+        None => Err(format!("cannot resolve owner {val:?}")),
+    }
+}
+
+/// Whether `a` is the address or in the network `spec`; `None` when `spec` is neither.
+pub(super) fn addr_in(spec: &str, a: IpAddr) -> Option<bool> {
     if let Ok(n) = spec.parse::<IpNet>() {
         return Some(n.contains(&a));
     }
@@ -184,7 +207,7 @@ impl Walker<'_> {
         };
         for (i, (text, toks)) in rules.iter().enumerate() {
             let err = |reason: String| Unsupported {
-                table,
+                table: table.name(),
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
@@ -192,7 +215,7 @@ impl Walker<'_> {
             };
             let (matched, target) = self.eval(toks).map_err(err)?;
             self.walk.push(Step {
-                table,
+                table: table.name(),
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
@@ -311,8 +334,8 @@ impl Walker<'_> {
                 "-d" | "--destination" => {
                     Some(addr_in(val, p.dst).ok_or(format!("bad address {val:?}"))?)
                 }
-                "-i" | "--in-interface" => Some(iface_matches(val, p.in_iface.as_deref())),
-                "-o" | "--out-interface" => Some(iface_matches(val, p.out_iface.as_deref())),
+                "-i" | "--in-interface" => Some(iface_matches(val, p.in_iface.as_deref(), '+')),
+                "-o" | "--out-interface" => Some(iface_matches(val, p.out_iface.as_deref(), '+')),
                 "-m" | "--match" => {
                     match val {
                         "tcp" | "udp" | "multiport" | "owner" | "conntrack" | "mark"
@@ -323,36 +346,26 @@ impl Walker<'_> {
                     continue;
                 }
                 "--dport" | "--destination-port" => {
-                    Some(port_in(val, p.dport).ok_or(format!("bad port {val:?}"))?)
+                    Some(port_in(val, p.dport, ':').ok_or(format!("bad port {val:?}"))?)
                 }
                 "--sport" | "--source-port" => {
-                    Some(port_in(val, p.sport).ok_or(format!("bad port {val:?}"))?)
+                    Some(port_in(val, p.sport, ':').ok_or(format!("bad port {val:?}"))?)
                 }
                 "--dports" | "--destination-ports" if module == "multiport" => {
-                    Some(port_in(val, p.dport).ok_or(format!("bad ports {val:?}"))?)
+                    Some(port_in(val, p.dport, ':').ok_or(format!("bad ports {val:?}"))?)
                 }
                 "--sports" | "--source-ports" if module == "multiport" => {
-                    Some(port_in(val, p.sport).ok_or(format!("bad ports {val:?}"))?)
+                    Some(port_in(val, p.sport, ':').ok_or(format!("bad ports {val:?}"))?)
                 }
                 "--ports" if module == "multiport" => Some(
-                    port_in(val, p.dport).ok_or(format!("bad ports {val:?}"))?
-                        || port_in(val, p.sport).unwrap_or(false),
+                    port_in(val, p.dport, ':').ok_or(format!("bad ports {val:?}"))?
+                        || port_in(val, p.sport, ':').unwrap_or(false),
                 ),
                 "--uid-owner" | "--gid-owner" if module == "owner" => {
-                    let (who, resolved) = if tok == "--uid-owner" {
-                        (p.uid, num(val).or_else(|| self.resolver.uid(val)))
+                    let (who, (lo, hi)) = if tok == "--uid-owner" {
+                        (p.uid, id_range(val, |n| self.resolver.uid(n))?)
                     } else {
-                        (p.gid, num(val).or_else(|| self.resolver.gid(val)))
-                    };
-                    let (lo, hi) = match val.split_once('-') {
-                        Some((a, b)) => (
-                            num(a).ok_or(format!("bad id range {val:?}"))?,
-                            num(b).ok_or(format!("bad id range {val:?}"))?,
-                        ),
-                        None => {
-                            let n = resolved.ok_or(format!("cannot resolve owner {val:?}"))?;
-                            (n, n)
-                        }
+                        (p.gid, id_range(val, |n| self.resolver.gid(n))?)
                     };
                     // No local socket (inbound): xt_owner matches only when negated.
                     Some(who.is_some_and(|id| lo <= id && id <= hi))

@@ -1,8 +1,10 @@
 //! The `explain` and `verify` commands: glue between the config, the live state and the pure
-//! pieces (`interp` walks a packet, `reconcile::diff` compares chains). Output as text for
-//! people or JSON for tools (`output`).
+//! pieces (`interp` and `nftinterp` walk a packet, `reconcile::diff` and `nftverify` compare
+//! chains). Output as text for people or JSON for tools (`output`).
 
 pub mod interp;
+pub mod nftinterp;
+pub mod nftverify;
 mod output;
 
 pub use self::output::render_report;
@@ -16,8 +18,10 @@ use crate::config::{Config, HostFacts};
 use crate::model::{Family, Rule, Table};
 use crate::rules;
 use crate::rules::ip;
+use crate::rules::nft;
 use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner};
+use crate::system::nftstate::{self, NftState};
 use crate::system::save::{OwnerResolver, SaveState, parse_save};
 
 /// How a result is printed: text for people, JSON for tools.
@@ -65,6 +69,8 @@ pub enum InspectError {
     },
     #[error("reading the live {family} rules: {reason}")]
     Read { family: Family, reason: String },
+    #[error("reading the live nftables rules (`nft list ruleset inet`): {reason}")]
+    ReadNft { reason: String },
     #[error(transparent)]
     Unsupported(#[from] interp::Unsupported),
 }
@@ -102,6 +108,36 @@ pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
         }
     }
     rs
+}
+
+/// The live rules `explain --from-kernel` walks, of the backend the config names.
+#[derive(Debug, Clone)]
+pub enum Live {
+    /// One family's iptables-save.
+    Iptables(SaveState),
+    /// Our nftables tables.
+    Nft(NftState),
+}
+
+/// The program and arguments that list the live nftables rules (only the `inet` family: our
+/// tables; iptables-nft's `ip`/`ip6` tables are not read).
+pub const NFT_LIST: (&str, [&str; 3]) = ("nft", ["list", "ruleset", "inet"]);
+
+/// Reads our live nftables tables.
+pub fn read_live_nft(
+    runner: &mut dyn Runner,
+    resolver: &dyn OwnerResolver,
+) -> Result<nftstate::Live, InspectError> {
+    let (program, args) = NFT_LIST;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let text = runner
+        .run(program, &args, None)
+        .map_err(|e| InspectError::ReadNft {
+            reason: e.to_string(),
+        })?;
+    nftstate::parse_listing(&text, resolver).map_err(|e| InspectError::ReadNft {
+        reason: e.to_string(),
+    })
 }
 
 /// Reads the live state of one family with the backend detection uses.
@@ -248,13 +284,14 @@ pub fn packet(
     Ok((p, hooks))
 }
 
-/// Runs `explain`; returns the rendered output.
+/// Runs `explain`; returns the rendered output. The rules are the config's (`live: None`),
+/// of the backend it names (`--native-nftables`), or the live ones given.
 pub fn explain(
     args: &ExplainRequest,
     cfg: &Config,
     facts: &HostFacts,
     resolver: &dyn OwnerResolver,
-    live: Option<&SaveState>,
+    live: Option<&Live>,
 ) -> Result<String, InspectError> {
     let (pkt, hooks) = packet(args, facts.ipv6)?;
     let family = if pkt.dst.is_ipv4() {
@@ -262,33 +299,59 @@ pub fn explain(
     } else {
         Family::V6
     };
-    let plan = rules::build(cfg, facts);
-    let (rs, source) = match live {
-        Some(st) => (ruleset_from_state(st), "live rules (iptables-save)"),
-        None => (
-            ruleset_from_rules(plan.rules(family)),
-            "rules from the config",
-        ),
+    let v6_off = family == Family::V6 && !facts.ipv6;
+    let (outcome, source, note) = match live {
+        Some(Live::Iptables(st)) => {
+            let rs = ruleset_from_state(st);
+            let o = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
+            (o, "live rules (iptables-save)", None)
+        }
+        Some(Live::Nft(st)) => {
+            let o = nft_evaluate(st, resolver, &pkt, &hooks)?;
+            (o, "live rules (nft list ruleset inet)", None)
+        }
+        None if cfg.native_nftables => {
+            let st = nftstate::desired(&nft::build(cfg, facts), resolver);
+            let o = nft_evaluate(&st, resolver, &pkt, &hooks)?;
+            let note = v6_off.then_some(
+                "IPv6 is off for this config: no ip6 rules are generated, but inet rules that name no address see IPv6 too",
+            );
+            (o, "nftables rules from the config", note)
+        }
+        None => {
+            let plan = rules::build(cfg, facts);
+            let rs = ruleset_from_rules(plan.rules(family));
+            let o = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
+            let note = (family == Family::V6 && !plan.ipv6)
+                .then_some("IPv6 is off for this config: no ip6tables rules are generated");
+            (o, "rules from the config", note)
+        }
     };
-    let outcome = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
     Ok(match args.format {
         Format::Json => render_json(&outcome),
-        Format::Text => render_text(
-            args,
-            cfg,
-            &pkt,
-            &outcome,
-            source,
-            family,
-            live.is_none() && family == Family::V6 && !plan.ipv6,
-        ),
+        Format::Text => render_text(args, cfg, &pkt, &outcome, source, family, note),
     })
+}
+
+fn nft_evaluate(
+    st: &NftState,
+    resolver: &dyn OwnerResolver,
+    pkt: &Packet,
+    hooks: &[interp::Hook],
+) -> Result<interp::Outcome, InspectError> {
+    let hooks: Vec<nftinterp::NftHook> = hooks.iter().map(|h| nftinterp::hook_of(h)).collect();
+    Ok(nftinterp::evaluate(st, resolver, pkt.clone(), &hooks)?)
 }
 
 /// The result of `verify`.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub diffs: Vec<(Family, ChainDiff)>,
+    /// With `--native-nftables`: our nftables tables' differences.
+    pub nft: Vec<nftverify::NftDiff>,
+    /// Capture rules of the other backend in the namespace (ISTIO_* iptables rules with
+    /// `--native-nftables`, our nftables tables without): a pod must never have both.
+    pub other_backend: Vec<String>,
     /// `ip` commands whose effect is missing.
     pub routes_missing: Vec<String>,
     /// TPROXY routing an earlier run added that the config does not want (as the `ip`
@@ -298,11 +361,16 @@ pub struct Report {
 
 impl Report {
     pub fn drift(&self) -> bool {
-        !self.diffs.is_empty() || !self.routes_missing.is_empty() || !self.routes_extra.is_empty()
+        !self.diffs.is_empty()
+            || !self.nft.is_empty()
+            || !self.other_backend.is_empty()
+            || !self.routes_missing.is_empty()
+            || !self.routes_extra.is_empty()
     }
 }
 
-/// Compares live state with the config, both families, and the `ip` plumbing.
+/// Compares live state with the config, both families (or our nftables tables, with
+/// `--native-nftables`), and the `ip` plumbing.
 pub fn verify(
     cfg: &Config,
     facts: &HostFacts,
@@ -310,6 +378,9 @@ pub fn verify(
     runner: &mut dyn Runner,
     resolver: &dyn OwnerResolver,
 ) -> Result<Report, InspectError> {
+    if cfg.native_nftables {
+        return verify_nft(cfg, facts, probe, runner, resolver);
+    }
     let plan = rules::build(cfg, facts);
     let mut report = Report::default();
     for family in plan.families() {
@@ -318,14 +389,115 @@ pub fn verify(
             report.diffs.push((family, d));
         }
     }
+    // Our nftables tables, when this namespace can tell (netlink, no `nft` run).
+    for name in probe.nft_inet_tables().unwrap_or_default() {
+        if nft::Table::from_name(&name).is_some() {
+            report.other_backend.push(format!(
+                "nftables table {} {name}, written by --native-nftables",
+                nft::FAMILY
+            ));
+        }
+    }
+    check_routes(&plan.ip, probe, runner, &mut report)?;
+    Ok(report)
+}
+
+fn verify_nft(
+    cfg: &Config,
+    facts: &HostFacts,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+    resolver: &dyn OwnerResolver,
+) -> Result<Report, InspectError> {
+    let ruleset = nft::build(cfg, facts);
+    let want = nftstate::desired(&ruleset, resolver);
+    let live = read_live_nft(runner, resolver)?;
+    let mut report = Report {
+        nft: nftverify::diff(&live.state, &want),
+        ..Report::default()
+    };
+    for family in [Family::V4, Family::V6] {
+        if let Some(st) = read_iptables_if_installed(family, cfg, probe, runner)? {
+            report
+                .other_backend
+                .extend(istio_iptables_leftovers(family, &st));
+        }
+    }
+    check_routes(&ruleset.ip, probe, runner, &mut report)?;
+    Ok(report)
+}
+
+/// The iptables rules of `family`, or `None` when no iptables is installed to read them.
+fn read_iptables_if_installed(
+    family: Family,
+    cfg: &Config,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<Option<SaveState>, InspectError> {
+    let Ok(b) = backend::detect(family, cfg.flavor, probe) else {
+        return Ok(None);
+    };
+    let text = match runner.run(&b.save_program(), &[], None) {
+        Ok(t) => t,
+        Err(ExecError::NotFound { .. }) => return Ok(None),
+        Err(e) => {
+            return Err(InspectError::Read {
+                family,
+                reason: e.to_string(),
+            });
+        }
+    };
+    parse_save(&text).map(Some).map_err(|e| InspectError::Read {
+        family,
+        reason: e.to_string(),
+    })
+}
+
+/// Our iptables chains, and rules jumping to them, per table: one line each.
+fn istio_iptables_leftovers(family: Family, st: &SaveState) -> Vec<String> {
+    let ours = |s: &str| s.starts_with(crate::model::chain::PREFIX);
+    let mut out = Vec::new();
+    for (name, ts) in &st.tables {
+        let chains: Vec<&str> = ts
+            .user_chains
+            .iter()
+            .map(String::as_str)
+            .filter(|c| ours(c))
+            .collect();
+        let rules = ts
+            .rules
+            .iter()
+            .filter(|(c, toks)| ours(c) || toks.iter().any(|t| ours(t)))
+            .count();
+        if !chains.is_empty() || rules > 0 {
+            out.push(format!(
+                "{family} iptables table {name}: {rules} ISTIO_* rule(s), chains {}",
+                if chains.is_empty() {
+                    "-".to_string()
+                } else {
+                    chains.join(",")
+                }
+            ));
+        }
+    }
+    out
+}
+
+/// The `ip` plumbing: missing steps, and TPROXY routing the config does not want.
+fn check_routes(
+    wanted: &[ip::IpCommand],
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+    report: &mut Report,
+) -> Result<(), InspectError> {
     for family in [Family::V4, Family::V6] {
         if let Some(routing) = probe.routing(family) {
-            for cmd in ip::leftovers(family, &routing, &plan.ip) {
+            for cmd in ip::leftovers(family, &routing, wanted) {
                 report.routes_extra.push(cmd.to_string());
             }
         }
     }
-    for cmd in &plan.ip {
+    for cmd in wanted {
         match ip::present(cmd, probe, runner) {
             Ok(true) => {}
             Ok(false) => report.routes_missing.push(cmd.to_string()),
@@ -337,7 +509,7 @@ pub fn verify(
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -500,8 +672,7 @@ mod tests {
                     out_of_order: false,
                 },
             )],
-            routes_missing: vec![],
-            routes_extra: vec![],
+            ..Report::default()
         };
         assert!(render_report(&r, Format::Text).contains("missing:  -A X"));
         assert!(
@@ -520,6 +691,148 @@ mod tests {
         assert!(
             render_report(&extra, Format::Json)
                 .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
+        );
+    }
+
+    /// A machine with iptables-nft, answering `nft list ruleset inet` and the save
+    /// programs from fixed text.
+    struct Machine {
+        nft: String,
+        iptables_save: Result<String, ()>,
+    }
+
+    impl Runner for Machine {
+        fn run(
+            &mut self,
+            program: &str,
+            args: &[String],
+            _: Option<&str>,
+        ) -> Result<String, ExecError> {
+            match program {
+                "nft" => {
+                    assert_eq!(args, ["list", "ruleset", "inet"]);
+                    Ok(self.nft.clone())
+                }
+                "iptables-nft-save" => {
+                    self.iptables_save
+                        .clone()
+                        .map_err(|()| ExecError::NotFound {
+                            program: program.into(),
+                        })
+                }
+                "ip6tables-nft-save" => Ok(String::new()),
+                other => panic!("unexpected program {other}"),
+            }
+        }
+    }
+
+    struct NftOnly;
+    impl Probe for NftOnly {
+        fn in_path(&self, p: &str) -> bool {
+            p.contains("-nft-")
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+    }
+
+    /// `st` as `nft list ruleset` prints it.
+    fn listing(st: &NftState) -> String {
+        let mut s = String::new();
+        for (t, ts) in &st.tables {
+            s.push_str(&format!("table inet {} {{\n", t.name()));
+            for c in &ts.chains {
+                s.push_str(&format!("\tchain {} {{\n", c.name));
+                if let Some(h) = &c.hook {
+                    s.push_str(&format!(
+                        "\t\ttype {} hook {} priority {}; policy {};\n",
+                        h.kind, h.hook, h.priority, h.policy
+                    ));
+                }
+                for r in &c.rules {
+                    s.push_str(&format!("\t\t{r}\n"));
+                }
+                s.push_str("\t}\n");
+            }
+            s.push_str("}\n");
+        }
+        s
+    }
+
+    #[test]
+    fn nft_verify_reads_the_listing_and_the_other_backend() {
+        let mut args = vec!["verify", "--native-nftables"];
+        args.extend_from_slice(SEED);
+        let (cfg, facts) = config(&args, &[]).unwrap();
+        let want = nftstate::desired(&nft::build(&cfg, &facts), &NoResolver);
+        let mut m = Machine {
+            nft: listing(&want),
+            iptables_save: Err(()),
+        };
+        let r = verify(&cfg, &facts, &NftOnly, &mut m, &NoResolver).unwrap();
+        assert!(!r.drift(), "{r:?}");
+
+        let mut live = want.clone();
+        let gone = live.tables.get_mut(&nft::Table::Nat).unwrap().chains[1]
+            .rules
+            .remove(0);
+        m.nft = listing(&live);
+        m.iptables_save = Ok("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n".into());
+        let r = verify(&cfg, &facts, &NftOnly, &mut m, &NoResolver).unwrap();
+        assert_eq!(r.nft.len(), 1);
+        assert_eq!(r.nft[0].missing, [gone]);
+        assert_eq!(
+            r.other_backend,
+            ["IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT"]
+        );
+        let text = render_report(&r, Format::Text);
+        assert!(
+            text.contains("other backend: IPv4 iptables table nat"),
+            "{text}"
+        );
+        let json = render_report(&r, Format::Json);
+        assert!(
+            json.contains(",\"other_backend\":[\"IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT\"],\"routes_missing\":[]}"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn nft_report_renders_tables_chains_and_unread_lines() {
+        let r = Report {
+            nft: vec![
+                nftverify::NftDiff {
+                    table: "istio-proxy-raw",
+                    chain: None,
+                    extra: vec!["table inet istio-proxy-raw".into()],
+                    unread: vec!["flags dormant".into()],
+                    ..Default::default()
+                },
+                nftverify::NftDiff {
+                    table: "istio-proxy-nat",
+                    chain: Some("output".into()),
+                    out_of_order: true,
+                    ..Default::default()
+                },
+            ],
+            ..Report::default()
+        };
+        assert!(r.drift());
+        assert_eq!(
+            render_report(&r, Format::Text),
+            "DRIFT: the live rules differ from the config\n\
+             inet istio-proxy-raw:\n\
+             \x20 extra:    table inet istio-proxy-raw\n\
+             \x20 not read: flags dormant   (nft lists something this tool never writes: see `nft list table inet istio-proxy-raw`)\n\
+             inet istio-proxy-nat/output:\n\
+             \x20 out of order: the same rules are there, in another order\n"
+        );
+        assert_eq!(
+            render_report(&r, Format::Json),
+            "{\"match\":false,\"differences\":[\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-raw\",\"chain\":null,\"missing\":[],\"extra\":[\"table inet istio-proxy-raw\"],\"out_of_order\":false,\"unread\":[\"flags dormant\"]},\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-nat\",\"chain\":\"output\",\"missing\":[],\"extra\":[],\"out_of_order\":true}],\
+             \"routes_missing\":[]}\n"
         );
     }
 }

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use super::interp::{Outcome, Packet, Step, Verdict};
+use super::nftverify::NftDiff;
 use super::{Direction, ExplainRequest, Format, Report};
 use crate::apply::reconcile::ChainDiff;
 use crate::config::Config;
 use crate::model::{self, Family};
+use crate::rules::nft;
 
 pub(super) fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u32>) {
     let mark = (o.mark != 0).then_some(o.mark);
@@ -57,7 +59,7 @@ pub(super) fn render_text(
     o: &Outcome,
     source: &str,
     family: Family,
-    v6_off: bool,
+    note: Option<&str>,
 ) -> String {
     let mut s = String::new();
     let dir = match args.direction {
@@ -80,11 +82,8 @@ pub(super) fn render_text(
         SocketAddr::new(p.src, p.sport),
         SocketAddr::new(p.dst, p.dport)
     );
-    if v6_off {
-        let _ = writeln!(
-            s,
-            "  (IPv6 is off for this config: no ip6tables rules are generated)"
-        );
+    if let Some(note) = note {
+        let _ = writeln!(s, "  ({note})");
     }
     for st in &o.walk {
         let _ = writeln!(
@@ -131,7 +130,10 @@ pub(super) fn render_text(
 struct ReportJson<'a> {
     #[serde(rename = "match")]
     matches: bool,
-    differences: Vec<DiffJson<'a>>,
+    differences: Vec<Difference<'a>>,
+    /// Only present when there are some (older readers see the same object as before).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    other_backend: &'a [String],
     routes_missing: &'a [String],
     /// Only present when there are some (older readers see the same object as before).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
@@ -146,24 +148,61 @@ struct DiffJson<'a> {
     diff: &'a ChainDiff,
 }
 
+/// One table's or chain's difference in our nftables tables (`family` is `inet`).
+#[derive(Serialize)]
+struct NftDiffJson<'a> {
+    family: &'static str,
+    #[serde(flatten)]
+    diff: &'a NftDiff,
+}
+
+/// An entry of `differences`: an iptables chain's or an nftables table's or chain's.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Difference<'a> {
+    Iptables(DiffJson<'a>),
+    Nft(NftDiffJson<'a>),
+}
+
+/// A chain's (or table's) missing and extra lines, and whether only the order differs.
+fn write_rule_diff(s: &mut String, missing: &[String], extra: &[String], out_of_order: bool) {
+    for m in missing {
+        let _ = writeln!(s, "  missing:  {m}");
+    }
+    for e in extra {
+        let _ = writeln!(s, "  extra:    {e}");
+    }
+    if out_of_order {
+        let _ = writeln!(
+            s,
+            "  out of order: the same rules are there, in another order"
+        );
+    }
+}
+
 /// Renders a verify report.
 pub fn render_report(r: &Report, output: Format) -> String {
     match output {
         Format::Json => {
-            let differences = r
-                .diffs
-                .iter()
-                .map(|(f, diff)| DiffJson {
+            let iptables = r.diffs.iter().map(|(f, diff)| {
+                Difference::Iptables(DiffJson {
                     family: match f {
                         Family::V4 => "ipv4",
                         Family::V6 => "ipv6",
                     },
                     diff,
                 })
-                .collect();
+            });
+            let nft = r.nft.iter().map(|diff| {
+                Difference::Nft(NftDiffJson {
+                    family: nft::FAMILY,
+                    diff,
+                })
+            });
             to_json(&ReportJson {
                 matches: !r.drift(),
-                differences,
+                differences: iptables.chain(nft).collect(),
+                other_backend: &r.other_backend,
                 routes_missing: &r.routes_missing,
                 routes_extra: &r.routes_extra,
             })
@@ -177,18 +216,35 @@ pub fn render_report(r: &Report, output: Format) -> String {
             s.push_str("DRIFT: the live rules differ from the config\n");
             for (f, d) in &r.diffs {
                 let _ = writeln!(s, "{f} {}/{}:", d.table, d.chain);
-                for m in &d.missing {
-                    let _ = writeln!(s, "  missing:  {m}");
+                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
+            }
+            for d in &r.nft {
+                match &d.chain {
+                    Some(c) => {
+                        let _ = writeln!(s, "{} {}/{c}:", nft::FAMILY, d.table);
+                    }
+                    None => {
+                        let _ = writeln!(s, "{} {}:", nft::FAMILY, d.table);
+                    }
                 }
-                for e in &d.extra {
-                    let _ = writeln!(s, "  extra:    {e}");
-                }
-                if d.out_of_order {
+                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
+                for u in &d.unread {
                     let _ = writeln!(
                         s,
-                        "  out of order: the same rules are there, in another order"
+                        "  not read: {u}   (nft lists something this tool never writes: see `nft list table {} {}`)",
+                        nft::FAMILY,
+                        d.table
                     );
                 }
+            }
+            for o in &r.other_backend {
+                let _ = writeln!(s, "other backend: {o}");
+            }
+            if !r.other_backend.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  (a pod must not have both iptables and nftables capture rules)"
+                );
             }
             for m in &r.routes_missing {
                 let _ = writeln!(s, "routes: missing `{m}`");
