@@ -773,8 +773,8 @@ fn bad_inputs() -> Vec<Bad> {
         bad(&["--force-iptables-binary", "foo"],  &[],                                                  &["--force-iptables-binary", "foo"]),
         bad(&["--probe-timeout", "forever"],      &[],                                                  &["--probe-timeout", "forever"]),
         bad(&["--no-such-flag"],                  &[],                                                  &["--no-such-flag"]).clap(),
-        // With --dry-run it prints Istio's nft transaction (tests/conformance_nft.rs).
-        bad(&["--native-nftables"],               &[],                                                  &["--native-nftables", "not supported"]).not_with_dry_run_flag(),
+        bad(&["--native-nftables=maybe"],         &[],                                                  &["--native-nftables", "maybe"]),
+        bad(&[],                                  &[("NATIVE_NFTABLES", "maybe")],                      &["NATIVE_NFTABLES", "maybe"]),
         bad(&[],                                  &[("ENVOY_PORT", "abc")],                             &["ENVOY_PORT", "abc"]),
         bad(&[],                                  &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")], &["ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32"]),
         // One rule of `! --gid-owner` matches: iptables-restore parses at most 49 of them.

@@ -102,7 +102,7 @@ pub struct Config {
     pub cleanup_only: bool,
     /// Apply despite conflicts (--force-apply).
     pub force_apply: bool,
-    /// Native nftables backend (--native-nftables; only with --dry-run so far).
+    /// Native nftables backend (--native-nftables): Istio's inet tables, applied with nft.
     pub native_nftables: bool,
     /// Forced iptables flavour (--force-iptables-binary).
     pub flavor: Option<Flavor>,
