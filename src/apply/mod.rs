@@ -919,15 +919,7 @@ mod tests {
         }
     }
 
-    struct NftOnly;
-    impl Probe for NftOnly {
-        fn in_path(&self, p: &str) -> bool {
-            p.contains("-nft-")
-        }
-        fn legacy_tables(&self, _: Family) -> Vec<String> {
-            vec![]
-        }
-    }
+    use crate::system::backend::NftOnly;
 
     const OPTS: Options = Options {
         tproxy_mark: 1337,

@@ -161,6 +161,21 @@ impl Probe for SystemProbe {
     }
 }
 
+/// A machine with only the nft flavour of iptables installed and no legacy tables (unit
+/// tests' probe).
+#[cfg(test)]
+pub struct NftOnly;
+
+#[cfg(test)]
+impl Probe for NftOnly {
+    fn in_path(&self, p: &str) -> bool {
+        p.contains("-nft-")
+    }
+    fn legacy_tables(&self, _: Family) -> Vec<String> {
+        vec![]
+    }
+}
+
 /// Chooses the backend for `family`.
 pub fn detect(
     family: Family,
