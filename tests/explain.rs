@@ -61,8 +61,8 @@ use common::{
     INBOUND_PORT_INCLUDE_SCENARIOS, Ident, LOCALHOST_V4, LOCALHOST_V6, Landing, Lands, Listener,
     OTHER_APP, OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4, OUTSIDE_V6, PASSTHROUGH_V4, PROXY,
     PROXY_GROUP, SEED, SEED_SCENARIOS, Sender, TOPOLOGY_DEV, TPROXY_SCENARIOS, TempDir, Topology,
-    TrafficScenario, UdpListener, connect, passthrough, proxy_flags, run_with_timeout, sa,
-    sane_path, seed_with, shell_command, skip_unless_root, udp_exchange,
+    TrafficScenario, UdpListener, connect, dns_flags, passthrough, proxy_flags, run_with_timeout,
+    sa, sane_path, seed_with, shell_command, skip_unless_root, udp_exchange,
 };
 
 /// Real destination ports: every one has a listener in both namespaces, both families.
@@ -889,21 +889,7 @@ fn traffic_dns(test: &str, backend: Backend) {
     }
     let mut lab = Lab::with_backend("xdns", backend);
     let resolv = lab.resolv.clone();
-    lab.apply(
-        strings(&proxy_flags(
-            "REDIRECT",
-            &[
-                "-i",
-                "*",
-                "-b",
-                "*",
-                "--redirect-dns",
-                "--resolv-conf",
-                &resolv,
-            ],
-        )),
-        true,
-    );
+    lab.apply(strings(&dns_flags(&resolv)), true);
     lab.listen(false, true);
     let mut s = Vec::new();
     for v6 in [false, true] {

@@ -27,8 +27,8 @@ use std::process::{Command, Output};
 use common::{
     APP, BIN, CIDR_SCENARIOS, DEFAULT_TIMEOUT, DNS_SCENARIOS, Dest, INBOUND_PORT_INCLUDE_SCENARIOS,
     Lands, OUTBOUND_PORT_EXCLUDE_SCENARIOS, PROXY, SEED, SEED_SCENARIOS, Sender, TPROXY_SCENARIOS,
-    TempDir, Topology, TrafficScenario, passthrough, proxy_flags, run_with_timeout, sa, sane_path,
-    seed_with, shell_command, skip_unless_root,
+    TempDir, Topology, TrafficScenario, dns_flags, passthrough, proxy_flags, run_with_timeout, sa,
+    sane_path, seed_with, shell_command, skip_unless_root,
 };
 
 /// A topology whose pod has a config's nft rules applied.
@@ -393,18 +393,7 @@ fn explain_dns() {
     }
     explain_and_verify(
         "ndns",
-        &proxy_flags(
-            "REDIRECT",
-            &[
-                "-i",
-                "*",
-                "-b",
-                "*",
-                "--redirect-dns",
-                "--resolv-conf",
-                "{resolv}",
-            ],
-        ),
+        &dns_flags("{resolv}"),
         true,
         &[(false, DNS_SCENARIOS), (true, DNS_SCENARIOS)],
     );

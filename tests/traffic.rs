@@ -44,7 +44,7 @@ use common::{
     APP, Backend, CIDR_SCENARIOS, DNS_SCENARIOS, Dest, INBOUND_PORT_INCLUDE_SCENARIOS, Ident,
     LOCALHOST_V4, LOCALHOST_V6, Lands, Listener, OUTBOUND_PORT_EXCLUDE_SCENARIOS, OUTSIDE_V4,
     PROXY, SEED, SEED_SCENARIOS, Sender, TPROXY_SCENARIOS, Topology, TrafficScenario, UdpListener,
-    connect, passthrough, proxy_flags, sa, seed_with, skip_unless_root, udp_exchange,
+    connect, dns_flags, passthrough, proxy_flags, sa, seed_with, skip_unless_root, udp_exchange,
 };
 
 // ---------------------------------------------------------------------------
@@ -500,18 +500,7 @@ fn dns_redirect(test: &'static str, backend: Backend) {
     )
     .unwrap();
     let resolv_s = resolv.to_string_lossy().into_owned();
-    let args = proxy_flags(
-        "REDIRECT",
-        &[
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "--redirect-dns",
-            "--resolv-conf",
-            &resolv_s,
-        ],
-    );
+    let args = dns_flags(&resolv_s);
     let bin_log = t.apply_ok(backend, &t.pod, true, &args);
     let pod = t.pod.as_str();
     let peer = t.peer.as_str();

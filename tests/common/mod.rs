@@ -97,6 +97,23 @@ pub fn proxy_flags<'a>(mode: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// REDIRECT capture of everything, with DNS redirected for the servers of the resolv.conf at
+/// `resolv`: the config of the DNS scenarios.
+pub fn dns_flags(resolv: &str) -> Vec<&str> {
+    proxy_flags(
+        "REDIRECT",
+        &[
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--redirect-dns",
+            "--resolv-conf",
+            resolv,
+        ],
+    )
+}
+
 /// [`SEED`] with the value of `flag` replaced by `value` (`seed_with("-m", "TPROXY")`).
 pub fn seed_with<'a>(flag: &str, value: &'a str) -> Vec<&'a str> {
     let mut v = SEED.to_vec();
