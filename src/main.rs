@@ -3,6 +3,11 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
+
+/// The static musl build's allocator (see `istio_iptables::musl`).
+#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
+#[global_allocator]
+static ALLOCATOR: istio_iptables::musl::Allocator = istio_iptables::musl::Allocator::new();
 use std::time::Instant;
 
 use clap::error::ErrorKind;
