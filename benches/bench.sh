@@ -13,6 +13,8 @@
 # Environment:
 #   RUNS=N        samples per variant (default 21; at least 20 for the spec's medians)
 #   BIN=path      binary to measure (default: cargo build --release, target/release/istio-iptables)
+#   TARGET=triple build and measure for this target (default: x86_64-unknown-linux-musl, the
+#                 release image's static binary, when installed; TARGET= the default glibc build)
 #   SKIP_BUILD=1  do not run cargo build (BIN or the existing release binary is used)
 #   SETTLE_MS=N   pause between samples so the previous namespace's teardown (asynchronous in
 #                 the kernel) does not land in the next sample (default 50); besides, each
@@ -47,12 +49,24 @@ for c in unshare ip iptables-nft-save iptables-nft-restore python3; do
 done
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 8))' || die "python3 >= 3.8 needed"
 
+# The binary of the release image: static, for musl (see the Dockerfile), when that target
+# is installed (rustup target add x86_64-unknown-linux-musl); else the default glibc build.
 if [[ -z ${BIN:-} ]]; then
-    BIN=$root/target/release/istio-iptables
+    if [[ -z ${TARGET+set} ]]; then
+        TARGET=
+        if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+            TARGET=x86_64-unknown-linux-musl
+        else
+            echo "bench.sh: warning: the musl target is not installed: measuring the glibc build," \
+                "not the image's (rustup target add x86_64-unknown-linux-musl)" >&2
+        fi
+    fi
+    BIN=$root/target/${TARGET:+$TARGET/}release/istio-iptables
     if [[ -z ${SKIP_BUILD:-} ]]; then
         command -v cargo >/dev/null || die "cargo not found (or set BIN=/path/to/istio-iptables)"
-        echo "bench.sh: cargo build --release ..." >&2
-        (cd "$root" && cargo build --release --quiet) || die "cargo build --release failed"
+        echo "bench.sh: cargo build --release ${TARGET:+--target $TARGET} ..." >&2
+        (cd "$root" && cargo build --release --quiet ${TARGET:+--target "$TARGET"}) \
+            || die "cargo build --release failed"
     fi
 fi
 [[ -x $BIN ]] || die "binary not found: $BIN"
@@ -433,6 +447,8 @@ import sys
 
 r = json.load(open(sys.argv[1]))
 cidr_len, port_len, binary = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+with open(binary, "rb") as f:
+    link = "dynamically linked" if b"ld-linux" in f.read(4096) else "statically linked"
 med = lambda xs: st.median(xs) / 1e6
 def q(xs, p):
     xs = sorted(xs)
@@ -448,7 +464,7 @@ target = {"seed.fresh": 1.20, "seed.rerun": 1.25, "large.fresh": 1.20, "large.re
 floor_of = {"fresh": "iptables-nft-restore --noflush < payload", "rerun": "iptables-nft-save"}
 
 print()
-print(f"istio-iptables benchmark: {binary}")
+print(f"istio-iptables benchmark: {binary} ({link})")
 print(f"  {n} samples per variant, interleaved, each in a fresh network namespace; medians.")
 print("  (a) istio-iptables <args>   (ENABLE_INBOUND_IPV6=false: an IPv4-only pod)")
 print("  (b) fresh apply: one bare iptables-nft-restore --noflush < payload (payload = the")

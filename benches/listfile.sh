@@ -14,7 +14,8 @@
 #   sudo RUNS=41 N=50000 benches/listfile.sh
 #
 # Environment: RUNS (default 21), N (CIDRs, default 20000), BIN (default: cargo build
-# --release, target/release/istio-iptables), SKIP_BUILD=1, SETTLE_MS (pause between samples,
+# --release, for TARGET: x86_64-unknown-linux-musl when installed, as the release image; TARGET=
+# for the glibc build), SKIP_BUILD=1, SETTLE_MS (pause between samples,
 # default 50), KEEP=1 (keep the work directory).
 # Needs root, util-linux unshare, iptables (nft flavour), python3 >= 3.8.
 set -euo pipefail
@@ -35,11 +36,19 @@ for c in unshare iptables-nft-save iptables-nft-restore python3; do
     command -v "$c" >/dev/null || die "$c not found: install util-linux, iptables (nft) and python3"
 done
 
+# The release image's static musl binary when that target is installed (as bench.sh).
 if [[ -z ${BIN:-} ]]; then
-    BIN=$root/target/release/istio-iptables
+    if [[ -z ${TARGET+set} ]]; then
+        TARGET=
+        if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+            TARGET=x86_64-unknown-linux-musl
+        fi
+    fi
+    BIN=$root/target/${TARGET:+$TARGET/}release/istio-iptables
     if [[ -z ${SKIP_BUILD:-} ]]; then
-        echo "listfile.sh: cargo build --release ..." >&2
-        (cd "$root" && cargo build --release --quiet) || die "cargo build --release failed"
+        echo "listfile.sh: cargo build --release ${TARGET:+--target $TARGET} ..." >&2
+        (cd "$root" && cargo build --release --quiet ${TARGET:+--target "$TARGET"}) \
+            || die "cargo build --release failed"
     fi
 fi
 [[ -x $BIN ]] || die "binary not found: $BIN"

@@ -3,6 +3,11 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
+
+/// The static musl build's allocator (see `istio_iptables::musl`).
+#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
+#[global_allocator]
+static ALLOCATOR: istio_iptables::musl::Allocator = istio_iptables::musl::Allocator::new();
 use std::time::Instant;
 
 use clap::error::ErrorKind;
@@ -146,7 +151,11 @@ fn main() -> ExitCode {
     if !cfg.dry_run {
         cfg.kernel_form();
     }
-    if let Some(command) = args.cli.command.as_ref().filter(|_| !apply_command) {
+    // The raw values (clap's matches hold a long -x list several times over) are in `cfg`
+    // now: free them before the rules and the saved state are built.
+    let command = args.cli.command.clone();
+    drop(args);
+    if let Some(command) = command.as_ref().filter(|_| !apply_command) {
         return inspect_command(command, &cfg);
     }
 

@@ -2,15 +2,20 @@
 //! tables in alphabetical order; per table, `-N` for every ISTIO_* chain (chains with rules, in
 //! order of their first rule, then chains only jumped to), then the rules in order, then COMMIT.
 
+use std::fmt::Write as _;
+
 use crate::model::{Rule, Table, chain};
 
 /// The ISTIO_* chains a table's rules need, in Istio's order: chains with rules in the order
 /// of their first rule, then chains that are only jumped to.
 pub fn declared_chains(rules: &[&Rule]) -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
+    // A rule can only jump to one of our chains if one of its words is that chain's name:
+    // the others (thousands of `-d CIDR -j RETURN`) are not parsed for their target.
     let names = rules.iter().map(|r| r.chain).chain(
         rules
             .iter()
+            .filter(|r| r.args.iter().any(|a| owned_chain(a).is_some()))
             .filter_map(|r| r.target())
             .filter_map(|t| owned_chain(&t)),
     );
@@ -53,10 +58,10 @@ pub fn payload(rules: &[Rule]) -> String {
         }
         section(&mut out, table.name(), Header::Istio, |out| {
             for c in declared_chains(&in_table) {
-                out.push_str(&format!("-N {c}\n"));
+                let _ = writeln!(out, "-N {c}");
             }
             for r in in_table {
-                out.push_str(&format!("{r}\n"));
+                let _ = writeln!(out, "{r}");
             }
         });
     }

@@ -68,6 +68,18 @@ pub struct ParseError {
 
 /// Splits a save/restore line into tokens, honouring double quotes (used by comments).
 pub fn tokenize(line: &str) -> Vec<String> {
+    if !line.contains('"') {
+        // Without quotes a backslash is an ordinary character: plain words, each allocated
+        // once at its size (7,000 saved rules hold ~40,000 of them).
+        let mut out = Vec::with_capacity(line.split_whitespace().count());
+        out.extend(line.split_whitespace().map(String::from));
+        return out;
+    }
+    tokenize_quoted(line)
+}
+
+/// [`tokenize`] for a line with quotes.
+fn tokenize_quoted(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
@@ -134,8 +146,9 @@ pub fn parse_save(text: &str) -> Result<SaveState, ParseError> {
         section.push_str(t);
         section.push('\n');
         if t == "COMMIT" {
-            st.sections
-                .insert(table.clone(), std::mem::take(&mut section));
+            let mut text = std::mem::take(&mut section);
+            text.shrink_to_fit();
+            st.sections.insert(table.clone(), text);
             current = None;
             continue;
         }
@@ -159,8 +172,9 @@ pub fn parse_save(text: &str) -> Result<SaveState, ParseError> {
         if toks.len() < 2 || (toks[0] != "-A" && toks[0] != "--append") {
             return Err(err());
         }
-        let chain = toks[1].clone();
-        ts.rules.push((chain, toks[2..].to_vec()));
+        let spec: Vec<String> = toks.drain(2..).collect();
+        let chain = toks.swap_remove(1);
+        ts.rules.push((chain, spec));
     }
     Ok(st)
 }
@@ -358,6 +372,16 @@ mod tests {
 
     fn toks(s: &str) -> Vec<String> {
         tokenize(s)
+    }
+
+    proptest::proptest! {
+        /// The quote-free fast path splits as the general tokenizer does.
+        #[test]
+        fn tokenize_without_quotes_is_the_general_split(
+            line in "[-a-z0-9 \\t\\\\/.:!\u{a0}\u{2003}]{0,40}"
+        ) {
+            proptest::prop_assert_eq!(tokenize(&line), tokenize_quoted(&line));
+        }
     }
 
     fn same(ours: &str, saved: &str) {
