@@ -8,19 +8,20 @@
 #
 #   sudo benches/bench-nft.sh            # RUNS=31 samples per side
 #   sudo RUNS=61 SKIP_BUILD=1 BIN=path benches/bench-nft.sh
+#   BIN, TARGET, SKIP_BUILD: which binary, as for bench.sh (benches/binary.sh)
 #
 # Needs root, nft (nftables >= 1.0.1), python3 >= 3.8.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
+name=bench-nft.sh
 
 die() { echo "bench-nft.sh: $*" >&2; exit 1; }
 RUNS=${RUNS:-31}
 SETTLE_MS=${SETTLE_MS:-50}
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
 for c in nft python3; do command -v "$c" >/dev/null || die "$c not found"; done
-if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release --quiet; fi
-BIN=${BIN:-$PWD/target/release/istio-iptables}
-[ -x "$BIN" ] || die "no binary at $BIN"
+# shellcheck source=binary.sh
+. "$root/benches/binary.sh"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -110,7 +111,7 @@ def ms(v):
     return statistics.median(v) / 1e6
 
 print(f"native nftables, seed command, {runs} samples per side (medians), "
-      f"{os.cpu_count()} CPUs, {os.uname().release}")
+      f"{os.cpu_count()} CPUs, {os.uname().release}, {binary}")
 print(f"  fresh apply: istio-iptables {ms(fa):.2f} ms, bare nft -f {ms(fb):.2f} ms, "
       f"ratio {ms(fa) / ms(fb):.2f} (goal <= 1.20)")
 print(f"  re-run:      istio-iptables {ms(ra):.2f} ms, bare nft list ruleset inet {ms(rb):.2f} ms, "

@@ -49,27 +49,9 @@ for c in unshare ip iptables-nft-save iptables-nft-restore python3; do
 done
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 8))' || die "python3 >= 3.8 needed"
 
-# The binary of the release image: static, for musl (see the Dockerfile), when that target
-# is installed (rustup target add x86_64-unknown-linux-musl); else the default glibc build.
-if [[ -z ${BIN:-} ]]; then
-    if [[ -z ${TARGET+set} ]]; then
-        TARGET=
-        if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-            TARGET=x86_64-unknown-linux-musl
-        else
-            echo "bench.sh: warning: the musl target is not installed: measuring the glibc build," \
-                "not the image's (rustup target add x86_64-unknown-linux-musl)" >&2
-        fi
-    fi
-    BIN=$root/target/${TARGET:+$TARGET/}release/istio-iptables
-    if [[ -z ${SKIP_BUILD:-} ]]; then
-        command -v cargo >/dev/null || die "cargo not found (or set BIN=/path/to/istio-iptables)"
-        echo "bench.sh: cargo build --release ${TARGET:+--target $TARGET} ..." >&2
-        (cd "$root" && cargo build --release --quiet ${TARGET:+--target "$TARGET"}) \
-            || die "cargo build --release failed"
-    fi
-fi
-[[ -x $BIN ]] || die "binary not found: $BIN"
+name=bench.sh
+# shellcheck source=binary.sh
+. "$root/benches/binary.sh"
 
 # A fresh namespace must really be fresh and empty for nft (the binary picks the legacy
 # backend only when the namespace already has legacy tables; a new one never has).

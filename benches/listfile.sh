@@ -36,22 +36,10 @@ for c in unshare iptables-nft-save iptables-nft-restore python3; do
     command -v "$c" >/dev/null || die "$c not found: install util-linux, iptables (nft) and python3"
 done
 
-# The release image's static musl binary when that target is installed (as bench.sh).
-if [[ -z ${BIN:-} ]]; then
-    if [[ -z ${TARGET+set} ]]; then
-        TARGET=
-        if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-            TARGET=x86_64-unknown-linux-musl
-        fi
-    fi
-    BIN=$root/target/${TARGET:+$TARGET/}release/istio-iptables
-    if [[ -z ${SKIP_BUILD:-} ]]; then
-        echo "listfile.sh: cargo build --release ${TARGET:+--target $TARGET} ..." >&2
-        (cd "$root" && cargo build --release --quiet ${TARGET:+--target "$TARGET"}) \
-            || die "cargo build --release failed"
-    fi
-fi
-[[ -x $BIN ]] || die "binary not found: $BIN"
+
+name=listfile.sh
+# shellcheck source=binary.sh
+. "$root/benches/binary.sh"
 
 work=$(mktemp -d /tmp/istio-iptables-listfile.XXXXXX)
 if [[ -n ${KEEP:-} ]]; then

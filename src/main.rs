@@ -238,7 +238,7 @@ fn main() -> ExitCode {
     } else {
         let result = if cfg.native_nftables {
             let ruleset = nft::build(&cfg, &facts);
-            apply::nft::apply(&ruleset, &rules::teardown(&cfg, &facts), &opts, &mut env)
+            apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
         } else {
             apply::apply(&rules::build(&cfg, &facts), &opts, &mut env)
         };

@@ -98,19 +98,17 @@ fn to_rewrite(now: &Live, target: &nftstate::NftState, order: &[Table]) -> Vec<T
 /// One transaction that turns `live` into `ruleset` for `tables`: each one that exists is
 /// deleted, then Istio's lines for it are written (in a fresh namespace: exactly Istio's
 /// transaction).
-fn transaction(ruleset: &Ruleset, live: &Live, tables: &[Table], delete: bool) -> String {
+fn transaction(ops: &[nft::Op], live: &Live, tables: &[Table], delete: bool) -> String {
     let mut text = String::new();
     if delete {
         for t in tables.iter().filter(|t| live.state.tables.contains_key(t)) {
             text.push_str(&format!("delete table {FAMILY} {t}\n"));
         }
     }
-    let ops: Vec<nft::Op> = ruleset
-        .transaction()
-        .into_iter()
-        .filter(|op| tables.contains(&op.table()))
-        .collect();
-    text.push_str(&nft::render(&ops));
+    for op in ops.iter().filter(|op| tables.contains(&op.table())) {
+        use std::fmt::Write as _;
+        let _ = writeln!(text, "{op}");
+    }
     text
 }
 
@@ -179,8 +177,14 @@ pub fn restore(before: &Live, env: &mut Env<'_>) -> Result<Restored, String> {
 /// The iptables families that hold ISTIO_* state of this tool (any flavour), with what
 /// removing it takes. Netlink rules out iptables-nft state and /proc legacy state without
 /// running anything.
-fn iptables_state(teardown: &Plan, env: &mut Env<'_>) -> Result<Vec<Run>, ApplyError> {
+fn iptables_state(
+    teardown: impl FnOnce() -> Plan,
+    env: &mut Env<'_>,
+) -> Result<Vec<Run>, ApplyError> {
     let mut runs = Vec::new();
+    // Built only when some iptables state may be ours (never in a fresh namespace).
+    let mut teardown = Some(teardown);
+    let mut plan: Option<Plan> = None;
     for family in [Family::V4, Family::V6] {
         for flavor in [Flavor::Nft, Flavor::Legacy] {
             let maybe = match flavor {
@@ -195,7 +199,8 @@ fn iptables_state(teardown: &Plan, env: &mut Env<'_>) -> Result<Vec<Run>, ApplyE
                 continue;
             };
             let before = read_state(family, &backend, env.probe, env.runner)?;
-            let tx = reconcile::cleanup(&before, teardown.rules(family), env.resolver);
+            let plan = plan.get_or_insert_with(|| (teardown.take().expect("built once"))());
+            let tx = reconcile::cleanup(&before, plan.rules(family), env.resolver);
             if !tx.is_noop() {
                 runs.push(Run {
                     backend,
@@ -228,22 +233,31 @@ fn undo_everything(
     undo.describe()
 }
 
-/// Applies `ruleset` (see the module documentation). `teardown` is the iptables teardown
-/// plan ([`crate::rules::teardown`]): what ISTIO_* iptables state of ours looks like.
+/// Applies `ruleset` (see the module documentation). `teardown` builds the iptables
+/// teardown plan ([`crate::rules::teardown`]: what ISTIO_* iptables state of ours looks
+/// like), when there is iptables state to look at.
 pub fn apply(
     ruleset: &Ruleset,
-    teardown: &Plan,
+    teardown: impl FnOnce() -> Plan,
     opts: &Options,
     env: &mut Env<'_>,
 ) -> Result<Summary, ApplyError> {
     check_nft(env)?;
     tracing::info!("native nftables enabled, using nft rules for traffic redirection.");
     let live = read_live(env)?;
-    let want = nftstate::desired(ruleset, env.resolver);
+    let ops = ruleset.transaction();
     let order: Vec<Table> = Table::ALL
         .into_iter()
-        .filter(|t| want.tables.contains_key(t))
+        .filter(|t| ops.iter().any(|op| op.table() == *t))
         .collect();
+    // What the tables must hold, in nft's words: only needed when some of ours exist.
+    let want = if live.order.is_empty() {
+        nftstate::NftState {
+            tables: order.iter().map(|t| (*t, Default::default())).collect(),
+        }
+    } else {
+        nftstate::desired(ruleset, env.resolver)
+    };
     let mut changed = to_rewrite(&live, &want, &order);
     let mut runs = iptables_state(teardown, env)?;
     let policy = opts.policy;
@@ -278,11 +292,12 @@ pub fn apply(
     }
 
     let mut summary = Summary::default();
-    let text = transaction(ruleset, &live, &changed, policy.reconcile);
+    let text = transaction(&ops, &live, &changed, policy.reconcile);
     if text.is_empty() {
         tracing::info!("nftables rules are already in place: nothing to commit");
     } else {
-        tracing::info!(
+        // Istio logs the transaction once it is programmed (below); the input goes to debug.
+        tracing::debug!(
             "Running nft -f - with the following input:\n{}",
             text.trim_end()
         );

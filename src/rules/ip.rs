@@ -208,10 +208,10 @@ pub fn family_of(cmd: &IpCommand) -> Family {
     }
 }
 
-/// Whether `cmd`'s effect is in `routing` (the family's: IPv6 for the address).
+/// Whether `cmd`'s effect is in `routing` (`None` for the address, which it does not hold).
 pub fn present_in_routing(cmd: &IpCommand, routing: &Routing) -> Option<bool> {
     match cmd {
-        IpCommand::AddInboundV6Address => Some(routing.lo_passthrough_v6),
+        IpCommand::AddInboundV6Address => None,
         IpCommand::RuleAdd { mark, table, .. } => {
             Some(routing.rules.iter().any(|r| {
                 r.plain && r.mark == Some(*mark) && r.mask == u32::MAX && r.table == *table
@@ -223,16 +223,20 @@ pub fn present_in_routing(cmd: &IpCommand, routing: &Routing) -> Option<bool> {
     }
 }
 
-/// Whether `cmd`'s effect exists: read over netlink when the probe can, else with `ip`.
+/// Whether `cmd`'s effect exists: read in process (netlink, getifaddrs) when the probe can,
+/// else with `ip`.
 pub fn present(
     cmd: &IpCommand,
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<bool, ExecError> {
-    if let Some(p) = probe
-        .routing(family_of(cmd))
-        .and_then(|r| present_in_routing(cmd, &r))
-    {
+    let known = match cmd {
+        IpCommand::AddInboundV6Address => probe.lo_passthrough_v6(),
+        _ => probe
+            .routing(family_of(cmd))
+            .and_then(|r| present_in_routing(cmd, &r)),
+    };
+    if let Some(p) = known {
         return Ok(p);
     }
     is_present(cmd, runner)
@@ -399,7 +403,6 @@ mod tests {
                 rule(32766, None, 254, true),
             ],
             local_default_tables: [133, 140, 150, 160].into(),
-            lo_passthrough_v6: false,
         };
         let v4 = Family::V4;
         let wanted = vec![

@@ -85,6 +85,11 @@ pub trait Probe {
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
+    /// Whether `lo` has the IPv6 passthrough address `::6/128` (`None`: could not tell;
+    /// callers then ask `ip`).
+    fn lo_passthrough_v6(&self) -> Option<bool> {
+        None
+    }
     /// The names of the nftables `inet` tables here (`None`: could not tell).
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         None
@@ -146,6 +151,10 @@ impl Probe for SystemProbe {
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
         crate::system::rtnl::routing(family)
+    }
+
+    fn lo_passthrough_v6(&self) -> Option<bool> {
+        crate::system::rtnl::lo_has_passthrough_v6()
     }
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {

@@ -45,12 +45,10 @@ pub struct Routing {
     pub rules: Vec<Rule>,
     /// Tables holding a `local default dev lo` route (what TPROXY mode adds).
     pub local_default_tables: BTreeSet<u32>,
-    /// IPv6 only: `lo` has the inbound passthrough address `::6/128`.
-    pub lo_passthrough_v6: bool,
 }
 
 /// Whether `lo` has `::6/128` (the address IPv6 TPROXY/inbound passthrough adds).
-fn lo_has_passthrough_v6() -> Option<bool> {
+pub fn lo_has_passthrough_v6() -> Option<bool> {
     let six = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     Some(addrs.into_iter().any(|a| {
@@ -176,14 +174,9 @@ pub fn routing(family: Family) -> Option<Routing> {
             tables.insert(t);
         }
     }
-    let lo_passthrough_v6 = match family {
-        Family::V4 => false,
-        Family::V6 => lo_has_passthrough_v6()?,
-    };
     Some(Routing {
         rules,
         local_default_tables: tables,
-        lo_passthrough_v6,
     })
 }
 
