@@ -777,6 +777,7 @@ fn traffic_seed(test: &str, backend: Backend, v6: bool) {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces"]
 fn traffic_seed_ipv4() {
     traffic_seed("traffic_seed_ipv4", Backend::Iptables, false);
 }
