@@ -225,32 +225,19 @@ fn injector_argument_lists_apply_istios_rules_with_istios_logs() {
         let mut argv = vec!["istio-iptables".to_string()];
         argv.extend(branch.capture.iter().cloned());
         argv.extend(branch.tail.iter().map(|s| s.to_string()));
+        // The capture flags and those of the tail that `keep` keeps.
+        let capture_and = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
+            let tail = branch
+                .tail
+                .iter()
+                .filter(|t| keep(t))
+                .map(|s| s.to_string());
+            branch.capture.iter().cloned().chain(tail).collect()
+        };
         // The same config without the first word and without the log flags.
-        let plain: Vec<String> = branch
-            .capture
-            .iter()
-            .cloned()
-            .chain(
-                branch
-                    .tail
-                    .iter()
-                    .filter(|t| !t.starts_with("--log_"))
-                    .map(|s| s.to_string()),
-            )
-            .collect();
+        let plain = capture_and(&|t| !t.starts_with("--log_"));
         // CNI installed the rules with the same backend.
-        let installed: Vec<String> = branch
-            .capture
-            .iter()
-            .cloned()
-            .chain(
-                branch
-                    .tail
-                    .iter()
-                    .filter(|t| **t == "--native-nftables")
-                    .map(|s| s.to_string()),
-            )
-            .collect();
+        let installed = capture_and(&|t| t == "--native-nftables");
         let setup = branch.preinstalled.then_some(installed.as_slice());
         let got = run_in_ns(setup, &argv);
         let want = run_in_ns(setup, &plain);
