@@ -32,12 +32,12 @@ ENABLE_INBOUND_IPV6=false "$BIN" --dry-run "${seed[@]}" 2>/dev/null |
 [ -s "$work/tx.nft" ] || die "no nft transaction in the dry run"
 printf '%s\0' "${seed[@]}" >"$work/seed.args"
 
-python3 - "$work" "$BIN" "$RUNS" "$SETTLE_MS" <<'PY'
-import ctypes, os, statistics, subprocess, sys, time
+PYTHONPATH="$root/benches" python3 - "$work" "$BIN" "$RUNS" "$SETTLE_MS" <<'PY'
+import os, statistics, subprocess, sys, time
+
+import freshns  # benches/freshns.py
 
 work, binary, runs, settle = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 with open(f"{work}/seed.args", "rb") as f:
     ARGV = [binary] + [a.decode() for a in f.read().split(b"\0")[:-1]]
 ENV = dict(os.environ, ENABLE_INBOUND_IPV6="false")
@@ -61,36 +61,18 @@ def listing():
     return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
 
 def sample(fn, prepare=None, check=False):
-    """fn timed in a forked child in a fresh network namespace (prepare runs there first)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            if libc.unshare(CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "unshare")
-            if prepare:
-                prepare()
-            t0 = time.perf_counter_ns()
-            fn()
-            t = time.perf_counter_ns() - t0
-            out = listing() if check else ""
-            os.write(w, f"{t}\n{out}".encode())
-        except BaseException as e:
-            os.write(w, f"ERR {e}".encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    text = data.decode()
-    if text.startswith("ERR") or not text:
-        sys.exit(f"bench-nft.sh: sample failed: {text or 'child died'}")
-    ns, _, out = text.partition("\n")
+    """fn timed in a fresh network namespace (prepare runs there first, untimed); with
+    check, also the ruleset it left."""
+    def body():
+        if prepare:
+            prepare()
+        t0 = time.perf_counter_ns()
+        fn()
+        t = time.perf_counter_ns() - t0
+        return [t, listing() if check else ""]
+    t, out = freshns.in_fresh_netns(body, "bench-nft.sh")
     time.sleep(settle / 1000)
-    return int(ns), out
+    return t, out
 
 # Both sides leave the same ruleset.
 _, a = sample(ours, check=True)

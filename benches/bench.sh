@@ -104,7 +104,6 @@ iptables-nft-save in a namespace the binary has just filled (untimed). The harne
 the child calls unshare(CLONE_NEWNET) (what `unshare -n` does), then takes
 time.perf_counter_ns() (CLOCK_MONOTONIC) immediately before and after the command.
 Namespace creation, the untimed first apply and teardown are outside the timed window."""
-import ctypes
 import json
 import os
 import re
@@ -112,10 +111,10 @@ import subprocess
 import sys
 import time
 
+import freshns  # benches/freshns.py (PYTHONPATH)
+
 work, binary, runs, settle_ms = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ns_rounds = int(sys.argv[5])
-CLONE_NEWNET = 0x40000000
-libc = ctypes.CDLL(None, use_errno=True)
 DEVNULL = subprocess.DEVNULL
 ENV_A = dict(os.environ, ENABLE_INBOUND_IPV6="false")
 SAVE = ["iptables-nft-save"]
@@ -134,33 +133,7 @@ SCEN = {
 
 
 def in_fresh_netns(fn):
-    """Runs fn() in a forked child inside a new network namespace; returns its JSON result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            if libc.unshare(CLONE_NEWNET) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, "unshare(CLONE_NEWNET): " + os.strerror(e))
-            out = {"ok": fn()}
-        except BaseException as e:  # report anything to the parent
-            out = {"error": f"{type(e).__name__}: {e}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    while True:
-        c = os.read(r, 1 << 16)
-        if not c:
-            break
-        chunks.append(c)
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(b"".join(chunks) or b'{"error": "child died"}')
-    if "error" in res:
-        sys.exit(f"bench.sh: sample failed: {res['error']}")
-    return res["ok"]
+    return freshns.in_fresh_netns(fn, "bench.sh")
 
 
 def run_a(s):
@@ -417,7 +390,7 @@ json.dump(result, sys.stdout)
 PY
 
 echo "bench.sh: measuring ($RUNS samples per variant, interleaved, fresh network namespace each) ..." >&2
-python3 "$work/harness.py" "$work" "$BIN" "$RUNS" "$SETTLE_MS" "$NS_ROUNDS" >"$work/result.json" \
+PYTHONPATH="$root/benches" python3 "$work/harness.py" "$work" "$BIN" "$RUNS" "$SETTLE_MS" "$NS_ROUNDS" >"$work/result.json" \
     || die "measurement failed (see above)"
 
 # ---- report ---------------------------------------------------------------------------------

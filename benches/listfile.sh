@@ -68,8 +68,7 @@ awk 'inside && /^EOF$/ {inside=0; next} inside {print} /^iptables-restore --nofl
     "$work/dry-run" >"$work/payload"
 [[ -s $work/payload ]] || die "no iptables-restore block in the --dry-run output"
 
-python3 - "$work" "$BIN" "$RUNS" "$SETTLE_MS" "$N" "$size" <<'PY'
-import ctypes
+PYTHONPATH="$root/benches" python3 - "$work" "$BIN" "$RUNS" "$SETTLE_MS" "$N" "$size" <<'PY'
 import json
 import os
 import re
@@ -78,10 +77,10 @@ import subprocess
 import sys
 import time
 
+import freshns  # benches/freshns.py (PYTHONPATH)
+
 work, binary, runs, settle_ms, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
     int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-CLONE_NEWNET = 0x40000000
-libc = ctypes.CDLL(None, use_errno=True)
 DEVNULL = subprocess.DEVNULL
 ENV = dict(os.environ, ENABLE_INBOUND_IPV6="false")
 with open(f"{work}/args", "rb") as f:
@@ -90,33 +89,7 @@ PAYLOAD = f"{work}/payload"
 
 
 def in_fresh_netns(fn):
-    """fn() in a forked child inside a new network namespace; returns its JSON result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            if libc.unshare(CLONE_NEWNET) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, "unshare(CLONE_NEWNET): " + os.strerror(e))
-            out = {"ok": fn()}
-        except BaseException as e:
-            out = {"error": f"{type(e).__name__}: {e}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    while True:
-        c = os.read(r, 1 << 16)
-        if not c:
-            break
-        chunks.append(c)
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(b"".join(chunks) or b'{"error": "child died"}')
-    if "error" in res:
-        sys.exit(f"listfile.sh: sample failed: {res['error']}")
-    return res["ok"]
+    return freshns.in_fresh_netns(fn, "listfile.sh")
 
 
 def run_a():
