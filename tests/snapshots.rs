@@ -100,91 +100,69 @@ fn bad_input_error_lines() {
     insta::assert_snapshot!("bad_input", report);
 }
 
-/// `explain` of the config's rules (no kernel), as text and as JSON.
-#[test]
-fn explain_text_and_json() {
+/// The packets explained by the snapshot tests: (name, packet flags).
+const EXPLAINED: &[(&str, &[&str])] = &[
+    (
+        "outbound",
+        &["--direction", "outbound", "--dst", "10.1.2.3:80"],
+    ),
+    (
+        "inbound",
+        &["--direction", "inbound", "--dst", "10.0.0.5:8080"],
+    ),
+    (
+        "inbound_excluded",
+        &["--direction", "inbound", "--dst", "10.0.0.5:15090"],
+    ),
+    (
+        "proxy_own",
+        &[
+            "--direction",
+            "outbound",
+            "--dst",
+            "10.1.2.3:80",
+            "--uid",
+            "1337",
+        ],
+    ),
+];
+
+/// Snapshots `explain BACKEND PACKET --output text|json SEED` as `PREFIX_NAME_OUTPUT`.
+fn explain_snapshots(prefix: &str, backend: &[&str], packets: &[(&str, &[&str])]) {
     let env = [("ENABLE_INBOUND_IPV6", "false")];
-    for (name, packet) in [
-        (
-            "explain_outbound",
-            &["--direction", "outbound", "--dst", "10.1.2.3:80"][..],
-        ),
-        (
-            "explain_inbound",
-            &["--direction", "inbound", "--dst", "10.0.0.5:8080"][..],
-        ),
-        (
-            "explain_inbound_excluded",
-            &["--direction", "inbound", "--dst", "10.0.0.5:15090"][..],
-        ),
-        (
-            "explain_proxy_own",
-            &[
-                "--direction",
-                "outbound",
-                "--dst",
-                "10.1.2.3:80",
-                "--uid",
-                "1337",
-            ][..],
-        ),
-    ] {
+    for (name, packet) in packets {
         for output in ["text", "json"] {
             let mut args = vec!["explain"];
+            args.extend_from_slice(backend);
             args.extend_from_slice(packet);
             args.extend_from_slice(&["--output", output]);
             args.extend_from_slice(SEED);
             let out = run(&args, &env);
             assert!(out.status.success(), "{name}: {out:?}");
-            insta::assert_snapshot!(format!("{name}_{output}"), stdout(&out));
+            insta::assert_snapshot!(format!("{prefix}_{name}_{output}"), stdout(&out));
         }
     }
 }
 
+/// `explain` of the config's rules (no kernel), as text and as JSON.
+#[test]
+fn explain_text_and_json() {
+    explain_snapshots("explain", &[], EXPLAINED);
+}
+
 /// `explain --native-nftables` of the config's nftables rules (no kernel), as text and as
-/// JSON: the same packets as [`explain_text_and_json`].
+/// JSON: the same packets as [`explain_text_and_json`], and IPv6 with IPv6 off.
 #[test]
 fn explain_nft_text_and_json() {
-    let env = [("ENABLE_INBOUND_IPV6", "false")];
-    for (name, packet) in [
-        (
-            "explain_nft_outbound",
-            &["--direction", "outbound", "--dst", "10.1.2.3:80"][..],
-        ),
-        (
-            "explain_nft_inbound",
-            &["--direction", "inbound", "--dst", "10.0.0.5:8080"][..],
-        ),
-        (
-            "explain_nft_inbound_excluded",
-            &["--direction", "inbound", "--dst", "10.0.0.5:15090"][..],
-        ),
-        (
-            "explain_nft_proxy_own",
-            &[
-                "--direction",
-                "outbound",
-                "--dst",
-                "10.1.2.3:80",
-                "--uid",
-                "1337",
-            ][..],
-        ),
-        (
-            "explain_nft_ipv6_off",
-            &["--direction", "outbound", "--dst", "[fd00::1]:80"][..],
-        ),
-    ] {
-        for output in ["text", "json"] {
-            let mut args = vec!["explain", "--native-nftables"];
-            args.extend_from_slice(packet);
-            args.extend_from_slice(&["--output", output]);
-            args.extend_from_slice(SEED);
-            let out = run(&args, &env);
-            assert!(out.status.success(), "{name}: {out:?}");
-            insta::assert_snapshot!(format!("{name}_{output}"), stdout(&out));
-        }
-    }
+    explain_snapshots("explain_nft", &["--native-nftables"], EXPLAINED);
+    explain_snapshots(
+        "explain_nft",
+        &["--native-nftables"],
+        &[(
+            "ipv6_off",
+            &["--direction", "outbound", "--dst", "[fd00::1]:80"],
+        )],
+    );
 }
 
 /// The dry-run script of `case`, in a fresh network namespace (so that IPv6 detection and
