@@ -224,8 +224,10 @@ pub fn build_config(
         as_given(&e.source_name, &mut e.value);
         e
     })?;
-    for g in [&mut cfg.given.proxy_uid, &mut cfg.given.proxy_gid] {
-        as_given(&g.source_name, &mut g.value);
+    if !from_files.is_empty() {
+        for g in [&mut cfg.given.proxy_uid, &mut cfg.given.proxy_gid] {
+            as_given(&g.source_name(), &mut g.value);
+        }
     }
     Ok(cfg)
 }

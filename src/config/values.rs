@@ -200,15 +200,15 @@ impl<'a> Src<'a> {
         Src::Env(var)
     }
     pub(super) fn name(&self) -> String {
+        self.source().name()
+    }
+    fn source(&self) -> GivenSource {
         match self {
-            Src::Arg(args, id) => {
-                let (flag, env) = describe(id);
-                match (args.origin(id), env) {
-                    (Origin::Env, Some(env)) => format!("{flag} (from env {env})"),
-                    _ => flag,
-                }
-            }
-            Src::Env(var) => format!("env {var}"),
+            Src::Arg(args, id) => GivenSource::Arg {
+                id: id.to_string(),
+                from_env: args.origin(id) == Origin::Env,
+            },
+            Src::Env(var) => GivenSource::Env(var.to_string()),
         }
     }
     pub(super) fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -216,24 +216,61 @@ impl<'a> Src<'a> {
     }
     pub(super) fn given(&self, value: &str) -> Given {
         Given {
-            source_name: self.name(),
+            source: self.source(),
             value: value.to_string(),
         }
     }
 }
 
-/// A value as given and how errors name its source: kept for the errors found after
+/// Where a [`Given`] value came from. The flag's name is looked up in the clap definition
+/// only for a message: building that definition costs as much as parsing the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GivenSource {
+    /// The clap argument `id`, set on the command line or (`from_env`) by its env var.
+    Arg { id: String, from_env: bool },
+    /// An env-only knob.
+    Env(String),
+}
+
+impl Default for GivenSource {
+    fn default() -> Self {
+        GivenSource::Env(String::new())
+    }
+}
+
+impl GivenSource {
+    /// e.g. `--envoy-port`, `--envoy-port (from env ENVOY_PORT)`, `env ENVOY_USER`.
+    pub fn name(&self) -> String {
+        match self {
+            GivenSource::Arg { id, from_env } => {
+                let (flag, env) = describe(id);
+                match (from_env, env) {
+                    (true, Some(env)) => format!("{flag} (from env {env})"),
+                    _ => flag,
+                }
+            }
+            GivenSource::Env(var) => format!("env {var}"),
+        }
+    }
+}
+
+/// A value as given and where it came from: kept for the errors found after
 /// `Config::build`, once the host is asked (`HostFacts::detect`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Given {
-    pub source_name: String,
+    pub source: GivenSource,
     pub value: String,
 }
 
 impl Given {
+    /// How errors name the value's source.
+    pub fn source_name(&self) -> String {
+        self.source.name()
+    }
+
     pub fn err(&self, reason: impl Into<String>) -> ConfigError {
         ConfigError {
-            source_name: self.source_name.clone(),
+            source_name: self.source_name(),
             value: self.value.clone(),
             reason: reason.into(),
         }
