@@ -200,9 +200,34 @@ fn dry_run_script_of_each_conformance_case() {
     }
 }
 
+/// Snapshots the exit code and stdout of `verify BACKEND SEED`, as text and as JSON, in a
+/// fresh namespace after `setup` (shell with `{BIN}` and `{seed}` filled in), as
+/// `PREFIX_text` and `PREFIX_json`.
+fn verify_after(prefix: &str, backend: &str, setup: &str) {
+    let mut script = setup.to_string();
+    for output in ["text", "json"] {
+        script.push_str(&format!(
+            "rc=0; {BIN} verify {backend} --output {output} {seed} > \"$NS_OUT/{output}\" \
+             2> /dev/null || rc=$?\necho $rc > \"$NS_OUT/{output}-rc\"\n",
+            seed = shell_command(SEED.iter().copied()),
+        ));
+    }
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    for output in ["text", "json"] {
+        let report = format!(
+            "exit {}\n{}",
+            out.file(&format!("{output}-rc")).unwrap().trim(),
+            out.file(output).unwrap()
+        );
+        insta::assert_snapshot!(format!("{prefix}_{output}"), report);
+    }
+}
+
 /// `verify` of the seed's rules after drift: in a fresh namespace, the seed applied (IPv4
 /// only; a fresh namespace has no legacy tables, so the nft backend), then one of its rules
-/// deleted and a foreign rule added; the exit code and stdout of `verify` as text and as JSON. Nothing in them names the host (no backend, no time).
+/// deleted and a foreign rule added. Nothing in the output names the host (no backend, no
+/// time).
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn verify_text_and_json_after_drift() {
@@ -210,34 +235,20 @@ fn verify_text_and_json_after_drift() {
         return;
     }
     let seed = shell_command(SEED.iter().copied());
-    let script = format!(
+    let setup = format!(
         "mount -t tmpfs tmpfs /run # a private xtables lock\n\
          ip link set lo up\n\
          export ENABLE_INBOUND_IPV6=false\n\
          {BIN} {seed} 2> /dev/null\n\
          iptables-nft -t nat -D ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN\n\
-         iptables-nft -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN\n\
-         rc=0; {BIN} verify {seed} > \"$NS_OUT/text\" 2> /dev/null || rc=$?\n\
-         echo $rc > \"$NS_OUT/text-rc\"\n\
-         rc=0; {BIN} verify --output json {seed} > \"$NS_OUT/json\" 2> /dev/null || rc=$?\n\
-         echo $rc > \"$NS_OUT/json-rc\"\n"
+         iptables-nft -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN\n"
     );
-    let out = run_in_fresh_ns(&script);
-    assert!(out.success(), "{}", out.describe());
-    for output in ["text", "json"] {
-        let report = format!(
-            "exit {}\n{}",
-            out.file(&format!("{output}-rc")).unwrap().trim(),
-            out.file(output).unwrap()
-        );
-        insta::assert_snapshot!(format!("verify_drift_{output}"), report);
-    }
+    verify_after("verify_drift", "", &setup);
 }
 
 /// `verify --native-nftables` of the seed's nftables rules after drift: in a fresh
 /// namespace, the seed's transaction applied (the dry-run script), then a rule deleted by
-/// its handle and an unwanted chain with a rule added; the exit code and stdout of `verify`
-/// as text and as JSON.
+/// its handle and an unwanted chain with a rule added.
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn verify_nft_text_and_json_after_drift() {
@@ -245,7 +256,7 @@ fn verify_nft_text_and_json_after_drift() {
         return;
     }
     let seed = shell_command(SEED.iter().copied());
-    let script = format!(
+    let setup = format!(
         "ip link set lo up\n\
          export ENABLE_INBOUND_IPV6=false\n\
          {BIN} --dry-run --native-nftables {seed} > apply.sh 2> /dev/null\n\
@@ -253,20 +264,7 @@ fn verify_nft_text_and_json_after_drift() {
          h=$(nft -a list chain inet istio-proxy-nat istio-output | grep 'skuid != 1337' | sed 's/.*# handle //')\n\
          nft delete rule inet istio-proxy-nat istio-output handle $h\n\
          nft add chain inet istio-proxy-nat stray\n\
-         nft add rule inet istio-proxy-nat stray tcp dport 9999 counter return\n\
-         rc=0; {BIN} verify --native-nftables {seed} > \"$NS_OUT/text\" 2> /dev/null || rc=$?\n\
-         echo $rc > \"$NS_OUT/text-rc\"\n\
-         rc=0; {BIN} verify --native-nftables --output json {seed} > \"$NS_OUT/json\" 2> /dev/null || rc=$?\n\
-         echo $rc > \"$NS_OUT/json-rc\"\n"
+         nft add rule inet istio-proxy-nat stray tcp dport 9999 counter return\n"
     );
-    let out = run_in_fresh_ns(&script);
-    assert!(out.success(), "{}", out.describe());
-    for output in ["text", "json"] {
-        let report = format!(
-            "exit {}\n{}",
-            out.file(&format!("{output}-rc")).unwrap().trim(),
-            out.file(output).unwrap()
-        );
-        insta::assert_snapshot!(format!("verify_nft_drift_{output}"), report);
-    }
+    verify_after("verify_nft_drift", "--native-nftables", &setup);
 }
