@@ -206,10 +206,9 @@ fn main() -> ExitCode {
              --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
         );
     }
-    log_config(&cfg, &facts);
 
     let opts = Options::from_config(&cfg);
-    let mut runner = SystemRunner;
+    let mut runner = SystemRunner::default();
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
@@ -221,6 +220,7 @@ fn main() -> ExitCode {
         match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
             Ok(l) => Some(l),
             Err(e) => {
+                log_config(&cfg, &facts);
                 report(e);
                 return ExitCode::from(code::FAILURE);
             }
@@ -230,17 +230,32 @@ fn main() -> ExitCode {
     };
 
     if cfg.cleanup_only {
+        log_config(&cfg, &facts);
         return cleanup(&cfg, &facts, &opts, &mut env);
     }
 
     if cfg.skip_rule_apply {
+        log_config(&cfg, &facts);
         tracing::info!("--skip-rule-apply: applying nothing");
     } else {
-        let result = if cfg.native_nftables {
-            let ruleset = nft::build(&cfg, &facts);
-            apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
+        // The first program of the apply starts now and loads while the config is logged
+        // and the rules are built (the input is valid by now: nothing past this point is
+        // refused as bad input).
+        let plan = if cfg.native_nftables {
+            apply::nft::prestart(&mut env);
+            None
         } else {
-            apply::apply(&rules::build(&cfg, &facts), &opts, &mut env)
+            let plan = rules::build(&cfg, &facts);
+            apply::prestart(&plan.families(), &opts, &mut env);
+            Some(plan)
+        };
+        log_config(&cfg, &facts);
+        let result = match plan {
+            None => {
+                let ruleset = nft::build(&cfg, &facts);
+                apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
+            }
+            Some(plan) => apply::apply(&plan, &opts, &mut env),
         };
         match result {
             Ok(s) => tracing::info!(
@@ -262,6 +277,9 @@ fn main() -> ExitCode {
         }
     }
 
+    // A program started ahead but not taken over gets its end of input now, not after the
+    // validation.
+    drop(runner);
     drop(lock);
 
     if cfg.run_validation {
@@ -367,7 +385,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
         report(e);
         ExitCode::from(c)
     };
-    let mut runner = SystemRunner;
+    let mut runner = SystemRunner::default();
     match command {
         Command::Explain(a) => {
             let a = &inspect::ExplainRequest::from(a);

@@ -574,6 +574,32 @@ fn undo_all(
     undo.describe()
 }
 
+/// Starts ahead, for each of `families`, the program [`apply`] will run first: the restore
+/// in a namespace without iptables-nft tables (where the state read is skipped), else the
+/// save. It loads while the caller logs the config and builds the rules; the matching
+/// [`Runner::run`] takes it over. The legacy flavour is left alone (its restore takes the
+/// xtables lock). Decides nothing: [`apply`] detects and reads again, and a process it does
+/// not take over is given no input, which changes nothing.
+pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) {
+    for &family in families {
+        let Ok(backend) = backend::detect(family, opts.flavor, env.probe) else {
+            continue;
+        };
+        if backend.flavor != Some(Flavor::Nft) {
+            continue;
+        }
+        if env.probe.nft_tables(family) == Some(0) {
+            env.runner.prestart(
+                &backend.restore_program(),
+                &restore_args(&backend, true, opts),
+                true,
+            );
+        } else {
+            env.runner.prestart(&backend.save_program(), &[], false);
+        }
+    }
+}
+
 /// Applies `plan`, reconciling whatever the namespace already holds.
 pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, ApplyError> {
     let mut runs: Vec<Run> = Vec::new();
@@ -695,8 +721,11 @@ fn ip_phase(
     // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
     // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
     let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        match env.probe.routing(family) {
+    for (family, routing) in [Family::V4, Family::V6]
+        .into_iter()
+        .zip(env.probe.routing_both())
+    {
+        match routing {
             Some(routing) => stale.extend(ip::leftovers_at(family, &routing, wanted)),
             None => {
                 // Netlink unavailable: the configured mark and table, when the state read

@@ -49,6 +49,24 @@ pub fn check_nft(env: &Env<'_>) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Starts ahead the first `nft` [`apply`] runs: the transaction (`nft -f -`) where none of
+/// our tables exist, else the listing (see [`super::prestart`]).
+pub fn prestart(env: &mut Env<'_>) {
+    // A missing or too old nft is refused before it ever runs.
+    if check_nft(env).is_err() {
+        return;
+    }
+    match env.probe.nft_inet_tables() {
+        Some(names) if !names.iter().any(|n| Table::from_name(n).is_some()) => {
+            env.runner
+                .prestart("nft", &["-f", "-"].map(String::from), true);
+        }
+        _ => env
+            .runner
+            .prestart("nft", &["list", "ruleset", FAMILY].map(String::from), false),
+    }
+}
+
 /// Reads our tables. Netlink first: a namespace without any of them needs no process.
 pub fn read_live(env: &mut Env<'_>) -> Result<Live, ApplyError> {
     if let Some(names) = env.probe.nft_inet_tables()

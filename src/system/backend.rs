@@ -85,6 +85,10 @@ pub trait Probe {
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
+    /// [`Probe::routing`] of IPv4 and IPv6, in that order (one read where it can be).
+    fn routing_both(&self) -> [Option<crate::system::rtnl::Routing>; 2] {
+        [self.routing(Family::V4), self.routing(Family::V6)]
+    }
     /// Whether `lo` has the IPv6 passthrough address `::6/128` (`None`: could not tell;
     /// callers then ask `ip`).
     fn lo_passthrough_v6(&self) -> Option<bool> {
@@ -109,12 +113,26 @@ pub trait Probe {
 #[derive(Debug, Default)]
 pub struct SystemProbe;
 
-/// Full path of `program` on PATH.
+/// Full path of `program` on PATH. Remembered for the rest of the run (PATH and the
+/// programs do not change under one run): detection, the state read and the commit ask for
+/// the same few programs.
 pub fn which(program: &str) -> Option<PathBuf> {
+    type Found = Vec<((std::ffi::OsString, String), Option<PathBuf>)>;
+    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    let key = (path.clone(), program.to_string());
+    if let Ok(found) = FOUND.lock()
+        && let Some((_, p)) = found.iter().find(|(k, _)| *k == key)
+    {
+        return p.clone();
+    }
+    let p = std::env::split_paths(&path)
         .map(|d| d.join(program))
-        .find(|p| is_executable(p))
+        .find(|p| is_executable(p));
+    if let Ok(mut found) = FOUND.lock() {
+        found.push((key, p.clone()));
+    }
+    p
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -151,6 +169,13 @@ impl Probe for SystemProbe {
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
         crate::system::rtnl::routing(family)
+    }
+
+    fn routing_both(&self) -> [Option<crate::system::rtnl::Routing>; 2] {
+        match crate::system::rtnl::routing_both() {
+            Some([v4, v6]) => [Some(v4), Some(v6)],
+            None => [self.routing(Family::V4), self.routing(Family::V6)],
+        }
     }
 
     fn lo_passthrough_v6(&self) -> Option<bool> {

@@ -142,9 +142,25 @@ pub fn check_net_caps() -> Result<(), MissingCapabilities> {
 /// The names (`NET_ADMIN`, `NET_RAW`) of the capabilities iptables needs that this process
 /// does not have in effect. Empty when they cannot be read (we then let iptables tell).
 pub fn missing_net_caps() -> Vec<&'static str> {
-    std::fs::read_to_string("/proc/self/status")
+    // One read into a page-sized buffer (the file is about 1.5 KB): `read_to_string` grows
+    // its buffer from 32 bytes, a read per step, as procfs reports no size.
+    use std::io::Read as _;
+    let mut buf = [0u8; 8192];
+    let mut len = 0;
+    let Ok(mut f) = std::fs::File::open("/proc/self/status") else {
+        return Vec::new();
+    };
+    while len < buf.len() {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Vec::new(),
+        }
+    }
+    std::str::from_utf8(&buf[..len])
         .ok()
-        .and_then(|s| missing_from_status(&s))
+        .and_then(missing_from_status)
         .unwrap_or_default()
 }
 

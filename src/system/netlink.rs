@@ -1,9 +1,11 @@
-//! One netlink dump, the part the nftables probe and the rtnetlink reads share: open a
-//! socket of `protocol`, send one `NLM_F_DUMP` request, hand every reply message to the
-//! caller until `NLMSG_DONE`. Any failure (no socket, a short or malformed reply, an error
-//! from the kernel) means "unknown": `None`, and the caller falls back.
+//! Netlink dumps, the part the nftables probe and the rtnetlink reads share: open a socket
+//! of `protocol`, send an `NLM_F_DUMP` request, hand every reply message to the caller until
+//! `NLMSG_DONE`. One socket can serve several dumps in turn. Any failure (no socket, a short
+//! or malformed reply, an error from the kernel) means "unknown": `None`, and the caller
+//! falls back.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
@@ -16,58 +18,92 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 /// Size of `struct nlmsghdr`.
 const HEADER: usize = 16;
+/// Receive buffer: the kernel fills a dump reply up to the reader's buffer size (32 KiB at
+/// most), and one message of ours is far smaller.
+const BUF: usize = 32 * 1024;
 
-/// Sends a dump request of message type `kind` whose body (after the 16-byte header) is
-/// `body`, and calls `each(type, body)` for every message of the reply. `None` when the
-/// kernel could not be asked or answered with an error.
+/// One receive buffer, reused by every dump: a fresh zeroed 32 KiB per dump costs page
+/// faults several times per run. (A static, not a thread-local: a thread-local with a
+/// destructor makes musl set up its own allocator on first use.)
+static RECV_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// A bound netlink socket.
+pub struct Socket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Socket {
+    /// A socket of `protocol` bound to a kernel-chosen port; `None` when that fails.
+    pub fn open(protocol: SockProtocol) -> Option<Socket> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            protocol,
+        )
+        .ok()?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).ok()?;
+        Some(Socket { fd, seq: 0 })
+    }
+
+    /// Sends a dump request of message type `kind` whose body (after the 16-byte header) is
+    /// `body`, and calls `each(type, body)` for every message of the reply. `None` when the
+    /// kernel could not be asked or answered with an error.
+    pub fn dump(&mut self, kind: u16, body: &[u8], mut each: impl FnMut(u16, &[u8])) -> Option<()> {
+        self.seq += 1;
+        let len = u32::try_from(HEADER + body.len()).ok()?;
+        let mut msg = Vec::with_capacity(HEADER + body.len());
+        msg.extend_from_slice(&len.to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+        msg.extend_from_slice(body);
+        send(self.fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
+
+        // Another thread dumping at the same time (tests) gets a buffer of its own.
+        let mut owned = Vec::new();
+        let mut shared = RECV_BUF.try_lock().ok();
+        let buf: &mut Vec<u8> = shared.as_deref_mut().unwrap_or(&mut owned);
+        if buf.len() < BUF {
+            buf.resize(BUF, 0);
+        }
+        for _ in 0..100_000 {
+            let n = recv(self.fd.as_raw_fd(), buf, MsgFlags::empty()).ok()?;
+            if n == 0 {
+                return None;
+            }
+            let mut off = 0;
+            while off + HEADER <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
+                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
+                if len < HEADER || off + len > n {
+                    return None;
+                }
+                match ty {
+                    NLMSG_DONE => return Some(()),
+                    NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(
+                            buf[off + HEADER..off + HEADER + 4].try_into().ok()?,
+                        );
+                        return (errno == 0).then_some(());
+                    }
+                    _ => each(ty, &buf[off + HEADER..off + len]),
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        None
+    }
+}
+
+/// One dump on a socket of its own (see [`Socket::dump`]).
 pub fn dump(
     protocol: SockProtocol,
     kind: u16,
     body: &[u8],
-    mut each: impl FnMut(u16, &[u8]),
+    each: impl FnMut(u16, &[u8]),
 ) -> Option<()> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        protocol,
-    )
-    .ok()?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).ok()?;
-    let len = u32::try_from(HEADER + body.len()).ok()?;
-    let mut msg = Vec::with_capacity(HEADER + body.len());
-    msg.extend_from_slice(&len.to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-    msg.extend_from_slice(body);
-    send(fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
-
-    let mut buf = vec![0u8; 64 * 1024];
-    for _ in 0..100_000 {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).ok()?;
-        if n == 0 {
-            return None;
-        }
-        let mut off = 0;
-        while off + HEADER <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
-            if len < HEADER || off + len > n {
-                return None;
-            }
-            match ty {
-                NLMSG_DONE => return Some(()),
-                NLMSG_ERROR => {
-                    let errno =
-                        i32::from_ne_bytes(buf[off + HEADER..off + HEADER + 4].try_into().ok()?);
-                    return (errno == 0).then_some(());
-                }
-                _ => each(ty, &buf[off + HEADER..off + len]),
-            }
-            off += (len + 3) & !3;
-        }
-    }
-    None
+    Socket::open(protocol)?.dump(kind, body, each)
 }
