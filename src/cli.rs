@@ -656,7 +656,15 @@ pub enum Origin {
 #[derive(Debug, Clone)]
 pub struct Args {
     pub cli: Cli,
-    matches: clap::ArgMatches,
+    origins: Origins,
+}
+
+/// Where [`Args::origin`] looks: clap's matches, or the fast parser's origins (one per row
+/// of [`FLAGS`]).
+#[derive(Debug, Clone)]
+enum Origins {
+    Clap(clap::ArgMatches),
+    Fast([Origin; FLAGS.len()]),
 }
 
 impl Args {
@@ -667,62 +675,267 @@ impl Args {
         T: Into<std::ffi::OsString> + Clone,
     {
         let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
-        if let Some(parsed) = Self::parse_apply_only(&argv) {
-            return Ok(parsed);
+        match Self::parse_fast(&argv, &|name| std::env::var_os(name)) {
+            Some(parsed) => Ok(parsed),
+            None => Self::parse_clap(argv),
         }
+    }
+
+    /// The full definition's parse ([`command`]): every command, --help, every error.
+    fn parse_clap(argv: Vec<std::ffi::OsString>) -> Result<Self, clap::Error> {
         let mut cmd = command();
         let matches = cmd.try_get_matches_from_mut(argv)?;
         refuse_foreign_flags(&mut cmd, &matches)?;
         let cli = Cli::from_arg_matches(&matches)?;
-        Ok(Self { cli, matches })
+        Ok(Self {
+            cli,
+            origins: Origins::Clap(matches),
+        })
     }
 
-    /// The fast path of every pod start: when no word of `argv` names a command (but for
-    /// the injector's leading `istio-iptables`, which names the apply command), the
-    /// arguments can only be the apply command's, and [`Cli::command`] with its flags made
-    /// local parses them as [`command`] does (same flags, env vars, defaults and value
-    /// sources), without copying ~60 global flags into each of the five commands and
-    /// adding the stand-ins (≈ 0.2 ms, most of clap's cost here). `None` (another command
-    /// word, or anything clap refuses or answers itself: --help, --version, a bad flag)
-    /// leaves it to the full definition, so every message stays that one's.
-    fn parse_apply_only(argv: &[std::ffi::OsString]) -> Option<Self> {
-        let named = argv.get(1).is_some_and(|w| w == APPLY_COMMAND);
-        let argv: Vec<&std::ffi::OsString> = match argv.split_first() {
-            Some((program, rest)) if named => std::iter::once(program).chain(&rest[1..]).collect(),
-            _ => argv.iter().collect(),
-        };
-        let cmd = Cli::command();
-        let names_a_command = |w: &std::ffi::OsString| {
-            w == "help"
-                || cmd
-                    .get_subcommands()
-                    .any(|sc| sc.get_name() == w || sc.get_all_aliases().any(|alias| alias == w))
-        };
-        if argv.iter().skip(1).any(|w| names_a_command(w)) {
-            return None;
+    /// The fast path of every pod start, without building a clap `Command` (that costs
+    /// about as much as everything else a --dry-run does): the apply command's arguments,
+    /// read with [`FLAGS`], the table of [`Cli`]'s flags (a test holds it equal to clap's
+    /// definition), giving what clap gives: same values, same origins (flag > env >
+    /// default). It takes the forms of a pod's arguments: an optional leading
+    /// `istio-iptables` (the injector's), then `--long VALUE`, `--long=VALUE`, `-s VALUE`;
+    /// `--flag` or `--flag=VALUE` and `-s` for the optional-value booleans; `-v` and
+    /// `--verbose`, counted; `--log_target` repeated. `None` for anything else (a command
+    /// word, a positional, `--`, --help, --version, an unknown flag, `-vv` or `-p15001`,
+    /// a missing value or one starting with `-`, a flag given twice, a value or env var
+    /// that is not UTF-8): clap's full definition decides, so every message stays clap's.
+    /// `env` reads an environment variable (a parameter so tests need not set any).
+    fn parse_fast(
+        argv: &[std::ffi::OsString],
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Option<Self> {
+        let mut words = argv.iter().skip(1).peekable();
+        let mut command = None;
+        if words.next_if(|w| *w == APPLY_COMMAND).is_some() {
+            command = Some(Command::IstioIptables);
         }
-        let matches = cmd
-            .mut_args(|a| a.global(false))
-            .try_get_matches_from(argv)
-            .ok()?;
-        if matches.subcommand().is_some() {
-            return None;
+        let mut slots: Vec<Slot> = FLAGS
+            .iter()
+            .map(|_| Slot {
+                values: Vec::new(),
+                origin: Origin::Default,
+            })
+            .collect();
+        while let Some(word) = words.next() {
+            let word = word.to_str()?;
+            let (i, attached) = if let Some(long) = word.strip_prefix("--") {
+                let (name, value) = match long.split_once('=') {
+                    Some((name, value)) => (name, Some(value)),
+                    None => (long, None),
+                };
+                (FLAGS.iter().position(|f| f.long == name)?, value)
+            } else if let Some(short) = word.strip_prefix('-') {
+                let mut chars = short.chars();
+                let (Some(c), None) = (chars.next(), chars.next()) else {
+                    return None;
+                };
+                (FLAGS.iter().position(|f| f.short == Some(c))?, None)
+            } else {
+                return None;
+            };
+            let (flag, slot) = (&FLAGS[i], &mut slots[i]);
+            let value = match (flag.kind, attached) {
+                (Kind::Count, None) => String::new(),
+                (Kind::Count, Some(_)) => return None,
+                (Kind::OptBool, None) => "true".to_string(),
+                (_, Some(value)) => value.to_string(),
+                (Kind::Value | Kind::Append, None) => {
+                    let value = words.next()?.to_str()?;
+                    if value.starts_with('-') {
+                        return None;
+                    }
+                    value.to_string()
+                }
+            };
+            if slot.origin == Origin::Flag && matches!(flag.kind, Kind::Value | Kind::OptBool) {
+                return None;
+            }
+            slot.origin = Origin::Flag;
+            slot.values.push(value);
         }
-        let mut cli = Cli::from_arg_matches(&matches).ok()?;
-        if named {
-            cli.command = Some(Command::IstioIptables);
+        let mut origins = [Origin::Default; FLAGS.len()];
+        for ((flag, slot), origin) in FLAGS.iter().zip(&mut slots).zip(&mut origins) {
+            if slot.origin == Origin::Flag {
+                // After `istio-iptables`, clap also reads the env var of a flag given (the
+                // root's copy of the flag is not), and refuses one that is not UTF-8.
+                if command.is_some() && flag.env.and_then(env).is_some_and(|v| v.to_str().is_none())
+                {
+                    return None;
+                }
+            } else if let Some(value) = flag.env.and_then(env) {
+                slot.values.push(value.into_string().ok()?);
+                slot.origin = Origin::Env;
+            } else if let Some(default) = flag.default {
+                slot.values.push(default.to_string());
+            }
+            *origin = slot.origin;
         }
-        Some(Self { cli, matches })
+        Some(Self {
+            cli: cli_from_slots(slots, command),
+            origins: Origins::Fast(origins),
+        })
     }
 
     /// Where the value of the field `id` (clap's id: the field name) came from.
     pub fn origin(&self, id: &str) -> Origin {
-        match self.matches.value_source(id) {
-            Some(ValueSource::CommandLine) => Origin::Flag,
-            Some(ValueSource::EnvVariable) => Origin::Env,
-            _ => Origin::Default,
+        match &self.origins {
+            Origins::Clap(matches) => match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => Origin::Flag,
+                Some(ValueSource::EnvVariable) => Origin::Env,
+                _ => Origin::Default,
+            },
+            Origins::Fast(origins) => match FLAGS.iter().position(|f| f.id == id) {
+                Some(i) => origins[i],
+                None => {
+                    // clap's matches panic on an unknown id in debug builds, too.
+                    debug_assert!(false, "{id:?} is not the id of a flag");
+                    Origin::Default
+                }
+            },
         }
     }
+}
+
+/// How the fast parser reads a flag of [`FLAGS`] (each matches one shape of clap argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One value (`ArgAction::Set`, one value): `--long VALUE`, `--long=VALUE`, `-s VALUE`.
+    Value,
+    /// A boolean whose value is optional (`num_args = 0..=1`, `require_equals`,
+    /// `default_missing_value = "true"`): `--long`, `-s` or `--long=VALUE`.
+    OptBool,
+    /// `ArgAction::Count`: `-s` or `--long`, each counted.
+    Count,
+    /// `ArgAction::Append`: `--long VALUE` or `--long=VALUE`, repeatable.
+    Append,
+}
+
+/// One root flag of [`Cli`] as the fast parser sees it.
+#[derive(Debug)]
+struct Flag {
+    /// clap's id: the field's name.
+    id: &'static str,
+    short: Option<char>,
+    long: &'static str,
+    env: Option<&'static str>,
+    default: Option<&'static str>,
+    kind: Kind,
+}
+
+/// What the fast parser found for one flag: its values (one empty string per occurrence
+/// for a [`Kind::Count`]) and where they came from.
+struct Slot {
+    values: Vec<String>,
+    origin: Origin,
+}
+
+/// A field of [`Cli`] from its [`Slot`], as clap's derive reads its matches.
+trait FromSlot {
+    fn from_slot(slot: Slot) -> Self;
+}
+
+impl FromSlot for String {
+    fn from_slot(slot: Slot) -> Self {
+        slot.values.into_iter().next().unwrap_or_default()
+    }
+}
+
+impl FromSlot for Option<String> {
+    fn from_slot(slot: Slot) -> Self {
+        slot.values.into_iter().next()
+    }
+}
+
+impl FromSlot for Vec<String> {
+    fn from_slot(slot: Slot) -> Self {
+        slot.values
+    }
+}
+
+impl FromSlot for u8 {
+    fn from_slot(slot: Slot) -> Self {
+        // clap's Count saturates, too.
+        u8::try_from(slot.values.len()).unwrap_or(u8::MAX)
+    }
+}
+
+/// [`FLAGS`] and [`cli_from_slots`] from one list, in [`Cli`]'s field order: `id, short,
+/// long, env, default, kind;`. The struct literal makes a field of `Cli` missing here a
+/// compile error; `fast_parse_table_is_the_clap_definition` holds every row equal to clap's.
+macro_rules! root_flags {
+    ($($id:ident, $short:expr, $long:expr, $env:expr, $default:expr, $kind:ident;)*) => {
+        /// Every root flag of [`Cli`], for the fast parser ([`Args::parse_fast`]).
+        const FLAGS: [Flag; [$(stringify!($id)),*].len()] = [$(Flag {
+            id: stringify!($id),
+            short: $short,
+            long: $long,
+            env: $env,
+            default: $default,
+            kind: Kind::$kind,
+        }),*];
+
+        /// The [`Cli`] of the slots (one per row of [`FLAGS`], in order).
+        fn cli_from_slots(slots: Vec<Slot>, command: Option<Command>) -> Cli {
+            let mut slots = slots.into_iter();
+            // A struct expression evaluates its fields in the order written: FLAGS's.
+            Cli {
+                $($id: FromSlot::from_slot(slots.next().expect("one slot per flag")),)*
+                command,
+            }
+        }
+    };
+}
+
+root_flags! {
+    envoy_port, Some('p'), "envoy-port", Some("ENVOY_PORT"), Some("15001"), Value;
+    inbound_capture_port, Some('z'), "inbound-capture-port", Some("INBOUND_CAPTURE_PORT"), Some("15006"), Value;
+    inbound_tunnel_port, Some('e'), "inbound-tunnel-port", Some("INBOUND_TUNNEL_PORT"), Some("15008"), Value;
+    proxy_uid, Some('u'), "proxy-uid", Some("PROXY_UID"), None, Value;
+    proxy_gid, Some('g'), "proxy-gid", Some("PROXY_GID"), None, Value;
+    istio_inbound_interception_mode, Some('m'), "istio-inbound-interception-mode", Some("ISTIO_INBOUND_INTERCEPTION_MODE"), Some(""), Value;
+    istio_inbound_ports, Some('b'), "istio-inbound-ports", Some("ISTIO_INBOUND_PORTS"), Some(""), Value;
+    istio_local_exclude_ports, Some('d'), "istio-local-exclude-ports", Some("ISTIO_LOCAL_EXCLUDE_PORTS"), Some(""), Value;
+    istio_exclude_interfaces, Some('c'), "istio-exclude-interfaces", Some("ISTIO_EXCLUDE_INTERFACES"), Some(""), Value;
+    istio_service_cidr, Some('i'), "istio-service-cidr", Some("ISTIO_SERVICE_CIDR"), Some(""), Value;
+    istio_service_exclude_cidr, Some('x'), "istio-service-exclude-cidr", Some("ISTIO_SERVICE_EXCLUDE_CIDR"), Some(""), Value;
+    istio_outbound_ports, Some('q'), "istio-outbound-ports", Some("ISTIO_OUTBOUND_PORTS"), Some(""), Value;
+    istio_local_outbound_ports_exclude, Some('o'), "istio-local-outbound-ports-exclude", Some("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"), Some(""), Value;
+    kube_virt_interfaces, Some('k'), "kube-virt-interfaces", Some("KUBE_VIRT_INTERFACES"), Some(""), Value;
+    istio_inbound_tproxy_mark, Some('t'), "istio-inbound-tproxy-mark", Some("ISTIO_INBOUND_TPROXY_MARK"), Some("1337"), Value;
+    istio_inbound_tproxy_route_table, Some('r'), "istio-inbound-tproxy-route-table", Some("ISTIO_INBOUND_TPROXY_ROUTE_TABLE"), Some("133"), Value;
+    dry_run, Some('n'), "dry-run", Some("DRY_RUN"), Some("false"), OptBool;
+    redirect_dns, None, "redirect-dns", Some("REDIRECT_DNS"), Some("false"), OptBool;
+    capture_all_dns, None, "capture-all-dns", Some("CAPTURE_ALL_DNS"), Some("false"), OptBool;
+    drop_invalid, None, "drop-invalid", Some("DROP_INVALID"), Some("false"), OptBool;
+    dual_stack, None, "dual-stack", Some("DUAL_STACK"), Some("false"), OptBool;
+    skip_rule_apply, None, "skip-rule-apply", Some("SKIP_RULE_APPLY"), Some("false"), OptBool;
+    run_validation, None, "run-validation", Some("RUN_VALIDATION"), Some("false"), OptBool;
+    iptables_probe_port, None, "iptables-probe-port", Some("IPTABLES_PROBE_PORT"), Some("15002"), Value;
+    probe_timeout, None, "probe-timeout", Some("PROBE_TIMEOUT"), Some("5s"), Value;
+    network_namespace, None, "network-namespace", Some("NETWORK_NAMESPACE"), Some(""), Value;
+    cni_mode, None, "cni-mode", Some("CNI_MODE"), Some("false"), OptBool;
+    reconcile, None, "reconcile", Some("RECONCILE"), Some("true"), OptBool;
+    cleanup_only, None, "cleanup-only", Some("CLEANUP_ONLY"), Some("false"), OptBool;
+    force_apply, None, "force-apply", Some("FORCE_APPLY"), Some("false"), OptBool;
+    native_nftables, None, "native-nftables", Some("NATIVE_NFTABLES"), Some("false"), OptBool;
+    force_iptables_binary, None, "force-iptables-binary", Some("FORCE_IPTABLES_BINARY"), Some(""), Value;
+    resolv_conf, None, "resolv-conf", None, Some("/etc/resolv.conf"), Value;
+    verbose, Some('v'), "verbose", None, None, Count;
+    log_output_level, None, "log_output_level", None, Some("default:info"), Value;
+    log_as_json, None, "log_as_json", None, Some("false"), OptBool;
+    log_caller, None, "log_caller", None, Some(""), Value;
+    log_target, None, "log_target", None, None, Append;
+    log_stacktrace_level, None, "log_stacktrace_level", None, Some("default:none"), Value;
+    log_rotate, None, "log_rotate", None, Some(""), Value;
+    log_rotate_max_age, None, "log_rotate_max_age", None, Some("30"), Value;
+    log_rotate_max_size, None, "log_rotate_max_size", None, Some("104857600"), Value;
+    log_rotate_max_backups, None, "log_rotate_max_backups", None, Some("1000"), Value;
+    vklog, None, "vklog", None, Some("0"), Value;
 }
 
 /// Commands that do not apply rules, and the root flags each refuses: `explain` and `verify`
@@ -853,6 +1066,12 @@ pub fn describe(id: &str) -> (String, Option<String>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::ffi::OsString;
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
     use super::*;
 
     #[test]
@@ -869,62 +1088,545 @@ mod tests {
         assert_eq!(a.origin("envoy_port"), Origin::Default);
     }
 
-    /// The fast path parses as the full definition does: same values, same origins.
+    /// `argv` with the program name first.
+    fn argv<S: AsRef<std::ffi::OsStr>>(words: &[S]) -> Vec<OsString> {
+        std::iter::once("x".as_ref())
+            .chain(words.iter().map(AsRef::as_ref))
+            .map(Into::into)
+            .collect()
+    }
+
+    /// The fast parser with the process's environment.
+    fn fast(argv: &[OsString]) -> Option<Args> {
+        Args::parse_fast(argv, &|name| std::env::var_os(name))
+    }
+
+    /// The fast parse and the full definition's parse agree: same `Cli`, same origin for
+    /// every argument of clap's definition.
+    fn assert_same(fast: &Args, full: &Args, what: &str) {
+        assert_eq!(
+            format!("{:?}", fast.cli),
+            format!("{:?}", full.cli),
+            "{what}"
+        );
+        assert!(matches!(fast.origins, Origins::Fast(_)), "{what}");
+        assert!(matches!(full.origins, Origins::Clap(_)), "{what}");
+        for a in Cli::command().get_arguments() {
+            let id = a.get_id().as_str();
+            assert_eq!(fast.origin(id), full.origin(id), "{what}: {id}");
+        }
+    }
+
+    /// The table of the fast parser is clap's definition: every argument of `Cli` (but
+    /// clap's own --help and --version) is a row, in field order, with the same short,
+    /// long, env var, default and shape, and nothing clap would read differently (aliases,
+    /// hyphen values, delimiters, positionals).
     #[test]
-    fn apply_only_parse_is_the_full_parse() {
-        let seed = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x 10.0.0.0/8 -b * -d 15090,15020";
-        for line in [
-            seed.to_string(),
-            format!("istio-iptables {seed} --log_output_level=default:info --log_as_json"),
-            format!("{seed} --dry-run --reconcile=false -v -q 80 --cni-mode"),
-            "--redirect-dns --capture-all-dns=true -k veth1 --istio-service-cidr=".to_string(),
-            String::new(),
-        ] {
-            let argv: Vec<std::ffi::OsString> = std::iter::once("x")
-                .chain(line.split_whitespace())
-                .map(Into::into)
-                .collect();
-            let fast = Args::parse_apply_only(&argv).expect("the fast path takes it");
-            let mut cmd = command();
-            let matches = cmd.try_get_matches_from_mut(&argv).unwrap();
-            let full = Args {
-                cli: Cli::from_arg_matches(&matches).unwrap(),
-                matches,
+    fn fast_parse_table_is_the_clap_definition() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let args: Vec<&clap::Arg> = cmd
+            .get_arguments()
+            .filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version))
+            .collect();
+        assert_eq!(
+            args.iter().map(|a| a.get_id().as_str()).collect::<Vec<_>>(),
+            FLAGS.iter().map(|f| f.id).collect::<Vec<_>>()
+        );
+        let strs = |v: &[clap::builder::OsStr]| -> Vec<String> {
+            v.iter().map(|s| s.to_str().unwrap().to_string()).collect()
+        };
+        for (a, f) in args.iter().zip(&FLAGS) {
+            let id = f.id;
+            assert_eq!(a.get_short(), f.short, "{id}");
+            assert_eq!(a.get_long(), Some(f.long), "{id}");
+            assert_eq!(a.get_env().map(|e| e.to_str().unwrap()), f.env, "{id}");
+            assert_eq!(a.get_all_aliases(), None, "{id}");
+            assert_eq!(a.get_all_short_aliases(), None, "{id}");
+            assert!(!a.is_positional(), "{id}");
+            assert!(!a.is_required_set(), "{id}");
+            assert!(!a.is_allow_hyphen_values_set(), "{id}");
+            assert!(!a.is_allow_negative_numbers_set(), "{id}");
+            assert!(!a.is_last_set(), "{id}");
+            assert_eq!(a.get_value_delimiter(), None, "{id}");
+            let num_args = a.get_num_args().expect("built");
+            let defaults = strs(a.get_default_values());
+            // The value of a bare `--long` (clap has no getter for default_missing_value).
+            let bare = clap::Command::new("x")
+                .arg((*a).clone().env(None))
+                .try_get_matches_from(["x", &format!("--{}", f.long)])
+                .map(|m| {
+                    if f.kind == Kind::Count {
+                        m.get_count(id).to_string()
+                    } else {
+                        m.get_one::<String>(id).cloned().unwrap_or_default()
+                    }
+                })
+                .ok();
+            let action = format!("{:?}", a.get_action());
+            let expected = match f.kind {
+                Kind::Value => ("Set", 1.into(), false, None),
+                Kind::Append => ("Append", 1.into(), false, None),
+                Kind::OptBool => ("Set", (0..=1).into(), true, Some("true")),
+                Kind::Count => ("Count", 0.into(), false, Some("1")),
             };
             assert_eq!(
-                format!("{:?}", fast.cli),
-                format!("{:?}", full.cli),
-                "{line}"
+                (
+                    action.as_str(),
+                    num_args,
+                    a.is_require_equals_set(),
+                    bare.as_deref()
+                ),
+                expected,
+                "{id}"
             );
-            for a in cmd.get_arguments() {
-                let id = a.get_id().as_str();
-                assert_eq!(fast.origin(id), full.origin(id), "{line}: {id}");
+            if f.kind == Kind::Count {
+                assert_eq!(defaults, ["0"], "{id}");
+                assert_eq!((f.env, f.default), (None, None), "{id}");
+            } else {
+                assert_eq!(defaults, Vec::from_iter(f.default), "{id}");
+                assert_eq!(
+                    a.get_value_parser().type_id(),
+                    clap::builder::ValueParser::string().type_id(),
+                    "{id}"
+                );
             }
         }
     }
 
-    /// Other commands, help, version and errors take the full definition.
+    /// clap's behaviour the fast parser mirrors (or declines), found by experiment.
     #[test]
-    fn apply_only_parse_leaves_the_rest() {
+    fn clap_behaviour_the_fast_parser_follows() {
+        let clap = |words: &[&str]| Args::parse_clap(argv(words));
+        let conflict = |words: &[&str]| {
+            let kind = clap(words).map(|_| ()).unwrap_err().kind();
+            assert_eq!(kind, ErrorKind::ArgumentConflict, "{words:?}");
+        };
+        // A value option or an optional-value bool given twice is an error (declined)...
+        conflict(&["-p", "1", "-p", "2"]);
+        conflict(&["-p", "1", "--envoy-port=2"]);
+        conflict(&["--dry-run", "--dry-run"]);
+        conflict(&["--dry-run", "--dry-run=false"]);
+        conflict(&["istio-iptables", "-n", "--dry-run"]);
+        // ... -v and --log_target add up.
+        let a = clap(&["-v", "--verbose", "-v"]).unwrap();
+        assert_eq!(a.cli.verbose, 3);
+        let a = clap(&["--log_target", "a", "--log_target=", "--log_target", ""]).unwrap();
+        assert_eq!(a.cli.log_target, ["a", "", ""]);
+        assert_eq!(a.origin("log_target"), Origin::Flag);
+        // Empty values are values; `--x=` too, also for the optional-value bools.
+        let a = clap(&["-x", "", "--envoy-port=", "--dry-run="]).unwrap();
+        assert_eq!(a.cli.istio_service_exclude_cidr, "");
+        assert_eq!(a.cli.envoy_port, "");
+        assert_eq!(a.cli.dry_run, "");
+        assert_eq!(a.origin("dry_run"), Origin::Flag);
+        // A value after `=` is taken whatever it starts with; a separate one starting with
+        // `-` is a flag (an error here), but `-` alone is a value (declined anyway).
+        assert_eq!(clap(&["--envoy-port=-5"]).unwrap().cli.envoy_port, "-5");
+        assert_eq!(
+            clap(&["-p", "-5"]).map(|_| ()).unwrap_err().kind(),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(clap(&["-p", "-"]).unwrap().cli.envoy_port, "-");
+        // A command's name after a value option is its value.
+        assert_eq!(clap(&["-p", "explain"]).unwrap().cli.envoy_port, "explain");
+        // `--verbose` takes no value; `-vv` and `-n=false` are clap's (declined here).
+        assert_eq!(
+            clap(&["--verbose=1"]).map(|_| ()).unwrap_err().kind(),
+            ErrorKind::TooManyValues
+        );
+        assert_eq!(clap(&["-vv"]).unwrap().cli.verbose, 2);
+        assert_eq!(clap(&["-n=false"]).unwrap().cli.dry_run, "false");
+        // A flag before `istio-iptables` is overridden by the same flag after it (declined).
+        assert_eq!(
+            clap(&["-p", "1", "istio-iptables", "-p", "2"])
+                .unwrap()
+                .cli
+                .envoy_port,
+            "2"
+        );
+    }
+
+    /// The fast path parses as the full definition does: same values, same origins, for
+    /// the injector's arguments and every flag of the table in each form it takes.
+    #[test]
+    fn fast_parse_is_the_full_parse() {
+        let injector = [
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15020",
+            "--log_output_level=default:info",
+        ];
+        let mut lines: Vec<Vec<String>> = vec![
+            injector.iter().map(|w| w.to_string()).collect(),
+            injector[1..].iter().map(|w| w.to_string()).collect(),
+            vec!["istio-iptables".into()],
+            vec![],
+        ];
+        let seed = "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x 10.0.0.0/8 -b * -d 15090,15020";
+        for line in [
+            format!("istio-iptables {seed} --log_output_level=default:info --log_as_json"),
+            format!("{seed} --dry-run --reconcile=false -v -q 80 --cni-mode"),
+            "--redirect-dns --capture-all-dns=true -k veth1 --istio-service-cidr=".to_string(),
+            "-p explain -z istio-iptables -e help --probe-timeout=-1s".to_string(),
+        ] {
+            lines.push(line.split_whitespace().map(Into::into).collect());
+        }
+        for f in &FLAGS {
+            let long = format!("--{}", f.long);
+            let short = f.short.map(|c| format!("-{c}"));
+            let mut forms: Vec<Vec<String>> = match f.kind {
+                Kind::Value | Kind::Append => vec![
+                    vec![long.clone(), "v1".into()],
+                    vec![long.clone(), String::new()],
+                    vec![format!("{long}=v2")],
+                    vec![format!("{long}=")],
+                    vec![format!("{long}=-3")],
+                    vec![format!("{long}=a=b")],
+                ],
+                Kind::OptBool => vec![
+                    vec![long.clone()],
+                    vec![format!("{long}=false")],
+                    vec![format!("{long}=true")],
+                    vec![format!("{long}=")],
+                ],
+                Kind::Count => vec![vec![long.clone()], vec![long.clone(), long.clone()]],
+            };
+            if let Some(short) = short {
+                forms.push(match f.kind {
+                    Kind::Value | Kind::Append => vec![short, "v4".into()],
+                    Kind::OptBool | Kind::Count => vec![short],
+                });
+            }
+            if f.kind == Kind::Append {
+                forms.push(vec![
+                    long.clone(),
+                    "a".into(),
+                    format!("{long}=b"),
+                    long,
+                    "".into(),
+                ]);
+            }
+            for form in forms {
+                lines.push(form.clone());
+                let mut named = vec!["istio-iptables".to_string()];
+                named.extend(form.clone());
+                let other = if f.short == Some('c') { "-k" } else { "-c" };
+                named.extend([other.to_string(), "eth9".to_string()]);
+                lines.push(named);
+            }
+        }
+        for line in lines {
+            let argv = argv(&line);
+            let fast = fast(&argv).unwrap_or_else(|| panic!("the fast path takes {line:?}"));
+            let full = Args::parse_clap(argv).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_same(&fast, &full, &format!("{line:?}"));
+        }
+    }
+
+    /// Other commands, help, version, errors and every form clap reads another way or
+    /// refuses take the full definition.
+    #[test]
+    fn fast_parse_leaves_the_rest() {
         for line in [
             "explain --direction inbound --dst 10.0.0.1:80",
             "-p 15001 verify",
             "istio-iptables explain",
             "istio-iptables istio-iptables",
+            "-p 1 istio-iptables",
             "help",
             "--help",
             "-h",
             "--version",
+            "-V",
             "--no-such-flag",
+            "--envoy_port 1",
+            "--",
+            "-- -p 1",
+            "-",
             "-p",
+            "-p --",
+            "-p -5",
+            "-p -",
+            "-p15001",
+            "-p=15001",
+            "-n=true",
+            "-vv",
+            "-nv",
+            "--verbose=1",
+            "--dry-run false",
+            "-p 1 -p 2",
+            "-p 1 --envoy-port=1",
+            "--dry-run --dry-run",
+            "--reconcile=false --reconcile",
             "stray",
         ] {
-            let argv: Vec<std::ffi::OsString> = std::iter::once("x")
-                .chain(line.split_whitespace())
-                .map(Into::into)
-                .collect();
-            assert!(Args::parse_apply_only(&argv).is_none(), "{line}");
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert!(fast(&argv(&words)).is_none(), "{line}");
         }
+        assert!(fast(&argv(&[""])).is_none());
+        assert!(fast(&argv(&["-x", "a", ""])).is_none());
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let bad = OsString::from_vec(vec![0xff]);
+            assert!(fast(&argv(&[OsString::from("-p"), bad.clone()])).is_none());
+            assert!(fast(&argv(std::slice::from_ref(&bad))).is_none());
+            // A non-UTF-8 env var is clap's error to report; one the command line
+            // overrides is never read.
+            let env = |name: &str| (name == "ENVOY_PORT").then(|| bad.clone());
+            assert!(Args::parse_fast(&argv(&["-z", "1"]), &env).is_none());
+            assert!(Args::parse_fast(&argv(&["-p", "1"]), &env).is_some());
+            // ... but by the root command when the flag follows `istio-iptables`.
+            assert!(Args::parse_fast(&argv(&["istio-iptables", "-p", "1"]), &env).is_none());
+        }
+    }
+
+    /// Env vars fill what the command line leaves, empty ones too, with their origin.
+    #[test]
+    fn fast_parse_reads_env_vars() {
+        let vars = HashMap::from([
+            ("ENVOY_PORT", "15002"),
+            ("DRY_RUN", ""),
+            ("PROXY_UID", "7"),
+            ("INBOUND_CAPTURE_PORT", "9"),
+        ]);
+        let env = |name: &str| vars.get(name).map(OsString::from);
+        let a = Args::parse_fast(&argv(&["-z", "1"]), &env).unwrap();
+        assert_eq!(a.cli.envoy_port, "15002");
+        assert_eq!(a.origin("envoy_port"), Origin::Env);
+        assert_eq!(a.cli.dry_run, "");
+        assert_eq!(a.origin("dry_run"), Origin::Env);
+        assert_eq!(a.cli.proxy_uid.as_deref(), Some("7"));
+        assert_eq!(a.cli.inbound_capture_port, "1");
+        assert_eq!(a.origin("inbound_capture_port"), Origin::Flag);
+        assert_eq!(a.cli.proxy_gid, None);
+        assert_eq!(a.origin("proxy_gid"), Origin::Default);
+        assert_eq!(a.cli.reconcile, "true");
+        assert_eq!(a.origin("reconcile"), Origin::Default);
+    }
+
+    /// Values for random command lines (empty, with `=`, command names...) ...
+    const VALUES: &[&str] = &[
+        "",
+        "0",
+        "15001",
+        "*",
+        "true",
+        "false",
+        "1",
+        "a=b",
+        "a b",
+        "explain",
+        "verify",
+        "istio-iptables",
+        "help",
+        "x\u{e9}",
+    ];
+    /// ... and, less often, values starting with `-`.
+    const HYPHEN_VALUES: &[&str] = &["-", "-5", "--", "-p", "--dry-run"];
+
+    fn value() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            4 => proptest::sample::select(VALUES),
+            1 => proptest::sample::select(HYPHEN_VALUES),
+        ]
+    }
+    /// ... and words that are no flag of the table.
+    const OTHERS: &[&str] = &[
+        "explain",
+        "verify",
+        "man",
+        "istio-iptables",
+        "help",
+        "stray",
+        "",
+        "-",
+        "--",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+        "--no-such",
+        "-Z",
+        "-vv",
+        "-nv",
+        "--envoy_port",
+        "--dry-run=x=y",
+        "-p15001",
+        "-p=1",
+    ];
+
+    /// One flag of the table in one form, or another word.
+    fn word_group() -> impl Strategy<Value = Vec<String>> {
+        let flag = (0..FLAGS.len(), 0..6usize, value()).prop_map(|(i, form, value)| {
+            let f = &FLAGS[i];
+            let long = format!("--{}", f.long);
+            let short = f.short.map(|c| format!("-{c}"));
+            match (form, short) {
+                (0, _) => vec![long, value.to_string()],
+                (1, _) => vec![format!("{long}={value}")],
+                (2, _) => vec![long],
+                (3, Some(short)) => vec![short, value.to_string()],
+                (4, Some(short)) => vec![short],
+                (5, Some(short)) => vec![format!("{short}{value}")],
+                _ => vec![long, value.to_string()],
+            }
+        });
+        // A few flags often, so that repeats are frequent.
+        let common = (
+            proptest::sample::select(&["-p", "--dry-run", "-v", "--log_target", "-x"][..]),
+            proptest::sample::select(&["15001", "", "true"][..]),
+            any::<bool>(),
+        )
+            .prop_map(|(flag, value, with_value)| {
+                let mut g = vec![flag.to_string()];
+                if with_value {
+                    g.push(value.to_string());
+                }
+                g
+            });
+        let other = proptest::sample::select(OTHERS).prop_map(|w| vec![w.to_string()]);
+        prop_oneof![12 => flag, 6 => common, 1 => other]
+    }
+
+    /// A random command line: maybe `istio-iptables`, then word groups.
+    fn command_line() -> impl Strategy<Value = Vec<String>> {
+        (any::<bool>(), proptest::collection::vec(word_group(), 0..7)).prop_map(
+            |(named, groups)| {
+                let mut words: Vec<String> =
+                    named.then(|| "istio-iptables".into()).into_iter().collect();
+                words.extend(groups.into_iter().flatten());
+                words
+            },
+        )
+    }
+
+    /// Runs `check` on `cases` random values, deterministically; returns how many it took.
+    fn run<S: Strategy>(cases: u32, strategy: S, check: impl Fn(S::Value) -> bool) -> u32
+    where
+        S::Value: std::fmt::Debug,
+    {
+        let taken = std::cell::Cell::new(0);
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+        TestRunner::new_with_rng(config, rng)
+            .run(&strategy, |v| {
+                if check(v) {
+                    taken.set(taken.get() + 1);
+                }
+                Ok(())
+            })
+            .unwrap();
+        taken.get()
+    }
+
+    /// Whenever the fast parser takes a random command line, clap takes it too, with the
+    /// same values and origins.
+    #[test]
+    fn fast_parse_of_random_command_lines_is_clap_parse() {
+        let taken = run(3000, command_line(), |line| {
+            let argv = argv(&line);
+            let Some(fast) = fast(&argv) else {
+                return false;
+            };
+            let full = Args::parse_clap(argv)
+                .unwrap_or_else(|e| panic!("the fast path took {line:?}, clap did not: {e}"));
+            assert_same(&fast, &full, &format!("{line:?}"));
+            true
+        });
+        eprintln!("random command lines: {taken} of 3000 taken");
+        assert!(taken > 600, "the fast path took only {taken} of 3000");
+    }
+
+    /// The test harness runs [`fast_parse_with_random_env_vars_is_clap_parse`] in a
+    /// process of its own when this variable is set: there it sets env vars, which clap
+    /// reads from the process, without racing other tests.
+    const ENV_CHILD: &str = "ISTIO_IPTABLES_TEST_FAST_PARSE_ENV_CHILD";
+
+    /// With random env vars of the table set (empty, starting with `-`, not UTF-8), the
+    /// fast parser (reading them from a map) and clap (from the process) agree.
+    #[test]
+    fn fast_parse_with_random_env_vars_is_clap_parse() {
+        if std::env::var_os(ENV_CHILD).is_some() {
+            return env_child();
+        }
+        let name = "cli::tests::fast_parse_with_random_env_vars_is_clap_parse";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(ENV_CHILD, "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+        assert!(stderr.contains("env child done"), "{stdout}\n{stderr}");
+    }
+
+    fn env_child() {
+        use std::os::unix::ffi::OsStringExt;
+        let names: Vec<&str> = FLAGS.iter().filter_map(|f| f.env).collect();
+        let clear = || {
+            for name in &names {
+                // SAFETY: this process runs this one test, on one thread.
+                unsafe { std::env::remove_var(name) };
+            }
+        };
+        let value = prop_oneof![
+            9 => value().prop_map(OsString::from),
+            1 => Just(OsString::from_vec(vec![b'a', 0xff])),
+        ];
+        let vars =
+            proptest::collection::vec((proptest::sample::select(names.clone()), value), 0..5);
+        // clap refuses a non-UTF-8 env var of a flag given after `istio-iptables`, not
+        // before; the fast path declines both.
+        clear();
+        // SAFETY: as above.
+        unsafe { std::env::set_var("ENVOY_PORT", OsString::from_vec(vec![0xff])) };
+        assert!(Args::parse_clap(argv(&["-p", "1"])).is_ok());
+        let err = Args::parse_clap(argv(&["istio-iptables", "-p", "1"])).map(|_| ());
+        assert_eq!(err.unwrap_err().kind(), ErrorKind::InvalidUtf8);
+        let taken = run(2000, (command_line(), vars), |(line, vars)| {
+            clear();
+            let map: HashMap<&str, OsString> = vars.iter().cloned().collect();
+            for (name, value) in &map {
+                // SAFETY: as above.
+                unsafe { std::env::set_var(name, value) };
+            }
+            let argv = argv(&line);
+            let Some(fast) = Args::parse_fast(&argv, &|name| map.get(name).cloned()) else {
+                return false;
+            };
+            let full = Args::parse_clap(argv).unwrap_or_else(|e| {
+                panic!("the fast path took {line:?} with {map:?}, clap did not: {e}")
+            });
+            assert_same(&fast, &full, &format!("{line:?} with {map:?}"));
+            true
+        });
+        clear();
+        assert!(taken > 300, "the fast path took only {taken} of 2000");
+        eprintln!("env child done: {taken} of 2000 taken");
     }
 
     #[test]
