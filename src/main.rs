@@ -245,9 +245,8 @@ fn main() -> ExitCode {
             apply::nft::prestart(&mut env);
             None
         } else {
-            let plan = rules::build(&cfg, &facts);
-            apply::prestart(&plan.families(), &opts, &mut env);
-            Some(plan)
+            let early = apply::prestart(&rules::families(&facts), &opts, &mut env);
+            Some((rules::build(&cfg, &facts), early))
         };
         log_config(&cfg, &facts);
         let result = match plan {
@@ -255,7 +254,7 @@ fn main() -> ExitCode {
                 let ruleset = nft::build(&cfg, &facts);
                 apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
             }
-            Some(plan) => apply::apply(&plan, &opts, &mut env),
+            Some((plan, early)) => apply::apply_prestarted(&plan, &opts, &mut env, early),
         };
         match result {
             Ok(s) => tracing::info!(

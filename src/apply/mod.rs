@@ -19,6 +19,7 @@ use crate::rules::ip;
 use crate::rules::ip::IpCommand;
 use crate::system::backend::{self, Backend, NotInstalled, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
+use crate::system::rtnl::Routing;
 use crate::system::save::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
 
 /// How to apply.
@@ -239,12 +240,24 @@ fn read_state(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, ApplyError> {
+    read_state_known(family, backend, None, probe, runner)
+}
+
+/// [`read_state`], `known_empty` saying whether the backend has no tables at all, when a
+/// probe just told ([`prestart`]).
+fn read_state_known(
+    family: Family,
+    backend: &Backend,
+    known_empty: Option<bool>,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<SaveState, ApplyError> {
     // A namespace whose backend has no tables at all has nothing to save: skip the process.
-    let empty = match backend.flavor {
+    let empty = known_empty.unwrap_or_else(|| match backend.flavor {
         Some(Flavor::Nft) => probe.nft_tables(family) == Some(0),
         Some(Flavor::Legacy) => probe.legacy_tables(family).is_empty(),
         None => false,
-    };
+    });
     if empty {
         tracing::debug!(
             "{family}: no {} tables in this namespace",
@@ -574,13 +587,29 @@ fn undo_all(
     undo.describe()
 }
 
+/// What [`prestart`] found out, for [`apply_prestarted`] not to ask again: per family,
+/// the backend and whether it has no tables at all; whether native nftables tables of ours
+/// exist (`None`: not known). Our own state cannot change in between: the namespace lock is
+/// held.
+#[derive(Debug, Default)]
+pub struct Prestart {
+    found: Vec<(Family, Backend, bool)>,
+    native_tables: Option<bool>,
+}
+
 /// Starts ahead, for each of `families`, the program [`apply`] will run first: the restore
 /// in a namespace without iptables-nft tables (where the state read is skipped), else the
 /// save. It loads while the caller logs the config and builds the rules; the matching
 /// [`Runner::run`] takes it over. The legacy flavour is left alone (its restore takes the
-/// xtables lock). Decides nothing: [`apply`] detects and reads again, and a process it does
-/// not take over is given no input, which changes nothing.
-pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) {
+/// xtables lock). A process the apply does not take over is given no input, which changes
+/// nothing.
+pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prestart {
+    let mut found = Vec::new();
+    // One netlink dump: iptables-nft's tables of both families and native nftables' ones.
+    let overview = env.probe.nft_overview();
+    let native_tables = overview
+        .as_ref()
+        .map(|o| o.inet.iter().any(|n| nft::is_our_table(n)));
     for &family in families {
         let Ok(backend) = backend::detect(family, opts.flavor, env.probe) else {
             continue;
@@ -588,7 +617,11 @@ pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) {
         if backend.flavor != Some(Flavor::Nft) {
             continue;
         }
-        if env.probe.nft_tables(family) == Some(0) {
+        let empty = match &overview {
+            Some(o) => o.tables(family) == 0,
+            None => env.probe.nft_tables(family) == Some(0),
+        };
+        if empty {
             env.runner.prestart(
                 &backend.restore_program(),
                 &restore_args(&backend, true, opts),
@@ -597,16 +630,49 @@ pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) {
         } else {
             env.runner.prestart(&backend.save_program(), &[], false);
         }
+        found.push((family, backend, empty));
+    }
+    Prestart {
+        found,
+        native_tables,
     }
 }
 
 /// Applies `plan`, reconciling whatever the namespace already holds.
 pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, ApplyError> {
+    apply_prestarted(plan, opts, env, Prestart::default())
+}
+
+/// [`apply`] after [`prestart`], whose findings it uses instead of asking again.
+pub fn apply_prestarted(
+    plan: &Plan,
+    opts: &Options,
+    env: &mut Env<'_>,
+    mut early: Prestart,
+) -> Result<Summary, ApplyError> {
     let mut runs: Vec<Run> = Vec::new();
+    // With a program started ahead, the `ip` step's reading of the routing is done while it
+    // runs (the iptables steps do not change the routing; the lock keeps other runs out).
+    let routing = (!early.found.is_empty()).then(|| env.probe.routing_both());
     for family in plan.families() {
-        let backend = backend::detect(family, opts.flavor, env.probe)
-            .map_err(|error| ApplyError::Backend { family, error })?;
-        let before = read_state(family, &backend, env.probe, env.runner)?;
+        let known = early
+            .found
+            .iter()
+            .position(|(f, _, _)| *f == family)
+            .map(|i| early.found.swap_remove(i));
+        let (backend, known_empty) = match known {
+            Some((_, backend, empty)) => (backend, Some(empty)),
+            None => (
+                backend::detect(family, opts.flavor, env.probe)
+                    .map_err(|error| ApplyError::Backend { family, error })?,
+                None,
+            ),
+        };
+        // The wanted side of the comparison does not depend on the state: worked out while
+        // the save (started ahead) runs. A namespace without tables needs no comparison.
+        let prepared = (known_empty != Some(true))
+            .then(|| reconcile::prepare(plan.rules(family), env.resolver));
+        let before = read_state_known(family, &backend, known_empty, env.probe, env.runner)?;
         // The version is logged when the save printed it (free); read from the binary's file
         // (228 KB for xtables-nft-multi) only for a failed commit's message.
         match &before.version {
@@ -617,8 +683,11 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 tracing::info!(backend = %backend.restore_program(), reason = %backend.reason, "{family} backend");
             }
         }
-        let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
-            .map_err(|error| ApplyError::Conflict { family, error })?;
+        let tx = match &prepared {
+            Some(p) => reconcile::reconcile_prepared(&before, p, env.resolver, opts.policy),
+            None => reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy),
+        }
+        .map_err(|error| ApplyError::Conflict { family, error })?;
         runs.push(Run {
             backend,
             before,
@@ -674,7 +743,7 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
                 })
         })
     };
-    let ip_done = match ip_phase(&plan.ip, &had_tproxy, opts, env, &mut summary) {
+    let ip_done = match ip_phase(&plan.ip, &had_tproxy, opts, env, &mut summary, routing) {
         Ok(done) => done,
         Err(failed) => {
             let rollback = undo_all(&runs, &failed.done, opts, env.probe, env.runner);
@@ -687,7 +756,11 @@ pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, 
     };
     // Switching from native nftables: its tables go last, in one transaction (which either
     // happens or not), so that a failure before leaves the pod captured as it was.
-    match nft::drop_tables(env) {
+    let dropped = match early.native_tables {
+        Some(false) => Ok(Vec::new()),
+        _ => nft::drop_tables(env),
+    };
+    match dropped {
         Ok(dropped) => summary.nft_tables = dropped,
         Err(error) => {
             for r in &mut runs {
@@ -716,15 +789,15 @@ fn ip_phase(
     opts: &Options,
     env: &mut Env<'_>,
     summary: &mut Summary,
+    routing: Option<[Option<Routing>; 2]>,
 ) -> Result<Vec<IpChange>, IpFailed> {
     // TPROXY routing an earlier run added (whatever mark and table it used, found over
     // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
     // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
+    // (`routing`: read already, under the namespace lock; the iptables steps do not touch it.)
     let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
-    for (family, routing) in [Family::V4, Family::V6]
-        .into_iter()
-        .zip(env.probe.routing_both())
-    {
+    let routing = routing.unwrap_or_else(|| env.probe.routing_both());
+    for (family, routing) in [Family::V4, Family::V6].into_iter().zip(routing) {
         match routing {
             Some(routing) => stale.extend(ip::leftovers_at(family, &routing, wanted)),
             None => {

@@ -49,6 +49,11 @@ pub fn check_nft(env: &Env<'_>) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Whether an `inet` table of this name is one of native nftables capture's.
+pub fn is_our_table(name: &str) -> bool {
+    Table::from_name(name).is_some()
+}
+
 /// Starts ahead the first `nft` [`apply`] runs: the transaction (`nft -f -`) where none of
 /// our tables exist, else the listing (see [`super::prestart`]).
 pub fn prestart(env: &mut Env<'_>) {
@@ -310,6 +315,9 @@ pub fn apply(
     }
 
     let mut summary = Summary::default();
+    // Read now, while nft (started ahead) loads: the transaction does not touch the routing,
+    // and the namespace lock keeps other runs out.
+    let routing = env.probe.routing_both();
     let text = transaction(&ops, &live, &changed, policy.reconcile);
     if text.is_empty() {
         tracing::info!("nftables rules are already in place: nothing to commit");
@@ -386,8 +394,14 @@ pub fn apply(
         command,
         error,
         done,
-    }) = ip_phase(&ruleset.ip, &had_tproxy, opts, env, &mut summary)
-    {
+    }) = ip_phase(
+        &ruleset.ip,
+        &had_tproxy,
+        opts,
+        env,
+        &mut summary,
+        Some(routing),
+    ) {
         let rollback = undo_everything(&runs, &done, &live, opts, env);
         return Err(ApplyError::Ip {
             command: command.args().join(" "),

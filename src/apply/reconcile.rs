@@ -215,19 +215,63 @@ struct TableView<'a> {
     have: BTreeMap<String, Vec<(String, bool)>>,
 }
 
+/// The wanted side of one table: it does not depend on the state, so [`prepare`] works it
+/// out before the state is read (while iptables-save runs).
+struct Wanted<'a> {
+    desired: Vec<&'a Rule>,
+    /// Desired ISTIO_* chains in Istio's declaration order.
+    desired_chains: Vec<&'static str>,
+    /// Canonical desired operations per chain.
+    ops: BTreeMap<String, Vec<(Position, String)>>,
+}
+
+impl<'a> Wanted<'a> {
+    fn new(table: Table, rules: &'a [Rule], resolver: &dyn OwnerResolver) -> Self {
+        let desired: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+        let desired_chains = restore::declared_chains(&desired);
+        let mut ops: BTreeMap<String, Vec<(Position, String)>> = BTreeMap::new();
+        for r in &desired {
+            ops.entry(r.chain.to_string())
+                .or_default()
+                .push((r.position, canonical(&r.args, resolver)));
+        }
+        Wanted {
+            desired,
+            desired_chains,
+            ops,
+        }
+    }
+}
+
+/// The wanted side of every table (see [`reconcile_prepared`]).
+pub struct Prepared<'a> {
+    tables: Vec<(Table, Wanted<'a>)>,
+}
+
+/// Works out the wanted side of `desired` (canonical rules per chain), for
+/// [`reconcile_prepared`].
+pub fn prepare<'a>(desired: &'a [Rule], resolver: &dyn OwnerResolver) -> Prepared<'a> {
+    Prepared {
+        tables: Table::ALL
+            .into_iter()
+            .map(|t| (t, Wanted::new(t, desired, resolver)))
+            .collect(),
+    }
+}
+
 impl<'a> TableView<'a> {
     /// The view of one table, ownership decided in two steps (see the module doc).
     fn new(
         table: Table,
         current: &'a SaveState,
-        rules: &'a [Rule],
+        wanted: &Wanted<'a>,
         resolver: &dyn OwnerResolver,
     ) -> Self {
-        let cautious = Self::with_ownership(table, current, rules, resolver, false);
+        let cautious = Self::with_ownership(table, current, wanted, resolver, false);
         if cautious.is_current() {
             return cautious;
         }
-        Self::with_ownership(table, current, rules, resolver, true)
+        Self::with_ownership(table, current, wanted, resolver, true)
     }
 
     /// The view of one table; `lone_shapes`: whether uncorroborated rules of our shape are
@@ -235,7 +279,7 @@ impl<'a> TableView<'a> {
     fn with_ownership(
         table: Table,
         current: &'a SaveState,
-        rules: &'a [Rule],
+        wanted: &Wanted<'a>,
         resolver: &dyn OwnerResolver,
         lone_shapes: bool,
     ) -> Self {
@@ -243,15 +287,9 @@ impl<'a> TableView<'a> {
         let cur = current
             .table(table)
             .map_or_else(|| Cow::Owned(TableState::default()), Cow::Borrowed);
-        let desired: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
-        let desired_chains = restore::declared_chains(&desired);
-
-        let mut ops: BTreeMap<String, Vec<(Position, String)>> = BTreeMap::new();
-        for r in &desired {
-            ops.entry(r.chain.to_string())
-                .or_default()
-                .push((r.position, canonical(&r.args, resolver)));
-        }
+        let desired = wanted.desired.clone();
+        let desired_chains = wanted.desired_chains.clone();
+        let ops = &wanted.ops;
         let wanted_in: BTreeMap<&str, BTreeSet<&str>> = ops
             .iter()
             .map(|(c, v)| (c.as_str(), v.iter().map(|(_, r)| r.as_str()).collect()))
@@ -259,8 +297,31 @@ impl<'a> TableView<'a> {
         let table_has_ours = cur.user_chains.iter().any(|c| is_ours(c));
 
         let mut have: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        let mut joined = String::new();
         for (c, toks) in &cur.rules {
-            let canon = canonical(toks, resolver);
+            // iptables-save prints our rules in canonical form already, mostly: a saved rule
+            // whose text is the canonical text of a rule we want in that chain has that
+            // canonical text (canonical forms are fixed points; see the test
+            // `canonical_forms_are_fixed_points`), without working it out again. Saved
+            // tokens hold no whitespace, so joining them loses nothing.
+            joined.clear();
+            for (i, t) in toks.iter().enumerate() {
+                if i > 0 {
+                    joined.push(' ');
+                }
+                joined.push_str(t);
+            }
+            let known = wanted_in
+                .get(c.as_str())
+                .and_then(|s| s.get(joined.as_str()).copied())
+                .filter(|_| {
+                    toks.iter()
+                        .all(|t| !t.is_empty() && !t.contains(char::is_whitespace))
+                });
+            let canon = match known {
+                Some(k) => k.to_string(),
+                None => canonical(toks, resolver),
+            };
             let owned = is_ours(c)
                 || target(toks).is_some_and(|t| is_ours(&t))
                 || wanted_in
@@ -430,24 +491,71 @@ pub fn reconcile(
     resolver: &dyn OwnerResolver,
     policy: Policy,
 ) -> Result<Transaction, Conflict> {
-    // A namespace without any rules of this family: Istio's payload as is (nothing to compare).
-    if current
+    if is_empty(current) {
+        return Ok(fresh(&desired.iter().collect::<Vec<_>>()));
+    }
+    reconcile_prepared(current, &prepare(desired, resolver), resolver, policy)
+}
+
+/// Whether the family holds no rules and no user chains at all.
+fn is_empty(current: &SaveState) -> bool {
+    current
         .tables
         .values()
         .all(|t| t.rules.is_empty() && t.user_chains.is_empty())
-    {
-        let mut touched: Vec<Table> = desired.iter().map(|r| r.table).collect();
-        touched.sort();
-        touched.dedup();
-        return Ok(Transaction {
-            payload: restore::payload(desired),
-            touched,
-            emptied: Vec::new(),
-        });
+}
+
+/// The transaction of a namespace without any rules of this family: Istio's payload as is
+/// (nothing to compare).
+fn fresh(desired: &[&Rule]) -> Transaction {
+    let mut touched: Vec<Table> = desired.iter().map(|r| r.table).collect();
+    touched.sort();
+    touched.dedup();
+    Transaction {
+        payload: restore::payload_of(desired),
+        touched,
+        emptied: Vec::new(),
     }
+}
+
+/// [`reconcile`] with the wanted side worked out beforehand ([`prepare`]).
+pub fn reconcile_prepared(
+    current: &SaveState,
+    prepared: &Prepared<'_>,
+    resolver: &dyn OwnerResolver,
+    policy: Policy,
+) -> Result<Transaction, Conflict> {
+    let wanted = |t: Table| {
+        &prepared
+            .tables
+            .iter()
+            .find(|(x, _)| *x == t)
+            .expect("prepared for every table")
+            .1
+    };
+    // Every desired rule, table by table in `Table::ALL` order, each table's in its order:
+    // what `restore::payload` writes.
+    let desired = || -> Vec<&Rule> {
+        prepared
+            .tables
+            .iter()
+            .flat_map(|(_, w)| w.desired.iter().copied())
+            .collect()
+    };
+    if is_empty(current) {
+        return Ok(fresh(&desired()));
+    }
+    // A table neither wanted nor holding anything needs no view: nothing to judge there.
+    let idle = |t: Table| {
+        wanted(t).desired.is_empty()
+            && current
+                .table(t)
+                .is_none_or(|s| s.rules.is_empty() && s.user_chains.is_empty())
+    };
     let views: Vec<(Table, TableView)> = Table::ALL
         .into_iter()
-        .map(|t| (t, TableView::new(t, current, desired, resolver)))
+        .filter(|t| !idle(*t))
+        .map(|t| (t, TableView::new(t, current, wanted(t), resolver)))
         .collect();
 
     if !policy.reconcile {
@@ -460,7 +568,7 @@ pub fn reconcile(
                     "--force-apply: adding our rules on top of existing, different ISTIO_* state"
                 );
                 return Ok(Transaction {
-                    payload: restore::payload(desired),
+                    payload: restore::payload_of(&desired()),
                     touched: views
                         .iter()
                         .filter(|(_, p)| !p.desired.is_empty())
@@ -497,7 +605,8 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
     let mut tx = Transaction::default();
     for table in Table::ALL {
         // Cleanup takes every rule of our shape in a table that holds our chains.
-        let p = TableView::with_ownership(table, current, ours, resolver, true);
+        let wanted = Wanted::new(table, ours, resolver);
+        let p = TableView::with_ownership(table, current, &wanted, resolver, true);
         if !p.has_our_state() {
             continue;
         }
@@ -540,7 +649,8 @@ pub struct ChainDiff {
 pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<ChainDiff> {
     let mut out = Vec::new();
     for table in Table::ALL {
-        let p = TableView::new(table, current, desired, resolver);
+        let wanted = Wanted::new(table, desired, resolver);
+        let p = TableView::new(table, current, &wanted, resolver);
         // Ours, wanted, per chain: (canonical, rule), in final order. The text of a rule is
         // written only when it is reported: 7,000 of them would double the peak memory.
         let mut want: BTreeMap<String, Vec<(String, &Rule)>> = BTreeMap::new();
@@ -712,6 +822,71 @@ mod tests {
 
     fn plan(argv: &[&str]) -> Vec<Rule> {
         tests::plan(tests::build(argv, &[]).unwrap()).v4
+    }
+
+    /// The shortcut of `with_ownership` (a saved rule printed as a wanted rule's canonical
+    /// text has that canonical text) needs canonical texts to be fixed points: the canonical
+    /// text of a canonical text, tokenized, is itself. Held for every rule of these configs
+    /// (every mode, DNS, exclusions, both families) and for the saved forms in
+    /// `our_rules_equal_their_saved_form`.
+    #[test]
+    fn canonical_forms_are_fixed_points() {
+        let configs: &[&[&str]] = &[
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "10.0.0.0/8,192.168.1.1",
+                "-b",
+                "*",
+                "-d",
+                "15090,15020",
+                "-o",
+                "9000",
+                "-q",
+                "8080",
+                "-k",
+                "veth0",
+                "-c",
+                "eth9",
+            ],
+            &[
+                "-m",
+                "TPROXY",
+                "-b",
+                "80,443",
+                "-i",
+                "10.0.0.0/8",
+                "-u",
+                "1337",
+                "-g",
+                "1337,1338",
+                "--drop-invalid",
+                "--redirect-dns",
+                "--capture-all-dns",
+            ],
+            &[
+                "-m", "TPROXY", "-b", "*", "-d", "22", "-i", "*", "-t", "1400", "-r", "140",
+            ],
+        ];
+        for argv in configs {
+            for env in [&[][..], &[("ENABLE_INBOUND_IPV6", "true")][..]] {
+                let p = tests::plan(tests::build(argv, env).unwrap());
+                for r in p.v4.iter().chain(&p.v6) {
+                    let c = canonical(&r.args, &NoResolver);
+                    assert_eq!(canonical(&tokenize(&c), &NoResolver), c, "{r}");
+                    assert!(!c.contains("  ") && !c.starts_with(' '), "{c:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub trait Host {
     /// Whether this namespace has an IPv6 address of global scope (not loopback,
     /// link-local or multicast).
     fn has_global_ipv6(&self) -> bool;
+    /// [`Host::detect_ipv6`] and [`Host::has_global_ipv6`] together (one read of the
+    /// addresses where it can be).
+    fn detect_ipv6_and_global(&self, dual_stack: bool) -> (Option<bool>, bool) {
+        (self.detect_ipv6(dual_stack), self.has_global_ipv6())
+    }
     /// Reads resolv.conf: at most [`RESOLV_CONF_MAX_BYTES`] + 1 bytes (so that a longer
     /// file shows), and only from a regular file (a FIFO or a device is an error).
     fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
@@ -83,15 +88,18 @@ pub fn parse_resolv_conf(bytes: &[u8]) -> (Vec<DnsServer>, Vec<DnsServer>) {
     (v4, v6)
 }
 
-/// Istio's rule (see `Host::detect_ipv6`); no usable address means IPv4 only.
-fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> bool {
-    host.detect_ipv6(dual_stack).unwrap_or_else(|| {
+/// Istio's rule (see `Host::detect_ipv6`), no usable address meaning IPv4 only; and whether
+/// global IPv6 addresses exist.
+fn detect_ipv6(host: &dyn Host, dual_stack: bool) -> (bool, bool) {
+    let (ipv6, global) = host.detect_ipv6_and_global(dual_stack);
+    let ipv6 = ipv6.unwrap_or_else(|| {
         tracing::warn!(
             "no non-loopback, non-link-local address found; generating IPv4 rules only \
              (set ENABLE_INBOUND_IPV6=true to force IPv6)"
         );
         false
-    })
+    });
+    (ipv6, global)
 }
 
 /// What the rules need to know about the host, read by [`HostFacts::detect`].
@@ -125,11 +133,15 @@ impl HostFacts {
             )]
         });
         let proxy_gids = cfg.proxy_gids.clone().unwrap_or_else(|| proxy_uids.clone());
-        let ipv6 = cfg
-            .enable_inbound_ipv6
-            .unwrap_or_else(|| detect_ipv6(host, cfg.dual_stack));
-        // (Only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a surprise.)
-        let ipv6_uncaptured = cfg.enable_inbound_ipv6.is_none() && !ipv6 && host.has_global_ipv6();
+        // (Uncaptured only when detected: ENABLE_INBOUND_IPV6=false is a choice, not a
+        // surprise.)
+        let (ipv6, ipv6_uncaptured) = match cfg.enable_inbound_ipv6 {
+            Some(on) => (on, false),
+            None => {
+                let (ipv6, global) = detect_ipv6(host, cfg.dual_stack);
+                (ipv6, !ipv6 && global)
+            }
+        };
 
         // Names are resolved by iptables when the rules are applied: a name that does not
         // exist here would fail there, after the first steps ran. A dry run prints names

@@ -50,9 +50,14 @@ pub fn section(out: &mut String, table: &str, header: Header, body: impl FnOnce(
 
 /// The rules of one family as an iptables-restore payload.
 pub fn payload(rules: &[Rule]) -> String {
+    payload_of(&rules.iter().collect::<Vec<_>>())
+}
+
+/// [`payload`] of borrowed rules.
+pub fn payload_of(rules: &[&Rule]) -> String {
     let mut out = String::new();
     for table in Table::ALL {
-        let in_table: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+        let in_table: Vec<&Rule> = rules.iter().copied().filter(|r| r.table == table).collect();
         if in_table.is_empty() {
             continue;
         }

@@ -98,6 +98,15 @@ pub trait Probe {
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         None
     }
+    /// [`Probe::nft_tables`] of both families and [`Probe::nft_inet_tables`] at once (one
+    /// read where it can be).
+    fn nft_overview(&self) -> Option<crate::system::nftprobe::Overview> {
+        Some(crate::system::nftprobe::Overview {
+            ipv4: self.nft_tables(Family::V4)?,
+            ipv6: self.nft_tables(Family::V6)?,
+            inet: self.nft_inet_tables()?,
+        })
+    }
     /// The version of the `nft` program (`None`: could not tell).
     fn nft_version(&self) -> Option<String> {
         None
@@ -184,6 +193,10 @@ impl Probe for SystemProbe {
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         crate::system::nftprobe::inet_tables()
+    }
+
+    fn nft_overview(&self) -> Option<crate::system::nftprobe::Overview> {
+        crate::system::nftprobe::overview()
     }
 
     fn nft_version(&self) -> Option<String> {
@@ -275,7 +288,24 @@ pub fn detect(
 /// The version compiled into the binary (read from its file, so that detection runs no
 /// process): the first NUL-separated string of the form `1.8.9` or `1.8.9 (nf_tables)`.
 pub fn binary_version(program: &str) -> Option<String> {
-    let path = std::fs::canonicalize(which(program)?).ok()?;
+    // Remembered for the run, as `which` is (the nft check asks twice).
+    type Found = Vec<(PathBuf, Option<String>)>;
+    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
+    let path = which(program)?;
+    if let Ok(found) = FOUND.lock()
+        && let Some((_, v)) = found.iter().find(|(p, _)| *p == path)
+    {
+        return v.clone();
+    }
+    let v = read_binary_version(&path);
+    if let Ok(mut found) = FOUND.lock() {
+        found.push((path, v.clone()));
+    }
+    v
+}
+
+fn read_binary_version(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
     let bytes = std::fs::read(path).ok()?;
     let is_version = |v: &str| {
         let mut parts = v.split('.');

@@ -27,6 +27,48 @@ fn usable(addr: IpAddr) -> bool {
     }
 }
 
+/// The addresses of this namespace's interfaces, in the kernel's order (`None`: could not
+/// be read).
+fn addresses() -> Option<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    Some(
+        addrs
+            .filter_map(|ifa| ifa.address)
+            .filter_map(|sa| {
+                if let Some(v4) = sa.as_sockaddr_in() {
+                    Some(IpAddr::V4(v4.ip()))
+                } else {
+                    sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Istio's rule over `addrs` (see [`Host::detect_ipv6`]).
+fn ipv6_of(addrs: &[IpAddr], dual_stack: bool) -> Option<bool> {
+    let mut found: Option<bool> = None;
+    for &ip in addrs {
+        if !usable(ip) {
+            continue;
+        }
+        let is_v6 = ip.is_ipv6() && !matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+        if !dual_stack {
+            return Some(is_v6);
+        }
+        found = Some(found.unwrap_or(false) || is_v6);
+    }
+    found
+}
+
+/// Whether `addrs` has an IPv6 address of global scope.
+fn has_global_ipv6(addrs: &[IpAddr]) -> bool {
+    addrs.iter().any(|ip| match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().is_none() && usable(*ip),
+        IpAddr::V4(_) => false,
+    })
+}
+
 impl Host for RealHost {
     fn user_uid(&self, name: &str) -> Option<u32> {
         nix::unistd::User::from_name(name)
@@ -37,28 +79,12 @@ impl Host for RealHost {
 
     /// Istio's rule: the first usable address decides; with dual stack, any IPv6 one does.
     fn detect_ipv6(&self, dual_stack: bool) -> Option<bool> {
-        let addrs = nix::ifaddrs::getifaddrs().ok()?;
-        let mut found: Option<bool> = None;
-        for ifa in addrs {
-            let Some(sa) = ifa.address else { continue };
-            let ip = if let Some(v4) = sa.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else if let Some(v6) = sa.as_sockaddr_in6() {
-                IpAddr::V6(v6.ip())
-            } else {
-                continue;
-            };
-            if !usable(ip) {
-                continue;
-            }
-            let is_v6 =
-                ip.is_ipv6() && !matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
-            if !dual_stack {
-                return Some(is_v6);
-            }
-            found = Some(found.unwrap_or(false) || is_v6);
-        }
-        found
+        ipv6_of(&addresses()?, dual_stack)
+    }
+
+    fn detect_ipv6_and_global(&self, dual_stack: bool) -> (Option<bool>, bool) {
+        let addrs = addresses().unwrap_or_default();
+        (ipv6_of(&addrs, dual_stack), has_global_ipv6(&addrs))
     }
 
     fn group_gid(&self, name: &str) -> Option<u32> {
@@ -68,13 +94,7 @@ impl Host for RealHost {
     /// Whether this namespace has an IPv6 address of global scope (not loopback,
     /// link-local or multicast), e.g. to warn when IPv6 rules are off.
     fn has_global_ipv6(&self) -> bool {
-        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-            return false;
-        };
-        addrs
-            .filter_map(|ifa| ifa.address)
-            .filter_map(|sa| sa.as_sockaddr_in6().map(|a| a.ip()))
-            .any(|ip| ip.to_ipv4_mapped().is_none() && usable(IpAddr::V6(ip)))
+        has_global_ipv6(&addresses().unwrap_or_default())
     }
 
     /// Opens without blocking (a FIFO would wait for a writer), refuses what is not a
@@ -142,38 +162,84 @@ pub fn check_net_caps() -> Result<(), MissingCapabilities> {
 /// The names (`NET_ADMIN`, `NET_RAW`) of the capabilities iptables needs that this process
 /// does not have in effect. Empty when they cannot be read (we then let iptables tell).
 pub fn missing_net_caps() -> Vec<&'static str> {
+    let Some(eff) = effective_caps().or_else(effective_caps_from_proc) else {
+        return Vec::new();
+    };
+    missing_from(eff)
+}
+
+/// The effective capability set, from `capget(2)`: one system call (the kernel writes all
+/// of /proc/self/status to answer a read of it, which costs ten times as much).
+#[allow(unsafe_code)]
+fn effective_caps() -> Option<u64> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: two `Data`, for capabilities 0-31 and 32-63.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget reads `header` and, for version 3, writes two `Data` into `data`; both
+    // are live, writable and laid out as the kernel's structs (repr(C), u32/i32 fields).
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    (r == 0).then(|| u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+}
+
+/// The effective set from /proc/self/status (where capget is refused, e.g. by a seccomp
+/// profile).
+fn effective_caps_from_proc() -> Option<u64> {
     // One read into a page-sized buffer (the file is about 1.5 KB): `read_to_string` grows
     // its buffer from 32 bytes, a read per step, as procfs reports no size.
     use std::io::Read as _;
     let mut buf = [0u8; 8192];
     let mut len = 0;
-    let Ok(mut f) = std::fs::File::open("/proc/self/status") else {
-        return Vec::new();
-    };
+    let mut f = std::fs::File::open("/proc/self/status").ok()?;
     while len < buf.len() {
         match f.read(&mut buf[len..]) {
             Ok(0) => break,
             Ok(n) => len += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Vec::new(),
+            Err(_) => return None,
         }
     }
-    std::str::from_utf8(&buf[..len])
-        .ok()
-        .and_then(missing_from_status)
-        .unwrap_or_default()
+    cap_eff_from_status(std::str::from_utf8(&buf[..len]).ok()?)
 }
 
-fn missing_from_status(status: &str) -> Option<Vec<&'static str>> {
+fn missing_from(eff: u64) -> Vec<&'static str> {
+    NET_CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// `CapEff:` of /proc/self/status.
+fn cap_eff_from_status(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    let eff = u64::from_str_radix(hex.trim(), 16).ok()?;
-    Some(
-        NET_CAPS
-            .iter()
-            .filter(|(bit, _)| eff & (1 << bit) == 0)
-            .map(|(_, name)| *name)
-            .collect(),
-    )
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[cfg(test)]
+fn missing_from_status(status: &str) -> Option<Vec<&'static str>> {
+    cap_eff_from_status(status).map(missing_from)
 }
 
 #[cfg(test)]
@@ -192,6 +258,13 @@ mod tests {
             Some(vec!["NET_ADMIN", "NET_RAW"])
         );
         assert_eq!(missing_from_status("Name: x\n"), None);
+    }
+
+    /// capget and /proc/self/status tell the same effective set, the one of this process.
+    #[test]
+    fn capget_agrees_with_proc_status() {
+        let proc = effective_caps_from_proc().expect("/proc/self/status has CapEff");
+        assert_eq!(effective_caps(), Some(proc));
     }
 
     #[test]

@@ -65,6 +65,48 @@ fn attr(body: &[u8], kind: u16) -> Option<String> {
     None
 }
 
+/// What one dump of the tables of every family tells: how many tables iptables-nft's
+/// families have and the names of the `inet` ones (native nftables'); `None` when the kernel
+/// could not be asked.
+pub fn overview() -> Option<Overview> {
+    let mut out = Overview::default();
+    netlink::dump(
+        SockProtocol::NetlinkNetFilter,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+        &[0, 0, 0, 0],
+        |kind, body| {
+            if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
+                return;
+            }
+            match body.first() {
+                Some(&NFPROTO_IPV4) => out.ipv4 += 1,
+                Some(&NFPROTO_IPV6) => out.ipv6 += 1,
+                Some(&NFPROTO_INET) => out.inet.extend(attr(body, NFTA_TABLE_NAME)),
+                _ => {}
+            }
+        },
+    )?;
+    Some(out)
+}
+
+/// See [`overview`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overview {
+    pub ipv4: usize,
+    pub ipv6: usize,
+    pub inet: Vec<String>,
+}
+
+impl Overview {
+    /// The number of tables of `family`'s iptables-nft family.
+    pub fn tables(&self, family: Family) -> usize {
+        match family {
+            Family::V4 => self.ipv4,
+            Family::V6 => self.ipv6,
+        }
+    }
+}
+
 /// The names of the `inet` tables here (native nftables' family), or `None` when the kernel
 /// could not be asked.
 pub fn inet_tables() -> Option<Vec<String>> {

@@ -26,6 +26,9 @@ const FRA_FWMASK: u16 = 16;
 const FRA_OIFNAME: u16 = 17;
 const FR_ACT_TO_TBL: u8 = 1;
 const FIB_RULE_INVERT: u32 = 2;
+/// `lo`'s interface index, the same in every network namespace (the kernel's
+/// `LOOPBACK_IFINDEX`, fixed since 2012): no lookup needed.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// One policy routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,11 +194,10 @@ fn read_routing(family: u8) -> Option<[Routing; 2]> {
     }
     // Routes are only of interest next to a rule with a mark, or on their own as leftovers
     // of a run killed between adding the route and the rule: always look.
-    let lo = nix::net::if_::if_nametoindex("lo").ok()?;
     for (ty, b) in dump(&mut sock, RTM_GETROUTE, family)? {
         if ty == RTM_NEWROUTE
             && let Some(i) = slot(&b)
-            && let Some(t) = local_default_table(&b, lo)
+            && let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX)
         {
             out[i].local_default_tables.insert(t);
         }
