@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber, span};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -139,7 +140,9 @@ pub fn init(settings: Settings) {
         Ok(spec) if !spec.is_empty() => Registry::default()
             .with(layer.with_filter(EnvFilter::new(spec)))
             .init(),
-        _ => Registry::default().with(layer.with_filter(level)).init(),
+        _ => {
+            let _ = tracing::subscriber::set_global_default(Plain { layer, level });
+        }
     }
     for w in warnings {
         tracing::warn!("{w}");
@@ -187,8 +190,57 @@ impl IstioLayer {
     }
 }
 
+/// The subscriber of a run without `RUST_LOG`: the level and [`IstioLayer`], without
+/// `tracing-subscriber`'s span registry, whose set-up (a slab per thread slot) was a
+/// measurable part of every pod start. Nothing here opens spans.
+struct Plain {
+    layer: IstioLayer,
+    level: LevelFilter,
+}
+
+impl Subscriber for Plain {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.enabled(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        *meta.level() <= self.level
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.level)
+    }
+
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        self.layer.write_event(event);
+    }
+
+    fn enter(&self, _: &span::Id) {}
+
+    fn exit(&self, _: &span::Id) {}
+}
+
 impl<S: Subscriber> Layer<S> for IstioLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        self.write_event(event);
+    }
+}
+
+impl IstioLayer {
+    /// Writes one event in Istio's form to its targets.
+    fn write_event(&self, event: &Event<'_>) {
         let meta = event.metadata();
         let mut fields = Fields::default();
         event.record(&mut fields);

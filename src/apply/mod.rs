@@ -593,6 +593,7 @@ fn undo_all(
 /// held.
 #[derive(Debug, Default)]
 pub struct Prestart {
+    /// (family, backend, no tables at all).
     found: Vec<(Family, Backend, bool)>,
     native_tables: Option<bool>,
 }
@@ -658,7 +659,7 @@ pub fn apply_prestarted(
         let known = early
             .found
             .iter()
-            .position(|(f, _, _)| *f == family)
+            .position(|(f, ..)| *f == family)
             .map(|i| early.found.swap_remove(i));
         let (backend, known_empty) = match known {
             Some((_, backend, empty)) => (backend, Some(empty)),

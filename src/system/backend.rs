@@ -74,6 +74,10 @@ pub struct NotInstalled {
 pub trait Probe {
     /// Whether `program` is an executable on PATH.
     fn in_path(&self, program: &str) -> bool;
+    /// Whether every one of `programs` is (one walk of PATH where it can be).
+    fn in_path_all(&self, programs: &[&str]) -> bool {
+        programs.iter().all(|p| self.in_path(p))
+    }
     /// Legacy (x_tables) tables loaded in the current network namespace.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
     /// How many nftables tables the family has here (`None`: could not tell).
@@ -126,34 +130,104 @@ pub struct SystemProbe;
 /// programs do not change under one run): detection, the state read and the commit ask for
 /// the same few programs.
 pub fn which(program: &str) -> Option<PathBuf> {
-    type Found = Vec<((std::ffi::OsString, String), Option<PathBuf>)>;
-    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
-    let path = std::env::var_os("PATH")?;
-    let key = (path.clone(), program.to_string());
-    if let Ok(found) = FOUND.lock()
-        && let Some((_, p)) = found.iter().find(|(k, _)| *k == key)
-    {
-        return p.clone();
-    }
-    let p = std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| is_executable(p));
-    if let Ok(mut found) = FOUND.lock() {
-        found.push((key, p.clone()));
-    }
-    p
+    which_all(&[program]).pop().flatten()
 }
 
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+/// [`which`] of several programs, found in one walk of PATH (each directory opened once).
+pub fn which_all(programs: &[&str]) -> Vec<Option<PathBuf>> {
+    type Found = Vec<((std::ffi::OsString, String), Option<PathBuf>)>;
+    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
+    let Some(path) = std::env::var_os("PATH") else {
+        return vec![None; programs.len()];
+    };
+    let key = |p: &str| (path.clone(), p.to_string());
+    let mut out: Vec<Option<Option<PathBuf>>> = match FOUND.lock() {
+        Ok(found) => programs
+            .iter()
+            .map(|p| {
+                let k = key(p);
+                found.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone())
+            })
+            .collect(),
+        Err(_) => vec![None; programs.len()],
+    };
+    let missing: Vec<&str> = programs
+        .iter()
+        .zip(&out)
+        .filter(|(_, v)| v.is_none())
+        .map(|(p, _)| *p)
+        .collect();
+    if !missing.is_empty() {
+        let looked = lookup(&path, &missing);
+        if let Ok(mut found) = FOUND.lock() {
+            for (p, v) in missing.iter().zip(&looked) {
+                found.push((key(p), v.clone()));
+            }
+        }
+        let mut looked = missing.iter().zip(looked);
+        for (p, v) in programs.iter().zip(out.iter_mut()) {
+            if v.is_none()
+                && let Some((_, l)) = looked.find(|(m, _)| *m == p)
+            {
+                *v = Some(l);
+            }
+        }
+    }
+    out.into_iter().map(Option::flatten).collect()
+}
+
+/// Each of `programs` in the first directory of `path` that has it as an executable file.
+/// A directory is opened once (then each name is one lookup in it) and, when listed twice,
+/// looked at once.
+fn lookup(path: &std::ffi::OsStr, programs: &[&str]) -> Vec<Option<PathBuf>> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+    let executable = |st: &FileStat| {
+        SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+            && st.st_mode & 0o111 != 0
+    };
+    let mut out: Vec<Option<PathBuf>> = vec![None; programs.len()];
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for dir in std::env::split_paths(path) {
+        if out.iter().all(Option::is_some) {
+            break;
+        }
+        if seen.contains(&dir) {
+            continue;
+        }
+        seen.push(dir.clone());
+        // An empty entry means the current directory, as for a shell.
+        let open_dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir.as_path()
+        };
+        let Ok(fd) = open(
+            open_dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        for (p, slot) in programs.iter().zip(out.iter_mut()) {
+            // Follows symlinks (iptables-nft-save is one), as stat does.
+            if slot.is_none()
+                && fstatat(&fd, *p, nix::fcntl::AtFlags::empty()).is_ok_and(|st| executable(&st))
+            {
+                *slot = Some(dir.join(p));
+            }
+        }
+    }
+    out
 }
 
 impl Probe for SystemProbe {
     fn in_path(&self, program: &str) -> bool {
         which(program).is_some()
+    }
+
+    fn in_path_all(&self, programs: &[&str]) -> bool {
+        which_all(programs).iter().all(Option::is_some)
     }
 
     fn legacy_tables(&self, family: Family) -> Vec<String> {
@@ -234,7 +308,7 @@ pub fn detect(
         Family::V6 => "ip6tables",
     };
     let have = |f: Flavor| {
-        probe.in_path(&format!("{base}-{f}-restore")) && probe.in_path(&format!("{base}-{f}-save"))
+        probe.in_path_all(&[&format!("{base}-{f}-restore"), &format!("{base}-{f}-save")])
     };
     if let Some(f) = forced {
         if !have(f) {
