@@ -2,6 +2,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
+# The musl target's link settings (a non-PIE static binary; see .cargo/config.toml).
+COPY .cargo ./.cargo
 COPY src ./src
 # A static musl binary: no dynamic loader and no glibc start-up (which, in a VM that traps
 # CPUID, costs ~0.5 ms per process); see README "Benchmark".

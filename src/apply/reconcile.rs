@@ -649,8 +649,14 @@ pub struct ChainDiff {
 pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<ChainDiff> {
     let mut out = Vec::new();
     for table in Table::ALL {
-        let wanted = Wanted::new(table, desired, resolver);
-        let p = TableView::new(table, current, &wanted, resolver);
+        // The view keeps no reference to the wanted side: its canonical texts go at once
+        // (the comparison below writes its own; 7,000 rules' worth twice would count).
+        let p = TableView::new(
+            table,
+            current,
+            &Wanted::new(table, desired, resolver),
+            resolver,
+        );
         // Ours, wanted, per chain: (canonical, rule), in final order. The text of a rule is
         // written only when it is reported: 7,000 of them would double the peak memory.
         let mut want: BTreeMap<String, Vec<(String, &Rule)>> = BTreeMap::new();
