@@ -990,6 +990,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         calls: Vec<(String, Vec<String>, Option<String>)>,
+        /// What was started ahead: (program, args, with stdin).
+        prestarted: Vec<(String, Vec<String>, bool)>,
         save_output: String,
         /// Successive outputs of one save program, before falling back to `save_output`.
         saves: BTreeMap<String, std::collections::VecDeque<String>>,
@@ -1020,6 +1022,114 @@ mod tests {
             }
             Ok(String::new())
         }
+
+        fn prestart(&mut self, program: &str, args: &[String], stdin: bool) {
+            self.prestarted.push((program.into(), args.to_vec(), stdin));
+        }
+    }
+
+    /// An nft-only machine whose netlink says how many tables each family has.
+    struct Tables(usize, usize);
+
+    impl Probe for Tables {
+        fn in_path(&self, p: &str) -> bool {
+            p.contains("-nft-")
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+        fn nft_tables(&self, family: Family) -> Option<usize> {
+            Some(match family {
+                Family::V4 => self.0,
+                Family::V6 => self.1,
+            })
+        }
+        fn nft_inet_tables(&self) -> Option<Vec<String>> {
+            Some(vec![])
+        }
+    }
+
+    /// The program started ahead is the one the apply runs first (the restore where the
+    /// family has no tables, else the save), with the same arguments; the apply then asks
+    /// nothing again. The legacy flavour starts nothing ahead.
+    #[test]
+    fn prestart_starts_what_the_apply_runs_first() {
+        let p = plan(
+            config(
+                &["-p", "15001", "-b", "*"],
+                &[("ENABLE_INBOUND_IPV6", "true")],
+            )
+            .unwrap(),
+        );
+        let families = p.families();
+        for (probe, want) in [
+            (
+                Tables(0, 0),
+                vec![
+                    ("iptables-nft-restore", true),
+                    ("ip6tables-nft-restore", true),
+                ],
+            ),
+            (
+                Tables(1, 0),
+                vec![
+                    ("iptables-nft-save", false),
+                    ("ip6tables-nft-restore", true),
+                ],
+            ),
+        ] {
+            let mut fake = Fake::default();
+            let mut env = Env {
+                runner: &mut fake,
+                probe: &probe,
+                resolver: &NoResolver,
+            };
+            let early = prestart(&families, &OPTS, &mut env);
+            apply_prestarted(&p, &OPTS, &mut env, early).unwrap();
+            let started: Vec<(&str, bool)> = fake
+                .prestarted
+                .iter()
+                .map(|(p, _, stdin)| (p.as_str(), *stdin))
+                .collect();
+            assert_eq!(started, want);
+            // Each was run, in that order, with the arguments it was started with.
+            let first_runs: Vec<(&str, &[String])> = fake
+                .calls
+                .iter()
+                .map(|(p, a, _)| (p.as_str(), a.as_slice()))
+                .filter(|(p, _)| p.contains("tables-nft-"))
+                .collect();
+            for (program, args, _) in &fake.prestarted {
+                assert!(
+                    first_runs.iter().any(|(p, a)| p == program && a == args),
+                    "{program} {args:?} started ahead but never run: {first_runs:?}"
+                );
+            }
+        }
+        let mut fake = Fake::default();
+        let legacy = Options {
+            flavor: Some(Flavor::Legacy),
+            ..OPTS
+        };
+        struct Both;
+        impl Probe for Both {
+            fn in_path(&self, _: &str) -> bool {
+                true
+            }
+            fn legacy_tables(&self, _: Family) -> Vec<String> {
+                vec!["nat".into()]
+            }
+        }
+        prestart(
+            &families,
+            &legacy,
+            &mut Env {
+                runner: &mut fake,
+                probe: &Both,
+                resolver: &NoResolver,
+            },
+        );
+        assert!(fake.prestarted.is_empty(), "{:?}", fake.prestarted);
     }
 
     use crate::system::backend::NftOnly;
