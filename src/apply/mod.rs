@@ -670,8 +670,9 @@ pub fn apply_prestarted(
             ),
         };
         // The wanted side of the comparison does not depend on the state: worked out while
-        // the save (started ahead) runs. A namespace without tables needs no comparison.
-        let prepared = (known_empty != Some(true))
+        // the save (started ahead) runs. Otherwise after the read (a namespace without
+        // tables needs no comparison).
+        let prepared = (known_empty == Some(false))
             .then(|| reconcile::prepare(plan.rules(family), env.resolver));
         let before = read_state_known(family, &backend, known_empty, env.probe, env.runner)?;
         // The version is logged when the save printed it (free); read from the binary's file
