@@ -1251,26 +1251,11 @@ mod tests {
     /// the injector's arguments and every flag of the table in each form it takes.
     #[test]
     fn fast_parse_is_the_full_parse() {
-        let injector = [
-            "istio-iptables",
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15020",
-            "--log_output_level=default:info",
-        ];
+        // Istio's injector: the apply command's word, the seed command, its log level.
+        let injector: Vec<&str> = std::iter::once(APPLY_COMMAND)
+            .chain(crate::config::tests::SEED.iter().copied())
+            .chain(["--log_output_level=default:info"])
+            .collect();
         let mut lines: Vec<Vec<String>> = vec![
             injector.iter().map(|w| w.to_string()).collect(),
             injector[1..].iter().map(|w| w.to_string()).collect(),
