@@ -588,14 +588,24 @@ fn undo_all(
 }
 
 /// What [`prestart`] found out, for [`apply_prestarted`] not to ask again: per family,
-/// the backend and whether it has no tables at all; whether native nftables tables of ours
-/// exist (`None`: not known). Our own state cannot change in between: the namespace lock is
-/// held.
+/// the backend, whether it has no tables at all and the tables read over netlink; whether
+/// native nftables tables of ours exist (`None`: not known). Our own state cannot change in
+/// between: the namespace lock is held.
 #[derive(Debug, Default)]
 pub struct Prestart {
-    /// (family, backend, no tables at all).
-    found: Vec<(Family, Backend, bool)>,
+    found: Vec<Found>,
     native_tables: Option<bool>,
+}
+
+/// One family's findings (see [`Prestart`]).
+#[derive(Debug)]
+struct Found {
+    family: Family,
+    backend: Backend,
+    /// The backend has no tables at all.
+    empty: bool,
+    /// The tables as iptables-nft-save prints them, read over netlink.
+    read: Option<String>,
 }
 
 /// Starts ahead, for each of `families`, the program [`apply`] will run first: the restore
@@ -604,6 +614,10 @@ pub struct Prestart {
 /// [`Runner::run`] takes it over. The legacy flavour is left alone (its restore takes the
 /// xtables lock). A process the apply does not take over is given no input, which changes
 /// nothing.
+///
+/// Where the tables can be read over netlink instead ([`Probe::nft_save`]), no save is
+/// started: the apply compares that text first, and runs the save only when it shows
+/// something to change (a re-run with nothing to change then runs no program at all).
 pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prestart {
     let mut found = Vec::new();
     // One netlink dump: iptables-nft's tables of both families and native nftables' ones.
@@ -622,6 +636,7 @@ pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prest
             Some(o) => o.tables(family) == 0,
             None => env.probe.nft_tables(family) == Some(0),
         };
+        let mut read = None;
         if empty {
             env.runner.prestart(
                 &backend.restore_program(),
@@ -629,9 +644,17 @@ pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prest
                 true,
             );
         } else {
-            env.runner.prestart(&backend.save_program(), &[], false);
+            read = env.probe.nft_save(family);
+            if read.is_none() {
+                env.runner.prestart(&backend.save_program(), &[], false);
+            }
         }
-        found.push((family, backend, empty));
+        found.push(Found {
+            family,
+            backend,
+            empty,
+            read,
+        });
     }
     Prestart {
         found,
@@ -659,13 +682,14 @@ pub fn apply_prestarted(
         let known = early
             .found
             .iter()
-            .position(|(f, ..)| *f == family)
+            .position(|f| f.family == family)
             .map(|i| early.found.swap_remove(i));
-        let (backend, known_empty) = match known {
-            Some((_, backend, empty)) => (backend, Some(empty)),
+        let (backend, known_empty, read) = match known {
+            Some(f) => (f.backend, Some(f.empty), f.read),
             None => (
                 backend::detect(family, opts.flavor, env.probe)
                     .map_err(|error| ApplyError::Backend { family, error })?,
+                None,
                 None,
             ),
         };
@@ -674,6 +698,23 @@ pub fn apply_prestarted(
         // tables needs no comparison).
         let prepared = (known_empty == Some(false))
             .then(|| reconcile::prepare(plan.rules(family), env.resolver));
+        // The tables read over netlink settle a re-run with nothing to change; whatever
+        // else they show, the save's own text decides (and is what a rollback restores).
+        if let (Some(text), Some(p)) = (read, &prepared)
+            && let Ok(before) = parse_save(&text)
+            && let Ok(tx) = reconcile::reconcile_prepared(&before, p, env.resolver, opts.policy)
+            && tx.is_noop()
+        {
+            tracing::info!(backend = %backend.restore_program(), reason = %backend.reason, "{family} backend");
+            tracing::debug!("{family}: tables read over netlink");
+            runs.push(Run {
+                backend,
+                before,
+                tx,
+                attempted: false,
+            });
+            continue;
+        }
         let before = read_state_known(family, &backend, known_empty, env.probe, env.runner)?;
         // The version is logged when the save printed it (free); read from the binary's file
         // (228 KB for xtables-nft-multi) only for a failed commit's message.

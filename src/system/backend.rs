@@ -111,6 +111,12 @@ pub trait Probe {
             inet: self.nft_inet_tables()?,
         })
     }
+    /// The family's iptables-nft tables as `iptables-nft-save` prints them, read over netlink
+    /// ([`crate::system::nftsave`]); `None` when they hold something that reader does not
+    /// print exactly, or the kernel could not be asked (callers then run the save).
+    fn nft_save(&self, _family: Family) -> Option<String> {
+        None
+    }
     /// The version of the `nft` program (`None`: could not tell).
     fn nft_version(&self) -> Option<String> {
         None
@@ -248,6 +254,10 @@ impl Probe for SystemProbe {
 
     fn nft_tables(&self, family: Family) -> Option<usize> {
         crate::system::nftprobe::table_count(family)
+    }
+
+    fn nft_save(&self, family: Family) -> Option<String> {
+        crate::system::nftsave::save(family)
     }
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {

@@ -7,6 +7,7 @@ pub mod host;
 pub mod netlink;
 pub mod netns;
 pub mod nftprobe;
+pub mod nftsave;
 pub mod nftstate;
 pub mod nslock;
 pub mod rtnl;
