@@ -613,7 +613,9 @@ struct Found {
 /// save. It loads while the caller logs the config and builds the rules; the matching
 /// [`Runner::run`] takes it over. The legacy flavour is left alone (its restore takes the
 /// xtables lock). A process the apply does not take over is given no input, which changes
-/// nothing.
+/// nothing. The restore of a family without iptables-nft tables starts before the rest of
+/// detection runs: unless `--force-iptables-binary=legacy`, legacy is picked only where
+/// the namespace has legacy tables, and a fresh pod's has none.
 ///
 /// Where the tables can be read over netlink instead ([`Probe::nft_save`]), no save is
 /// started: the apply compares that text first, and runs the save only when it shows
@@ -621,29 +623,47 @@ struct Found {
 pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prestart {
     let mut found = Vec::new();
     // One netlink dump: iptables-nft's tables of both families and native nftables' ones.
-    let overview = env.probe.nft_overview();
+    let probe = env.probe;
+    let overview = probe.nft_overview();
     let native_tables = overview
         .as_ref()
         .map(|o| o.inet.iter().any(|n| nft::is_our_table(n)));
-    for &family in families {
-        let Ok(backend) = backend::detect(family, opts.flavor, env.probe) else {
+    let empty: Vec<(Family, bool)> = families
+        .iter()
+        .map(|&family| {
+            let empty = match &overview {
+                Some(o) => o.tables(family) == 0,
+                None => probe.nft_tables(family) == Some(0),
+            };
+            (family, empty)
+        })
+        .collect();
+    // A family without iptables-nft tables gets its restore started before the rest of
+    // detection (legacy tables in /proc, the save on PATH): it is what the apply runs first
+    // unless that picks legacy, and then it is never given input.
+    if opts.flavor != Some(Flavor::Legacy) {
+        for &(family, _) in empty.iter().filter(|(_, e)| *e) {
+            let nft = Backend {
+                family,
+                flavor: Some(Flavor::Nft),
+                reason: String::new(),
+            };
+            env.runner.prestart(
+                &nft.restore_program(),
+                &restore_args(&nft, true, opts),
+                true,
+            );
+        }
+    }
+    for (family, empty) in empty {
+        let Ok(backend) = backend::detect(family, opts.flavor, probe) else {
             continue;
         };
         if backend.flavor != Some(Flavor::Nft) {
             continue;
         }
-        let empty = match &overview {
-            Some(o) => o.tables(family) == 0,
-            None => env.probe.nft_tables(family) == Some(0),
-        };
         let mut read = None;
-        if empty {
-            env.runner.prestart(
-                &backend.restore_program(),
-                &restore_args(&backend, true, opts),
-                true,
-            );
-        } else {
+        if !empty {
             read = env.probe.nft_save(family);
             if read.is_none() {
                 env.runner.prestart(&backend.save_program(), &[], false);
@@ -1114,9 +1134,10 @@ mod tests {
             ),
             (
                 Tables(1, 0),
+                // Restores first: they start before the rest of detection.
                 vec![
-                    ("iptables-nft-save", false),
                     ("ip6tables-nft-restore", true),
+                    ("iptables-nft-save", false),
                 ],
             ),
         ] {
@@ -1172,6 +1193,40 @@ mod tests {
             },
         );
         assert!(fake.prestarted.is_empty(), "{:?}", fake.prestarted);
+    }
+
+    /// Legacy tables in a namespace without nft tables: the nft restore started before
+    /// detection finished is never run (never given input); the apply goes to legacy.
+    #[test]
+    fn a_restore_started_before_detection_picks_legacy_is_never_run() {
+        struct LegacyOnly;
+        impl Probe for LegacyOnly {
+            fn in_path(&self, _: &str) -> bool {
+                true
+            }
+            fn legacy_tables(&self, _: Family) -> Vec<String> {
+                vec!["nat".into()]
+            }
+            fn nft_tables(&self, _: Family) -> Option<usize> {
+                Some(0)
+            }
+            fn nft_inet_tables(&self) -> Option<Vec<String>> {
+                Some(vec![])
+            }
+        }
+        let p = plan(config(&["-p", "15001", "-b", "*"], &[]).unwrap());
+        let mut fake = Fake::default();
+        let mut env = Env {
+            runner: &mut fake,
+            probe: &LegacyOnly,
+            resolver: &NoResolver,
+        };
+        let early = prestart(&p.families(), &OPTS, &mut env);
+        apply_prestarted(&p, &OPTS, &mut env, early).unwrap();
+        let started: Vec<&str> = fake.prestarted.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(started, ["iptables-nft-restore"]);
+        let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(ran, ["iptables-legacy-save", "iptables-legacy-restore"]);
     }
 
     use crate::system::backend::NftOnly;

@@ -183,11 +183,10 @@ pub fn which_all(programs: &[&str]) -> Vec<Option<PathBuf>> {
 }
 
 /// Each of `programs` in the first directory of `path` that has it as an executable file.
-/// A directory is opened once (then each name is one lookup in it) and, when listed twice,
-/// looked at once.
+/// One `stat` per directory and program still missing (opening each directory to look in
+/// it costs two calls more); a directory listed twice is looked at once.
 fn lookup(path: &std::ffi::OsStr, programs: &[&str]) -> Vec<Option<PathBuf>> {
-    use nix::fcntl::{OFlag, open};
-    use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+    use nix::sys::stat::{FileStat, SFlag, stat};
     let executable = |st: &FileStat| {
         SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
             && st.st_mode & 0o111 != 0
@@ -203,23 +202,14 @@ fn lookup(path: &std::ffi::OsStr, programs: &[&str]) -> Vec<Option<PathBuf>> {
         }
         seen.push(dir.clone());
         // An empty entry means the current directory, as for a shell.
-        let open_dir = if dir.as_os_str().is_empty() {
+        let base = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir.as_path()
         };
-        let Ok(fd) = open(
-            open_dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) else {
-            continue;
-        };
         for (p, slot) in programs.iter().zip(out.iter_mut()) {
-            // Follows symlinks (iptables-nft-save is one), as stat does.
-            if slot.is_none()
-                && fstatat(&fd, *p, nix::fcntl::AtFlags::empty()).is_ok_and(|st| executable(&st))
-            {
+            // Follows symlinks (iptables-nft-save is one).
+            if slot.is_none() && stat(&base.join(p)).is_ok_and(|st| executable(&st)) {
                 *slot = Some(dir.join(p));
             }
         }
