@@ -31,6 +31,7 @@ ENABLE_INBOUND_IPV6=false "$BIN" --dry-run "${seed[@]}" 2>/dev/null |
     awk '/^nft -f - <<.EOF.$/ {on=1; next} /^EOF$/ {on=0} on' >"$work/tx.nft"
 [ -s "$work/tx.nft" ] || die "no nft transaction in the dry run"
 printf '%s\0' "${seed[@]}" >"$work/seed.args"
+install_binary "$work"
 
 PYTHONPATH="$root/benches" python3 - "$work" "$BIN" "$RUNS" "$SETTLE_MS" <<'PY'
 import os, statistics, subprocess, sys, time
@@ -93,7 +94,7 @@ def ms(v):
     return statistics.median(v) / 1e6
 
 print(f"native nftables, seed command, {runs} samples per side (medians), "
-      f"{os.cpu_count()} CPUs, {os.uname().release}, {binary}")
+      f"{os.cpu_count()} CPUs, {os.uname().release}, {os.environ['BIN_SOURCE']} (run from a copy)")
 print(f"  fresh apply: istio-iptables {ms(fa):.2f} ms, bare nft -f {ms(fb):.2f} ms, "
       f"ratio {ms(fa) / ms(fb):.2f} (goal <= 1.20)")
 print(f"  re-run:      istio-iptables {ms(ra):.2f} ms, bare nft list ruleset inet {ms(rb):.2f} ms, "

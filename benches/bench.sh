@@ -3,7 +3,8 @@
 #   fresh apply:  one bare `iptables-nft-restore --noflush < payload` (same rules), each
 #                 sample in a fresh, empty network namespace;
 #   re-run:       one bare `iptables-nft-save` in a namespace that already holds the rules
-#                 (the binary then has nothing to change);
+#                 (the binary then has nothing to change, and reads the tables over netlink:
+#                 it runs no save itself, so it can beat that floor);
 # plus the binary's own peak RSS on every path and 50 namespaces applied 10 at a time
 # against one at a time (--cni-mode --network-namespace).
 #
@@ -12,7 +13,8 @@
 #
 # Environment:
 #   RUNS=N        samples per variant (default 21; at least 20 for the spec's medians)
-#   BIN=path      binary to measure (default: cargo build --release, target/release/istio-iptables)
+#   BIN=path      binary to measure (default: cargo build --release, target/release/istio-iptables);
+#                 a copy of it in the work directory is what runs (benches/binary.sh says why)
 #   TARGET=triple build and measure for this target (default: x86_64-unknown-linux-musl, the
 #                 release image's static binary, when installed; TARGET= the default glibc build)
 #   SKIP_BUILD=1  do not run cargo build (BIN or the existing release binary is used)
@@ -63,6 +65,7 @@ if [[ -n ${KEEP:-} ]]; then
 else
     trap 'rm -rf "$work"' EXIT
 fi
+install_binary "$work"
 
 # ---- inputs ---------------------------------------------------------------------------------
 # Seed: the command from the issue. Large: the same plus 5,000 distinct /24s excluded from
@@ -394,14 +397,14 @@ PYTHONPATH="$root/benches" python3 "$work/harness.py" "$work" "$BIN" "$RUNS" "$S
     || die "measurement failed (see above)"
 
 # ---- report ---------------------------------------------------------------------------------
-python3 - "$work/result.json" "${#cidrs}" "${#ports}" "$BIN" <<'PY'
+python3 - "$work/result.json" "${#cidrs}" "${#ports}" "$BIN" "$BIN_SOURCE" <<'PY'
 import json
 import os
 import statistics as st
 import sys
 
 r = json.load(open(sys.argv[1]))
-cidr_len, port_len, binary = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cidr_len, port_len, binary, source = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 with open(binary, "rb") as f:
     link = "dynamically linked" if b"ld-linux" in f.read(4096) else "statically linked"
 med = lambda xs: st.median(xs) / 1e6
@@ -419,12 +422,13 @@ target = {"seed.fresh": 1.20, "seed.rerun": 1.25, "large.fresh": 1.20, "large.re
 floor_of = {"fresh": "iptables-nft-restore --noflush < payload", "rerun": "iptables-nft-save"}
 
 print()
-print(f"istio-iptables benchmark: {binary} ({link})")
+print(f"istio-iptables benchmark: {source} ({link}), run from a copy, as an image installs it")
 print(f"  {n} samples per variant, interleaved, each in a fresh network namespace; medians.")
 print("  (a) istio-iptables <args>   (ENABLE_INBOUND_IPV6=false: an IPv4-only pod)")
 print("  (b) fresh apply: one bare iptables-nft-restore --noflush < payload (payload = the")
 print("      binary's own --dry-run block); re-run: one bare iptables-nft-save, in a namespace")
-print("      the binary has just filled (untimed), where (a) then has nothing to change.")
+print("      the binary has just filled (untimed), where (a) then has nothing to change (and")
+print("      reads the tables over netlink: it runs no save of its own).")
 print("      nft flavour because the binary picks iptables-nft in a fresh namespace (checked).")
 print(f"  (c) -x: 5000 CIDRs 10.A.B.0/24 ({cidr_len} B argument, limit 131072 B);"
       f" -o: 1000 outbound ports 20000-20999 ({port_len} B), 2 rules per port")

@@ -47,6 +47,7 @@ if [[ -n ${KEEP:-} ]]; then
 else
     trap 'rm -rf "$work"' EXIT
 fi
+install_binary "$work"
 
 # The list: N distinct /24s, one per line, with a comment, as a ConfigMap would hold them.
 python3 - "$N" >"$work/exclude.txt" <<'PY'
@@ -157,7 +158,7 @@ med = lambda xs: st.median(xs) / 1e6
 ratio = med(ta) / med(tb)
 verdict = lambda ok: "PASS" if ok else "FAIL"
 print()
-print(f"istio-iptables, lists from files: {binary}")
+print(f"istio-iptables, lists from files: {os.environ['BIN_SOURCE']} (run from a copy)")
 print(f"  {n} CIDRs in one file ({size} bytes; one argument may hold 131072), {rules} rules"
       f" applied; {runs} samples per variant, interleaved, each in a fresh namespace; medians")
 print("  (a) istio-iptables ... -x @exclude.txt ...   (ENABLE_INBOUND_IPV6=false)")
