@@ -28,7 +28,8 @@ fi
 # reads it from the image layer); the linker's own output file is never what runs. Its page
 # cache is filled by the linker's small writes, and on this VM (kernel 6.18, ext4) a run
 # started from it took about 0.2 ms longer than one started from a copy of the same bytes
-# (bench.sh, seed fresh apply: 1.20-1.22x from target/, 1.15-1.17x from a copy).
+# (bench.sh, same binary, seed fresh apply: 1.20x in two runs from target/, 1.14-1.17x in four
+# from a copy).
 install_binary() {
     export BIN_SOURCE=$BIN
     cp "$BIN" "$1/istio-iptables" || die "cannot copy $BIN to $1"
