@@ -908,6 +908,45 @@ fn seed_command_twice_changes_nothing_the_second_time() {
     );
 }
 
+/// The iptables rules are in place (read over netlink) but removing the tables of an earlier
+/// `--native-nftables` run fails: the error says nothing was changed, and that claim rests on
+/// real saves (one taken for the rollback to compare with, one to re-read), not on the
+/// netlink text.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn a_failed_switch_from_native_nftables_over_rules_in_place_is_checked_with_real_saves() {
+    if skip_unless_root(
+        "a_failed_switch_from_native_nftables_over_rules_in_place_is_checked_with_real_saves",
+    ) {
+        return;
+    }
+    let ns = Script::new()
+        .run("first", V4, SEED)
+        .sh("nft add table inet istio-proxy-nat")
+        .snap("before")
+        .shims(Fail::NftTransaction)
+        .run("second", V4, SEED)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("first", 0);
+    let run = ns.run_rc("second", 1);
+    assert_same(
+        "a failed switch",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("removing the native nftables tables")
+            && line.contains("nothing was changed (checked by re-reading the kernel)"),
+        "{line}"
+    );
+    let saves = run.execs_of(|p| p == "iptables-nft-save");
+    assert_eq!(saves.len(), 2, "{}", run.describe());
+}
+
 /// A namespace holding what the netlink reader does not print (a comment) is read by the
 /// real iptables-save: the re-run still changes nothing, and keeps the foreign rule.
 #[test]

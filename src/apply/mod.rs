@@ -232,6 +232,8 @@ struct Run {
     tx: Transaction,
     /// A commit was attempted: the family may have changed, even if the commit failed.
     attempted: bool,
+    /// `before` is the text read over netlink ([`Probe::nft_save`]), not a save's.
+    read_over_netlink: bool,
 }
 
 fn read_state(
@@ -732,6 +734,7 @@ pub fn apply_prestarted(
                 before,
                 tx,
                 attempted: false,
+                read_over_netlink: true,
             });
             continue;
         }
@@ -756,6 +759,7 @@ pub fn apply_prestarted(
             before,
             tx,
             attempted: false,
+            read_over_netlink: false,
         });
     }
 
@@ -827,6 +831,14 @@ pub fn apply_prestarted(
         Ok(dropped) => summary.nft_tables = dropped,
         Err(error) => {
             for r in &mut runs {
+                // A rollback compares with, and puts back, what a real save printed.
+                if r.read_over_netlink
+                    && let Ok(before) =
+                        read_state(r.backend.family, &r.backend, env.probe, env.runner)
+                {
+                    r.before = before;
+                    r.read_over_netlink = false;
+                }
                 r.attempted = true;
             }
             let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);

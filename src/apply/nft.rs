@@ -230,6 +230,7 @@ fn iptables_state(
                     before,
                     tx,
                     attempted: false,
+                    read_over_netlink: false,
                 });
             }
         }
