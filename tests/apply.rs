@@ -908,6 +908,19 @@ fn seed_command_twice_changes_nothing_the_second_time() {
     );
 }
 
+/// The seed applied (run `first`), then `setup` (shell), then the seed again (run `second`,
+/// with shims failing as `fail` says); the state is snapped as `before` and `after` it.
+fn seed_again_after(setup: &str, fail: Fail) -> Ns {
+    Script::new()
+        .run("first", V4, SEED)
+        .sh(setup)
+        .snap("before")
+        .shims(fail)
+        .run("second", V4, SEED)
+        .snap("after")
+        .exec()
+}
+
 /// The iptables rules are in place (read over netlink) but removing the tables of an earlier
 /// `--native-nftables` run fails: the error says nothing was changed, and that claim rests on
 /// real saves (one taken for the rollback to compare with, one to re-read), not on the
@@ -920,14 +933,7 @@ fn a_failed_switch_from_native_nftables_over_rules_in_place_is_checked_with_real
     ) {
         return;
     }
-    let ns = Script::new()
-        .run("first", V4, SEED)
-        .sh("nft add table inet istio-proxy-nat")
-        .snap("before")
-        .shims(Fail::NftTransaction)
-        .run("second", V4, SEED)
-        .snap("after")
-        .exec();
+    let ns = seed_again_after("nft add table inet istio-proxy-nat", Fail::NftTransaction);
     let ctx = ns.context();
     ns.run_rc("first", 0);
     let run = ns.run_rc("second", 1);
@@ -957,25 +963,21 @@ fn a_rerun_over_rules_the_netlink_reader_cannot_print_reads_them_with_the_save()
     ) {
         return;
     }
-    let ns = Script::new()
-        .shims(Fail::Nothing)
-        .run("first", V4, SEED)
-        .sh("iptables-nft -t filter -A INPUT -m comment --comment keep -j ACCEPT")
-        .snap("first")
-        .run("second", V4, SEED)
-        .snap("second")
-        .exec();
+    let ns = seed_again_after(
+        "iptables-nft -t filter -A INPUT -m comment --comment keep -j ACCEPT",
+        Fail::Nothing,
+    );
     let ctx = ns.context();
     ns.run_rc("first", 0);
     let second = ns.run_rc("second", 0);
     assert!(
-        ns.state("first").get("v4-nft").contains("--comment keep"),
+        ns.state("before").get("v4-nft").contains("--comment keep"),
         "{ctx}"
     );
     assert_same(
         "re-run over a comment",
-        &ns.state("first"),
-        &ns.state("second"),
+        &ns.state("before"),
+        &ns.state("after"),
         &ctx,
     );
     assert!(
