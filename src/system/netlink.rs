@@ -107,3 +107,21 @@ pub fn dump(
 ) -> Option<()> {
     Socket::open(protocol)?.dump(kind, body, each)
 }
+
+/// The netlink attributes of one level of `b`, in order: (type without the nested and
+/// byte-order flags, payload). A malformed attribute ends the list with `(u16::MAX, [])`, a
+/// type no reader asks for, so that a reader checking which types are present refuses it.
+pub fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            out.push((u16::MAX, &b[..0]));
+            break;
+        }
+        out.push((ty, &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    out
+}

@@ -7,11 +7,11 @@ use nix::sys::socket::SockProtocol;
 use crate::model::Family;
 use crate::system::netlink;
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_GETCHAIN: u16 = 4;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
+pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
+pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
+pub(crate) const NFT_MSG_GETCHAIN: u16 = 4;
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -38,7 +38,8 @@ pub fn table_count(family: Family) -> Option<usize> {
     Some(count)
 }
 
-fn nfproto(family: Family) -> u8 {
+/// The nfgenmsg family of iptables-nft's tables of `family`.
+pub(crate) fn nfproto(family: Family) -> u8 {
     match family {
         Family::V4 => NFPROTO_IPV4,
         Family::V6 => NFPROTO_IPV6,
@@ -48,21 +49,11 @@ fn nfproto(family: Family) -> u8 {
 /// The value of attribute `kind` in a netfilter message body (a 4-byte `nfgenmsg`, then
 /// netlink attributes), as text.
 fn attr(body: &[u8], kind: u16) -> Option<String> {
-    let mut off = 4;
-    while off + 4 <= body.len() {
-        let len = u16::from_ne_bytes([body[off], body[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > body.len() {
-            return None;
-        }
-        if ty == kind {
-            let v = &body[off + 4..off + len];
-            let v = v.strip_suffix(&[0]).unwrap_or(v);
-            return Some(String::from_utf8_lossy(v).into_owned());
-        }
-        off += (len + 3) & !3;
-    }
-    None
+    let (_, v) = netlink::attributes(body.get(4..)?)
+        .into_iter()
+        .find(|(t, _)| *t == kind)?;
+    let v = v.strip_suffix(&[0]).unwrap_or(v);
+    Some(String::from_utf8_lossy(v).into_owned())
 }
 
 /// What one dump of the tables of every family tells: how many tables iptables-nft's

@@ -20,16 +20,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
-use crate::system::netlink::Socket;
+use crate::system::netlink::{Socket, attributes};
+use crate::system::nftprobe::{
+    NFNL_SUBSYS_NFTABLES, NFT_MSG_GETCHAIN, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWTABLE,
+    nfproto,
+};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
-const NLA_F_NESTED: u16 = 0x8000;
 
 // Table, chain and rule attributes.
 const NFTA_TABLE_NAME: u16 = 1;
@@ -156,13 +154,6 @@ pub fn save(family: Family) -> Option<String> {
     render(&tables)
 }
 
-fn nfproto(family: Family) -> u8 {
-    match family {
-        Family::V4 => 2,
-        Family::V6 => 10,
-    }
-}
-
 #[derive(Debug, Default)]
 struct Table {
     /// Base chains: name -> (hook number, policy, [packets:bytes]).
@@ -272,20 +263,8 @@ struct Attrs<'a> {
 }
 
 impl<'a> Attrs<'a> {
-    fn of(mut b: &'a [u8]) -> Attrs<'a> {
-        let mut all = Vec::new();
-        while b.len() >= 4 {
-            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-            let ty = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED & 0x3fff;
-            if len < 4 || len > b.len() {
-                // Malformed: an attribute that cannot be found compares as missing.
-                all.push((u16::MAX, &b[..0]));
-                break;
-            }
-            all.push((ty, &b[4..len]));
-            b = &b[((len + 3) & !3).min(b.len())..];
-        }
-        Attrs { all }
+    fn of(b: &'a [u8]) -> Attrs<'a> {
+        Attrs { all: attributes(b) }
     }
 
     fn get(&self, ty: u16) -> Option<&'a [u8]> {

@@ -94,18 +94,7 @@ fn dump(sock: &mut netlink::Socket, kind: u16, family: u8) -> Option<Vec<(u16, V
 
 /// The attributes after a 12-byte header: (type, payload).
 fn attrs(body: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut off = 12;
-    while off + 4 <= body.len() {
-        let len = u16::from_ne_bytes([body[off], body[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > body.len() {
-            break;
-        }
-        out.push((ty, &body[off + 4..off + len]));
-        off += (len + 3) & !3;
-    }
-    out
+    netlink::attributes(body.get(12..).unwrap_or_default())
 }
 
 fn u32_of(v: &[u8]) -> Option<u32> {
