@@ -13,7 +13,8 @@ use clap::{
     ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource,
 };
 
-use crate::inspect::{self, interp::Proto};
+use crate::backend::walk::Proto;
+use crate::inspect;
 
 /// Environment variables read directly (no flag), documented once here.
 pub mod env_only {

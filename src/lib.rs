@@ -25,7 +25,9 @@
 //! build links an allocator and `memcpy`/`memmove` of its own (`musl`, only in that build).
 
 pub mod apply;
+pub mod backend;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod docs;
 pub mod inspect;
@@ -33,7 +35,5 @@ pub mod logging;
 pub mod model;
 #[cfg(all(target_env = "musl", target_arch = "x86_64"))]
 pub mod musl;
-pub mod render;
-pub mod rules;
+pub mod routes;
 pub mod system;
-pub mod validate;

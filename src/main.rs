@@ -13,18 +13,20 @@ use std::time::Instant;
 use clap::error::ErrorKind;
 
 use istio_iptables::apply::{self, Env, Options};
+use istio_iptables::backend::iptables::build as rules;
+use istio_iptables::backend::iptables::script;
+use istio_iptables::backend::nft::build as nft;
 use istio_iptables::cli::{Args, Command};
+use istio_iptables::commands::validate;
 use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, HostFacts, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::model::Family;
-use istio_iptables::render::script;
-use istio_iptables::rules::{self, nft};
 use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
-use istio_iptables::{docs, logging, validate};
+use istio_iptables::{docs, logging};
 
 /// Exit codes (documented in the README).
 mod code {

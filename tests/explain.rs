@@ -49,11 +49,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use istio_iptables::backend::iptables::build as rules;
 use istio_iptables::cli::{Args, Command as Subcommand};
 use istio_iptables::config::{Config, HostFacts};
 use istio_iptables::inspect;
 use istio_iptables::model::{Family, Table};
-use istio_iptables::rules;
 use istio_iptables::system::host::RealHost;
 
 use common::{

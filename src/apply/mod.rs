@@ -11,12 +11,12 @@ pub mod reconcile;
 use std::collections::BTreeSet;
 
 use self::reconcile::{Conflict, Policy, Transaction};
+use crate::backend::iptables::build::Plan;
+use crate::backend::iptables::restore::{self, Header};
 use crate::config::{Config, Flavor};
 use crate::model::{Family, Table};
-use crate::render::restore::{self, Header};
-use crate::rules::Plan;
-use crate::rules::ip;
-use crate::rules::ip::IpCommand;
+use crate::routes as ip;
+use crate::routes::IpCommand;
 use crate::system::backend::{self, Backend, NotInstalled, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
 use crate::system::rtnl::Routing;
@@ -949,7 +949,7 @@ fn ip_phase(
 
 /// Removes every ISTIO_* chain and jump (and our other built-in chain rules), in every table,
 /// both families, on every backend that holds them; then the `ip` plumbing in `plan.ip`
-/// (`plan` is [`rules::teardown`](crate::rules::teardown)'s).
+/// (`plan` is [`rules::teardown`](crate::backend::iptables::build::teardown)'s).
 /// Keeps going after a failure and reports all of them.
 pub fn cleanup(
     plan: &Plan,

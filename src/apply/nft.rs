@@ -18,13 +18,13 @@ use super::{
     ApplyError, Env, IpFailed, Options, Run, Summary, Undo, commit, ip_phase, read_state,
     reconcile, restore_input,
 };
+use crate::backend::iptables::build::Plan;
+use crate::backend::nft::build::{self as nft, FAMILY, Ruleset, Table};
+use crate::backend::nft::state::{self as nftstate, Live};
 use crate::config::Flavor;
 use crate::model::{Family, chain::PREFIX};
-use crate::rules::Plan;
-use crate::rules::nft::{self, FAMILY, Ruleset, Table};
 use crate::system::backend;
 use crate::system::exec::ExecError;
-use crate::system::nftstate::{self, Live};
 
 /// The oldest nft the backend supports (older nft parses the whole ruleset for every
 /// transaction, other tools' tables included: the limit knftables and kube-proxy set).
@@ -258,7 +258,7 @@ fn undo_everything(
 }
 
 /// Applies `ruleset` (see the module documentation). `teardown` builds the iptables
-/// teardown plan ([`crate::rules::teardown`]: what ISTIO_* iptables state of ours looks
+/// teardown plan ([`crate::backend::iptables::build::teardown`]: what ISTIO_* iptables state of ours looks
 /// like), when there is iptables state to look at.
 pub fn apply(
     ruleset: &Ruleset,
@@ -461,7 +461,7 @@ mod tests {
 
     #[test]
     fn tables_are_rewritten_from_the_first_one_out_of_place() {
-        use crate::system::nftstate::{NftState, TableState};
+        use crate::backend::nft::state::{NftState, TableState};
         let table = |rules: usize| TableState {
             chains: vec![nftstate::Chain {
                 name: "output".into(),

@@ -17,8 +17,8 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::backend::iptables::restore::{self, Header};
 use crate::model::{Match, Position, Rule, RuleSpec, Table, Target, chain};
-use crate::render::restore::{self, Header};
 use crate::system::save::{OwnerResolver, SaveState, TableState, canonical, tokenize};
 
 /// What to do when the namespace already holds different ISTIO_* state.

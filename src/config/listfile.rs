@@ -303,7 +303,11 @@ mod tests {
         let f = Temp::new("20k", (cidrs.join("\n") + "\n").as_bytes());
         let typed = cidrs.join(",");
         let script = |(c, f): &(Config, HostFacts)| {
-            crate::render::script::render(c, f, &crate::rules::build(c, f))
+            crate::backend::iptables::script::render(
+                c,
+                f,
+                &crate::backend::iptables::build::build(c, f),
+            )
         };
         let from_file = build(&["-n", "-i", "*", "-x", &f.at()], &[]).unwrap();
         let from_typed = build_typed(&["-n", "-i", "*", "-x", &typed], &[]).unwrap();

@@ -655,8 +655,8 @@ pub(crate) mod tests {
     }
 
     /// The rules of a config and its host facts (as [`build`] returns them).
-    pub fn plan((cfg, facts): (Config, HostFacts)) -> crate::rules::Plan {
-        crate::rules::build(&cfg, &facts)
+    pub fn plan((cfg, facts): (Config, HostFacts)) -> crate::backend::iptables::build::Plan {
+        crate::backend::iptables::build::build(&cfg, &facts)
     }
 
     #[test]

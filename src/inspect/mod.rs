@@ -2,9 +2,6 @@
 //! pieces (`interp` and `nftinterp` walk a packet, `reconcile::diff` and `nftverify` compare
 //! chains). Output as text for people or JSON for tools (`output`).
 
-pub mod interp;
-pub mod nftinterp;
-pub mod nftverify;
 mod output;
 
 pub use self::output::render_report;
@@ -12,16 +9,17 @@ use self::output::{render_json, render_text};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use self::interp::{Packet, Proto, Ruleset};
 use crate::apply::reconcile::{self, ChainDiff};
+use crate::backend::iptables::build as rules;
+use crate::backend::iptables::walk::Ruleset;
+use crate::backend::nft::build as nft;
+use crate::backend::nft::state::{self as nftstate, NftState};
+use crate::backend::walk::{self as interp, Packet, Proto};
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Rule, Table};
-use crate::rules;
-use crate::rules::ip;
-use crate::rules::nft;
+use crate::routes as ip;
 use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner};
-use crate::system::nftstate::{self, NftState};
 use crate::system::save::{OwnerResolver, SaveState, parse_save};
 
 /// How a result is printed: text for people, JSON for tools.
@@ -303,7 +301,7 @@ pub fn explain(
     let (outcome, source, note) = match live {
         Some(Live::Iptables(st)) => {
             let rs = ruleset_from_state(st);
-            let o = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
+            let o = crate::backend::iptables::walk::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
             (o, "live rules (iptables-save)", None)
         }
         Some(Live::Nft(st)) => {
@@ -321,7 +319,7 @@ pub fn explain(
         None => {
             let plan = rules::build(cfg, facts);
             let rs = ruleset_from_rules(plan.rules(family));
-            let o = interp::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
+            let o = crate::backend::iptables::walk::evaluate(&rs, resolver, pkt.clone(), &hooks)?;
             let note = (family == Family::V6 && !plan.ipv6)
                 .then_some("IPv6 is off for this config: no ip6tables rules are generated");
             (o, "rules from the config", note)
@@ -339,8 +337,16 @@ fn nft_evaluate(
     pkt: &Packet,
     hooks: &[interp::Hook],
 ) -> Result<interp::Outcome, InspectError> {
-    let hooks: Vec<nftinterp::NftHook> = hooks.iter().map(|h| nftinterp::hook_of(h)).collect();
-    Ok(nftinterp::evaluate(st, resolver, pkt.clone(), &hooks)?)
+    let hooks: Vec<crate::backend::nft::walk::NftHook> = hooks
+        .iter()
+        .map(|h| crate::backend::nft::walk::hook_of(h))
+        .collect();
+    Ok(crate::backend::nft::walk::evaluate(
+        st,
+        resolver,
+        pkt.clone(),
+        &hooks,
+    )?)
 }
 
 /// The result of `verify`.
@@ -348,7 +354,7 @@ fn nft_evaluate(
 pub struct Report {
     pub diffs: Vec<(Family, ChainDiff)>,
     /// With `--native-nftables`: our nftables tables' differences.
-    pub nft: Vec<nftverify::NftDiff>,
+    pub nft: Vec<crate::backend::nft::drift::NftDiff>,
     /// Capture rules of the other backend in the namespace (ISTIO_* iptables rules with
     /// `--native-nftables`, our nftables tables without): a pod must never have both.
     pub other_backend: Vec<String>,
@@ -413,7 +419,7 @@ fn verify_nft(
     let want = nftstate::desired(&ruleset, resolver);
     let live = read_live_nft(runner, resolver)?;
     let mut report = Report {
-        nft: nftverify::diff(&live.state, &want),
+        nft: crate::backend::nft::drift::diff(&live.state, &want),
         ..Report::default()
     };
     for family in [Family::V4, Family::V6] {
@@ -793,14 +799,14 @@ mod tests {
     fn nft_report_renders_tables_chains_and_unread_lines() {
         let r = Report {
             nft: vec![
-                nftverify::NftDiff {
+                crate::backend::nft::drift::NftDiff {
                     table: "istio-proxy-raw",
                     chain: None,
                     extra: vec!["table inet istio-proxy-raw".into()],
                     unread: vec!["flags dormant".into()],
                     ..Default::default()
                 },
-                nftverify::NftDiff {
+                crate::backend::nft::drift::NftDiff {
                     table: "istio-proxy-nat",
                     chain: Some("output".into()),
                     out_of_order: true,

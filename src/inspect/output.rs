@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::interp::{Outcome, Packet, Step, Verdict};
-use super::nftverify::NftDiff;
 use super::{Direction, ExplainRequest, Format, Report};
 use crate::apply::reconcile::ChainDiff;
+use crate::backend::nft::build as nft;
+use crate::backend::nft::drift::NftDiff;
+use crate::backend::walk::{Outcome, Packet, Step, Verdict};
 use crate::config::Config;
 use crate::model::{self, Family};
-use crate::rules::nft;
 
 pub(super) fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u32>) {
     let mark = (o.mark != 0).then_some(o.mark);

@@ -8,7 +8,6 @@ pub mod netlink;
 pub mod netns;
 pub mod nftprobe;
 pub mod nftsave;
-pub mod nftstate;
 pub mod nslock;
 pub mod rtnl;
 pub mod save;

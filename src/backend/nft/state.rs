@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::rules::nft::{FAMILY, Op, Ruleset, Table};
+use crate::backend::nft::build::{FAMILY, Op, Ruleset, Table};
 use crate::system::save::OwnerResolver;
 
 /// A base chain's attachment, as listed: `type nat hook output priority -100; policy accept;`.
@@ -442,8 +442,8 @@ impl fmt::Display for Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::nft::build::{build, render};
     use crate::config::tests::build as config;
-    use crate::rules::nft::{build, render};
     use crate::system::save::NoResolver;
 
     struct Names;

@@ -1,10 +1,10 @@
 //! The dry-run output: a POSIX sh script an operator can save and run (e.g. on a VM).
 //! Running it in an empty namespace gives the same kernel state as a real run.
 
+use crate::backend::iptables::build::Plan;
+use crate::backend::iptables::restore;
 use crate::config::{Config, HostFacts, Owner, OwnerGroups};
 use crate::model::Family;
-use crate::render::restore;
-use crate::rules::Plan;
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).
 const EOF_MARK: &str = "EOF";
@@ -185,8 +185,8 @@ pub fn render_cleanup(_cfg: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::iptables::build as rules;
     use crate::config::tests::build as config;
-    use crate::rules;
 
     #[test]
     fn script_has_one_heredoc_per_family_and_ip_commands() {

@@ -1,4 +1,4 @@
-//! The nftables counterpart of [`interp`](super::interp): walks one packet through our
+//! The nftables counterpart of [`interp`](crate::backend::iptables::walk): walks one packet through our
 //! three `inet` tables as the kernel does, and says where it ends up. It reads the canonical
 //! rule text of [`NftState`] (the config's rules through [`nftstate::desired`], or the live
 //! ones through [`nftstate::parse_listing`]), and understands exactly what the nft builder
@@ -15,22 +15,22 @@
 //! an IPv6 packet, `tcp dport` for UDP) does not match, negated or not; nor does one on
 //! what the packet lacks (`skuid` without a local socket, `oifname` before routing).
 //!
-//! [`nftstate::desired`]: crate::system::nftstate::desired
-//! [`nftstate::parse_listing`]: crate::system::nftstate::parse_listing
+//! [`nftstate::desired`]: crate::backend::nft::state::desired
+//! [`nftstate::parse_listing`]: crate::backend::nft::state::parse_listing
 
-use super::interp::{
+use crate::backend::nft::build::Table;
+use crate::backend::nft::state::NftState;
+use crate::backend::walk::{
     Flow, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range, iface_matches,
     num, port_in,
 };
-use crate::rules::nft::Table;
-use crate::system::nftstate::NftState;
 use crate::system::save::OwnerResolver;
 
 /// A hook of the packet's path: `prerouting` or `output`.
 pub type NftHook = &'static str;
 
-/// The nft hook of one of [`interp`](super::interp)'s hooks (`OUTPUT_HOOK` → `output`).
-pub fn hook_of(h: super::interp::Hook) -> NftHook {
+/// The nft hook of one of [`interp`](crate::backend::iptables::walk)'s hooks (`OUTPUT_HOOK` → `output`).
+pub fn hook_of(h: crate::backend::walk::Hook) -> NftHook {
     match h.first().map(|(_, chain)| *chain) {
         Some("OUTPUT") => "output",
         _ => "prerouting",
@@ -554,12 +554,14 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::iptables::build as rules;
+    use crate::backend::iptables::walk as interp;
+    use crate::backend::nft::build as nft;
+    use crate::backend::nft::state::{Chain, Hook, TableState, desired};
     use crate::cli::{Args, Command};
     use crate::config::tests::{SEED, build as config};
-    use crate::inspect::{ExplainRequest, interp, packet, ruleset_from_rules};
+    use crate::inspect::{ExplainRequest, packet, ruleset_from_rules};
     use crate::model::Family;
-    use crate::rules::{self, nft};
-    use crate::system::nftstate::{Chain, Hook, TableState, desired};
     use crate::system::save::NoResolver;
 
     fn request(argv: &[&str]) -> ExplainRequest {
@@ -814,7 +816,7 @@ mod tests {
             }),
             rules: rules
                 .iter()
-                .map(|r| crate::system::nftstate::canonical(r, &NoResolver))
+                .map(|r| crate::backend::nft::state::canonical(r, &NoResolver))
                 .collect(),
         });
         NftState {

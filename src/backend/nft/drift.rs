@@ -1,13 +1,13 @@
 //! `verify` for the native nftables backend: our live tables against the ones the config
 //! asks for, table by table and chain by chain, in the canonical text of
-//! [`nftstate`](crate::system::nftstate) on both sides. A table or chain that is missing
+//! [`nftstate`](crate::backend::nft::state) on both sides. A table or chain that is missing
 //! or not wanted, a base chain attached elsewhere, a rule missing, extra or out of order,
 //! and any listing line that is neither a chain nor a rule (we never write one) are drift.
 
 use serde::Serialize;
 
-use crate::rules::nft::{FAMILY, Table};
-use crate::system::nftstate::{Chain, NftState, TableState};
+use crate::backend::nft::build::{FAMILY, Table};
+use crate::backend::nft::state::{Chain, NftState, TableState};
 
 /// One table's or one chain's difference. A missing or unwanted table or chain is listed as
 /// its own line (`table inet istio-proxy-nat`, `chain output { type nat hook output ... }`)
@@ -115,9 +115,9 @@ fn chain_diff(table: Table, want: Option<&Chain>, live: Option<&Chain>) -> NftDi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::nft::build::build;
+    use crate::backend::nft::state::desired;
     use crate::config::tests::{SEED, build as config};
-    use crate::rules::nft::build;
-    use crate::system::nftstate::desired;
     use crate::system::save::NoResolver;
 
     fn seed() -> NftState {

@@ -17,12 +17,12 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::backend::iptables::build::{dns_capture_on, include_has_loopback};
 use crate::config::{
     Config, HostFacts, Iface, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
 };
 use crate::model::{DNS_PROXY_PORT, OUTBOUND_MARK};
-use crate::rules::ip::{IpCommand, ip_commands};
-use crate::rules::{dns_capture_on, include_has_loopback};
+use crate::routes::{IpCommand, ip_commands};
 
 use self::Table::{Mangle, Nat, Raw};
 use self::chain::{
@@ -1094,7 +1094,10 @@ mod tests {
         assert!(t.contains("add rule inet istio-proxy-mangle istio-inbound meta l4proto tcp mark 1337 counter return\n"), "{t}");
         assert!(rs.ip.is_empty());
         let (c, f) = config(&["-m", "TPROXY", "-b", "*"], &[]).unwrap();
-        assert_eq!(build(&c, &f).ip, crate::rules::build(&c, &f).ip);
+        assert_eq!(
+            build(&c, &f).ip,
+            crate::backend::iptables::build::build(&c, &f).ip
+        );
         assert_eq!(build(&c, &f).ip.len(), 2);
     }
 

@@ -3,14 +3,11 @@
 //! The order and text of every rule reproduce Istio's `capture/run.go`, because operators diff
 //! our output against Istio's and because iptables evaluates rules in order.
 
-pub mod ip;
-pub mod nft;
-
-use self::ip::{IpCommand, ip_commands};
 use crate::config::{
     Config, HostFacts, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
 };
 use crate::model::{DNS_PROXY_PORT, Family, OUTBOUND_MARK, Position, Rule, Table, chain};
+use crate::routes::{IpCommand, ip_commands};
 
 /// Everything a config asks for: rules per family in order, then `ip` commands. The only
 /// thing this crate calls a plan: what `rules` builds and `render`, `apply` and `inspect` take.
@@ -168,7 +165,7 @@ pub fn teardown(cfg: &Config, facts: &HostFacts) -> Plan {
         ..facts.clone()
     };
     let mut plan = build(cfg, &both);
-    plan.ip = ip::teardown(cfg);
+    plan.ip = crate::routes::teardown(cfg);
     plan
 }
 

@@ -1,4 +1,0 @@
-//! Rules → text: the iptables-restore payload Istio writes, and the `--dry-run` script.
-
-pub mod restore;
-pub mod script;
