@@ -437,6 +437,27 @@ impl Config {
         })
     }
 
+    /// Whether `-i` names a loopback CIDR (the app's own traffic over lo is then captured).
+    /// Both backends' builders ask.
+    pub fn include_has_loopback(&self) -> bool {
+        match &self.outbound_include {
+            OutboundCidrs::All => false,
+            OutboundCidrs::Only(c) => {
+                c.v4.iter().any(|n| n.addr().is_loopback())
+                    || c.v6.iter().any(|n| n.addr().is_loopback())
+            }
+        }
+    }
+
+    /// Istio: DNS capture needs --redirect-dns and either capture-all or at least one known
+    /// server. Both backends' builders ask (each warns in its own words when it is off).
+    pub fn dns_capture_on(&self, facts: &HostFacts) -> bool {
+        self.redirect_dns
+            && (self.capture_all_dns
+                || !facts.dns_servers_v4.is_empty()
+                || !facts.dns_servers_v6.is_empty())
+    }
+
     /// Warns about capture that silently does nothing (worth a warning at the default level).
     pub fn warn_if_nothing_captured(&self) {
         let outbound = match &self.outbound_include {

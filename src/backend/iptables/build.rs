@@ -185,7 +185,7 @@ struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     fn new(cfg: &'a Config, facts: &'a HostFacts) -> Self {
-        let redirect_dns = dns_capture_on(cfg, facts);
+        let redirect_dns = cfg.dns_capture_on(facts);
         if cfg.redirect_dns && !redirect_dns {
             tracing::warn!(
                 "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
@@ -198,31 +198,10 @@ impl<'a> Ctx<'a> {
             loopback_v4: cfg.host_loopback_cidr.to_string(),
             loopback_v6: "::1/128",
             tunnel: cfg.inbound_tunnel_port.to_string(),
-            include_has_loopback: include_has_loopback(cfg),
+            include_has_loopback: cfg.include_has_loopback(),
             redirect_dns,
         }
     }
-}
-
-/// Whether `-i` names a loopback CIDR (the app's own traffic over lo is then captured).
-/// Shared by both backends' builders.
-pub(crate) fn include_has_loopback(cfg: &Config) -> bool {
-    match &cfg.outbound_include {
-        OutboundCidrs::All => false,
-        OutboundCidrs::Only(c) => {
-            c.v4.iter().any(|n| n.addr().is_loopback())
-                || c.v6.iter().any(|n| n.addr().is_loopback())
-        }
-    }
-}
-
-/// Istio: DNS capture needs --redirect-dns and either capture-all or at least one known
-/// server. Shared by both backends' builders (each warns in its own words when it is off).
-pub(crate) fn dns_capture_on(cfg: &Config, facts: &HostFacts) -> bool {
-    cfg.redirect_dns
-        && (cfg.capture_all_dns
-            || !facts.dns_servers_v4.is_empty()
-            || !facts.dns_servers_v6.is_empty())
 }
 
 /// Builds Istio's rule set for `cfg` on a host with `facts`: its phases, in the order of

@@ -17,7 +17,6 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::backend::iptables::build::{dns_capture_on, include_has_loopback};
 use crate::config::{
     Config, HostFacts, Iface, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
 };
@@ -376,7 +375,7 @@ pub fn build(cfg: &Config, facts: &HostFacts) -> Ruleset {
         ipv6: facts.ipv6,
         rules: Vec::new(),
     };
-    let redirect_dns = dns_capture_on(cfg, facts);
+    let redirect_dns = cfg.dns_capture_on(facts);
     if cfg.redirect_dns && !redirect_dns {
         tracing::warn!(
             "--redirect-dns is set, but --capture-all-dns is not and no DNS servers were found; DNS capture disabled"
@@ -389,7 +388,7 @@ pub fn build(cfg: &Config, facts: &HostFacts) -> Ruleset {
         lo4: cfg.host_loopback_cidr.to_string(),
         tunnel: cfg.inbound_tunnel_port.to_string(),
         redirect_dns,
-        include_has_loopback: include_has_loopback(cfg),
+        include_has_loopback: cfg.include_has_loopback(),
     };
 
     exclude_interfaces(&mut b, &x);
