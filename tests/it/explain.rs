@@ -776,18 +776,6 @@ fn traffic_seed(test: &str, backend: Backend, v6: bool) {
     run_scenarios(test, &lab, &from_table(&lab, v6, SEED_SCENARIOS));
 }
 
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_seed_ipv4() {
-    traffic_seed("traffic_seed_ipv4", Backend::Iptables, false);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_seed_ipv6() {
-    traffic_seed("traffic_seed_ipv6", Backend::Iptables, true);
-}
-
 fn traffic_cidrs(test: &str, backend: Backend) {
     if skip_unless_root(test) {
         return;
@@ -803,15 +791,6 @@ fn traffic_cidrs(test: &str, backend: Backend) {
     );
     lab.listen(false, false);
     run_scenarios(test, &lab, &from_table(&lab, false, CIDR_SCENARIOS));
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_cidr_include_and_exclude() {
-    traffic_cidrs(
-        "traffic_outbound_cidr_include_and_exclude",
-        Backend::Iptables,
-    );
 }
 
 /// One IPv4-only test: applies `args` in a fresh lab `name`, then sends each row of `table`
@@ -842,12 +821,6 @@ fn outbound_port_exclude(test: &str, backend: Backend) {
     );
 }
 
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_port_exclude() {
-    outbound_port_exclude("traffic_outbound_port_exclude", Backend::Iptables);
-}
-
 fn inbound_port_include(test: &str, backend: Backend) {
     port_scenarios(
         test,
@@ -856,12 +829,6 @@ fn inbound_port_include(test: &str, backend: Backend) {
         &proxy_flags("REDIRECT", &["-i", "*", "-b", "8080"]),
         INBOUND_PORT_INCLUDE_SCENARIOS,
     );
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_inbound_port_include() {
-    inbound_port_include("traffic_inbound_port_include", Backend::Iptables);
 }
 
 fn traffic_tproxy(test: &str, backend: Backend) {
@@ -876,12 +843,6 @@ fn traffic_tproxy(test: &str, backend: Backend) {
         s.extend(from_table(&lab, v6, TPROXY_SCENARIOS));
     }
     run_scenarios(test, &lab, &s);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_tproxy_inbound() {
-    traffic_tproxy("traffic_tproxy_inbound", Backend::Iptables);
 }
 
 fn traffic_dns(test: &str, backend: Backend) {
@@ -899,58 +860,18 @@ fn traffic_dns(test: &str, backend: Backend) {
     run_scenarios(test, &lab, &s);
 }
 
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_dns_redirect() {
-    traffic_dns("traffic_dns_redirect", Backend::Iptables);
-}
-
-// The same scenarios with `--native-nftables`: applied for real, explained from the config and
-// `--from-kernel` (nft's listing), each against where the connection really lands.
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_seed_ipv4_nft() {
-    traffic_seed("traffic_seed_ipv4_nft", Backend::Nft, false);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_seed_ipv6_nft() {
-    traffic_seed("traffic_seed_ipv6_nft", Backend::Nft, true);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_cidr_include_and_exclude_nft() {
-    traffic_cidrs(
-        "traffic_outbound_cidr_include_and_exclude_nft",
-        Backend::Nft,
-    );
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_outbound_port_exclude_nft() {
-    outbound_port_exclude("traffic_outbound_port_exclude_nft", Backend::Nft);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_inbound_port_include_nft() {
-    inbound_port_include("traffic_inbound_port_include_nft", Backend::Nft);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_tproxy_inbound_nft() {
-    traffic_tproxy("traffic_tproxy_inbound_nft", Backend::Nft);
-}
-
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn traffic_dns_redirect_nft() {
-    traffic_dns("traffic_dns_redirect_nft", Backend::Nft);
+// Each scenario test once per backend: with `--native-nftables` (the `_nft` tests) the config is
+// applied for real, explained from the config and `--from-kernel` (nft's listing), each against
+// where the connection really lands.
+common::per_backend! {
+    traffic_seed_ipv4, traffic_seed_ipv4_nft => |test, b| traffic_seed(test, b, false);
+    traffic_seed_ipv6, traffic_seed_ipv6_nft => |test, b| traffic_seed(test, b, true);
+    traffic_outbound_cidr_include_and_exclude, traffic_outbound_cidr_include_and_exclude_nft =>
+        traffic_cidrs;
+    traffic_outbound_port_exclude, traffic_outbound_port_exclude_nft => outbound_port_exclude;
+    traffic_inbound_port_include, traffic_inbound_port_include_nft => inbound_port_include;
+    traffic_tproxy_inbound, traffic_tproxy_inbound_nft => traffic_tproxy;
+    traffic_dns_redirect, traffic_dns_redirect_nft => traffic_dns;
 }
 
 /// Connections to the pod's passthrough addresses, which the binary puts on `lo` (`::6/128`
@@ -1196,20 +1117,11 @@ fn generate(rng: &mut Rng, lab: &Lab, c: &DiffConfig) -> Probe {
     }
 }
 
-/// For each config: apply it in a fresh lab, then for each generated packet compare explain
-/// (in-process from the config; every fifth also the binary `--from-kernel`) with where the
-/// packet really landed.
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn differential_explain_vs_kernel() {
-    differential("differential_explain_vs_kernel", Backend::Iptables);
-}
-
-/// [`differential_explain_vs_kernel`] with `--native-nftables` (applied for real).
-#[test]
-#[ignore = "needs root and network namespaces"]
-fn differential_explain_vs_kernel_nft() {
-    differential("differential_explain_vs_kernel_nft", Backend::Nft);
+common::per_backend! {
+    /// For each config: apply it in a fresh lab, then for each generated packet compare explain
+    /// (in-process from the config; every fifth also the binary `--from-kernel`) with where the
+    /// packet really landed (`_nft`: with `--native-nftables`, applied for real).
+    differential_explain_vs_kernel, differential_explain_vs_kernel_nft => differential;
 }
 
 fn differential(test: &str, backend: Backend) {
