@@ -1,0 +1,96 @@
+//! Error messages.
+
+use super::*;
+
+/// File-creating syscalls in an strace log (ignoring /dev and the xtables lock).
+fn file_writes(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let writes = l.contains("O_CREAT")
+                || l.contains("O_WRONLY")
+                || l.contains("O_RDWR")
+                || l.contains("creat(")
+                || l.contains("mkdir")
+                || l.contains("rename")
+                || l.contains("unlink");
+            writes && !l.contains("\"/dev/") && !l.contains("xtables.lock")
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn failed_restore_reports_phase_program_version_and_changes_nothing() {
+    if skip_unless_root("failed_restore_reports_phase_program_version_and_changes_nothing") {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("ISTIO_OUTBOUND_OWNER_GROUPS", "nosuchgroup123"),
+    ];
+    let trace = have_strace()
+        .then_some("openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat");
+    let ns = Script::new()
+        .sh("iptables-nft-restore --version > \"$NS_OUT/version\"")
+        .snap("before")
+        .run_traced("apply", &env, SEED, trace)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    let version = ns
+        .file("version")
+        .split_whitespace()
+        .find(|w| w.starts_with('v') && w[1..].starts_with(|c: char| c.is_ascii_digit()))
+        .map(|w| w[1..].to_string())
+        .unwrap_or_else(|| panic!("no version in {:?}", ns.file("version")));
+    for needle in [
+        "committing IPv4 rules",
+        "iptables-nft-restore",
+        &format!("iptables {version}"),
+        "nothing was changed",
+    ] {
+        assert!(
+            line.contains(needle),
+            "the error should contain `{needle}`: {line}"
+        );
+    }
+    assert_same(
+        "a rejected restore must change nothing",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+    if trace.is_some() {
+        let log = ns.file("apply.strace");
+        let writes = file_writes(log);
+        assert!(
+            writes.is_empty(),
+            "the binary and its children must not create or write files:\n{}",
+            writes.join("\n")
+        );
+    }
+}
+
+/// The rejected payload line must be quoted. iptables-nft-restore 1.8.9 reports a bad
+/// option value as `Error occurred at line: 21`.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn failed_restore_quotes_the_rejected_payload_line() {
+    if skip_unless_root("failed_restore_quotes_the_rejected_payload_line") {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("ISTIO_OUTBOUND_OWNER_GROUPS", "nosuchgroup123"),
+    ];
+    let ns = Script::new().run("apply", &env, SEED).exec();
+    let run = ns.run_rc("apply", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("--gid-owner nosuchgroup123"),
+        "the error should quote the rejected payload line (`... --gid-owner nosuchgroup123 ...`): \
+         {line}"
+    );
+}
