@@ -3,6 +3,7 @@
 //! these, `render` writes them, `apply` and `inspect` compare them with the kernel's.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The agent's DNS listener port.
 pub const DNS_PROXY_PORT: u16 = 15053;
@@ -28,6 +29,16 @@ pub mod chain {
 pub enum Family {
     V4,
     V6,
+}
+
+impl Family {
+    /// The loopback address, `127.0.0.1` or `::1`.
+    pub fn loopback(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        }
+    }
 }
 
 impl fmt::Display for Family {

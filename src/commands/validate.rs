@@ -30,6 +30,11 @@
 //! thread on Linux, unlike `setuid`) *before* creating its sockets; the rest of the process
 //! keeps its identity, and the thread restores its ids before it exits.
 //!
+//! **Where things are.** This module decides what to probe, for how long and what counts as
+//! captured. The sockets and ids themselves — the non-blocking listener that reads the
+//! original destination, the connect from a bound source with a timeout, running under other
+//! filesystem ids — are [`crate::system::probe`]'s.
+//!
 //! # Time and threads
 //!
 //! The whole validation is bounded by [`Settings::timeout`]: one deadline shared by every
@@ -41,21 +46,14 @@
 
 use std::fmt;
 use std::io;
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    self, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
-use nix::unistd::{Gid, Uid};
-
 use crate::config::{Config, HostFacts, Owner};
+use crate::model::Family;
+use crate::system::probe::{self, Accepted};
 use crate::system::save::OwnerResolver;
 
 /// Destination of the IPv4 probe (never `127.0.0.1`, which the capture rules exempt).
@@ -131,39 +129,11 @@ fn first_id(owners: &[Owner], resolve: impl Fn(&str) -> Option<u32>) -> Option<u
     }
 }
 
-/// An address family being validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// IPv4 (`iptables`).
-    V4,
-    /// IPv6 (`ip6tables`).
-    V6,
-}
-
-impl Family {
-    /// The loopback address the listeners and the client's source are bound to.
-    pub fn loopback(self) -> IpAddr {
-        match self {
-            Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        }
-    }
-
-    /// The address the probe connects to.
-    pub fn probe_addr(self) -> IpAddr {
-        match self {
-            Family::V4 => IpAddr::V4(PROBE_ADDR_V4),
-            Family::V6 => IpAddr::V6(PROBE_ADDR_V6),
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
+/// The address the probe connects to in `family`.
+fn probe_addr(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(PROBE_ADDR_V4),
+        Family::V6 => IpAddr::V6(PROBE_ADDR_V6),
     }
 }
 
@@ -374,7 +344,7 @@ pub fn run(s: &Settings) -> Result<(), ValidationError> {
 struct Listener {
     port: u16,
     role: &'static str,
-    socket: TcpListener,
+    socket: probe::Listener,
 }
 
 /// What the client thread did, handed back when it is joined.
@@ -401,7 +371,7 @@ fn validate_family(
         .iter()
         .any(|l| l.port == s.proxy_port)
         .then_some(s.proxy_port);
-    let target = SocketAddr::new(family.probe_addr(), s.probe_port);
+    let target = SocketAddr::new(probe_addr(family), s.probe_port);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
 
     let (found, report) = thread::scope(|scope| {
@@ -460,8 +430,7 @@ fn open_listeners(family: Family, s: &Settings) -> Result<Vec<Listener>, Validat
     let mut errors = Vec::new();
     for (port, role) in wanted {
         let addr = SocketAddr::new(family.loopback(), port);
-        let opened = TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l));
-        match opened {
+        match probe::Listener::bind(addr) {
             Ok(socket) => {
                 tracing::debug!("{family}: listening on {addr} ({role})");
                 listeners.push(Listener { port, role, socket });
@@ -495,7 +464,7 @@ fn accept_loop(
         for l in listeners {
             loop {
                 match l.socket.accept() {
-                    Ok((stream, peer)) => match original_dst(family, &stream) {
+                    Ok(Some(Accepted { peer, original_dst })) => match original_dst {
                         Ok(orig) if orig.port() == probe_port => return Some((l, orig, peer)),
                         Ok(orig) => tracing::debug!(
                             "{family}: ignoring a connection from {peer} on port {} \
@@ -508,8 +477,7 @@ fn accept_loop(
                             l.port
                         ),
                     },
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Ok(None) => break,
                     Err(e) => {
                         tracing::debug!("{family}: accept on port {}: {e}", l.port);
                         break;
@@ -525,31 +493,9 @@ fn accept_loop(
     }
 }
 
-/// The destination a redirected connection was originally addressed to, from conntrack.
-fn original_dst(family: Family, stream: &TcpStream) -> nix::Result<SocketAddr> {
-    match family {
-        Family::V4 => {
-            let sa = socket::getsockopt(stream, sockopt::OriginalDst)?;
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-                u16::from_be(sa.sin_port),
-            )))
-        }
-        Family::V6 => {
-            let sa = socket::getsockopt(stream, sockopt::Ip6tOriginalDst)?;
-            Ok(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sa.sin6_addr.s6_addr),
-                u16::from_be(sa.sin6_port),
-                sa.sin6_flowinfo,
-                sa.sin6_scope_id,
-            )))
-        }
-    }
-}
-
-/// The probe client; runs in its own thread because it changes the thread's filesystem ids.
-/// Attempts a connection every [`ATTEMPT_INTERVAL`] until the deadline or until `stop`'s
-/// sender is dropped.
+/// The probe client; runs in its own thread because it changes the thread's filesystem ids
+/// (gid first, restored before the thread ends). Attempts a connection every
+/// [`ATTEMPT_INTERVAL`] until the deadline or until `stop`'s sender is dropped.
 fn client_loop(
     family: Family,
     target: SocketAddr,
@@ -558,11 +504,36 @@ fn client_loop(
     deadline: Instant,
     stop: mpsc::Receiver<()>,
 ) -> ClientReport {
-    let (identity, previous) = assume_identity(uid, gid);
+    probe::with_fs_ids(uid, gid, |ids| {
+        let identity = ProbeIdentity {
+            fsuid: ids.uid,
+            fsgid: ids.gid,
+            requested_uid: uid,
+            requested_gid: gid,
+        };
+        if identity.mismatch() {
+            tracing::warn!(
+                "the validation probe runs as {identity} (setfsuid/setfsgid need CAP_SETUID and \
+                 CAP_SETGID); the capture rules may not apply to it"
+            );
+        }
+        probe_attempts(family, target, identity, deadline, &stop)
+    })
+}
+
+/// The client's attempts, made with `identity` (the thread's filesystem ids).
+fn probe_attempts(
+    family: Family,
+    target: SocketAddr,
+    identity: ProbeIdentity,
+    deadline: Instant,
+    stop: &mpsc::Receiver<()>,
+) -> ClientReport {
     let mut report = ClientReport {
         identity: Some(identity),
         ..ClientReport::default()
     };
+    let source = SocketAddr::new(family.loopback(), 0);
     // The last connected stream stays open until the next attempt, so that its conntrack
     // entry is certainly alive when the listener asks for the original destination.
     let mut held: Option<TcpStream> = None;
@@ -576,7 +547,7 @@ fn client_loop(
             break; // SO_SNDTIMEO of zero would mean "no timeout"
         }
         report.attempts += 1;
-        match connect_once(family, target, connect_timeout) {
+        match probe::connect_from(source, target, connect_timeout) {
             Ok(stream) => {
                 tracing::debug!(
                     "{family}: probe attempt {} ({identity}): connected to {target}",
@@ -602,100 +573,14 @@ fn client_loop(
         }
     }
     drop(held);
-    restore_identity(previous);
     report
-}
-
-/// One probe: a TCP socket (created with the current thread's filesystem ids), bound to the
-/// loopback address, connected to `target` within `timeout`.
-fn connect_once(family: Family, target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let domain = match family {
-        Family::V4 => AddressFamily::Inet,
-        Family::V6 => AddressFamily::Inet6,
-    };
-    let fd: OwnedFd = socket::socket(
-        domain,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Tcp,
-    )?;
-    let micros = i64::try_from(timeout.as_micros())
-        .unwrap_or(i64::MAX)
-        .max(1);
-    // On Linux a blocking connect gives up after SO_SNDTIMEO (EINPROGRESS), see socket(7).
-    socket::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros))?;
-    let source = SocketAddr::new(family.loopback(), 0);
-    bind_to(&fd, source)?;
-    match target {
-        SocketAddr::V4(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
-        SocketAddr::V6(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
-    }
-    .map_err(|e| match e {
-        nix::errno::Errno::EINPROGRESS | nix::errno::Errno::EAGAIN => io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
-        ),
-        e => io::Error::from(e),
-    })?;
-    Ok(TcpStream::from(fd))
-}
-
-fn bind_to(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    match addr {
-        SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
-        SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
-    }
-    Ok(())
-}
-
-/// An id that is never valid: `setfsuid`/`setfsgid` with it change nothing and return the
-/// current value.
-const INVALID_ID: u32 = u32::MAX;
-
-fn current_fsuid() -> u32 {
-    nix::unistd::setfsuid(Uid::from_raw(INVALID_ID)).as_raw()
-}
-
-fn current_fsgid() -> u32 {
-    nix::unistd::setfsgid(Gid::from_raw(INVALID_ID)).as_raw()
-}
-
-/// Switches this thread's filesystem ids (gid first: changing the fsuid away from 0 drops
-/// the filesystem capabilities). Returns the identity in effect and the previous ids.
-fn assume_identity(uid: Option<u32>, gid: Option<u32>) -> (ProbeIdentity, (u32, u32)) {
-    let previous = (current_fsuid(), current_fsgid());
-    if let Some(g) = gid {
-        nix::unistd::setfsgid(Gid::from_raw(g));
-    }
-    if let Some(u) = uid {
-        nix::unistd::setfsuid(Uid::from_raw(u));
-    }
-    let identity = ProbeIdentity {
-        fsuid: current_fsuid(),
-        fsgid: current_fsgid(),
-        requested_uid: uid,
-        requested_gid: gid,
-    };
-    if identity.mismatch() {
-        tracing::warn!(
-            "the validation probe runs as {identity} (setfsuid/setfsgid need CAP_SETUID and \
-             CAP_SETGID); the capture rules may not apply to it"
-        );
-    }
-    (identity, previous)
-}
-
-/// Restores the filesystem ids saved by [`assume_identity`] (uid first, regaining the
-/// capabilities needed to change the gid back).
-fn restore_identity((uid, gid): (u32, u32)) {
-    nix::unistd::setfsuid(Uid::from_raw(uid));
-    nix::unistd::setfsgid(Gid::from_raw(gid));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::net::TcpListener;
     use std::process::{Command, Stdio};
 
     /// A port that was free a moment ago on the loopback address of `family`.
@@ -996,13 +881,13 @@ COMMIT
         }
         in_netns(|| {
             cmd("iptables-restore", &["--noflush"], Some(RULES));
-            let before = (current_fsuid(), current_fsgid());
+            let before = probe::current_fs_ids();
             let t = Instant::now();
             let r = run(&proxy(Duration::from_secs(5), false));
             assert!(r.is_ok(), "{}", r.expect_err("err"));
             assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
             // The caller's identity is untouched.
-            assert_eq!((current_fsuid(), current_fsgid()), before);
+            assert_eq!(probe::current_fs_ids(), before);
         });
     }
 

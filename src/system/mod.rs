@@ -9,5 +9,6 @@ pub mod netns;
 pub mod nftprobe;
 pub mod nftsave;
 pub mod nslock;
+pub mod probe;
 pub mod rtnl;
 pub mod save;
