@@ -280,31 +280,8 @@ impl<'a> TableView<'a> {
         let table_has_ours = cur.user_chains.iter().any(|c| is_ours(c));
 
         let mut have: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-        let mut joined = String::new();
         for (c, toks) in &cur.rules {
-            // iptables-save prints our rules in canonical form already, mostly: a saved rule
-            // whose text is the canonical text of a rule we want in that chain has that
-            // canonical text (canonical forms are fixed points; see the test
-            // `canonical_forms_are_fixed_points`), without working it out again. Saved
-            // tokens hold no whitespace, so joining them loses nothing.
-            joined.clear();
-            for (i, t) in toks.iter().enumerate() {
-                if i > 0 {
-                    joined.push(' ');
-                }
-                joined.push_str(t);
-            }
-            let known = wanted_in
-                .get(c.as_str())
-                .and_then(|s| s.get(joined.as_str()).copied())
-                .filter(|_| {
-                    toks.iter()
-                        .all(|t| !t.is_empty() && !t.contains(char::is_whitespace))
-                });
-            let canon = match known {
-                Some(k) => k.to_string(),
-                None => canonical(toks, resolver),
-            };
+            let canon = canonical(toks, resolver);
             let owned = is_ours(c)
                 || target(toks).is_some_and(|t| is_ours(&t))
                 || wanted_in
@@ -795,9 +772,8 @@ mod tests {
         tests::plan(tests::build(argv, &[]).unwrap()).v4
     }
 
-    /// The shortcut of `with_ownership` (a saved rule printed as a wanted rule's canonical
-    /// text has that canonical text) needs canonical texts to be fixed points: the canonical
-    /// text of a canonical text, tokenized, is itself. Held for every rule of these configs
+    /// Canonical texts are fixed points: the canonical text of a canonical text, tokenized,
+    /// is itself. Held for every rule of these configs
     /// (every mode, DNS, exclusions, both families) and for the saved forms in
     /// `our_rules_equal_their_saved_form`.
     #[test]
