@@ -363,17 +363,6 @@ mod tests {
         tokenize(s)
     }
 
-    /// A resolver that knows one user and one group.
-    struct Names;
-    impl OwnerResolver for Names {
-        fn uid(&self, name: &str) -> Option<u32> {
-            (name == "proxy").then_some(1337)
-        }
-        fn gid(&self, name: &str) -> Option<u32> {
-            (name == "java").then_some(1400)
-        }
-    }
-
     #[test]
     fn tokenize_splits_on_whitespace_and_honours_quotes() {
         assert_eq!(toks("  -p tcp\t-j  RETURN "), ["-p", "tcp", "-j", "RETURN"]);
