@@ -210,7 +210,7 @@ fn main() -> ExitCode {
     }
 
     let opts = Options::from_config(&cfg);
-    let mut runner = SystemRunner::default();
+    let mut runner = SystemRunner;
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
@@ -240,23 +240,13 @@ fn main() -> ExitCode {
         log_config(&cfg, &facts);
         tracing::info!("--skip-rule-apply: applying nothing");
     } else {
-        // The first program of the apply starts now and loads while the config is logged
-        // and the rules are built (the input is valid by now: nothing past this point is
-        // refused as bad input).
-        let plan = if cfg.native_nftables {
-            apply::nft::prestart(&mut env);
-            None
-        } else {
-            let early = apply::prestart(&rules::families(&facts), &opts, &mut env);
-            Some((rules::build(&cfg, &facts), early))
-        };
         log_config(&cfg, &facts);
-        let result = match plan {
-            None => {
-                let ruleset = nft::build(&cfg, &facts);
-                apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
-            }
-            Some((plan, early)) => apply::apply_prestarted(&plan, &opts, &mut env, early),
+        let result = if cfg.native_nftables {
+            let ruleset = nft::build(&cfg, &facts);
+            apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
+        } else {
+            let plan = rules::build(&cfg, &facts);
+            apply::apply(&plan, &opts, &mut env)
         };
         match result {
             Ok(s) => tracing::info!(
@@ -278,9 +268,6 @@ fn main() -> ExitCode {
         }
     }
 
-    // A program started ahead but not taken over gets its end of input now, not after the
-    // validation.
-    drop(runner);
     drop(lock);
 
     if cfg.run_validation {
@@ -386,7 +373,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
         report(e);
         ExitCode::from(c)
     };
-    let mut runner = SystemRunner::default();
+    let mut runner = SystemRunner;
     match command {
         Command::Explain(a) => {
             let a = &inspect::ExplainRequest::from(a);

@@ -19,7 +19,6 @@ use crate::routes as ip;
 use crate::routes::IpCommand;
 use crate::system::backend::{self, Backend, NotInstalled, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
-use crate::system::rtnl::Routing;
 use crate::system::save::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
 
 /// How to apply.
@@ -232,8 +231,6 @@ struct Run {
     tx: Transaction,
     /// A commit was attempted: the family may have changed, even if the commit failed.
     attempted: bool,
-    /// `before` is the text read over netlink ([`Probe::nft_save`]), not a save's.
-    read_over_netlink: bool,
 }
 
 fn read_state(
@@ -242,24 +239,12 @@ fn read_state(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, ApplyError> {
-    read_state_known(family, backend, None, probe, runner)
-}
-
-/// [`read_state`], `known_empty` saying whether the backend has no tables at all, when a
-/// probe just told ([`prestart`]).
-fn read_state_known(
-    family: Family,
-    backend: &Backend,
-    known_empty: Option<bool>,
-    probe: &dyn Probe,
-    runner: &mut dyn Runner,
-) -> Result<SaveState, ApplyError> {
     // A namespace whose backend has no tables at all has nothing to save: skip the process.
-    let empty = known_empty.unwrap_or_else(|| match backend.flavor {
+    let empty = match backend.flavor {
         Some(Flavor::Nft) => probe.nft_tables(family) == Some(0),
         Some(Flavor::Legacy) => probe.legacy_tables(family).is_empty(),
         None => false,
-    });
+    };
     if empty {
         tracing::debug!(
             "{family}: no {} tables in this namespace",
@@ -589,156 +574,13 @@ fn undo_all(
     undo.describe()
 }
 
-/// What [`prestart`] found out, for [`apply_prestarted`] not to ask again: per family,
-/// the backend, whether it has no tables at all and the tables read over netlink; whether
-/// native nftables tables of ours exist (`None`: not known). Our own state cannot change in
-/// between: the namespace lock is held.
-#[derive(Debug, Default)]
-pub struct Prestart {
-    found: Vec<Found>,
-    native_tables: Option<bool>,
-}
-
-/// One family's findings (see [`Prestart`]).
-#[derive(Debug)]
-struct Found {
-    family: Family,
-    backend: Backend,
-    /// The backend has no tables at all.
-    empty: bool,
-    /// The tables as iptables-nft-save prints them, read over netlink.
-    read: Option<String>,
-}
-
-/// Starts ahead, for each of `families`, the program [`apply`] will run first: the restore
-/// in a namespace without iptables-nft tables (where the state read is skipped), else the
-/// save. It loads while the caller logs the config and builds the rules; the matching
-/// [`Runner::run`] takes it over. The legacy flavour is left alone (its restore takes the
-/// xtables lock). A process the apply does not take over is given no input, which changes
-/// nothing. The restore of a family without iptables-nft tables starts before the rest of
-/// detection runs: unless `--force-iptables-binary=legacy`, legacy is picked only where
-/// the namespace has legacy tables, and a fresh pod's has none.
-///
-/// Where the tables can be read over netlink instead ([`Probe::nft_save`]), no save is
-/// started: the apply compares that text first, and runs the save only when it shows
-/// something to change (a re-run with nothing to change then runs no program at all).
-pub fn prestart(families: &[Family], opts: &Options, env: &mut Env<'_>) -> Prestart {
-    let mut found = Vec::new();
-    // One netlink dump: iptables-nft's tables of both families and native nftables' ones.
-    let probe = env.probe;
-    let overview = probe.nft_overview();
-    let native_tables = overview
-        .as_ref()
-        .map(|o| o.inet.iter().any(|n| nft::is_our_table(n)));
-    let empty: Vec<(Family, bool)> = families
-        .iter()
-        .map(|&family| {
-            let empty = match &overview {
-                Some(o) => o.tables(family) == 0,
-                None => probe.nft_tables(family) == Some(0),
-            };
-            (family, empty)
-        })
-        .collect();
-    // A family without iptables-nft tables gets its restore started before the rest of
-    // detection (legacy tables in /proc, the save on PATH): it is what the apply runs first
-    // unless that picks legacy, and then it is never given input.
-    if opts.flavor != Some(Flavor::Legacy) {
-        for &(family, _) in empty.iter().filter(|(_, e)| *e) {
-            let nft = Backend {
-                family,
-                flavor: Some(Flavor::Nft),
-                reason: String::new(),
-            };
-            env.runner.prestart(
-                &nft.restore_program(),
-                &restore_args(&nft, true, opts),
-                true,
-            );
-        }
-    }
-    for (family, empty) in empty {
-        let Ok(backend) = backend::detect(family, opts.flavor, probe) else {
-            continue;
-        };
-        if backend.flavor != Some(Flavor::Nft) {
-            continue;
-        }
-        let mut read = None;
-        if !empty {
-            read = env.probe.nft_save(family);
-            if read.is_none() {
-                env.runner.prestart(&backend.save_program(), &[], false);
-            }
-        }
-        found.push(Found {
-            family,
-            backend,
-            empty,
-            read,
-        });
-    }
-    Prestart {
-        found,
-        native_tables,
-    }
-}
-
 /// Applies `plan`, reconciling whatever the namespace already holds.
 pub fn apply(plan: &Plan, opts: &Options, env: &mut Env<'_>) -> Result<Summary, ApplyError> {
-    apply_prestarted(plan, opts, env, Prestart::default())
-}
-
-/// [`apply`] after [`prestart`], whose findings it uses instead of asking again.
-pub fn apply_prestarted(
-    plan: &Plan,
-    opts: &Options,
-    env: &mut Env<'_>,
-    mut early: Prestart,
-) -> Result<Summary, ApplyError> {
     let mut runs: Vec<Run> = Vec::new();
-    // With a program started ahead, the `ip` step's reading of the routing is done while it
-    // runs (the iptables steps do not change the routing; the lock keeps other runs out).
-    let routing = (!early.found.is_empty()).then(|| env.probe.routing_both());
     for family in plan.families() {
-        let known = early
-            .found
-            .iter()
-            .position(|f| f.family == family)
-            .map(|i| early.found.swap_remove(i));
-        let (backend, known_empty, read) = match known {
-            Some(f) => (f.backend, Some(f.empty), f.read),
-            None => (
-                backend::detect(family, opts.flavor, env.probe)
-                    .map_err(|error| ApplyError::Backend { family, error })?,
-                None,
-                None,
-            ),
-        };
-        // The wanted side of the comparison does not depend on the state: worked out while
-        // the save (started ahead) runs. Otherwise after the read (a namespace without
-        // tables needs no comparison).
-        let prepared = (known_empty == Some(false))
-            .then(|| reconcile::prepare(plan.rules(family), env.resolver));
-        // The tables read over netlink settle a re-run with nothing to change; whatever
-        // else they show, the save's own text decides (and is what a rollback restores).
-        if let (Some(text), Some(p)) = (read, &prepared)
-            && let Ok(before) = parse_save(&text)
-            && let Ok(tx) = reconcile::reconcile_prepared(&before, p, env.resolver, opts.policy)
-            && tx.is_noop()
-        {
-            tracing::info!(backend = %backend.restore_program(), reason = %backend.reason, "{family} backend");
-            tracing::debug!("{family}: tables read over netlink");
-            runs.push(Run {
-                backend,
-                before,
-                tx,
-                attempted: false,
-                read_over_netlink: true,
-            });
-            continue;
-        }
-        let before = read_state_known(family, &backend, known_empty, env.probe, env.runner)?;
+        let backend = backend::detect(family, opts.flavor, env.probe)
+            .map_err(|error| ApplyError::Backend { family, error })?;
+        let before = read_state(family, &backend, env.probe, env.runner)?;
         // The version is logged when the save printed it (free); read from the binary's file
         // (228 KB for xtables-nft-multi) only for a failed commit's message.
         match &before.version {
@@ -749,17 +591,13 @@ pub fn apply_prestarted(
                 tracing::info!(backend = %backend.restore_program(), reason = %backend.reason, "{family} backend");
             }
         }
-        let tx = match &prepared {
-            Some(p) => reconcile::reconcile_prepared(&before, p, env.resolver, opts.policy),
-            None => reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy),
-        }
-        .map_err(|error| ApplyError::Conflict { family, error })?;
+        let tx = reconcile::reconcile(&before, plan.rules(family), env.resolver, opts.policy)
+            .map_err(|error| ApplyError::Conflict { family, error })?;
         runs.push(Run {
             backend,
             before,
             tx,
             attempted: false,
-            read_over_netlink: false,
         });
     }
 
@@ -810,7 +648,7 @@ pub fn apply_prestarted(
                 })
         })
     };
-    let ip_done = match ip_phase(&plan.ip, &had_tproxy, opts, env, &mut summary, routing) {
+    let ip_done = match ip_phase(&plan.ip, &had_tproxy, opts, env, &mut summary) {
         Ok(done) => done,
         Err(failed) => {
             let rollback = undo_all(&runs, &failed.done, opts, env.probe, env.runner);
@@ -823,22 +661,10 @@ pub fn apply_prestarted(
     };
     // Switching from native nftables: its tables go last, in one transaction (which either
     // happens or not), so that a failure before leaves the pod captured as it was.
-    let dropped = match early.native_tables {
-        Some(false) => Ok(Vec::new()),
-        _ => nft::drop_tables(env),
-    };
-    match dropped {
+    match nft::drop_tables(env) {
         Ok(dropped) => summary.nft_tables = dropped,
         Err(error) => {
             for r in &mut runs {
-                // A rollback compares with, and puts back, what a real save printed.
-                if r.read_over_netlink
-                    && let Ok(before) =
-                        read_state(r.backend.family, &r.backend, env.probe, env.runner)
-                {
-                    r.before = before;
-                    r.read_over_netlink = false;
-                }
                 r.attempted = true;
             }
             let rollback = undo_all(&runs, &ip_done, opts, env.probe, env.runner);
@@ -864,14 +690,12 @@ fn ip_phase(
     opts: &Options,
     env: &mut Env<'_>,
     summary: &mut Summary,
-    routing: Option<[Option<Routing>; 2]>,
 ) -> Result<Vec<IpChange>, IpFailed> {
     // TPROXY routing an earlier run added (whatever mark and table it used, found over
     // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
     // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
-    // (`routing`: read already, under the namespace lock; the iptables steps do not touch it.)
     let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
-    let routing = routing.unwrap_or_else(|| env.probe.routing_both());
+    let routing = env.probe.routing_both();
     for (family, routing) in [Family::V4, Family::V6].into_iter().zip(routing) {
         match routing {
             Some(routing) => stale.extend(ip::leftovers_at(family, &routing, wanted)),
@@ -1064,8 +888,6 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         calls: Vec<(String, Vec<String>, Option<String>)>,
-        /// What was started ahead: (program, args, with stdin).
-        prestarted: Vec<(String, Vec<String>, bool)>,
         save_output: String,
         /// Successive outputs of one save program, before falling back to `save_output`.
         saves: BTreeMap<String, std::collections::VecDeque<String>>,
@@ -1096,121 +918,12 @@ mod tests {
             }
             Ok(String::new())
         }
-
-        fn prestart(&mut self, program: &str, args: &[String], stdin: bool) {
-            self.prestarted.push((program.into(), args.to_vec(), stdin));
-        }
     }
 
-    /// An nft-only machine whose netlink says how many tables each family has.
-    struct Tables(usize, usize);
-
-    impl Probe for Tables {
-        fn in_path(&self, p: &str) -> bool {
-            p.contains("-nft-")
-        }
-        fn legacy_tables(&self, _: Family) -> Vec<String> {
-            vec![]
-        }
-        fn nft_tables(&self, family: Family) -> Option<usize> {
-            Some(match family {
-                Family::V4 => self.0,
-                Family::V6 => self.1,
-            })
-        }
-        fn nft_inet_tables(&self) -> Option<Vec<String>> {
-            Some(vec![])
-        }
-    }
-
-    /// The program started ahead is the one the apply runs first (the restore where the
-    /// family has no tables, else the save), with the same arguments; the apply then asks
-    /// nothing again. The legacy flavour starts nothing ahead.
+    /// Legacy tables in a namespace without nft tables: the apply goes to legacy, and runs
+    /// no nft program.
     #[test]
-    fn prestart_starts_what_the_apply_runs_first() {
-        let p = plan(
-            config(
-                &["-p", "15001", "-b", "*"],
-                &[("ENABLE_INBOUND_IPV6", "true")],
-            )
-            .unwrap(),
-        );
-        let families = p.families();
-        for (probe, want) in [
-            (
-                Tables(0, 0),
-                vec![
-                    ("iptables-nft-restore", true),
-                    ("ip6tables-nft-restore", true),
-                ],
-            ),
-            (
-                Tables(1, 0),
-                // Restores first: they start before the rest of detection.
-                vec![
-                    ("ip6tables-nft-restore", true),
-                    ("iptables-nft-save", false),
-                ],
-            ),
-        ] {
-            let mut fake = Fake::default();
-            let mut env = Env {
-                runner: &mut fake,
-                probe: &probe,
-                resolver: &NoResolver,
-            };
-            let early = prestart(&families, &OPTS, &mut env);
-            apply_prestarted(&p, &OPTS, &mut env, early).unwrap();
-            let started: Vec<(&str, bool)> = fake
-                .prestarted
-                .iter()
-                .map(|(p, _, stdin)| (p.as_str(), *stdin))
-                .collect();
-            assert_eq!(started, want);
-            // Each was run, in that order, with the arguments it was started with.
-            let first_runs: Vec<(&str, &[String])> = fake
-                .calls
-                .iter()
-                .map(|(p, a, _)| (p.as_str(), a.as_slice()))
-                .filter(|(p, _)| p.contains("tables-nft-"))
-                .collect();
-            for (program, args, _) in &fake.prestarted {
-                assert!(
-                    first_runs.iter().any(|(p, a)| p == program && a == args),
-                    "{program} {args:?} started ahead but never run: {first_runs:?}"
-                );
-            }
-        }
-        let mut fake = Fake::default();
-        let legacy = Options {
-            flavor: Some(Flavor::Legacy),
-            ..OPTS
-        };
-        struct Both;
-        impl Probe for Both {
-            fn in_path(&self, _: &str) -> bool {
-                true
-            }
-            fn legacy_tables(&self, _: Family) -> Vec<String> {
-                vec!["nat".into()]
-            }
-        }
-        prestart(
-            &families,
-            &legacy,
-            &mut Env {
-                runner: &mut fake,
-                probe: &Both,
-                resolver: &NoResolver,
-            },
-        );
-        assert!(fake.prestarted.is_empty(), "{:?}", fake.prestarted);
-    }
-
-    /// Legacy tables in a namespace without nft tables: the nft restore started before
-    /// detection finished is never run (never given input); the apply goes to legacy.
-    #[test]
-    fn a_restore_started_before_detection_picks_legacy_is_never_run() {
+    fn legacy_tables_without_nft_tables_apply_with_legacy() {
         struct LegacyOnly;
         impl Probe for LegacyOnly {
             fn in_path(&self, _: &str) -> bool {
@@ -1233,10 +946,7 @@ mod tests {
             probe: &LegacyOnly,
             resolver: &NoResolver,
         };
-        let early = prestart(&p.families(), &OPTS, &mut env);
-        apply_prestarted(&p, &OPTS, &mut env, early).unwrap();
-        let started: Vec<&str> = fake.prestarted.iter().map(|s| s.0.as_str()).collect();
-        assert_eq!(started, ["iptables-nft-restore"]);
+        apply(&p, &OPTS, &mut env).unwrap();
         let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
         assert_eq!(ran, ["iptables-legacy-save", "iptables-legacy-restore"]);
     }

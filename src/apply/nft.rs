@@ -54,24 +54,6 @@ pub fn is_our_table(name: &str) -> bool {
     Table::from_name(name).is_some()
 }
 
-/// Starts ahead the first `nft` [`apply`] runs: the transaction (`nft -f -`) where none of
-/// our tables exist, else the listing (see [`super::prestart`]).
-pub fn prestart(env: &mut Env<'_>) {
-    // A missing or too old nft is refused before it ever runs.
-    if check_nft(env).is_err() {
-        return;
-    }
-    match env.probe.nft_inet_tables() {
-        Some(names) if !names.iter().any(|n| Table::from_name(n).is_some()) => {
-            env.runner
-                .prestart("nft", &["-f", "-"].map(String::from), true);
-        }
-        _ => env
-            .runner
-            .prestart("nft", &["list", "ruleset", FAMILY].map(String::from), false),
-    }
-}
-
 /// Reads our tables. Netlink first: a namespace without any of them needs no process.
 pub fn read_live(env: &mut Env<'_>) -> Result<Live, ApplyError> {
     if let Some(names) = env.probe.nft_inet_tables()
@@ -230,7 +212,6 @@ fn iptables_state(
                     before,
                     tx,
                     attempted: false,
-                    read_over_netlink: false,
                 });
             }
         }
@@ -316,9 +297,6 @@ pub fn apply(
     }
 
     let mut summary = Summary::default();
-    // Read now, while nft (started ahead) loads: the transaction does not touch the routing,
-    // and the namespace lock keeps other runs out.
-    let routing = env.probe.routing_both();
     let text = transaction(&ops, &live, &changed, policy.reconcile);
     if text.is_empty() {
         tracing::info!("nftables rules are already in place: nothing to commit");
@@ -395,14 +373,8 @@ pub fn apply(
         command,
         error,
         done,
-    }) = ip_phase(
-        &ruleset.ip,
-        &had_tproxy,
-        opts,
-        env,
-        &mut summary,
-        Some(routing),
-    ) {
+    }) = ip_phase(&ruleset.ip, &had_tproxy, opts, env, &mut summary)
+    {
         let rollback = undo_everything(&runs, &done, &live, opts, env);
         return Err(ApplyError::Ip {
             command: command.args().join(" "),

@@ -215,8 +215,7 @@ struct TableView<'a> {
     have: BTreeMap<String, Vec<(String, bool)>>,
 }
 
-/// The wanted side of one table: it does not depend on the state, so [`prepare`] works it
-/// out before the state is read (while iptables-save runs).
+/// The wanted side of one table.
 struct Wanted<'a> {
     desired: Vec<&'a Rule>,
     /// Desired ISTIO_* chains in Istio's declaration order.
@@ -240,22 +239,6 @@ impl<'a> Wanted<'a> {
             desired_chains,
             ops,
         }
-    }
-}
-
-/// The wanted side of every table (see [`reconcile_prepared`]).
-pub struct Prepared<'a> {
-    tables: Vec<(Table, Wanted<'a>)>,
-}
-
-/// Works out the wanted side of `desired` (canonical rules per chain), for
-/// [`reconcile_prepared`].
-pub fn prepare<'a>(desired: &'a [Rule], resolver: &dyn OwnerResolver) -> Prepared<'a> {
-    Prepared {
-        tables: Table::ALL
-            .into_iter()
-            .map(|t| (t, Wanted::new(t, desired, resolver)))
-            .collect(),
     }
 }
 
@@ -297,31 +280,8 @@ impl<'a> TableView<'a> {
         let table_has_ours = cur.user_chains.iter().any(|c| is_ours(c));
 
         let mut have: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-        let mut joined = String::new();
         for (c, toks) in &cur.rules {
-            // iptables-save prints our rules in canonical form already, mostly: a saved rule
-            // whose text is the canonical text of a rule we want in that chain has that
-            // canonical text (canonical forms are fixed points; see the test
-            // `canonical_forms_are_fixed_points`), without working it out again. Saved
-            // tokens hold no whitespace, so joining them loses nothing.
-            joined.clear();
-            for (i, t) in toks.iter().enumerate() {
-                if i > 0 {
-                    joined.push(' ');
-                }
-                joined.push_str(t);
-            }
-            let known = wanted_in
-                .get(c.as_str())
-                .and_then(|s| s.get(joined.as_str()).copied())
-                .filter(|_| {
-                    toks.iter()
-                        .all(|t| !t.is_empty() && !t.contains(char::is_whitespace))
-                });
-            let canon = match known {
-                Some(k) => k.to_string(),
-                None => canonical(toks, resolver),
-            };
+            let canon = canonical(toks, resolver);
             let owned = is_ours(c)
                 || target(toks).is_some_and(|t| is_ours(&t))
                 || wanted_in
@@ -484,19 +444,6 @@ impl<'a> TableView<'a> {
     }
 }
 
-/// Computes the transaction that makes one family's state equal `desired`.
-pub fn reconcile(
-    current: &SaveState,
-    desired: &[Rule],
-    resolver: &dyn OwnerResolver,
-    policy: Policy,
-) -> Result<Transaction, Conflict> {
-    if is_empty(current) {
-        return Ok(fresh(&desired.iter().collect::<Vec<_>>()));
-    }
-    reconcile_prepared(current, &prepare(desired, resolver), resolver, policy)
-}
-
 /// Whether the family holds no rules and no user chains at all.
 fn is_empty(current: &SaveState) -> bool {
     current
@@ -518,44 +465,39 @@ fn fresh(desired: &[&Rule]) -> Transaction {
     }
 }
 
-/// [`reconcile`] with the wanted side worked out beforehand ([`prepare`]).
-pub fn reconcile_prepared(
+/// Computes the transaction that makes one family's state equal `desired`.
+pub fn reconcile(
     current: &SaveState,
-    prepared: &Prepared<'_>,
+    desired: &[Rule],
     resolver: &dyn OwnerResolver,
     policy: Policy,
 ) -> Result<Transaction, Conflict> {
-    let wanted = |t: Table| {
-        &prepared
-            .tables
-            .iter()
-            .find(|(x, _)| *x == t)
-            .expect("prepared for every table")
-            .1
-    };
+    if is_empty(current) {
+        return Ok(fresh(&desired.iter().collect::<Vec<_>>()));
+    }
+    let tables: Vec<(Table, Wanted)> = Table::ALL
+        .into_iter()
+        .map(|t| (t, Wanted::new(t, desired, resolver)))
+        .collect();
     // Every desired rule, table by table in `Table::ALL` order, each table's in its order:
     // what `restore::payload` writes.
     let desired = || -> Vec<&Rule> {
-        prepared
-            .tables
+        tables
             .iter()
             .flat_map(|(_, w)| w.desired.iter().copied())
             .collect()
     };
-    if is_empty(current) {
-        return Ok(fresh(&desired()));
-    }
     // A table neither wanted nor holding anything needs no view: nothing to judge there.
-    let idle = |t: Table| {
-        wanted(t).desired.is_empty()
+    let idle = |(t, w): &(Table, Wanted)| {
+        w.desired.is_empty()
             && current
-                .table(t)
+                .table(*t)
                 .is_none_or(|s| s.rules.is_empty() && s.user_chains.is_empty())
     };
-    let views: Vec<(Table, TableView)> = Table::ALL
-        .into_iter()
-        .filter(|t| !idle(*t))
-        .map(|t| (t, TableView::new(t, current, wanted(t), resolver)))
+    let views: Vec<(Table, TableView)> = tables
+        .iter()
+        .filter(|tw| !idle(tw))
+        .map(|(t, w)| (*t, TableView::new(*t, current, w, resolver)))
         .collect();
 
     if !policy.reconcile {
@@ -830,9 +772,8 @@ mod tests {
         tests::plan(tests::build(argv, &[]).unwrap()).v4
     }
 
-    /// The shortcut of `with_ownership` (a saved rule printed as a wanted rule's canonical
-    /// text has that canonical text) needs canonical texts to be fixed points: the canonical
-    /// text of a canonical text, tokenized, is itself. Held for every rule of these configs
+    /// Canonical texts are fixed points: the canonical text of a canonical text, tokenized,
+    /// is itself. Held for every rule of these configs
     /// (every mode, DNS, exclusions, both families) and for the saved forms in
     /// `our_rules_equal_their_saved_form`.
     #[test]

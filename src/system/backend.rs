@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Flavor;
 use crate::model::Family;
+use crate::system::nftprobe::{self, NfFamily};
 
 /// The chosen iptables for one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,21 +101,6 @@ pub trait Probe {
     }
     /// The names of the nftables `inet` tables here (`None`: could not tell).
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
-        None
-    }
-    /// [`Probe::nft_tables`] of both families and [`Probe::nft_inet_tables`] at once (one
-    /// read where it can be).
-    fn nft_overview(&self) -> Option<crate::system::nftprobe::Overview> {
-        Some(crate::system::nftprobe::Overview {
-            ipv4: self.nft_tables(Family::V4)?,
-            ipv6: self.nft_tables(Family::V6)?,
-            inet: self.nft_inet_tables()?,
-        })
-    }
-    /// The family's iptables-nft tables as `iptables-nft-save` prints them, read over netlink
-    /// ([`crate::system::nftsave`]); `None` when they hold something that reader does not
-    /// print exactly, or the kernel could not be asked (callers then run the save).
-    fn nft_save(&self, _family: Family) -> Option<String> {
         None
     }
     /// The version of the `nft` program (`None`: could not tell).
@@ -243,11 +229,7 @@ impl Probe for SystemProbe {
     }
 
     fn nft_tables(&self, family: Family) -> Option<usize> {
-        crate::system::nftprobe::table_count(family)
-    }
-
-    fn nft_save(&self, family: Family) -> Option<String> {
-        crate::system::nftsave::save(family)
+        nftprobe::read(NfFamily::of(family)).map(|t| t.tables.len())
     }
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
@@ -266,11 +248,7 @@ impl Probe for SystemProbe {
     }
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
-        crate::system::nftprobe::inet_tables()
-    }
-
-    fn nft_overview(&self) -> Option<crate::system::nftprobe::Overview> {
-        crate::system::nftprobe::overview()
+        nftprobe::read(NfFamily::Inet).map(|t| t.names())
     }
 
     fn nft_version(&self) -> Option<String> {
@@ -278,7 +256,13 @@ impl Probe for SystemProbe {
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {
-        crate::system::nftprobe::has_chain_with_prefix(family, prefix)
+        let t = nftprobe::read(NfFamily::of(family))?;
+        Some(
+            t.tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .any(|c| c.name.starts_with(prefix)),
+        )
     }
 }
 

@@ -55,35 +55,11 @@ pub trait Runner {
         args: &[String],
         stdin: Option<&str>,
     ) -> Result<String, ExecError>;
-
-    /// Starts `program args` now (with a pipe on stdin when `stdin`), for a later [`run`]
-    /// of the same program, arguments and kind of input to take over: the program loads
-    /// while the caller goes on (see [`SystemRunner`]). A runner may ignore it.
-    ///
-    /// [`run`]: Runner::run
-    fn prestart(&mut self, _program: &str, _args: &[String], _stdin: bool) {}
-}
-
-/// A process started ahead of its [`Runner::run`].
-#[derive(Debug)]
-struct Early {
-    program: String,
-    args: Vec<String>,
-    stdin: bool,
-    child: Child,
 }
 
 /// Spawns real processes.
-///
-/// [`Runner::prestart`] spawns at once: an iptables-restore or `nft -f -` waits for its
-/// input, an iptables-save reads the state, while this process logs, builds and compares;
-/// the [`Runner::run`] that matches it then feeds it and collects its output. A process
-/// started but never taken over is given no input (end of file at once: a restore of nothing
-/// changes nothing) and waited for when the runner is dropped.
 #[derive(Debug, Default)]
-pub struct SystemRunner {
-    early: Vec<Early>,
-}
+pub struct SystemRunner;
 
 impl SystemRunner {
     fn spawn(program: &str, args: &[String], stdin: bool) -> Result<Child, ExecError> {
@@ -130,20 +106,8 @@ impl Runner for SystemRunner {
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
-        let early = self
-            .early
-            .iter()
-            .position(|e| e.program == program && e.args == args && e.stdin == stdin.is_some());
-        let mut child = match early {
-            Some(i) => {
-                tracing::debug!(%command, "running (started ahead)");
-                self.early.swap_remove(i).child
-            }
-            None => {
-                tracing::debug!(%command, "running");
-                Self::spawn(program, args, stdin.is_some())?
-            }
-        };
+        tracing::debug!(%command, "running");
+        let mut child = Self::spawn(program, args, stdin.is_some())?;
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("piped stdin");
             // A program that exits early closes the pipe; its exit status tells why.
@@ -165,30 +129,6 @@ impl Runner for SystemRunner {
             tracing::debug!(%command, stderr = %stderr.trim(), "stderr");
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn prestart(&mut self, program: &str, args: &[String], stdin: bool) {
-        // A failure to start is left to the `run`, which reports it.
-        if let Ok(child) = Self::spawn(program, args, stdin) {
-            tracing::debug!(program, "started ahead");
-            self.early.push(Early {
-                program: program.to_string(),
-                args: args.to_vec(),
-                stdin,
-                child,
-            });
-        }
-    }
-}
-
-impl Drop for SystemRunner {
-    fn drop(&mut self) {
-        for mut e in self.early.drain(..) {
-            // No input: end of file at once.
-            drop(e.child.stdin.take());
-            let _ = e.child.wait_with_output();
-            tracing::debug!(program = %e.program, "started ahead but not needed: given no input");
-        }
     }
 }
 
@@ -228,7 +168,7 @@ mod tests {
 
     #[test]
     fn missing_program_is_reported_as_not_found() {
-        let e = SystemRunner::default()
+        let e = SystemRunner
             .run("/nonexistent/iptables-restore", &[], None)
             .unwrap_err();
         assert!(matches!(e, ExecError::NotFound { .. }), "{e}");
@@ -236,7 +176,7 @@ mod tests {
 
     #[test]
     fn failure_keeps_stderr() {
-        let e = SystemRunner::default()
+        let e = SystemRunner
             .run(
                 "sh",
                 &["-c".into(), "echo oops >&2; exit 3".into()],

@@ -7,7 +7,6 @@ pub mod host;
 pub mod netlink;
 pub mod netns;
 pub mod nftprobe;
-pub mod nftsave;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;

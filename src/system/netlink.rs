@@ -1,11 +1,10 @@
-//! Netlink dumps, the part the nftables probe and the rtnetlink reads share: open a socket
+//! Netlink dumps, the part the nftables read and the rtnetlink reads share: open a socket
 //! of `protocol`, send an `NLM_F_DUMP` request, hand every reply message to the caller until
 //! `NLMSG_DONE`. One socket can serve several dumps in turn. Any failure (no socket, a short
 //! or malformed reply, an error from the kernel) means "unknown": `None`, and the caller
 //! falls back.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Mutex;
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
@@ -22,15 +21,11 @@ const HEADER: usize = 16;
 /// most), and one message of ours is far smaller.
 const BUF: usize = 32 * 1024;
 
-/// One receive buffer, reused by every dump: a fresh zeroed 32 KiB per dump costs page
-/// faults several times per run. (A static, not a thread-local: a thread-local with a
-/// destructor makes musl set up its own allocator on first use.)
-static RECV_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-/// A bound netlink socket.
+/// A bound netlink socket, with the buffer its replies are received into.
 pub struct Socket {
     fd: OwnedFd,
     seq: u32,
+    buf: Vec<u8>,
 }
 
 impl Socket {
@@ -44,7 +39,11 @@ impl Socket {
         )
         .ok()?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).ok()?;
-        Some(Socket { fd, seq: 0 })
+        Some(Socket {
+            fd,
+            seq: 0,
+            buf: vec![0; BUF],
+        })
     }
 
     /// Sends a dump request of message type `kind` whose body (after the 16-byte header) is
@@ -62,13 +61,7 @@ impl Socket {
         msg.extend_from_slice(body);
         send(self.fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
 
-        // Another thread dumping at the same time (tests) gets a buffer of its own.
-        let mut owned = Vec::new();
-        let mut shared = RECV_BUF.try_lock().ok();
-        let buf: &mut Vec<u8> = shared.as_deref_mut().unwrap_or(&mut owned);
-        if buf.len() < BUF {
-            buf.resize(BUF, 0);
-        }
+        let buf = &mut self.buf;
         for _ in 0..100_000 {
             let n = recv(self.fd.as_raw_fd(), buf, MsgFlags::empty()).ok()?;
             if n == 0 {

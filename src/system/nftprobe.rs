@@ -1,206 +1,494 @@
-//! Asks the kernel over netlink whether an nftables family has any table at all, so that a
-//! fresh namespace needs no `iptables-nft-save` process to learn that it is empty. Any
-//! failure means "unknown", and the caller runs the save as usual.
+//! The structure of nf_tables, read over netlink: per family the tables and their flags, the
+//! chains (base chains with their hook, type and priority) and how many rules each chain
+//! holds. Not the rules themselves: what they say is read from `iptables-nft-save` or
+//! `nft list`.
+//!
+//! It tells a fresh namespace (no tables: nothing to save) without running a process, and
+//! shows what iptables-nft-save does not: a dormant table, a base chain another tool made.
+//! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
+//! `None`, and the caller does without it.
 
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
-use crate::system::netlink;
+use crate::system::netlink::{Socket, attributes};
 
-pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
-pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
-pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
-pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
-pub(crate) const NFT_MSG_GETCHAIN: u16 = 4;
-const NFPROTO_INET: u8 = 1;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
-/// `NFTA_TABLE_NAME` and `NFTA_CHAIN_NAME`.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
 
-/// The number of nftables tables of `family` in the current network namespace, or `None`
-/// when the kernel could not be asked.
-pub fn table_count(family: Family) -> Option<usize> {
-    // nfgenmsg: family, NFNETLINK_V0, res_id (big endian).
-    let body = [nfproto(family), 0, 0, 0];
-    let mut count = 0;
-    netlink::dump(
-        SockProtocol::NetlinkNetFilter,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-        &body,
-        |kind, _| {
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
-                count += 1;
-            }
-        },
-    )?;
-    Some(count)
+/// `NFT_TABLE_F_DORMANT`: the table's base chains are not attached to their hooks.
+pub const TABLE_F_DORMANT: u32 = 1;
+
+/// An nf_tables family (the `nfgenmsg` family byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NfFamily {
+    /// `ip`: iptables-nft's IPv4 tables.
+    Ip,
+    /// `ip6`: iptables-nft's IPv6 tables.
+    Ip6,
+    /// `inet`: native nftables' tables (both address families).
+    Inet,
 }
 
-/// The nfgenmsg family of iptables-nft's tables of `family`.
-pub(crate) fn nfproto(family: Family) -> u8 {
-    match family {
-        Family::V4 => NFPROTO_IPV4,
-        Family::V6 => NFPROTO_IPV6,
-    }
-}
-
-/// The value of attribute `kind` in a netfilter message body (a 4-byte `nfgenmsg`, then
-/// netlink attributes), as text.
-fn attr(body: &[u8], kind: u16) -> Option<String> {
-    let (_, v) = netlink::attributes(body.get(4..)?)
-        .into_iter()
-        .find(|(t, _)| *t == kind)?;
-    let v = v.strip_suffix(&[0]).unwrap_or(v);
-    Some(String::from_utf8_lossy(v).into_owned())
-}
-
-/// What one dump of the tables of every family tells: how many tables iptables-nft's
-/// families have and the names of the `inet` ones (native nftables'); `None` when the kernel
-/// could not be asked.
-pub fn overview() -> Option<Overview> {
-    let mut out = Overview::default();
-    netlink::dump(
-        SockProtocol::NetlinkNetFilter,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-        &[0, 0, 0, 0],
-        |kind, body| {
-            if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
-                return;
-            }
-            match body.first() {
-                Some(&NFPROTO_IPV4) => out.ipv4 += 1,
-                Some(&NFPROTO_IPV6) => out.ipv6 += 1,
-                Some(&NFPROTO_INET) => out.inet.extend(attr(body, NFTA_TABLE_NAME)),
-                _ => {}
-            }
-        },
-    )?;
-    Some(out)
-}
-
-/// See [`overview`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Overview {
-    pub ipv4: usize,
-    pub ipv6: usize,
-    pub inet: Vec<String>,
-}
-
-impl Overview {
-    /// The number of tables of `family`'s iptables-nft family.
-    pub fn tables(&self, family: Family) -> usize {
+impl NfFamily {
+    /// The family iptables-nft keeps `family`'s tables in.
+    pub fn of(family: Family) -> NfFamily {
         match family {
-            Family::V4 => self.ipv4,
-            Family::V6 => self.ipv6,
+            Family::V4 => NfFamily::Ip,
+            Family::V6 => NfFamily::Ip6,
+        }
+    }
+
+    fn nfproto(self) -> u8 {
+        match self {
+            NfFamily::Inet => 1,
+            NfFamily::Ip => 2,
+            NfFamily::Ip6 => 10,
         }
     }
 }
 
-/// The names of the `inet` tables here (native nftables' family), or `None` when the kernel
-/// could not be asked.
-pub fn inet_tables() -> Option<Vec<String>> {
-    let mut names = Vec::new();
-    netlink::dump(
-        SockProtocol::NetlinkNetFilter,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-        &[NFPROTO_INET, 0, 0, 0],
-        |kind, body| {
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE
-                && let Some(n) = attr(body, NFTA_TABLE_NAME)
-            {
-                names.push(n);
-            }
-        },
-    )?;
-    Some(names)
+/// The tables of one family, in the kernel's order (creation order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NfTables {
+    pub tables: Vec<NfTable>,
 }
 
-/// Whether any nftables table of `family` (where iptables-nft keeps its tables) has a chain
-/// whose name starts with `prefix`; `None` when the kernel could not be asked.
-pub fn has_chain_with_prefix(family: Family, prefix: &str) -> Option<bool> {
-    let mut found = false;
-    netlink::dump(
-        SockProtocol::NetlinkNetFilter,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN,
-        &[nfproto(family), 0, 0, 0],
-        |kind, body| {
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN
-                && attr(body, NFTA_CHAIN_NAME).is_some_and(|n| n.starts_with(prefix))
-            {
-                found = true;
-            }
-        },
-    )?;
-    Some(found)
+/// One table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NfTable {
+    pub name: String,
+    /// `NFTA_TABLE_FLAGS` ([`TABLE_F_DORMANT`], ...).
+    pub flags: u32,
+    /// Its chains, in the kernel's order.
+    pub chains: Vec<NfChain>,
+}
+
+/// One chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NfChain {
+    pub name: String,
+    /// `None`: a regular chain (reached only by jumps).
+    pub base: Option<BaseChain>,
+    /// How many rules it holds.
+    pub rules: usize,
+}
+
+/// What makes a chain a base chain: where it is attached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BaseChain {
+    /// The hook number (`NF_INET_PRE_ROUTING` = 0, `LOCAL_IN`, `FORWARD`, `LOCAL_OUT`,
+    /// `POST_ROUTING` = 4).
+    pub hook: u32,
+    /// `filter`, `nat` or `route`.
+    pub kind: String,
+    pub priority: i32,
+    /// The policy verdict (`NF_DROP` = 0, `NF_ACCEPT` = 1), when the kernel gave one.
+    pub policy: Option<u32>,
+}
+
+impl NfTables {
+    /// The table called `name`.
+    pub fn table(&self, name: &str) -> Option<&NfTable> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The names of the tables.
+    pub fn names(&self) -> Vec<String> {
+        self.tables.iter().map(|t| t.name.clone()).collect()
+    }
+}
+
+impl NfTable {
+    pub fn is_dormant(&self) -> bool {
+        self.flags & TABLE_F_DORMANT != 0
+    }
+
+    /// The chain called `name`.
+    pub fn chain(&self, name: &str) -> Option<&NfChain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+}
+
+/// The tables of `family` in the current network namespace, with their chains and rule
+/// counts; `None` when the kernel could not be asked or answered with something malformed.
+/// A family without tables costs one dump; otherwise three (tables, chains, rules).
+pub fn read(family: NfFamily) -> Option<NfTables> {
+    let mut sock = Socket::open(SockProtocol::NetlinkNetFilter)?;
+    // nfgenmsg: family, NFNETLINK_V0, res_id (big endian).
+    let body = [family.nfproto(), 0, 0, 0];
+    let msg = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
+    let mut out = NfTables::default();
+    let mut bad = false;
+
+    sock.dump(msg(NFT_MSG_GETTABLE), &body, |kind, m| {
+        if kind != msg(NFT_MSG_NEWTABLE) {
+            return;
+        }
+        let a = Attrs::of(m);
+        let flags = match a.get(NFTA_TABLE_FLAGS) {
+            None => Some(0),
+            Some(v) => be32(v),
+        };
+        match (a.string(NFTA_TABLE_NAME), flags) {
+            (Some(name), Some(flags)) => out.tables.push(NfTable {
+                name,
+                flags,
+                chains: Vec::new(),
+            }),
+            _ => bad = true,
+        }
+    })?;
+    if bad {
+        return None;
+    }
+    if out.tables.is_empty() {
+        return Some(out);
+    }
+
+    sock.dump(msg(NFT_MSG_GETCHAIN), &body, |kind, m| {
+        if kind != msg(NFT_MSG_NEWCHAIN) {
+            return;
+        }
+        if read_chain(m, &mut out).is_none() {
+            bad = true;
+        }
+    })?;
+    if bad {
+        return None;
+    }
+
+    sock.dump(msg(NFT_MSG_GETRULE), &body, |kind, m| {
+        if kind != msg(NFT_MSG_NEWRULE) {
+            return;
+        }
+        let a = Attrs::of(m);
+        let chain = a.string(NFTA_RULE_TABLE).and_then(|table| {
+            let chain = a.string(NFTA_RULE_CHAIN)?;
+            out.tables
+                .iter_mut()
+                .find(|t| t.name == table)?
+                .chains
+                .iter_mut()
+                .find(|c| c.name == chain)
+        });
+        match chain {
+            Some(c) => c.rules += 1,
+            None => bad = true,
+        }
+    })?;
+    if bad {
+        return None;
+    }
+    Some(out)
+}
+
+/// Adds the chain of one `NFT_MSG_NEWCHAIN` message to its table.
+fn read_chain(m: &[u8], out: &mut NfTables) -> Option<()> {
+    let a = Attrs::of(m);
+    let table = a.string(NFTA_CHAIN_TABLE)?;
+    let table = out.tables.iter_mut().find(|t| t.name == table)?;
+    let name = a.string(NFTA_CHAIN_NAME)?;
+    let base = match a.get(NFTA_CHAIN_HOOK) {
+        None => None,
+        Some(hook) => {
+            let hook = Attrs {
+                all: attributes(hook),
+            };
+            Some(BaseChain {
+                hook: be32(hook.get(NFTA_HOOK_HOOKNUM)?)?,
+                kind: a.string(NFTA_CHAIN_TYPE)?,
+                priority: be32(hook.get(NFTA_HOOK_PRIORITY)?)? as i32,
+                policy: match a.get(NFTA_CHAIN_POLICY) {
+                    None => None,
+                    Some(v) => Some(be32(v)?),
+                },
+            })
+        }
+    };
+    table.chains.push(NfChain {
+        name,
+        base,
+        rules: 0,
+    });
+    Some(())
+}
+
+/// The attributes of one netfilter message body (a 4-byte `nfgenmsg`, then attributes), or of
+/// a nest, looked up by type.
+struct Attrs<'a> {
+    all: Vec<(u16, &'a [u8])>,
+}
+
+impl<'a> Attrs<'a> {
+    /// The attributes of a message body (after its `nfgenmsg`).
+    fn of(body: &'a [u8]) -> Attrs<'a> {
+        Attrs {
+            all: attributes(body.get(4..).unwrap_or_default()),
+        }
+    }
+
+    fn get(&self, ty: u16) -> Option<&'a [u8]> {
+        self.all.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
+    }
+
+    /// A NUL-terminated string attribute.
+    fn string(&self, ty: u16) -> Option<String> {
+        let v = self.get(ty)?;
+        let v = v.strip_suffix(&[0]).unwrap_or(v);
+        std::str::from_utf8(v).ok().map(str::to_string)
+    }
+}
+
+fn be32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.try_into().ok()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::system::save::parse_save;
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
 
-    #[test]
-    fn counts_tables_in_a_private_namespace() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED nftprobe::counts_tables_in_a_private_namespace: needs root");
-            return;
+    fn root(test: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
         }
-        let r = std::thread::spawn(|| {
+        eprintln!("SKIPPED nftprobe::{test}: needs root (network namespaces, nft, iptables-nft)");
+        false
+    }
+
+    /// Runs `f` in a new network namespace (a thread of its own: unshare moves only it).
+    fn in_fresh_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            let before = table_count(Family::V4);
-            let ok = std::process::Command::new("iptables-nft")
-                .args(["-t", "nat", "-N", "PROBE_TEST"])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            (before, ok, table_count(Family::V4), table_count(Family::V6))
+            f()
         })
         .join()
-        .unwrap();
-        assert_eq!(r.0, Some(0));
-        if r.1 {
-            assert_eq!(r.2, Some(1));
-            assert_eq!(r.3, Some(0));
-        }
+        .expect("namespace thread")
+    }
+
+    fn run(args: &[&str]) -> bool {
+        Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn run_with_input(program: &str, args: &[&str], input: &str) {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
-    fn lists_inet_tables_and_finds_istio_chains() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED nftprobe::lists_inet_tables_and_finds_istio_chains: needs root");
+    fn counts_tables_in_a_private_namespace() {
+        if !root("counts_tables_in_a_private_namespace") {
             return;
         }
-        let r = std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            let before = (inet_tables(), has_chain_with_prefix(Family::V4, "ISTIO_"));
-            let run = |args: &[&str]| {
-                std::process::Command::new(args[0])
-                    .args(&args[1..])
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false)
-            };
+        let r = in_fresh_ns(|| {
+            let before = read(NfFamily::Ip);
+            let ok = run(&["iptables-nft", "-t", "nat", "-N", "PROBE_TEST"]);
+            (before, ok, read(NfFamily::Ip), read(NfFamily::Ip6))
+        });
+        assert_eq!(r.0, Some(NfTables::default()));
+        assert!(r.1, "iptables-nft must work here");
+        let v4 = r.2.expect("read");
+        assert_eq!(v4.names(), ["nat"]);
+        let chain = v4.tables[0].chain("PROBE_TEST").expect("chain");
+        assert_eq!((chain.base.as_ref(), chain.rules), (None, 0));
+        assert_eq!(r.3, Some(NfTables::default()));
+    }
+
+    #[test]
+    fn lists_inet_tables_and_their_chains() {
+        if !root("lists_inet_tables_and_their_chains") {
+            return;
+        }
+        let r = in_fresh_ns(|| {
+            let before = read(NfFamily::Inet);
             let ok = run(&["nft", "add table inet istio-proxy-nat"])
                 && run(&["nft", "add table inet other"])
                 && run(&["iptables-nft", "-t", "nat", "-N", "ISTIO_OUTPUT"]);
-            (
-                before,
-                ok,
-                inet_tables(),
-                has_chain_with_prefix(Family::V4, "ISTIO_"),
-                has_chain_with_prefix(Family::V6, "ISTIO_"),
-            )
-        })
-        .join()
-        .unwrap();
-        assert_eq!(r.0, (Some(vec![]), Some(false)));
+            (before, ok, read(NfFamily::Inet), read(NfFamily::Ip))
+        });
+        assert_eq!(r.0, Some(NfTables::default()));
         assert!(r.1, "nft and iptables-nft must work here");
+        assert_eq!(r.2.unwrap().names(), ["istio-proxy-nat", "other"]);
+        let ip = r.3.unwrap();
+        assert!(ip.tables[0].chains.iter().any(|c| c.name == "ISTIO_OUTPUT"));
+    }
+
+    /// What iptables-nft-save does not show: a dormant table, a base chain of another
+    /// tool's (hook, type, priority, policy), and how many rules each chain holds.
+    #[test]
+    fn sees_dormant_tables_and_foreign_base_chains() {
+        if !root("sees_dormant_tables_and_foreign_base_chains") {
+            return;
+        }
+        let r = in_fresh_ns(|| {
+            run_with_input(
+                "nft",
+                &["-f", "-"],
+                "table ip other {\n\
+                 \tflags dormant\n\
+                 \tchain early { type filter hook prerouting priority -150; policy drop; }\n\
+                 \tchain late { type nat hook output priority 100; counter; counter; }\n\
+                 \tchain plain { counter; }\n\
+                 }\n",
+            );
+            read(NfFamily::Ip)
+        });
+        let t = r.expect("read");
+        let other = t.table("other").expect("table");
+        assert!(other.is_dormant(), "{other:?}");
         assert_eq!(
-            r.2,
-            Some(vec!["istio-proxy-nat".to_string(), "other".to_string()])
+            other.chain("early").unwrap().base,
+            Some(BaseChain {
+                hook: 0,
+                kind: "filter".into(),
+                priority: -150,
+                policy: Some(0),
+            })
         );
-        assert_eq!(r.3, Some(true));
-        assert_eq!(r.4, Some(false));
+        let late = other.chain("late").unwrap();
+        let base = late.base.as_ref().unwrap();
+        assert_eq!(
+            (base.hook, base.kind.as_str(), base.priority),
+            (3, "nat", 100)
+        );
+        assert_eq!(late.rules, 2);
+        let plain = other.chain("plain").unwrap();
+        assert_eq!((plain.base.as_ref(), plain.rules), (None, 1));
+    }
+
+    /// For every conformance case's payloads (Istio's own rules, both families), the
+    /// structure read over netlink is the one iptables-nft-save prints: the same tables, the
+    /// same regular chains, as many rules per chain, and each base chain one of the save's
+    /// built-in chains.
+    #[test]
+    fn agrees_with_iptables_nft_save_for_every_conformance_case() {
+        if !root("agrees_with_iptables_nft_save_for_every_conformance_case") {
+            return;
+        }
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut checked = 0;
+        let mut failures = Vec::new();
+        let cases = ["istio", "istio-more"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(data.join(d)).unwrap())
+            .map(|c| c.unwrap().path());
+        for case in cases {
+            for (family, file) in [
+                (Family::V4, "expected-v4.rules"),
+                (Family::V6, "expected-v6.rules"),
+            ] {
+                let Ok(text) = std::fs::read_to_string(case.join(file)) else {
+                    continue;
+                };
+                // Group names resolve through /etc/group, which may not have them.
+                let text = text
+                    .replace("--gid-owner java", "--gid-owner 1000")
+                    .replace("--gid-owner ftp", "--gid-owner 1001");
+                let (read, saved) = in_fresh_ns(move || {
+                    let (restore, save) = match family {
+                        Family::V4 => ("iptables-nft-restore", "iptables-nft-save"),
+                        Family::V6 => ("ip6tables-nft-restore", "ip6tables-nft-save"),
+                    };
+                    run_with_input(restore, &["--noflush"], &text);
+                    let out = Command::new(save).output().expect("save");
+                    assert!(out.status.success(), "{save} failed");
+                    (
+                        read(NfFamily::of(family)),
+                        String::from_utf8(out.stdout).unwrap(),
+                    )
+                });
+                checked += 1;
+                let read = read.expect("netlink read");
+                let saved = parse_save(&saved).unwrap();
+                let mut names: Vec<String> = read.names();
+                names.sort();
+                let saved_names: Vec<String> = saved.tables.keys().cloned().collect();
+                if names != saved_names {
+                    failures.push(format!(
+                        "{} {family}: tables {names:?} vs {saved_names:?}",
+                        case.display()
+                    ));
+                    continue;
+                }
+                for t in &read.tables {
+                    let s = &saved.tables[&t.name];
+                    let mut user: Vec<&str> = t
+                        .chains
+                        .iter()
+                        .filter(|c| c.base.is_none())
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    user.sort();
+                    let mut saved_user: Vec<&str> =
+                        s.user_chains.iter().map(String::as_str).collect();
+                    saved_user.sort();
+                    if user != saved_user {
+                        failures.push(format!(
+                            "{} {family} {}: chains {user:?} vs {saved_user:?}",
+                            case.display(),
+                            t.name
+                        ));
+                    }
+                    for c in &t.chains {
+                        let saved_rules = s.chain_rules(&c.name).count();
+                        let builtin = s.builtin.iter().any(|(b, _)| *b == c.name);
+                        if c.rules != saved_rules || (c.base.is_some() && !builtin) {
+                            failures.push(format!(
+                                "{} {family} {} {}: {c:?}, saved with {saved_rules} rules",
+                                case.display(),
+                                t.name,
+                                c.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            checked >= 38,
+            "only {checked} payloads found in {}",
+            data.display()
+        );
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

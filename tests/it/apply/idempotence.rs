@@ -35,13 +35,11 @@ fn seed_command_twice_changes_nothing_the_second_time() {
         "the second run should say the rules are already in place\n{}",
         second.describe()
     );
-    // The state is read over netlink (src/system/nftsave.rs): no save either, no program
-    // at all.
+    // The state is read with one iptables-nft-save; nothing else runs.
     let programs = second.execs_of(|_| true);
     assert!(
-        programs.is_empty(),
-        "the second run must run no program (the tables are read over netlink), ran \
-         {programs:?}\n{}",
+        programs.len() == 1 && programs[0].starts_with("iptables-nft-save"),
+        "the second run must run one save and nothing else, ran {programs:?}\n{}",
         second.describe()
     );
 }
@@ -59,10 +57,9 @@ fn seed_again_after(setup: &str, fail: Fail) -> Ns {
         .exec()
 }
 
-/// The iptables rules are in place (read over netlink) but removing the tables of an earlier
-/// `--native-nftables` run fails: the error says nothing was changed, and that claim rests on
-/// real saves (one taken for the rollback to compare with, one to re-read), not on the
-/// netlink text.
+/// The iptables rules are in place but removing the tables of an earlier `--native-nftables`
+/// run fails: the error says nothing was changed, and that claim rests on real saves (the
+/// one read before the run, one to re-read for the rollback).
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn a_failed_switch_from_native_nftables_over_rules_in_place_is_checked_with_real_saves() {
@@ -91,14 +88,12 @@ fn a_failed_switch_from_native_nftables_over_rules_in_place_is_checked_with_real
     assert_eq!(saves.len(), 2, "{}", run.describe());
 }
 
-/// A namespace holding what the netlink reader does not print (a comment) is read by the
-/// real iptables-save: the re-run still changes nothing, and keeps the foreign rule.
+/// A namespace also holding a foreign rule with a comment: the re-run reads it with one
+/// iptables-save, changes nothing, and keeps the foreign rule.
 #[test]
 #[ignore = "needs root and network namespaces"]
-fn a_rerun_over_rules_the_netlink_reader_cannot_print_reads_them_with_the_save() {
-    if skip_unless_root(
-        "a_rerun_over_rules_the_netlink_reader_cannot_print_reads_them_with_the_save",
-    ) {
+fn a_rerun_over_a_foreign_commented_rule_changes_nothing_and_keeps_it() {
+    if skip_unless_root("a_rerun_over_a_foreign_commented_rule_changes_nothing_and_keeps_it") {
         return;
     }
     let ns = seed_again_after(
