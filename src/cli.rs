@@ -13,8 +13,6 @@ use clap::{
     ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource,
 };
 
-use crate::inspect::{self, interp::Proto};
-
 /// Environment variables read directly (no flag), documented once here.
 pub mod env_only {
     /// Loopback CIDR the proxy treats as "host local" (default 127.0.0.1/32).
@@ -600,39 +598,6 @@ pub struct ExplainArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
-}
-
-impl From<&ExplainArgs> for inspect::ExplainRequest {
-    fn from(a: &ExplainArgs) -> Self {
-        inspect::ExplainRequest {
-            direction: match a.direction {
-                Direction::Inbound => inspect::Direction::Inbound,
-                Direction::Outbound => inspect::Direction::Outbound,
-            },
-            dst: a.dst.clone(),
-            src: a.src.clone(),
-            proto: match a.proto {
-                ProtoArg::Tcp => Proto::Tcp,
-                ProtoArg::Udp => Proto::Udp,
-            },
-            uid: a.uid,
-            gid: a.gid,
-            in_iface: a.in_iface.clone(),
-            out_iface: a.out_iface.clone(),
-            pod_ip: a.pod_ip,
-            from_kernel: a.from_kernel,
-            format: a.output.into(),
-        }
-    }
-}
-
-impl From<Output> for inspect::Format {
-    fn from(o: Output) -> Self {
-        match o {
-            Output::Text => inspect::Format::Text,
-            Output::Json => inspect::Format::Json,
-        }
-    }
 }
 
 /// `verify` options.

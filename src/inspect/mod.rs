@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use self::interp::{Packet, Proto, Ruleset};
 use crate::apply::reconcile::{self, ChainDiff};
+use crate::cli;
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Rule, Table};
 use crate::rules;
@@ -56,6 +57,39 @@ pub struct ExplainRequest {
     /// Walk the live rules instead of the config's.
     pub from_kernel: bool,
     pub format: Format,
+}
+
+impl From<&cli::ExplainArgs> for ExplainRequest {
+    fn from(a: &cli::ExplainArgs) -> Self {
+        ExplainRequest {
+            direction: match a.direction {
+                cli::Direction::Inbound => Direction::Inbound,
+                cli::Direction::Outbound => Direction::Outbound,
+            },
+            dst: a.dst.clone(),
+            src: a.src.clone(),
+            proto: match a.proto {
+                cli::ProtoArg::Tcp => Proto::Tcp,
+                cli::ProtoArg::Udp => Proto::Udp,
+            },
+            uid: a.uid,
+            gid: a.gid,
+            in_iface: a.in_iface.clone(),
+            out_iface: a.out_iface.clone(),
+            pod_ip: a.pod_ip,
+            from_kernel: a.from_kernel,
+            format: a.output.into(),
+        }
+    }
+}
+
+impl From<cli::Output> for Format {
+    fn from(o: cli::Output) -> Self {
+        match o {
+            cli::Output::Text => Format::Text,
+            cli::Output::Json => Format::Json,
+        }
+    }
 }
 
 /// A failure of explain/verify (not a drift: that is a result).
