@@ -13,7 +13,7 @@ use std::time::Instant;
 use clap::error::ErrorKind;
 
 use istio_iptables::apply::{self, Env, Options};
-use istio_iptables::cli::{Args, Command};
+use istio_iptables::cli::{Args, Command, docs};
 use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, HostFacts, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
@@ -24,7 +24,7 @@ use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
-use istio_iptables::{docs, logging, validate};
+use istio_iptables::{logging, validate};
 
 /// Exit codes (documented in the README).
 mod code {

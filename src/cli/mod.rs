@@ -13,6 +13,8 @@ use clap::{
     ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource,
 };
 
+pub mod docs;
+
 /// Environment variables read directly (no flag), documented once here.
 pub mod env_only {
     /// Loopback CIDR the proxy treats as "host local" (default 127.0.0.1/32).
