@@ -1,5 +1,5 @@
 //! Entry point: parse, validate, build, then print (dry run), clean up, or apply; then
-//! optionally validate. Exit codes are listed in `code` and in the README.
+//! optionally validate. Exit codes are `cli::Exit`'s (and listed in the README).
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -13,7 +13,7 @@ use std::time::Instant;
 use clap::error::ErrorKind;
 
 use istio_iptables::apply::{self, Env, Options};
-use istio_iptables::cli::{Args, Command, docs};
+use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, HostFacts, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
@@ -25,23 +25,6 @@ use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
 use istio_iptables::{logging, validate};
-
-/// Exit codes (documented in the README).
-mod code {
-    /// Applying or cleaning up failed (earlier steps were rolled back unless the message
-    /// says otherwise), or the network namespace could not be entered.
-    pub const FAILURE: u8 = 1;
-    /// Bad input: unknown flag, invalid value. Nothing was run.
-    pub const USAGE: u8 = 2;
-    /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
-    pub const CONFLICT: u8 = 4;
-    /// verify: the live rules differ from the config.
-    pub const DRIFT: u8 = 3;
-    /// --run-validation could not run its probe (listeners could not be opened).
-    pub const VALIDATION_ERROR: u8 = 125;
-    /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
-    pub const VALIDATION_FAILED: u8 = 126;
-}
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
 /// (anyhow's `{:#}`: each cause after a colon).
@@ -117,7 +100,7 @@ fn main() -> ExitCode {
                     // exists", the allowed values and the usage line are the help.
                     let text = e.to_string();
                     eprintln!("istio-iptables: {}", text.trim_end());
-                    ExitCode::from(code::USAGE)
+                    ExitCode::from(Exit::Usage)
                 }
             };
         }
@@ -144,7 +127,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            return ExitCode::from(code::USAGE);
+            return ExitCode::from(Exit::Usage);
         }
     };
     // Past the dry run, rules are compared with what the kernel stores.
@@ -186,7 +169,7 @@ fn main() -> ExitCode {
     }
     if let Err(e) = enter_namespace(&cfg) {
         report(e);
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let facts = match host_facts(&cfg) {
         Ok(f) => f,
@@ -197,7 +180,7 @@ fn main() -> ExitCode {
         && let Err(e) = host::check_net_caps()
     {
         tracing::error!("{e}");
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     if !cfg.cleanup_only && facts.ipv6_uncaptured {
         tracing::warn!(
@@ -222,7 +205,7 @@ fn main() -> ExitCode {
             Err(e) => {
                 log_config(&cfg, &facts);
                 report(e);
-                return ExitCode::from(code::FAILURE);
+                return ExitCode::from(Exit::Failure);
             }
         }
     } else {
@@ -266,9 +249,9 @@ fn main() -> ExitCode {
             ),
             Err(e) => {
                 let c = if e.is_conflict() {
-                    code::CONFLICT
+                    Exit::Conflict
                 } else {
-                    code::FAILURE
+                    Exit::Failure
                 };
                 report(e);
                 return ExitCode::from(c);
@@ -291,9 +274,9 @@ fn main() -> ExitCode {
                     "iptables validation failed; workload is not ready for Istio \
                      (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
                 );
-                return ExitCode::from(code::VALIDATION_FAILED);
+                return ExitCode::from(Exit::ValidationFailed);
             }
-            return ExitCode::from(code::VALIDATION_ERROR);
+            return ExitCode::from(Exit::ValidationError);
         }
         tracing::info!("validation passed: traffic is captured");
     }
@@ -316,7 +299,7 @@ fn enter_namespace(cfg: &Config) -> Result<(), netns::NetnsError> {
 fn host_facts(cfg: &Config) -> Result<HostFacts, ExitCode> {
     HostFacts::detect(cfg, &RealHost).map_err(|e| {
         tracing::error!("{e}");
-        ExitCode::from(code::USAGE)
+        ExitCode::from(Exit::Usage)
     })
 }
 
@@ -349,7 +332,7 @@ fn cleanup(cfg: &Config, facts: &HostFacts, opts: &Options, env: &mut Env<'_>) -
             for e in errors {
                 report(e);
             }
-            ExitCode::from(code::FAILURE)
+            ExitCode::from(Exit::Failure)
         }
     }
 }
@@ -365,7 +348,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(e);
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let facts = match host_facts(cfg) {
         Ok(f) => f,
@@ -373,13 +356,13 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = host::check_net_caps() {
         tracing::error!("{e}");
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let fail = |e: InspectError| {
         let c = if matches!(e, InspectError::BadArg { .. }) {
-            code::USAGE
+            Exit::Usage
         } else {
-            code::FAILURE
+            Exit::Failure
         };
         report(e);
         ExitCode::from(c)
@@ -421,7 +404,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
                 Ok(r) => {
                     print!("{}", inspect::render_report(&r, v.output.into()));
                     if r.drift() {
-                        ExitCode::from(code::DRIFT)
+                        ExitCode::from(Exit::Drift)
                     } else {
                         ExitCode::SUCCESS
                     }
@@ -445,33 +428,7 @@ fn print_doc(doc: Vec<u8>) -> ExitCode {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot write to stdout: {e}");
-            ExitCode::from(code::FAILURE)
+            ExitCode::from(Exit::Failure)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::code;
-
-    /// `--help` and the man page list `cli::EXIT_CODES`; they must be the codes used here.
-    #[test]
-    fn documented_exit_codes_are_the_ones_used() {
-        let documented: Vec<u8> = istio_iptables::cli::EXIT_CODES
-            .iter()
-            .map(|(c, _)| *c)
-            .collect();
-        let used = [
-            0,
-            code::FAILURE,
-            code::USAGE,
-            code::DRIFT,
-            code::CONFLICT,
-            code::VALIDATION_ERROR,
-            code::VALIDATION_FAILED,
-        ];
-        let mut sorted = used.to_vec();
-        sorted.sort_unstable();
-        assert_eq!(documented, sorted);
     }
 }
