@@ -230,6 +230,33 @@ mod tests {
         assert_eq!(a.origin("envoy_port"), Origin::Default);
     }
 
+    /// clap's rules that the pod's arguments meet: a value flag is given once, -v counts,
+    /// --log_target repeats, a command's name after a value flag is its value, and the flags
+    /// after `istio-iptables` are the apply command's, as before it.
+    #[test]
+    fn parse_follows_clap_rules() {
+        let parse =
+            |words: &[&str]| Args::parse_from(std::iter::once("x").chain(words.iter().copied()));
+        let kind = |words: &[&str]| parse(words).map(|_| ()).unwrap_err().kind();
+        assert_eq!(kind(&["-p", "1", "-p", "2"]), ErrorKind::ArgumentConflict);
+        assert_eq!(
+            kind(&["--dry-run", "--dry-run=false"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(parse(&["-v", "--verbose", "-v"]).unwrap().cli.verbose, 3);
+        let a = parse(&["--log_target", "a", "--log_target=", "--log_target", "b"]).unwrap();
+        assert_eq!(a.cli.log_target, ["a", "", "b"]);
+        assert_eq!(a.origin("log_target"), Origin::Flag);
+        assert_eq!(parse(&["-p", "explain"]).unwrap().cli.envoy_port, "explain");
+        let a = parse(&["istio-iptables", "-p", "2", "--dry-run"]).unwrap();
+        assert!(matches!(a.cli.command, Some(Command::IstioIptables)));
+        assert_eq!(
+            (a.cli.envoy_port.as_str(), a.cli.dry_run.as_str()),
+            ("2", "true")
+        );
+        assert_eq!(a.origin("envoy_port"), Origin::Flag);
+    }
+
     #[test]
     fn describe_names_flag_and_env() {
         assert_eq!(
