@@ -21,15 +21,14 @@
 //!
 //! Beside the flow: [`inspect`] (`explain` and `verify`, walking packets with
 //! [`inspect::interp`]), [`validate`] (`--run-validation`), [`logging`] (Istio's log
-//! formats) and [`docs`] (completion and man page, generated from [`cli`]). The static musl
-//! build links an allocator and `memcpy`/`memmove` of its own (`musl`, only in that build).
+//! formats) and [`cli::docs`] (completion and man page, generated from [`cli`]). The static
+//! musl build links an allocator and `memcpy`/`memmove` of its own (`musl`, only in that build).
 
 pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod docs;
 pub mod inspect;
 pub mod logging;
 pub mod model;

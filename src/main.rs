@@ -1,5 +1,5 @@
 //! Entry point: parse, validate, build, then print (dry run), clean up, or apply; then
-//! optionally validate. Exit codes are listed in `code` and in the README.
+//! optionally validate. Exit codes are `cli::Exit`'s (and listed in the README).
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -16,7 +16,7 @@ use istio_iptables::apply::{self, Env, Options};
 use istio_iptables::backend::iptables::build as rules;
 use istio_iptables::backend::iptables::script;
 use istio_iptables::backend::nft::build as nft;
-use istio_iptables::cli::{Args, Command};
+use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::commands::validate;
 use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, HostFacts, parse_go_bool};
@@ -26,24 +26,7 @@ use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
-use istio_iptables::{docs, logging};
-
-/// Exit codes (documented in the README).
-mod code {
-    /// Applying or cleaning up failed (earlier steps were rolled back unless the message
-    /// says otherwise), or the network namespace could not be entered.
-    pub const FAILURE: u8 = 1;
-    /// Bad input: unknown flag, invalid value. Nothing was run.
-    pub const USAGE: u8 = 2;
-    /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
-    pub const CONFLICT: u8 = 4;
-    /// verify: the live rules differ from the config.
-    pub const DRIFT: u8 = 3;
-    /// --run-validation could not run its probe (listeners could not be opened).
-    pub const VALIDATION_ERROR: u8 = 125;
-    /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
-    pub const VALIDATION_FAILED: u8 = 126;
-}
+use istio_iptables::logging;
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
 /// (anyhow's `{:#}`: each cause after a colon).
@@ -119,7 +102,7 @@ fn main() -> ExitCode {
                     // exists", the allowed values and the usage line are the help.
                     let text = e.to_string();
                     eprintln!("istio-iptables: {}", text.trim_end());
-                    ExitCode::from(code::USAGE)
+                    ExitCode::from(Exit::Usage)
                 }
             };
         }
@@ -146,7 +129,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            return ExitCode::from(code::USAGE);
+            return ExitCode::from(Exit::Usage);
         }
     };
     // Past the dry run, rules are compared with what the kernel stores.
@@ -188,7 +171,7 @@ fn main() -> ExitCode {
     }
     if let Err(e) = enter_namespace(&cfg) {
         report(e);
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let facts = match host_facts(&cfg) {
         Ok(f) => f,
@@ -199,7 +182,7 @@ fn main() -> ExitCode {
         && let Err(e) = host::check_net_caps()
     {
         tracing::error!("{e}");
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     if !cfg.cleanup_only && facts.ipv6_uncaptured {
         tracing::warn!(
@@ -224,7 +207,7 @@ fn main() -> ExitCode {
             Err(e) => {
                 log_config(&cfg, &facts);
                 report(e);
-                return ExitCode::from(code::FAILURE);
+                return ExitCode::from(Exit::Failure);
             }
         }
     } else {
@@ -258,9 +241,9 @@ fn main() -> ExitCode {
             ),
             Err(e) => {
                 let c = if e.is_conflict() {
-                    code::CONFLICT
+                    Exit::Conflict
                 } else {
-                    code::FAILURE
+                    Exit::Failure
                 };
                 report(e);
                 return ExitCode::from(c);
@@ -280,9 +263,9 @@ fn main() -> ExitCode {
                     "iptables validation failed; workload is not ready for Istio \
                      (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
                 );
-                return ExitCode::from(code::VALIDATION_FAILED);
+                return ExitCode::from(Exit::ValidationFailed);
             }
-            return ExitCode::from(code::VALIDATION_ERROR);
+            return ExitCode::from(Exit::ValidationError);
         }
         tracing::info!("validation passed: traffic is captured");
     }
@@ -305,7 +288,7 @@ fn enter_namespace(cfg: &Config) -> Result<(), netns::NetnsError> {
 fn host_facts(cfg: &Config) -> Result<HostFacts, ExitCode> {
     HostFacts::detect(cfg, &RealHost).map_err(|e| {
         tracing::error!("{e}");
-        ExitCode::from(code::USAGE)
+        ExitCode::from(Exit::Usage)
     })
 }
 
@@ -338,7 +321,7 @@ fn cleanup(cfg: &Config, facts: &HostFacts, opts: &Options, env: &mut Env<'_>) -
             for e in errors {
                 report(e);
             }
-            ExitCode::from(code::FAILURE)
+            ExitCode::from(Exit::Failure)
         }
     }
 }
@@ -354,7 +337,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = enter_namespace(cfg) {
         report(e);
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let facts = match host_facts(cfg) {
         Ok(f) => f,
@@ -362,13 +345,13 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
     };
     if needs_kernel && let Err(e) = host::check_net_caps() {
         tracing::error!("{e}");
-        return ExitCode::from(code::FAILURE);
+        return ExitCode::from(Exit::Failure);
     }
     let fail = |e: InspectError| {
         let c = if matches!(e, InspectError::BadArg { .. }) {
-            code::USAGE
+            Exit::Usage
         } else {
-            code::FAILURE
+            Exit::Failure
         };
         report(e);
         ExitCode::from(c)
@@ -410,7 +393,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
                 Ok(r) => {
                     print!("{}", inspect::render_report(&r, v.output.into()));
                     if r.drift() {
-                        ExitCode::from(code::DRIFT)
+                        ExitCode::from(Exit::Drift)
                     } else {
                         ExitCode::SUCCESS
                     }
@@ -434,33 +417,7 @@ fn print_doc(doc: Vec<u8>) -> ExitCode {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot write to stdout: {e}");
-            ExitCode::from(code::FAILURE)
+            ExitCode::from(Exit::Failure)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::code;
-
-    /// `--help` and the man page list `cli::EXIT_CODES`; they must be the codes used here.
-    #[test]
-    fn documented_exit_codes_are_the_ones_used() {
-        let documented: Vec<u8> = istio_iptables::cli::EXIT_CODES
-            .iter()
-            .map(|(c, _)| *c)
-            .collect();
-        let used = [
-            0,
-            code::FAILURE,
-            code::USAGE,
-            code::DRIFT,
-            code::CONFLICT,
-            code::VALIDATION_ERROR,
-            code::VALIDATION_FAILED,
-        ];
-        let mut sorted = used.to_vec();
-        sorted.sort_unstable();
-        assert_eq!(documented, sorted);
     }
 }

@@ -15,6 +15,7 @@ use crate::backend::iptables::walk::Ruleset;
 use crate::backend::nft::build as nft;
 use crate::backend::nft::state::{self as nftstate, NftState};
 use crate::backend::walk::{self as interp, Packet, Proto};
+use crate::cli;
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Rule, Table};
 use crate::routes as ip;
@@ -54,6 +55,39 @@ pub struct ExplainRequest {
     /// Walk the live rules instead of the config's.
     pub from_kernel: bool,
     pub format: Format,
+}
+
+impl From<&cli::ExplainArgs> for ExplainRequest {
+    fn from(a: &cli::ExplainArgs) -> Self {
+        ExplainRequest {
+            direction: match a.direction {
+                cli::Direction::Inbound => Direction::Inbound,
+                cli::Direction::Outbound => Direction::Outbound,
+            },
+            dst: a.dst.clone(),
+            src: a.src.clone(),
+            proto: match a.proto {
+                cli::ProtoArg::Tcp => Proto::Tcp,
+                cli::ProtoArg::Udp => Proto::Udp,
+            },
+            uid: a.uid,
+            gid: a.gid,
+            in_iface: a.in_iface.clone(),
+            out_iface: a.out_iface.clone(),
+            pod_ip: a.pod_ip,
+            from_kernel: a.from_kernel,
+            format: a.output.into(),
+        }
+    }
+}
+
+impl From<cli::Output> for Format {
+    fn from(o: cli::Output) -> Self {
+        match o {
+            cli::Output::Text => Format::Text,
+            cli::Output::Json => Format::Json,
+        }
+    }
 }
 
 /// A failure of explain/verify (not a drift: that is a result).

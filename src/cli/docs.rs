@@ -5,7 +5,7 @@ use clap_complete::Shell;
 use clap_mangen::Man;
 use clap_mangen::roff::{Roff, bold, italic, roman};
 
-use crate::cli::{self, EXIT_CODES, env_only};
+use crate::cli::{self, Exit, env_only};
 
 /// The name completion scripts register and the man page is titled with.
 const NAME: &str = "istio-iptables";
@@ -161,10 +161,10 @@ fn closing_sections() -> Roff {
     ]);
 
     r.control("SH", ["EXIT STATUS"]);
-    for (code, meaning) in EXIT_CODES {
+    for exit in Exit::ALL {
         r.control("TP", []);
-        r.text([bold(code.to_string())]);
-        r.text([roman(*meaning)]);
+        r.text([bold(exit.code().to_string())]);
+        r.text([roman(exit.meaning())]);
     }
 
     r.control("SH", ["EXAMPLES"]);

@@ -1,0 +1,102 @@
+//! How a run ends: the one list of exit codes, which `main` returns and `--help` and the
+//! man page document.
+
+use std::process::ExitCode;
+
+/// The exit codes, in `--help`'s order (ascending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Done (also: nothing to do).
+    Success,
+    /// Applying or cleaning up failed (earlier steps were rolled back unless the message
+    /// says otherwise), or the network namespace could not be entered.
+    Failure,
+    /// Bad input: unknown flag, invalid value. Nothing was run.
+    Usage,
+    /// verify: the live rules differ from the config.
+    Drift,
+    /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
+    Conflict,
+    /// --run-validation could not run its probe (listeners could not be opened).
+    ValidationError,
+    /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
+    ValidationFailed,
+}
+
+impl Exit {
+    /// Every exit code, as `--help` and the man page list them.
+    pub const ALL: [Exit; 7] = [
+        Exit::Success,
+        Exit::Failure,
+        Exit::Usage,
+        Exit::Drift,
+        Exit::Conflict,
+        Exit::ValidationError,
+        Exit::ValidationFailed,
+    ];
+
+    /// The process's exit status.
+    pub const fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Drift => 3,
+            Exit::Conflict => 4,
+            Exit::ValidationError => 125,
+            Exit::ValidationFailed => 126,
+        }
+    }
+
+    /// What the code means, for `--help` and the man page.
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Exit::Success => "success (also: nothing to do)",
+            Exit::Failure => {
+                "applying or cleaning up failed (what had changed was restored unless the \
+                 message says ROLLBACK FAILED), or the network namespace could not be entered"
+            }
+            Exit::Usage => {
+                "bad input (unknown flag, invalid value, unreadable @PATH); nothing was run"
+            }
+            Exit::Drift => "verify: the live rules differ from the config",
+            Exit::Conflict => {
+                "--reconcile=false and the namespace holds different ISTIO_* rules; nothing changed"
+            }
+            Exit::ValidationError => "--run-validation could not run its probe",
+            Exit::ValidationFailed => {
+                "--run-validation: traffic was not captured within --probe-timeout"
+            }
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ALL` holds every variant once, in ascending order of code (the order documented).
+    #[test]
+    fn all_lists_every_code_once_in_order() {
+        for e in Exit::ALL {
+            // A new variant fails to compile here until it is added to `ALL` too.
+            let index = match e {
+                Exit::Success => 0,
+                Exit::Failure => 1,
+                Exit::Usage => 2,
+                Exit::Drift => 3,
+                Exit::Conflict => 4,
+                Exit::ValidationError => 5,
+                Exit::ValidationFailed => 6,
+            };
+            assert_eq!(Exit::ALL[index], e);
+        }
+        assert!(Exit::ALL.windows(2).all(|w| w[0].code() < w[1].code()));
+    }
+}
