@@ -1569,6 +1569,7 @@ mod tests {
         assert!(stderr.contains("env child done"), "{stdout}\n{stderr}");
     }
 
+    #[allow(unsafe_code)] // removed by the cli rework
     fn env_child() {
         use std::os::unix::ffi::OsStringExt;
         let names: Vec<&str> = FLAGS.iter().filter_map(|f| f.env).collect();
