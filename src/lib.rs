@@ -21,8 +21,7 @@
 //!
 //! Beside the flow: [`inspect`] (`explain` and `verify`, walking packets with
 //! [`inspect::interp`]), [`validate`] (`--run-validation`), [`logging`] (Istio's log
-//! formats) and [`cli::docs`] (completion and man page, generated from [`cli`]). The static
-//! musl build links an allocator and `memcpy`/`memmove` of its own (`musl`, only in that build).
+//! formats) and [`cli::docs`] (completion and man page, generated from [`cli`]).
 
 pub mod apply;
 pub mod backend;
@@ -32,7 +31,5 @@ pub mod config;
 pub mod inspect;
 pub mod logging;
 pub mod model;
-#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
-pub mod musl;
 pub mod routes;
 pub mod system;

@@ -4,10 +4,10 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-/// The static musl build's allocator (see `istio_iptables::musl`).
-#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
+// musl's own malloc is slow and returns memory to the kernel on most frees (Cargo.toml).
+#[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOCATOR: istio_iptables::musl::Allocator = istio_iptables::musl::Allocator::new();
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 use std::time::Instant;
 
 use clap::error::ErrorKind;

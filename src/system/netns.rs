@@ -46,6 +46,9 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
 
 /// In CNI mode we run in the node's filesystem, where /run/xtables.lock is shared by every
 /// pod; Istio scopes the lock to the pod. Children inherit XTABLES_LOCKFILE.
+// Edition 2024 makes set_var unsafe (another thread may read the environment meanwhile);
+// this runs in main before any thread starts, and the children we run inherit the variable.
+#[allow(unsafe_code)]
 pub fn scope_xtables_lock(ns: Option<&Path>) {
     let tag: String = ns
         .map(|p| {
