@@ -21,12 +21,12 @@ use istio_iptables::commands::validate;
 use istio_iptables::config::listfile;
 use istio_iptables::config::{Config, HostFacts, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
+use istio_iptables::logging;
 use istio_iptables::model::Family;
 use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
 use istio_iptables::system::{netns, nslock};
-use istio_iptables::logging;
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
 /// (anyhow's `{:#}`: each cause after a colon).

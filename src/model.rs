@@ -190,7 +190,7 @@ pub struct Target {
 }
 
 impl RuleSpec {
-    /// Reads `tokens` (as [`crate::system::save::tokenize`] splits a rule).
+    /// Reads `tokens` (as [`crate::backend::iptables::save::tokenize`] splits a rule).
     pub fn parse(tokens: &[String]) -> RuleSpec {
         let mut spec = RuleSpec::default();
         let mut i = 0;
@@ -260,7 +260,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> RuleSpec {
-        RuleSpec::parse(&crate::system::save::tokenize(s))
+        RuleSpec::parse(&crate::backend::iptables::save::tokenize(s))
     }
 
     fn m(negated: bool, flag: &str, values: &[&str]) -> Match {
@@ -317,5 +317,23 @@ mod tests {
         let bare = parse("-j");
         assert_eq!(bare.target_name(), None);
         assert!(bare.target.is_some());
+    }
+}
+
+/// How `--uid-owner`/`--gid-owner` names become numbers (iptables-save prints numbers).
+pub trait OwnerResolver {
+    fn uid(&self, name: &str) -> Option<u32>;
+    fn gid(&self, name: &str) -> Option<u32>;
+}
+
+/// Resolves nothing: names stay names.
+pub struct NoResolver;
+
+impl OwnerResolver for NoResolver {
+    fn uid(&self, _: &str) -> Option<u32> {
+        None
+    }
+    fn gid(&self, _: &str) -> Option<u32> {
+        None
     }
 }

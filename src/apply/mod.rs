@@ -6,20 +6,20 @@
 //! to what was read, then read again to prove it before the error says so.
 
 pub mod nft;
-pub mod reconcile;
 
 use std::collections::BTreeSet;
 
-use self::reconcile::{Conflict, Policy, Transaction};
 use crate::backend::iptables::build::Plan;
+use crate::backend::iptables::plan::{self as reconcile, Conflict, Policy, Transaction};
 use crate::backend::iptables::restore::{self, Header};
+use crate::backend::iptables::save::{ParseError, SaveState, TableState, parse_save};
 use crate::config::{Config, Flavor};
+use crate::model::OwnerResolver;
 use crate::model::{Family, Table};
 use crate::routes as ip;
 use crate::routes::IpCommand;
 use crate::system::backend::{self, Backend, NotInstalled, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
-use crate::system::save::{OwnerResolver, ParseError, SaveState, TableState, parse_save};
 
 /// How to apply.
 #[derive(Debug, Clone, Copy)]
@@ -881,7 +881,7 @@ pub fn cleanup(
 mod tests {
     use super::*;
     use crate::config::tests::{build as config, plan};
-    use crate::system::save::NoResolver;
+    use crate::model::NoResolver;
     use std::collections::BTreeMap;
 
     /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).

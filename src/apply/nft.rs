@@ -16,9 +16,10 @@
 
 use super::{
     ApplyError, Env, IpFailed, Options, Run, Summary, Undo, commit, ip_phase, read_state,
-    reconcile, restore_input,
+    restore_input,
 };
 use crate::backend::iptables::build::Plan;
+use crate::backend::iptables::plan as reconcile;
 use crate::backend::nft::build::{self as nft, FAMILY, Ruleset, Table};
 use crate::backend::nft::state::{self as nftstate, Live};
 use crate::config::Flavor;

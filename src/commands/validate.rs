@@ -53,8 +53,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, HostFacts, Owner};
 use crate::model::Family;
+use crate::model::OwnerResolver;
 use crate::system::probe::{self, Accepted};
-use crate::system::save::OwnerResolver;
 
 /// Destination of the IPv4 probe (never `127.0.0.1`, which the capture rules exempt).
 pub const PROBE_ADDR_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);

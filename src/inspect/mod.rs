@@ -9,19 +9,20 @@ use self::output::{render_json, render_text};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::apply::reconcile::{self, ChainDiff};
 use crate::backend::iptables::build as rules;
+use crate::backend::iptables::plan::{self as reconcile, ChainDiff};
+use crate::backend::iptables::save::{SaveState, parse_save};
 use crate::backend::iptables::walk::Ruleset;
 use crate::backend::nft::build as nft;
 use crate::backend::nft::state::{self as nftstate, NftState};
 use crate::backend::walk::{self as interp, Packet, Proto};
 use crate::cli;
 use crate::config::{Config, HostFacts};
+use crate::model::OwnerResolver;
 use crate::model::{Family, Rule, Table};
 use crate::routes as ip;
 use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner};
-use crate::system::save::{OwnerResolver, SaveState, parse_save};
 
 /// How a result is printed: text for people, JSON for tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,7 +558,7 @@ mod tests {
     use super::*;
     use crate::cli::{Args, Command};
     use crate::config::tests::{SEED, build as config};
-    use crate::system::save::NoResolver;
+    use crate::model::NoResolver;
 
     fn explain_args(argv: &[&str]) -> ExplainRequest {
         let mut full = vec!["istio-iptables", "explain"];

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use super::{Direction, ExplainRequest, Format, Report};
-use crate::apply::reconcile::ChainDiff;
+use crate::backend::iptables::plan::ChainDiff;
 use crate::backend::nft::build as nft;
 use crate::backend::nft::drift::NftDiff;
 use crate::backend::walk::{Outcome, Packet, Step, Verdict};

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::config::{Host, RESOLV_CONF_MAX_BYTES};
-use crate::system::save::OwnerResolver;
+use crate::model::OwnerResolver;
 
 /// The machine we run on.
 #[derive(Debug, Default)]

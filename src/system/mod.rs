@@ -10,4 +10,3 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;
-pub mod save;

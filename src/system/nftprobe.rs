@@ -264,7 +264,7 @@ fn be32(v: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::system::save::parse_save;
+    use crate::backend::iptables::save::parse_save;
     use std::io::Write as _;
     use std::process::{Command, Stdio};
 

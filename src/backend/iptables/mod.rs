@@ -3,6 +3,8 @@
 //! saved rules ([`walk`]).
 
 pub mod build;
+pub mod plan;
 pub mod restore;
+pub mod save;
 pub mod script;
 pub mod walk;

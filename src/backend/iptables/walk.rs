@@ -11,8 +11,8 @@ use crate::backend::walk::{
     Flow, Hook, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range,
     iface_matches, num, port_in,
 };
+use crate::model::OwnerResolver;
 use crate::model::{RuleSpec, Table};
-use crate::system::save::OwnerResolver;
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
@@ -283,8 +283,9 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::iptables::save::tokenize;
     use crate::backend::walk::{OUTPUT_HOOK, PREROUTING_HOOK};
-    use crate::system::save::{NoResolver, tokenize};
+    use crate::model::NoResolver;
 
     fn ruleset(lines: &[(&str, &str)]) -> Ruleset {
         let mut rs = Ruleset::new();

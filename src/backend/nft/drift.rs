@@ -118,7 +118,7 @@ mod tests {
     use crate::backend::nft::build::build;
     use crate::backend::nft::state::desired;
     use crate::config::tests::{SEED, build as config};
-    use crate::system::save::NoResolver;
+    use crate::model::NoResolver;
 
     fn seed() -> NftState {
         let (c, f) = config(SEED, &[]).unwrap();

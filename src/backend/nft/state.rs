@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::backend::nft::build::{FAMILY, Op, Ruleset, Table};
-use crate::system::save::OwnerResolver;
+use crate::model::OwnerResolver;
 
 /// A base chain's attachment, as listed: `type nat hook output priority -100; policy accept;`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -444,7 +444,7 @@ mod tests {
     use super::*;
     use crate::backend::nft::build::{build, render};
     use crate::config::tests::build as config;
-    use crate::system::save::NoResolver;
+    use crate::model::NoResolver;
 
     struct Names;
     impl OwnerResolver for Names {

@@ -24,7 +24,7 @@ use crate::backend::walk::{
     Flow, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range, iface_matches,
     num, port_in,
 };
-use crate::system::save::OwnerResolver;
+use crate::model::OwnerResolver;
 
 /// A hook of the packet's path: `prerouting` or `output`.
 pub type NftHook = &'static str;
@@ -562,7 +562,7 @@ mod tests {
     use crate::config::tests::{SEED, build as config};
     use crate::inspect::{ExplainRequest, packet, ruleset_from_rules};
     use crate::model::Family;
-    use crate::system::save::NoResolver;
+    use crate::model::NoResolver;
 
     fn request(argv: &[&str]) -> ExplainRequest {
         let mut full = vec!["istio-iptables", "explain"];

@@ -18,8 +18,9 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::backend::iptables::restore::{self, Header};
+use crate::backend::iptables::save::{SaveState, TableState, canonical, tokenize};
+use crate::model::OwnerResolver;
 use crate::model::{Match, Position, Rule, RuleSpec, Table, Target, chain};
-use crate::system::save::{OwnerResolver, SaveState, TableState, canonical, tokenize};
 
 /// What to do when the namespace already holds different ISTIO_* state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -680,8 +681,9 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::iptables::save::{parse_save, tokenize};
     use crate::config::tests;
-    use crate::system::save::{NoResolver, parse_save, tokenize};
+    use crate::model::NoResolver;
 
     const RECONCILE: Policy = Policy {
         reconcile: true,

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{RuleSpec, Table, parse_number};
+use crate::model::{OwnerResolver, RuleSpec, Table, parse_number};
 
 /// One table as iptables-save prints it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -166,24 +166,6 @@ pub fn parse_save(text: &str) -> Result<SaveState, ParseError> {
         ts.rules.push((chain, spec));
     }
     Ok(st)
-}
-
-/// How `--uid-owner`/`--gid-owner` names become numbers (iptables-save prints numbers).
-pub trait OwnerResolver {
-    fn uid(&self, name: &str) -> Option<u32>;
-    fn gid(&self, name: &str) -> Option<u32>;
-}
-
-/// Resolves nothing: names stay names.
-pub struct NoResolver;
-
-impl OwnerResolver for NoResolver {
-    fn uid(&self, _: &str) -> Option<u32> {
-        None
-    }
-    fn gid(&self, _: &str) -> Option<u32> {
-        None
-    }
 }
 
 fn is_number(s: &str) -> bool {
@@ -358,6 +340,7 @@ fn canon_target_opts(target: &str, opts: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NoResolver;
 
     fn toks(s: &str) -> Vec<String> {
         tokenize(s)
