@@ -255,6 +255,24 @@ impl RuleSpec {
     }
 }
 
+/// How `--uid-owner`/`--gid-owner` names become numbers (iptables-save prints numbers).
+pub trait OwnerResolver {
+    fn uid(&self, name: &str) -> Option<u32>;
+    fn gid(&self, name: &str) -> Option<u32>;
+}
+
+/// Resolves nothing: names stay names.
+pub struct NoResolver;
+
+impl OwnerResolver for NoResolver {
+    fn uid(&self, _: &str) -> Option<u32> {
+        None
+    }
+    fn gid(&self, _: &str) -> Option<u32> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,23 +335,5 @@ mod tests {
         let bare = parse("-j");
         assert_eq!(bare.target_name(), None);
         assert!(bare.target.is_some());
-    }
-}
-
-/// How `--uid-owner`/`--gid-owner` names become numbers (iptables-save prints numbers).
-pub trait OwnerResolver {
-    fn uid(&self, name: &str) -> Option<u32>;
-    fn gid(&self, name: &str) -> Option<u32>;
-}
-
-/// Resolves nothing: names stay names.
-pub struct NoResolver;
-
-impl OwnerResolver for NoResolver {
-    fn uid(&self, _: &str) -> Option<u32> {
-        None
-    }
-    fn gid(&self, _: &str) -> Option<u32> {
-        None
     }
 }
