@@ -23,7 +23,6 @@
 //! [`inspect::interp`]), [`validate`] (`--run-validation`), [`logging`] (Istio's log
 //! formats) and [`cli::docs`] (completion and man page, generated from [`cli`]).
 
-pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod commands;

@@ -12,17 +12,18 @@ use std::time::Instant;
 
 use clap::error::ErrorKind;
 
-use istio_iptables::apply::{self, Env, Options};
-use istio_iptables::backend::iptables::build as rules;
-use istio_iptables::backend::iptables::script;
-use istio_iptables::backend::nft::build as nft;
+use istio_iptables::backend::Backend;
+use istio_iptables::backend::iptables::{Iptables, script};
+use istio_iptables::backend::nft::Nftables;
 use istio_iptables::cli::{Args, Command, Exit, docs};
+use istio_iptables::commands::apply::{self, Options};
 use istio_iptables::commands::validate;
 use istio_iptables::config::listfile;
-use istio_iptables::config::{Config, HostFacts, parse_go_bool};
+use istio_iptables::config::{BackendChoice, Config, HostFacts, RunMode, parse_go_bool};
 use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::logging;
 use istio_iptables::model::Family;
+use istio_iptables::system::Env;
 use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
@@ -37,7 +38,7 @@ fn report(err: impl Into<anyhow::Error>) {
 
 /// Istio's environment and config blocks (`capture.logConfig` and `config.Print`), one log
 /// entry each, with the names Istio prints.
-fn log_config(cfg: &Config, facts: &HostFacts) {
+fn log_config(cfg: &Config, facts: &HostFacts, backend: &str) {
     if !tracing::enabled!(tracing::Level::INFO) {
         return;
     }
@@ -45,11 +46,6 @@ fn log_config(cfg: &Config, facts: &HostFacts) {
     for name in ISTIO_ENV_LOGGED {
         let _ = writeln!(env, "{name}={}", std::env::var(name).unwrap_or_default());
     }
-    let backend = if cfg.native_nftables {
-        "nftables"
-    } else {
-        "iptables"
-    };
     tracing::info!("Istio {backend} environment:\n{env}");
     let mut vars = String::new();
     for (k, v) in cfg.summary(facts) {
@@ -133,7 +129,7 @@ fn main() -> ExitCode {
         }
     };
     // Past the dry run, rules are compared with what the kernel stores.
-    if !cfg.dry_run {
+    if !matches!(cfg.run, RunMode::DryRun { .. }) {
         cfg.kernel_form();
     }
     // The raw values (clap's matches hold a long -x list several times over) are in `cfg`
@@ -144,24 +140,46 @@ fn main() -> ExitCode {
         return inspect_command(command, &cfg);
     }
 
-    if cfg.dry_run {
+    // The one place the backend is chosen; the other one's state of ours is removed.
+    let lock_wait_secs = cfg.lock_wait_secs;
+    match cfg.backend {
+        BackendChoice::Iptables { flavor } => run(
+            &Iptables {
+                flavor,
+                lock_wait_secs,
+            },
+            &Nftables,
+            &cfg,
+            started,
+        ),
+        BackendChoice::Nftables { .. } => run(
+            &Nftables,
+            &Iptables {
+                flavor: None,
+                lock_wait_secs,
+            },
+            &cfg,
+            started,
+        ),
+    }
+}
+
+/// Runs the apply command (dry run, cleanup, apply, validation) with `chosen`; `other`'s
+/// state of ours is removed.
+fn run<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config, started: Instant) -> ExitCode {
+    if let RunMode::DryRun { cleanup } = cfg.run {
         // Read where the dry run runs: it enters no namespace.
-        let facts = match host_facts(&cfg) {
+        let facts = match host_facts(cfg) {
             Ok(f) => f,
             Err(c) => return c,
         };
-        warn_if_nothing_captured(&cfg);
-        log_config(&cfg, &facts);
-        if cfg.cleanup_only {
+        warn_if_nothing_captured(cfg);
+        log_config(cfg, &facts, chosen.name());
+        if cleanup {
             // Either backend: the script removes both backends' state.
-            print!("{}", script::render_cleanup(&cfg));
-        } else if cfg.native_nftables {
-            print!("{}", nft::script(&cfg, &facts, &nft::build(&cfg, &facts)));
+            print!("{}", script::render_cleanup(cfg));
         } else {
-            print!(
-                "{}",
-                script::render(&cfg, &facts, &rules::build(&cfg, &facts))
-            );
+            print!("{}", chosen.script(cfg, &facts, &chosen.build(cfg, &facts)));
         }
         return ExitCode::SUCCESS;
     }
@@ -169,22 +187,22 @@ fn main() -> ExitCode {
     if cfg.cni_mode {
         netns::scope_xtables_lock(cfg.network_namespace.as_deref());
     }
-    if let Err(e) = enter_namespace(&cfg) {
+    if let Err(e) = enter_namespace(cfg) {
         report(e);
         return ExitCode::from(Exit::Failure);
     }
-    let facts = match host_facts(&cfg) {
+    let facts = match host_facts(cfg) {
         Ok(f) => f,
         Err(c) => return c,
     };
-    warn_if_nothing_captured(&cfg);
-    if (cfg.cleanup_only || !cfg.skip_rule_apply)
+    warn_if_nothing_captured(cfg);
+    if cfg.run != RunMode::SkipApply
         && let Err(e) = host::check_net_caps()
     {
         tracing::error!("{e}");
         return ExitCode::from(Exit::Failure);
     }
-    if !cfg.cleanup_only && facts.ipv6_uncaptured {
+    if cfg.run != RunMode::Cleanup && facts.ipv6_uncaptured {
         tracing::warn!(
             "this network namespace has global IPv6 addresses, but only IPv4 rules are \
              applied: IPv6 traffic is not captured (the first address is IPv4; set \
@@ -192,7 +210,7 @@ fn main() -> ExitCode {
         );
     }
 
-    let opts = Options::from_config(&cfg);
+    let opts = Options::from_config(cfg);
     let mut runner = SystemRunner;
     let mut env = Env {
         runner: &mut runner,
@@ -201,11 +219,11 @@ fn main() -> ExitCode {
     };
 
     // One run at a time in this namespace, from the first read to the last `ip` step.
-    let lock = if cfg.cleanup_only || !cfg.skip_rule_apply {
+    let lock = if cfg.run != RunMode::SkipApply {
         match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
             Ok(l) => Some(l),
             Err(e) => {
-                log_config(&cfg, &facts);
+                log_config(cfg, &facts, chosen.name());
                 report(e);
                 return ExitCode::from(Exit::Failure);
             }
@@ -214,23 +232,15 @@ fn main() -> ExitCode {
         None
     };
 
-    if cfg.cleanup_only {
-        log_config(&cfg, &facts);
-        return cleanup(&cfg, &facts, &opts, &mut env);
+    log_config(cfg, &facts, chosen.name());
+    if cfg.run == RunMode::Cleanup {
+        return cleanup(chosen, other, cfg, &facts, &mut env);
     }
 
-    if cfg.skip_rule_apply {
-        log_config(&cfg, &facts);
+    if cfg.run == RunMode::SkipApply {
         tracing::info!("--skip-rule-apply: applying nothing");
     } else {
-        log_config(&cfg, &facts);
-        let result = if cfg.native_nftables {
-            let ruleset = nft::build(&cfg, &facts);
-            apply::nft::apply(&ruleset, || rules::teardown(&cfg, &facts), &opts, &mut env)
-        } else {
-            let plan = rules::build(&cfg, &facts);
-            apply::apply(&plan, &opts, &mut env)
-        };
+        let result = apply::apply(chosen, other, cfg, &facts, &opts, &mut env);
         match result {
             Ok(s) => tracing::info!(
                 committed = %join(&s.committed),
@@ -254,7 +264,7 @@ fn main() -> ExitCode {
     drop(lock);
 
     if cfg.run_validation {
-        let settings = validate::Settings::from_config(&cfg, &facts, &RealHost);
+        let settings = validate::Settings::from_config(cfg, &facts, &RealHost);
         if let Err(e) = validate::run(&settings) {
             let timeout = e.is_timeout();
             report(e);
@@ -294,9 +304,12 @@ fn host_facts(cfg: &Config) -> Result<HostFacts, ExitCode> {
 
 /// After the host facts, whose errors come first (the apply command only).
 fn warn_if_nothing_captured(cfg: &Config) {
-    if !cfg.cleanup_only && !cfg.skip_rule_apply {
+    if cfg.run.applies() {
         cfg.warn_if_nothing_captured();
-        if cfg.native_nftables && cfg.flavor.is_some() {
+        if let BackendChoice::Nftables {
+            ignored_flavor: Some(_),
+        } = cfg.backend
+        {
             // Istio CNI says the same of the two settings together.
             tracing::warn!(
                 "--force-iptables-binary is ignored with --native-nftables: the capture uses \
@@ -306,8 +319,14 @@ fn warn_if_nothing_captured(cfg: &Config) {
     }
 }
 
-fn cleanup(cfg: &Config, facts: &HostFacts, opts: &Options, env: &mut Env<'_>) -> ExitCode {
-    match apply::cleanup(&rules::teardown(cfg, facts), opts, env) {
+fn cleanup<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+) -> ExitCode {
+    match apply::cleanup(chosen, other, cfg, facts, env) {
         Ok(s) => {
             tracing::info!(
                 cleaned = %join(&s.committed),
@@ -366,7 +385,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
                     Ok(_) => Family::V6,
                     Err(e) => return fail(e),
                 };
-                let read = if cfg.native_nftables {
+                let read = if matches!(cfg.backend, BackendChoice::Nftables { .. }) {
                     inspect::read_live_nft(&mut runner, &RealHost)
                         .map(|l| inspect::Live::Nft(l.state))
                 } else {

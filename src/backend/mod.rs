@@ -1,6 +1,183 @@
-//! The two ways of programming the capture: iptables ([`iptables`]) and native nftables
-//! ([`nft`]), each a folder of its own that never imports the other.
+//! The two ways of programming the capture, behind one trait, [`Backend`]: iptables
+//! ([`iptables`], Istio's `istio-iptables`) and native nftables ([`nft`], Istio's
+//! `istio-nftables`). `main` chooses one for the config and hands the commands both, the
+//! chosen one and the other (whose state of ours an apply removes). Each backend is a folder
+//! that never imports the other; what their packet walks share is [`walk`].
 
 pub mod iptables;
 pub mod nft;
 pub mod walk;
+
+use crate::config::{Config, HostFacts};
+use crate::model::Family;
+use crate::routes::IpCommand;
+use crate::system::Env;
+
+/// What to do when the namespace already holds different state of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Replace existing, different state (Istio's --reconcile, on by default).
+    pub reconcile: bool,
+    /// Commit even when nothing differs; without reconcile, add our rules on top of a conflict.
+    pub force: bool,
+}
+
+/// Which of a backend's places [`Backend::read`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// The places the config's rules go to (iptables: these families, in the flavour
+    /// detection picks).
+    Config(&'a [Family]),
+    /// Every place where state of ours may be (iptables: both families, every flavour that
+    /// may hold some).
+    Everything,
+}
+
+/// Why a change is made, for its log lines and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The config's rules.
+    Apply,
+    /// Our state in the backend not chosen, removed by an apply of the other one.
+    Switch,
+    /// `--cleanup-only`.
+    Cleanup,
+}
+
+/// What a rollback did, for the error message: what it proved restored, what it could not.
+/// It claims only what re-reading the kernel proved.
+#[derive(Debug, Default)]
+pub struct Rollback {
+    /// What was put back and proved so ("IPv4", "nftables", ...).
+    pub restored: Vec<String>,
+    pub failures: Vec<String>,
+    /// `ip` changes were undone (and checked).
+    pub routes: bool,
+}
+
+impl Rollback {
+    /// The outcome, for the error message.
+    pub fn describe(self) -> String {
+        if !self.failures.is_empty() {
+            let fine = if self.restored.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; restored and checked by re-reading the kernel: {}",
+                    self.restored.join(", ")
+                )
+            };
+            format!(
+                "ROLLBACK FAILED ({}){fine}; rerun to repair",
+                self.failures.join("; ")
+            )
+        } else if self.restored.is_empty() && !self.routes {
+            "nothing was changed (checked by re-reading the kernel)".to_string()
+        } else {
+            let mut what = self.restored;
+            if self.routes {
+                what.push("routes".into());
+            }
+            format!(
+                "the previous state was restored ({}; checked by re-reading the kernel)",
+                what.join(", ")
+            )
+        }
+    }
+}
+
+/// What was committed, for the closing log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// iptables families whose tables changed.
+    pub committed: Vec<Family>,
+    /// `ip` commands run.
+    pub ip_changed: Vec<String>,
+    /// Native nftables tables written (or deleted).
+    pub nft_tables: Vec<String>,
+}
+
+/// A backend's failure: it says what failed at its step.
+pub trait StepError: std::error::Error + Send + Sync + 'static {
+    /// `--reconcile=false` met different state of ours (exit code 4).
+    fn is_conflict(&self) -> bool {
+        false
+    }
+}
+
+/// One way of programming the capture. Pure parts ([`build`](Backend::build),
+/// [`script`](Backend::script), [`plan`](Backend::plan)) apart from the steps that read or
+/// change the kernel through [`Env`].
+pub trait Backend {
+    /// The rules a config wants.
+    type Rules;
+    /// What [`read`](Backend::read) saw (by default: nothing of ours).
+    type State: Default;
+    /// One transaction, worked out by [`plan`](Backend::plan) or
+    /// [`plan_removal`](Backend::plan_removal); it remembers what [`commit`](Backend::commit)
+    /// attempted, for [`restore`](Backend::restore).
+    type Change;
+    type Error: StepError;
+
+    /// Istio's word for it: "Istio {name} environment".
+    fn name(&self) -> &'static str;
+    /// Istio's rules for `cfg` on a host with `facts`.
+    fn build(&self, cfg: &Config, facts: &HostFacts) -> Self::Rules;
+    /// The `ip` steps the rules need (policy routing, `::6`).
+    fn routes<'r>(&self, rules: &'r Self::Rules) -> &'r [IpCommand];
+    /// The `--dry-run` script of the rules.
+    fn script(&self, cfg: &Config, facts: &HostFacts, rules: &Self::Rules) -> String;
+    /// What the backend needs of the host to apply, checked before anything is read.
+    fn check(&self, env: &Env<'_>) -> Result<(), Self::Error>;
+    /// The backend's places in `scope`, as the kernel holds them.
+    fn read(&self, scope: Scope<'_>, env: &mut Env<'_>) -> Result<Self::State, Self::Error>;
+    /// The transaction that leaves exactly `rules` where `state` was read.
+    fn plan(
+        &self,
+        rules: &Self::Rules,
+        state: &Self::State,
+        policy: Policy,
+        env: &Env<'_>,
+    ) -> Result<Self::Change, Self::Error>;
+    /// The transaction that removes everything of ours from `state` (when the other backend
+    /// is applied); `cfg` and `facts` tell what ours looks like.
+    fn plan_removal(
+        &self,
+        cfg: &Config,
+        facts: &HostFacts,
+        state: &Self::State,
+        env: &Env<'_>,
+    ) -> Self::Change;
+    /// One line per place `change` would change (empty: nothing to do).
+    fn describe(&self, state: &Self::State, change: &Self::Change) -> Vec<String>;
+    /// Commits `change`; stops at the first failure.
+    fn commit(
+        &self,
+        state: &Self::State,
+        change: &mut Self::Change,
+        env: &mut Env<'_>,
+        summary: &mut Summary,
+    ) -> Result<(), Self::Error>;
+    /// `--cleanup-only`: reads every place and removes everything of ours from it, going on
+    /// past a failure; returns every failure.
+    fn remove_everything(
+        &self,
+        cfg: &Config,
+        facts: &HostFacts,
+        env: &mut Env<'_>,
+        summary: &mut Summary,
+    ) -> Vec<Self::Error>;
+    /// Puts every place `change` attempted (`every`: every place read) back as `state` read
+    /// it, re-reads the kernel to prove it, and says so in `rollback`.
+    fn restore(
+        &self,
+        state: &Self::State,
+        change: &Self::Change,
+        every: bool,
+        env: &mut Env<'_>,
+        rollback: &mut Rollback,
+    );
+    /// Whether `state` shows a TPROXY config of ours in `family` (for the routes, where
+    /// netlink cannot show them).
+    fn had_tproxy(&self, state: &Self::State, family: Family) -> bool;
+}

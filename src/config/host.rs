@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, quoted};
+use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, RunMode, quoted};
 
 /// A DNS server from resolv.conf: the parsed address and the text as written (Istio writes
 /// the text into the rule, e.g. `::127.0.0.53/128`; it only ever holds a valid address).
@@ -147,7 +147,7 @@ impl HostFacts {
         // exist here would fail there, after the first steps ran. A dry run prints names
         // as given (the script may run on another machine); a cleanup must always run.
         // (Owner group names are left to iptables-restore, whose error quotes the rule.)
-        if !cfg.dry_run && !cfg.cleanup_only {
+        if matches!(cfg.run, RunMode::Apply | RunMode::SkipApply) {
             let missing = |kind: &str, n: &str| {
                 format!("there is no {kind} named {} on this machine", quoted(n))
             };

@@ -74,8 +74,8 @@ pub struct Config {
     pub tproxy_mark: u32,
     /// TPROXY routing table (-r).
     pub tproxy_route_table: u32,
-    /// Print, change nothing (-n).
-    pub dry_run: bool,
+    /// What this run does: apply, print (-n), clean up, or apply nothing.
+    pub run: RunMode,
     /// DNS capture (--redirect-dns).
     pub redirect_dns: bool,
     /// Capture all port-53 traffic (--capture-all-dns).
@@ -84,8 +84,6 @@ pub struct Config {
     pub drop_invalid: bool,
     /// Dual stack detection (--dual-stack).
     pub dual_stack: bool,
-    /// Apply nothing (--skip-rule-apply).
-    pub skip_rule_apply: bool,
     /// Validate capture after apply (--run-validation).
     pub run_validation: bool,
     /// Validation probe port (--iptables-probe-port).
@@ -98,14 +96,10 @@ pub struct Config {
     pub cni_mode: bool,
     /// Reconcile existing state (--reconcile).
     pub reconcile: bool,
-    /// Only clean up (--cleanup-only).
-    pub cleanup_only: bool,
     /// Apply despite conflicts (--force-apply).
     pub force_apply: bool,
-    /// Native nftables backend (--native-nftables): Istio's inet tables, applied with nft.
-    pub native_nftables: bool,
-    /// Forced iptables flavour (--force-iptables-binary).
-    pub flavor: Option<Flavor>,
+    /// iptables or native nftables (--native-nftables, --force-iptables-binary).
+    pub backend: BackendChoice,
     /// Host loopback CIDR (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
     pub host_loopback_cidr: Ipv4Net,
     /// Owner groups captured (`ISTIO_OUTBOUND_OWNER_GROUPS`, `..._EXCLUDE`).
@@ -118,6 +112,62 @@ pub struct Config {
     pub given: GivenValues,
     /// Seconds to wait for the xtables lock (IPTABLES_LOCK_WAIT_SECONDS).
     pub lock_wait_secs: u32,
+}
+
+/// Which backend programs the capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// iptables, in the flavour `--force-iptables-binary` names, or the one detection picks.
+    Iptables { flavor: Option<Flavor> },
+    /// Native nftables (`--native-nftables`): Istio's `inet` tables, applied with nft.
+    /// `--force-iptables-binary` has no effect then (it is kept only to warn of that).
+    Nftables { ignored_flavor: Option<Flavor> },
+}
+
+impl BackendChoice {
+    /// The flavour `--force-iptables-binary` named, whichever backend was chosen.
+    pub fn forced_flavor(self) -> Option<Flavor> {
+        match self {
+            BackendChoice::Iptables { flavor } => flavor,
+            BackendChoice::Nftables { ignored_flavor } => ignored_flavor,
+        }
+    }
+}
+
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Apply the rules (the default).
+    Apply,
+    /// `--dry-run`: print the script (of a cleanup, with `--cleanup-only`), change nothing.
+    DryRun { cleanup: bool },
+    /// `--cleanup-only`: remove everything of ours.
+    Cleanup,
+    /// `--skip-rule-apply`: apply nothing (`--run-validation` may still run).
+    SkipApply,
+}
+
+impl RunMode {
+    /// The mode of the three flags: `--dry-run` first, then `--cleanup-only`, then
+    /// `--skip-rule-apply`.
+    fn of(dry_run: bool, cleanup_only: bool, skip_rule_apply: bool) -> RunMode {
+        match (dry_run, cleanup_only, skip_rule_apply) {
+            (true, cleanup, _) => RunMode::DryRun { cleanup },
+            (false, true, _) => RunMode::Cleanup,
+            (false, false, true) => RunMode::SkipApply,
+            (false, false, false) => RunMode::Apply,
+        }
+    }
+
+    /// `--cleanup-only`, printed or run.
+    pub fn cleans_up(self) -> bool {
+        matches!(self, RunMode::Cleanup | RunMode::DryRun { cleanup: true })
+    }
+
+    /// Whether the run applies rules (warnings about what they capture matter then).
+    pub fn applies(self) -> bool {
+        matches!(self, RunMode::Apply | RunMode::DryRun { cleanup: false })
+    }
 }
 
 /// The values [`HostFacts::detect`] checks on the host, as given, so that its errors name
@@ -412,22 +462,25 @@ impl Config {
             kube_virt_interfaces,
             tproxy_mark,
             tproxy_route_table,
-            dry_run,
+            run: RunMode::of(dry_run, cleanup_only, skip_rule_apply),
             redirect_dns,
             capture_all_dns,
             drop_invalid,
             dual_stack,
-            skip_rule_apply,
             run_validation,
             probe_port,
             probe_timeout,
             network_namespace,
             cni_mode,
             reconcile,
-            cleanup_only,
             force_apply,
-            native_nftables,
-            flavor,
+            backend: if native_nftables {
+                BackendChoice::Nftables {
+                    ignored_flavor: flavor,
+                }
+            } else {
+                BackendChoice::Iptables { flavor }
+            },
             host_loopback_cidr,
             owner_groups,
             enable_inbound_ipv6,
@@ -582,12 +635,18 @@ impl Config {
             ),
             ("CNI_MODE", self.cni_mode.to_string()),
             ("RECONCILE", self.reconcile.to_string()),
-            ("CLEANUP_ONLY", self.cleanup_only.to_string()),
+            ("CLEANUP_ONLY", self.run.cleans_up().to_string()),
             ("FORCE_APPLY", self.force_apply.to_string()),
-            ("NATIVE_NFTABLES", self.native_nftables.to_string()),
+            (
+                "NATIVE_NFTABLES",
+                matches!(self.backend, BackendChoice::Nftables { .. }).to_string(),
+            ),
             (
                 "FORCE_IPTABLES_BINARY",
-                self.flavor.map(|f| f.to_string()).unwrap_or_default(),
+                self.backend
+                    .forced_flavor()
+                    .map(|f| f.to_string())
+                    .unwrap_or_default(),
             ),
         ]
     }
@@ -782,23 +841,25 @@ pub(crate) mod tests {
         assert!(build(&["-z", "0"], &[]).is_err());
         assert!(build(&["-u", "1337;rm"], &[]).is_err());
         assert!(
-            build(&["--native-nftables"], &[])
-                .unwrap()
-                .0
-                .native_nftables
+            build(&["--native-nftables"], &[]).unwrap().0.backend
+                == BackendChoice::Nftables {
+                    ignored_flavor: None
+                }
         );
         assert!(
             build(&["--native-nftables", "--dry-run", "--cleanup-only"], &[])
                 .unwrap()
                 .0
-                .cleanup_only
+                .run
+                == RunMode::DryRun { cleanup: true }
         );
-        assert!(
+        assert!(matches!(
             build(&["--native-nftables", "--dry-run"], &[])
                 .unwrap()
                 .0
-                .native_nftables
-        );
+                .backend,
+            BackendChoice::Nftables { .. }
+        ));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::backend::nft::build as nft;
 use crate::backend::nft::state::{self as nftstate, NftState};
 use crate::backend::walk::{self as interp, Packet, Proto};
 use crate::cli;
-use crate::config::{Config, HostFacts};
+use crate::config::{BackendChoice, Config, HostFacts};
 use crate::model::OwnerResolver;
 use crate::model::{Family, Rule, Table};
 use crate::routes as ip;
@@ -180,9 +180,11 @@ pub fn read_live(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, InspectError> {
-    let b = backend::detect(family, cfg.flavor, probe).map_err(|e| InspectError::Read {
-        family,
-        reason: e.to_string(),
+    let b = backend::detect(family, cfg.backend.forced_flavor(), probe).map_err(|e| {
+        InspectError::Read {
+            family,
+            reason: e.to_string(),
+        }
     })?;
     let text = runner
         .run(&b.save_program(), &[], None)
@@ -343,7 +345,7 @@ pub fn explain(
             let o = nft_evaluate(st, resolver, &pkt, &hooks)?;
             (o, "live rules (nft list ruleset inet)", None)
         }
-        None if cfg.native_nftables => {
+        None if matches!(cfg.backend, BackendChoice::Nftables { .. }) => {
             let st = nftstate::desired(&nft::build(cfg, facts), resolver);
             let o = nft_evaluate(&st, resolver, &pkt, &hooks)?;
             let note = v6_off.then_some(
@@ -419,7 +421,7 @@ pub fn verify(
     runner: &mut dyn Runner,
     resolver: &dyn OwnerResolver,
 ) -> Result<Report, InspectError> {
-    if cfg.native_nftables {
+    if matches!(cfg.backend, BackendChoice::Nftables { .. }) {
         return verify_nft(cfg, facts, probe, runner, resolver);
     }
     let plan = rules::build(cfg, facts);
@@ -475,7 +477,7 @@ fn read_iptables_if_installed(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<Option<SaveState>, InspectError> {
-    let Ok(b) = backend::detect(family, cfg.flavor, probe) else {
+    let Ok(b) = backend::detect(family, cfg.backend.forced_flavor(), probe) else {
         return Ok(None);
     };
     let text = match runner.run(&b.save_program(), &[], None) {

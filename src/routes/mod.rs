@@ -3,6 +3,8 @@
 //! undone. Applying makes it idempotent: each step is run only when its effect is missing,
 //! and can be undone. We shell out to iproute2's `ip`.
 
+pub mod apply;
+
 use std::fmt;
 
 use crate::config::{Config, HostFacts, InboundPorts, Mode};

@@ -10,9 +10,9 @@ use crate::config::Flavor;
 use crate::model::Family;
 use crate::system::nftprobe::{self, NfFamily};
 
-/// The chosen iptables for one family.
+/// The iptables programs chosen for one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backend {
+pub struct Program {
     pub family: Family,
     /// None: the unflavoured `iptables-*` programs on PATH.
     pub flavor: Option<Flavor>,
@@ -20,7 +20,7 @@ pub struct Backend {
     pub reason: String,
 }
 
-impl Backend {
+impl Program {
     fn base(&self) -> &'static str {
         match self.family {
             Family::V4 => "iptables",
@@ -58,7 +58,7 @@ impl Backend {
     }
 }
 
-impl fmt::Display for Backend {
+impl fmt::Display for Program {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.restore_program(), self.reason)
     }
@@ -286,7 +286,7 @@ pub fn detect(
     family: Family,
     forced: Option<Flavor>,
     probe: &dyn Probe,
-) -> Result<Backend, NotInstalled> {
+) -> Result<Program, NotInstalled> {
     let base = match family {
         Family::V4 => "iptables",
         Family::V6 => "ip6tables",
@@ -300,7 +300,7 @@ pub fn detect(
                 program: format!("{base}-{f}-restore"),
             });
         }
-        return Ok(Backend {
+        return Ok(Program {
             family,
             flavor: Some(f),
             reason: "forced by --force-iptables-binary".into(),
@@ -308,7 +308,7 @@ pub fn detect(
     }
     let legacy_tables = probe.legacy_tables(family);
     if !legacy_tables.is_empty() && have(Flavor::Legacy) {
-        return Ok(Backend {
+        return Ok(Program {
             family,
             flavor: Some(Flavor::Legacy),
             reason: format!(
@@ -318,21 +318,21 @@ pub fn detect(
         });
     }
     if have(Flavor::Nft) {
-        return Ok(Backend {
+        return Ok(Program {
             family,
             flavor: Some(Flavor::Nft),
             reason: "no legacy tables in this namespace".into(),
         });
     }
     if have(Flavor::Legacy) {
-        return Ok(Backend {
+        return Ok(Program {
             family,
             flavor: Some(Flavor::Legacy),
             reason: "iptables-nft is not installed".into(),
         });
     }
     if probe.in_path(&format!("{base}-restore")) && probe.in_path(&format!("{base}-save")) {
-        return Ok(Backend {
+        return Ok(Program {
             family,
             flavor: None,
             reason: "only the unflavoured iptables is installed".into(),

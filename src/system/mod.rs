@@ -1,5 +1,5 @@
 //! Everything that touches the host: programs run, the kernel read over netlink, the network
-//! namespace entered and locked, users and addresses looked up, iptables-save parsed.
+//! namespace entered and locked, users and addresses looked up, the validation probe's sockets.
 
 pub mod backend;
 pub mod exec;
@@ -10,3 +10,13 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;
+
+use crate::model::OwnerResolver;
+
+/// What a command needs from the host, as three narrow interfaces (the tests give fakes):
+/// programs to run, what the kernel shows without running anything, and user names.
+pub struct Env<'a> {
+    pub runner: &'a mut dyn exec::Runner,
+    pub probe: &'a dyn backend::Probe,
+    pub resolver: &'a dyn OwnerResolver,
+}

@@ -17,19 +17,11 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::backend::Policy;
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{SaveState, TableState, canonical, tokenize};
 use crate::model::OwnerResolver;
 use crate::model::{Match, Position, Rule, RuleSpec, Table, Target, chain};
-
-/// What to do when the namespace already holds different ISTIO_* state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Replace existing, different state (Istio's --reconcile, on by default).
-    pub reconcile: bool,
-    /// Commit even when nothing differs; without reconcile, add our rules on top of a conflict.
-    pub force: bool,
-}
 
 /// The namespace holds ISTIO_* state that differs and reconcile is off.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

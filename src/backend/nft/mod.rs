@@ -1,8 +1,275 @@
 //! The native nftables backend (`--native-nftables`): Istio's `istio-nftables` rules
-//! ([`build`]), the live tables read back ([`state`]), their differences ([`drift`]) and a
-//! packet's walk through them ([`walk`]).
+//! ([`build`]), the live tables read back ([`state`]), `nft` at work ([`commit`]), their
+//! differences ([`drift`]) and a packet's walk through them ([`walk`]).
+//!
+//! One `nft -f -` transaction for all our tables (both families: the tables are `inet`),
+//! all or nothing.
+//! - **Fresh namespace:** the transaction is Istio's text, and `nft` is the only program
+//!   run: netlink says none of our tables exist.
+//! - **Re-run:** the live tables are read once (`nft list ruleset inet`) and compared with
+//!   what the config wants ([`state`]); equal tables are left alone, and nothing runs when
+//!   all are equal. A table that differs or is no longer wanted is deleted and written anew
+//!   in the same transaction, so a changed config ends exactly as a fresh apply would (Istio
+//!   only flushes, leaving stale chains and tables).
+//! - **Failures:** a failed transaction changes nothing (nft is atomic; re-read to prove it).
 
 pub mod build;
+pub mod commit;
 pub mod drift;
 pub mod state;
 pub mod walk;
+
+use std::fmt::Write as _;
+
+use self::build::{FAMILY, Ruleset, Table};
+use self::commit::{Error, check_nft, none_of_ours, read_live, run_nft};
+use self::state::{Live, NftState};
+use crate::backend::{Backend, Policy, Purpose, Rollback, Scope, Summary};
+use crate::config::{Config, HostFacts};
+use crate::model::Family;
+use crate::routes::IpCommand;
+use crate::system::Env;
+
+/// Native nftables: Istio's `inet istio-proxy-*` tables.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nftables;
+
+/// Our tables as read.
+#[derive(Debug, Default)]
+pub struct State {
+    pub live: Live,
+}
+
+/// One `nft -f -` transaction.
+#[derive(Debug)]
+pub struct Change {
+    purpose: Purpose,
+    text: String,
+    /// The tables it writes anew (or deletes).
+    tables: Vec<Table>,
+    attempted: bool,
+}
+
+impl Nftables {
+    /// The transaction that deletes every table of ours in `state`.
+    fn removal(&self, state: &State, purpose: Purpose) -> Change {
+        let tables: Vec<Table> = state.live.state.tables.keys().copied().collect();
+        let mut text = String::new();
+        for t in &tables {
+            let _ = writeln!(text, "delete table {FAMILY} {t}");
+        }
+        Change {
+            purpose,
+            text,
+            tables,
+            attempted: false,
+        }
+    }
+}
+
+impl Backend for Nftables {
+    type Rules = Ruleset;
+    type State = State;
+    type Change = Change;
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn build(&self, cfg: &Config, facts: &HostFacts) -> Ruleset {
+        build::build(cfg, facts)
+    }
+
+    fn routes<'r>(&self, rules: &'r Ruleset) -> &'r [IpCommand] {
+        &rules.ip
+    }
+
+    fn script(&self, cfg: &Config, facts: &HostFacts, rules: &Ruleset) -> String {
+        build::script(cfg, facts, rules)
+    }
+
+    fn check(&self, env: &Env<'_>) -> Result<(), Error> {
+        check_nft(env)?;
+        tracing::info!("native nftables enabled, using nft rules for traffic redirection.");
+        Ok(())
+    }
+
+    fn read(&self, scope: Scope<'_>, env: &mut Env<'_>) -> Result<State, Error> {
+        if scope == Scope::Everything {
+            // Without nft and without netlink, nothing can be known or done here.
+            if none_of_ours(env) {
+                return Ok(State::default());
+            }
+            if !env.probe.in_path("nft") {
+                return match env.probe.nft_inet_tables() {
+                    Some(_) => Err(Error::NotInstalledToRemove),
+                    None => Ok(State::default()),
+                };
+            }
+        }
+        Ok(State {
+            live: read_live(env)?,
+        })
+    }
+
+    fn plan(
+        &self,
+        rules: &Ruleset,
+        state: &State,
+        policy: Policy,
+        env: &Env<'_>,
+    ) -> Result<Change, Error> {
+        let live = &state.live;
+        let ops = rules.transaction();
+        let order: Vec<Table> = Table::ALL
+            .into_iter()
+            .filter(|t| ops.iter().any(|op| op.table() == *t))
+            .collect();
+        // What the tables must hold, in nft's words: only needed when some of ours exist.
+        let want = if live.order.is_empty() {
+            NftState {
+                tables: order.iter().map(|t| (*t, Default::default())).collect(),
+            }
+        } else {
+            state::desired(rules, env.resolver)
+        };
+        let mut changed = commit::to_rewrite(live, &want, &order);
+        if !policy.reconcile && !policy.force {
+            let found: Vec<String> = commit::differing(&live.state, &want)
+                .iter()
+                .filter(|t| live.state.tables.contains_key(t))
+                .map(|t| format!("table {FAMILY} {t} differs"))
+                .collect();
+            if !found.is_empty() {
+                return Err(Error::Conflict {
+                    detail: found.join("; "),
+                });
+            }
+        }
+        if policy.force {
+            changed = Table::ALL
+                .into_iter()
+                .filter(|t| want.tables.contains_key(t) || live.state.tables.contains_key(t))
+                .collect();
+        }
+        Ok(Change {
+            purpose: Purpose::Apply,
+            text: commit::transaction(&ops, live, &changed, policy.reconcile),
+            tables: changed,
+            attempted: false,
+        })
+    }
+
+    fn plan_removal(
+        &self,
+        _cfg: &Config,
+        _facts: &HostFacts,
+        state: &State,
+        _env: &Env<'_>,
+    ) -> Change {
+        self.removal(state, Purpose::Switch)
+    }
+
+    fn describe(&self, _state: &State, change: &Change) -> Vec<String> {
+        if change.text.is_empty() {
+            return Vec::new();
+        }
+        change
+            .tables
+            .iter()
+            .map(|t| format!("nftables table {FAMILY} {t}"))
+            .collect()
+    }
+
+    fn commit(
+        &self,
+        _state: &State,
+        change: &mut Change,
+        env: &mut Env<'_>,
+        summary: &mut Summary,
+    ) -> Result<(), Error> {
+        let text = &change.text;
+        if text.is_empty() {
+            if change.purpose == Purpose::Apply {
+                tracing::info!("nftables rules are already in place: nothing to commit");
+            }
+            return Ok(());
+        }
+        match change.purpose {
+            // Istio logs the transaction once it is programmed (below); the input goes to
+            // debug.
+            Purpose::Apply => tracing::debug!(
+                "Running nft -f - with the following input:\n{}",
+                text.trim_end()
+            ),
+            Purpose::Switch | Purpose::Cleanup => {
+                tracing::info!("removing the native nftables tables:\n{}", text.trim_end())
+            }
+        }
+        change.attempted = true;
+        if let Err(error) = run_nft(text, env) {
+            let error = Box::new(error);
+            return Err(match change.purpose {
+                Purpose::Apply => Error::Commit {
+                    rejected: commit::rejected_line(text, &error),
+                    error,
+                },
+                Purpose::Switch => Error::Switch { error },
+                Purpose::Cleanup => Error::Cleanup { error },
+            });
+        }
+        summary
+            .nft_tables
+            .extend(change.tables.iter().map(|t| t.name().to_string()));
+        if change.purpose == Purpose::Apply {
+            tracing::info!("nftables rules programmed:\n{} \n", text.trim_end());
+        }
+        Ok(())
+    }
+
+    fn remove_everything(
+        &self,
+        _cfg: &Config,
+        _facts: &HostFacts,
+        env: &mut Env<'_>,
+        summary: &mut Summary,
+    ) -> Vec<Error> {
+        let result = self.read(Scope::Everything, env).and_then(|state| {
+            self.commit(
+                &state,
+                &mut self.removal(&state, Purpose::Cleanup),
+                env,
+                summary,
+            )
+        });
+        result.err().into_iter().collect()
+    }
+
+    fn restore(
+        &self,
+        state: &State,
+        change: &Change,
+        every: bool,
+        env: &mut Env<'_>,
+        rollback: &mut Rollback,
+    ) {
+        if !(change.attempted || every) {
+            return;
+        }
+        match commit::restore(&state.live, env) {
+            Ok(true) => rollback.restored.push("nftables".into()),
+            Ok(false) => {}
+            Err(e) => rollback.failures.push(e),
+        }
+    }
+
+    fn had_tproxy(&self, state: &State, _family: Family) -> bool {
+        state
+            .live
+            .state
+            .tables
+            .get(&Table::Mangle)
+            .is_some_and(|t| t.chain(build::chain::TPROXY).is_some())
+    }
+}

@@ -1,0 +1,392 @@
+//! The iptables programs at work: reading a family with its save program, committing one
+//! iptables-restore --noflush transaction, and putting a family back as it was read, proved
+//! by reading it again. iptables-restore commits table by table, so a transaction is not
+//! atomic by itself: all or nothing comes from putting every attempted family back.
+
+use std::collections::BTreeSet;
+
+use crate::backend::iptables::plan::{Conflict, Transaction};
+use crate::backend::iptables::restore::{self, Header};
+use crate::backend::iptables::save::{ParseError, SaveState, TableState, parse_save};
+use crate::backend::{Purpose, StepError};
+use crate::config::Flavor;
+use crate::model::{Family, Table};
+use crate::system::Env;
+use crate::system::backend::{self, NotInstalled, Probe, Program};
+use crate::system::exec::{ExecError, Runner, failed_restore_line};
+
+/// A failed step of the iptables backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("choosing the {family} backend: {error}")]
+    Backend {
+        family: Family,
+        /// Printed in the message, so not exposed as `source` too.
+        error: NotInstalled,
+    },
+    #[error("reading the current {family} state with {program}: {error}")]
+    Read {
+        family: Family,
+        program: String,
+        /// Printed in the message, so not exposed as `source` too.
+        error: ExecError,
+    },
+    #[error("reading the current {family} state with {program}: {error}")]
+    Parse {
+        family: Family,
+        program: String,
+        /// Printed in the message, so not exposed as `source` too.
+        error: ParseError,
+    },
+    #[error("{family}: {error}")]
+    Conflict {
+        family: Family,
+        /// Printed in the message, so not exposed as `source` too.
+        error: Conflict,
+    },
+    #[error(
+        "committing {family} rules with {program} (iptables {version}) failed{}: {}",
+        rejected.as_ref().map(|l| format!(" at `{l}`")).unwrap_or_default(),
+        explain_exec(.error)
+    )]
+    Commit {
+        family: Family,
+        program: String,
+        version: String,
+        rejected: Option<String>,
+        /// Not `source`: the message already includes it, once. Boxed: the error is large
+        /// and only ever built once, on the way out.
+        error: Box<ExecError>,
+    },
+    #[error(
+        "removing the {family} ISTIO_* iptables rules with {program} (switching to native \
+         nftables) failed: {}",
+        explain_exec(.error)
+    )]
+    Switch {
+        family: Family,
+        program: String,
+        /// Not `source`: the message already includes it, once.
+        error: Box<ExecError>,
+    },
+    #[error("cleaning up {family} with {program}: {}", explain_exec(.error))]
+    Cleanup {
+        family: Family,
+        program: String,
+        /// Not `source`: the message already includes it, once.
+        error: Box<ExecError>,
+    },
+}
+
+impl StepError for Error {
+    fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}
+
+/// The exec error, with the xtables lock named plainly.
+pub(super) fn explain_exec(e: &ExecError) -> String {
+    match e.stderr() {
+        Some(s) if s.contains("holding the xtables lock") => {
+            format!(
+                "xtables lock held by another process and not released in time ({})",
+                s.trim().replace('\n', " ")
+            )
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Reads one family with `program`'s save (nothing to run where the flavour has no tables).
+pub(super) fn read_state(
+    program: &Program,
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<SaveState, Error> {
+    let family = program.family;
+    // A namespace whose backend has no tables at all has nothing to save: skip the process.
+    let empty = match program.flavor {
+        Some(Flavor::Nft) => probe.nft_tables(family) == Some(0),
+        Some(Flavor::Legacy) => probe.legacy_tables(family).is_empty(),
+        None => false,
+    };
+    if empty {
+        tracing::debug!(
+            "{family}: no {} tables in this namespace",
+            program.save_program()
+        );
+        return Ok(SaveState::default());
+    }
+    let save = program.save_program();
+    let text = runner.run(&save, &[], None).map_err(|error| Error::Read {
+        family,
+        program: save.clone(),
+        error,
+    })?;
+    parse_save(&text).map_err(|error| Error::Parse {
+        family,
+        program: save,
+        error,
+    })
+}
+
+fn restore_args(program: &Program, noflush: bool, lock_wait_secs: u32) -> Vec<String> {
+    let mut a = Vec::new();
+    if noflush {
+        a.push("--noflush".to_string());
+    }
+    if program.uses_lock() {
+        a.push(format!("--wait={lock_wait_secs}"));
+    }
+    a
+}
+
+fn version_of(program: &Program, before: &SaveState) -> String {
+    before
+        .version
+        .clone()
+        .or_else(|| backend::binary_version(&program.restore_program()))
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// Drops nft tables (nft keeps an empty table around where legacy would have none to drop).
+fn drop_nft_tables(
+    program: &Program,
+    tables: &[Table],
+    probe: &dyn Probe,
+    runner: &mut dyn Runner,
+) -> Result<(), ExecError> {
+    if tables.is_empty() || program.flavor != Some(Flavor::Nft) {
+        return Ok(());
+    }
+    if !probe.in_path("nft") {
+        tracing::warn!(
+            "nft is not installed: leaving the empty tables {} in place",
+            tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    let script: String = tables
+        .iter()
+        .map(|t| format!("delete table {} {}\n", program.nft_family(), t))
+        .collect();
+    runner
+        .run("nft", &["-f".to_string(), "-".to_string()], Some(&script))
+        .map(|_| ())
+}
+
+/// What to feed iptables-restore and which tables to drop afterwards. With nft (and `nft`
+/// installed) a table the transaction empties is not emptied by iptables-restore and then
+/// dropped: its section is left out and the table dropped whole after the restore. A run
+/// killed in between then leaves our old rules, which the next run recognises and removes,
+/// never an empty table it could not tell from another tool's.
+fn restore_input(program: &Program, tx: &Transaction, probe: &dyn Probe) -> (String, Vec<Table>) {
+    let drop = program.flavor == Some(Flavor::Nft) && probe.in_path("nft");
+    if !drop || tx.emptied.is_empty() {
+        return (tx.payload.clone(), tx.emptied.clone());
+    }
+    let mut payload = String::new();
+    let mut skipping = false;
+    for line in tx.payload.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            skipping = tx.emptied.iter().any(|t| t.name() == name.trim());
+        }
+        if !skipping {
+            payload.push_str(line);
+            payload.push('\n');
+        }
+        if line == "COMMIT" {
+            skipping = false;
+        }
+    }
+    (payload, tx.emptied.clone())
+}
+
+/// One place in flight: a family in one flavour, as read before the run, with what to
+/// commit there.
+#[derive(Debug)]
+pub struct Place {
+    pub program: Program,
+    pub before: SaveState,
+}
+
+/// Commits `tx` at `place` for `purpose`: iptables-restore --noflush, then the nft tables
+/// it empties are dropped.
+pub(super) fn commit(
+    place: &Place,
+    tx: &Transaction,
+    purpose: Purpose,
+    lock_wait_secs: u32,
+    env: &mut Env<'_>,
+) -> Result<(), Error> {
+    let family = place.program.family;
+    let program = place.program.restore_program();
+    let (payload, drop) = restore_input(&place.program, tx, env.probe);
+    match purpose {
+        Purpose::Apply => tracing::info!(
+            "Running iptables restore with: {program} --noflush and the following input:\n{}",
+            payload.trim_end()
+        ),
+        Purpose::Switch => tracing::info!(
+            %program,
+            "removing {family} ISTIO_* iptables rules (switching to native nftables):\n{}",
+            tx.payload.trim_end()
+        ),
+        Purpose::Cleanup => tracing::info!(
+            %program,
+            "removing {family} ISTIO_* rules:\n{}",
+            tx.payload.trim_end()
+        ),
+    }
+    let mut result = Ok(());
+    if !payload.is_empty() {
+        result = env
+            .runner
+            .run(
+                &program,
+                &restore_args(&place.program, true, lock_wait_secs),
+                Some(&payload),
+            )
+            .map(|_| ());
+    }
+    let result =
+        result.and_then(|()| drop_nft_tables(&place.program, &drop, env.probe, env.runner));
+    result.map_err(|error| {
+        let error = Box::new(error);
+        match purpose {
+            Purpose::Apply => Error::Commit {
+                family,
+                rejected: error
+                    .stderr()
+                    .and_then(failed_restore_line)
+                    .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
+                    .map(str::to_string),
+                version: version_of(&place.program, &place.before),
+                program,
+                error,
+            },
+            Purpose::Switch => Error::Switch {
+                family,
+                program,
+                error,
+            },
+            Purpose::Cleanup => Error::Cleanup {
+                family,
+                program,
+                error,
+            },
+        }
+    })
+}
+
+/// Whether a table reads the same now as before (legacy tables cannot be unloaded, so an
+/// empty legacy table counts as absent).
+fn same_table(program: &Program, before: Option<&TableState>, now: Option<&TableState>) -> bool {
+    let legacy = program.flavor != Some(Flavor::Nft);
+    match (before, now) {
+        (Some(b), Some(n)) => b == n,
+        (None, None) => true,
+        (None, Some(t)) | (Some(t), None) => legacy && t.is_empty(),
+    }
+}
+
+/// Tables of `now` that differ from `before`.
+fn changed_tables(program: &Program, before: &SaveState, now: &SaveState) -> Vec<String> {
+    let names: BTreeSet<&String> = before.tables.keys().chain(now.tables.keys()).collect();
+    names
+        .into_iter()
+        .filter(|t| !same_table(program, before.tables.get(*t), now.tables.get(*t)))
+        .cloned()
+        .collect()
+}
+
+/// How putting one family back went: `Ok(true)` put back and proved, `Ok(false)` nothing
+/// had changed; `Err`, what is left.
+///
+/// Puts one family back exactly as it was read before the run, whatever happened to it
+/// (iptables-restore commits table by table: a failed transaction may have committed its
+/// first tables). Re-reads the kernel first, to know what changed, and after, to prove it.
+pub(super) fn roll_back(
+    place: &Place,
+    lock_wait_secs: u32,
+    env: &mut Env<'_>,
+) -> Result<bool, String> {
+    let (program, before) = (&place.program, &place.before);
+    let family = program.family;
+    let reread = |env: &mut Env<'_>| {
+        read_state(program, env.probe, env.runner)
+            .map_err(|e| format!("{e}; the {family} tables may be partly changed"))
+    };
+    let now = reread(env)?;
+    let changed = changed_tables(program, before, &now);
+    if changed.is_empty() {
+        return Ok(false);
+    }
+    let mut text = String::new();
+    let mut absent = Vec::new();
+    for t in &changed {
+        match before.sections.get(t) {
+            Some(section) => text.push_str(section),
+            None if program.flavor == Some(Flavor::Nft) => {
+                absent.extend(Table::ALL.into_iter().filter(|x| x.name() == t.as_str()))
+            }
+            None => restore::section(&mut text, t, Header::Save, |_| {}),
+        }
+    }
+    tracing::info!(tables = %changed.join(","), "restoring the {family} tables read before the run");
+    let mut failure = None;
+    if !text.is_empty() {
+        // Without --noflush each listed table is replaced whole by its previous content.
+        if let Err(e) = env.runner.run(
+            &program.restore_program(),
+            &restore_args(program, false, lock_wait_secs),
+            Some(&text),
+        ) {
+            failure = Some(explain_exec(&e));
+        }
+    }
+    if let Err(e) = drop_nft_tables(program, &absent, env.probe, env.runner) {
+        failure.get_or_insert(e.to_string());
+    }
+    let after = reread(env)?;
+    let left = changed_tables(program, before, &after);
+    if left.is_empty() {
+        return Ok(true);
+    }
+    Err(format!(
+        "restoring {family} failed{}: {family} tables still differing from before the run: {}",
+        failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+        left.iter()
+            .map(|t| format!("{t} ({})", describe_table(after.tables.get(t))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// A short description of a table's content, for "what is left" messages.
+fn describe_table(t: Option<&TableState>) -> String {
+    match t {
+        None => "absent".into(),
+        Some(t) => {
+            let ours: Vec<&str> = t
+                .user_chains
+                .iter()
+                .filter(|c| c.starts_with(crate::model::chain::PREFIX))
+                .map(String::as_str)
+                .collect();
+            format!(
+                "{} rules, ISTIO chains: {}",
+                t.rules.len(),
+                if ours.is_empty() {
+                    "none".to_string()
+                } else {
+                    ours.join(" ")
+                }
+            )
+        }
+    }
+}

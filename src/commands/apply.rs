@@ -1,0 +1,449 @@
+//! Applying a config, and `--cleanup-only`, with either backend.
+//!
+//! An apply reads the chosen backend's places and the other backend's state of ours, works
+//! out both transactions (the config's rules; the removal of everything of ours in the other
+//! backend) before anything changes, then commits in the order that keeps the pod captured
+//! throughout: the chosen backend, the `ip` steps, the other backend's removal. When any
+//! step fails, everything done is put back (`ip` changes, the other backend, the chosen one)
+//! and read again to prove it before the error says so.
+
+use crate::backend::{Backend, Policy, Rollback, Scope, StepError, Summary};
+use crate::config::{Config, HostFacts};
+use crate::model::Family;
+use crate::routes::apply::{self as route_steps, IpFailed, RemoveError, TproxyRouting};
+use crate::routes::{self, IpCommand};
+use crate::system::Env;
+use crate::system::exec::ExecError;
+
+/// A failed apply. Every variant says the phase; a failure after the first change says
+/// whether the earlier steps were put back.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Before anything changed: a check, a read or the plan.
+    #[error("{error}")]
+    Before {
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<dyn StepError>,
+    },
+    /// `--reconcile=false`, and the other backend holds capture state of ours.
+    #[error(
+        "the namespace already holds different capture rules ({detail}); nothing was changed. \
+         Run with --reconcile=true (the default) to replace them, or remove them first with \
+         --cleanup-only"
+    )]
+    OtherBackend { detail: String },
+    /// A commit failed; `rollback` says what was put back.
+    #[error("{error}; {rollback}")]
+    Commit {
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<dyn StepError>,
+        rollback: String,
+    },
+    #[error("configuring routes: `ip {command}`: {error}; {rollback}")]
+    Ip {
+        command: String,
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<ExecError>,
+        rollback: String,
+    },
+}
+
+impl ApplyError {
+    /// `--reconcile=false` met different state (exit code 4).
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            ApplyError::Before { error } => error.is_conflict(),
+            ApplyError::OtherBackend { .. } => true,
+            ApplyError::Commit { .. } | ApplyError::Ip { .. } => false,
+        }
+    }
+}
+
+fn before(error: impl StepError) -> ApplyError {
+    ApplyError::Before {
+        error: Box::new(error),
+    }
+}
+
+/// How to apply: the parts of the config that are not rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// `--reconcile` / `--force-apply`.
+    pub policy: Policy,
+    /// This config's TPROXY mark and routing table.
+    pub tproxy: TproxyRouting,
+}
+
+impl Options {
+    pub fn from_config(cfg: &Config) -> Options {
+        Options {
+            policy: Policy {
+                reconcile: cfg.reconcile,
+                force: cfg.force_apply,
+            },
+            tproxy: TproxyRouting {
+                mark: cfg.tproxy_mark,
+                table: cfg.tproxy_route_table,
+            },
+        }
+    }
+}
+
+/// The families the config's rules go to.
+fn families(facts: &HostFacts) -> Vec<Family> {
+    if facts.ipv6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    }
+}
+
+/// Applies `cfg` with `chosen`, and removes our state from `other`.
+pub fn apply<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    opts: &Options,
+    env: &mut Env<'_>,
+) -> Result<Summary, ApplyError> {
+    chosen.check(env).map_err(before)?;
+    let rules = chosen.build(cfg, facts);
+    let state = chosen
+        .read(Scope::Config(&families(facts)), env)
+        .map_err(before)?;
+    let mut change = chosen
+        .plan(&rules, &state, opts.policy, env)
+        .map_err(before)?;
+    let other_state = other.read(Scope::Everything, env).map_err(before)?;
+    let mut removal = other.plan_removal(cfg, facts, &other_state, env);
+    let leftovers = other.describe(&other_state, &removal);
+    if !opts.policy.reconcile && !leftovers.is_empty() {
+        if !opts.policy.force {
+            return Err(ApplyError::OtherBackend {
+                detail: leftovers.join("; "),
+            });
+        }
+        // Istio's own behaviour: its rules on top, nothing else removed.
+        removal = other.plan_removal(cfg, facts, &O::State::default(), env);
+    }
+
+    let mut summary = Summary::default();
+    if let Err(error) = chosen.commit(&state, &mut change, env, &mut summary) {
+        let mut rollback = Rollback::default();
+        chosen.restore(&state, &change, false, env, &mut rollback);
+        return Err(ApplyError::Commit {
+            error: Box::new(error),
+            rollback: rollback.describe(),
+        });
+    }
+
+    let had_tproxy = |family: Family| {
+        chosen.had_tproxy(&state, family) || other.had_tproxy(&other_state, family)
+    };
+    let done = match route_steps::apply(
+        chosen.routes(&rules),
+        &had_tproxy,
+        opts.tproxy,
+        env,
+        &mut summary.ip_changed,
+    ) {
+        Ok(done) => done,
+        Err(IpFailed {
+            command,
+            error,
+            done,
+        }) => {
+            let mut rollback = undo_routes(&done, env);
+            chosen.restore(&state, &change, false, env, &mut rollback);
+            return Err(ApplyError::Ip {
+                command: command.args().join(" "),
+                error: Box::new(error),
+                rollback: rollback.describe(),
+            });
+        }
+    };
+
+    // The other backend's state of ours goes last, once this config captures.
+    if let Err(error) = other.commit(&other_state, &mut removal, env, &mut summary) {
+        let mut rollback = undo_routes(&done, env);
+        other.restore(&other_state, &removal, false, env, &mut rollback);
+        chosen.restore(&state, &change, true, env, &mut rollback);
+        return Err(ApplyError::Commit {
+            error: Box::new(error),
+            rollback: rollback.describe(),
+        });
+    }
+    Ok(summary)
+}
+
+/// Undoes `ip` changes (newest first), checked by asking the kernel again.
+fn undo_routes(done: &[route_steps::IpChange], env: &mut Env<'_>) -> Rollback {
+    let failures = route_steps::undo(done, env);
+    Rollback {
+        restored: Vec::new(),
+        failures: failures.iter().map(ToString::to_string).collect(),
+        routes: !done.is_empty(),
+    }
+}
+
+/// One failure of a cleanup, which goes on past it (see [`cleanup`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// A backend could not read or remove its state.
+    #[error("{0}")]
+    Backend(Box<dyn StepError>),
+    #[error(transparent)]
+    Route(#[from] RemoveError),
+}
+
+/// Removes every ISTIO_* chain and jump (and our other built-in chain rules) on every
+/// iptables flavour and family that holds them, our native nftables tables, then the `ip`
+/// steps of this config and whatever TPROXY routing earlier runs added. Keeps going after a
+/// failure and reports all of them.
+pub fn cleanup<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+) -> Result<Summary, Vec<CleanupError>> {
+    let mut summary = Summary::default();
+    let mut errors = Vec::new();
+    for e in chosen.remove_everything(cfg, facts, env, &mut summary) {
+        errors.push(CleanupError::Backend(Box::new(e)));
+    }
+    for e in other.remove_everything(cfg, facts, env, &mut summary) {
+        errors.push(CleanupError::Backend(Box::new(e)));
+    }
+    let configured: Vec<IpCommand> = routes::teardown(cfg);
+    errors.extend(
+        route_steps::remove_all(&configured, env, &mut summary.ip_changed)
+            .into_iter()
+            .map(CleanupError::Route),
+    );
+    if errors.is_empty() {
+        Ok(summary)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::iptables::Iptables;
+    use crate::backend::nft::Nftables;
+    use crate::config::tests::build as config;
+    use crate::model::NoResolver;
+    use crate::system::backend::{NftOnly, Probe};
+    use crate::system::exec::Runner;
+    use std::collections::BTreeMap;
+
+    /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<(String, Vec<String>, Option<String>)>,
+        save_output: String,
+        /// Successive outputs of one save program, before falling back to `save_output`.
+        saves: BTreeMap<String, std::collections::VecDeque<String>>,
+        fail_program: Option<String>,
+    }
+
+    impl Runner for Fake {
+        fn run(
+            &mut self,
+            program: &str,
+            args: &[String],
+            stdin: Option<&str>,
+        ) -> Result<String, ExecError> {
+            self.calls
+                .push((program.into(), args.to_vec(), stdin.map(String::from)));
+            if self.fail_program.as_deref() == Some(program)
+                && args.first().map(String::as_str) == Some("--noflush")
+            {
+                return Err(ExecError::Failed {
+                    command: program.into(),
+                    status: std::os::unix::process::ExitStatusExt::from_raw(256),
+                    stderr: "ip6tables-restore: line 3 failed".into(),
+                });
+            }
+            if program.ends_with("-save") {
+                let queued = self.saves.get_mut(program).and_then(|q| q.pop_front());
+                return Ok(queued.unwrap_or_else(|| self.save_output.clone()));
+            }
+            Ok(String::new())
+        }
+    }
+
+    /// iptables-nft and nft installed; netlink shows no native nftables table.
+    struct NftInstalled;
+    impl Probe for NftInstalled {
+        fn in_path(&self, p: &str) -> bool {
+            p.contains("-nft-") || p == "nft"
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+        fn nft_inet_tables(&self) -> Option<Vec<String>> {
+            Some(vec![])
+        }
+    }
+
+    const OPTS: Options = Options {
+        tproxy: TproxyRouting {
+            mark: 1337,
+            table: 133,
+        },
+        policy: Policy {
+            reconcile: true,
+            force: false,
+        },
+    };
+
+    const IPTABLES: Iptables = Iptables {
+        flavor: None,
+        lock_wait_secs: 10,
+    };
+
+    /// Applies `argv`/`env` with iptables through the fake runner.
+    fn apply_with(
+        argv: &[&str],
+        vars: &[(&str, &str)],
+        opts: &Options,
+        probe: &dyn Probe,
+        fake: &mut Fake,
+    ) -> Result<Summary, ApplyError> {
+        let (cfg, facts) = config(argv, vars).unwrap();
+        apply(
+            &IPTABLES,
+            &Nftables,
+            &cfg,
+            &facts,
+            opts,
+            &mut Env {
+                runner: fake,
+                probe,
+                resolver: &NoResolver,
+            },
+        )
+    }
+
+    /// Legacy tables in a namespace without nft tables: the apply goes to legacy, and runs
+    /// no nft program.
+    #[test]
+    fn legacy_tables_without_nft_tables_apply_with_legacy() {
+        struct LegacyOnly;
+        impl Probe for LegacyOnly {
+            fn in_path(&self, _: &str) -> bool {
+                true
+            }
+            fn legacy_tables(&self, _: Family) -> Vec<String> {
+                vec!["nat".into()]
+            }
+            fn nft_tables(&self, _: Family) -> Option<usize> {
+                Some(0)
+            }
+            fn nft_inet_tables(&self) -> Option<Vec<String>> {
+                Some(vec![])
+            }
+        }
+        let mut fake = Fake::default();
+        apply_with(
+            &["-p", "15001", "-b", "*"],
+            &[],
+            &OPTS,
+            &LegacyOnly,
+            &mut fake,
+        )
+        .unwrap();
+        let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(ran, ["iptables-legacy-save", "iptables-legacy-restore"]);
+    }
+
+    #[test]
+    fn fresh_apply_runs_one_save_and_one_restore_per_family() {
+        let mut fake = Fake::default();
+        let s = apply_with(&["-b", "*", "-i", "*"], &[], &OPTS, &NftOnly, &mut fake).unwrap();
+        let programs: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(programs, vec!["iptables-nft-save", "iptables-nft-restore"]);
+        assert_eq!(fake.calls[1].1, vec!["--noflush"]);
+        assert_eq!(s.committed, vec![Family::V4]);
+    }
+
+    #[test]
+    fn failed_ipv6_commit_restores_ipv4() {
+        let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
+        let mut fake = Fake {
+            fail_program: Some("ip6tables-nft-restore".into()),
+            // Read before the run, re-read before restoring, re-read to check.
+            saves: BTreeMap::from([(
+                "iptables-nft-save".to_string(),
+                ["", committed, ""].map(String::from).into(),
+            )]),
+            ..Default::default()
+        };
+        let vars = [("ENABLE_INBOUND_IPV6", "true")];
+        let e = apply_with(&["-b", "*"], &vars, &OPTS, &NftInstalled, &mut fake).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("committing IPv6 rules with ip6tables-nft-restore"),
+            "{msg}"
+        );
+        assert!(msg.contains("at `-N ISTIO_REDIRECT`"), "{msg}");
+        assert!(
+            msg.contains("previous state was restored (IPv4; checked by re-reading"),
+            "{msg}"
+        );
+        // The IPv4 nat table did not exist before: it is dropped, not left empty.
+        let nft = fake.calls.iter().find(|c| c.0 == "nft").unwrap();
+        assert_eq!(nft.2.as_deref(), Some("delete table ip nat\n"));
+        // No ip command ran.
+        assert!(!fake.calls.iter().any(|c| c.0 == "ip"));
+    }
+
+    #[test]
+    fn a_rollback_that_does_not_take_says_what_is_left() {
+        let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
+        let mut fake = Fake {
+            fail_program: Some("ip6tables-nft-restore".into()),
+            // The table is still there after the rollback.
+            saves: BTreeMap::from([(
+                "iptables-nft-save".to_string(),
+                ["", committed, committed].map(String::from).into(),
+            )]),
+            ..Default::default()
+        };
+        let vars = [("ENABLE_INBOUND_IPV6", "true")];
+        let msg = apply_with(&["-b", "*"], &vars, &OPTS, &NftOnly, &mut fake)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("ROLLBACK FAILED"), "{msg}");
+        assert!(
+            msg.contains(
+                "IPv4 tables still differing from before the run: nat (0 rules, ISTIO chains: \
+                 ISTIO_INBOUND)"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("restored ("), "{msg}");
+    }
+
+    #[test]
+    fn conflict_without_reconcile_changes_nothing() {
+        let mut fake = Fake {
+            save_output: "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -p tcp -j ISTIO_INBOUND\nCOMMIT\n".into(),
+            ..Default::default()
+        };
+        let opts = Options {
+            policy: Policy {
+                reconcile: false,
+                force: false,
+            },
+            ..OPTS
+        };
+        let e = apply_with(&["-b", "8080"], &[], &opts, &NftOnly, &mut fake).unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        assert!(fake.calls.iter().all(|c| c.0.ends_with("-save")));
+    }
+}
