@@ -27,7 +27,6 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod inspect;
 pub mod logging;
 pub mod model;
 pub mod routes;

@@ -17,12 +17,13 @@ use istio_iptables::backend::iptables::{Iptables, script};
 use istio_iptables::backend::nft::Nftables;
 use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::commands::apply::{self, Options};
+use istio_iptables::commands::explain::{self, ExplainRequest, InspectError};
+use istio_iptables::commands::output::render_report;
 use istio_iptables::commands::validate;
+use istio_iptables::commands::verify;
 use istio_iptables::config::listfile;
 use istio_iptables::config::{BackendChoice, Config, HostFacts, RunMode, parse_go_bool};
-use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::logging;
-use istio_iptables::model::Family;
 use istio_iptables::system::Env;
 use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
@@ -136,9 +137,7 @@ fn main() -> ExitCode {
     // now: free them before the rules and the saved state are built.
     let command = args.cli.command.clone();
     drop(args);
-    if let Some(command) = command.as_ref().filter(|_| !apply_command) {
-        return inspect_command(command, &cfg);
-    }
+    let inspect = command.filter(|_| !apply_command);
 
     // The one place the backend is chosen; the other one's state of ours is removed.
     let lock_wait_secs = cfg.lock_wait_secs;
@@ -149,6 +148,7 @@ fn main() -> ExitCode {
                 lock_wait_secs,
             },
             &Nftables,
+            inspect.as_ref(),
             &cfg,
             started,
         ),
@@ -158,15 +158,25 @@ fn main() -> ExitCode {
                 flavor: None,
                 lock_wait_secs,
             },
+            inspect.as_ref(),
             &cfg,
             started,
         ),
     }
 }
 
-/// Runs the apply command (dry run, cleanup, apply, validation) with `chosen`; `other`'s
-/// state of ours is removed.
-fn run<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config, started: Instant) -> ExitCode {
+/// Runs one command with `chosen`: `explain` or `verify` (`inspect`), else the apply command
+/// (dry run, cleanup, apply, validation); `other`'s state of ours is removed or reported.
+fn run<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    inspect: Option<&Command>,
+    cfg: &Config,
+    started: Instant,
+) -> ExitCode {
+    if let Some(command) = inspect {
+        return inspect_command(chosen, other, command, cfg);
+    }
     if let RunMode::DryRun { cleanup } = cfg.run {
         // Read where the dry run runs: it enters no namespace.
         let facts = match host_facts(cfg) {
@@ -346,7 +356,12 @@ fn cleanup<C: Backend, O: Backend>(
 }
 
 /// `explain` and `verify`: read-only.
-fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
+fn inspect_command<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    command: &Command,
+    cfg: &Config,
+) -> ExitCode {
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
@@ -376,30 +391,15 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
         ExitCode::from(c)
     };
     let mut runner = SystemRunner;
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        resolver: &RealHost,
+    };
     match command {
         Command::Explain(a) => {
-            let a = &inspect::ExplainRequest::from(a);
-            let live = if a.from_kernel {
-                let family = match inspect::packet(a, facts.ipv6) {
-                    Ok((p, _)) if p.dst.is_ipv4() => Family::V4,
-                    Ok(_) => Family::V6,
-                    Err(e) => return fail(e),
-                };
-                let read = if matches!(cfg.backend, BackendChoice::Nftables { .. }) {
-                    inspect::read_live_nft(&mut runner, &RealHost)
-                        .map(|l| inspect::Live::Nft(l.state))
-                } else {
-                    inspect::read_live(family, cfg, &SystemProbe, &mut runner)
-                        .map(inspect::Live::Iptables)
-                };
-                match read {
-                    Ok(l) => Some(l),
-                    Err(e) => return fail(e),
-                }
-            } else {
-                None
-            };
-            match inspect::explain(a, cfg, &facts, &RealHost, live.as_ref()) {
+            let a = &ExplainRequest::from(a);
+            match explain::explain(chosen, a, cfg, &facts, &mut env) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS
@@ -407,19 +407,17 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Verify(v) => {
-            match inspect::verify(cfg, &facts, &SystemProbe, &mut runner, &RealHost) {
-                Ok(r) => {
-                    print!("{}", inspect::render_report(&r, v.output.into()));
-                    if r.drift() {
-                        ExitCode::from(Exit::Drift)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
+        Command::Verify(v) => match verify::verify(chosen, other, cfg, &facts, &mut env) {
+            Ok(r) => {
+                print!("{}", render_report(&r, v.output.into()));
+                if r.drift() {
+                    ExitCode::from(Exit::Drift)
+                } else {
+                    ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
             }
-        }
+            Err(e) => fail(e),
+        },
         Command::IstioIptables | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }

@@ -8,8 +8,9 @@ pub mod iptables;
 pub mod nft;
 pub mod walk;
 
+use self::walk::{Hook, Outcome, Packet, Unsupported};
 use crate::config::{Config, HostFacts};
-use crate::model::Family;
+use crate::model::{Family, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -105,6 +106,62 @@ pub trait StepError: std::error::Error + Send + Sync + 'static {
     }
 }
 
+/// Where a difference is: one iptables family, or our native nftables tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Iptables(Family),
+    Nftables,
+}
+
+impl Place {
+    /// How verify's text names it: `IPv4`, `IPv6`, `inet`.
+    pub fn label(self) -> String {
+        match self {
+            Place::Iptables(f) => f.to_string(),
+            Place::Nftables => "inet".into(),
+        }
+    }
+
+    /// How verify's JSON names it: `ipv4`, `ipv6`, `inet`.
+    pub fn json(self) -> &'static str {
+        match self {
+            Place::Iptables(Family::V4) => "ipv4",
+            Place::Iptables(Family::V6) => "ipv6",
+            Place::Nftables => "inet",
+        }
+    }
+}
+
+/// How one chain (or table) of ours differs from what the config wants (verify). A missing
+/// or unwanted table or chain of nftables is listed as its own line among `missing`/`extra`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub place: Place,
+    /// `nat`, `istio-proxy-nat`.
+    pub table: String,
+    /// `None`: the table itself.
+    pub chain: Option<String>,
+    /// Our rules the config wants that are not there.
+    pub missing: Vec<String>,
+    /// Our rules (or a whole chain of ours) that are there but not wanted.
+    pub extra: Vec<String>,
+    /// Same rules, different order.
+    pub out_of_order: bool,
+    /// Lines of a listing that are neither a chain nor a rule (a set, a flag): something in
+    /// our table this tool never writes.
+    pub unread: Vec<String>,
+}
+
+/// A packet's walk through a backend's rules, for explain.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    pub outcome: Outcome,
+    /// Where the rules came from: "rules from the config", "live rules (iptables-save)".
+    pub source: &'static str,
+    /// A note on what the rules leave out (IPv6 off).
+    pub note: Option<&'static str>,
+}
+
 /// One way of programming the capture. Pure parts ([`build`](Backend::build),
 /// [`script`](Backend::script), [`plan`](Backend::plan)) apart from the steps that read or
 /// change the kernel through [`Env`].
@@ -180,4 +237,25 @@ pub trait Backend {
     /// Whether `state` shows a TPROXY config of ours in `family` (for the routes, where
     /// netlink cannot show them).
     fn had_tproxy(&self, state: &Self::State, family: Family) -> bool;
+    /// How `state` differs from `rules`, place by place (verify).
+    fn drift(
+        &self,
+        rules: &Self::Rules,
+        state: &Self::State,
+        resolver: &dyn OwnerResolver,
+    ) -> Vec<Drift>;
+    /// What of ours this backend holds, one line per place, read without changing anything
+    /// (verify of the backend not chosen: a pod must not have both).
+    fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Self::Error>;
+    /// Walks `packet` through `state` (the live rules, read for `family`) or, without it,
+    /// through `rules` (`ipv6`: whether the config has IPv6 rules).
+    fn walk(
+        &self,
+        rules: &Self::Rules,
+        state: Option<&Self::State>,
+        ipv6: bool,
+        packet: &Packet,
+        hooks: &[Hook],
+        resolver: &dyn OwnerResolver,
+    ) -> Result<Walked, Unsupported>;
 }

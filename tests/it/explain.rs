@@ -49,11 +49,17 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use istio_iptables::backend::iptables::Iptables;
 use istio_iptables::backend::iptables::build as rules;
+use istio_iptables::backend::iptables::walk::ruleset_from_rules;
+use istio_iptables::backend::nft::Nftables;
 use istio_iptables::cli::{Args, Command as Subcommand};
-use istio_iptables::config::{Config, HostFacts};
-use istio_iptables::inspect;
+use istio_iptables::commands::explain::{self, ExplainRequest};
+use istio_iptables::config::{BackendChoice, Config, HostFacts};
 use istio_iptables::model::{Family, Table};
+use istio_iptables::system::Env;
+use istio_iptables::system::backend::SystemProbe;
+use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::RealHost;
 
 use common::{
@@ -526,13 +532,28 @@ impl Lab {
         let Some(Subcommand::Explain(a)) = &args.cli.command else {
             return Err("not an explain command line".into());
         };
-        inspect::explain(
-            &inspect::ExplainRequest::from(a),
-            &cfg,
-            &facts,
-            &RealHost,
-            None,
-        )
+        let req = ExplainRequest::from(a);
+        let mut runner = SystemRunner;
+        let mut env = Env {
+            runner: &mut runner,
+            probe: &SystemProbe,
+            resolver: &RealHost,
+        };
+        match cfg.backend {
+            BackendChoice::Iptables { flavor } => explain::explain(
+                &Iptables {
+                    flavor,
+                    lock_wait_secs: cfg.lock_wait_secs,
+                },
+                &req,
+                &cfg,
+                &facts,
+                &mut env,
+            ),
+            BackendChoice::Nftables { .. } => {
+                explain::explain(&Nftables, &req, &cfg, &facts, &mut env)
+            }
+        }
         .map_err(|e| e.to_string())
     }
 
@@ -1321,7 +1342,7 @@ impl Drift {
         let cfg = Config::build(&args, &env).expect("valid config");
         let facts = HostFacts::detect(&cfg, &RealHost).expect("host facts");
         let plan = rules::build(&cfg, &facts);
-        let rs = inspect::ruleset_from_rules(plan.rules(family));
+        let rs = ruleset_from_rules(plan.rules(family));
         rs[&Table::from_name(table).expect("a table name")][chain][n - 1]
             .0
             .clone()

@@ -15,12 +15,14 @@ pub mod walk;
 use self::build::Plan;
 use self::commit::{Error, Place, read_state, roll_back};
 use self::plan::Transaction;
-use crate::backend::{Backend, Policy, Purpose, Rollback, Scope, Summary};
+use crate::backend::walk::{Hook, Packet, Unsupported};
+use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
 use crate::config::{Config, Flavor, HostFacts};
-use crate::model::{Family, Table, chain};
+use crate::model::{Family, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
 use crate::system::backend::{self as detection, Program};
+use crate::system::exec::ExecError;
 
 /// iptables, in the flavour `--force-iptables-binary` names or detection picks per family.
 #[derive(Debug, Clone, Copy)]
@@ -110,15 +112,6 @@ impl Backend for Iptables {
                     let program = detection::detect(family, self.flavor, env.probe)
                         .map_err(|error| Error::Backend { family, error })?;
                     let before = read_state(&program, env.probe, env.runner)?;
-                    // The version is logged when the save printed it.
-                    match &before.version {
-                        Some(version) => {
-                            tracing::info!(backend = %program.restore_program(), %version, reason = %program.reason, "{family} backend");
-                        }
-                        None => {
-                            tracing::info!(backend = %program.restore_program(), reason = %program.reason, "{family} backend");
-                        }
-                    }
                     places.push(Place { program, before });
                 }
             }
@@ -143,7 +136,16 @@ impl Backend for Iptables {
     ) -> Result<Change, Error> {
         let mut txs = Vec::new();
         for place in &state.places {
-            let family = place.program.family;
+            let (family, program) = (place.program.family, &place.program);
+            // The version is logged when the save printed it.
+            match &place.before.version {
+                Some(version) => {
+                    tracing::info!(backend = %program.restore_program(), %version, reason = %program.reason, "{family} backend");
+                }
+                None => {
+                    tracing::info!(backend = %program.restore_program(), reason = %program.reason, "{family} backend");
+                }
+            }
             let tx = plan::reconcile(&place.before, rules.rules(family), env.resolver, policy)
                 .map_err(|error| Error::Conflict { family, error })?;
             txs.push(tx);
@@ -287,4 +289,100 @@ impl Backend for Iptables {
                     .is_some_and(|t| t.user_chains.iter().any(|c| c == chain::TPROXY))
         })
     }
+
+    fn drift(&self, rules: &Plan, state: &State, resolver: &dyn OwnerResolver) -> Vec<Drift> {
+        state
+            .places
+            .iter()
+            .flat_map(|p| {
+                let family = p.program.family;
+                plan::diff(family, &p.before, rules.rules(family), resolver)
+            })
+            .collect()
+    }
+
+    fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            // Where no iptables is installed, none can hold rules.
+            let Ok(program) = detection::detect(family, self.flavor, env.probe) else {
+                continue;
+            };
+            match read_state(&program, env.probe, env.runner) {
+                Ok(st) => out.extend(ours_in(family, &st)),
+                Err(Error::Read {
+                    error: ExecError::NotFound { .. },
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn walk(
+        &self,
+        rules: &Plan,
+        state: Option<&State>,
+        ipv6: bool,
+        packet: &Packet,
+        hooks: &[Hook],
+        resolver: &dyn OwnerResolver,
+    ) -> Result<Walked, Unsupported> {
+        let family = if packet.dst.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        let (rs, source, note) = match state {
+            Some(st) => {
+                let saved = st.places.iter().find(|p| p.program.family == family);
+                let rs = saved
+                    .map(|p| walk::ruleset_from_state(&p.before))
+                    .unwrap_or_default();
+                (rs, "live rules (iptables-save)", None)
+            }
+            None => (
+                walk::ruleset_from_rules(rules.rules(family)),
+                "rules from the config",
+                (family == Family::V6 && !ipv6)
+                    .then_some("IPv6 is off for this config: no ip6tables rules are generated"),
+            ),
+        };
+        Ok(Walked {
+            outcome: walk::evaluate(&rs, resolver, packet.clone(), hooks)?,
+            source,
+            note,
+        })
+    }
+}
+
+/// Our iptables chains, and rules jumping to them, per table: one line each.
+fn ours_in(family: Family, st: &save::SaveState) -> Vec<String> {
+    let ours = |s: &str| s.starts_with(chain::PREFIX);
+    let mut out = Vec::new();
+    for (name, ts) in &st.tables {
+        let chains: Vec<&str> = ts
+            .user_chains
+            .iter()
+            .map(String::as_str)
+            .filter(|c| ours(c))
+            .collect();
+        let rules = ts
+            .rules
+            .iter()
+            .filter(|(c, toks)| ours(c) || toks.iter().any(|t| ours(t)))
+            .count();
+        if !chains.is_empty() || rules > 0 {
+            out.push(format!(
+                "{family} iptables table {name}: {rules} ISTIO_* rule(s), chains {}",
+                if chains.is_empty() {
+                    "-".to_string()
+                } else {
+                    chains.join(",")
+                }
+            ));
+        }
+    }
+    out
 }

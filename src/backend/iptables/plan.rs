@@ -17,11 +17,11 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::backend::Policy;
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{SaveState, TableState, canonical, tokenize};
+use crate::backend::{Drift, Place, Policy};
 use crate::model::OwnerResolver;
-use crate::model::{Match, Position, Rule, RuleSpec, Table, Target, chain};
+use crate::model::{Family, Match, Position, Rule, RuleSpec, Table, Target, chain};
 
 /// The namespace holds ISTIO_* state that differs and reconcile is off.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -566,22 +566,14 @@ pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver)
     tx
 }
 
-/// How one chain differs from what the config produces (only our rules are compared; foreign
-/// rules in built-in chains are ignored).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ChainDiff {
-    pub table: Table,
-    pub chain: String,
-    /// Our rules the config wants that are not there (rule text as we would write it).
-    pub missing: Vec<String>,
-    /// Our rules (or a whole ISTIO_* chain) that are there but not wanted (kernel text).
-    pub extra: Vec<String>,
-    /// Same rules, different order.
-    pub out_of_order: bool,
-}
-
-/// Compares the current state of one family with `desired`, chain by chain. Order matters.
-pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<ChainDiff> {
+/// Compares the current state of one family with `desired`, chain by chain (only our rules
+/// are compared; foreign rules in built-in chains are ignored). Order matters.
+pub fn diff(
+    family: Family,
+    current: &SaveState,
+    desired: &[Rule],
+    resolver: &dyn OwnerResolver,
+) -> Vec<Drift> {
     let mut out = Vec::new();
     for table in Table::ALL {
         // The view keeps no reference to the wanted side: its canonical texts go at once
@@ -657,12 +649,14 @@ pub fn diff(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver)
                 .eq(h.iter().map(|(k, _)| *k));
             let out_of_order = missing.is_empty() && extra.is_empty() && !same_order;
             if !missing.is_empty() || !extra.is_empty() || out_of_order {
-                out.push(ChainDiff {
-                    table,
-                    chain: c.clone(),
+                out.push(Drift {
+                    place: Place::Iptables(family),
+                    table: table.name().to_string(),
+                    chain: Some(c.clone()),
                     missing,
                     extra,
                     out_of_order,
+                    unread: Vec::new(),
                 });
             }
         }
@@ -1057,7 +1051,7 @@ mod tests {
     fn diff_names_missing_extra_and_reordered_rules() {
         let r = plan(&["-b", "*"]);
         let st = fresh(&r);
-        assert!(diff(&st, &r, &NoResolver).is_empty());
+        assert!(diff(Family::V4, &st, &r, &NoResolver).is_empty());
         // Delete one rule.
         let mut gone = st.clone();
         let nat = gone.tables.get_mut("nat").unwrap();
@@ -1067,9 +1061,9 @@ mod tests {
             .position(|(c, _)| c == "ISTIO_INBOUND")
             .unwrap();
         nat.rules.remove(i);
-        let d = diff(&gone, &r, &NoResolver);
+        let d = diff(Family::V4, &gone, &r, &NoResolver);
         assert_eq!(d.len(), 1);
-        assert_eq!(d[0].chain, "ISTIO_INBOUND");
+        assert_eq!(d[0].chain.as_deref(), Some("ISTIO_INBOUND"));
         assert_eq!(
             d[0].missing,
             vec!["-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN"]
@@ -1080,7 +1074,7 @@ mod tests {
             "ISTIO_OUTPUT".into(),
             tokenize("-p tcp --dport 1 -j RETURN"),
         ));
-        let d = diff(&more, &r, &NoResolver);
+        let d = diff(Family::V4, &more, &r, &NoResolver);
         assert_eq!(
             d[0].extra,
             vec!["-A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN"]
@@ -1096,7 +1090,7 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         nat.rules.swap(idx[0], idx[1]);
-        let d = diff(&swapped, &r, &NoResolver);
+        let d = diff(Family::V4, &swapped, &r, &NoResolver);
         assert!(
             d[0].out_of_order && d[0].missing.is_empty() && d[0].extra.is_empty(),
             "{d:?}"
@@ -1109,7 +1103,7 @@ mod tests {
             .unwrap()
             .rules
             .push(("OUTPUT".into(), tokenize("-p tcp --dport 9 -j ACCEPT")));
-        assert!(diff(&foreign, &r, &NoResolver).is_empty());
+        assert!(diff(Family::V4, &foreign, &r, &NoResolver).is_empty());
     }
 
     #[test]

@@ -7,12 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use crate::backend::iptables::save::SaveState;
 use crate::backend::walk::{
     Flow, Hook, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range,
     iface_matches, num, port_in,
 };
 use crate::model::OwnerResolver;
-use crate::model::{RuleSpec, Table};
+use crate::model::{Rule, RuleSpec, Table};
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
@@ -278,6 +279,41 @@ pub fn evaluate(
         mark: w.pkt.mark,
         zone: w.zone,
     })
+}
+
+/// The config's rules of one family as chains in their final order.
+pub fn ruleset_from_rules(rules: &[Rule]) -> Ruleset {
+    let mut rs = Ruleset::new();
+    for r in rules {
+        let chain = rs
+            .entry(r.table)
+            .or_default()
+            .entry(r.chain.to_string())
+            .or_default();
+        let item = (format!("-A {} {}", r.chain, r.spec()), r.args.clone());
+        r.position.place(chain, item);
+    }
+    rs
+}
+
+/// Live rules as chains.
+pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
+    let mut rs = Ruleset::new();
+    // Only our tables: a hook walks nothing else.
+    let ours = st
+        .tables
+        .iter()
+        .filter_map(|(n, ts)| Some((Table::from_name(n)?, ts)));
+    for (table, ts) in ours {
+        for (chain, toks) in &ts.rules {
+            rs.entry(table)
+                .or_default()
+                .entry(chain.clone())
+                .or_default()
+                .push((format!("-A {chain} {}", toks.join(" ")), toks.clone()));
+        }
+    }
+    rs
 }
 
 #[cfg(test)]

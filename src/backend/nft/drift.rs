@@ -4,42 +4,30 @@
 //! or not wanted, a base chain attached elsewhere, a rule missing, extra or out of order,
 //! and any listing line that is neither a chain nor a rule (we never write one) are drift.
 
-use serde::Serialize;
-
 use crate::backend::nft::build::{FAMILY, Table};
 use crate::backend::nft::state::{Chain, NftState, TableState};
+use crate::backend::{Drift, Place};
 
-/// One table's or one chain's difference. A missing or unwanted table or chain is listed as
-/// its own line (`table inet istio-proxy-nat`, `chain output { type nat hook output ... }`)
-/// among `missing`/`extra`, before its rules.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct NftDiff {
-    /// The table's name, `istio-proxy-nat`.
-    pub table: &'static str,
-    /// `None`: the table itself.
-    pub chain: Option<String>,
-    pub missing: Vec<String>,
-    pub extra: Vec<String>,
-    /// The same rules are there, in another order.
-    pub out_of_order: bool,
-    /// Lines of the listing that are neither a chain nor a rule (a set, a flag): nft has
-    /// something in our table this tool never writes.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unread: Vec<String>,
+/// A drift of one of our tables or chains, nothing in it yet.
+fn drift(table: Table, chain: Option<String>) -> Drift {
+    Drift {
+        place: Place::Nftables,
+        table: table.name().to_string(),
+        chain,
+        missing: Vec::new(),
+        extra: Vec::new(),
+        out_of_order: false,
+        unread: Vec::new(),
+    }
 }
 
-impl NftDiff {
-    fn is_empty(&self) -> bool {
-        self.missing.is_empty()
-            && self.extra.is_empty()
-            && !self.out_of_order
-            && self.unread.is_empty()
-    }
+fn is_empty(d: &Drift) -> bool {
+    d.missing.is_empty() && d.extra.is_empty() && !d.out_of_order && d.unread.is_empty()
 }
 
 /// `live` against `want`: the differences, tables in Istio's order, chains in the wanted
 /// order, then the unwanted ones.
-pub fn diff(live: &NftState, want: &NftState) -> Vec<NftDiff> {
+pub fn diff(live: &NftState, want: &NftState) -> Vec<Drift> {
     let mut out = Vec::new();
     for table in Table::ALL {
         let (w, l) = (want.tables.get(&table), live.tables.get(&table));
@@ -47,10 +35,7 @@ pub fn diff(live: &NftState, want: &NftState) -> Vec<NftDiff> {
             continue;
         }
         let empty = TableState::default();
-        let mut top = NftDiff {
-            table: table.name(),
-            ..NftDiff::default()
-        };
+        let mut top = drift(table, None);
         let line = format!("table {FAMILY} {table}");
         match (w, l) {
             (Some(_), None) => top.missing.push(line),
@@ -59,7 +44,7 @@ pub fn diff(live: &NftState, want: &NftState) -> Vec<NftDiff> {
         }
         let (w, l) = (w.unwrap_or(&empty), l.unwrap_or(&empty));
         top.unread = l.other.clone();
-        if !top.is_empty() {
+        if !is_empty(&top) {
             out.push(top);
         }
         let mut names: Vec<&str> = w.chains.iter().map(|c| c.name.as_str()).collect();
@@ -70,7 +55,7 @@ pub fn diff(live: &NftState, want: &NftState) -> Vec<NftDiff> {
         }
         for name in names {
             let d = chain_diff(table, w.chain(name), l.chain(name));
-            if !d.is_empty() {
+            if !is_empty(&d) {
                 out.push(d);
             }
         }
@@ -78,13 +63,8 @@ pub fn diff(live: &NftState, want: &NftState) -> Vec<NftDiff> {
     out
 }
 
-fn chain_diff(table: Table, want: Option<&Chain>, live: Option<&Chain>) -> NftDiff {
-    let name = want.or(live).map(|c| c.name.clone());
-    let mut d = NftDiff {
-        table: table.name(),
-        chain: name,
-        ..NftDiff::default()
-    };
+fn chain_diff(table: Table, want: Option<&Chain>, live: Option<&Chain>) -> Drift {
+    let mut d = drift(table, want.or(live).map(|c| c.name.clone()));
     match (want, live) {
         (Some(w), None) => d.missing.push(w.to_string()),
         (None, Some(l)) => d.extra.push(l.to_string()),

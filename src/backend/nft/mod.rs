@@ -24,9 +24,10 @@ use std::fmt::Write as _;
 use self::build::{FAMILY, Ruleset, Table};
 use self::commit::{Error, check_nft, none_of_ours, read_live, run_nft};
 use self::state::{Live, NftState};
-use crate::backend::{Backend, Policy, Purpose, Rollback, Scope, Summary};
+use crate::backend::walk::{Hook, Packet, Unsupported};
+use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
 use crate::config::{Config, HostFacts};
-use crate::model::Family;
+use crate::model::{Family, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -271,5 +272,54 @@ impl Backend for Nftables {
             .tables
             .get(&Table::Mangle)
             .is_some_and(|t| t.chain(build::chain::TPROXY).is_some())
+    }
+
+    fn drift(&self, rules: &Ruleset, state: &State, resolver: &dyn OwnerResolver) -> Vec<Drift> {
+        drift::diff(&state.live.state, &state::desired(rules, resolver))
+    }
+
+    fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {
+        // Our tables, where netlink can tell (no `nft` run).
+        let names = env.probe.nft_inet_tables().unwrap_or_default();
+        Ok(names
+            .iter()
+            .filter(|n| Table::from_name(n).is_some())
+            .map(|n| format!("nftables table {FAMILY} {n}, written by --native-nftables"))
+            .collect())
+    }
+
+    fn walk(
+        &self,
+        rules: &Ruleset,
+        state: Option<&State>,
+        ipv6: bool,
+        packet: &Packet,
+        hooks: &[Hook],
+        resolver: &dyn OwnerResolver,
+    ) -> Result<Walked, Unsupported> {
+        let hooks: Vec<walk::NftHook> = hooks.iter().map(|h| walk::hook_of(h)).collect();
+        let (outcome, source, note) = match state {
+            Some(st) => (
+                walk::evaluate(&st.live.state, resolver, packet.clone(), &hooks)?,
+                "live rules (nft list ruleset inet)",
+                None,
+            ),
+            None => {
+                let want = state::desired(rules, resolver);
+                let note = (packet.dst.is_ipv6() && !ipv6).then_some(
+                    "IPv6 is off for this config: no ip6 rules are generated, but inet rules that name no address see IPv6 too",
+                );
+                (
+                    walk::evaluate(&want, resolver, packet.clone(), &hooks)?,
+                    "nftables rules from the config",
+                    note,
+                )
+            }
+        };
+        Ok(Walked {
+            outcome,
+            source,
+            note,
+        })
     }
 }

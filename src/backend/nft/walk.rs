@@ -556,11 +556,12 @@ mod tests {
     use super::*;
     use crate::backend::iptables::build as rules;
     use crate::backend::iptables::walk as interp;
+    use crate::backend::iptables::walk::ruleset_from_rules;
     use crate::backend::nft::build as nft;
     use crate::backend::nft::state::{Chain, Hook, TableState, desired};
     use crate::cli::{Args, Command};
+    use crate::commands::explain::{ExplainRequest, packet};
     use crate::config::tests::{SEED, build as config};
-    use crate::inspect::{ExplainRequest, packet, ruleset_from_rules};
     use crate::model::Family;
     use crate::model::NoResolver;
 

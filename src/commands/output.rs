@@ -5,10 +5,9 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::{Direction, ExplainRequest, Format, Report};
-use crate::backend::iptables::plan::ChainDiff;
-use crate::backend::nft::build as nft;
-use crate::backend::nft::drift::NftDiff;
+use super::explain::{Direction, ExplainRequest, Format};
+use super::verify::Report;
+use crate::backend::Drift;
 use crate::backend::walk::{Outcome, Packet, Step, Verdict};
 use crate::config::Config;
 use crate::model::{self, Family};
@@ -130,7 +129,7 @@ pub(super) fn render_text(
 struct ReportJson<'a> {
     #[serde(rename = "match")]
     matches: bool,
-    differences: Vec<Difference<'a>>,
+    differences: Vec<DiffJson<'a>>,
     /// Only present when there are some (older readers see the same object as before).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     other_backend: &'a [String],
@@ -140,28 +139,32 @@ struct ReportJson<'a> {
     routes_extra: &'a [String],
 }
 
-/// One chain's difference, with its family.
+/// One chain's (or table's) difference, with its family: `ipv4`, `ipv6`, `inet`.
 #[derive(Serialize)]
 struct DiffJson<'a> {
     family: &'static str,
-    #[serde(flatten)]
-    diff: &'a ChainDiff,
+    table: &'a str,
+    chain: &'a Option<String>,
+    missing: &'a [String],
+    extra: &'a [String],
+    out_of_order: bool,
+    /// Only nftables has lines it cannot read.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unread: &'a [String],
 }
 
-/// One table's or chain's difference in our nftables tables (`family` is `inet`).
-#[derive(Serialize)]
-struct NftDiffJson<'a> {
-    family: &'static str,
-    #[serde(flatten)]
-    diff: &'a NftDiff,
-}
-
-/// An entry of `differences`: an iptables chain's or an nftables table's or chain's.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Difference<'a> {
-    Iptables(DiffJson<'a>),
-    Nft(NftDiffJson<'a>),
+impl<'a> DiffJson<'a> {
+    fn of(d: &'a Drift) -> DiffJson<'a> {
+        DiffJson {
+            family: d.place.json(),
+            table: &d.table,
+            chain: &d.chain,
+            missing: &d.missing,
+            extra: &d.extra,
+            out_of_order: d.out_of_order,
+            unread: &d.unread,
+        }
+    }
 }
 
 /// A chain's (or table's) missing and extra lines, and whether only the order differs.
@@ -183,30 +186,13 @@ fn write_rule_diff(s: &mut String, missing: &[String], extra: &[String], out_of_
 /// Renders a verify report.
 pub fn render_report(r: &Report, output: Format) -> String {
     match output {
-        Format::Json => {
-            let iptables = r.diffs.iter().map(|(f, diff)| {
-                Difference::Iptables(DiffJson {
-                    family: match f {
-                        Family::V4 => "ipv4",
-                        Family::V6 => "ipv6",
-                    },
-                    diff,
-                })
-            });
-            let nft = r.nft.iter().map(|diff| {
-                Difference::Nft(NftDiffJson {
-                    family: nft::FAMILY,
-                    diff,
-                })
-            });
-            to_json(&ReportJson {
-                matches: !r.drift(),
-                differences: iptables.chain(nft).collect(),
-                other_backend: &r.other_backend,
-                routes_missing: &r.routes_missing,
-                routes_extra: &r.routes_extra,
-            })
-        }
+        Format::Json => to_json(&ReportJson {
+            matches: !r.drift(),
+            differences: r.drift.iter().map(DiffJson::of).collect(),
+            other_backend: &r.other_backend,
+            routes_missing: &r.routes_missing,
+            routes_extra: &r.routes_extra,
+        }),
         Format::Text => {
             let mut s = String::new();
             if !r.drift() {
@@ -214,17 +200,13 @@ pub fn render_report(r: &Report, output: Format) -> String {
                 return s;
             }
             s.push_str("DRIFT: the live rules differ from the config\n");
-            for (f, d) in &r.diffs {
-                let _ = writeln!(s, "{f} {}/{}:", d.table, d.chain);
-                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
-            }
-            for d in &r.nft {
+            for d in &r.drift {
                 match &d.chain {
                     Some(c) => {
-                        let _ = writeln!(s, "{} {}/{c}:", nft::FAMILY, d.table);
+                        let _ = writeln!(s, "{} {}/{c}:", d.place.label(), d.table);
                     }
                     None => {
-                        let _ = writeln!(s, "{} {}:", nft::FAMILY, d.table);
+                        let _ = writeln!(s, "{} {}:", d.place.label(), d.table);
                     }
                 }
                 write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
@@ -232,7 +214,7 @@ pub fn render_report(r: &Report, output: Format) -> String {
                     let _ = writeln!(
                         s,
                         "  not read: {u}   (nft lists something this tool never writes: see `nft list table {} {}`)",
-                        nft::FAMILY,
+                        d.place.label(),
                         d.table
                     );
                 }

@@ -1,0 +1,305 @@
+//! `verify`: the live state of every place against the config: the chosen backend's
+//! rules, the other backend (which must hold nothing of ours), and the `ip` steps.
+
+use super::explain::InspectError;
+use crate::backend::{Backend, Drift, Scope};
+use crate::config::{Config, HostFacts};
+use crate::model::Family;
+use crate::routes::{self as ip, IpCommand};
+use crate::system::Env;
+
+/// The result of `verify`.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The chosen backend's differences, place by place.
+    pub drift: Vec<Drift>,
+    /// Capture rules of the other backend in the namespace (ISTIO_* iptables rules with
+    /// `--native-nftables`, our nftables tables without): a pod must never have both.
+    pub other_backend: Vec<String>,
+    /// `ip` commands whose effect is missing.
+    pub routes_missing: Vec<String>,
+    /// TPROXY routing an earlier run added that the config does not want (as the `ip`
+    /// commands that added it).
+    pub routes_extra: Vec<String>,
+}
+
+impl Report {
+    pub fn drift(&self) -> bool {
+        !self.drift.is_empty()
+            || !self.other_backend.is_empty()
+            || !self.routes_missing.is_empty()
+            || !self.routes_extra.is_empty()
+    }
+}
+
+/// Compares the live state with the config: `chosen`'s places, `other`'s state of ours, and
+/// the `ip` steps.
+pub fn verify<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+) -> Result<Report, InspectError> {
+    let rules = chosen.build(cfg, facts);
+    let families = if facts.ipv6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    };
+    let state = chosen
+        .read(Scope::Config(&families), env)
+        .map_err(|e| InspectError::Read(Box::new(e)))?;
+    let mut report = Report {
+        drift: chosen.drift(&rules, &state, env.resolver),
+        other_backend: other
+            .leftovers(env)
+            .map_err(|e| InspectError::Read(Box::new(e)))?,
+        ..Report::default()
+    };
+    check_routes(chosen.routes(&rules), env, &mut report)?;
+    Ok(report)
+}
+
+/// The `ip` plumbing: missing steps, and TPROXY routing the config does not want.
+fn check_routes(
+    wanted: &[IpCommand],
+    env: &mut Env<'_>,
+    report: &mut Report,
+) -> Result<(), InspectError> {
+    for family in [Family::V4, Family::V6] {
+        if let Some(routing) = env.probe.routing(family) {
+            for cmd in ip::leftovers(family, &routing, wanted) {
+                report.routes_extra.push(cmd.to_string());
+            }
+        }
+    }
+    for cmd in wanted {
+        match ip::present(cmd, env.probe, env.runner) {
+            Ok(true) => {}
+            Ok(false) => report.routes_missing.push(cmd.to_string()),
+            Err(e) => {
+                return Err(InspectError::Route {
+                    command: cmd.clone(),
+                    error: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Place;
+    use crate::backend::iptables::Iptables;
+    use crate::backend::nft::Nftables;
+    use crate::backend::nft::build as nft;
+    use crate::backend::nft::state::{self as nftstate, NftState};
+    use crate::commands::explain::Format;
+    use crate::commands::output::render_report;
+    use crate::config::tests::{SEED, build as config};
+    use crate::model::NoResolver;
+    use crate::system::exec::{ExecError, Runner};
+
+    const IPTABLES: Iptables = Iptables {
+        flavor: None,
+        lock_wait_secs: 0,
+    };
+
+    #[test]
+    fn report_renders_drift() {
+        let r = Report {
+            drift: vec![Drift {
+                place: Place::Iptables(Family::V4),
+                table: "nat".into(),
+                chain: Some("ISTIO_OUTPUT".into()),
+                missing: vec!["-A X".into()],
+                extra: vec![],
+                out_of_order: false,
+                unread: vec![],
+            }],
+            ..Report::default()
+        };
+        assert!(render_report(&r, Format::Text).contains("missing:  -A X"));
+        assert!(
+            render_report(&r, Format::Json)
+                .starts_with("{\"match\":false,\"differences\":[{\"family\":\"ipv4\"")
+        );
+        assert!(!render_report(&r, Format::Json).contains("routes_extra"));
+        let extra = Report {
+            routes_extra: vec!["ip -4 rule add fwmark 1400 lookup 140".into()],
+            ..Report::default()
+        };
+        assert!(extra.drift());
+        assert!(render_report(&extra, Format::Text).contains(
+            "routes: not wanted, left by an earlier run `ip -4 rule add fwmark 1400 lookup 140`"
+        ));
+        assert!(
+            render_report(&extra, Format::Json)
+                .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
+        );
+    }
+
+    /// A machine with iptables-nft, answering `nft list ruleset inet` and the save
+    /// programs from fixed text.
+    struct Machine {
+        nft: String,
+        iptables_save: Result<String, ()>,
+    }
+
+    impl Runner for Machine {
+        fn run(
+            &mut self,
+            program: &str,
+            args: &[String],
+            _: Option<&str>,
+        ) -> Result<String, ExecError> {
+            match program {
+                "nft" => {
+                    assert_eq!(args, ["list", "ruleset", "inet"]);
+                    Ok(self.nft.clone())
+                }
+                "iptables-nft-save" => {
+                    self.iptables_save
+                        .clone()
+                        .map_err(|()| ExecError::NotFound {
+                            program: program.into(),
+                        })
+                }
+                "ip6tables-nft-save" => Ok(String::new()),
+                other => panic!("unexpected program {other}"),
+            }
+        }
+    }
+
+    use crate::system::backend::NftOnly;
+
+    /// `st` as `nft list ruleset` prints it.
+    fn listing(st: &NftState) -> String {
+        let mut s = String::new();
+        for (t, ts) in &st.tables {
+            s.push_str(&format!("table inet {} {{\n", t.name()));
+            for c in &ts.chains {
+                s.push_str(&format!("\tchain {} {{\n", c.name));
+                if let Some(h) = &c.hook {
+                    s.push_str(&format!(
+                        "\t\ttype {} hook {} priority {}; policy {};\n",
+                        h.kind, h.hook, h.priority, h.policy
+                    ));
+                }
+                for r in &c.rules {
+                    s.push_str(&format!("\t\t{r}\n"));
+                }
+                s.push_str("\t}\n");
+            }
+            s.push_str("}\n");
+        }
+        s
+    }
+
+    #[test]
+    fn nft_verify_reads_the_listing_and_the_other_backend() {
+        let mut args = vec!["verify", "--native-nftables"];
+        args.extend_from_slice(SEED);
+        let (cfg, facts) = config(&args, &[]).unwrap();
+        let want = nftstate::desired(&nft::build(&cfg, &facts), &NoResolver);
+        let mut m = Machine {
+            nft: listing(&want),
+            iptables_save: Err(()),
+        };
+        let r = verify(
+            &Nftables,
+            &IPTABLES,
+            &cfg,
+            &facts,
+            &mut Env {
+                runner: &mut m,
+                probe: &NftOnly,
+                resolver: &NoResolver,
+            },
+        )
+        .unwrap();
+        assert!(!r.drift(), "{r:?}");
+
+        let mut live = want.clone();
+        let gone = live.tables.get_mut(&nft::Table::Nat).unwrap().chains[1]
+            .rules
+            .remove(0);
+        m.nft = listing(&live);
+        m.iptables_save = Ok("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n".into());
+        let r = verify(
+            &Nftables,
+            &IPTABLES,
+            &cfg,
+            &facts,
+            &mut Env {
+                runner: &mut m,
+                probe: &NftOnly,
+                resolver: &NoResolver,
+            },
+        )
+        .unwrap();
+        assert_eq!(r.drift.len(), 1);
+        assert_eq!(r.drift[0].missing, [gone]);
+        assert_eq!(
+            r.other_backend,
+            ["IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT"]
+        );
+        let text = render_report(&r, Format::Text);
+        assert!(
+            text.contains("other backend: IPv4 iptables table nat"),
+            "{text}"
+        );
+        let json = render_report(&r, Format::Json);
+        assert!(
+            json.contains(",\"other_backend\":[\"IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT\"],\"routes_missing\":[]}"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn nft_report_renders_tables_chains_and_unread_lines() {
+        let r = Report {
+            drift: vec![
+                Drift {
+                    place: Place::Nftables,
+                    table: "istio-proxy-raw".into(),
+                    chain: None,
+                    missing: vec![],
+                    extra: vec!["table inet istio-proxy-raw".into()],
+                    out_of_order: false,
+                    unread: vec!["flags dormant".into()],
+                },
+                Drift {
+                    place: Place::Nftables,
+                    table: "istio-proxy-nat".into(),
+                    chain: Some("output".into()),
+                    missing: vec![],
+                    extra: vec![],
+                    out_of_order: true,
+                    unread: vec![],
+                },
+            ],
+            ..Report::default()
+        };
+        assert!(r.drift());
+        assert_eq!(
+            render_report(&r, Format::Text),
+            "DRIFT: the live rules differ from the config\n\
+             inet istio-proxy-raw:\n\
+             \x20 extra:    table inet istio-proxy-raw\n\
+             \x20 not read: flags dormant   (nft lists something this tool never writes: see `nft list table inet istio-proxy-raw`)\n\
+             inet istio-proxy-nat/output:\n\
+             \x20 out of order: the same rules are there, in another order\n"
+        );
+        assert_eq!(
+            render_report(&r, Format::Json),
+            "{\"match\":false,\"differences\":[\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-raw\",\"chain\":null,\"missing\":[],\"extra\":[\"table inet istio-proxy-raw\"],\"out_of_order\":false,\"unread\":[\"flags dormant\"]},\
+             {\"family\":\"inet\",\"table\":\"istio-proxy-nat\",\"chain\":\"output\",\"missing\":[],\"extra\":[],\"out_of_order\":true}],\
+             \"routes_missing\":[]}\n"
+        );
+    }
+}
