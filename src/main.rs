@@ -18,9 +18,9 @@ use istio_iptables::backend::nft::Nftables;
 use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::commands::apply::{self, Options};
 use istio_iptables::commands::explain::{self, ExplainRequest, InspectError};
-use istio_iptables::commands::output::render_report;
+
 use istio_iptables::commands::validate;
-use istio_iptables::commands::verify;
+use istio_iptables::commands::verify::{self, render_report};
 use istio_iptables::config::listfile;
 use istio_iptables::config::{BackendChoice, Config, HostFacts, RunMode, parse_go_bool};
 use istio_iptables::logging;
@@ -416,7 +416,10 @@ fn inspect_command<C: Backend, O: Backend>(
                     ExitCode::SUCCESS
                 }
             }
-            Err(e) => fail(e),
+            Err(e) => {
+                report(e);
+                ExitCode::from(Exit::Failure)
+            }
         },
         Command::IstioIptables | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")

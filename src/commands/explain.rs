@@ -4,20 +4,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::output::{render_json, render_text};
-use crate::backend::walk::{self as interp, Packet, Proto};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::output::{Format, to_json};
+use crate::backend::walk::{self as interp, Outcome, Packet, Proto, Step, Verdict};
 use crate::backend::{Backend, Scope, StepError};
 use crate::cli;
 use crate::config::{Config, HostFacts};
-use crate::model::Family;
+use crate::model::{self, Family};
 use crate::system::Env;
-
-/// How a result is printed: text for people, JSON for tools.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
-}
 
 /// Direction of the packet, as seen from the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,15 +67,6 @@ impl From<&cli::ExplainArgs> for ExplainRequest {
     }
 }
 
-impl From<cli::Output> for Format {
-    fn from(o: cli::Output) -> Self {
-        match o {
-            cli::Output::Text => Format::Text,
-            cli::Output::Json => Format::Json,
-        }
-    }
-}
-
 /// A failure of explain/verify (not a drift: that is a result).
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -90,12 +78,6 @@ pub enum InspectError {
     },
     #[error("reading the live rules: {0}")]
     Read(Box<dyn StepError>),
-    #[error("checking `{command}`: {error}")]
-    Route {
-        command: crate::routes::IpCommand,
-        /// Printed in the message, so not exposed as `source` too.
-        error: crate::system::exec::ExecError,
-    },
     #[error(transparent)]
     Unsupported(#[from] interp::Unsupported),
 }
@@ -265,6 +247,111 @@ pub fn explain<B: Backend>(
             walked.note,
         ),
     })
+}
+
+fn verdict_word(o: &Outcome) -> (&'static str, Option<u32>, Option<u32>) {
+    let mark = (o.mark != 0).then_some(o.mark);
+    match o.verdict {
+        Verdict::Redirect { port } => ("redirect", Some(u32::from(port)), mark),
+        Verdict::Tproxy { port, mark } => ("tproxy", Some(u32::from(port)), Some(mark)),
+        Verdict::Drop => ("drop", None, mark),
+        Verdict::NotCaptured => ("not-captured", None, mark),
+    }
+}
+
+/// explain's JSON: the verdict, then every rule looked at.
+#[derive(Serialize)]
+struct ExplainJson<'a> {
+    verdict: &'static str,
+    port: Option<u32>,
+    mark: Option<u32>,
+    zone: Option<u16>,
+    walk: &'a [Step],
+}
+
+fn render_json(o: &Outcome) -> String {
+    let (verdict, port, mark) = verdict_word(o);
+    let json = ExplainJson {
+        verdict,
+        port,
+        mark,
+        zone: o.zone,
+        walk: &o.walk,
+    };
+    to_json(&json)
+}
+
+fn render_text(
+    args: &ExplainRequest,
+    cfg: &Config,
+    p: &Packet,
+    o: &Outcome,
+    source: &str,
+    family: Family,
+    note: Option<&str>,
+) -> String {
+    let mut s = String::new();
+    let dir = match args.direction {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
+    };
+    let who = match (p.uid, p.gid) {
+        (Some(u), Some(g)) => format!(", uid {u}, gid {g}"),
+        _ => String::new(),
+    };
+    let iface = match (&p.in_iface, &p.out_iface) {
+        (Some(i), _) => format!(", in {i}"),
+        (_, Some(o)) => format!(", out {o}"),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "{family} {dir} {} {} -> {}{who}{iface}; {source}",
+        p.proto.name(),
+        SocketAddr::new(p.src, p.sport),
+        SocketAddr::new(p.dst, p.dport)
+    );
+    if let Some(note) = note {
+        let _ = writeln!(s, "  ({note})");
+    }
+    for st in &o.walk {
+        let _ = writeln!(
+            s,
+            "  {:<5} {}/{} #{}: {}",
+            if st.matched { "MATCH" } else { "-" },
+            st.table,
+            st.chain,
+            st.rule,
+            st.text
+        );
+    }
+    let dst = SocketAddr::new(p.dst, p.dport);
+    let verdict = match o.verdict {
+        Verdict::Redirect { port } if port == cfg.proxy_port.get() => {
+            format!("redirected to the outbound port {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } if port == cfg.inbound_capture_port.get() => {
+            format!("redirected to the inbound port {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } if port == model::DNS_PROXY_PORT => {
+            format!("redirected to the DNS proxy on {port} (original destination {dst} kept)")
+        }
+        Verdict::Redirect { port } => {
+            format!("redirected to port {port} (original destination {dst} kept)")
+        }
+        Verdict::Tproxy { port, mark } => {
+            format!(
+                "TPROXY to the inbound port {port} with mark {mark} (the proxy sees {dst} as its local address)"
+            )
+        }
+        Verdict::Drop => "dropped".into(),
+        Verdict::NotCaptured => "not captured: it goes where it was sent".into(),
+    };
+    let _ = writeln!(s, "verdict: {verdict}");
+    if let Some(z) = o.zone {
+        let _ = writeln!(s, "conntrack zone {z} set");
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1,12 +1,30 @@
 //! `verify`: the live state of every place against the config: the chosen backend's
 //! rules, the other backend (which must hold nothing of ours), and the `ip` steps.
 
-use super::explain::InspectError;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::output::{Format, to_json};
+use crate::backend::StepError;
 use crate::backend::{Backend, Drift, Scope};
 use crate::config::{Config, HostFacts};
 use crate::model::Family;
 use crate::routes::{self as ip, IpCommand};
 use crate::system::Env;
+
+/// `verify` could not look (not a drift: that is a result).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("reading the live rules: {0}")]
+    Read(Box<dyn StepError>),
+    #[error("checking `{command}`: {error}")]
+    Route {
+        command: IpCommand,
+        /// Printed in the message, so not exposed as `source` too.
+        error: crate::system::exec::ExecError,
+    },
+}
 
 /// The result of `verify`.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +58,7 @@ pub fn verify<C: Backend, O: Backend>(
     cfg: &Config,
     facts: &HostFacts,
     env: &mut Env<'_>,
-) -> Result<Report, InspectError> {
+) -> Result<Report, VerifyError> {
     let rules = chosen.build(cfg, facts);
     let families = if facts.ipv6 {
         vec![Family::V4, Family::V6]
@@ -49,12 +67,12 @@ pub fn verify<C: Backend, O: Backend>(
     };
     let state = chosen
         .read(Scope::Config(&families), env)
-        .map_err(|e| InspectError::Read(Box::new(e)))?;
+        .map_err(|e| VerifyError::Read(Box::new(e)))?;
     let mut report = Report {
         drift: chosen.drift(&rules, &state, env.resolver),
         other_backend: other
             .leftovers(env)
-            .map_err(|e| InspectError::Read(Box::new(e)))?,
+            .map_err(|e| VerifyError::Read(Box::new(e)))?,
         ..Report::default()
     };
     check_routes(chosen.routes(&rules), env, &mut report)?;
@@ -66,7 +84,7 @@ fn check_routes(
     wanted: &[IpCommand],
     env: &mut Env<'_>,
     report: &mut Report,
-) -> Result<(), InspectError> {
+) -> Result<(), VerifyError> {
     for family in [Family::V4, Family::V6] {
         if let Some(routing) = env.probe.routing(family) {
             for cmd in ip::leftovers(family, &routing, wanted) {
@@ -79,7 +97,7 @@ fn check_routes(
             Ok(true) => {}
             Ok(false) => report.routes_missing.push(cmd.to_string()),
             Err(e) => {
-                return Err(InspectError::Route {
+                return Err(VerifyError::Route {
                     command: cmd.clone(),
                     error: e,
                 });
@@ -87,6 +105,121 @@ fn check_routes(
         }
     }
     Ok(())
+}
+
+/// verify's JSON.
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    #[serde(rename = "match")]
+    matches: bool,
+    differences: Vec<DiffJson<'a>>,
+    /// Only present when there are some (older readers see the same object as before).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    other_backend: &'a [String],
+    routes_missing: &'a [String],
+    /// Only present when there are some (older readers see the same object as before).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    routes_extra: &'a [String],
+}
+
+/// One chain's (or table's) difference, with its family: `ipv4`, `ipv6`, `inet`.
+#[derive(Serialize)]
+struct DiffJson<'a> {
+    family: &'static str,
+    table: &'a str,
+    chain: &'a Option<String>,
+    missing: &'a [String],
+    extra: &'a [String],
+    out_of_order: bool,
+    /// Only nftables has lines it cannot read.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unread: &'a [String],
+}
+
+impl<'a> DiffJson<'a> {
+    fn of(d: &'a Drift) -> DiffJson<'a> {
+        DiffJson {
+            family: d.place.json(),
+            table: &d.table,
+            chain: &d.chain,
+            missing: &d.missing,
+            extra: &d.extra,
+            out_of_order: d.out_of_order,
+            unread: &d.unread,
+        }
+    }
+}
+
+/// A chain's (or table's) missing and extra lines, and whether only the order differs.
+fn write_rule_diff(s: &mut String, missing: &[String], extra: &[String], out_of_order: bool) {
+    for m in missing {
+        let _ = writeln!(s, "  missing:  {m}");
+    }
+    for e in extra {
+        let _ = writeln!(s, "  extra:    {e}");
+    }
+    if out_of_order {
+        let _ = writeln!(
+            s,
+            "  out of order: the same rules are there, in another order"
+        );
+    }
+}
+
+/// Renders a verify report.
+pub fn render_report(r: &Report, output: Format) -> String {
+    match output {
+        Format::Json => to_json(&ReportJson {
+            matches: !r.drift(),
+            differences: r.drift.iter().map(DiffJson::of).collect(),
+            other_backend: &r.other_backend,
+            routes_missing: &r.routes_missing,
+            routes_extra: &r.routes_extra,
+        }),
+        Format::Text => {
+            let mut s = String::new();
+            if !r.drift() {
+                s.push_str("OK: the live rules match the config\n");
+                return s;
+            }
+            s.push_str("DRIFT: the live rules differ from the config\n");
+            for d in &r.drift {
+                match &d.chain {
+                    Some(c) => {
+                        let _ = writeln!(s, "{} {}/{c}:", d.place.label(), d.table);
+                    }
+                    None => {
+                        let _ = writeln!(s, "{} {}:", d.place.label(), d.table);
+                    }
+                }
+                write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
+                for u in &d.unread {
+                    let _ = writeln!(
+                        s,
+                        "  not read: {u}   (nft lists something this tool never writes: see `nft list table {} {}`)",
+                        d.place.label(),
+                        d.table
+                    );
+                }
+            }
+            for o in &r.other_backend {
+                let _ = writeln!(s, "other backend: {o}");
+            }
+            if !r.other_backend.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  (a pod must not have both iptables and nftables capture rules)"
+                );
+            }
+            for m in &r.routes_missing {
+                let _ = writeln!(s, "routes: missing `{m}`");
+            }
+            for m in &r.routes_extra {
+                let _ = writeln!(s, "routes: not wanted, left by an earlier run `{m}`");
+            }
+            s
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,8 +230,6 @@ mod tests {
     use crate::backend::nft::Nftables;
     use crate::backend::nft::build as nft;
     use crate::backend::nft::state::{self as nftstate, NftState};
-    use crate::commands::explain::Format;
-    use crate::commands::output::render_report;
     use crate::config::tests::{SEED, build as config};
     use crate::model::NoResolver;
     use crate::system::exec::{ExecError, Runner};
