@@ -13,10 +13,11 @@ use std::time::Instant;
 use clap::error::ErrorKind;
 
 use istio_iptables::backend::Backend;
-use istio_iptables::backend::iptables::{Iptables, script};
+use istio_iptables::backend::iptables::Iptables;
 use istio_iptables::backend::nft::Nftables;
 use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::commands::apply::{self, Options};
+use istio_iptables::commands::dry_run;
 use istio_iptables::commands::explain::{self, ExplainRequest, InspectError};
 
 use istio_iptables::commands::validate;
@@ -187,9 +188,9 @@ fn run<C: Backend, O: Backend>(
         log_config(cfg, &facts, chosen.name());
         if cleanup {
             // Either backend: the script removes both backends' state.
-            print!("{}", script::render_cleanup(cfg));
+            print!("{}", dry_run::cleanup_script(cfg));
         } else {
-            print!("{}", chosen.script(cfg, &facts, &chosen.build(cfg, &facts)));
+            print!("{}", dry_run::apply_script(chosen, cfg, &facts));
         }
         return ExitCode::SUCCESS;
     }

@@ -1093,10 +1093,7 @@ mod tests {
         assert!(t.contains("add rule inet istio-proxy-mangle istio-inbound meta l4proto tcp mark 1337 counter return\n"), "{t}");
         assert!(rs.ip.is_empty());
         let (c, f) = config(&["-m", "TPROXY", "-b", "*"], &[]).unwrap();
-        assert_eq!(
-            build(&c, &f).ip,
-            crate::backend::iptables::build::build(&c, &f).ip
-        );
+        assert_eq!(build(&c, &f).ip, crate::routes::ip_commands(&c, &f));
         assert_eq!(build(&c, &f).ip.len(), 2);
     }
 
