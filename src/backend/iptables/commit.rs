@@ -304,6 +304,29 @@ fn changed_tables(program: &Program, before: &SaveState, now: &SaveState) -> Vec
         .collect()
 }
 
+/// Putting one family back did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("{error}; the {family} tables may be partly changed")]
+    Reread {
+        family: Family,
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<Error>,
+    },
+    #[error(
+        "restoring {family} failed{}: {family} tables still differing from before the run: {}",
+        failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default(),
+        left.join(", ")
+    )]
+    StillDiffering {
+        family: Family,
+        /// Why the restore itself failed, when it did.
+        failure: Option<String>,
+        /// Each table still differing, with what it holds.
+        left: Vec<String>,
+    },
+}
+
 /// How putting one family back went: `Ok(true)` put back and proved, `Ok(false)` nothing
 /// had changed; `Err`, what is left.
 ///
@@ -314,12 +337,14 @@ pub(super) fn roll_back(
     place: &Place,
     lock_wait_secs: u32,
     env: &mut Env<'_>,
-) -> Result<bool, String> {
+) -> Result<bool, RollbackError> {
     let (program, before) = (&place.program, &place.before);
     let family = program.family;
     let reread = |env: &mut Env<'_>| {
-        read_state(program, env.probe, env.runner)
-            .map_err(|e| format!("{e}; the {family} tables may be partly changed"))
+        read_state(program, env.probe, env.runner).map_err(|e| RollbackError::Reread {
+            family,
+            error: Box::new(e),
+        })
     };
     let now = reread(env)?;
     let changed = changed_tables(program, before, &now);
@@ -357,14 +382,14 @@ pub(super) fn roll_back(
     if left.is_empty() {
         return Ok(true);
     }
-    Err(format!(
-        "restoring {family} failed{}: {family} tables still differing from before the run: {}",
-        failure.map(|f| format!(" ({f})")).unwrap_or_default(),
-        left.iter()
+    Err(RollbackError::StillDiffering {
+        family,
+        failure,
+        left: left
+            .iter()
             .map(|t| format!("{t} ({})", describe_table(after.tables.get(t))))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
+            .collect(),
+    })
 }
 
 /// A short description of a table's content, for "what is left" messages.

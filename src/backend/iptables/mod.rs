@@ -276,7 +276,7 @@ impl Backend for Iptables {
             match roll_back(place, self.lock_wait_secs, env) {
                 Ok(true) => rollback.restored.push(place.program.family.to_string()),
                 Ok(false) => {}
-                Err(e) => rollback.failures.push(e),
+                Err(e) => rollback.failures.push(e.to_string()),
             }
         }
     }

@@ -180,12 +180,33 @@ pub(super) fn rejected_line(text: &str, error: &ExecError) -> Option<String> {
     text.lines().nth(n.checked_sub(1)?).map(str::to_string)
 }
 
+/// Putting our tables back did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("{error}; the nftables tables may be partly changed")]
+    Reread {
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<Error>,
+    },
+    #[error(
+        "restoring nftables failed{}: tables still differing from before the run: {}",
+        failure.as_ref().map(|f| format!(" ({f})")).unwrap_or_default(),
+        left.join(", ")
+    )]
+    StillDiffering {
+        /// The transaction's error, when it failed.
+        failure: Option<ExecError>,
+        /// Each table still differing, with its rule count.
+        left: Vec<String>,
+    },
+}
+
 /// Puts our nft tables back as `before` read them, in one transaction; re-reads to know
 /// what changed and again to prove the result. `Ok(true)`: put back; `Ok(false)`: nothing
 /// had changed; `Err`: what is left.
-pub(super) fn restore(before: &Live, env: &mut Env<'_>) -> Result<bool, String> {
+pub(super) fn restore(before: &Live, env: &mut Env<'_>) -> Result<bool, RollbackError> {
     let reread = |env: &mut Env<'_>| {
-        read_live(env).map_err(|e| format!("{e}; the nftables tables may be partly changed"))
+        read_live(env).map_err(|e| RollbackError::Reread { error: Box::new(e) })
     };
     let now = reread(env)?;
     let changed = to_rewrite(&now, &before.state, &before.order);
@@ -209,17 +230,16 @@ pub(super) fn restore(before: &Live, env: &mut Env<'_>) -> Result<bool, String> 
     if left.is_empty() {
         return Ok(true);
     }
-    Err(format!(
-        "restoring nftables failed{}: tables still differing from before the run: {}",
-        failure.map(|f| format!(" ({f})")).unwrap_or_default(),
-        left.iter()
+    Err(RollbackError::StillDiffering {
+        failure,
+        left: left
+            .iter()
             .map(|t| match after.state.tables.get(t) {
                 Some(s) => format!("{t} ({} rules)", s.rule_count()),
                 None => format!("{t} (absent)"),
             })
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
+            .collect(),
+    })
 }
 
 #[cfg(test)]

@@ -261,7 +261,7 @@ impl Backend for Nftables {
         match commit::restore(&state.live, env) {
             Ok(true) => rollback.restored.push("nftables".into()),
             Ok(false) => {}
-            Err(e) => rollback.failures.push(e),
+            Err(e) => rollback.failures.push(e.to_string()),
         }
     }
 
