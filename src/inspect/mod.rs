@@ -10,6 +10,7 @@ use self::output::{render_json, render_text};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::backend::iptables::build as rules;
+use crate::backend::iptables::detect;
 use crate::backend::iptables::plan::{self as reconcile, ChainDiff};
 use crate::backend::iptables::save::{SaveState, parse_save};
 use crate::backend::iptables::walk::Ruleset;
@@ -21,7 +22,7 @@ use crate::config::{BackendChoice, Config, HostFacts};
 use crate::model::OwnerResolver;
 use crate::model::{Family, Rule, Table};
 use crate::routes as ip;
-use crate::system::backend::{self, Probe};
+use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
 
 /// How a result is printed: text for people, JSON for tools.
@@ -180,7 +181,7 @@ pub fn read_live(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, InspectError> {
-    let b = backend::detect(family, cfg.backend.forced_flavor(), probe).map_err(|e| {
+    let b = detect::detect(family, cfg.backend.forced_flavor(), probe).map_err(|e| {
         InspectError::Read {
             family,
             reason: e.to_string(),
@@ -477,7 +478,7 @@ fn read_iptables_if_installed(
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<Option<SaveState>, InspectError> {
-    let Ok(b) = backend::detect(family, cfg.backend.forced_flavor(), probe) else {
+    let Ok(b) = detect::detect(family, cfg.backend.forced_flavor(), probe) else {
         return Ok(None);
     };
     let text = match runner.run(&b.save_program(), &[], None) {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::backend::iptables::detect::{NotInstalled, Program};
 use crate::backend::iptables::plan::{Conflict, Transaction};
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{ParseError, SaveState, TableState, parse_save};
@@ -12,7 +13,7 @@ use crate::backend::{Purpose, StepError};
 use crate::config::Flavor;
 use crate::model::{Family, Table};
 use crate::system::Env;
-use crate::system::backend::{self, NotInstalled, Probe, Program};
+use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
 
 /// A failed step of the iptables backend.

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod commit;
+pub mod detect;
 pub mod plan;
 pub mod restore;
 pub mod save;
@@ -14,13 +15,13 @@ pub mod walk;
 
 use self::build::Plan;
 use self::commit::{Error, Place, read_state, roll_back};
+use self::detect::{self as detection, Program};
 use self::plan::Transaction;
 use crate::backend::{Backend, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
-use crate::system::backend::{self as detection, Program};
 
 /// iptables, in the flavour `--force-iptables-binary` names or detection picks per family.
 #[derive(Debug, Clone, Copy)]
