@@ -24,9 +24,9 @@ use istio_iptables::inspect::{self, InspectError};
 use istio_iptables::logging;
 use istio_iptables::model::Family;
 use istio_iptables::system::Env;
-use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
+use istio_iptables::system::host_view::SystemProbe;
 use istio_iptables::system::{netns, nslock};
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does

@@ -22,8 +22,8 @@ use crate::config::{BackendChoice, Config, HostFacts};
 use crate::model::OwnerResolver;
 use crate::model::{Family, Rule, Table};
 use crate::routes as ip;
-use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
+use crate::system::host_view::Probe;
 
 /// How a result is printed: text for people, JSON for tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -770,7 +770,7 @@ mod tests {
         }
     }
 
-    use crate::system::backend::NftOnly;
+    use crate::system::host_view::NftOnly;
 
     /// `st` as `nft list ruleset` prints it.
     fn listing(st: &NftState) -> String {

@@ -9,8 +9,8 @@ use std::fmt;
 
 use crate::config::{Config, HostFacts, InboundPorts, Mode};
 use crate::model::{Family, parse_number};
-use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
+use crate::system::host_view::Probe;
 use crate::system::rtnl::Routing;
 
 /// An `ip` command the mode needs, as data.

@@ -69,7 +69,7 @@ impl SystemRunner {
         let path = if program.contains('/') {
             std::path::PathBuf::from(program)
         } else {
-            crate::system::backend::which(program).ok_or_else(|| ExecError::NotFound {
+            crate::system::host_view::which(program).ok_or_else(|| ExecError::NotFound {
                 program: program.to_string(),
             })?
         };

@@ -13,8 +13,8 @@ use crate::backend::{Purpose, StepError};
 use crate::config::Flavor;
 use crate::model::{Family, Table};
 use crate::system::Env;
-use crate::system::backend::{self, Probe};
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
+use crate::system::host_view::{self, Probe};
 
 /// A failed step of the iptables backend.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +146,7 @@ fn version_of(program: &Program, before: &SaveState) -> String {
     before
         .version
         .clone()
-        .or_else(|| backend::binary_version(&program.restore_program()))
+        .or_else(|| host_view::binary_version(&program.restore_program()))
         .unwrap_or_else(|| "version unknown".into())
 }
 

@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::config::Flavor;
 use crate::model::Family;
-use crate::system::backend::Probe;
+use crate::system::host_view::Probe;
 
 /// The iptables programs chosen for one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
