@@ -12,10 +12,6 @@ use crate::system::nftprobe::{self, NfFamily};
 pub trait Probe {
     /// Whether `program` is an executable on PATH.
     fn in_path(&self, program: &str) -> bool;
-    /// Whether every one of `programs` is (one walk of PATH where it can be).
-    fn in_path_all(&self, programs: &[&str]) -> bool {
-        programs.iter().all(|p| self.in_path(p))
-    }
     /// Legacy (x_tables) tables loaded in the current network namespace.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
     /// How many nftables tables the family has here (`None`: could not tell).
@@ -26,10 +22,6 @@ pub trait Probe {
     /// tell; callers then ask `ip`).
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
-    }
-    /// [`Probe::routing`] of IPv4 and IPv6, in that order (one read where it can be).
-    fn routing_both(&self) -> [Option<crate::system::rtnl::Routing>; 2] {
-        [self.routing(Family::V4), self.routing(Family::V6)]
     }
     /// Whether `lo` has the IPv6 passthrough address `::6/128` (`None`: could not tell;
     /// callers then ask `ip`).
@@ -145,10 +137,6 @@ impl Probe for SystemProbe {
         which(program).is_some()
     }
 
-    fn in_path_all(&self, programs: &[&str]) -> bool {
-        which_all(programs).iter().all(Option::is_some)
-    }
-
     fn legacy_tables(&self, family: Family) -> Vec<String> {
         let file = match family {
             Family::V4 => "ip_tables_names",
@@ -171,13 +159,6 @@ impl Probe for SystemProbe {
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
         crate::system::rtnl::routing(family)
-    }
-
-    fn routing_both(&self) -> [Option<crate::system::rtnl::Routing>; 2] {
-        match crate::system::rtnl::routing_both() {
-            Some([v4, v6]) => [Some(v4), Some(v6)],
-            None => [self.routing(Family::V4), self.routing(Family::V6)],
-        }
     }
 
     fn lo_passthrough_v6(&self) -> Option<bool> {

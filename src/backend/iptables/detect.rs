@@ -81,7 +81,7 @@ pub fn detect(
         Family::V6 => "ip6tables",
     };
     let have = |f: Flavor| {
-        probe.in_path_all(&[&format!("{base}-{f}-restore"), &format!("{base}-{f}-save")])
+        probe.in_path(&format!("{base}-{f}-restore")) && probe.in_path(&format!("{base}-{f}-save"))
     };
     if let Some(f) = forced {
         if !have(f) {
