@@ -63,8 +63,8 @@ pub struct SystemRunner;
 
 impl SystemRunner {
     fn spawn(program: &str, args: &[String], stdin: bool) -> Result<Child, ExecError> {
-        // Found once on PATH (detection already looked): the child then makes one execve,
-        // not one per PATH directory before it. argv[0] stays the name: iptables' multi-call
+        // Found on PATH here (a stat per directory): the child then makes one execve, not
+        // one per PATH directory before it. argv[0] stays the name: iptables' multi-call
         // binary dispatches on it.
         let path = if program.contains('/') {
             std::path::PathBuf::from(program)

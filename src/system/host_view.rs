@@ -47,89 +47,23 @@ pub trait Probe {
 #[derive(Debug, Default)]
 pub struct SystemProbe;
 
-/// Full path of `program` on PATH. Remembered for the rest of the run (PATH and the
-/// programs do not change under one run): detection, the state read and the commit ask for
-/// the same few programs.
+/// Full path of `program`: the first directory on PATH that has it as an executable file
+/// (symlinks followed: iptables-nft-save is one). Looked up each time it is asked (one `stat`
+/// per directory until found), so nothing is remembered between calls.
 pub fn which(program: &str) -> Option<PathBuf> {
-    which_all(&[program]).pop().flatten()
-}
-
-/// [`which`] of several programs, found in one walk of PATH (each directory opened once).
-pub fn which_all(programs: &[&str]) -> Vec<Option<PathBuf>> {
-    type Found = Vec<((std::ffi::OsString, String), Option<PathBuf>)>;
-    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
-    let Some(path) = std::env::var_os("PATH") else {
-        return vec![None; programs.len()];
-    };
-    let key = |p: &str| (path.clone(), p.to_string());
-    let mut out: Vec<Option<Option<PathBuf>>> = match FOUND.lock() {
-        Ok(found) => programs
-            .iter()
-            .map(|p| {
-                let k = key(p);
-                found.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone())
-            })
-            .collect(),
-        Err(_) => vec![None; programs.len()],
-    };
-    let missing: Vec<&str> = programs
-        .iter()
-        .zip(&out)
-        .filter(|(_, v)| v.is_none())
-        .map(|(p, _)| *p)
-        .collect();
-    if !missing.is_empty() {
-        let looked = lookup(&path, &missing);
-        if let Ok(mut found) = FOUND.lock() {
-            for (p, v) in missing.iter().zip(&looked) {
-                found.push((key(p), v.clone()));
-            }
-        }
-        let mut looked = missing.iter().zip(looked);
-        for (p, v) in programs.iter().zip(out.iter_mut()) {
-            if v.is_none()
-                && let Some((_, l)) = looked.find(|(m, _)| *m == p)
-            {
-                *v = Some(l);
-            }
-        }
-    }
-    out.into_iter().map(Option::flatten).collect()
-}
-
-/// Each of `programs` in the first directory of `path` that has it as an executable file.
-/// One `stat` per directory and program still missing (opening each directory to look in
-/// it costs two calls more); a directory listed twice is looked at once.
-fn lookup(path: &std::ffi::OsStr, programs: &[&str]) -> Vec<Option<PathBuf>> {
-    use nix::sys::stat::{FileStat, SFlag, stat};
-    let executable = |st: &FileStat| {
-        SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
-            && st.st_mode & 0o111 != 0
-    };
-    let mut out: Vec<Option<PathBuf>> = vec![None; programs.len()];
-    let mut seen: Vec<PathBuf> = Vec::new();
-    for dir in std::env::split_paths(path) {
-        if out.iter().all(Option::is_some) {
-            break;
-        }
-        if seen.contains(&dir) {
-            continue;
-        }
-        seen.push(dir.clone());
+    use nix::sys::stat::{SFlag, stat};
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find_map(|dir| {
         // An empty entry means the current directory, as for a shell.
         let base = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir.as_path()
         };
-        for (p, slot) in programs.iter().zip(out.iter_mut()) {
-            // Follows symlinks (iptables-nft-save is one).
-            if slot.is_none() && stat(&base.join(p)).is_ok_and(|st| executable(&st)) {
-                *slot = Some(dir.join(p));
-            }
-        }
-    }
-    out
+        let st = stat(&base.join(program)).ok()?;
+        let file = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
+        (file && st.st_mode & 0o111 != 0).then(|| dir.join(program))
+    })
 }
 
 impl Probe for SystemProbe {
@@ -201,20 +135,7 @@ impl Probe for NftOnly {
 /// The version compiled into the binary (read from its file, so that detection runs no
 /// process): the first NUL-separated string of the form `1.8.9` or `1.8.9 (nf_tables)`.
 pub fn binary_version(program: &str) -> Option<String> {
-    // Remembered for the run, as `which` is (the nft check asks twice).
-    type Found = Vec<(PathBuf, Option<String>)>;
-    static FOUND: std::sync::Mutex<Found> = std::sync::Mutex::new(Vec::new());
-    let path = which(program)?;
-    if let Ok(found) = FOUND.lock()
-        && let Some((_, v)) = found.iter().find(|(p, _)| *p == path)
-    {
-        return v.clone();
-    }
-    let v = read_binary_version(&path);
-    if let Ok(mut found) = FOUND.lock() {
-        found.push((path, v.clone()));
-    }
-    v
+    read_binary_version(&which(program)?)
 }
 
 fn read_binary_version(path: &Path) -> Option<String> {
