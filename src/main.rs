@@ -184,9 +184,14 @@ fn run<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config, started: Ins
         return ExitCode::SUCCESS;
     }
 
-    if cfg.cni_mode {
-        netns::scope_xtables_lock(cfg.network_namespace.as_deref());
-    }
+    // The programs we run get the pod's xtables lock in CNI mode (ours is not changed).
+    let mut runner = if cfg.cni_mode {
+        SystemRunner::with_env(vec![netns::pod_xtables_lock(
+            cfg.network_namespace.as_deref(),
+        )])
+    } else {
+        SystemRunner::default()
+    };
     if let Err(e) = enter_namespace(cfg) {
         report(e);
         return ExitCode::from(Exit::Failure);
@@ -211,7 +216,6 @@ fn run<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config, started: Ins
     }
 
     let opts = Options::from_config(cfg);
-    let mut runner = SystemRunner;
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
@@ -375,7 +379,7 @@ fn inspect_command(command: &Command, cfg: &Config) -> ExitCode {
         report(e);
         ExitCode::from(c)
     };
-    let mut runner = SystemRunner;
+    let mut runner = SystemRunner::default();
     match command {
         Command::Explain(a) => {
             let a = &inspect::ExplainRequest::from(a);
