@@ -32,8 +32,8 @@ pub trait Probe {
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
         None
     }
-    /// The version of the `nft` program (`None`: could not tell).
-    fn nft_version(&self) -> Option<String> {
+    /// The version of `program`, as compiled into its binary (`None`: could not tell).
+    fn version(&self, _program: &str) -> Option<String> {
         None
     }
     /// Whether an nftables table of `family` (iptables-nft's) has a chain named `prefix…`
@@ -103,8 +103,8 @@ impl Probe for SystemProbe {
         nftprobe::read(NfFamily::Inet).map(|t| t.names())
     }
 
-    fn nft_version(&self) -> Option<String> {
-        binary_version("nft")
+    fn version(&self, program: &str) -> Option<String> {
+        binary_version(program)
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {

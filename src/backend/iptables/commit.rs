@@ -14,7 +14,7 @@ use crate::config::Flavor;
 use crate::model::{Family, Table};
 use crate::system::Env;
 use crate::system::exec::{ExecError, Runner, failed_restore_line};
-use crate::system::host_view::{self, Probe};
+use crate::system::host_view::Probe;
 
 /// A failed step of the iptables backend.
 #[derive(Debug, thiserror::Error)]
@@ -142,11 +142,11 @@ fn restore_args(program: &Program, noflush: bool, lock_wait_secs: u32) -> Vec<St
     a
 }
 
-fn version_of(program: &Program, before: &SaveState) -> String {
+fn version_of(program: &Program, before: &SaveState, probe: &dyn Probe) -> String {
     before
         .version
         .clone()
-        .or_else(|| host_view::binary_version(&program.restore_program()))
+        .or_else(|| probe.version(&program.restore_program()))
         .unwrap_or_else(|| "version unknown".into())
 }
 
@@ -266,7 +266,7 @@ pub(super) fn commit(
                     .and_then(failed_restore_line)
                     .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
                     .map(str::to_string),
-                version: version_of(&place.program, &place.before),
+                version: version_of(&place.program, &place.before, env.probe),
                 program,
                 error,
             },
