@@ -142,39 +142,9 @@ impl Runner for SystemRunner {
     }
 }
 
-/// From iptables-restore's stderr (`... line 7 failed`), the 1-based payload line it rejected.
-/// Understands `line 7 failed` (legacy) and `Error occurred at line: 7` (nft).
-pub fn failed_restore_line(stderr: &str) -> Option<usize> {
-    stderr.match_indices("line").find_map(|(i, _)| {
-        let rest = stderr[i + 4..].trim_start_matches([':', ' ']);
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        digits.parse().ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn restore_line_is_found() {
-        assert_eq!(
-            failed_restore_line("iptables-restore: line 7 failed\n"),
-            Some(7)
-        );
-        assert_eq!(
-            failed_restore_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
-            Some(12)
-        );
-        assert_eq!(
-            failed_restore_line("iptables-restore: Error occurred at line: 21\nTry it"),
-            Some(21)
-        );
-        assert_eq!(
-            failed_restore_line("Another app is currently holding the xtables lock"),
-            None
-        );
-    }
 
     #[test]
     fn missing_program_is_reported_as_not_found() {

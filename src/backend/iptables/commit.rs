@@ -13,7 +13,7 @@ use crate::backend::{Purpose, StepError};
 use crate::config::Flavor;
 use crate::model::{Family, Table};
 use crate::system::Env;
-use crate::system::exec::{ExecError, Runner, failed_restore_line};
+use crate::system::exec::{ExecError, Runner};
 use crate::system::host_view::Probe;
 
 /// A failed step of the iptables backend.
@@ -96,6 +96,16 @@ pub(super) fn explain_exec(e: &ExecError) -> String {
         }
         _ => e.to_string(),
     }
+}
+
+/// From iptables-restore's stderr (`... line 7 failed`), the 1-based payload line it rejected.
+/// Understands `line 7 failed` (legacy) and `Error occurred at line: 7` (nft).
+fn failed_restore_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(i, _)| {
+        let rest = stderr[i + 4..].trim_start_matches([':', ' ']);
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    })
 }
 
 /// Reads one family with `program`'s save (nothing to run where the flavour has no tables).
@@ -389,5 +399,30 @@ fn describe_table(t: Option<&TableState>) -> String {
                 }
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_line_is_found() {
+        assert_eq!(
+            failed_restore_line("iptables-restore: line 7 failed\n"),
+            Some(7)
+        );
+        assert_eq!(
+            failed_restore_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
+            Some(12)
+        );
+        assert_eq!(
+            failed_restore_line("iptables-restore: Error occurred at line: 21\nTry it"),
+            Some(21)
+        );
+        assert_eq!(
+            failed_restore_line("Another app is currently holding the xtables lock"),
+            None
+        );
     }
 }
