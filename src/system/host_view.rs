@@ -23,9 +23,8 @@ pub trait Probe {
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
-    /// Whether `lo` has the IPv6 passthrough address `::6/128` (`None`: could not tell;
-    /// callers then ask `ip`).
-    fn lo_passthrough_v6(&self) -> Option<bool> {
+    /// Whether `lo` has `addr/128` (`None`: could not tell; callers then ask `ip`).
+    fn lo_has_v6_host_address(&self, _addr: std::net::Ipv6Addr) -> Option<bool> {
         None
     }
     /// The names of the nftables `inet` tables here (`None`: could not tell).
@@ -95,8 +94,8 @@ impl Probe for SystemProbe {
         crate::system::rtnl::routing(family)
     }
 
-    fn lo_passthrough_v6(&self) -> Option<bool> {
-        crate::system::rtnl::lo_has_passthrough_v6()
+    fn lo_has_v6_host_address(&self, addr: std::net::Ipv6Addr) -> Option<bool> {
+        crate::system::rtnl::lo_has_v6_host_address(addr)
     }
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {

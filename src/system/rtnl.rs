@@ -50,16 +50,15 @@ pub struct Routing {
     pub local_default_tables: BTreeSet<u32>,
 }
 
-/// Whether `lo` has `::6/128` (the address IPv6 TPROXY/inbound passthrough adds).
-pub fn lo_has_passthrough_v6() -> Option<bool> {
-    let six = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// Whether `lo` has `addr/128`.
+pub fn lo_has_v6_host_address(addr: std::net::Ipv6Addr) -> Option<bool> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     Some(addrs.into_iter().any(|a| {
         a.interface_name == "lo"
             && a.address
                 .as_ref()
                 .and_then(|x| x.as_sockaddr_in6())
-                .is_some_and(|x| x.ip() == six)
+                .is_some_and(|x| x.ip() == addr)
             && a.netmask
                 .as_ref()
                 .and_then(|x| x.as_sockaddr_in6())
