@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::model::Family;
 use crate::system::nftprobe::{self, NfFamily};
 
-/// What detection looks at.
+/// What the host shows without running anything: what iptables detection, the backends'
+/// reads, the `ip` steps and inspect ask (the tests give fakes). Where a method has a
+/// default, `None` means "could not tell" and the caller does without it.
 pub trait Probe {
     /// Whether `program` is an executable on PATH.
     fn in_path(&self, program: &str) -> bool;
@@ -131,6 +133,7 @@ impl Probe for NftOnly {
         vec![]
     }
 }
+
 /// The version compiled into the binary (read from its file, so that detection runs no
 /// process): the first NUL-separated string of the form `1.8.9` or `1.8.9 (nf_tables)`.
 pub fn binary_version(program: &str) -> Option<String> {
