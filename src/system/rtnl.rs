@@ -148,40 +148,29 @@ fn local_default_table(body: &[u8], lo: u32) -> Option<u32> {
     (oif == Some(lo)).then_some(table)
 }
 
-/// The policy routing of `family` in the current network namespace.
+/// The policy routing of `family` in the current network namespace: two dumps (rules, then
+/// routes) of that family.
 pub fn routing(family: Family) -> Option<Routing> {
-    let [v4, v6] = read_routing(af(family))?;
-    Some(match family {
-        Family::V4 => v4,
-        Family::V6 => v6,
-    })
-}
-
-/// Rules and routes of `family` (0: all), split into IPv4 and IPv6.
-fn read_routing(family: u8) -> Option<[Routing; 2]> {
+    let family = af(family);
     let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
-    let slot = |body: &[u8]| match body.first() {
-        Some(&f) if f == libc_af::INET => Some(0),
-        Some(&f) if f == libc_af::INET6 => Some(1),
-        _ => None,
-    };
-    let mut out: [Routing; 2] = Default::default();
+    let ours = |body: &[u8]| body.first() == Some(&family);
+    let mut out = Routing::default();
     for (ty, b) in dump(&mut sock, RTM_GETRULE, family)? {
         if ty == RTM_NEWRULE
-            && let Some(i) = slot(&b)
+            && ours(&b)
             && let Some(rule) = parse_rule(&b)
         {
-            out[i].rules.push(rule);
+            out.rules.push(rule);
         }
     }
     // Routes are only of interest next to a rule with a mark, or on their own as leftovers
     // of a run killed between adding the route and the rule: always look.
     for (ty, b) in dump(&mut sock, RTM_GETROUTE, family)? {
         if ty == RTM_NEWROUTE
-            && let Some(i) = slot(&b)
+            && ours(&b)
             && let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX)
         {
-            out[i].local_default_tables.insert(t);
+            out.local_default_tables.insert(t);
         }
     }
     Some(out)
