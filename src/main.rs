@@ -26,9 +26,9 @@ use istio_iptables::config::listfile;
 use istio_iptables::config::{BackendChoice, Config, HostFacts, RunMode, parse_go_bool};
 use istio_iptables::logging;
 use istio_iptables::system::Env;
-use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::{self, RealHost};
+use istio_iptables::system::host_view::SystemProbe;
 use istio_iptables::system::{netns, nslock};
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
@@ -195,9 +195,14 @@ fn run<C: Backend, O: Backend>(
         return ExitCode::SUCCESS;
     }
 
-    if cfg.cni_mode {
-        netns::scope_xtables_lock(cfg.network_namespace.as_deref());
-    }
+    // The programs we run get the pod's xtables lock in CNI mode (ours is not changed).
+    let mut runner = if cfg.cni_mode {
+        SystemRunner::with_env(vec![netns::pod_xtables_lock(
+            cfg.network_namespace.as_deref(),
+        )])
+    } else {
+        SystemRunner::default()
+    };
     if let Err(e) = enter_namespace(cfg) {
         report(e);
         return ExitCode::from(Exit::Failure);
@@ -222,7 +227,6 @@ fn run<C: Backend, O: Backend>(
     }
 
     let opts = Options::from_config(cfg);
-    let mut runner = SystemRunner;
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
@@ -391,7 +395,7 @@ fn inspect_command<C: Backend, O: Backend>(
         report(e);
         ExitCode::from(c)
     };
-    let mut runner = SystemRunner;
+    let mut runner = SystemRunner::default();
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,

@@ -236,8 +236,8 @@ mod tests {
     use crate::backend::nft::Nftables;
     use crate::config::tests::build as config;
     use crate::model::NoResolver;
-    use crate::system::backend::{NftOnly, Probe};
     use crate::system::exec::Runner;
+    use crate::system::host_view::{NftOnly, Probe};
     use std::collections::BTreeMap;
 
     /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).

@@ -395,7 +395,7 @@ mod tests {
         };
         let mut env = Env {
             runner: &mut NoPrograms,
-            probe: &crate::system::backend::NftOnly,
+            probe: &crate::system::host_view::NftOnly,
             resolver: &NoResolver,
         };
         explain(&backend, a, cfg, facts, &mut env)

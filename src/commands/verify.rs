@@ -305,7 +305,7 @@ mod tests {
         }
     }
 
-    use crate::system::backend::NftOnly;
+    use crate::system::host_view::NftOnly;
 
     /// `st` as `nft list ruleset` prints it.
     fn listing(st: &NftState) -> String {

@@ -9,9 +9,12 @@ use std::fmt;
 
 use crate::config::{Config, HostFacts, InboundPorts, Mode};
 use crate::model::{Family, parse_number};
-use crate::system::backend::Probe;
 use crate::system::exec::{ExecError, Runner};
+use crate::system::host_view::Probe;
 use crate::system::rtnl::Routing;
+
+/// `::6`, the source address of inbound passthrough over IPv6 (on `lo`, as `::6/128`).
+const INBOUND_V6_ADDRESS: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// An `ip` command the mode needs, as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +236,7 @@ pub fn present(
     runner: &mut dyn Runner,
 ) -> Result<bool, ExecError> {
     let known = match cmd {
-        IpCommand::AddInboundV6Address => probe.lo_passthrough_v6(),
+        IpCommand::AddInboundV6Address => probe.lo_has_v6_host_address(INBOUND_V6_ADDRESS),
         _ => probe
             .routing(family_of(cmd))
             .and_then(|r| present_in_routing(cmd, &r)),

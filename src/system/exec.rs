@@ -2,6 +2,7 @@
 //! installed", "not permitted", "could not start" and "ran and failed", and always keeps the
 //! program's stderr for the error message. Payloads go on stdin: no temp files.
 
+use std::ffi::OsString;
 use std::io::{self, Write};
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -57,25 +58,34 @@ pub trait Runner {
     ) -> Result<String, ExecError>;
 }
 
-/// Spawns real processes.
+/// Spawns real processes, in this process's environment plus `env`.
 #[derive(Debug, Default)]
-pub struct SystemRunner;
+pub struct SystemRunner {
+    /// Set in every child's environment (ours stays as it is).
+    env: Vec<(OsString, OsString)>,
+}
 
 impl SystemRunner {
-    fn spawn(program: &str, args: &[String], stdin: bool) -> Result<Child, ExecError> {
-        // Found once on PATH (detection already looked): the child then makes one execve,
-        // not one per PATH directory before it. argv[0] stays the name: iptables' multi-call
+    /// A runner whose children also get `env` (e.g. `XTABLES_LOCKFILE` in CNI mode).
+    pub fn with_env(env: Vec<(OsString, OsString)>) -> SystemRunner {
+        SystemRunner { env }
+    }
+
+    fn spawn(&self, program: &str, args: &[String], stdin: bool) -> Result<Child, ExecError> {
+        // Found on PATH here (a stat per directory): the child then makes one execve, not
+        // one per PATH directory before it. argv[0] stays the name: iptables' multi-call
         // binary dispatches on it.
         let path = if program.contains('/') {
             std::path::PathBuf::from(program)
         } else {
-            crate::system::backend::which(program).ok_or_else(|| ExecError::NotFound {
+            crate::system::host_view::which(program).ok_or_else(|| ExecError::NotFound {
                 program: program.to_string(),
             })?
         };
         Command::new(path)
             .arg0(program)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -107,7 +117,7 @@ impl Runner for SystemRunner {
             .collect::<Vec<_>>()
             .join(" ");
         tracing::debug!(%command, "running");
-        let mut child = Self::spawn(program, args, stdin.is_some())?;
+        let mut child = self.spawn(program, args, stdin.is_some())?;
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("piped stdin");
             // A program that exits early closes the pipe; its exit status tells why.
@@ -132,51 +142,36 @@ impl Runner for SystemRunner {
     }
 }
 
-/// From iptables-restore's stderr (`... line 7 failed`), the 1-based payload line it rejected.
-/// Understands `line 7 failed` (legacy) and `Error occurred at line: 7` (nft).
-pub fn failed_restore_line(stderr: &str) -> Option<usize> {
-    stderr.match_indices("line").find_map(|(i, _)| {
-        let rest = stderr[i + 4..].trim_start_matches([':', ' ']);
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        digits.parse().ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn restore_line_is_found() {
-        assert_eq!(
-            failed_restore_line("iptables-restore: line 7 failed\n"),
-            Some(7)
-        );
-        assert_eq!(
-            failed_restore_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
-            Some(12)
-        );
-        assert_eq!(
-            failed_restore_line("iptables-restore: Error occurred at line: 21\nTry it"),
-            Some(21)
-        );
-        assert_eq!(
-            failed_restore_line("Another app is currently holding the xtables lock"),
-            None
-        );
-    }
-
-    #[test]
     fn missing_program_is_reported_as_not_found() {
-        let e = SystemRunner
+        let e = SystemRunner::default()
             .run("/nonexistent/iptables-restore", &[], None)
             .unwrap_err();
         assert!(matches!(e, ExecError::NotFound { .. }), "{e}");
     }
 
     #[test]
+    fn extra_env_reaches_the_child_only() {
+        let mut runner =
+            SystemRunner::with_env(vec![("ISTIO_IPTABLES_TEST_VAR".into(), "pod".into())]);
+        let out = runner
+            .run(
+                "sh",
+                &["-c".into(), "printf %s \"$ISTIO_IPTABLES_TEST_VAR\"".into()],
+                None,
+            )
+            .unwrap();
+        assert_eq!(out, "pod");
+        assert_eq!(std::env::var_os("ISTIO_IPTABLES_TEST_VAR"), None);
+    }
+
+    #[test]
     fn failure_keeps_stderr() {
-        let e = SystemRunner
+        let e = SystemRunner::default()
             .run(
                 "sh",
                 &["-c".into(), "echo oops >&2; exit 3".into()],

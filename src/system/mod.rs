@@ -1,9 +1,9 @@
 //! Everything that touches the host: programs run, the kernel read over netlink, the network
 //! namespace entered and locked, users and addresses looked up, the validation probe's sockets.
 
-pub mod backend;
 pub mod exec;
 pub mod host;
+pub mod host_view;
 pub mod netlink;
 pub mod netns;
 pub mod nftprobe;
@@ -17,6 +17,6 @@ use crate::model::OwnerResolver;
 /// programs to run, what the kernel shows without running anything, and user names.
 pub struct Env<'a> {
     pub runner: &'a mut dyn exec::Runner,
-    pub probe: &'a dyn backend::Probe,
+    pub probe: &'a dyn host_view::Probe,
     pub resolver: &'a dyn OwnerResolver,
 }

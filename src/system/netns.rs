@@ -1,6 +1,7 @@
 //! Entering a network namespace (`--network-namespace`) and scoping the xtables lock to the
 //! pod (`--cni-mode`). Only this process changes namespace; the caller's stays as it was.
 
+use std::ffi::OsString;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -45,11 +46,12 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
 }
 
 /// In CNI mode we run in the node's filesystem, where /run/xtables.lock is shared by every
-/// pod; Istio scopes the lock to the pod. Children inherit XTABLES_LOCKFILE.
-// Edition 2024 makes set_var unsafe (another thread may read the environment meanwhile);
-// this runs in main before any thread starts, and the children we run inherit the variable.
-#[allow(unsafe_code)]
-pub fn scope_xtables_lock(ns: Option<&Path>) {
+/// pod; Istio scopes the lock to the pod. Returns `XTABLES_LOCKFILE` and the pod's lock file,
+/// for the environment of the programs we run ([`SystemRunner::with_env`]); our own
+/// environment is left as it is.
+///
+/// [`SystemRunner::with_env`]: crate::system::exec::SystemRunner::with_env
+pub fn pod_xtables_lock(ns: Option<&Path>) -> (OsString, OsString) {
     let tag: String = ns
         .map(|p| {
             p.to_string_lossy()
@@ -60,6 +62,5 @@ pub fn scope_xtables_lock(ns: Option<&Path>) {
         .unwrap_or_else(|| std::process::id().to_string());
     let lock = std::env::temp_dir().join(format!("istio-iptables-{tag}.xtables.lock"));
     tracing::debug!(lock = %lock.display(), "CNI mode: xtables lock scoped to the pod");
-    // SAFETY: called from main before any other thread exists.
-    unsafe { std::env::set_var("XTABLES_LOCKFILE", lock) };
+    ("XTABLES_LOCKFILE".into(), lock.into())
 }

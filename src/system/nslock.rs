@@ -35,11 +35,16 @@ pub struct NsLock {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another istio-iptables run{holder} in this network namespace held its lock \
+        "another istio-iptables run{} in this network namespace held its lock \
          (abstract socket @{NAME}) for more than {secs} s: gave up waiting, nothing was \
-         changed (IPTABLES_LOCK_WAIT_SECONDS sets the wait)"
+         changed (IPTABLES_LOCK_WAIT_SECONDS sets the wait)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
-    Timeout { secs: u64, holder: String },
+    Timeout {
+        secs: u64,
+        /// The holder's pid, when it could be asked.
+        holder: Option<i32>,
+    },
     #[error("taking this network namespace's lock (abstract socket @{NAME}): {0}")]
     Socket(Errno),
 }
@@ -103,7 +108,7 @@ pub fn acquire(wait: Duration) -> Result<NsLock, LockError> {
         if start.elapsed() >= wait {
             return Err(LockError::Timeout {
                 secs: wait.as_secs(),
-                holder: holder().map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                holder: holder(),
             });
         }
         if !said {

@@ -50,16 +50,15 @@ pub struct Routing {
     pub local_default_tables: BTreeSet<u32>,
 }
 
-/// Whether `lo` has `::6/128` (the address IPv6 TPROXY/inbound passthrough adds).
-pub fn lo_has_passthrough_v6() -> Option<bool> {
-    let six = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// Whether `lo` has `addr/128`.
+pub fn lo_has_v6_host_address(addr: std::net::Ipv6Addr) -> Option<bool> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     Some(addrs.into_iter().any(|a| {
         a.interface_name == "lo"
             && a.address
                 .as_ref()
                 .and_then(|x| x.as_sockaddr_in6())
-                .is_some_and(|x| x.ip() == six)
+                .is_some_and(|x| x.ip() == addr)
             && a.netmask
                 .as_ref()
                 .and_then(|x| x.as_sockaddr_in6())
@@ -149,46 +148,29 @@ fn local_default_table(body: &[u8], lo: u32) -> Option<u32> {
     (oif == Some(lo)).then_some(table)
 }
 
-/// The policy routing of `family` in the current network namespace.
+/// The policy routing of `family` in the current network namespace: two dumps (rules, then
+/// routes) of that family.
 pub fn routing(family: Family) -> Option<Routing> {
-    let [v4, v6] = read_routing(af(family))?;
-    Some(match family {
-        Family::V4 => v4,
-        Family::V6 => v6,
-    })
-}
-
-/// The policy routing of both families, IPv4 first: two dumps in all (rules, routes), each
-/// of every family at once.
-pub fn routing_both() -> Option<[Routing; 2]> {
-    read_routing(0)
-}
-
-/// Rules and routes of `family` (0: all), split into IPv4 and IPv6.
-fn read_routing(family: u8) -> Option<[Routing; 2]> {
+    let family = af(family);
     let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
-    let slot = |body: &[u8]| match body.first() {
-        Some(&f) if f == libc_af::INET => Some(0),
-        Some(&f) if f == libc_af::INET6 => Some(1),
-        _ => None,
-    };
-    let mut out: [Routing; 2] = Default::default();
+    let ours = |body: &[u8]| body.first() == Some(&family);
+    let mut out = Routing::default();
     for (ty, b) in dump(&mut sock, RTM_GETRULE, family)? {
         if ty == RTM_NEWRULE
-            && let Some(i) = slot(&b)
+            && ours(&b)
             && let Some(rule) = parse_rule(&b)
         {
-            out[i].rules.push(rule);
+            out.rules.push(rule);
         }
     }
     // Routes are only of interest next to a rule with a mark, or on their own as leftovers
     // of a run killed between adding the route and the rule: always look.
     for (ty, b) in dump(&mut sock, RTM_GETROUTE, family)? {
         if ty == RTM_NEWROUTE
-            && let Some(i) = slot(&b)
+            && ours(&b)
             && let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX)
         {
-            out[i].local_default_tables.insert(t);
+            out.local_default_tables.insert(t);
         }
     }
     Some(out)
@@ -218,11 +200,11 @@ mod tests {
                 && ip("-4 route add local default dev lo table 140")
                 && ip("-4 rule add fwmark 5 lookup 254")
                 && ip("-4 rule add fwmark 6 lookup 300 iif eth0");
-            ok.then(|| (routing(Family::V4), routing(Family::V6), routing_both()))
+            ok.then(|| (routing(Family::V4), routing(Family::V6)))
         })
         .join()
         .unwrap();
-        let Some((Some(v4), Some(v6), Some(both))) = r else {
+        let Some((Some(v4), Some(v6))) = r else {
             panic!("could not set up or read the namespace: {r:?}");
         };
         let marked: Vec<(Option<u32>, u32, bool)> = v4
@@ -237,7 +219,5 @@ mod tests {
         assert_eq!(v4.local_default_tables, BTreeSet::from([140]));
         assert!(v6.local_default_tables.is_empty());
         assert!(v4.rules.iter().any(|r| r.mark.is_none() && r.table == 254));
-        // One read of both families says the same as one read of each.
-        assert_eq!(both, [v4, v6]);
     }
 }

@@ -58,9 +58,9 @@ use istio_iptables::commands::explain::{self, ExplainRequest};
 use istio_iptables::config::{BackendChoice, Config, HostFacts};
 use istio_iptables::model::{Family, Table};
 use istio_iptables::system::Env;
-use istio_iptables::system::backend::SystemProbe;
 use istio_iptables::system::exec::SystemRunner;
 use istio_iptables::system::host::RealHost;
+use istio_iptables::system::host_view::SystemProbe;
 
 use common::{
     APP, BIN, Backend, CIDR_SCENARIOS, DEFAULT_TIMEOUT, DNS_SCENARIOS, Dest,
@@ -533,7 +533,7 @@ impl Lab {
             return Err("not an explain command line".into());
         };
         let req = ExplainRequest::from(a);
-        let mut runner = SystemRunner;
+        let mut runner = SystemRunner::default();
         let mut env = Env {
             runner: &mut runner,
             probe: &SystemProbe,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::backend::iptables::detect::{NotInstalled, Program};
 use crate::backend::iptables::plan::{Conflict, Transaction};
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{ParseError, SaveState, TableState, parse_save};
@@ -12,8 +13,8 @@ use crate::backend::{Purpose, StepError};
 use crate::config::Flavor;
 use crate::model::{Family, Table};
 use crate::system::Env;
-use crate::system::backend::{self, NotInstalled, Probe, Program};
-use crate::system::exec::{ExecError, Runner, failed_restore_line};
+use crate::system::exec::{ExecError, Runner};
+use crate::system::host_view::Probe;
 
 /// A failed step of the iptables backend.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,16 @@ pub(super) fn explain_exec(e: &ExecError) -> String {
     }
 }
 
+/// From iptables-restore's stderr (`... line 7 failed`), the 1-based payload line it rejected.
+/// Understands `line 7 failed` (legacy) and `Error occurred at line: 7` (nft).
+fn failed_restore_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(i, _)| {
+        let rest = stderr[i + 4..].trim_start_matches([':', ' ']);
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    })
+}
+
 /// Reads one family with `program`'s save (nothing to run where the flavour has no tables).
 pub(super) fn read_state(
     program: &Program,
@@ -141,11 +152,11 @@ fn restore_args(program: &Program, noflush: bool, lock_wait_secs: u32) -> Vec<St
     a
 }
 
-fn version_of(program: &Program, before: &SaveState) -> String {
+fn version_of(program: &Program, before: &SaveState, probe: &dyn Probe) -> String {
     before
         .version
         .clone()
-        .or_else(|| backend::binary_version(&program.restore_program()))
+        .or_else(|| probe.version(&program.restore_program()))
         .unwrap_or_else(|| "version unknown".into())
 }
 
@@ -265,7 +276,7 @@ pub(super) fn commit(
                     .and_then(failed_restore_line)
                     .and_then(|n| payload.lines().nth(n.saturating_sub(1)))
                     .map(str::to_string),
-                version: version_of(&place.program, &place.before),
+                version: version_of(&place.program, &place.before, env.probe),
                 program,
                 error,
             },
@@ -413,5 +424,30 @@ fn describe_table(t: Option<&TableState>) -> String {
                 }
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_line_is_found() {
+        assert_eq!(
+            failed_restore_line("iptables-restore: line 7 failed\n"),
+            Some(7)
+        );
+        assert_eq!(
+            failed_restore_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
+            Some(12)
+        );
+        assert_eq!(
+            failed_restore_line("iptables-restore: Error occurred at line: 21\nTry it"),
+            Some(21)
+        );
+        assert_eq!(
+            failed_restore_line("Another app is currently holding the xtables lock"),
+            None
+        );
     }
 }

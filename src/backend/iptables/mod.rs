@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod commit;
+pub mod detect;
 pub mod plan;
 pub mod restore;
 pub mod save;
@@ -14,6 +15,7 @@ pub mod walk;
 
 use self::build::Plan;
 use self::commit::{Error, Place, read_state, roll_back};
+use self::detect::{self as detection, Program};
 use self::plan::Transaction;
 use crate::backend::walk::{Hook, Packet, Unsupported};
 use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
@@ -21,7 +23,6 @@ use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
-use crate::system::backend::{self as detection, Program};
 use crate::system::exec::ExecError;
 
 /// iptables, in the flavour `--force-iptables-binary` names or detection picks per family.

@@ -90,7 +90,7 @@ pub(super) fn check_nft(env: &Env<'_>) -> Result<(), Error> {
     if !env.probe.in_path("nft") {
         return Err(Error::Missing);
     }
-    if let Some(version) = env.probe.nft_version()
+    if let Some(version) = env.probe.version("nft")
         && parse_version(&version).is_some_and(|v| v < MIN_NFT)
     {
         return Err(Error::TooOld { version });
