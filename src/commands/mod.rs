@@ -6,5 +6,6 @@ pub mod apply;
 pub mod dry_run;
 pub mod explain;
 pub mod output;
+pub mod run;
 pub mod validate;
 pub mod verify;

@@ -1,0 +1,339 @@
+//! One run of the program, once the config is valid and the backend chosen: `explain` or
+//! `verify`, or the apply command (dry run, cleanup, apply, validation), with Istio's log
+//! lines; the outcome as an exit code.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use super::apply::{self, Options};
+use super::explain::{self, ExplainRequest, InspectError};
+use super::verify::{self, render_report};
+use super::{dry_run, validate};
+use crate::backend::Backend;
+use crate::cli::{Command, Exit};
+use crate::config::{BackendChoice, Config, HostFacts, RunMode};
+use crate::system::Env;
+use crate::system::exec::SystemRunner;
+use crate::system::host::{self, RealHost};
+use crate::system::host_view::SystemProbe;
+use crate::system::{netns, nslock};
+
+/// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
+/// (anyhow's `{:#}`: each cause after a colon).
+fn report(err: impl Into<anyhow::Error>) {
+    let err: anyhow::Error = err.into();
+    tracing::error!("{}", format!("{err:#}").replace('\n', " "));
+}
+
+/// Istio's environment and config blocks (`capture.logConfig` and `config.Print`), one log
+/// entry each, with the names Istio prints.
+fn log_config(cfg: &Config, facts: &HostFacts, backend: &str) {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let mut env = String::new();
+    for name in ISTIO_ENV_LOGGED {
+        let _ = writeln!(env, "{name}={}", std::env::var(name).unwrap_or_default());
+    }
+    tracing::info!("Istio {backend} environment:\n{env}");
+    let mut vars = String::new();
+    for (k, v) in cfg.summary(facts) {
+        let _ = writeln!(vars, "{k}={v}");
+    }
+    tracing::info!("Istio config:\n{vars}");
+}
+
+/// The env vars Istio's `logConfig` prints, in its order.
+const ISTIO_ENV_LOGGED: [&str; 12] = [
+    "ENVOY_PORT",
+    "INBOUND_CAPTURE_PORT",
+    "ISTIO_INBOUND_INTERCEPTION_MODE",
+    "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+    "ISTIO_INBOUND_PORTS",
+    "ISTIO_OUTBOUND_PORTS",
+    "ISTIO_LOCAL_EXCLUDE_PORTS",
+    "ISTIO_EXCLUDE_INTERFACES",
+    "ISTIO_SERVICE_CIDR",
+    "ISTIO_SERVICE_EXCLUDE_CIDR",
+    "ISTIO_META_DNS_CAPTURE",
+    "INVALID_DROP",
+];
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Time since `started`, as `8.2ms`.
+fn elapsed(started: Instant) -> String {
+    format!("{:.1}ms", started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Runs one command with `chosen`: `explain` or `verify` (`inspect`), else the apply command
+/// (dry run, cleanup, apply, validation); `other`'s state of ours is removed or reported.
+pub fn run<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    inspect: Option<&Command>,
+    cfg: &Config,
+    started: Instant,
+) -> Exit {
+    if let Some(command) = inspect {
+        return inspect_command(chosen, other, command, cfg);
+    }
+    if let RunMode::DryRun { cleanup } = cfg.run {
+        // Read where the dry run runs: it enters no namespace.
+        let facts = match host_facts(cfg) {
+            Ok(f) => f,
+            Err(c) => return c,
+        };
+        warn_if_nothing_captured(cfg);
+        log_config(cfg, &facts, chosen.name());
+        if cleanup {
+            // Either backend: the script removes both backends' state.
+            print!("{}", dry_run::cleanup_script(cfg));
+        } else {
+            print!("{}", dry_run::apply_script(chosen, cfg, &facts));
+        }
+        return Exit::Success;
+    }
+
+    // The programs we run get the pod's xtables lock in CNI mode (ours is not changed).
+    let mut runner = if cfg.cni_mode {
+        SystemRunner::with_env(vec![netns::pod_xtables_lock(
+            cfg.network_namespace.as_deref(),
+        )])
+    } else {
+        SystemRunner::default()
+    };
+    if let Err(e) = enter_namespace(cfg) {
+        report(e);
+        return Exit::Failure;
+    }
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    warn_if_nothing_captured(cfg);
+    if cfg.run != RunMode::SkipApply
+        && let Err(e) = host::check_net_caps()
+    {
+        tracing::error!("{e}");
+        return Exit::Failure;
+    }
+    if cfg.run != RunMode::Cleanup && facts.ipv6_uncaptured {
+        tracing::warn!(
+            "this network namespace has global IPv6 addresses, but only IPv4 rules are \
+             applied: IPv6 traffic is not captured (the first address is IPv4; set \
+             --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
+        );
+    }
+
+    let opts = Options::from_config(cfg);
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        resolver: &RealHost,
+    };
+
+    // One run at a time in this namespace, from the first read to the last `ip` step.
+    let lock = if cfg.run != RunMode::SkipApply {
+        match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log_config(cfg, &facts, chosen.name());
+                report(e);
+                return Exit::Failure;
+            }
+        }
+    } else {
+        None
+    };
+
+    log_config(cfg, &facts, chosen.name());
+    if cfg.run == RunMode::Cleanup {
+        return cleanup(chosen, other, cfg, &facts, &mut env);
+    }
+
+    if cfg.run == RunMode::SkipApply {
+        tracing::info!("--skip-rule-apply: applying nothing");
+    } else {
+        let result = apply::apply(chosen, other, cfg, &facts, &opts, &mut env);
+        match result {
+            Ok(s) => tracing::info!(
+                committed = %join(&s.committed),
+                nftables = %s.nft_tables.join(","),
+                routes = s.ip_changed.len(),
+                elapsed = %elapsed(started),
+                "capture rules are in place"
+            ),
+            Err(e) => {
+                let c = if e.is_conflict() {
+                    Exit::Conflict
+                } else {
+                    Exit::Failure
+                };
+                report(e);
+                return c;
+            }
+        }
+    }
+
+    drop(lock);
+
+    if cfg.run_validation {
+        let settings = validate::Settings::from_config(cfg, &facts, &RealHost);
+        if let Err(e) = validate::run(&settings) {
+            let timeout = e.is_timeout();
+            report(e);
+            if timeout {
+                tracing::error!(
+                    "iptables validation failed; workload is not ready for Istio \
+                     (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
+                );
+                return Exit::ValidationFailed;
+            }
+            return Exit::ValidationError;
+        }
+        tracing::info!("validation passed: traffic is captured");
+    }
+    Exit::Success
+}
+
+/// Enters --network-namespace, if given; the host facts are then read in that namespace.
+fn enter_namespace(cfg: &Config) -> Result<(), netns::NetnsError> {
+    let Some(path) = &cfg.network_namespace else {
+        return Ok(());
+    };
+    netns::enter(path)?;
+    tracing::info!(namespace = %path.display(), "entered network namespace");
+    Ok(())
+}
+
+/// The one step that reads the host facts `cfg` needs, where we are (after entering the
+/// namespace). An owner name that does not exist here or an unreadable resolv.conf is bad
+/// input, as a bad value is: nothing has run yet.
+fn host_facts(cfg: &Config) -> Result<HostFacts, Exit> {
+    HostFacts::detect(cfg, &RealHost).map_err(|e| {
+        tracing::error!("{e}");
+        Exit::Usage
+    })
+}
+
+/// After the host facts, whose errors come first (the apply command only).
+fn warn_if_nothing_captured(cfg: &Config) {
+    if cfg.run.applies() {
+        cfg.warn_if_nothing_captured();
+        if let BackendChoice::Nftables {
+            ignored_flavor: Some(_),
+        } = cfg.backend
+        {
+            // Istio CNI says the same of the two settings together.
+            tracing::warn!(
+                "--force-iptables-binary is ignored with --native-nftables: the capture uses \
+                 native nftables (ISTIO_* iptables rules of either flavour are removed)"
+            );
+        }
+    }
+}
+
+fn cleanup<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+) -> Exit {
+    match apply::cleanup(chosen, other, cfg, facts, env) {
+        Ok(s) => {
+            tracing::info!(
+                cleaned = %join(&s.committed),
+                nftables = %s.nft_tables.join(","),
+                routes = %s.ip_changed.join("; "),
+                "cleanup done"
+            );
+            Exit::Success
+        }
+        Err(errors) => {
+            for e in errors {
+                report(e);
+            }
+            Exit::Failure
+        }
+    }
+}
+
+/// `explain` and `verify`: read-only.
+fn inspect_command<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    command: &Command,
+    cfg: &Config,
+) -> Exit {
+    let needs_kernel = match command {
+        Command::Explain(a) => a.from_kernel,
+        Command::Verify(_) => true,
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
+    };
+    if needs_kernel && let Err(e) = enter_namespace(cfg) {
+        report(e);
+        return Exit::Failure;
+    }
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    if needs_kernel && let Err(e) = host::check_net_caps() {
+        tracing::error!("{e}");
+        return Exit::Failure;
+    }
+    let fail = |e: InspectError| {
+        let c = if matches!(e, InspectError::BadArg { .. }) {
+            Exit::Usage
+        } else {
+            Exit::Failure
+        };
+        report(e);
+        c
+    };
+    let mut runner = SystemRunner::default();
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        resolver: &RealHost,
+    };
+    match command {
+        Command::Explain(a) => {
+            let a = &ExplainRequest::from(a);
+            match explain::explain(chosen, a, cfg, &facts, &mut env) {
+                Ok(out) => {
+                    print!("{out}");
+                    Exit::Success
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Verify(v) => match verify::verify(chosen, other, cfg, &facts, &mut env) {
+            Ok(r) => {
+                print!("{}", render_report(&r, v.output.into()));
+                if r.drift() {
+                    Exit::Drift
+                } else {
+                    Exit::Success
+                }
+            }
+            Err(e) => {
+                report(e);
+                Exit::Failure
+            }
+        },
+        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+            unreachable!("not an inspect command")
+        }
+    }
+}
