@@ -273,6 +273,32 @@ impl OwnerResolver for NoResolver {
     }
 }
 
+/// What the config's host facts (`config::HostFacts::detect`) ask the machine (kept behind
+/// a trait for tests).
+pub trait Host {
+    /// uid of the user `name`, if it exists.
+    fn user_uid(&self, name: &str) -> Option<u32>;
+    /// Whether the pod's address is IPv6 (Istio's rule); `None` when it has no usable address.
+    fn detect_ipv6(&self, dual_stack: bool) -> Option<bool>;
+    /// gid of the group `name`, if it exists.
+    fn group_gid(&self, name: &str) -> Option<u32>;
+    /// Whether this namespace has an IPv6 address of global scope (not loopback,
+    /// link-local or multicast).
+    fn has_global_ipv6(&self) -> bool;
+    /// [`Host::detect_ipv6`] and [`Host::has_global_ipv6`] together (one read of the
+    /// addresses where it can be).
+    fn detect_ipv6_and_global(&self, dual_stack: bool) -> (Option<bool>, bool) {
+        (self.detect_ipv6(dual_stack), self.has_global_ipv6())
+    }
+    /// Reads resolv.conf: at most [`RESOLV_CONF_MAX_BYTES`] + 1 bytes (so that a longer
+    /// file shows), and only from a regular file (a FIFO or a device is an error).
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
+}
+
+/// How much of resolv.conf is read, as resolvers do (musl reads lines up to a fixed buffer;
+/// nobody's resolv.conf is anywhere near this).
+pub const RESOLV_CONF_MAX_BYTES: usize = 64 * 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;

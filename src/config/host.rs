@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, RunMode, quoted};
+use crate::model::{Host, RESOLV_CONF_MAX_BYTES};
 
 /// A DNS server from resolv.conf: the parsed address and the text as written (Istio writes
 /// the text into the rule, e.g. `::127.0.0.53/128`; it only ever holds a valid address).
@@ -15,31 +16,6 @@ pub struct DnsServer {
     pub addr: IpAddr,
     pub text: String,
 }
-
-/// What [`HostFacts::detect`] asks the machine (kept behind a trait for tests).
-pub trait Host {
-    /// uid of the user `name`, if it exists.
-    fn user_uid(&self, name: &str) -> Option<u32>;
-    /// Whether the pod's address is IPv6 (Istio's rule); `None` when it has no usable address.
-    fn detect_ipv6(&self, dual_stack: bool) -> Option<bool>;
-    /// gid of the group `name`, if it exists.
-    fn group_gid(&self, name: &str) -> Option<u32>;
-    /// Whether this namespace has an IPv6 address of global scope (not loopback,
-    /// link-local or multicast).
-    fn has_global_ipv6(&self) -> bool;
-    /// [`Host::detect_ipv6`] and [`Host::has_global_ipv6`] together (one read of the
-    /// addresses where it can be).
-    fn detect_ipv6_and_global(&self, dual_stack: bool) -> (Option<bool>, bool) {
-        (self.detect_ipv6(dual_stack), self.has_global_ipv6())
-    }
-    /// Reads resolv.conf: at most [`RESOLV_CONF_MAX_BYTES`] + 1 bytes (so that a longer
-    /// file shows), and only from a regular file (a FIFO or a device is an error).
-    fn read_file(&self, path: &std::path::Path) -> std::io::Result<Vec<u8>>;
-}
-
-/// How much of resolv.conf is read, as resolvers do (musl reads lines up to a fixed buffer;
-/// nobody's resolv.conf is anywhere near this).
-pub const RESOLV_CONF_MAX_BYTES: usize = 64 * 1024;
 
 /// Reads the `nameserver` lines of a resolv.conf as a resolver does: bytes, not text (a
 /// Latin-1 comment is fine), every other line ignored, an address that does not parse

@@ -7,7 +7,7 @@ pub mod host;
 pub mod listfile;
 pub mod values;
 
-pub use self::host::{DnsServer, Host, HostFacts, RESOLV_CONF_MAX_BYTES, parse_resolv_conf};
+pub use self::host::{DnsServer, HostFacts, parse_resolv_conf};
 pub use self::values::{
     Cidrs, ConfigError, Flavor, Given, Iface, InboundPorts, MAX_ECHO_CHARS, Mode, OutboundCidrs,
     Owner, OwnerGroups, Port, PortSpec, parse_go_bool, parse_go_duration, quoted, shortened,
@@ -655,6 +655,7 @@ impl Config {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::{Host, RESOLV_CONF_MAX_BYTES};
     use std::collections::HashMap;
 
     /// A host with no users, no addresses, and the given files.

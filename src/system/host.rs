@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::config::{Host, RESOLV_CONF_MAX_BYTES};
 use crate::model::OwnerResolver;
+use crate::model::{Host, RESOLV_CONF_MAX_BYTES};
 
 /// The machine we run on.
 #[derive(Debug, Default)]

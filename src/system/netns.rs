@@ -9,10 +9,7 @@ use nix::sched::{CloneFlags, setns};
 
 /// The namespace could not be entered.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "entering network namespace {}: {error}",
-    crate::config::shortened(&path.to_string_lossy())
-)]
+#[error("entering network namespace {}: {error}", path.display())]
 pub struct NetnsError {
     pub path: PathBuf,
     /// Printed in the message, so not exposed as `source` too.
