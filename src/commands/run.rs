@@ -11,7 +11,7 @@ use super::verify::{self, render_report};
 use super::{dry_run, validate};
 use crate::backend::Backend;
 use crate::cli::{Command, Exit};
-use crate::config::{BackendChoice, Config, HostFacts, RunMode};
+use crate::config::{BackendChoice, Config, HostFacts, RunMode, shortened};
 use crate::system::Env;
 use crate::system::exec::SystemRunner;
 use crate::system::host::{self, RealHost};
@@ -204,14 +204,24 @@ pub fn run<C: Backend, O: Backend>(
 }
 
 /// Enters --network-namespace, if given; the host facts are then read in that namespace.
-fn enter_namespace(cfg: &Config) -> Result<(), netns::NetnsError> {
+fn enter_namespace(cfg: &Config) -> Result<(), EnterError> {
     let Some(path) = &cfg.network_namespace else {
         return Ok(());
     };
-    netns::enter(path)?;
+    netns::enter(path).map_err(EnterError)?;
     tracing::info!(namespace = %path.display(), "entered network namespace");
     Ok(())
 }
+
+/// `--network-namespace` could not be entered; a long path is cut in the message, as every
+/// value echoed from the command line is.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "entering network namespace {}: {}",
+    shortened(&.0.path.to_string_lossy()),
+    .0.error
+)]
+struct EnterError(netns::NetnsError);
 
 /// The one step that reads the host facts `cfg` needs, where we are (after entering the
 /// namespace). An owner name that does not exist here or an unreadable resolv.conf is bad
