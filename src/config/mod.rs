@@ -330,17 +330,45 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(",")
         }
-        let cidrs = |c: &Cidrs| {
+        fn cidrs(c: &Cidrs) -> String {
             let mut v: Vec<String> = c.v4.iter().map(|n| n.to_string()).collect();
             v.extend(c.v6.iter().map(|n| n.to_string()));
             v.join(",")
+        }
+        let mode = match self.mode {
+            Mode::Redirect => "REDIRECT",
+            Mode::Tproxy => "TPROXY",
         };
-        let dns: Vec<String> = facts
+        let inbound_ports = match &self.inbound_ports {
+            InboundPorts::None => String::new(),
+            InboundPorts::All => "*".into(),
+            InboundPorts::Only(p) => join(p),
+        };
+        let (groups_include, groups_exclude) = match &self.owner_groups {
+            OwnerGroups::AllExcept(g) => ("*".into(), join(g)),
+            OwnerGroups::Only(g) => (join(g), String::new()),
+        };
+        let outbound_include = match &self.outbound_include {
+            OutboundCidrs::All => "*".into(),
+            OutboundCidrs::Only(c) => cidrs(c),
+        };
+        let dns: Vec<&str> = facts
             .dns_servers_v4
             .iter()
             .chain(&facts.dns_servers_v6)
-            .map(|d| d.text.clone())
+            .map(|d| d.text.as_str())
             .collect();
+        let netns = self
+            .network_namespace
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let nftables = matches!(self.backend, BackendChoice::Nftables { .. });
+        let flavor = self
+            .backend
+            .forced_flavor()
+            .map(|f| f.to_string())
+            .unwrap_or_default();
         vec![
             ("PROXY_PORT", self.proxy_port.to_string()),
             (
@@ -350,48 +378,17 @@ impl Config {
             ("PROXY_TUNNEL_PORT", self.inbound_tunnel_port.to_string()),
             ("PROXY_UID", join(&facts.proxy_uids)),
             ("PROXY_GID", join(&facts.proxy_gids)),
-            (
-                "INBOUND_INTERCEPTION_MODE",
-                match self.mode {
-                    Mode::Redirect => "REDIRECT".into(),
-                    Mode::Tproxy => "TPROXY".into(),
-                },
-            ),
+            ("INBOUND_INTERCEPTION_MODE", mode.into()),
             ("INBOUND_TPROXY_MARK", self.tproxy_mark.to_string()),
             (
                 "INBOUND_TPROXY_ROUTE_TABLE",
                 self.tproxy_route_table.to_string(),
             ),
-            (
-                "INBOUND_PORTS_INCLUDE",
-                match &self.inbound_ports {
-                    InboundPorts::None => String::new(),
-                    InboundPorts::All => "*".into(),
-                    InboundPorts::Only(p) => join(p),
-                },
-            ),
+            ("INBOUND_PORTS_INCLUDE", inbound_ports),
             ("INBOUND_PORTS_EXCLUDE", join(&self.inbound_ports_exclude)),
-            (
-                "OUTBOUND_OWNER_GROUPS_INCLUDE",
-                match &self.owner_groups {
-                    OwnerGroups::AllExcept(_) => "*".into(),
-                    OwnerGroups::Only(g) => join(g),
-                },
-            ),
-            (
-                "OUTBOUND_OWNER_GROUPS_EXCLUDE",
-                match &self.owner_groups {
-                    OwnerGroups::AllExcept(g) => join(g),
-                    OwnerGroups::Only(_) => String::new(),
-                },
-            ),
-            (
-                "OUTBOUND_IP_RANGES_INCLUDE",
-                match &self.outbound_include {
-                    OutboundCidrs::All => "*".into(),
-                    OutboundCidrs::Only(c) => cidrs(c),
-                },
-            ),
+            ("OUTBOUND_OWNER_GROUPS_INCLUDE", groups_include),
+            ("OUTBOUND_OWNER_GROUPS_EXCLUDE", groups_exclude),
+            ("OUTBOUND_IP_RANGES_INCLUDE", outbound_include),
             ("OUTBOUND_IP_RANGES_EXCLUDE", cidrs(&self.outbound_exclude)),
             ("OUTBOUND_PORTS_INCLUDE", join(&self.outbound_ports_include)),
             ("OUTBOUND_PORTS_EXCLUDE", join(&self.outbound_ports_exclude)),
@@ -407,28 +404,13 @@ impl Config {
                 "HOST_IPV4_LOOPBACK_CIDR",
                 self.host_loopback_cidr.to_string(),
             ),
-            (
-                "NETWORK_NAMESPACE",
-                self.network_namespace
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
+            ("NETWORK_NAMESPACE", netns),
             ("CNI_MODE", self.cni_mode.to_string()),
             ("RECONCILE", self.reconcile.to_string()),
             ("CLEANUP_ONLY", self.run.cleans_up().to_string()),
             ("FORCE_APPLY", self.force_apply.to_string()),
-            (
-                "NATIVE_NFTABLES",
-                matches!(self.backend, BackendChoice::Nftables { .. }).to_string(),
-            ),
-            (
-                "FORCE_IPTABLES_BINARY",
-                self.backend
-                    .forced_flavor()
-                    .map(|f| f.to_string())
-                    .unwrap_or_default(),
-            ),
+            ("NATIVE_NFTABLES", nftables.to_string()),
+            ("FORCE_IPTABLES_BINARY", flavor),
         ]
     }
 }
