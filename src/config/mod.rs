@@ -125,6 +125,17 @@ pub enum BackendChoice {
 }
 
 impl BackendChoice {
+    /// The choice of `--native-nftables` and `--force-iptables-binary`.
+    fn of(native_nftables: bool, flavor: Option<Flavor>) -> BackendChoice {
+        if native_nftables {
+            BackendChoice::Nftables {
+                ignored_flavor: flavor,
+            }
+        } else {
+            BackendChoice::Iptables { flavor }
+        }
+    }
+
     /// The flavour `--force-iptables-binary` named, whichever backend was chosen.
     pub fn forced_flavor(self) -> Option<Flavor> {
         match self {
@@ -180,242 +191,13 @@ pub struct GivenValues {
     pub resolv_conf: Given,
 }
 
-impl Config {
-    /// Validates every flag and env value, without asking the host anything. `env` reads
-    /// environment variables (for env-only knobs).
-    pub fn build(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+impl GivenValues {
+    /// -u, -g (-u's value when -g is not given) and --resolv-conf, as given.
+    fn of(args: &Args) -> GivenValues {
         let c = &args.cli;
         let src = |id: &'static str| Src::arg(args, id);
-
-        let proxy_port = single_port(&src("envoy_port"), &c.envoy_port)?;
-        let inbound_capture_port =
-            single_port(&src("inbound_capture_port"), &c.inbound_capture_port)?;
-        let inbound_tunnel_port = single_port(&src("inbound_tunnel_port"), &c.inbound_tunnel_port)?;
-
-        let proxy_uids = match c.proxy_uid.as_deref().filter(|s| !s.is_empty()) {
-            Some(s) => Some(owner_list(&src("proxy_uid"), s)?),
-            None => None,
-        };
-        let envoy_user = env(env_only::ENVOY_USER).unwrap_or_else(|| "istio-proxy".into());
-        let proxy_gids = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
-            Some(s) => Some(owner_list(&src("proxy_gid"), s)?),
-            None => None,
-        };
-
-        let mode = match c.istio_inbound_interception_mode.trim() {
-            "" | "REDIRECT" => Mode::Redirect,
-            "TPROXY" => Mode::Tproxy,
-            _ => {
-                return Err(src("istio_inbound_interception_mode").err(
-                    &c.istio_inbound_interception_mode,
-                    "expected REDIRECT or TPROXY",
-                ));
-            }
-        };
-
-        let inbound_ports = {
-            let s = src("istio_inbound_ports");
-            let items = split_list(&c.istio_inbound_ports);
-            if items == ["*"] {
-                InboundPorts::All
-            } else if items.is_empty() {
-                InboundPorts::None
-            } else {
-                InboundPorts::Only(port_list(&s, &c.istio_inbound_ports)?)
-            }
-        };
-        let inbound_ports_exclude = port_list(
-            &src("istio_local_exclude_ports"),
-            &c.istio_local_exclude_ports,
-        )?;
-        let exclude_interfaces = iface_list(
-            &src("istio_exclude_interfaces"),
-            &c.istio_exclude_interfaces,
-        )?;
-
-        let outbound_include = {
-            let items = split_list(&c.istio_service_cidr);
-            if items == ["*"] {
-                OutboundCidrs::All
-            } else {
-                OutboundCidrs::Only(cidr_list(
-                    &src("istio_service_cidr"),
-                    &c.istio_service_cidr,
-                )?)
-            }
-        };
-        let outbound_exclude = cidr_list(
-            &src("istio_service_exclude_cidr"),
-            &c.istio_service_exclude_cidr,
-        )?;
-        let outbound_ports_include =
-            port_list(&src("istio_outbound_ports"), &c.istio_outbound_ports)?;
-        let outbound_ports_exclude = port_list(
-            &src("istio_local_outbound_ports_exclude"),
-            &c.istio_local_outbound_ports_exclude,
-        )?;
-        let kube_virt_interfaces =
-            iface_list(&src("kube_virt_interfaces"), &c.kube_virt_interfaces)?;
-
-        let tproxy_mark = u32_value(
-            &src("istio_inbound_tproxy_mark"),
-            &c.istio_inbound_tproxy_mark,
-            "a packet mark (a non-negative integer)",
-        )?;
-        let tproxy_route_table = u32_value(
-            &src("istio_inbound_tproxy_route_table"),
-            &c.istio_inbound_tproxy_route_table,
-            "a routing table number (a non-negative integer)",
-        )?;
-        // Mark 0 makes `ip rule add fwmark 0` match every packet ("from all"); tables 0, 253,
-        // 254 and 255 are unspec, default, main and local: a `local default` route there takes
-        // the namespace's routing away.
-        if tproxy_mark == 0 {
-            return Err(src("istio_inbound_tproxy_mark").err(
-                &c.istio_inbound_tproxy_mark,
-                "mark 0 would match every packet (`ip rule add fwmark 0` means \"from all\"); \
-                 use 1-4294967295",
-            ));
-        }
-        if matches!(tproxy_route_table, 0 | 253..=255) {
-            let name = match tproxy_route_table {
-                0 => "unspec",
-                253 => "default",
-                254 => "main",
-                _ => "local",
-            };
-            return Err(src("istio_inbound_tproxy_route_table").err(
-                &c.istio_inbound_tproxy_route_table,
-                format!(
-                    "table {tproxy_route_table} is the kernel's {name} table; \
-                     use 1-252 or 256-4294967295"
-                ),
-            ));
-        }
-
-        let dry_run = go_bool(args, "dry_run", &c.dry_run)?;
-        let redirect_dns = go_bool_with_alias(
-            args,
-            "redirect_dns",
-            &c.redirect_dns,
-            env_only::DNS_CAPTURE_ALIAS,
-            env,
-        )?;
-        let capture_all_dns = go_bool(args, "capture_all_dns", &c.capture_all_dns)?;
-        let drop_invalid = go_bool_with_alias(
-            args,
-            "drop_invalid",
-            &c.drop_invalid,
-            env_only::INVALID_DROP_ALIAS,
-            env,
-        )?;
-        let dual_stack = go_bool_with_alias(
-            args,
-            "dual_stack",
-            &c.dual_stack,
-            env_only::DUAL_STACK_ALIAS,
-            env,
-        )?;
-        let skip_rule_apply = go_bool(args, "skip_rule_apply", &c.skip_rule_apply)?;
-        let run_validation = go_bool(args, "run_validation", &c.run_validation)?;
-        let cni_mode = go_bool(args, "cni_mode", &c.cni_mode)?;
-        let reconcile = go_bool(args, "reconcile", &c.reconcile)?;
-        let cleanup_only = go_bool(args, "cleanup_only", &c.cleanup_only)?;
-        let force_apply = go_bool(args, "force_apply", &c.force_apply)?;
-        let native_nftables = go_bool(args, "native_nftables", &c.native_nftables)?;
-
-        let probe_port = single_port(&src("iptables_probe_port"), &c.iptables_probe_port)?;
-        let probe_timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {
-            src("probe_timeout").err(
-                &c.probe_timeout,
-                "expected a duration such as 500ms, 5s or 1m",
-            )
-        })?;
-        let network_namespace = match c.network_namespace.trim() {
-            "" => None,
-            p if p.contains('\0') => {
-                return Err(src("network_namespace").err(p, "contains a NUL byte"));
-            }
-            p => Some(PathBuf::from(p)),
-        };
-        let flavor = match c.force_iptables_binary.trim() {
-            "" => None,
-            "legacy" => Some(Flavor::Legacy),
-            "nft" => Some(Flavor::Nft),
-            _ => {
-                return Err(src("force_iptables_binary")
-                    .err(&c.force_iptables_binary, "expected legacy or nft"));
-            }
-        };
-
-        // Env-only knobs.
-        let host_loopback_cidr = {
-            let var = env_only::HOST_IPV4_LOOPBACK_CIDR;
-            match env(var) {
-                None => Ipv4Net::from(std::net::Ipv4Addr::LOCALHOST),
-                Some(v) => {
-                    let s = Src::env(var);
-                    let net: Ipv4Net = v
-                        .trim()
-                        .parse()
-                        .map_err(|_| s.err(&v, "expected an IPv4 CIDR such as 127.0.0.1/32"))?;
-                    if !net.addr().is_loopback() {
-                        return Err(s.err(&v, "expected an IPv4 loopback address (127.0.0.0/8)"));
-                    }
-                    if net.prefix_len() < 8 {
-                        return Err(s.err(&v, "expected a mask between 8 and 32"));
-                    }
-                    net
-                }
-            }
-        };
-        let owner_groups = {
-            let inc_var = env_only::OWNER_GROUPS_INCLUDE;
-            let exc_var = env_only::OWNER_GROUPS_EXCLUDE;
-            let include = env(inc_var).unwrap_or_else(|| "*".into());
-            if include.trim() == "*" {
-                let exclude = env(exc_var).unwrap_or_default();
-                let s = Src::env(exc_var);
-                let groups = split_list(&exclude)
-                    .into_iter()
-                    .map(|g| owner(&s, &exclude, g))
-                    .collect::<Result<Vec<_>, _>>()?;
-                OwnerGroups::AllExcept(groups)
-            } else {
-                let s = Src::env(inc_var);
-                let groups = split_list(&include)
-                    .into_iter()
-                    .map(|g| owner(&s, &include, g))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
-                    return Err(s.err(
-                        &include,
-                        format!(
-                            "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {} \
-                             (they form one iptables rule, and iptables-restore cannot parse a \
-                             longer one; capture all groups with `*` and list the others in {})",
-                            groups.len(),
-                            env_only::OWNER_GROUPS_EXCLUDE
-                        ),
-                    ));
-                }
-                OwnerGroups::Only(groups)
-            }
-        };
-        let enable_inbound_ipv6 = env(env_only::ENABLE_INBOUND_IPV6)
-            .map(|v| {
-                parse_go_bool(v.trim()).ok_or_else(|| {
-                    Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
-                })
-            })
-            .transpose()?;
-        let lock_wait_secs = match env(env_only::LOCK_WAIT) {
-            None => DEFAULT_LOCK_WAIT_SECS,
-            Some(v) => u32_value(&Src::env(env_only::LOCK_WAIT), &v, "a number of seconds")?,
-        };
-
         let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
-        let given = GivenValues {
+        GivenValues {
             proxy_uid: src("proxy_uid").given(uid_raw),
             proxy_gid: src("proxy_gid").given(
                 c.proxy_gid
@@ -424,68 +206,67 @@ impl Config {
                     .unwrap_or(uid_raw),
             ),
             resolv_conf: src("resolv_conf").given(&c.resolv_conf),
-        };
-
-        let mut host_bits = match &outbound_include {
-            OutboundCidrs::Only(c) => c.with_host_bits(),
-            OutboundCidrs::All => Vec::new(),
-        };
-        host_bits.extend(outbound_exclude.with_host_bits());
-        if host_loopback_cidr != host_loopback_cidr.trunc() {
-            host_bits.push(host_loopback_cidr.to_string());
         }
-        if !host_bits.is_empty() {
-            tracing::warn!(
-                cidrs = %host_bits.join(","),
-                "host bits of these CIDRs are ignored: the kernel matches the network \
-                 (10.0.0.1/8 is 10.0.0.0/8)"
-            );
-        }
+    }
+}
 
-        let resolv_conf = PathBuf::from(&c.resolv_conf);
+impl Config {
+    /// Validates every flag and env value, without asking the host anything. `env` reads
+    /// environment variables (for env-only knobs). The groups are read in this order, each in
+    /// its own order, so that of several bad values the same one is always reported.
+    pub fn build(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let ports = ProxyPorts::parse(args)?;
+        let owners = ProxyOwners::parse(args, env)?;
+        let inbound = InboundCapture::parse(args)?;
+        let outbound = OutboundCapture::parse(args)?;
+        let tproxy = Tproxy::parse(args)?;
+        let switches = Switches::parse(args, env)?;
+        let (probe_port, probe_timeout) = validation_probe(args)?;
+        let network_namespace = network_namespace(args)?;
+        let flavor = iptables_flavor(args)?;
+        // Env-only knobs.
+        let host_loopback_cidr = host_loopback_cidr(env)?;
+        let owner_groups = owner_groups(env)?;
+        let enable_inbound_ipv6 = enable_inbound_ipv6(env)?;
+        let lock_wait_secs = lock_wait_secs(env)?;
+        warn_of_host_bits(&outbound, host_loopback_cidr);
 
         Ok(Config {
-            proxy_port,
-            inbound_capture_port,
-            inbound_tunnel_port,
-            proxy_uids,
-            proxy_gids,
-            envoy_user,
-            mode,
-            inbound_ports,
-            inbound_ports_exclude,
-            exclude_interfaces,
-            outbound_include,
-            outbound_exclude,
-            outbound_ports_include,
-            outbound_ports_exclude,
-            kube_virt_interfaces,
-            tproxy_mark,
-            tproxy_route_table,
-            run: RunMode::of(dry_run, cleanup_only, skip_rule_apply),
-            redirect_dns,
-            capture_all_dns,
-            drop_invalid,
-            dual_stack,
-            run_validation,
+            proxy_port: ports.proxy,
+            inbound_capture_port: ports.inbound_capture,
+            inbound_tunnel_port: ports.inbound_tunnel,
+            proxy_uids: owners.uids,
+            proxy_gids: owners.gids,
+            envoy_user: owners.envoy_user,
+            mode: inbound.mode,
+            inbound_ports: inbound.ports,
+            inbound_ports_exclude: inbound.ports_exclude,
+            exclude_interfaces: inbound.exclude_interfaces,
+            outbound_include: outbound.include,
+            outbound_exclude: outbound.exclude,
+            outbound_ports_include: outbound.ports_include,
+            outbound_ports_exclude: outbound.ports_exclude,
+            kube_virt_interfaces: outbound.kube_virt_interfaces,
+            tproxy_mark: tproxy.mark,
+            tproxy_route_table: tproxy.route_table,
+            run: switches.run_mode(),
+            redirect_dns: switches.redirect_dns,
+            capture_all_dns: switches.capture_all_dns,
+            drop_invalid: switches.drop_invalid,
+            dual_stack: switches.dual_stack,
+            run_validation: switches.run_validation,
             probe_port,
             probe_timeout,
             network_namespace,
-            cni_mode,
-            reconcile,
-            force_apply,
-            backend: if native_nftables {
-                BackendChoice::Nftables {
-                    ignored_flavor: flavor,
-                }
-            } else {
-                BackendChoice::Iptables { flavor }
-            },
+            cni_mode: switches.cni_mode,
+            reconcile: switches.reconcile,
+            force_apply: switches.force_apply,
+            backend: BackendChoice::of(switches.native_nftables, flavor),
             host_loopback_cidr,
             owner_groups,
             enable_inbound_ipv6,
-            resolv_conf,
-            given,
+            resolv_conf: PathBuf::from(&args.cli.resolv_conf),
+            given: GivenValues::of(args),
             lock_wait_secs,
         })
     }
@@ -549,17 +330,45 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(",")
         }
-        let cidrs = |c: &Cidrs| {
+        fn cidrs(c: &Cidrs) -> String {
             let mut v: Vec<String> = c.v4.iter().map(|n| n.to_string()).collect();
             v.extend(c.v6.iter().map(|n| n.to_string()));
             v.join(",")
+        }
+        let mode = match self.mode {
+            Mode::Redirect => "REDIRECT",
+            Mode::Tproxy => "TPROXY",
         };
-        let dns: Vec<String> = facts
+        let inbound_ports = match &self.inbound_ports {
+            InboundPorts::None => String::new(),
+            InboundPorts::All => "*".into(),
+            InboundPorts::Only(p) => join(p),
+        };
+        let (groups_include, groups_exclude) = match &self.owner_groups {
+            OwnerGroups::AllExcept(g) => ("*".into(), join(g)),
+            OwnerGroups::Only(g) => (join(g), String::new()),
+        };
+        let outbound_include = match &self.outbound_include {
+            OutboundCidrs::All => "*".into(),
+            OutboundCidrs::Only(c) => cidrs(c),
+        };
+        let dns: Vec<&str> = facts
             .dns_servers_v4
             .iter()
             .chain(&facts.dns_servers_v6)
-            .map(|d| d.text.clone())
+            .map(|d| d.text.as_str())
             .collect();
+        let netns = self
+            .network_namespace
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let nftables = matches!(self.backend, BackendChoice::Nftables { .. });
+        let flavor = self
+            .backend
+            .forced_flavor()
+            .map(|f| f.to_string())
+            .unwrap_or_default();
         vec![
             ("PROXY_PORT", self.proxy_port.to_string()),
             (
@@ -569,48 +378,17 @@ impl Config {
             ("PROXY_TUNNEL_PORT", self.inbound_tunnel_port.to_string()),
             ("PROXY_UID", join(&facts.proxy_uids)),
             ("PROXY_GID", join(&facts.proxy_gids)),
-            (
-                "INBOUND_INTERCEPTION_MODE",
-                match self.mode {
-                    Mode::Redirect => "REDIRECT".into(),
-                    Mode::Tproxy => "TPROXY".into(),
-                },
-            ),
+            ("INBOUND_INTERCEPTION_MODE", mode.into()),
             ("INBOUND_TPROXY_MARK", self.tproxy_mark.to_string()),
             (
                 "INBOUND_TPROXY_ROUTE_TABLE",
                 self.tproxy_route_table.to_string(),
             ),
-            (
-                "INBOUND_PORTS_INCLUDE",
-                match &self.inbound_ports {
-                    InboundPorts::None => String::new(),
-                    InboundPorts::All => "*".into(),
-                    InboundPorts::Only(p) => join(p),
-                },
-            ),
+            ("INBOUND_PORTS_INCLUDE", inbound_ports),
             ("INBOUND_PORTS_EXCLUDE", join(&self.inbound_ports_exclude)),
-            (
-                "OUTBOUND_OWNER_GROUPS_INCLUDE",
-                match &self.owner_groups {
-                    OwnerGroups::AllExcept(_) => "*".into(),
-                    OwnerGroups::Only(g) => join(g),
-                },
-            ),
-            (
-                "OUTBOUND_OWNER_GROUPS_EXCLUDE",
-                match &self.owner_groups {
-                    OwnerGroups::AllExcept(g) => join(g),
-                    OwnerGroups::Only(_) => String::new(),
-                },
-            ),
-            (
-                "OUTBOUND_IP_RANGES_INCLUDE",
-                match &self.outbound_include {
-                    OutboundCidrs::All => "*".into(),
-                    OutboundCidrs::Only(c) => cidrs(c),
-                },
-            ),
+            ("OUTBOUND_OWNER_GROUPS_INCLUDE", groups_include),
+            ("OUTBOUND_OWNER_GROUPS_EXCLUDE", groups_exclude),
+            ("OUTBOUND_IP_RANGES_INCLUDE", outbound_include),
             ("OUTBOUND_IP_RANGES_EXCLUDE", cidrs(&self.outbound_exclude)),
             ("OUTBOUND_PORTS_INCLUDE", join(&self.outbound_ports_include)),
             ("OUTBOUND_PORTS_EXCLUDE", join(&self.outbound_ports_exclude)),
@@ -626,29 +404,387 @@ impl Config {
                 "HOST_IPV4_LOOPBACK_CIDR",
                 self.host_loopback_cidr.to_string(),
             ),
-            (
-                "NETWORK_NAMESPACE",
-                self.network_namespace
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
+            ("NETWORK_NAMESPACE", netns),
             ("CNI_MODE", self.cni_mode.to_string()),
             ("RECONCILE", self.reconcile.to_string()),
             ("CLEANUP_ONLY", self.run.cleans_up().to_string()),
             ("FORCE_APPLY", self.force_apply.to_string()),
-            (
-                "NATIVE_NFTABLES",
-                matches!(self.backend, BackendChoice::Nftables { .. }).to_string(),
-            ),
-            (
-                "FORCE_IPTABLES_BINARY",
-                self.backend
-                    .forced_flavor()
-                    .map(|f| f.to_string())
-                    .unwrap_or_default(),
-            ),
+            ("NATIVE_NFTABLES", nftables.to_string()),
+            ("FORCE_IPTABLES_BINARY", flavor),
         ]
+    }
+}
+
+// The groups of flags `Config::build` reads, in its order. Each reads its flags in a fixed
+// order too: of several bad values, the first one read is the one reported.
+
+/// -p, -z, -e: the proxy's ports.
+struct ProxyPorts {
+    proxy: Port,
+    inbound_capture: Port,
+    inbound_tunnel: Port,
+}
+
+impl ProxyPorts {
+    fn parse(args: &Args) -> Result<ProxyPorts, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &'static str| Src::arg(args, id);
+        Ok(ProxyPorts {
+            proxy: single_port(&src("envoy_port"), &c.envoy_port)?,
+            inbound_capture: single_port(&src("inbound_capture_port"), &c.inbound_capture_port)?,
+            inbound_tunnel: single_port(&src("inbound_tunnel_port"), &c.inbound_tunnel_port)?,
+        })
+    }
+}
+
+/// -u, -g and ENVOY_USER: whose traffic is the proxy's.
+struct ProxyOwners {
+    uids: Option<Vec<Owner>>,
+    gids: Option<Vec<Owner>>,
+    envoy_user: String,
+}
+
+impl ProxyOwners {
+    fn parse(
+        args: &Args,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ProxyOwners, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &'static str| Src::arg(args, id);
+        let uids = match c.proxy_uid.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => Some(owner_list(&src("proxy_uid"), s)?),
+            None => None,
+        };
+        let envoy_user = env(env_only::ENVOY_USER).unwrap_or_else(|| "istio-proxy".into());
+        let gids = match c.proxy_gid.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => Some(owner_list(&src("proxy_gid"), s)?),
+            None => None,
+        };
+        Ok(ProxyOwners {
+            uids,
+            gids,
+            envoy_user,
+        })
+    }
+}
+
+/// -m, -b, -d, -c: how and which inbound traffic is captured.
+struct InboundCapture {
+    mode: Mode,
+    ports: InboundPorts,
+    ports_exclude: Vec<PortSpec>,
+    exclude_interfaces: Vec<Iface>,
+}
+
+impl InboundCapture {
+    fn parse(args: &Args) -> Result<InboundCapture, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &'static str| Src::arg(args, id);
+        let mode = match c.istio_inbound_interception_mode.trim() {
+            "" | "REDIRECT" => Mode::Redirect,
+            "TPROXY" => Mode::Tproxy,
+            _ => {
+                return Err(src("istio_inbound_interception_mode").err(
+                    &c.istio_inbound_interception_mode,
+                    "expected REDIRECT or TPROXY",
+                ));
+            }
+        };
+        let items = split_list(&c.istio_inbound_ports);
+        let ports = if items == ["*"] {
+            InboundPorts::All
+        } else if items.is_empty() {
+            InboundPorts::None
+        } else {
+            InboundPorts::Only(port_list(
+                &src("istio_inbound_ports"),
+                &c.istio_inbound_ports,
+            )?)
+        };
+        let ports_exclude = port_list(
+            &src("istio_local_exclude_ports"),
+            &c.istio_local_exclude_ports,
+        )?;
+        let exclude_interfaces = iface_list(
+            &src("istio_exclude_interfaces"),
+            &c.istio_exclude_interfaces,
+        )?;
+        Ok(InboundCapture {
+            mode,
+            ports,
+            ports_exclude,
+            exclude_interfaces,
+        })
+    }
+}
+
+/// -i, -x, -q, -o, -k: which outbound traffic is captured.
+struct OutboundCapture {
+    include: OutboundCidrs,
+    exclude: Cidrs,
+    ports_include: Vec<PortSpec>,
+    ports_exclude: Vec<PortSpec>,
+    kube_virt_interfaces: Vec<Iface>,
+}
+
+impl OutboundCapture {
+    fn parse(args: &Args) -> Result<OutboundCapture, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &'static str| Src::arg(args, id);
+        let include = if split_list(&c.istio_service_cidr) == ["*"] {
+            OutboundCidrs::All
+        } else {
+            OutboundCidrs::Only(cidr_list(
+                &src("istio_service_cidr"),
+                &c.istio_service_cidr,
+            )?)
+        };
+        let exclude = cidr_list(
+            &src("istio_service_exclude_cidr"),
+            &c.istio_service_exclude_cidr,
+        )?;
+        let ports_include = port_list(&src("istio_outbound_ports"), &c.istio_outbound_ports)?;
+        let ports_exclude = port_list(
+            &src("istio_local_outbound_ports_exclude"),
+            &c.istio_local_outbound_ports_exclude,
+        )?;
+        let kube_virt_interfaces =
+            iface_list(&src("kube_virt_interfaces"), &c.kube_virt_interfaces)?;
+        Ok(OutboundCapture {
+            include,
+            exclude,
+            ports_include,
+            ports_exclude,
+            kube_virt_interfaces,
+        })
+    }
+}
+
+/// -t, -r: the TPROXY mark and routing table.
+struct Tproxy {
+    mark: u32,
+    route_table: u32,
+}
+
+impl Tproxy {
+    /// Both are parsed before either is checked against the kernel's special values.
+    fn parse(args: &Args) -> Result<Tproxy, ConfigError> {
+        let c = &args.cli;
+        let src = |id: &'static str| Src::arg(args, id);
+        let mark = u32_value(
+            &src("istio_inbound_tproxy_mark"),
+            &c.istio_inbound_tproxy_mark,
+            "a packet mark (a non-negative integer)",
+        )?;
+        let route_table = u32_value(
+            &src("istio_inbound_tproxy_route_table"),
+            &c.istio_inbound_tproxy_route_table,
+            "a routing table number (a non-negative integer)",
+        )?;
+        // Mark 0 makes `ip rule add fwmark 0` match every packet ("from all"); tables 0, 253,
+        // 254 and 255 are unspec, default, main and local: a `local default` route there takes
+        // the namespace's routing away.
+        if mark == 0 {
+            return Err(src("istio_inbound_tproxy_mark").err(
+                &c.istio_inbound_tproxy_mark,
+                "mark 0 would match every packet (`ip rule add fwmark 0` means \"from all\"); \
+                 use 1-4294967295",
+            ));
+        }
+        if matches!(route_table, 0 | 253..=255) {
+            let name = match route_table {
+                0 => "unspec",
+                253 => "default",
+                254 => "main",
+                _ => "local",
+            };
+            return Err(src("istio_inbound_tproxy_route_table").err(
+                &c.istio_inbound_tproxy_route_table,
+                format!(
+                    "table {route_table} is the kernel's {name} table; \
+                     use 1-252 or 256-4294967295"
+                ),
+            ));
+        }
+        Ok(Tproxy { mark, route_table })
+    }
+}
+
+/// The boolean flags. They mix DNS, run mode, validation and backend, but are read in this
+/// one order (Istio's), so that of several bad ones the same is reported.
+struct Switches {
+    dry_run: bool,
+    redirect_dns: bool,
+    capture_all_dns: bool,
+    drop_invalid: bool,
+    dual_stack: bool,
+    skip_rule_apply: bool,
+    run_validation: bool,
+    cni_mode: bool,
+    reconcile: bool,
+    cleanup_only: bool,
+    force_apply: bool,
+    native_nftables: bool,
+}
+
+impl Switches {
+    fn parse(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Switches, ConfigError> {
+        let c = &args.cli;
+        let aliased =
+            |id: &str, raw: &str, alias: &str| go_bool_with_alias(args, id, raw, alias, env);
+        Ok(Switches {
+            dry_run: go_bool(args, "dry_run", &c.dry_run)?,
+            redirect_dns: aliased("redirect_dns", &c.redirect_dns, env_only::DNS_CAPTURE_ALIAS)?,
+            capture_all_dns: go_bool(args, "capture_all_dns", &c.capture_all_dns)?,
+            drop_invalid: aliased(
+                "drop_invalid",
+                &c.drop_invalid,
+                env_only::INVALID_DROP_ALIAS,
+            )?,
+            dual_stack: aliased("dual_stack", &c.dual_stack, env_only::DUAL_STACK_ALIAS)?,
+            skip_rule_apply: go_bool(args, "skip_rule_apply", &c.skip_rule_apply)?,
+            run_validation: go_bool(args, "run_validation", &c.run_validation)?,
+            cni_mode: go_bool(args, "cni_mode", &c.cni_mode)?,
+            reconcile: go_bool(args, "reconcile", &c.reconcile)?,
+            cleanup_only: go_bool(args, "cleanup_only", &c.cleanup_only)?,
+            force_apply: go_bool(args, "force_apply", &c.force_apply)?,
+            native_nftables: go_bool(args, "native_nftables", &c.native_nftables)?,
+        })
+    }
+
+    fn run_mode(&self) -> RunMode {
+        RunMode::of(self.dry_run, self.cleanup_only, self.skip_rule_apply)
+    }
+}
+
+/// --iptables-probe-port, --probe-timeout: the probe of --run-validation.
+fn validation_probe(args: &Args) -> Result<(Port, Duration), ConfigError> {
+    let c = &args.cli;
+    let port = single_port(
+        &Src::arg(args, "iptables_probe_port"),
+        &c.iptables_probe_port,
+    )?;
+    let timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {
+        Src::arg(args, "probe_timeout").err(
+            &c.probe_timeout,
+            "expected a duration such as 500ms, 5s or 1m",
+        )
+    })?;
+    Ok((port, timeout))
+}
+
+/// --network-namespace: the namespace to enter, if any.
+fn network_namespace(args: &Args) -> Result<Option<PathBuf>, ConfigError> {
+    match args.cli.network_namespace.trim() {
+        "" => Ok(None),
+        p if p.contains('\0') => {
+            Err(Src::arg(args, "network_namespace").err(p, "contains a NUL byte"))
+        }
+        p => Ok(Some(PathBuf::from(p))),
+    }
+}
+
+/// --force-iptables-binary: the iptables flavour, if one is forced.
+fn iptables_flavor(args: &Args) -> Result<Option<Flavor>, ConfigError> {
+    let raw = &args.cli.force_iptables_binary;
+    match raw.trim() {
+        "" => Ok(None),
+        "legacy" => Ok(Some(Flavor::Legacy)),
+        "nft" => Ok(Some(Flavor::Nft)),
+        _ => Err(Src::arg(args, "force_iptables_binary").err(raw, "expected legacy or nft")),
+    }
+}
+
+/// ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: a loopback CIDR of mask 8 to 32, else 127.0.0.1/32.
+fn host_loopback_cidr(env: &dyn Fn(&str) -> Option<String>) -> Result<Ipv4Net, ConfigError> {
+    let var = env_only::HOST_IPV4_LOOPBACK_CIDR;
+    let Some(v) = env(var) else {
+        return Ok(Ipv4Net::from(std::net::Ipv4Addr::LOCALHOST));
+    };
+    let s = Src::env(var);
+    let net: Ipv4Net = v
+        .trim()
+        .parse()
+        .map_err(|_| s.err(&v, "expected an IPv4 CIDR such as 127.0.0.1/32"))?;
+    if !net.addr().is_loopback() {
+        return Err(s.err(&v, "expected an IPv4 loopback address (127.0.0.0/8)"));
+    }
+    if net.prefix_len() < 8 {
+        return Err(s.err(&v, "expected a mask between 8 and 32"));
+    }
+    Ok(net)
+}
+
+/// ISTIO_OUTBOUND_OWNER_GROUPS (default `*`) and, with `*`, ..._EXCLUDE.
+fn owner_groups(env: &dyn Fn(&str) -> Option<String>) -> Result<OwnerGroups, ConfigError> {
+    let inc_var = env_only::OWNER_GROUPS_INCLUDE;
+    let exc_var = env_only::OWNER_GROUPS_EXCLUDE;
+    let include = env(inc_var).unwrap_or_else(|| "*".into());
+    if include.trim() == "*" {
+        let exclude = env(exc_var).unwrap_or_default();
+        let s = Src::env(exc_var);
+        let groups = split_list(&exclude)
+            .into_iter()
+            .map(|g| owner(&s, &exclude, g))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(OwnerGroups::AllExcept(groups));
+    }
+    let s = Src::env(inc_var);
+    let groups = split_list(&include)
+        .into_iter()
+        .map(|g| owner(&s, &include, g))
+        .collect::<Result<Vec<_>, _>>()?;
+    if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
+        return Err(s.err(
+            &include,
+            format!(
+                "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {} \
+                 (they form one iptables rule, and iptables-restore cannot parse a \
+                 longer one; capture all groups with `*` and list the others in {})",
+                groups.len(),
+                env_only::OWNER_GROUPS_EXCLUDE
+            ),
+        ));
+    }
+    Ok(OwnerGroups::Only(groups))
+}
+
+/// ENABLE_INBOUND_IPV6: unset, IPv6 is detected on the host.
+fn enable_inbound_ipv6(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<bool>, ConfigError> {
+    env(env_only::ENABLE_INBOUND_IPV6)
+        .map(|v| {
+            parse_go_bool(v.trim()).ok_or_else(|| {
+                Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
+            })
+        })
+        .transpose()
+}
+
+/// IPTABLES_LOCK_WAIT_SECONDS: how long to wait for the xtables lock.
+fn lock_wait_secs(env: &dyn Fn(&str) -> Option<String>) -> Result<u32, ConfigError> {
+    match env(env_only::LOCK_WAIT) {
+        None => Ok(DEFAULT_LOCK_WAIT_SECS),
+        Some(v) => u32_value(&Src::env(env_only::LOCK_WAIT), &v, "a number of seconds"),
+    }
+}
+
+/// Warns of CIDRs typed with host bits (-i, -x, the host loopback CIDR), which the kernel
+/// drops. Only once every value is valid: a failed build warns of nothing.
+fn warn_of_host_bits(outbound: &OutboundCapture, host_loopback_cidr: Ipv4Net) {
+    let mut host_bits = match &outbound.include {
+        OutboundCidrs::Only(c) => c.with_host_bits(),
+        OutboundCidrs::All => Vec::new(),
+    };
+    host_bits.extend(outbound.exclude.with_host_bits());
+    if host_loopback_cidr != host_loopback_cidr.trunc() {
+        host_bits.push(host_loopback_cidr.to_string());
+    }
+    if !host_bits.is_empty() {
+        tracing::warn!(
+            cidrs = %host_bits.join(","),
+            "host bits of these CIDRs are ignored: the kernel matches the network \
+             (10.0.0.1/8 is 10.0.0.0/8)"
+        );
     }
 }
 
