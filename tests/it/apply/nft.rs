@@ -357,6 +357,39 @@ fn nft_reconcile_false_refuses_a_conflict_and_changes_nothing() {
     );
 }
 
+/// The other way round: an iptables apply with `--reconcile=false` over our nft tables
+/// refuses (exit 4) and changes nothing, naming the tables; with the default it removes them.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn iptables_reconcile_false_over_nft_tables_refuses_and_changes_nothing() {
+    if skip_unless_root("iptables_reconcile_false_over_nft_tables_refuses_and_changes_nothing") {
+        return;
+    }
+    let no = ["--reconcile=false"];
+    let ns = Script::new()
+        .run("nft", V4, &nft(SEED))
+        .snap("before")
+        .run("refused", V4, &cat(SEED, &no))
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("nft", 0);
+    let refused = ns.run_rc("refused", 4);
+    assert!(
+        refused
+            .one_error()
+            .contains("nftables table inet istio-proxy-nat"),
+        "{}",
+        refused.describe()
+    );
+    assert_same(
+        "--reconcile=false over nft tables",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
+
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn nft_network_namespace_cni_mode_and_skip_rule_apply() {
