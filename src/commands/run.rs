@@ -85,22 +85,8 @@ pub fn run<C: Backend, O: Backend>(
         return inspect_command(chosen, other, command, cfg);
     }
     if let RunMode::DryRun { cleanup } = cfg.run {
-        // Read where the dry run runs: it enters no namespace.
-        let facts = match host_facts(cfg) {
-            Ok(f) => f,
-            Err(c) => return c,
-        };
-        warn_if_nothing_captured(cfg);
-        log_config(cfg, &facts, chosen.name());
-        if cleanup {
-            // Either backend: the script removes both backends' state.
-            print!("{}", dry_run::cleanup_script(cfg));
-        } else {
-            print!("{}", dry_run::apply_script(chosen, cfg, &facts));
-        }
-        return Exit::Success;
+        return print_script(chosen, cfg, cleanup);
     }
-
     // The programs we run get the pod's xtables lock in CNI mode (ours is not changed).
     let mut runner = if cfg.cni_mode {
         SystemRunner::with_env(vec![netns::pod_xtables_lock(
@@ -109,36 +95,15 @@ pub fn run<C: Backend, O: Backend>(
     } else {
         SystemRunner::default()
     };
-    if let Err(e) = enter_namespace(cfg) {
-        report(e);
-        return Exit::Failure;
-    }
-    let facts = match host_facts(cfg) {
+    let facts = match prepare(cfg) {
         Ok(f) => f,
         Err(c) => return c,
     };
-    warn_if_nothing_captured(cfg);
-    if cfg.run != RunMode::SkipApply
-        && let Err(e) = host::check_net_caps()
-    {
-        tracing::error!("{e}");
-        return Exit::Failure;
-    }
-    if cfg.run != RunMode::Cleanup && facts.ipv6_uncaptured {
-        tracing::warn!(
-            "this network namespace has global IPv6 addresses, but only IPv4 rules are \
-             applied: IPv6 traffic is not captured (the first address is IPv4; set \
-             --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
-        );
-    }
-
-    let opts = Options::from_config(cfg);
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
         resolver: &RealHost,
     };
-
     // One run at a time in this namespace, from the first read to the last `ip` step.
     let lock = if cfg.run != RunMode::SkipApply {
         match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
@@ -152,54 +117,114 @@ pub fn run<C: Backend, O: Backend>(
     } else {
         None
     };
-
     log_config(cfg, &facts, chosen.name());
-    if cfg.run == RunMode::Cleanup {
-        return cleanup(chosen, other, cfg, &facts, &mut env);
+    match cfg.run {
+        RunMode::Cleanup => return cleanup(chosen, other, cfg, &facts, &mut env),
+        RunMode::SkipApply => tracing::info!("--skip-rule-apply: applying nothing"),
+        RunMode::Apply | RunMode::DryRun { .. } => {
+            if let Err(c) = apply_rules(chosen, other, cfg, &facts, &mut env, started) {
+                return c;
+            }
+        }
     }
+    drop(lock);
+    if cfg.run_validation {
+        return validation(cfg, &facts);
+    }
+    Exit::Success
+}
 
-    if cfg.run == RunMode::SkipApply {
-        tracing::info!("--skip-rule-apply: applying nothing");
+/// `--dry-run`: the script, read where the dry run runs (it enters no namespace).
+fn print_script<B: Backend>(backend: &B, cfg: &Config, cleanup: bool) -> Exit {
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    warn_if_nothing_captured(cfg);
+    log_config(cfg, &facts, backend.name());
+    if cleanup {
+        // Either backend: the script removes both backends' state.
+        print!("{}", dry_run::cleanup_script(cfg));
     } else {
-        let result = apply::apply(chosen, other, cfg, &facts, &opts, &mut env);
-        match result {
-            Ok(s) => tracing::info!(
+        print!("{}", dry_run::apply_script(backend, cfg, &facts));
+    }
+    Exit::Success
+}
+
+/// Enters the namespace and reads the host facts there; checks the capabilities a change
+/// needs, and warns of IPv6 left uncaptured.
+fn prepare(cfg: &Config) -> Result<HostFacts, Exit> {
+    if let Err(e) = enter_namespace(cfg) {
+        report(e);
+        return Err(Exit::Failure);
+    }
+    let facts = host_facts(cfg)?;
+    warn_if_nothing_captured(cfg);
+    if cfg.run != RunMode::SkipApply
+        && let Err(e) = host::check_net_caps()
+    {
+        tracing::error!("{e}");
+        return Err(Exit::Failure);
+    }
+    if cfg.run != RunMode::Cleanup && facts.ipv6_uncaptured {
+        tracing::warn!(
+            "this network namespace has global IPv6 addresses, but only IPv4 rules are \
+             applied: IPv6 traffic is not captured (the first address is IPv4; set \
+             --dual-stack or ENABLE_INBOUND_IPV6=true to capture IPv6 too)"
+        );
+    }
+    Ok(facts)
+}
+
+/// The apply, with Istio's closing log line.
+fn apply_rules<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+    started: Instant,
+) -> Result<(), Exit> {
+    let opts = Options::from_config(cfg);
+    match apply::apply(chosen, other, cfg, facts, &opts, env) {
+        Ok(s) => {
+            tracing::info!(
                 committed = %join(&s.committed),
                 nftables = %s.nft_tables.join(","),
                 routes = s.ip_changed.len(),
                 elapsed = %elapsed(started),
                 "capture rules are in place"
-            ),
-            Err(e) => {
-                let c = if e.is_conflict() {
-                    Exit::Conflict
-                } else {
-                    Exit::Failure
-                };
-                report(e);
-                return c;
-            }
+            );
+            Ok(())
         }
-    }
-
-    drop(lock);
-
-    if cfg.run_validation {
-        let settings = validate::Settings::from_config(cfg, &facts, &RealHost);
-        if let Err(e) = validate::run(&settings) {
-            let timeout = e.is_timeout();
+        Err(e) => {
+            let c = if e.is_conflict() {
+                Exit::Conflict
+            } else {
+                Exit::Failure
+            };
             report(e);
-            if timeout {
-                tracing::error!(
-                    "iptables validation failed; workload is not ready for Istio \
-                     (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
-                );
-                return Exit::ValidationFailed;
-            }
-            return Exit::ValidationError;
+            Err(c)
         }
-        tracing::info!("validation passed: traffic is captured");
     }
+}
+
+/// `--run-validation`: the probe, after the lock is released.
+fn validation(cfg: &Config, facts: &HostFacts) -> Exit {
+    let settings = validate::Settings::from_config(cfg, facts, &RealHost);
+    if let Err(e) = validate::run(&settings) {
+        let timeout = e.is_timeout();
+        report(e);
+        if timeout {
+            tracing::error!(
+                "iptables validation failed; workload is not ready for Istio \
+                 (with Istio CNI this can happen when the pod was scheduled before the node was ready)"
+            );
+            return Exit::ValidationFailed;
+        }
+        return Exit::ValidationError;
+    }
+    tracing::info!("validation passed: traffic is captured");
     Exit::Success
 }
 
