@@ -31,6 +31,9 @@
 #   KEEP=1        keep the work directory (payloads, arguments) and print its path
 #   NS_ROUNDS=N   rounds of the 50-namespace test, each one-at-a-time and 10-at-a-time
 #                 (default 3; 0 skips it)
+#   ISTIO_BIN=path an istio-iptables built from Istio's source: benches/istio.sh then times
+#                 ours against it (ISTIO_COMMIT names its commit); unset, one line says it is
+#                 skipped
 #
 # Needs root, iptables (nft flavour: iptables-nft-save/-restore), iproute2, python3 (>= 3.8),
 # strace (only for the binary's own peak RSS; skipped without it), GNU time (optional).
@@ -501,4 +504,12 @@ print("  own = VmHWM of the binary's address space read while strace holds it at
       " (children excluded);")
 print("  tree = GNU time's ru_maxrss, the max over the binary and the iptables programs it ran.")
 PY
+
+# Istio's own binary, side by side (benches/istio.sh), when ISTIO_BIN names one.
+if [[ -n ${ISTIO_BIN:-} ]]; then
+    BIN=$BIN_SOURCE SKIP_BUILD=1 RUNS=$RUNS "$root/benches/istio.sh" \
+        || echo "bench.sh: benches/istio.sh could not measure (see above)" >&2
+else
+    echo "bench.sh: ISTIO_BIN not set: skipping the comparison with Istio's binary (benches/istio.sh)"
+fi
 exit 0
