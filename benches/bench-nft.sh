@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark of the native nftables backend: a fresh `istio-iptables --native-nftables` apply
-# of the seed command against one bare `nft -f -` of the same transaction (the goal: <= 1.20x),
+# of the seed command against one bare `nft -f -` of the same transaction (the target in force: <= 1.30x),
 # and a re-run with nothing to change against one bare `nft list ruleset inet` (reported).
 # Each sample runs in a fresh, empty network namespace; samples are interleaved and the order
 # inside a pair alternates; medians are reported. A report, not a test: it exits 0 even when
-# the goal is missed (non-zero only when it could not measure).
+# the target is missed (non-zero only when it could not measure).
 #
 #   sudo benches/bench-nft.sh            # RUNS=31 samples per side
 #   sudo RUNS=61 SKIP_BUILD=1 BIN=path benches/bench-nft.sh
@@ -96,7 +96,7 @@ def ms(v):
 print(f"native nftables, seed command, {runs} samples per side (medians), "
       f"{os.cpu_count()} CPUs, {os.uname().release}, {os.environ['BIN_SOURCE']} (run from a copy)")
 print(f"  fresh apply: istio-iptables {ms(fa):.2f} ms, bare nft -f {ms(fb):.2f} ms, "
-      f"ratio {ms(fa) / ms(fb):.2f} (goal <= 1.20)")
+      f"ratio {ms(fa) / ms(fb):.2f} (target <= 1.30: {'PASS' if ms(fa) / ms(fb) <= 1.30 else 'FAIL'})")
 print(f"  re-run:      istio-iptables {ms(ra):.2f} ms, bare nft list ruleset inet {ms(rb):.2f} ms, "
-      f"ratio {ms(ra) / ms(rb):.2f} (no goal)")
+      f"ratio {ms(ra) / ms(rb):.2f} (no target)")
 PY

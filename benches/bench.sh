@@ -3,10 +3,16 @@
 #   fresh apply:  one bare `iptables-nft-restore --noflush < payload` (same rules), each
 #                 sample in a fresh, empty network namespace;
 #   re-run:       one bare `iptables-nft-save` in a namespace that already holds the rules
-#                 (the binary then has nothing to change, and reads the tables over netlink:
-#                 it runs no save itself, so it can beat that floor);
+#                 (the binary then has nothing to change: a netlink read finds the tables, so
+#                 it runs one real `iptables-nft-save` and compares; in a fresh namespace the
+#                 same read finds no tables and it runs no save at all);
 # plus the binary's own peak RSS on every path and 50 namespaces applied 10 at a time
 # against one at a time (--cni-mode --network-namespace).
+#
+# Targets in force (benches/README.md): seed fresh apply <= 1.40x the bare restore; seed re-run
+# <= 1.50x the bare save; (c) fresh apply <= 1.40x; (c) generation (--dry-run) < 25 ms; the
+# binary's own peak RSS < 12 MiB on every path of both configs. (c) re-run and the 50
+# namespaces are reported with no target.
 #
 #   sudo benches/bench.sh              # RUNS=21 samples per variant (default)
 #   sudo RUNS=41 benches/bench.sh
@@ -25,6 +31,9 @@
 #   KEEP=1        keep the work directory (payloads, arguments) and print its path
 #   NS_ROUNDS=N   rounds of the 50-namespace test, each one-at-a-time and 10-at-a-time
 #                 (default 3; 0 skips it)
+#   ISTIO_BIN=path an istio-iptables built from Istio's source: benches/istio.sh then times
+#                 ours against it (ISTIO_COMMIT names its commit); unset, one line says it is
+#                 skipped
 #
 # Needs root, iptables (nft flavour: iptables-nft-save/-restore), iproute2, python3 (>= 3.8),
 # strace (only for the binary's own peak RSS; skipped without it), GNU time (optional).
@@ -418,7 +427,7 @@ verdict = lambda ok: "PASS" if ok else "FAIL"
 n = r["runs"]
 label = {"seed.fresh": "seed, fresh apply", "seed.rerun": "seed, re-run (no-op)",
          "large.fresh": "(c) fresh apply", "large.rerun": "(c) re-run (no-op)"}
-target = {"seed.fresh": 1.20, "seed.rerun": 1.25, "large.fresh": 1.20, "large.rerun": None}
+target = {"seed.fresh": 1.40, "seed.rerun": 1.50, "large.fresh": 1.40, "large.rerun": None}
 floor_of = {"fresh": "iptables-nft-restore --noflush < payload", "rerun": "iptables-nft-save"}
 
 print()
@@ -427,8 +436,9 @@ print(f"  {n} samples per variant, interleaved, each in a fresh network namespac
 print("  (a) istio-iptables <args>   (ENABLE_INBOUND_IPV6=false: an IPv4-only pod)")
 print("  (b) fresh apply: one bare iptables-nft-restore --noflush < payload (payload = the")
 print("      binary's own --dry-run block); re-run: one bare iptables-nft-save, in a namespace")
-print("      the binary has just filled (untimed), where (a) then has nothing to change (and")
-print("      reads the tables over netlink: it runs no save of its own).")
+print("      the binary has just filled (untimed), where (a) then has nothing to change (a")
+print("      netlink read finds the tables, so it runs one iptables-nft-save and compares; in a")
+print("      fresh namespace that read finds none and no save runs).")
 print("      nft flavour because the binary picks iptables-nft in a fresh namespace (checked).")
 print(f"  (c) -x: 5000 CIDRs 10.A.B.0/24 ({cidr_len} B argument, limit 131072 B);"
       f" -o: 1000 outbound ports 20000-20999 ({port_len} B), 2 rules per port")
@@ -446,18 +456,18 @@ for key in ("seed.fresh", "seed.rerun", "large.fresh", "large.rerun"):
     res = verdict(ratio <= t) if t else "(no goal)"
     print(f"{label[key]:<26} {a:>8.2f} ms {b:>8.2f} ms {ratio:>6.3f} {goal:>8}  {res}")
 g = med(r["gen"]["large"])
-print(f"{'generation (c), --dry-run':<26} {g:>8.2f} ms {'':>11} {'':>6} {'< 20 ms':>8}  {verdict(g < 20)}")
+print(f"{'generation (c), --dry-run':<26} {g:>8.2f} ms {'':>11} {'':>6} {'< 25 ms':>8}  {verdict(g < 25)}")
 rss = r["rss"]
 vals = [v for x in rss.values() for k, v in x.items() if k.endswith("_own") and v]
 if vals:
     worst = max(vals)
-    print(f"{'peak RSS, binary, max':<26} {worst / 1024:>8.2f} MiB{'':>10} {'':>6} {'< 10 MiB':>8}  {verdict(worst < 10 * 1024)}")
+    print(f"{'peak RSS, binary, max':<26} {worst / 1024:>8.2f} MiB{'':>10} {'':>6} {'< 12 MiB':>8}  {verdict(worst < 12 * 1024)}")
 else:
     print(f"{'peak RSS, binary (own)':<26} n/a (strace not installed or measurement failed)")
 ns = r["ns"]
 if ns["serial"] and ns["parallel"]:
     s1, s10 = med(ns["serial"]), med(ns["parallel"])
-    print(f"{'50 netns, 10 at a time':<26} {s10:>8.1f} ms {s1:>8.1f} ms {s10 / s1:>6.3f} {'<= 0.70':>8}  {verdict(s10 / s1 <= 0.70)}")
+    print(f"{'50 netns, 10 at a time':<26} {s10:>8.1f} ms {s1:>8.1f} ms {s10 / s1:>6.3f} {'-':>8}  (no goal)")
     print("  ((a) = 10 at a time, (b) = one at a time; --cni-mode --network-namespace, seed command)")
 print()
 fl = med(r["gen"]["floor"])
@@ -494,4 +504,12 @@ print("  own = VmHWM of the binary's address space read while strace holds it at
       " (children excluded);")
 print("  tree = GNU time's ru_maxrss, the max over the binary and the iptables programs it ran.")
 PY
+
+# Istio's own binary, side by side (benches/istio.sh), when ISTIO_BIN names one.
+if [[ -n ${ISTIO_BIN:-} ]]; then
+    BIN=$BIN_SOURCE SKIP_BUILD=1 RUNS=$RUNS "$root/benches/istio.sh" \
+        || echo "bench.sh: benches/istio.sh could not measure (see above)" >&2
+else
+    echo "bench.sh: ISTIO_BIN not set: skipping the comparison with Istio's binary (benches/istio.sh)"
+fi
 exit 0

@@ -7,8 +7,9 @@
 #   gen  the same (a) with --dry-run: reading the file, validating, building, printing
 #
 # each apply sample in a fresh, empty network namespace, (a) and (b) interleaved; medians.
-# Goals: (a)/(b) <= 1.20, gen < 100 ms. A report, not a test: exits 0 even when a goal is
-# missed (non-zero only when it could not measure).
+# No target applies to it (benches/README.md: the 1.40x apply and 25 ms generation targets are
+# for the 5,000-CIDR config of bench.sh); it reports the ratio and the generation time. A
+# report, not a test: it exits 0 (non-zero only when it could not measure).
 #
 #   sudo benches/listfile.sh                # RUNS=21 samples per variant
 #   sudo RUNS=41 N=50000 benches/listfile.sh
@@ -156,7 +157,6 @@ for i in range(runs):
 
 med = lambda xs: st.median(xs) / 1e6
 ratio = med(ta) / med(tb)
-verdict = lambda ok: "PASS" if ok else "FAIL"
 print()
 print(f"istio-iptables, lists from files: {os.environ['BIN_SOURCE']} (run from a copy)")
 print(f"  {n} CIDRs in one file ({size} bytes; one argument may hold 131072), {rules} rules"
@@ -164,12 +164,12 @@ print(f"  {n} CIDRs in one file ({size} bytes; one argument may hold 131072), {r
 print("  (a) istio-iptables ... -x @exclude.txt ...   (ENABLE_INBOUND_IPV6=false)")
 print("  (b) iptables-nft-restore --noflush < the same payload (from (a)'s --dry-run)")
 print()
-print(f"{'':<36} {'median':>10} {'target':>9}  result")
+print(f"{'':<36} {'median':>10}  (no target; reported)")
 print(f"{'(a) apply':<36} {med(ta):>7.2f} ms")
 print(f"{'(b) bare iptables-nft-restore':<36} {med(tb):>7.2f} ms")
-print(f"{'(a)/(b)':<36} {ratio:>10.3f} {'<= 1.20':>9}  {verdict(ratio <= 1.20)}")
+print(f"{'(a)/(b)':<36} {ratio:>10.3f}")
 g = med(gen)
-print(f"{'generation (--dry-run, whole process)':<36} {g:>7.2f} ms {'< 100 ms':>9}  {verdict(g < 100)}")
+print(f"{'generation (--dry-run, whole process)':<36} {g:>7.2f} ms")
 print(f"  min/max: (a) {min(ta)/1e6:.2f}/{max(ta)/1e6:.2f} ms, (b) {min(tb)/1e6:.2f}/{max(tb)/1e6:.2f} ms,"
       f" gen {min(gen)/1e6:.2f}/{max(gen)/1e6:.2f} ms; machine: {os.cpu_count()} CPUs,"
       f" load average at the end {open('/proc/loadavg').read().split()[0]}")
