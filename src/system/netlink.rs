@@ -3,6 +3,10 @@
 //! `NLMSG_DONE`. One socket can serve several dumps in turn. Any failure (no socket, a short
 //! or malformed reply, an error from the kernel) means "unknown": `None`, and the caller
 //! falls back.
+//!
+//! Hand-written because nf_tables has no well-kept Rust crate (its reads need three message
+//! types and a handful of attributes), and the two rtnetlink dumps ride on the same loop;
+//! when routes are also changed over netlink, `netlink-packet-route` should take over those.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
