@@ -89,7 +89,7 @@ impl Probe for SystemProbe {
     }
 
     fn nft_tables(&self, family: Family) -> Option<usize> {
-        nftprobe::read(NfFamily::of(family)).map(|t| t.tables.len())
+        nftprobe::tables(NfFamily::of(family)).map(|t| t.tables.len())
     }
 
     fn routing(&self, family: Family) -> Option<crate::system::rtnl::Routing> {
@@ -101,7 +101,7 @@ impl Probe for SystemProbe {
     }
 
     fn nft_inet_tables(&self) -> Option<Vec<String>> {
-        nftprobe::read(NfFamily::Inet).map(|t| t.names())
+        nftprobe::tables(NfFamily::Inet).map(|t| t.names())
     }
 
     fn version(&self, program: &str) -> Option<String> {

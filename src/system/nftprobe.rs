@@ -127,14 +127,23 @@ impl NfTable {
     }
 }
 
-/// The tables of `family` in the current network namespace, with their chains and rule
-/// counts; `None` when the kernel could not be asked or answered with something malformed.
-/// A family without tables costs one dump; otherwise three (tables, chains, rules).
-pub fn read(family: NfFamily) -> Option<NfTables> {
+/// The tables of `family` in the current network namespace, names and flags only (no
+/// chains): one dump. `None` as for [`read`].
+pub fn tables(family: NfFamily) -> Option<NfTables> {
     let mut sock = Socket::open(SockProtocol::NetlinkNetFilter)?;
-    // nfgenmsg: family, NFNETLINK_V0, res_id (big endian).
-    let body = [family.nfproto(), 0, 0, 0];
-    let msg = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
+    read_tables(&mut sock, family)
+}
+
+/// The nfgenmsg of a dump of `family` (family, NFNETLINK_V0, res_id big endian), and the
+/// message type of nf_tables' message `m`.
+fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
+    ([family.nfproto(), 0, 0, 0], |m: u16| {
+        (NFNL_SUBSYS_NFTABLES << 8) | m
+    })
+}
+
+fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
+    let (body, msg) = request(family);
     let mut out = NfTables::default();
     let mut bad = false;
 
@@ -156,12 +165,20 @@ pub fn read(family: NfFamily) -> Option<NfTables> {
             _ => bad = true,
         }
     })?;
-    if bad {
-        return None;
-    }
+    (!bad).then_some(out)
+}
+
+/// The tables of `family` in the current network namespace, with their chains and rule
+/// counts; `None` when the kernel could not be asked or answered with something malformed.
+/// A family without tables costs one dump; otherwise three (tables, chains, rules).
+pub fn read(family: NfFamily) -> Option<NfTables> {
+    let mut sock = Socket::open(SockProtocol::NetlinkNetFilter)?;
+    let mut out = read_tables(&mut sock, family)?;
     if out.tables.is_empty() {
         return Some(out);
     }
+    let (body, msg) = request(family);
+    let mut bad = false;
 
     sock.dump(msg(NFT_MSG_GETCHAIN), &body, |kind, m| {
         if kind != msg(NFT_MSG_NEWCHAIN) {
