@@ -220,68 +220,9 @@ def pause():
         time.sleep(settle_ms / 1000)
 
 
-def cpu_times():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v), v[3] + v[4]  # total, idle + iowait
-
-
-def quiesce(max_s=3.0, window=0.2, idle_min=0.75):
-    """Waits (at most max_s) for a 0.2 s window in which the machine is >= 75 % idle: the
-    kernel tears namespaces down asynchronously (~30 ms of a kworker for a 7,000-rule one),
-    and other jobs may be running. Returns False when the machine stayed busy."""
-    end = time.monotonic() + max_s
-    while True:
-        t0 = cpu_times()
-        time.sleep(window)
-        t1 = cpu_times()
-        if (t1[1] - t0[1]) / max(1, t1[0] - t0[0]) >= idle_min:
-            return True
-        if time.monotonic() >= end:
-            return False
-
-
-def vmhwm_at_exit(argv, env):
-    """The binary's OWN peak RSS: strace (not following children) holds it at exit_group
-    entry for 0.5 s; meanwhile its mm is intact and /proc/PID/status VmHWM (high-water RSS of
-    its own address space only, children excluded) is read. Returns KiB, or None."""
-    tracer = subprocess.Popen(
-        ["strace", "-qq", "-o", "/dev/null", "-e", "trace=exit_group",
-         "-e", "inject=exit_group:delay_enter=500000", "--"] + argv,
-        env=env, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
-    hwm = None
-    deadline = time.monotonic() + 30
-    want = argv[0].encode()
-    while tracer.poll() is None and time.monotonic() < deadline:
-        # strace may fork short-lived helpers first: take the child that has exec'd argv[0].
-        child = None
-        try:
-            with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
-                for k in f.read().split():
-                    try:
-                        with open(f"/proc/{k}/cmdline", "rb") as c:
-                            if c.read().split(b"\0")[0] == want:
-                                child = int(k)
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-        if child is not None:
-            try:
-                with open(f"/proc/{child}/syscall") as f:
-                    sc = f.read().split()
-                if sc and sc[0] == "231":  # exit_group, held by strace
-                    if int(sc[1], 16) != 0:
-                        raise RuntimeError(f"binary exited {int(sc[1], 16)}")
-                    with open(f"/proc/{child}/status") as f:
-                        m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
-                    hwm = int(m.group(1)) if m else None
-                    break
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.0005)
-    tracer.wait()
-    return hwm
+cpu_times = freshns.cpu_times
+quiesce = freshns.quiesce
+vmhwm_at_exit = freshns.vmhwm_at_exit
 
 
 def tree_maxrss(argv, env):
