@@ -11,7 +11,7 @@ use super::verify::{self, render_report};
 use super::{dry_run, validate};
 use crate::backend::Backend;
 use crate::cli::{Command, Exit};
-use crate::config::{BackendChoice, Config, HostFacts, RunMode, shortened};
+use crate::config::{Config, HostFacts, RunMode, shortened};
 use crate::system::Env;
 use crate::system::exec::SystemRunner;
 use crate::system::host::{self, RealHost};
@@ -262,16 +262,6 @@ fn host_facts(cfg: &Config) -> Result<HostFacts, Exit> {
 fn warn_if_nothing_captured(cfg: &Config) {
     if cfg.run.applies() {
         cfg.warn_if_nothing_captured();
-        if let BackendChoice::Nftables {
-            ignored_flavor: Some(_),
-        } = cfg.backend
-        {
-            // Istio CNI says the same of the two settings together.
-            tracing::warn!(
-                "--force-iptables-binary is ignored with --native-nftables: the capture uses \
-                 native nftables (ISTIO_* iptables rules of either flavour are removed)"
-            );
-        }
     }
 }
 

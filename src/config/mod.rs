@@ -292,7 +292,7 @@ impl Config {
                 || !facts.dns_servers_v6.is_empty())
     }
 
-    /// Warns about capture that silently does nothing (worth a warning at the default level).
+    /// Warns about settings that silently do nothing (worth a warning at the default level).
     pub fn warn_if_nothing_captured(&self) {
         let outbound = match &self.outbound_include {
             OutboundCidrs::All => true,
@@ -307,6 +307,16 @@ impl Config {
         }
         if self.capture_all_dns && !self.redirect_dns {
             tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
+        }
+        if let BackendChoice::Nftables {
+            ignored_flavor: Some(_),
+        } = self.backend
+        {
+            // Istio CNI says the same of the two settings together.
+            tracing::warn!(
+                "--force-iptables-binary is ignored with --native-nftables: the capture uses \
+                 native nftables (ISTIO_* iptables rules of either flavour are removed)"
+            );
         }
     }
 
