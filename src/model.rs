@@ -32,6 +32,15 @@ pub enum Family {
 }
 
 impl Family {
+    /// The families in use: IPv4, and IPv6 too when `ipv6`.
+    pub fn in_use(ipv6: bool) -> Vec<Family> {
+        if ipv6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
+
     /// The loopback address, `127.0.0.1` or `::1`.
     pub fn loopback(self) -> IpAddr {
         match self {

@@ -89,15 +89,6 @@ impl Options {
     }
 }
 
-/// The families the config's rules go to.
-fn families(facts: &HostFacts) -> Vec<Family> {
-    if facts.ipv6 {
-        vec![Family::V4, Family::V6]
-    } else {
-        vec![Family::V4]
-    }
-}
-
 /// Applies `cfg` with `chosen`, and removes our state from `other`.
 pub fn apply<C: Backend, O: Backend>(
     chosen: &C,
@@ -110,12 +101,12 @@ pub fn apply<C: Backend, O: Backend>(
     chosen.check(env).map_err(before)?;
     let rules = chosen.build(cfg, facts);
     let state = chosen
-        .read(Scope::Config(&families(facts)), env)
+        .read(Scope::Config(&facts.families()), env)
         .map_err(before)?;
     let mut change = chosen
         .plan(&rules, &state, opts.policy, env)
         .map_err(before)?;
-    let other_state = other.read(Scope::Everything, env).map_err(before)?;
+    let mut other_state = other.read(Scope::Everything, env).map_err(before)?;
     let mut removal = other.plan_removal(cfg, facts, &other_state, env);
     let leftovers = other.describe(&other_state, &removal);
     if !opts.policy.reconcile && !leftovers.is_empty() {
@@ -124,8 +115,9 @@ pub fn apply<C: Backend, O: Backend>(
                 detail: leftovers.join("; "),
             });
         }
-        // Istio's own behaviour: its rules on top, nothing else removed.
-        removal = other.plan_removal(cfg, facts, &O::State::default(), env);
+        // Istio's own behaviour: its rules on top, nothing else removed (nor restored).
+        other_state = O::State::default();
+        removal = other.plan_removal(cfg, facts, &other_state, env);
     }
 
     let mut summary = Summary::default();

@@ -60,13 +60,8 @@ pub fn verify<C: Backend, O: Backend>(
     env: &mut Env<'_>,
 ) -> Result<Report, VerifyError> {
     let rules = chosen.build(cfg, facts);
-    let families = if facts.ipv6 {
-        vec![Family::V4, Family::V6]
-    } else {
-        vec![Family::V4]
-    };
     let state = chosen
-        .read(Scope::Config(&families), env)
+        .read(Scope::Config(&facts.families()), env)
         .map_err(|e| VerifyError::Read(Box::new(e)))?;
     let mut report = Report {
         drift: chosen.drift(&rules, &state, env.resolver),

@@ -99,6 +99,11 @@ pub struct HostFacts {
 }
 
 impl HostFacts {
+    /// The families the rules go to.
+    pub fn families(&self) -> Vec<crate::model::Family> {
+        crate::model::Family::in_use(self.ipv6)
+    }
+
     /// Reads the facts `cfg` needs from `host`. An owner name of -u/-g that does not exist
     /// here, or a resolv.conf that cannot be read, is an error naming its flag, as a bad
     /// value in [`Config::build`] is.

@@ -30,20 +30,7 @@ impl Plan {
 
     /// The families this plan touches.
     pub fn families(&self) -> Vec<Family> {
-        families_of(self.ipv6)
-    }
-}
-
-/// The families [`build`] makes a plan for, known before it is built.
-pub fn families(facts: &HostFacts) -> Vec<Family> {
-    families_of(facts.ipv6)
-}
-
-fn families_of(ipv6: bool) -> Vec<Family> {
-    if ipv6 {
-        vec![Family::V4, Family::V6]
-    } else {
-        vec![Family::V4]
+        Family::in_use(self.ipv6)
     }
 }
 

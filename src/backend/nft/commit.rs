@@ -100,9 +100,13 @@ pub(super) fn check_nft(env: &Env<'_>) -> Result<(), Error> {
 
 /// Whether netlink shows none of our tables (`false` also when it cannot tell).
 pub(super) fn none_of_ours(env: &Env<'_>) -> bool {
-    env.probe
-        .nft_inet_tables()
-        .is_some_and(|names| !names.iter().any(|n| Table::from_name(n).is_some()))
+    none_in(env.probe.nft_inet_tables().as_deref())
+}
+
+/// Whether the `inet` table names netlink showed hold none of ours (`false` when it could
+/// not tell: `None`).
+pub(super) fn none_in(names: Option<&[String]>) -> bool {
+    names.is_some_and(|names| !names.iter().any(|n| Table::from_name(n).is_some()))
 }
 
 /// Reads our tables. Netlink first: a namespace without any of them needs no process.
@@ -110,6 +114,11 @@ pub(super) fn read_live(env: &mut Env<'_>) -> Result<Live, Error> {
     if none_of_ours(env) {
         return Ok(Live::default());
     }
+    list(env)
+}
+
+/// Our tables as `nft list ruleset inet` shows them.
+pub(super) fn list(env: &mut Env<'_>) -> Result<Live, Error> {
     let args = ["list", "ruleset", FAMILY].map(String::from);
     let text = env
         .runner

@@ -22,7 +22,7 @@ pub mod walk;
 use std::fmt::Write as _;
 
 use self::build::{FAMILY, Ruleset, Table};
-use self::commit::{Error, check_nft, none_of_ours, read_live, run_nft};
+use self::commit::{Error, check_nft, list, none_in, run_nft};
 use self::state::{Live, NftState};
 use crate::backend::walk::{Hook, Packet, Unsupported};
 use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
@@ -97,21 +97,20 @@ impl Backend for Nftables {
     }
 
     fn read(&self, scope: Scope<'_>, env: &mut Env<'_>) -> Result<State, Error> {
-        if scope == Scope::Everything {
-            // Without nft and without netlink, nothing can be known or done here.
-            if none_of_ours(env) {
-                return Ok(State::default());
-            }
-            if !env.probe.in_path("nft") {
-                return match env.probe.nft_inet_tables() {
-                    Some(_) => Err(Error::NotInstalledToRemove),
-                    None => Ok(State::default()),
-                };
-            }
+        // Netlink first: a namespace without any of our tables needs no process.
+        let names = env.probe.nft_inet_tables();
+        if none_in(names.as_deref()) {
+            return Ok(State::default());
         }
-        Ok(State {
-            live: read_live(env)?,
-        })
+        if scope == Scope::Everything && !env.probe.in_path("nft") {
+            // Our tables, seen over netlink, cannot be removed without nft; without netlink
+            // nothing can be known here.
+            return match names {
+                Some(_) => Err(Error::NotInstalledToRemove),
+                None => Ok(State::default()),
+            };
+        }
+        Ok(State { live: list(env)? })
     }
 
     fn plan(

@@ -357,6 +357,34 @@ fn nft_reconcile_false_refuses_a_conflict_and_changes_nothing() {
     );
 }
 
+/// `--reconcile=false --force-apply` over the other backend's state is Istio's behaviour:
+/// the chosen backend's rules go on top and nothing else is removed, either way round.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn force_without_reconcile_leaves_the_other_backend_alone() {
+    if skip_unless_root("force_without_reconcile_leaves_the_other_backend_alone") {
+        return;
+    }
+    let force = ["--reconcile=false", "--force-apply"];
+    let ns = Script::new()
+        .run("iptables", V4, SEED)
+        .run("nft", V4, &cat(&nft(SEED), &force))
+        .snap("both")
+        .exec();
+    ns.run_rc("iptables", 0);
+    ns.run_rc("nft", 0);
+    let both = ns.state("both");
+    let ctx = ns.context();
+    assert!(
+        both.get("v4-nft").contains(":ISTIO_OUTPUT"),
+        "iptables rules kept\n{ctx}"
+    );
+    assert!(
+        both.get("nft-inet").contains("table inet istio-proxy-nat"),
+        "nft tables written\n{ctx}"
+    );
+}
+
 /// The other way round: an iptables apply with `--reconcile=false` over our nft tables
 /// refuses (exit 4) and changes nothing, naming the tables; with the default it removes them.
 #[test]
