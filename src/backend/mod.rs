@@ -9,7 +9,7 @@ pub mod nft;
 pub mod walk;
 
 use self::walk::{Hook, Outcome, Packet, Unsupported};
-use crate::config::{Config, HostFacts};
+use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
@@ -41,6 +41,9 @@ pub enum Purpose {
     Apply,
     /// Our state in the backend not chosen, removed by an apply of the other one.
     Switch,
+    /// Our state in a place of the chosen backend the config's rules do not go to (the other
+    /// iptables flavour, a family the config does not use), removed by the apply.
+    Stale,
     /// `--cleanup-only`.
     Cleanup,
 }
@@ -106,27 +109,47 @@ pub trait StepError: std::error::Error + Send + Sync + 'static {
     }
 }
 
-/// Where a difference is: one iptables family, or our native nftables tables.
+/// Where a difference is: one iptables family in one flavour (`None`: the unflavoured
+/// programs), or our native nftables tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
-    Iptables(Family),
+    Iptables(Family, Option<Flavor>),
     Nftables,
 }
 
 impl Place {
-    /// How verify's text names it: `IPv4`, `IPv6`, `inet`.
+    /// How verify's text names it: `IPv4 iptables-nft`, `IPv6 ip6tables-legacy`, `inet`.
     pub fn label(self) -> String {
         match self {
-            Place::Iptables(f) => f.to_string(),
+            Place::Iptables(f, flavor) => format!("{f} {}", Self::program(f, flavor)),
             Place::Nftables => "inet".into(),
+        }
+    }
+
+    /// The iptables programs of the place (`iptables-nft`), for verify's JSON.
+    pub fn backend(self) -> Option<String> {
+        match self {
+            Place::Iptables(f, flavor) => Some(Self::program(f, flavor)),
+            Place::Nftables => None,
+        }
+    }
+
+    fn program(family: Family, flavor: Option<Flavor>) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        match flavor {
+            Some(f) => format!("{base}-{f}"),
+            None => base.to_string(),
         }
     }
 
     /// How verify's JSON names it: `ipv4`, `ipv6`, `inet`.
     pub fn json(self) -> &'static str {
         match self {
-            Place::Iptables(Family::V4) => "ipv4",
-            Place::Iptables(Family::V6) => "ipv6",
+            Place::Iptables(Family::V4, _) => "ipv4",
+            Place::Iptables(Family::V6, _) => "ipv6",
             Place::Nftables => "inet",
         }
     }

@@ -321,17 +321,24 @@ mod tests {
         )
     }
 
-    /// Legacy tables in a namespace without nft tables: the apply goes to legacy, and runs
-    /// no nft program.
+    /// Legacy rules in a namespace without nft tables: the apply goes to legacy, and runs
+    /// no nft program. An empty legacy table (what `iptables-legacy -L` leaves) does not
+    /// count (istio#61024): the apply then goes to nft.
     #[test]
-    fn legacy_tables_without_nft_tables_apply_with_legacy() {
+    fn legacy_rules_without_nft_tables_apply_with_legacy() {
         struct LegacyOnly;
         impl Probe for LegacyOnly {
             fn in_path(&self, _: &str) -> bool {
                 true
             }
-            fn legacy_tables(&self, _: Family) -> Vec<String> {
-                vec!["nat".into()]
+            fn legacy_tables(&self, family: Family) -> Vec<String> {
+                match family {
+                    Family::V4 => vec!["nat".into(), "filter".into()],
+                    Family::V6 => vec![],
+                }
+            }
+            fn lo_has_v6_host_address(&self, _: std::net::Ipv6Addr) -> Option<bool> {
+                Some(false)
             }
             fn nft_tables(&self, _: Family) -> Option<usize> {
                 Some(0)
@@ -340,26 +347,48 @@ mod tests {
                 Some(vec![])
             }
         }
-        let mut fake = Fake::default();
-        apply_with(
-            &["-p", "15001", "-b", "*"],
-            &[],
-            &OPTS,
-            &LegacyOnly,
-            &mut fake,
-        )
-        .unwrap();
-        let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
-        assert_eq!(ran, ["iptables-legacy-save", "iptables-legacy-restore"]);
+        let empty = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+        for (legacy, restore) in [
+            (
+                format!("{empty}*raw\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ACCEPT\nCOMMIT\n"),
+                "iptables-legacy-restore",
+            ),
+            (empty.to_string(), "iptables-nft-restore"),
+        ] {
+            let mut fake = Fake::default();
+            fake.saves.insert(
+                "iptables-legacy-save".into(),
+                [legacy].into_iter().collect(),
+            );
+            apply_with(
+                &["-p", "15001", "-b", "*"],
+                &[],
+                &OPTS,
+                &LegacyOnly,
+                &mut fake,
+            )
+            .unwrap();
+            let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+            assert_eq!(ran, ["iptables-legacy-save", restore]);
+        }
     }
 
+    /// Every place is read (this probe cannot count nft tables, so IPv6 is read too, though
+    /// IPv6 is off), one restore where the rules go.
     #[test]
-    fn fresh_apply_runs_one_save_and_one_restore_per_family() {
+    fn fresh_apply_reads_every_place_and_runs_one_restore() {
         let mut fake = Fake::default();
         let s = apply_with(&["-b", "*", "-i", "*"], &[], &OPTS, &NftOnly, &mut fake).unwrap();
         let programs: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
-        assert_eq!(programs, vec!["iptables-nft-save", "iptables-nft-restore"]);
-        assert_eq!(fake.calls[1].1, vec!["--noflush"]);
+        assert_eq!(
+            programs,
+            vec![
+                "iptables-nft-save",
+                "ip6tables-nft-save",
+                "iptables-nft-restore"
+            ]
+        );
+        assert_eq!(fake.calls[2].1, vec!["--noflush"]);
         assert_eq!(s.committed, vec![Family::V4]);
     }
 

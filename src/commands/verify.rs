@@ -87,6 +87,15 @@ fn check_routes(
             }
         }
     }
+    // `::6` on lo is ours whoever added it (apply and cleanup remove it when unwanted).
+    let v6 = IpCommand::AddInboundV6Address;
+    if !wanted.contains(&v6) {
+        match ip::present(&v6, env.probe, env.runner) {
+            Ok(true) => report.routes_extra.push(v6.to_string()),
+            Ok(false) => {}
+            Err(error) => return Err(VerifyError::Route { command: v6, error }),
+        }
+    }
     for cmd in wanted {
         match ip::present(cmd, env.probe, env.runner) {
             Ok(true) => {}
@@ -121,6 +130,9 @@ struct ReportJson<'a> {
 #[derive(Serialize)]
 struct DiffJson<'a> {
     family: &'static str,
+    /// The iptables programs of the place (`iptables-nft`); none for nftables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<String>,
     table: &'a str,
     chain: &'a Option<String>,
     missing: &'a [String],
@@ -135,6 +147,7 @@ impl<'a> DiffJson<'a> {
     fn of(d: &'a Drift) -> DiffJson<'a> {
         DiffJson {
             family: d.place.json(),
+            backend: d.place.backend(),
             table: &d.table,
             chain: &d.chain,
             missing: &d.missing,
@@ -238,7 +251,7 @@ mod tests {
     fn report_renders_drift() {
         let r = Report {
             drift: vec![Drift {
-                place: Place::Iptables(Family::V4),
+                place: Place::Iptables(Family::V4, Some(crate::config::Flavor::Nft)),
                 table: "nat".into(),
                 chain: Some("ISTIO_OUTPUT".into()),
                 missing: vec!["-A X".into()],
@@ -333,7 +346,7 @@ mod tests {
         let want = nftstate::desired(&nft::build(&cfg, &facts), &NoResolver);
         let mut m = Machine {
             nft: listing(&want),
-            iptables_save: Err(()),
+            iptables_save: Ok(String::new()),
         };
         let r = verify(
             &Nftables,
@@ -371,7 +384,7 @@ mod tests {
         assert_eq!(r.drift[0].missing, [gone]);
         assert_eq!(
             r.other_backend,
-            ["IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT"]
+            ["IPv4 iptables table nat (iptables-nft-save): 1 ISTIO_* rule(s), chains ISTIO_OUTPUT"]
         );
         let text = render_report(&r, Format::Text);
         assert!(
@@ -380,7 +393,7 @@ mod tests {
         );
         let json = render_report(&r, Format::Json);
         assert!(
-            json.contains(",\"other_backend\":[\"IPv4 iptables table nat: 1 ISTIO_* rule(s), chains ISTIO_OUTPUT\"],\"routes_missing\":[]}"),
+            json.contains(",\"other_backend\":[\"IPv4 iptables table nat (iptables-nft-save): 1 ISTIO_* rule(s), chains ISTIO_OUTPUT\"],\"routes_missing\":[]}"),
             "{json}"
         );
     }

@@ -72,6 +72,11 @@ pub fn apply(
             }
         }
     }
+    // `::6` on lo is Istio's own (its cleanup deletes it whatever the config): an IPv6
+    // config added it, and one without IPv6 removes it.
+    if !wanted.contains(&IpCommand::AddInboundV6Address) {
+        stale.push((IpCommand::AddInboundV6Address, None));
+    }
     // The route before the rule that looks it up: a run killed in between leaves a route
     // nothing uses (and the next run finds it), never a rule into an empty table.
     let mut wanted_ip: Vec<&IpCommand> = wanted.iter().collect();

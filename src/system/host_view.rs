@@ -132,6 +132,9 @@ impl Probe for NftOnly {
     fn legacy_tables(&self, _: Family) -> Vec<String> {
         vec![]
     }
+    fn lo_has_v6_host_address(&self, _: std::net::Ipv6Addr) -> Option<bool> {
+        Some(false)
+    }
 }
 
 /// The version compiled into the binary (read from its file, so that detection runs no

@@ -1381,10 +1381,14 @@ impl Expect {
         Expect::exit(0).has(&["OK: the live rules match the config"])
     }
 
-    /// Exit 3 with a diff of `family`'s `nat/chain` (`IPv4 nat/CHAIN:`), and nothing of the
-    /// other family.
+    /// Exit 3 with a diff of `family`'s `nat/chain` (`IPv4 iptables-nft nat/CHAIN:`), and
+    /// nothing of the other family.
     fn drift(family: Family, chain: &str) -> Expect {
-        let header = format!("{} nat/{chain}:", fam_name(family));
+        let program = match family {
+            Family::V4 => "iptables-nft",
+            Family::V6 => "ip6tables-nft",
+        };
+        let header = format!("{} {program} nat/{chain}:", fam_name(family));
         Expect::exit(3)
             .has(&["DRIFT", &header])
             .lacks(&[other_family(family)])
@@ -1499,9 +1503,13 @@ fn verify_deleted_rule_is_drift() {
                 .lacks(&["extra:", "out of order"]),
         );
         let json_family = f.to_lowercase();
+        let backend = match family {
+            Family::V4 => "iptables-nft",
+            Family::V6 => "ip6tables-nft",
+        };
         let json_diff = format!(
-            "{{\"family\":\"{json_family}\",\"table\":\"nat\",\"chain\":\"ISTIO_OUTPUT\",\
-             \"missing\":[\"{gone}\"],\"extra\":[],\"out_of_order\":false}}"
+            "{{\"family\":\"{json_family}\",\"backend\":\"{backend}\",\"table\":\"nat\",\
+             \"chain\":\"ISTIO_OUTPUT\",\"missing\":[\"{gone}\"],\"extra\":[],\"out_of_order\":false}}"
         );
         expect_verify(
             r,

@@ -511,14 +511,16 @@ fn verify_finds_the_other_backend() {
     assert_eq!(code, Some(3), "{text}");
     assert!(
         text.starts_with(
-            "DRIFT: the live rules differ from the config\nother backend: IPv4 iptables table nat: "
+            "DRIFT: the live rules differ from the config\nother backend: IPv4 iptables table nat (iptables-nft-save): "
         ) && text.contains("ISTIO_OUTPUT"),
         "only the other backend differs: {text}"
     );
     let (code, json) = pod.verify(true, true);
     assert_eq!(code, Some(3));
     assert!(
-        json.contains(r#""differences":[],"other_backend":["IPv4 iptables table nat: "#),
+        json.contains(
+            r#""differences":[],"other_backend":["IPv4 iptables table nat (iptables-nft-save): "#
+        ),
         "{json}"
     );
     let (code, text) = pod.verify(false, false);

@@ -39,6 +39,12 @@ pub enum Error {
         /// Printed in the message, so not exposed as `source` too.
         error: ParseError,
     },
+    #[error(
+        "{family} ISTIO_* rules are also in {program}, where this config's rules do not go; \
+         nothing was changed. Run with --reconcile=true (the default) to remove them, or \
+         remove them first with --cleanup-only"
+    )]
+    Elsewhere { family: Family, program: String },
     #[error("{family}: {error}")]
     Conflict {
         family: Family,
@@ -70,6 +76,17 @@ pub enum Error {
         /// Not `source`: the message already includes it, once.
         error: Box<ExecError>,
     },
+    #[error(
+        "removing the stale {family} ISTIO_* rules with {program} (this config's rules are \
+         not there) failed: {}",
+        explain_exec(.error)
+    )]
+    Stale {
+        family: Family,
+        program: String,
+        /// Not `source`: the message already includes it, once.
+        error: Box<ExecError>,
+    },
     #[error("cleaning up {family} with {program}: {}", explain_exec(.error))]
     Cleanup {
         family: Family,
@@ -81,7 +98,7 @@ pub enum Error {
 
 impl StepError for Error {
     fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(self, Error::Conflict { .. } | Error::Elsewhere { .. })
     }
 }
 
@@ -217,12 +234,14 @@ fn restore_input(program: &Program, tx: &Transaction, probe: &dyn Probe) -> (Str
     (payload, tx.emptied.clone())
 }
 
-/// One place in flight: a family in one flavour, as read before the run, with what to
-/// commit there.
+/// One place in flight: a family in one flavour, as read before the run.
 #[derive(Debug)]
 pub struct Place {
     pub program: Program,
     pub before: SaveState,
+    /// Where the config's rules go (else a place only our stale state may be in: the other
+    /// flavour, or a family the config does not use).
+    pub target: bool,
 }
 
 /// Commits `tx` at `place` for `purpose`: iptables-restore --noflush, then the nft tables
@@ -245,6 +264,11 @@ pub(super) fn commit(
         Purpose::Switch => tracing::info!(
             %program,
             "removing {family} ISTIO_* iptables rules (switching to native nftables):\n{}",
+            tx.payload.trim_end()
+        ),
+        Purpose::Stale => tracing::info!(
+            %program,
+            "removing stale {family} ISTIO_* rules (this config's rules are not there):\n{}",
             tx.payload.trim_end()
         ),
         Purpose::Cleanup => tracing::info!(
@@ -281,6 +305,11 @@ pub(super) fn commit(
                 error,
             },
             Purpose::Switch => Error::Switch {
+                family,
+                program,
+                error,
+            },
+            Purpose::Stale => Error::Stale {
                 family,
                 program,
                 error,

@@ -1,8 +1,9 @@
-//! Which iptables to drive: legacy or nft, decided the way Istio does, without side effects
-//! and without running anything: legacy when its binary exists and this namespace already has
-//! legacy tables (/proc/net/ip_tables_names), otherwise nft when installed, otherwise legacy,
-//! otherwise the plain `iptables-restore` on PATH. `--force-iptables-binary` overrides.
-//! Pure over [`Probe`] (what the host shows, read by `system`).
+//! Which iptables to drive: legacy or nft, decided the way Istio master does (istio#61024),
+//! without side effects: legacy when its binary exists and this namespace's legacy tables
+//! hold a rule (an `-A`/`-I` line of `iptables-legacy-save`: an empty legacy table, which a
+//! mere `iptables-legacy -L` or `-C` creates, does not count), otherwise nft when installed,
+//! otherwise legacy, otherwise the plain `iptables-restore` on PATH. `--force-iptables-binary`
+//! overrides. Pure over [`Probe`] (what is installed) and the legacy tables the caller read.
 
 use std::fmt;
 
@@ -70,11 +71,23 @@ impl fmt::Display for Program {
 pub struct NotInstalled {
     pub program: String,
 }
-/// Chooses the backend for `family`.
+/// The programs of `flavor` for `family`, when both its restore and save are installed.
+pub fn installed(family: Family, flavor: Flavor, probe: &dyn Probe) -> Option<Program> {
+    detect(family, Some(flavor), probe, &[])
+        .ok()
+        .map(|p| Program {
+            reason: "read: it may hold state of ours".into(),
+            ..p
+        })
+}
+
+/// Chooses the backend for `family`; `legacy_with_rules`: the legacy tables of `family`
+/// that hold a rule (read with `iptables-legacy-save`).
 pub fn detect(
     family: Family,
     forced: Option<Flavor>,
     probe: &dyn Probe,
+    legacy_with_rules: &[String],
 ) -> Result<Program, NotInstalled> {
     let base = match family {
         Family::V4 => "iptables",
@@ -95,14 +108,13 @@ pub fn detect(
             reason: "forced by --force-iptables-binary".into(),
         });
     }
-    let legacy_tables = probe.legacy_tables(family);
-    if !legacy_tables.is_empty() && have(Flavor::Legacy) {
+    if !legacy_with_rules.is_empty() && have(Flavor::Legacy) {
         return Ok(Program {
             family,
             flavor: Some(Flavor::Legacy),
             reason: format!(
-                "this namespace already has legacy tables ({})",
-                legacy_tables.join(", ")
+                "this namespace's legacy tables hold rules ({})",
+                legacy_with_rules.join(", ")
             ),
         });
     }
@@ -110,7 +122,7 @@ pub fn detect(
         return Ok(Program {
             family,
             flavor: Some(Flavor::Nft),
-            reason: "no legacy tables in this namespace".into(),
+            reason: "no legacy rules in this namespace".into(),
         });
     }
     if have(Flavor::Legacy) {
@@ -148,12 +160,21 @@ mod tests {
                 .any(|i| p == *i || p.starts_with(&format!("{i}-")))
         }
         fn legacy_tables(&self, _: Family) -> Vec<String> {
-            self.legacy.iter().map(|s| s.to_string()).collect()
+            Vec::new()
         }
     }
 
+    fn detect(
+        family: Family,
+        forced: Option<Flavor>,
+        fake: &Fake,
+    ) -> Result<Program, NotInstalled> {
+        let with_rules: Vec<String> = fake.legacy.iter().map(|s| s.to_string()).collect();
+        super::detect(family, forced, fake, &with_rules)
+    }
+
     #[test]
-    fn legacy_only_when_it_already_has_tables() {
+    fn legacy_only_when_its_tables_hold_rules() {
         let both = vec!["iptables-legacy", "iptables-nft"];
         let b = detect(
             Family::V4,

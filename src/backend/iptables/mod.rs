@@ -23,7 +23,6 @@ use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
-use crate::system::exec::ExecError;
 
 /// iptables, in the flavour `--force-iptables-binary` names or detection picks per family.
 #[derive(Debug, Clone, Copy)]
@@ -50,31 +49,59 @@ pub struct Change {
 }
 
 impl Iptables {
-    /// The flavours of `family` that may hold state of ours, whether or not detection would
-    /// pick them (a forced flavour: only it).
-    fn programs_with_state(&self, family: Family, env: &Env<'_>) -> Vec<Program> {
-        let mut programs: Vec<Program> = Vec::new();
-        match detection::detect(family, self.flavor, env.probe) {
-            Ok(p) => programs.push(p),
-            Err(e) => tracing::debug!("{family}: {e}"),
+    /// Every place of `family` that may hold iptables state, read once: each installed
+    /// flavour (nothing runs where a flavour has no tables), or the unflavoured programs
+    /// where neither is installed. With `target`, the place the config's rules go to comes
+    /// first, chosen as Istio does (detection needs the legacy save); the others follow when
+    /// they hold anything.
+    fn read_family(
+        &self,
+        family: Family,
+        target: bool,
+        env: &mut Env<'_>,
+    ) -> Result<Vec<Place>, Error> {
+        let mut read: Vec<Place> = Vec::new();
+        for f in [Flavor::Legacy, Flavor::Nft] {
+            let Some(program) = detection::installed(family, f, env.probe) else {
+                continue;
+            };
+            let before = read_state(&program, env.probe, env.runner)?;
+            read.push(Place {
+                program,
+                before,
+                target: false,
+            });
         }
-        if self.flavor.is_none() {
-            for f in [Flavor::Legacy, Flavor::Nft] {
-                if programs.iter().any(|p| p.flavor == Some(f)) {
-                    continue;
+        if target {
+            let legacy_rules = read
+                .iter()
+                .find(|p| p.program.flavor == Some(Flavor::Legacy))
+                .map(|p| p.before.tables_with_rules())
+                .unwrap_or_default();
+            let program = detection::detect(family, self.flavor, env.probe, &legacy_rules)
+                .map_err(|error| Error::Backend { family, error })?;
+            let place = match read.iter().position(|p| p.program.flavor == program.flavor) {
+                Some(i) => {
+                    let mut p = read.remove(i);
+                    p.program = program;
+                    p
                 }
-                let may_hold = match f {
-                    Flavor::Nft => {
-                        env.probe.nft_chain_with_prefix(family, chain::PREFIX) != Some(false)
-                    }
-                    Flavor::Legacy => !env.probe.legacy_tables(family).is_empty(),
-                };
-                if may_hold && let Ok(p) = detection::detect(family, Some(f), env.probe) {
-                    programs.push(p);
-                }
-            }
+                None => Place {
+                    before: read_state(&program, env.probe, env.runner)?,
+                    program,
+                    target: true,
+                },
+            };
+            read.insert(
+                0,
+                Place {
+                    target: true,
+                    ..place
+                },
+            );
         }
-        programs
+        read.retain(|p| p.target || !p.before.is_empty());
+        Ok(read)
     }
 }
 
@@ -107,23 +134,12 @@ impl Backend for Iptables {
 
     fn read(&self, scope: Scope<'_>, env: &mut Env<'_>) -> Result<State, Error> {
         let mut places = Vec::new();
-        match scope {
-            Scope::Config(families) => {
-                for &family in families {
-                    let program = detection::detect(family, self.flavor, env.probe)
-                        .map_err(|error| Error::Backend { family, error })?;
-                    let before = read_state(&program, env.probe, env.runner)?;
-                    places.push(Place { program, before });
-                }
-            }
-            Scope::Everything => {
-                for family in [Family::V4, Family::V6] {
-                    for program in self.programs_with_state(family, env) {
-                        let before = read_state(&program, env.probe, env.runner)?;
-                        places.push(Place { program, before });
-                    }
-                }
-            }
+        for family in [Family::V4, Family::V6] {
+            let target = match scope {
+                Scope::Config(families) => families.contains(&family),
+                Scope::Everything => false,
+            };
+            places.extend(self.read_family(family, target, env)?);
         }
         Ok(State { places })
     }
@@ -138,6 +154,24 @@ impl Backend for Iptables {
         let mut txs = Vec::new();
         for place in &state.places {
             let (family, program) = (place.program.family, &place.program);
+            if !place.target {
+                // Our state where this config's rules do not go: removed, as a reconfigure
+                // removes what the new config leaves out; without --reconcile, a conflict.
+                let tx = plan::cleanup(&place.before);
+                warn_kept(program, &tx);
+                if !tx.is_noop() && !policy.reconcile {
+                    if !policy.force {
+                        return Err(Error::Elsewhere {
+                            family,
+                            program: program.restore_program(),
+                        });
+                    }
+                    txs.push(Transaction::default());
+                    continue;
+                }
+                txs.push(tx);
+                continue;
+            }
             // The version is logged when the save printed it.
             match &place.before.version {
                 Some(version) => {
@@ -149,6 +183,7 @@ impl Backend for Iptables {
             }
             let tx = plan::reconcile(&place.before, rules.rules(family), env.resolver, policy)
                 .map_err(|error| Error::Conflict { family, error })?;
+            warn_kept(program, &tx);
             txs.push(tx);
         }
         Ok(Change {
@@ -160,27 +195,20 @@ impl Backend for Iptables {
 
     fn plan_removal(
         &self,
-        cfg: &Config,
-        facts: &HostFacts,
+        _cfg: &Config,
+        _facts: &HostFacts,
         state: &State,
-        env: &Env<'_>,
+        _env: &Env<'_>,
     ) -> Change {
-        // Built only when some iptables state may be ours (never in a fresh namespace).
-        let mut ours: Option<Plan> = None;
-        let mut txs = Vec::new();
-        for place in &state.places {
-            if place.before.tables.is_empty() {
-                txs.push(Transaction::default());
-                continue;
-            }
-            let ours = ours.get_or_insert_with(|| build::teardown(cfg, facts));
-            let family = place.program.family;
-            txs.push(plan::cleanup(
-                &place.before,
-                ours.rules(family),
-                env.resolver,
-            ));
-        }
+        let txs: Vec<Transaction> = state
+            .places
+            .iter()
+            .map(|place| {
+                let tx = plan::cleanup(&place.before);
+                warn_kept(&place.program, &tx);
+                tx
+            })
+            .collect();
         Change {
             purpose: Purpose::Switch,
             attempted: vec![false; txs.len()],
@@ -198,7 +226,7 @@ impl Backend for Iptables {
                 format!(
                     "{} ISTIO_* iptables rules ({})",
                     p.program.family,
-                    p.program.restore_program()
+                    p.program.save_program()
                 )
             })
             .collect()
@@ -221,7 +249,11 @@ impl Backend for Iptables {
                 continue;
             }
             change.attempted[i] = true;
-            commit::commit(place, tx, change.purpose, self.lock_wait_secs, env)?;
+            let purpose = match change.purpose {
+                Purpose::Apply if !place.target => Purpose::Stale,
+                p => p,
+            };
+            commit::commit(place, tx, purpose, self.lock_wait_secs, env)?;
             summary.committed.push(family);
         }
         Ok(())
@@ -229,25 +261,24 @@ impl Backend for Iptables {
 
     fn remove_everything(
         &self,
-        cfg: &Config,
-        facts: &HostFacts,
+        _cfg: &Config,
+        _facts: &HostFacts,
         env: &mut Env<'_>,
         summary: &mut Summary,
     ) -> Vec<Error> {
-        let ours = build::teardown(cfg, facts);
         let mut errors = Vec::new();
         for family in [Family::V4, Family::V6] {
-            for program in self.programs_with_state(family, env) {
-                // ip6tables may be unusable where IPv6 is off: say so, but go on.
-                let before = match read_state(&program, env.probe, env.runner) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        errors.push(e);
-                        continue;
-                    }
-                };
-                let place = Place { program, before };
-                let tx = plan::cleanup(&place.before, ours.rules(family), env.resolver);
+            // ip6tables may be unusable where IPv6 is off: say so, but go on.
+            let places = match self.read_family(family, false, env) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            for place in places {
+                let tx = plan::cleanup(&place.before);
+                warn_kept(&place.program, &tx);
                 if tx.is_noop() {
                     continue;
                 }
@@ -297,26 +328,22 @@ impl Backend for Iptables {
             .iter()
             .flat_map(|p| {
                 let family = p.program.family;
-                plan::diff(family, &p.before, rules.rules(family), resolver)
+                // Where the config's rules do not go, nothing of ours is wanted: a stale copy
+                // is drift.
+                let wanted = if p.target { rules.rules(family) } else { &[] };
+                let mut drift = plan::diff(family, &p.before, wanted, resolver);
+                for d in &mut drift {
+                    d.place = crate::backend::Place::Iptables(family, p.program.flavor);
+                }
+                drift
             })
             .collect()
     }
 
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            // Where no iptables is installed, none can hold rules.
-            let Ok(program) = detection::detect(family, self.flavor, env.probe) else {
-                continue;
-            };
-            match read_state(&program, env.probe, env.runner) {
-                Ok(st) => out.extend(ours_in(family, &st)),
-                Err(Error::Read {
-                    error: ExecError::NotFound { .. },
-                    ..
-                }) => {}
-                Err(e) => return Err(e),
-            }
+        for place in self.read(Scope::Everything, env)?.places {
+            out.extend(ours_in(&place.program, &place.before));
         }
         Ok(out)
     }
@@ -358,8 +385,22 @@ impl Backend for Iptables {
     }
 }
 
+/// Says which rules of our shape `tx` keeps (see [`plan`]'s module doc).
+fn warn_kept(program: &Program, tx: &Transaction) {
+    for rule in &tx.kept {
+        tracing::warn!(
+            "kept {} {rule} ({}): it has the shape of a rule istio-iptables writes, but this \
+             config does not write it and nothing shows it is ours; delete it by hand if it is",
+            program.family,
+            program.save_program()
+        );
+    }
+}
+
 /// Our iptables chains, and rules jumping to them, per table: one line each.
-fn ours_in(family: Family, st: &save::SaveState) -> Vec<String> {
+fn ours_in(program: &Program, st: &save::SaveState) -> Vec<String> {
+    let family = program.family;
+    let save = program.save_program();
     let ours = |s: &str| s.starts_with(chain::PREFIX);
     let mut out = Vec::new();
     for (name, ts) in &st.tables {
@@ -376,7 +417,7 @@ fn ours_in(family: Family, st: &save::SaveState) -> Vec<String> {
             .count();
         if !chains.is_empty() || rules > 0 {
             out.push(format!(
-                "{family} iptables table {name}: {rules} ISTIO_* rule(s), chains {}",
+                "{family} iptables table {name} ({save}): {rules} ISTIO_* rule(s), chains {}",
                 if chains.is_empty() {
                     "-".to_string()
                 } else {

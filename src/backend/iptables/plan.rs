@@ -4,15 +4,13 @@
 //! state: our ISTIO_* chains with exactly our rules, exactly our rules in the built-in chains
 //! (stale ones and duplicates removed), foreign rules and chains untouched. Pure: no I/O.
 //!
-//! Ownership of rules in built-in chains: a rule is ours when it jumps to an ISTIO_* chain or
-//! is one of the rules we want. A rule that only has the shape of one this tool writes into
-//! built-in chains (interface RETURNs, TPROXY marks), left by an earlier config, is ours only
-//! in a table that holds ISTIO_* chains, and then in two steps, so that ownership is stable:
-//! first only when corroborated (TPROXY mark rules; an interface RETURN whose other half is
-//! there too: `-i X -j RETURN` in PREROUTING with `-o X -j RETURN` in OUTPUT, or a jump into
-//! an ISTIO_* chain for `-i X`); if the table is then already as wanted, nothing changes, so
-//! an identical re-run never takes a lone foreign `-i eth9 -j RETURN` for ours. Only when the
-//! table must change anyway (a reconfigure) are lone rules of our shape taken for ours too.
+//! Ownership of rules in built-in chains: a rule is ours when it jumps to an ISTIO_* chain,
+//! nothing else. The other rules this tool writes into built-in chains (interface RETURNs
+//! for `-c`, the TPROXY mark rules) are what anyone may write too, and the kernel's state
+//! cannot tell the two apart: such a rule is never deleted. A wanted one is served by an
+//! identical rule already there (so an identical re-run changes nothing, and a foreign
+//! look-alike is kept); one of our shape that the config does not want is kept and named
+//! ([`Transaction::kept`]), for a warning and for verify.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{SaveState, TableState, canonical, tokenize};
 use crate::backend::{Drift, Place, Policy};
-use crate::model::OwnerResolver;
 use crate::model::{Family, Match, Position, Rule, RuleSpec, Table, Target, chain};
+use crate::model::{NoResolver, OwnerResolver};
 
 /// The namespace holds ISTIO_* state that differs and reconcile is off.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +42,9 @@ pub struct Transaction {
     pub touched: Vec<Table>,
     /// Touched tables that hold nothing at all afterwards (nft can drop them).
     pub emptied: Vec<Table>,
+    /// Rules of the shape this tool writes into built-in chains that the config does not
+    /// want, kept because nothing proves they are ours (`nat PREROUTING: -i eth9 -j RETURN`).
+    pub kept: Vec<String>,
 }
 
 impl Transaction {
@@ -90,37 +91,6 @@ fn iface_return(canon: &str, flag: &str) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// Whether a rule of our shape is corroborated by the rest of the table (see the module doc).
-fn corroborated(
-    table: &TableState,
-    chain: &str,
-    canon: &str,
-    resolver: &dyn OwnerResolver,
-) -> bool {
-    let canon_of = |c: &str| {
-        table
-            .chain_rules(c)
-            .map(|r| canonical(r, resolver))
-            .collect::<Vec<_>>()
-    };
-    if chain == "PREROUTING"
-        && let Some(x) = iface_return(canon, "-i")
-    {
-        let jumps_in = table.rules.iter().any(|(_, r)| {
-            target(r).is_some_and(|t| is_ours(&t))
-                && canonical(r, resolver).starts_with(&format!("-i {x} "))
-        });
-        return jumps_in || canon_of("OUTPUT").contains(&format!("-o {x} -j RETURN"));
-    }
-    if chain == "OUTPUT"
-        && let Some(x) = iface_return(canon, "-o")
-    {
-        return canon_of("PREROUTING").contains(&format!("-i {x} -j RETURN"));
-    }
-    // The TPROXY mark rules are specific enough.
-    true
 }
 
 /// Whether `m` is `FLAG VALUE`, not negated (any value when `value` is None).
@@ -206,6 +176,14 @@ struct TableView<'a> {
     want: BTreeMap<String, Vec<String>>,
     /// Canonical current content per chain, with ownership flags (built-in chains).
     have: BTreeMap<String, Vec<(String, bool)>>,
+    /// Per built-in chain, per current rule: a rule not ours that serves a wanted one.
+    serving: BTreeMap<String, Vec<bool>>,
+    /// Per chain, per desired rule (in order): already served, so not written again.
+    served: BTreeMap<String, Vec<bool>>,
+    /// Per built-in chain rewritten with explicit positions: its restore lines.
+    lines: BTreeMap<String, Vec<String>>,
+    /// Rules of our shape the config does not want, kept (see the module doc).
+    kept: Vec<String>,
 }
 
 /// The wanted side of one table.
@@ -235,29 +213,130 @@ impl<'a> Wanted<'a> {
     }
 }
 
+/// Where `wanted` appears in `have` in order (other rules between allowed): the index of
+/// each, matched as early as possible; `None` when it does not.
+fn in_order(wanted: &[String], have: &[String]) -> Option<Vec<usize>> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let i = at + have[at..].iter().position(|h| h == w)?;
+        out.push(i);
+        at = i + 1;
+    }
+    Some(out)
+}
+
+fn is_jump_to_ours(canon: &str) -> bool {
+    target(&tokenize(canon)).is_some_and(|t| is_ours(&t))
+}
+
+/// A built-in chain that needs no change: its jumps to ISTIO_* chains are exactly the
+/// wanted ones, and every wanted rule is there in the wanted order. Returns, per current
+/// rule, whether it is a rule not ours that serves a wanted one.
+fn in_place(current: &[(String, bool)], ops: &[(Position, String)]) -> Option<Vec<bool>> {
+    let order = simulate(Vec::new(), ops);
+    let jumps = current.iter().filter(|(_, o)| *o).map(|(r, _)| r);
+    if !jumps.eq(order.iter().filter(|r| is_jump_to_ours(r))) {
+        return None;
+    }
+    let all: Vec<String> = current.iter().map(|(r, _)| r.clone()).collect();
+    let at = in_order(&order, &all)?;
+    let mut serving = vec![false; current.len()];
+    for i in at {
+        serving[i] = !current[i].1;
+    }
+    Some(serving)
+}
+
+/// How a built-in chain that must change is rewritten: our jumps go, and the wanted rules
+/// are written onto the rules that are not ours (`kept`, in order), except those an
+/// identical kept rule already serves.
+struct Rewrite {
+    /// Per desired rule: served by a kept rule, so not written.
+    served: Vec<bool>,
+    /// Per kept rule: it serves a desired one.
+    serving: Vec<bool>,
+    /// The chain after the commit.
+    content: Vec<String>,
+    /// Restore lines that write the rest, when Istio's own positions would break the wanted
+    /// order around a kept rule that serves (`None`: the desired rules as Istio writes them).
+    lines: Option<Vec<String>>,
+}
+
+fn serve(chain: &str, kept: &[String], ops: &[(Position, String)]) -> Rewrite {
+    let order = simulate(Vec::new(), ops);
+    let mut serving = vec![false; kept.len()];
+    let served: Vec<bool> = ops
+        .iter()
+        .map(|(_, r)| {
+            let free = (0..kept.len()).find(|&i| !serving[i] && kept[i] == *r);
+            match free {
+                Some(i) if !is_jump_to_ours(r) => {
+                    serving[i] = true;
+                    true
+                }
+                _ => false,
+            }
+        })
+        .collect();
+    let written: Vec<(Position, String)> = ops
+        .iter()
+        .zip(&served)
+        .filter(|(_, s)| !**s)
+        .map(|(op, _)| op.clone())
+        .collect();
+    let content = simulate(kept.to_vec(), &written);
+    if in_order(&order, &content).is_some() {
+        return Rewrite {
+            served,
+            serving,
+            content,
+            lines: None,
+        };
+    }
+    // Istio's positions put a written rule on the wrong side of a kept one that serves
+    // (a TPROXY mark rule kept below the jump that goes): each wanted rule not served is
+    // inserted just before the next wanted one, from the last to the first.
+    let mut content = kept.to_vec();
+    let mut lines = Vec::new();
+    let mut before = content.len();
+    let mut taken = vec![false; kept.len()];
+    for w in order.iter().rev() {
+        // Below `before` nothing was inserted yet: the indices are the kept rules'.
+        let kept_at = (0..before.min(kept.len()))
+            .rev()
+            .find(|&i| !taken[i] && kept[i] == *w);
+        match kept_at {
+            Some(i) if !is_jump_to_ours(w) => {
+                taken[i] = true;
+                before = i;
+            }
+            _ => {
+                content.insert(before, w.clone());
+                lines.push(if before + 1 == content.len() {
+                    format!("-A {chain} {w}")
+                } else {
+                    format!("-I {chain} {} {w}", before + 1)
+                });
+            }
+        }
+    }
+    Rewrite {
+        served: vec![true; ops.len()],
+        serving: taken,
+        content,
+        lines: Some(lines),
+    }
+}
+
 impl<'a> TableView<'a> {
-    /// The view of one table, ownership decided in two steps (see the module doc).
+    /// The view of one table: what is ours (see the module doc) and what each chain should
+    /// hold.
     fn new(
         table: Table,
         current: &'a SaveState,
         wanted: &Wanted<'a>,
         resolver: &dyn OwnerResolver,
-    ) -> Self {
-        let cautious = Self::with_ownership(table, current, wanted, resolver, false);
-        if cautious.is_current() {
-            return cautious;
-        }
-        Self::with_ownership(table, current, wanted, resolver, true)
-    }
-
-    /// The view of one table; `lone_shapes`: whether uncorroborated rules of our shape are
-    /// ours.
-    fn with_ownership(
-        table: Table,
-        current: &'a SaveState,
-        wanted: &Wanted<'a>,
-        resolver: &dyn OwnerResolver,
-        lone_shapes: bool,
     ) -> Self {
         let name = table.name();
         let cur = current
@@ -266,45 +345,66 @@ impl<'a> TableView<'a> {
         let desired = wanted.desired.clone();
         let desired_chains = wanted.desired_chains.clone();
         let ops = &wanted.ops;
-        let wanted_in: BTreeMap<&str, BTreeSet<&str>> = ops
-            .iter()
-            .map(|(c, v)| (c.as_str(), v.iter().map(|(_, r)| r.as_str()).collect()))
-            .collect();
-        let table_has_ours = cur.user_chains.iter().any(|c| is_ours(c));
 
         let mut have: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        // As saved, for the names of kept rules (what `iptables -D` takes).
+        let mut saved: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (c, toks) in &cur.rules {
             let canon = canonical(toks, resolver);
-            let owned = is_ours(c)
-                || target(toks).is_some_and(|t| is_ours(&t))
-                || wanted_in
-                    .get(c.as_str())
-                    .is_some_and(|s| s.contains(canon.as_str()))
-                || (table_has_ours
-                    && has_our_shape(table, c, &canon)
-                    && (lone_shapes || corroborated(&cur, c, &canon, resolver)));
+            let owned = is_ours(c) || target(toks).is_some_and(|t| is_ours(&t));
             have.entry(c.clone()).or_default().push((canon, owned));
+            if is_builtin(c) {
+                saved.entry(c.as_str()).or_default().push(toks.join(" "));
+            }
         }
 
         let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut serving = BTreeMap::new();
+        let mut served = BTreeMap::new();
+        let mut lines = BTreeMap::new();
+        let mut kept = Vec::new();
         let chains: BTreeSet<String> = ops.keys().cloned().chain(have.keys().cloned()).collect();
         for c in chains {
             if !is_builtin(&c) && !is_ours(&c) {
                 continue; // foreign user chains are not ours to judge
             }
-            let foreign: Vec<String> = if is_builtin(&c) {
-                have.get(&c)
-                    .map(|v| {
-                        v.iter()
-                            .filter(|(_, o)| !o)
-                            .map(|(r, _)| r.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
+            let chain_ops = ops.get(&c).map(Vec::as_slice).unwrap_or(&[]);
+            if !is_builtin(&c) {
+                if ops.contains_key(&c) {
+                    want.insert(c, simulate(Vec::new(), chain_ops));
+                }
+                continue;
+            }
+            let current = have.get(&c).map(Vec::as_slice).unwrap_or(&[]);
+            let (chain_serving, content) = match in_place(current, chain_ops) {
+                Some(flags) => (flags, current.iter().map(|(r, _)| r.clone()).collect()),
+                None => {
+                    let not_ours: Vec<String> = current
+                        .iter()
+                        .filter(|(_, o)| !o)
+                        .map(|(r, _)| r.clone())
+                        .collect();
+                    let rw = serve(&c, &not_ours, chain_ops);
+                    served.insert(c.clone(), rw.served);
+                    if let Some(l) = rw.lines {
+                        lines.insert(c.clone(), l);
+                    }
+                    let content = rw.content;
+                    let mut flags = rw.serving.into_iter();
+                    let per_rule = current
+                        .iter()
+                        .map(|(_, o)| !o && flags.next().unwrap_or(false))
+                        .collect();
+                    (per_rule, content)
+                }
             };
-            let content = simulate(foreign, ops.get(&c).map(Vec::as_slice).unwrap_or(&[]));
+            let as_saved = saved.get(c.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            for (((r, owned), serves), text) in current.iter().zip(&chain_serving).zip(as_saved) {
+                if !owned && !serves && has_our_shape(table, &c, r) {
+                    kept.push(format!("{name} {c}: -A {c} {text}"));
+                }
+            }
+            serving.insert(c.clone(), chain_serving);
             if !content.is_empty() || ops.contains_key(&c) {
                 want.insert(c, content);
             }
@@ -316,6 +416,10 @@ impl<'a> TableView<'a> {
             desired_chains,
             want,
             have,
+            serving,
+            served,
+            lines,
+            kept,
         }
     }
 
@@ -404,9 +508,26 @@ impl<'a> TableView<'a> {
                     s.push_str(&format!("-X {c}\n"));
                 }
             }
+            // A desired rule of a built-in chain that a rule already there serves is not
+            // written again.
+            let mut nth: BTreeMap<&str, usize> = BTreeMap::new();
             for r in &self.desired {
-                if is_ours(r.chain) || changed.iter().any(|c| c == r.chain) {
+                let i = nth.entry(r.chain).or_default();
+                let served = self
+                    .served
+                    .get(r.chain)
+                    .and_then(|v| v.get(*i))
+                    .copied()
+                    .unwrap_or(false);
+                *i += 1;
+                if is_ours(r.chain) || (changed.iter().any(|c| c == r.chain) && !served) {
                     s.push_str(&format!("{r}\n"));
+                }
+            }
+            for c in &changed {
+                for l in self.lines.get(c).into_iter().flatten() {
+                    s.push_str(l);
+                    s.push('\n');
                 }
             }
         });
@@ -454,7 +575,7 @@ fn fresh(desired: &[&Rule]) -> Transaction {
     Transaction {
         payload: restore::payload_of(desired),
         touched,
-        emptied: Vec::new(),
+        ..Transaction::default()
     }
 }
 
@@ -509,7 +630,7 @@ pub fn reconcile(
                         .filter(|(_, p)| !p.desired.is_empty())
                         .map(|(t, _)| *t)
                         .collect(),
-                    emptied: Vec::new(),
+                    ..Transaction::default()
                 });
             }
             return Err(Conflict {
@@ -521,6 +642,7 @@ pub fn reconcile(
 
     let mut tx = Transaction::default();
     for (table, p) in &views {
+        tx.kept.extend(p.kept.iter().cloned());
         let forced = policy.force && !p.desired.is_empty();
         if p.is_current() && !forced {
             continue;
@@ -534,14 +656,18 @@ pub fn reconcile(
     Ok(tx)
 }
 
-/// Computes the transaction that removes every ISTIO_* chain, every jump into one and our
-/// other built-in chain rules (`ours` helps recognise them: the rules of the current config).
-pub fn cleanup(current: &SaveState, ours: &[Rule], resolver: &dyn OwnerResolver) -> Transaction {
+/// Computes the transaction that removes every ISTIO_* chain and every jump into one; the
+/// other rules of our shape are kept and named (see the module doc).
+pub fn cleanup(current: &SaveState) -> Transaction {
     let mut tx = Transaction::default();
     for table in Table::ALL {
-        // Cleanup takes every rule of our shape in a table that holds our chains.
-        let wanted = Wanted::new(table, ours, resolver);
-        let p = TableView::with_ownership(table, current, &wanted, resolver, true);
+        let p = TableView::new(
+            table,
+            current,
+            &Wanted::new(table, &[], &NoResolver),
+            &NoResolver,
+        );
+        tx.kept.extend(p.kept.iter().cloned());
         if !p.has_our_state() {
             continue;
         }
@@ -604,8 +730,9 @@ pub fn diff(
         for (c, toks) in &p.cur.rules {
             let i = idx.entry(c.as_str()).or_default();
             let (canon, owned) = &p.have[c][*i];
+            let serving = p.serving.get(c).and_then(|v| v.get(*i)).copied() == Some(true);
             *i += 1;
-            if *owned {
+            if *owned || serving {
                 have.entry(c.clone())
                     .or_default()
                     .push((canon.as_str(), toks.as_slice()));
@@ -650,7 +777,7 @@ pub fn diff(
             let out_of_order = missing.is_empty() && extra.is_empty() && !same_order;
             if !missing.is_empty() || !extra.is_empty() || out_of_order {
                 out.push(Drift {
-                    place: Place::Iptables(family),
+                    place: Place::Iptables(family, None),
                     table: table.name().to_string(),
                     chain: Some(c.clone()),
                     missing,
@@ -758,6 +885,18 @@ mod tests {
 
     fn plan(argv: &[&str]) -> Vec<Rule> {
         tests::plan(tests::build(argv, &[]).unwrap()).v4
+    }
+
+    /// `st` without the rules a transaction kept (as [`Transaction::kept`] names them).
+    fn without(st: &SaveState, kept: &[String]) -> SaveState {
+        let mut st = st.clone();
+        for (t, ts) in st.tables.iter_mut() {
+            ts.rules.retain(|(c, r)| {
+                let line = format!("{t} {c}: -A {c} {}", r.join(" "));
+                !kept.contains(&line)
+            });
+        }
+        st
     }
 
     /// Canonical texts are fixed points: the canonical text of a canonical text, tokenized,
@@ -896,6 +1035,7 @@ mod tests {
             &["-b", "*"],
             &["-b", "8080"],
             &["-m", "TPROXY", "-b", "8080", "-c", "eth3"],
+            &["-m", "TPROXY", "-b", "*", "-k", "veth0"],
             &["-b", "", "-i", "*", "-k", "veth0"],
             &["--drop-invalid", "-o", "3306"],
         ];
@@ -905,8 +1045,10 @@ mod tests {
                 let st = fresh(&a);
                 let tx = reconcile(&st, &b, &NoResolver, RECONCILE).unwrap();
                 let after = apply_model(&st, &tx.payload);
+                // The earlier config's rules of our shape (interface RETURNs, TPROXY marks)
+                // are kept and named; everything else is as a fresh apply leaves it.
                 assert_eq!(
-                    canon_state(&after),
+                    canon_state(&without(&after, &tx.kept)),
                     canon_state(&fresh(&b)),
                     "{from:?} -> {to:?}\n{}",
                     tx.payload
@@ -916,6 +1058,24 @@ mod tests {
                     again.is_noop(),
                     "{from:?} -> {to:?} second run: {}",
                     again.payload
+                );
+                // Back and forth again: kept rules serve, nothing piles up.
+                let back = apply_model(
+                    &after,
+                    &reconcile(&after, &a, &NoResolver, RECONCILE)
+                        .unwrap()
+                        .payload,
+                );
+                let forth = apply_model(
+                    &back,
+                    &reconcile(&back, &b, &NoResolver, RECONCILE)
+                        .unwrap()
+                        .payload,
+                );
+                assert_eq!(
+                    canon_state(&forth),
+                    canon_state(&after),
+                    "{from:?} -> {to:?} -> {from:?} -> {to:?}"
                 );
             }
         }
@@ -945,11 +1105,19 @@ mod tests {
                 tx.payload
             );
         }
-        // Cleanup returns to the foreign-only state.
+        // Cleanup returns to the foreign-only state, but for the `-c eth9` RETURNs, which
+        // anyone may have written: kept, and named.
         let st = apply_model(&foreign, &payload);
-        let tx = cleanup(&st, &r, &NoResolver);
+        let tx = cleanup(&st);
         assert_eq!(
-            canon_state(&apply_model(&st, &tx.payload)),
+            tx.kept,
+            [
+                "nat OUTPUT: -A OUTPUT -o eth9 -j RETURN",
+                "nat PREROUTING: -A PREROUTING -i eth9 -j RETURN"
+            ]
+        );
+        assert_eq!(
+            canon_state(&without(&apply_model(&st, &tx.payload), &tx.kept)),
             canon_state(&foreign),
             "{}",
             tx.payload
@@ -976,20 +1144,82 @@ mod tests {
     }
 
     #[test]
-    fn dropped_interface_rules_are_removed_with_the_rest_of_their_config() {
-        // -k veth1 under TPROXY writes a lone `-i veth1 -j RETURN` into nat PREROUTING.
+    fn dropped_interface_rules_are_kept_and_named() {
+        // -k veth1 under TPROXY writes a lone `-i veth1 -j RETURN` into nat PREROUTING; no
+        // one can tell it from another program's, so a reconfigure keeps it and says so.
         let (a, b) = (
             plan(&["-m", "TPROXY", "-b", "*", "-k", "veth1", "-c", "eth9"]),
             plan(&["-m", "TPROXY", "-b", "*"]),
         );
         let st = fresh(&a);
         let tx = reconcile(&st, &b, &NoResolver, RECONCILE).unwrap();
+        assert!(
+            tx.kept
+                .contains(&"nat PREROUTING: -A PREROUTING -i veth1 -j RETURN".to_string()),
+            "{:?}",
+            tx.kept
+        );
+        assert!(
+            tx.kept
+                .contains(&"mangle PREROUTING: -A PREROUTING -i eth9 -j RETURN".to_string()),
+            "{:?}",
+            tx.kept
+        );
+        let after = apply_model(&st, &tx.payload);
         assert_eq!(
-            canon_state(&apply_model(&st, &tx.payload)),
+            canon_state(&without(&after, &tx.kept)),
             canon_state(&fresh(&b)),
             "{}",
             tx.payload
         );
+        let again = reconcile(&after, &b, &NoResolver, RECONCILE).unwrap();
+        assert!(again.is_noop(), "{}", again.payload);
+        assert_eq!(again.kept, tx.kept, "named on every run");
+    }
+
+    /// Foreign look-alikes of every rule shape we write into built-in chains, there before
+    /// the first run: an identical re-run commits nothing, and a cleanup keeps them.
+    #[test]
+    fn foreign_look_alikes_are_never_taken_for_ours() {
+        let configs: &[&[&str]] = &[
+            &["-b", "*", "-c", "eth9"],
+            &["-m", "TPROXY", "-b", "*", "-c", "eth9", "-k", "veth1"],
+        ];
+        for argv in configs {
+            let r = plan(argv);
+            // Every non-jump rule the config writes into a built-in chain, written first by
+            // someone else, plus a TPROXY mark rule with another mark.
+            let mut foreign = String::new();
+            for t in Table::ALL {
+                let lines: Vec<String> = r
+                    .iter()
+                    .filter(|x| x.table == t && is_builtin(x.chain))
+                    .filter(|x| !x.target().is_some_and(|n| is_ours(&n)))
+                    .map(|x| format!("-A {} {}", x.chain, x.spec()))
+                    .collect();
+                if !lines.is_empty() {
+                    foreign.push_str(&format!("*{}\n{}\nCOMMIT\n", t.name(), lines.join("\n")));
+                }
+            }
+            foreign.push_str(
+                "*mangle\n-A PREROUTING -p tcp -m mark --mark 0x1 -j CONNMARK --save-mark\nCOMMIT\n",
+            );
+            let st = parse_save(&foreign).unwrap();
+            let tx = reconcile(&st, &r, &NoResolver, RECONCILE).unwrap();
+            let first = apply_model(&st, &tx.payload);
+            let again = reconcile(&first, &r, &NoResolver, RECONCILE).unwrap();
+            assert!(again.is_noop(), "{argv:?}: {}", again.payload);
+            // Every foreign rule is still there after the cleanup.
+            let gone = apply_model(&first, &cleanup(&first).payload);
+            for (t, ts) in &st.tables {
+                for rule in &ts.rules {
+                    assert!(
+                        gone.tables[t].rules.contains(rule),
+                        "{argv:?}: {t} {rule:?} was deleted"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -1108,10 +1338,17 @@ mod tests {
 
     #[test]
     fn removing_everything_from_a_table_marks_it_emptied() {
-        let (a, b) = (plan(&["-m", "TPROXY", "-b", "80"]), plan(&["-b", "80"]));
+        let (a, b) = (
+            plan(&["-b", "80", "--redirect-dns", "--capture-all-dns"]),
+            plan(&["-b", "80"]),
+        );
         let tx = reconcile(&fresh(&a), &b, &NoResolver, RECONCILE).unwrap();
-        assert_eq!(tx.emptied, vec![Table::Mangle]);
-        let tx = cleanup(&fresh(&a), &a, &NoResolver);
-        assert_eq!(tx.emptied, vec![Table::Mangle, Table::Nat]);
+        assert_eq!(tx.emptied, vec![Table::Raw]);
+        let tx = cleanup(&fresh(&a));
+        assert_eq!(tx.emptied, vec![Table::Nat, Table::Raw]);
+        // TPROXY's mark rules are kept: mangle is not emptied.
+        let tx = cleanup(&fresh(&plan(&["-m", "TPROXY", "-b", "80"])));
+        assert_eq!(tx.emptied, vec![Table::Nat]);
+        assert!(!tx.kept.is_empty());
     }
 }

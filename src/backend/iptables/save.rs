@@ -56,6 +56,21 @@ impl SaveState {
     pub fn table(&self, table: Table) -> Option<&TableState> {
         self.tables.get(table.name())
     }
+
+    /// The tables that hold at least one rule (an `-A` line): what backend detection asks of
+    /// the legacy tables (istio#61024).
+    pub fn tables_with_rules(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter(|(_, t)| !t.rules.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Whether anything is there at all: a rule, a user chain or a policy other than ACCEPT.
+    pub fn is_empty(&self) -> bool {
+        self.tables.values().all(TableState::is_empty)
+    }
 }
 
 /// iptables-save output we could not read.

@@ -203,7 +203,7 @@ impl Backend for Nftables {
                 "Running nft -f - with the following input:\n{}",
                 text.trim_end()
             ),
-            Purpose::Switch | Purpose::Cleanup => {
+            Purpose::Switch | Purpose::Stale | Purpose::Cleanup => {
                 tracing::info!("removing the native nftables tables:\n{}", text.trim_end())
             }
         }
@@ -215,7 +215,7 @@ impl Backend for Nftables {
                     rejected: commit::rejected_line(text, &error),
                     error,
                 },
-                Purpose::Switch => Error::Switch { error },
+                Purpose::Switch | Purpose::Stale => Error::Switch { error },
                 Purpose::Cleanup => Error::Cleanup { error },
             });
         }

@@ -43,16 +43,19 @@ pub(super) fn assert_cleanup_restores(
         "nothing was applied\n{}\n{ctx}",
         applied.describe()
     );
-    let before = ns.state("before");
+    // Rules of our shape in built-in chains (interface RETURNs, TPROXY marks) stay: nothing
+    // proves them ours. Each run names them; everything else is as before the apply.
+    let before = ns.state("before").without_empty_tables();
+    let cleanup = ns.run_rc("cleanup", 0).logs();
     assert_same(
         "--cleanup-only must return to the state before the apply",
         &before,
-        &ns.state("cleaned"),
+        &ns.state("cleaned").without_kept(&cleanup),
         &ctx,
     );
     assert_same(
         "a second --cleanup-only",
-        &before,
+        &ns.state("cleaned"),
         &ns.state("cleaned2"),
         &ctx,
     );

@@ -412,6 +412,39 @@ impl State {
         }
     }
 
+    /// Without the rules `logs` says were kept as rules of our shape that nothing proves
+    /// ours (`kept IPv4 nat PREROUTING: -A PREROUTING -i eth9 -j RETURN (iptables-nft-save)`),
+    /// and then without the tables that leaves empty.
+    fn without_kept(&self, logs: &str) -> State {
+        let kept: Vec<(&str, &str)> = logs
+            .lines()
+            .filter_map(|l| l.split_once("\tkept ").map(|(_, rest)| rest))
+            .filter_map(|rest| {
+                let (_, rest) = rest.split_once(' ')?; // the family
+                let (table, rest) = rest.split_once(' ')?;
+                let (_, rule) = rest.split_once(": ")?;
+                let (rule, _) = rule.rsplit_once(" (")?;
+                let rule = rule.rsplit_once(" (").map_or(rule, |(r, _)| r);
+                Some((table, rule))
+            })
+            .collect();
+        let mut s = self.clone();
+        for text in s.parts.values_mut() {
+            let mut table = "";
+            *text = text
+                .lines()
+                .filter(|l| {
+                    if let Some(t) = l.strip_prefix('*') {
+                        table = t;
+                    }
+                    !kept.contains(&(table, l))
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+        }
+        s.without_empty_tables()
+    }
+
     /// Drops save sections that hold nothing (built-in chains with policy ACCEPT, no rules,
     /// no user chains): legacy x_tables cannot be unloaded once created.
     fn without_empty_tables(&self) -> State {
