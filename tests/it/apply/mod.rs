@@ -40,6 +40,7 @@ mod cleanup;
 mod concurrency;
 mod detection;
 mod errors;
+mod every_place;
 mod foreign_state;
 mod half_applied;
 mod idempotence;
