@@ -207,7 +207,7 @@ fn identical_rerun_keeps_foreign_look_alikes() {
         "-A OUTPUT -o eth9 -j RETURN",
     ] {
         assert!(save.contains(rule), "`{rule}` must stay\n{save}");
-        assert!(cleanup.contains(&format!("kept IPv4 nat")), "{cleanup}");
+        assert!(cleanup.contains("kept IPv4 nat"), "{cleanup}");
         assert!(
             cleanup.contains(rule),
             "the warning names `{rule}`\n{cleanup}"
