@@ -8,13 +8,15 @@
 //! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
 //! `None`, and the caller does without it.
 //!
-//! One table is written here: an owned one ([`create_owned_table`]).
+//! The namespace lock's table ([`nslock::TABLE`], `inet`) is no state of anyone's: these reads
+//! leave it out. It is also the one table written here ([`create_owned_table`]).
 
 use nix::errno::Errno;
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
 use crate::system::netlink::{Socket, attributes, push_attribute};
+use crate::system::nslock;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -151,7 +153,7 @@ pub fn tables(family: NfFamily) -> Option<NfTables> {
     read_tables(&mut sock, family)
 }
 
-/// Table `name` of `family` (no chains), on `sock`; the kernel's errno
+/// Table `name` of `family` (no chains), the lock's included, on `sock`; the kernel's errno
 /// when it could not be read (`EBADMSG`: a malformed reply).
 pub fn find_table(
     sock: &mut Socket,
@@ -197,8 +199,13 @@ fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
     })
 }
 
+/// The tables of `family` but the namespace lock's.
 fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
-    all_tables(sock, family).ok()
+    let mut out = all_tables(sock, family).ok()?;
+    if family == NfFamily::Inet {
+        out.tables.retain(|t| t.name != nslock::TABLE);
+    }
+    Some(out)
 }
 
 fn all_tables(sock: &mut Socket, family: NfFamily) -> Result<NfTables, Errno> {
