@@ -16,7 +16,8 @@ pub const DNS_CAPTURE_ALIAS: &str = "ISTIO_META_DNS_CAPTURE";
 pub const INVALID_DROP_ALIAS: &str = "INVALID_DROP";
 /// Istio's agent spelling of `DUAL_STACK`.
 pub const DUAL_STACK_ALIAS: &str = "ISTIO_DUAL_STACK";
-/// Ours: seconds to wait for the xtables lock with the legacy backend (default 30).
+/// Ours: seconds to wait for the xtables lock with the legacy backend, and for another run
+/// in the same network namespace (its lock, `system::nslock`) (default 30).
 pub const LOCK_WAIT: &str = "IPTABLES_LOCK_WAIT_SECONDS";
 
 /// The knobs above that have no flag, with their default and meaning, for `--help` and
@@ -50,6 +51,6 @@ pub const DOCS: &[(&str, &str, &str)] = &[
     (
         LOCK_WAIT,
         "30",
-        "seconds the legacy backend waits for the xtables lock",
+        "seconds to wait for the xtables lock (legacy backend) and for another run in this network namespace",
     ),
 ];

@@ -181,7 +181,14 @@ fn missing_from(eff: u64) -> Vec<&'static str> {
         .collect()
 }
 
-/// `CapEff:` of /proc/self/status.
+/// Whether process `pid` has CAP_NET_ADMIN in effect (`CapEff:` of its /proc status);
+/// `None` when that cannot be read.
+pub fn net_admin_in_effect(pid: i32) -> Option<bool> {
+    let eff = cap_eff_from_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)?;
+    Some(eff & (1 << NET_CAPS[0].0) != 0)
+}
+
+/// `CapEff:` of a /proc status.
 fn cap_eff_from_status(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()

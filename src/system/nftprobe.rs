@@ -7,11 +7,16 @@
 //! shows what iptables-nft-save does not: a dormant table, a base chain another tool made.
 //! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
 //! `None`, and the caller does without it.
+//!
+//! The namespace lock's table ([`nslock::TABLE`], `inet`) is no state of anyone's: these reads
+//! leave it out. It is also the one table written here ([`create_owned_table`]).
 
+use nix::errno::Errno;
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
-use crate::system::netlink::{Socket, attributes};
+use crate::system::netlink::{Socket, attributes, push_attribute};
+use crate::system::nslock;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -21,8 +26,15 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_OWNER: u16 = 7;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_CHAIN_HOOK: u16 = 4;
@@ -35,6 +47,10 @@ const NFTA_RULE_CHAIN: u16 = 2;
 
 /// `NFT_TABLE_F_DORMANT`: the table's base chains are not attached to their hooks.
 pub const TABLE_F_DORMANT: u32 = 1;
+/// `NFT_TABLE_F_OWNER` (Linux 5.12): the table belongs to the netlink socket that created it;
+/// no other socket may change or delete it, `flush ruleset` passes it by, and the kernel
+/// deletes it when that socket is closed.
+pub const TABLE_F_OWNER: u32 = 2;
 
 /// An nf_tables family (the `nfgenmsg` family byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +93,9 @@ pub struct NfTable {
     pub name: String,
     /// `NFTA_TABLE_FLAGS` ([`TABLE_F_DORMANT`], ...).
     pub flags: u32,
+    /// `NFTA_TABLE_OWNER`: the netlink port of the socket owning the table
+    /// ([`TABLE_F_OWNER`]).
+    pub owner: Option<u32>,
     /// Its chains, in the kernel's order.
     pub chains: Vec<NfChain>,
 }
@@ -134,6 +153,44 @@ pub fn tables(family: NfFamily) -> Option<NfTables> {
     read_tables(&mut sock, family)
 }
 
+/// Table `name` of `family` (no chains), the lock's included, on `sock`; the kernel's errno
+/// when it could not be read (`EBADMSG`: a malformed reply).
+pub fn find_table(
+    sock: &mut Socket,
+    family: NfFamily,
+    name: &str,
+) -> Result<Option<NfTable>, Errno> {
+    Ok(all_tables(sock, family)?
+        .tables
+        .into_iter()
+        .find(|t| t.name == name))
+}
+
+/// Creates table `name` of `family`, owned by `sock` ([`TABLE_F_OWNER`]), in a transaction
+/// of its own; it fails when the table exists (`EEXIST`, or `EPERM` when another socket
+/// owns it). Creating a table needs CAP_NET_ADMIN in the namespace (`EPERM`); a kernel
+/// without nf_tables, that family or owned tables says `EOPNOTSUPP` (`EINVAL` before 5.12).
+pub fn create_owned_table(sock: &mut Socket, family: NfFamily, name: &str) -> Result<(), Errno> {
+    let (nfgen, msg) = request(family);
+    let mut body = nfgen.to_vec();
+    let mut cname = name.as_bytes().to_vec();
+    cname.push(0);
+    push_attribute(&mut body, NFTA_TABLE_NAME, &cname);
+    push_attribute(&mut body, NFTA_TABLE_FLAGS, &TABLE_F_OWNER.to_be_bytes());
+    // A batch is addressed to its subsystem: AF_UNSPEC, res_id (big endian) nf_tables.
+    let [hi, lo] = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+    let batch = [0, 0, hi, lo];
+    sock.transact(&[
+        (NFNL_MSG_BATCH_BEGIN, 0, &batch),
+        (
+            msg(NFT_MSG_NEWTABLE),
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            &body,
+        ),
+        (NFNL_MSG_BATCH_END, 0, &batch),
+    ])
+}
+
 /// The nfgenmsg of a dump of `family` (family, NFNETLINK_V0, res_id big endian), and the
 /// message type of nf_tables' message `m`.
 fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
@@ -142,12 +199,21 @@ fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
     })
 }
 
+/// The tables of `family` but the namespace lock's.
 fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
+    let mut out = all_tables(sock, family).ok()?;
+    if family == NfFamily::Inet {
+        out.tables.retain(|t| t.name != nslock::TABLE);
+    }
+    Some(out)
+}
+
+fn all_tables(sock: &mut Socket, family: NfFamily) -> Result<NfTables, Errno> {
     let (body, msg) = request(family);
     let mut out = NfTables::default();
     let mut bad = false;
 
-    sock.dump(msg(NFT_MSG_GETTABLE), &body, |kind, m| {
+    sock.dump_or_errno(msg(NFT_MSG_GETTABLE), &body, |kind, m| {
         if kind != msg(NFT_MSG_NEWTABLE) {
             return;
         }
@@ -156,16 +222,21 @@ fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
             None => Some(0),
             Some(v) => be32(v),
         };
-        match (a.string(NFTA_TABLE_NAME), flags) {
-            (Some(name), Some(flags)) => out.tables.push(NfTable {
+        let owner = a.get(NFTA_TABLE_OWNER).map(be32);
+        match (a.string(NFTA_TABLE_NAME), flags, owner) {
+            (Some(name), Some(flags), None | Some(Some(_))) => out.tables.push(NfTable {
                 name,
                 flags,
+                owner: owner.flatten(),
                 chains: Vec::new(),
             }),
             _ => bad = true,
         }
     })?;
-    (!bad).then_some(out)
+    if bad {
+        return Err(Errno::EBADMSG);
+    }
+    Ok(out)
 }
 
 /// The tables of `family` in the current network namespace, with their chains and rule

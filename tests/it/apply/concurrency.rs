@@ -100,7 +100,8 @@ fn hold_ns_lock(ns_exec: &str) -> String {
     words.extend(seed_forcing("nft").iter().map(|a| a.to_string()));
     words.push("--force-apply".into());
     format!(
-        "mkdir -p \"$NS_TMP/holdshim\"; rm -f \"$NS_TMP/held\"\n\
+        "{WAIT_GONE}\n\
+         mkdir -p \"$NS_TMP/holdshim\"; rm -f \"$NS_TMP/held\"\n\
          printf '#!/bin/sh\\necho $$ > %s/held.tmp; mv %s/held.tmp %s/held; exec sleep 30\\n' \
          \"$NS_TMP\" \"$NS_TMP\" \"$NS_TMP\" > \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
          chmod 755 \"$NS_TMP/holdshim/iptables-nft-restore\"\n\
@@ -112,10 +113,19 @@ fn hold_ns_lock(ns_exec: &str) -> String {
     )
 }
 
-/// Ends the holder of [`hold_ns_lock`] and its sleeping child (which inherited the lock).
+/// Ends the holder of [`hold_ns_lock`] and its sleeping child (which inherited the lock), and
+/// waits until the child is gone too (it is not ours to `wait` for): only then is the lock
+/// free and its table gone from `nft list ruleset`.
 fn release_ns_lock() -> &'static str {
-    "kill $__holder $(cat \"$NS_TMP/held\") 2>/dev/null || true; wait $__holder || true"
+    "kill $__holder $(cat \"$NS_TMP/held\") 2>/dev/null || true; wait $__holder || true\n\
+     wait_gone \"$(cat \"$NS_TMP/held\")\""
 }
+
+/// Shell lines defining `wait_gone PID`: waits (5 s at most) until PID, not a child of the
+/// script, has exited (a zombie has closed its descriptors already).
+const WAIT_GONE: &str = "wait_gone() { __i=0; \
+    until [ ! -e /proc/$1 ] || grep -q '^State:[[:space:]]*Z' /proc/$1/status 2>/dev/null; \
+    do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done; }";
 
 /// With `--network-namespace` (and `--cni-mode`), the lock is the target namespace's, not
 /// the caller's: a holder in the pod's namespace blocks, one in the caller's does not.
@@ -159,8 +169,8 @@ fn the_lock_is_the_target_namespaces() {
     );
 }
 
-/// A run that cannot get the namespace's lock in time says so, names the holder, and
-/// changes nothing.
+/// A run that cannot get the namespace's lock in time says so, names the holder (pid,
+/// command, uid), and changes nothing.
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn a_run_that_waited_past_the_lock_timeout_says_so() {
@@ -189,7 +199,8 @@ fn a_run_that_waited_past_the_lock_timeout_says_so() {
     assert!(
         line.contains("gave up waiting")
             && line.contains("more than 1 s")
-            && line.contains(&format!("(pid {holder})"))
+            && line.contains(&format!("by pid {holder} (istio-iptables, uid 0)"))
+            && line.contains("nf_tables table inet istio-iptables-lock")
             && line.contains("nothing was changed"),
         "the error should say the run waited past the lock timeout and name the holder: {line}"
     );
@@ -199,4 +210,156 @@ fn a_run_that_waited_past_the_lock_timeout_says_so() {
         &ns.state("after"),
         &ctx,
     );
+}
+
+/// A run that waits for another names it (pid, command, uid) while it waits, then goes on
+/// once the other is done. The held lock is an `inet` table that only `nft list ruleset`
+/// shows: iptables-nft-save does not.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn a_waiting_run_names_the_run_it_waits_for() {
+    let test = "a_waiting_run_names_the_run_it_waits_for";
+    if skip_unless_root(test) {
+        return;
+    }
+    let env = [("ENABLE_INBOUND_IPV6", "false")];
+    let ns = Script::new()
+        .snap("before")
+        .sh(&hold_ns_lock(""))
+        .sh("echo $__holder > \"$NS_OUT/holder\"")
+        .snap("held")
+        .spawn("waiter", &env, SEED)
+        .sh(
+            "__i=0; until grep -q 'waiting up to' \"$NS_OUT/waiter.out\" 2>/dev/null; \
+             do __i=$((__i+1)); [ $__i -lt 1000 ]; sleep 0.01; done",
+        )
+        .sh(release_ns_lock())
+        .sh("wait")
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let holder = ns.file("holder").trim().to_string();
+    let run = ns.run_rc("waiter", 0);
+    let logs = run.logs();
+    let waiting = logs
+        .lines()
+        .find(|l| l.contains("waiting up to 30 s"))
+        .unwrap_or_default();
+    assert!(
+        waiting.contains(
+            "this network namespace's lock (nf_tables table inet istio-iptables-lock) is held by"
+        ) && waiting.contains(&format!("pid {holder} (istio-iptables, uid 0)"))
+            && waiting.contains("(sleep, uid 0)"),
+        "the waiting run should name the run and the program holding the lock\n{}",
+        run.describe()
+    );
+    assert!(
+        logs.contains(&format!(
+            "got this network namespace's lock (nf_tables table inet istio-iptables-lock), \
+             held before by pid {holder} (istio-iptables"
+        )),
+        "{}",
+        run.describe()
+    );
+    let (before, held) = (ns.state("before"), ns.state("held"));
+    assert_same(
+        "holding the lock shows in no iptables save",
+        &before.only(TABLES),
+        &held.only(TABLES),
+        &ctx,
+    );
+    assert!(
+        held.get("nft-inet")
+            .contains("table inet istio-iptables-lock"),
+        "{}",
+        held.describe()
+    );
+    assert!(ns.state("after").get("v4-nft").contains("-A ISTIO_OUTPUT"));
+    assert!(
+        !ns.state("after")
+            .get("nft-inet")
+            .contains("istio-iptables-lock"),
+        "the lock's table is gone once its holders are"
+    );
+}
+
+/// A holder killed with SIGKILL leaves the lock to the program it started (which inherited
+/// it, and may still be committing); the lock is free once that one is gone too.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn a_killed_holder_releases_the_lock_once_its_children_are_gone() {
+    let test = "a_killed_holder_releases_the_lock_once_its_children_are_gone";
+    if skip_unless_root(test) {
+        return;
+    }
+    let env = [
+        ("ENABLE_INBOUND_IPV6", "false"),
+        ("IPTABLES_LOCK_WAIT_SECONDS", "1"),
+    ];
+    let ns = Script::new()
+        .sh(&hold_ns_lock(""))
+        .sh("echo $__holder > \"$NS_OUT/holder\"; cat \"$NS_TMP/held\" > \"$NS_OUT/child\"")
+        .sh("kill -9 $__holder; wait $__holder || true")
+        .run("orphan-held", &env, SEED)
+        .sh("kill \"$(cat \"$NS_TMP/held\")\"; wait_gone \"$(cat \"$NS_TMP/held\")\"")
+        .run("after", &env, SEED)
+        .snap("after")
+        .exec();
+    let (holder, child) = (ns.file("holder").trim(), ns.file("child").trim());
+    let run = ns.run_rc("orphan-held", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains(&format!(
+            "held by pid {child} (sleep, uid 0) for more than 1 s"
+        )) && !line.contains(&format!("pid {holder} ")),
+        "the killed run's child still holds the lock, and only it: {line}"
+    );
+    let after = ns.run_rc("after", 0);
+    assert!(after.error_lines().is_empty(), "{}", after.describe());
+    assert!(ns.state("after").get("v4-nft").contains("-A ISTIO_OUTPUT"));
+}
+
+/// Any local user can bind the abstract socket name that used to be the lock: a `nobody`
+/// process holding `@istio-iptables.netns.lock` must not stop or slow a run.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn an_unprivileged_process_cannot_hold_the_lock() {
+    let test = "an_unprivileged_process_cannot_hold_the_lock";
+    if skip_unless_root(test) || skip_unless_installed(test, &["setpriv", "perl"]) {
+        return;
+    }
+    let env = [("ENABLE_INBOUND_IPV6", "false")];
+    let squat = "socket(S, AF_UNIX, SOCK_STREAM, 0) or die \"socket: $!\"; \
+                 bind(S, pack_sockaddr_un(\"\\0istio-iptables.netns.lock\")) or die \"bind: $!\"; \
+                 listen(S, 5) or die; sleep 60";
+    let ns = Script::new()
+        .sh(&format!(
+            "setpriv --reuid 65534 --regid 65534 --clear-groups perl -MSocket -e {} &\n\
+             __squatter=$!\n\
+             __i=0; until grep -q '@istio-iptables.netns.lock' /proc/net/unix; \
+             do __i=$((__i+1)); [ $__i -lt 500 ]; sleep 0.01; done\n\
+             grep '^Uid:' /proc/$__squatter/status > \"$NS_OUT/squatter-uid\"",
+            shell_quote(squat)
+        ))
+        .run("apply", &env, SEED)
+        .snap("after")
+        .sh("kill $__squatter; wait $__squatter || true")
+        .exec();
+    assert!(
+        ns.file("squatter-uid").contains("65534"),
+        "the squatter should run as nobody: {}",
+        ns.file("squatter-uid")
+    );
+    let run = ns.run_rc("apply", 0);
+    assert!(
+        run.error_lines().is_empty() && !run.logs().contains("waiting up to"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.ms < 5_000,
+        "the run should not wait: {}",
+        run.describe()
+    );
+    assert!(ns.state("after").get("v4-nft").contains("-A ISTIO_OUTPUT"));
 }
