@@ -396,6 +396,7 @@ mod tests {
             mask: u32::MAX,
             table,
             plain,
+            ..Rule::default()
         };
         let routing = Routing {
             rules: vec![
