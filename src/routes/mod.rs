@@ -4,6 +4,7 @@
 //! and can be undone. We shell out to iproute2's `ip`.
 
 pub mod apply;
+pub mod shadow;
 
 use std::fmt;
 
