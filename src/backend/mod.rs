@@ -4,6 +4,7 @@
 //! chosen one and the other (whose state of ours an apply removes). Each backend is a folder
 //! that never imports the other; what their packet walks share is [`walk`].
 
+pub mod foreign;
 pub mod iptables;
 pub mod nft;
 pub mod walk;
