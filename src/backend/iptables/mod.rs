@@ -11,6 +11,7 @@ pub mod plan;
 pub mod restore;
 pub mod save;
 pub mod script;
+pub mod shadow;
 pub mod walk;
 
 use self::build::Plan;
