@@ -16,6 +16,7 @@
 pub mod build;
 pub mod commit;
 pub mod drift;
+pub mod shadow;
 pub mod state;
 pub mod walk;
 
