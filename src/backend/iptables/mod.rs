@@ -21,7 +21,7 @@ use self::plan::Transaction;
 use crate::backend::walk::{Hook, Packet, Unsupported};
 use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
 use crate::config::{Config, Flavor, HostFacts};
-use crate::model::{Family, OwnerResolver, Table, chain};
+use crate::model::{Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
 use crate::system::exec::ExecError;
@@ -301,6 +301,61 @@ impl Backend for Iptables {
                 plan::diff(family, &p.before, rules.rules(family), resolver)
             })
             .collect()
+    }
+
+    fn findings(&self, rules: &Plan, state: &State, env: &mut Env<'_>) -> Vec<Finding> {
+        use crate::backend::foreign::{self, HOOK_OUTPUT, HOOK_PREROUTING};
+        use crate::system::nftprobe::NfFamily;
+        let mut out = Vec::new();
+        let (mut families, mut captures) = (vec![NfFamily::Inet], Vec::new());
+        for p in &state.places {
+            let (family, nft) = (p.program.family, p.program.flavor == Some(Flavor::Nft));
+            let flavor = p.program.flavor.map(|f| f.to_string());
+            let place = shadow::label(family, flavor.as_deref());
+            let wanted = rules.rules(family);
+            out.extend(shadow::findings(&place, &p.before, wanted, env.resolver));
+            // A table iptables-nft-save cannot show, read with nft.
+            for name in p.before.incompatible.iter().filter(|_| nft) {
+                let (Some(table), true) = (Table::from_name(name), env.probe.in_path("nft")) else {
+                    continue;
+                };
+                let args = ["list", "table", p.program.nft_family(), name].map(String::from);
+                if let Ok(text) = env.runner.run("nft", &args, None) {
+                    let listing = foreign::parse_listing(&text);
+                    out.extend(shadow::incompatible(&place, table, &listing, wanted));
+                }
+            }
+            families.push(NfFamily::of(family));
+            captures.extend(shadow::captures(family, &place, wanted));
+        }
+        // Other nftables tables at our hooks: not iptables-nft's own chains, nor our native
+        // tables (verify reports those as the other backend's).
+        let flavors: Vec<(NfFamily, bool)> = state
+            .places
+            .iter()
+            .map(|p| {
+                (
+                    NfFamily::of(p.program.family),
+                    p.program.flavor == Some(Flavor::Nft),
+                )
+            })
+            .collect();
+        let skip = |f: NfFamily, t: &str, c: &str| {
+            let iptables_own = flavors.contains(&(f, true))
+                && Table::from_name(t).is_some()
+                && matches!(
+                    c,
+                    "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+                );
+            iptables_own || (f == NfFamily::Inet && t.starts_with("istio-proxy-"))
+        };
+        let others = foreign::read(env, &families, &[HOOK_PREROUTING, HOOK_OUTPUT], &skip);
+        for f in foreign::judge(&others, &captures) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {
