@@ -372,20 +372,22 @@ pub fn lost(lost: &str, tcp: bool, dns: bool) -> String {
 }
 
 /// What a verdict that ends the packet's way does to a capture of `kind` from a base chain
-/// of `base` (before it); `None` when it leaves the packet to the chains after it.
-fn direct(verdict: &Verdict, base: &Base, kind: Kind) -> Option<String> {
+/// of `base` (before it), and a note on why; `None` when it leaves the packet to the chains
+/// after it.
+fn direct(verdict: &Verdict, base: &Base, kind: Kind) -> Option<(String, &'static str)> {
     Some(match verdict {
-        Verdict::Drop => "is dropped".into(),
-        Verdict::Reject => "is rejected".into(),
-        Verdict::Queue => "is queued to userspace".into(),
-        Verdict::Nat(how) if kind == Kind::Nat && base.kind == "nat" => format!(
-            "is NATed by this chain's `{how}` (NAT is decided once per connection, by the first \
-             nat chain that NATs)"
+        Verdict::Drop => ("is dropped".into(), ""),
+        Verdict::Reject => ("is rejected".into(), ""),
+        Verdict::Queue => ("is queued to userspace".into(), ""),
+        Verdict::Nat(how) if kind == Kind::Nat && base.kind == "nat" => (
+            format!("is NATed by its `{how}`"),
+            ", and NAT is decided once per connection, by the first nat chain that NATs",
         ),
-        Verdict::Tproxy if kind == Kind::Tproxy => "is taken by this chain's own `tproxy`".into(),
-        Verdict::Notrack if kind == Kind::Nat && base.priority < CONNTRACK => {
-            "is untracked (`notrack` before conntrack), and untracked packets skip nat".into()
-        }
+        Verdict::Tproxy if kind == Kind::Tproxy => ("is taken by its own `tproxy`".into(), ""),
+        Verdict::Notrack if kind == Kind::Nat && base.priority < CONNTRACK => (
+            "is untracked (`notrack` before conntrack)".into(),
+            ", and untracked packets skip nat",
+        ),
         _ => return None,
     })
 }
@@ -393,7 +395,12 @@ fn direct(verdict: &Verdict, base: &Base, kind: Kind) -> Option<String> {
 /// What a rule's verdict does (see [`direct`]); a jump or goto "may decide" when the chain
 /// it reaches (in `table`, looked at one level) holds a deciding verdict or jumps further, or
 /// was not read.
-fn decides(verdict: &Verdict, base: &Base, kind: Kind, table: &ForeignTable) -> Option<String> {
+fn decides(
+    verdict: &Verdict,
+    base: &Base,
+    kind: Kind,
+    table: &ForeignTable,
+) -> Option<(String, &'static str)> {
     match verdict {
         Verdict::Jump(to) | Verdict::Goto(to) => {
             let deciding = match table.chain(to).and_then(|c| c.rules.as_ref()) {
@@ -404,7 +411,7 @@ fn decides(verdict: &Verdict, base: &Base, kind: Kind, table: &ForeignTable) -> 
                         || direct(&v, base, kind).is_some()
                 }),
             };
-            deciding.then(|| format!("may be decided in chain {to}"))
+            deciding.then(|| (format!("may be decided in chain {to}"), ""))
         }
         v => direct(v, base, kind),
     }
@@ -468,14 +475,14 @@ pub fn judge(tables: &[ForeignTable], captures: &[Capture]) -> Vec<Finding> {
                             else {
                                 continue;
                             };
-                            let Some(does) = decides(&a.verdict, base, cap.kind, t) else {
+                            let Some((does, note)) = decides(&a.verdict, base, cap.kind, t) else {
                                 continue;
                             };
                             push(Finding {
                                 place: place.clone(),
                                 rule: rule_text(r),
                                 effect: format!(
-                                    "{who} {does} in this chain ({info}), {when}: {}",
+                                    "{who} {does} in this chain ({info}), {when}{note}: {}",
                                     lost(&cap.lost, tcp, dns)
                                 ),
                             });
@@ -764,10 +771,10 @@ mod tests {
         assert_eq!(f[0].rule, "tcp dport 80 redirect to :9999");
         assert_eq!(
             f[0].effect,
-            "for packets matching `tcp dport 80`, TCP is NATed by this chain's `redirect` (NAT \
-             is decided once per connection, by the first nat chain that NATs) in this chain \
+            "for packets matching `tcp dport 80`, TCP is NATed by its `redirect` in this chain \
              (type nat hook output priority -150), before ours (IPv4 iptables nat OUTPUT, \
-             priority -100): outbound TCP is not captured"
+             priority -100), and NAT is decided once per connection, by the first nat chain \
+             that NATs: outbound TCP is not captured"
         );
         // With DNS captured, the UDP one too.
         let mut dns = nat_output();
@@ -852,9 +859,14 @@ mod tests {
                 "jump loud"
             ]
         );
-        assert!(f[0].effect.starts_with(
-            "TCP is untracked (`notrack` before conntrack), and untracked packets skip nat"
-        ));
+        assert!(
+            f[0].effect
+                .starts_with("TCP is untracked (`notrack` before conntrack) in this chain")
+        );
+        assert!(
+            f[0].effect
+                .contains(", and untracked packets skip nat: outbound TCP")
+        );
         assert!(
             f[1].effect
                 .starts_with("for packets matching `ip daddr 192.0.2.1`, TCP is dropped")
@@ -910,7 +922,7 @@ mod tests {
         );
         let f = judge(&[t], &[cap]);
         assert_eq!(f.len(), 1);
-        assert!(f[0].effect.contains("own `tproxy`"));
+        assert!(f[0].effect.contains("is taken by its own `tproxy`"));
     }
 
     #[test]

@@ -32,9 +32,10 @@ fn table_name(t: u32) -> String {
     }
 }
 
-/// `r` as `ip rule show` prints it: `100: from all fwmark 0x539 lookup main`.
+/// `r` as `ip rule show` prints it (a space for its tab): `100: from all fwmark 0x539
+/// lookup main`.
 pub fn describe(r: &Rule) -> String {
-    let mut s = format!("{}:\t", r.priority);
+    let mut s = format!("{}: ", r.priority);
     if r.invert {
         s.push_str("not ");
     }
@@ -234,7 +235,7 @@ mod tests {
             f,
             [Finding {
                 place: "ip -4 rule".into(),
-                rule: "100:\tfrom all fwmark 0x539 lookup main".into(),
+                rule: "100: from all fwmark 0x539 lookup main".into(),
                 effect: "packets marked 1337 are routed by table main, before our `fwmark 1337 \
                          lookup 133` (priority 32765) can send them to the proxy over lo: \
                          inbound TCP is not captured"
@@ -277,7 +278,7 @@ mod tests {
             ..rule(100, Some(1), MAIN)
         }]);
         let f = findings(Family::V4, &rules, &[ours()]);
-        assert_eq!(f[0].rule, "100:\tfrom all fwmark 0x1/0x1 lookup main");
+        assert_eq!(f[0].rule, "100: from all fwmark 0x1/0x1 lookup main");
         // No mark at all: every packet, the marked ones too.
         let rules = with(vec![rule(100, None, MAIN)]);
         assert_eq!(findings(Family::V4, &rules, &[ours()]).len(), 1);
@@ -288,7 +289,7 @@ mod tests {
         }]);
         assert_eq!(
             findings(Family::V4, &rules, &[ours()])[0].rule,
-            "100:\tnot from all fwmark 0x578 lookup main"
+            "100: not from all fwmark 0x578 lookup main"
         );
         // `not fwmark 1337`: not them.
         let rules = with(vec![Rule {
@@ -305,7 +306,7 @@ mod tests {
             ..rule(100, Some(1337), 0)
         }]);
         let f = findings(Family::V4, &rules, &[ours()]);
-        assert_eq!(f[0].rule, "100:\tfrom all fwmark 0x539 blackhole");
+        assert_eq!(f[0].rule, "100: from all fwmark 0x539 blackhole");
         assert!(f[0].effect.starts_with("packets marked 1337 are dropped"));
 
         let rules = with(vec![rule(100, Some(1337), 300)]);
@@ -322,7 +323,7 @@ mod tests {
             ..rule(100, None, MAIN)
         }]);
         let f = findings(Family::V4, &rules, &[ours()]);
-        assert_eq!(f[0].rule, "100:\tfrom 10.0.0.0/8 iif eth0 lookup main");
+        assert_eq!(f[0].rule, "100: from 10.0.0.0/8 iif eth0 lookup main");
         assert!(
             f[0].effect.starts_with(
                 "packets marked 1337 matching `from 10.0.0.0/8 iif eth0` may be routed by table main"
@@ -340,7 +341,7 @@ mod tests {
         let f = findings(Family::V4, &rules, &[ours()]);
         assert_eq!(
             f[0].rule,
-            "100:\tfrom all lookup main suppress_prefixlength 0"
+            "100: from all lookup main suppress_prefixlength 0"
         );
         assert!(f[0].effect.contains("may be routed by table main"), "{f:?}");
 

@@ -462,7 +462,7 @@ fn earlier_table(
         Table::Raw => -300,
         _ => MANGLE_PRIORITY,
     };
-    const UNTRACKED: (&str, &str) = ("is untracked", " (untracked packets skip nat)");
+    const UNTRACKED: (&str, &str) = ("is untracked", ", and untracked packets skip nat");
     // (what it does, a note after the capture's name).
     let deciding = |spec: &RuleSpec| -> Option<(&'static str, &'static str)> {
         let t = spec.target.as_ref()?;
@@ -896,13 +896,13 @@ mod tests {
             assert_eq!(f[0].place, "IPv4 iptables-nft raw OUTPUT");
             assert_eq!(
                 f[0].effect,
-                "TCP is untracked in raw OUTPUT (priority -300), before nat OUTPUT (untracked \
-                 packets skip nat): outbound TCP is not captured"
+                "TCP is untracked in raw OUTPUT (priority -300), before nat OUTPUT, and untracked \
+                 packets skip nat: outbound TCP is not captured"
             );
         }
         let f = check(&[], &["raw PREROUTING -j CT --notrack"], &[]);
         assert!(f[0].effect.ends_with(
-            "before nat PREROUTING (untracked packets skip nat): inbound TCP is not captured"
+            "before nat PREROUTING, and untracked packets skip nat: inbound TCP is not captured"
         ));
         // TPROXY's inbound does not go through nat: a notrack does not take it.
         assert_eq!(

@@ -163,7 +163,8 @@ mod tests {
         assert_eq!(f[0].place, "nft table ip foo chain c");
         assert!(
             f[0].effect.ends_with(
-                "before ours (inet istio-proxy-nat output, priority -100): outbound TCP is not \
+                "before ours (inet istio-proxy-nat output, priority -100), and NAT is decided \
+                 once per connection, by the first nat chain that NATs: outbound TCP is not \
                  captured"
             ),
             "{f:?}"
