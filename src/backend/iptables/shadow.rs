@@ -186,10 +186,12 @@ fn reach(spec: &RuleSpec, table: Table) -> Option<(bool, bool, String)> {
             }
             "-m" | "--match" => {
                 module = value.to_string();
-                if matches!(value, "tcp" | "udp") {
+                // Implied by the protocol, or no match at all.
+                if matches!(value, "tcp" | "udp" | "comment") {
                     continue;
                 }
             }
+            "--comment" if module == "comment" => continue,
             "--dport" | "--destination-port" | "--dports" | "--destination-ports" | "--ports" => {
                 udp &= has_53(value) != m.negated;
             }
@@ -745,6 +747,19 @@ mod tests {
 
     #[test]
     fn a_foreign_return_before_our_output_jump() {
+        let f = check(
+            &[],
+            &["nat OUTPUT -p tcp -m comment --comment \"not ours\" -j RETURN"],
+            &[],
+        );
+        assert_eq!(
+            f[0].rule,
+            "-A OUTPUT -p tcp -m comment --comment \"not ours\" -j RETURN"
+        );
+        assert!(
+            f[0].effect.starts_with("TCP leaves OUTPUT"),
+            "a comment matches all: {f:?}"
+        );
         let f = check(&[], &["nat OUTPUT -p tcp -j RETURN"], &[]);
         assert_eq!(
             f,
