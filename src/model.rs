@@ -264,6 +264,19 @@ impl RuleSpec {
     }
 }
 
+/// Foreign state that takes packets before our rules can (verify): where it is, the foreign
+/// rule as the kernel shows it, and what it does to the capture. The iptables, nftables and
+/// policy routing checks all report in these words.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    /// "IPv4 iptables-nft nat OUTPUT", "nft table ip foo chain out", "ip -4 rule".
+    pub place: String,
+    /// The foreign rule's text.
+    pub rule: String,
+    /// "TCP leaves OUTPUT before the jump to ISTIO_OUTPUT: outbound TCP is not captured".
+    pub effect: String,
+}
+
 /// How `--uid-owner`/`--gid-owner` names become numbers (iptables-save prints numbers).
 pub trait OwnerResolver {
     fn uid(&self, name: &str) -> Option<u32>;

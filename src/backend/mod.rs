@@ -4,13 +4,14 @@
 //! chosen one and the other (whose state of ours an apply removes). Each backend is a folder
 //! that never imports the other; what their packet walks share is [`walk`].
 
+pub mod foreign;
 pub mod iptables;
 pub mod nft;
 pub mod walk;
 
 use self::walk::{Hook, Outcome, Packet, Unsupported};
 use crate::config::{Config, Flavor, HostFacts};
-use crate::model::{Family, OwnerResolver};
+use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -267,6 +268,12 @@ pub trait Backend {
         state: &Self::State,
         resolver: &dyn OwnerResolver,
     ) -> Vec<Drift>;
+    /// Foreign state that takes packets before our rules can (verify): other tools' rules
+    /// ahead of our jumps in `state` (as [`read`](Backend::read) saw it), and other nftables
+    /// tables' base chains at an earlier priority at our hooks. Read-only; what cannot be
+    /// read is left out.
+    fn findings(&self, rules: &Self::Rules, state: &Self::State, env: &mut Env<'_>)
+    -> Vec<Finding>;
     /// What of ours this backend holds, one line per place, read without changing anything
     /// (verify of the backend not chosen: a pod must not have both).
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Self::Error>;

@@ -414,7 +414,8 @@ pub enum Command {
     /// (redirected to the proxy, TPROXY, DNS proxy, dropped or not captured).
     Explain(ExplainArgs),
     /// Compare the live rules with what the config produces: exit 0 when they match, 3 on
-    /// drift (with a diff per family, table and chain).
+    /// drift (with a diff per family, table and chain), 5 when foreign rules take packets
+    /// before ours.
     Verify(VerifyArgs),
     /// Print the shell completion script for bash, zsh, fish or powershell.
     Completion {

@@ -17,6 +17,8 @@ pub enum Exit {
     Drift,
     /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
     Conflict,
+    /// verify: our rules match the config, but foreign rules take packets before them.
+    Shadowed,
     /// --run-validation could not run its probe (listeners could not be opened).
     ValidationError,
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
@@ -25,12 +27,13 @@ pub enum Exit {
 
 impl Exit {
     /// Every exit code, as `--help` and the man page list them.
-    pub const ALL: [Exit; 7] = [
+    pub const ALL: [Exit; 8] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
         Exit::Drift,
         Exit::Conflict,
+        Exit::Shadowed,
         Exit::ValidationError,
         Exit::ValidationFailed,
     ];
@@ -43,6 +46,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Drift => 3,
             Exit::Conflict => 4,
+            Exit::Shadowed => 5,
             Exit::ValidationError => 125,
             Exit::ValidationFailed => 126,
         }
@@ -62,6 +66,10 @@ impl Exit {
             Exit::Drift => "verify: the live rules differ from the config",
             Exit::Conflict => {
                 "--reconcile=false and the namespace holds different ISTIO_* rules; nothing changed"
+            }
+            Exit::Shadowed => {
+                "verify: our rules match the config, but foreign rules (iptables, nftables, ip \
+                 rule) take packets before them; drift (3) wins when both"
             }
             Exit::ValidationError => "--run-validation could not run its probe",
             Exit::ValidationFailed => {
@@ -92,8 +100,9 @@ mod tests {
                 Exit::Usage => 2,
                 Exit::Drift => 3,
                 Exit::Conflict => 4,
-                Exit::ValidationError => 5,
-                Exit::ValidationFailed => 6,
+                Exit::Shadowed => 5,
+                Exit::ValidationError => 6,
+                Exit::ValidationFailed => 7,
             };
             assert_eq!(Exit::ALL[index], e);
         }

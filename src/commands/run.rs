@@ -346,11 +346,7 @@ fn inspect_command<C: Backend, O: Backend>(
         Command::Verify(v) => match verify::verify(chosen, other, cfg, &facts, &mut env) {
             Ok(r) => {
                 print!("{}", render_report(&r, v.output.into()));
-                if r.drift() {
-                    Exit::Drift
-                } else {
-                    Exit::Success
-                }
+                r.exit()
             }
             Err(e) => {
                 report(e);

@@ -8,8 +8,9 @@ use serde::Serialize;
 use super::output::{Format, to_json};
 use crate::backend::StepError;
 use crate::backend::{Backend, Drift, Scope};
+use crate::cli::Exit;
 use crate::config::{Config, HostFacts};
-use crate::model::Family;
+use crate::model::{Family, Finding};
 use crate::routes::{self as ip, IpCommand};
 use crate::system::Env;
 
@@ -39,6 +40,10 @@ pub struct Report {
     /// TPROXY routing an earlier run added that the config does not want (as the `ip`
     /// commands that added it).
     pub routes_extra: Vec<String>,
+    /// Foreign state that takes packets before our rules can (a foreign RETURN ahead of our
+    /// jump, an earlier nft chain that NATs, an `ip rule` ahead of ours): our rules are in
+    /// place, but traffic is not captured. Not drift: its own exit code.
+    pub findings: Vec<Finding>,
 }
 
 impl Report {
@@ -47,6 +52,22 @@ impl Report {
             || !self.other_backend.is_empty()
             || !self.routes_missing.is_empty()
             || !self.routes_extra.is_empty()
+    }
+
+    /// Whether foreign state takes packets before our rules.
+    pub fn shadowed(&self) -> bool {
+        !self.findings.is_empty()
+    }
+
+    /// The exit code: drift wins over findings.
+    pub fn exit(&self) -> Exit {
+        if self.drift() {
+            Exit::Drift
+        } else if self.shadowed() {
+            Exit::Shadowed
+        } else {
+            Exit::Success
+        }
     }
 }
 
@@ -71,7 +92,29 @@ pub fn verify<C: Backend, O: Backend>(
         ..Report::default()
     };
     check_routes(chosen.routes(&rules), env, &mut report)?;
+    report.findings = findings(chosen, &rules, &state, env);
     Ok(report)
+}
+
+/// What takes packets before our rules: in the chosen backend's places, and in the policy
+/// routing ahead of our TPROXY rules.
+fn findings<C: Backend>(
+    chosen: &C,
+    rules: &C::Rules,
+    state: &C::State,
+    env: &mut Env<'_>,
+) -> Vec<Finding> {
+    let mut out = chosen.findings(rules, state, env);
+    for family in [Family::V4, Family::V6] {
+        if let Some(routing) = env.probe.routing(family) {
+            out.extend(ip::shadow::findings(
+                family,
+                &routing.rules,
+                chosen.routes(rules),
+            ));
+        }
+    }
+    out
 }
 
 /// The `ip` plumbing: missing steps, and TPROXY routing the config does not want.
@@ -124,6 +167,9 @@ struct ReportJson<'a> {
     /// Only present when there are some (older readers see the same object as before).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     routes_extra: &'a [String],
+    /// Foreign state ahead of our rules; only present when there is some.
+    #[serde(skip_serializing_if = "<[Finding]>::is_empty")]
+    findings: &'a [Finding],
 }
 
 /// One chain's (or table's) difference, with its family: `ipv4`, `ipv6`, `inet`.
@@ -183,10 +229,19 @@ pub fn render_report(r: &Report, output: Format) -> String {
             other_backend: &r.other_backend,
             routes_missing: &r.routes_missing,
             routes_extra: &r.routes_extra,
+            findings: &r.findings,
         }),
         Format::Text => {
             let mut s = String::new();
             if !r.drift() {
+                if r.shadowed() {
+                    s.push_str(
+                        "SHADOWED: our rules match the config, but foreign rules take packets \
+                         before them\n",
+                    );
+                    write_findings(&mut s, &r.findings);
+                    return s;
+                }
                 s.push_str("OK: the live rules match the config\n");
                 return s;
             }
@@ -225,8 +280,21 @@ pub fn render_report(r: &Report, output: Format) -> String {
             for m in &r.routes_extra {
                 let _ = writeln!(s, "routes: not wanted, left by an earlier run `{m}`");
             }
+            if r.shadowed() {
+                s.push_str("Foreign rules that take packets before ours:\n");
+                write_findings(&mut s, &r.findings);
+            }
             s
         }
+    }
+}
+
+/// The findings, one block each: where, the rule, what it does.
+fn write_findings(s: &mut String, findings: &[Finding]) {
+    for f in findings {
+        let _ = writeln!(s, "{}:", f.place);
+        let _ = writeln!(s, "  rule:   {}", f.rule);
+        let _ = writeln!(s, "  effect: {}", f.effect);
     }
 }
 
@@ -279,6 +347,56 @@ mod tests {
             render_report(&extra, Format::Json)
                 .ends_with(",\"routes_extra\":[\"ip -4 rule add fwmark 1400 lookup 140\"]}\n")
         );
+    }
+
+    fn finding() -> Finding {
+        Finding {
+            place: "IPv4 iptables-nft nat OUTPUT".into(),
+            rule: "-A OUTPUT -p tcp -j RETURN".into(),
+            effect: "TCP leaves OUTPUT before the jump to ISTIO_OUTPUT: outbound TCP is not \
+                     captured"
+                .into(),
+        }
+    }
+
+    #[test]
+    fn findings_have_their_heading_json_and_exit_code() {
+        let r = Report {
+            findings: vec![finding()],
+            ..Report::default()
+        };
+        assert!(!r.drift());
+        assert_eq!(r.exit(), Exit::Shadowed);
+        assert_eq!(
+            render_report(&r, Format::Text),
+            "SHADOWED: our rules match the config, but foreign rules take packets before them\n\
+             IPv4 iptables-nft nat OUTPUT:\n\
+             \x20 rule:   -A OUTPUT -p tcp -j RETURN\n\
+             \x20 effect: TCP leaves OUTPUT before the jump to ISTIO_OUTPUT: outbound TCP is not captured\n"
+        );
+        assert_eq!(
+            render_report(&r, Format::Json),
+            "{\"match\":true,\"differences\":[],\"routes_missing\":[],\"findings\":[\
+             {\"place\":\"IPv4 iptables-nft nat OUTPUT\",\"rule\":\"-A OUTPUT -p tcp -j RETURN\",\
+             \"effect\":\"TCP leaves OUTPUT before the jump to ISTIO_OUTPUT: outbound TCP is not captured\"}]}\n"
+        );
+        // Drift wins; the findings are still shown, under their own heading.
+        let both = Report {
+            routes_missing: vec!["ip -4 rule add fwmark 1337 lookup 133".into()],
+            ..r
+        };
+        assert_eq!(both.exit(), Exit::Drift);
+        let text = render_report(&both, Format::Text);
+        assert!(text.starts_with("DRIFT:"), "{text}");
+        assert!(
+            text.contains(
+                "Foreign rules that take packets before ours:\nIPv4 iptables-nft nat OUTPUT:\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(Report::default().exit(), Exit::Success);
+        // Without findings the JSON is what it was.
+        assert!(!render_report(&Report::default(), Format::Json).contains("findings"));
     }
 
     /// A machine with iptables-nft, answering `nft list ruleset inet` and the save

@@ -4,6 +4,7 @@
 //! and can be undone. We shell out to iproute2's `ip`.
 
 pub mod apply;
+pub mod shadow;
 
 use std::fmt;
 
@@ -396,6 +397,7 @@ mod tests {
             mask: u32::MAX,
             table,
             plain,
+            ..Rule::default()
         };
         let routing = Routing {
             rules: vec![

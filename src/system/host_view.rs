@@ -42,6 +42,11 @@ pub trait Probe {
     fn nft_chain_with_prefix(&self, _family: Family, _prefix: &str) -> Option<bool> {
         None
     }
+    /// The nftables tables of `family` with their chains (base chains with hook, type,
+    /// priority and policy) and rule counts (`None`: could not tell).
+    fn nft_structure(&self, _family: NfFamily) -> Option<nftprobe::NfTables> {
+        None
+    }
 }
 
 /// The real machine.
@@ -106,6 +111,10 @@ impl Probe for SystemProbe {
 
     fn version(&self, program: &str) -> Option<String> {
         binary_version(program)
+    }
+
+    fn nft_structure(&self, family: NfFamily) -> Option<nftprobe::NfTables> {
+        nftprobe::read(family)
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {

@@ -72,6 +72,15 @@ impl NfFamily {
         }
     }
 
+    /// Its name in nft's commands: `ip`, `ip6`, `inet`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NfFamily::Inet => "inet",
+            NfFamily::Ip => "ip",
+            NfFamily::Ip6 => "ip6",
+        }
+    }
+
     fn nfproto(self) -> u8 {
         match self {
             NfFamily::Inet => 1,

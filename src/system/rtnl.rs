@@ -24,7 +24,28 @@ const FRA_FWMARK: u16 = 10;
 const FRA_TABLE: u16 = 15;
 const FRA_FWMASK: u16 = 16;
 const FRA_OIFNAME: u16 = 17;
-const FR_ACT_TO_TBL: u8 = 1;
+const FRA_GOTO: u16 = 4;
+const FRA_FLOW: u16 = 11;
+const FRA_TUN_ID: u16 = 12;
+const FRA_SUPPRESS_IFGROUP: u16 = 13;
+const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
+const FRA_L3MDEV: u16 = 19;
+const FRA_UID_RANGE: u16 = 20;
+const FRA_IP_PROTO: u16 = 22;
+const FRA_SPORT_RANGE: u16 = 23;
+const FRA_DPORT_RANGE: u16 = 24;
+/// `lookup TABLE`.
+pub const FR_ACT_TO_TBL: u8 = 1;
+/// `goto PRIORITY`.
+pub const FR_ACT_GOTO: u8 = 2;
+/// `nop`.
+pub const FR_ACT_NOP: u8 = 3;
+/// `blackhole`.
+pub const FR_ACT_BLACKHOLE: u8 = 6;
+/// `unreachable`.
+pub const FR_ACT_UNREACHABLE: u8 = 7;
+/// `prohibit`.
+pub const FR_ACT_PROHIBIT: u8 = 8;
 const FIB_RULE_INVERT: u32 = 2;
 /// `lo`'s interface index, the same in every network namespace (the kernel's
 /// `LOOPBACK_IFINDEX`, fixed since 2012): no lookup needed.
@@ -40,6 +61,32 @@ pub struct Rule {
     pub table: u32,
     /// Nothing but `fwmark ... lookup TABLE`: no other selector, not inverted.
     pub plain: bool,
+    /// What it does: [`FR_ACT_TO_TBL`] (`lookup`), [`FR_ACT_GOTO`], [`FR_ACT_BLACKHOLE`]...
+    pub action: u8,
+    /// `not`: the rule applies to the packets its selectors do not match.
+    pub invert: bool,
+    /// Its selectors other than the mark, as `ip rule` prints them (`from 10.0.0.0/8`, `iif
+    /// eth0`), and what limits a lookup (`suppress_prefixlength 0`).
+    pub selectors: Vec<String>,
+    /// `ipproto`, when the rule has one.
+    pub ip_proto: Option<u8>,
+}
+
+impl Default for Rule {
+    /// `from all lookup 0` at priority 0 (tests fill in what they need).
+    fn default() -> Rule {
+        Rule {
+            priority: 0,
+            mark: None,
+            mask: u32::MAX,
+            table: 0,
+            plain: true,
+            action: FR_ACT_TO_TBL,
+            invert: false,
+            selectors: Vec::new(),
+            ip_proto: None,
+        }
+    }
 }
 
 /// What one family's policy routing holds that matters to TPROXY.
@@ -117,6 +164,19 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
             && tos == 0
             && action == FR_ACT_TO_TBL
             && flags & FIB_RULE_INVERT == 0,
+        action,
+        invert: flags & FIB_RULE_INVERT != 0,
+        selectors: Vec::new(),
+        ip_proto: None,
+    };
+    if tos != 0 {
+        rule.selectors.push(format!("tos 0x{tos:x}"));
+    }
+    let u16_pair = |v: &[u8]| -> Option<(u16, u16)> {
+        Some((
+            u16::from_ne_bytes(v.get(..2)?.try_into().ok()?),
+            u16::from_ne_bytes(v.get(2..4)?.try_into().ok()?),
+        ))
     };
     for (ty, v) in attrs(body) {
         match ty {
@@ -124,11 +184,63 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
             FRA_FWMARK => rule.mark = Some(u32_of(v)?),
             FRA_FWMASK => rule.mask = u32_of(v)?,
             FRA_TABLE => rule.table = u32_of(v)?,
-            FRA_DST | FRA_SRC | FRA_IIFNAME | FRA_OIFNAME => rule.plain = false,
+            FRA_SRC => rule
+                .selectors
+                .push(format!("from {}/{src_len}", address(v)?)),
+            FRA_DST => rule.selectors.push(format!("to {}/{dst_len}", address(v)?)),
+            FRA_IIFNAME | FRA_OIFNAME => {
+                let name = String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(v));
+                let kind = if ty == FRA_IIFNAME { "iif" } else { "oif" };
+                rule.selectors.push(format!("{kind} {name}"));
+                rule.plain = false;
+            }
+            FRA_GOTO => rule.selectors.push(format!("goto {}", u32_of(v)?)),
+            FRA_FLOW => rule.selectors.push(format!("realms {}", u32_of(v)?)),
+            FRA_TUN_ID => rule.selectors.push("tun_id".into()),
+            FRA_L3MDEV => rule.selectors.push("l3mdev".into()),
+            FRA_SUPPRESS_PREFIXLEN | FRA_SUPPRESS_IFGROUP => {
+                // The kernel sends -1 for "none".
+                let n = u32_of(v)?;
+                if n != u32::MAX {
+                    let kind = if ty == FRA_SUPPRESS_PREFIXLEN {
+                        "suppress_prefixlength"
+                    } else {
+                        "suppress_ifgroup"
+                    };
+                    rule.selectors.push(format!("{kind} {n}"));
+                }
+            }
+            FRA_UID_RANGE => {
+                let a = u32_of(v)?;
+                let b = u32_of(v.get(4..)?)?;
+                rule.selectors.push(format!("uidrange {a}-{b}"));
+            }
+            FRA_IP_PROTO => rule.ip_proto = v.first().copied(),
+            FRA_SPORT_RANGE | FRA_DPORT_RANGE => {
+                let (a, b) = u16_pair(v)?;
+                let kind = if ty == FRA_SPORT_RANGE {
+                    "sport"
+                } else {
+                    "dport"
+                };
+                rule.selectors.push(format!("{kind} {a}-{b}"));
+            }
             _ => {}
         }
     }
+    if rule.ip_proto.is_some() || !rule.selectors.is_empty() {
+        rule.plain = false;
+    }
     Some(rule)
+}
+
+/// An address attribute (4 or 16 bytes) as text.
+fn address(v: &[u8]) -> Option<std::net::IpAddr> {
+    match v.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(v).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
+        _ => None,
+    }
 }
 
 /// From one RTM_NEWROUTE body, the table of a `local default dev lo` route.

@@ -17,6 +17,7 @@ mod door;
 mod explain;
 mod fuzz;
 mod inspect_nft;
+mod inspect_shadow;
 mod istio_injector;
 mod snapshots;
 mod traffic;

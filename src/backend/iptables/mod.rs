@@ -11,6 +11,7 @@ pub mod plan;
 pub mod restore;
 pub mod save;
 pub mod script;
+pub mod shadow;
 pub mod walk;
 
 use self::build::Plan;
@@ -20,7 +21,7 @@ use self::plan::Transaction;
 use crate::backend::walk::{Hook, Packet, Unsupported};
 use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
 use crate::config::{Config, Flavor, HostFacts};
-use crate::model::{Family, OwnerResolver, Table, chain};
+use crate::model::{Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -338,6 +339,79 @@ impl Backend for Iptables {
                 drift
             })
             .collect()
+    }
+
+    fn findings(&self, rules: &Plan, state: &State, env: &mut Env<'_>) -> Vec<Finding> {
+        use crate::backend::foreign::{self, HOOK_OUTPUT, HOOK_PREROUTING};
+        use crate::system::nftprobe::NfFamily;
+        let mut out = Vec::new();
+        let (mut families, mut captures) = (vec![NfFamily::Inet], Vec::new());
+        // Where the config's rules go (our state elsewhere is drift already).
+        for p in state.places.iter().filter(|p| p.target) {
+            let (family, nft) = (p.program.family, p.program.flavor == Some(Flavor::Nft));
+            let flavor = p.program.flavor.map(|f| f.to_string());
+            let place = shadow::label(family, flavor.as_deref());
+            let wanted = rules.rules(family);
+            out.extend(shadow::findings(&place, &p.before, wanted, env.resolver));
+            // Rules of our shape the config does not write, kept (nothing proves them ours).
+            let policy = Policy {
+                reconcile: true,
+                force: false,
+            };
+            if let Ok(tx) = plan::reconcile(&p.before, wanted, env.resolver, policy) {
+                out.extend(tx.kept.into_iter().map(|rule| {
+                    Finding {
+                        place: place.clone(),
+                        rule,
+                        effect: "has the shape of a rule istio-iptables writes, but this config \
+                             does not write it and nothing shows it is ours: kept by apply \
+                             and cleanup; delete it by hand if it is ours"
+                            .into(),
+                    }
+                }));
+            }
+            // A table iptables-nft-save cannot show, read with nft.
+            for name in p.before.incompatible.iter().filter(|_| nft) {
+                let (Some(table), true) = (Table::from_name(name), env.probe.in_path("nft")) else {
+                    continue;
+                };
+                let args = ["list", "table", p.program.nft_family(), name].map(String::from);
+                if let Ok(text) = env.runner.run("nft", &args, None) {
+                    let listing = foreign::parse_listing(&text);
+                    out.extend(shadow::incompatible(&place, table, &listing, wanted));
+                }
+            }
+            families.push(NfFamily::of(family));
+            captures.extend(shadow::captures(family, &place, wanted));
+        }
+        // Other nftables tables at our hooks: not iptables-nft's own chains, nor our native
+        // tables (verify reports those as the other backend's).
+        let flavors: Vec<(NfFamily, bool)> = state
+            .places
+            .iter()
+            .map(|p| {
+                (
+                    NfFamily::of(p.program.family),
+                    p.program.flavor == Some(Flavor::Nft),
+                )
+            })
+            .collect();
+        let skip = |f: NfFamily, t: &str, c: &str| {
+            let iptables_own = flavors.contains(&(f, true))
+                && Table::from_name(t).is_some()
+                && matches!(
+                    c,
+                    "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+                );
+            iptables_own || (f == NfFamily::Inet && t.starts_with("istio-proxy-"))
+        };
+        let others = foreign::read(env, &families, &[HOOK_PREROUTING, HOOK_OUTPUT], &skip);
+        for f in foreign::judge(&others, &captures) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {

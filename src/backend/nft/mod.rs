@@ -16,6 +16,7 @@
 pub mod build;
 pub mod commit;
 pub mod drift;
+pub mod shadow;
 pub mod state;
 pub mod walk;
 
@@ -27,7 +28,7 @@ use self::state::{Live, NftState};
 use crate::backend::walk::{Hook, Packet, Unsupported};
 use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
 use crate::config::{Config, HostFacts};
-use crate::model::{Family, OwnerResolver};
+use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -275,6 +276,17 @@ impl Backend for Nftables {
 
     fn drift(&self, rules: &Ruleset, state: &State, resolver: &dyn OwnerResolver) -> Vec<Drift> {
         drift::diff(&state.live.state, &state::desired(rules, resolver))
+    }
+
+    fn findings(&self, rules: &Ruleset, _state: &State, env: &mut Env<'_>) -> Vec<Finding> {
+        use crate::backend::foreign::{self, HOOK_OUTPUT, HOOK_PREROUTING};
+        use crate::system::nftprobe::NfFamily;
+        // Every other table at our hooks (ours are wholly ours: what differs there is drift).
+        let skip =
+            |f: NfFamily, t: &str, _: &str| f == NfFamily::Inet && Table::from_name(t).is_some();
+        let families = [NfFamily::Ip, NfFamily::Ip6, NfFamily::Inet];
+        let others = foreign::read(env, &families, &[HOOK_PREROUTING, HOOK_OUTPUT], &skip);
+        shadow::findings(rules, &others)
     }
 
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Error> {
