@@ -354,22 +354,18 @@ impl Backend for Iptables {
             let wanted = rules.rules(family);
             out.extend(shadow::findings(&place, &p.before, wanted, env.resolver));
             // Rules of our shape the config does not write, kept (nothing proves them ours).
-            let policy = Policy {
-                reconcile: true,
-                force: false,
-            };
-            if let Ok(tx) = plan::reconcile(&p.before, wanted, env.resolver, policy) {
-                out.extend(tx.kept.into_iter().map(|rule| {
-                    Finding {
+            out.extend(
+                plan::kept(&p.before, wanted, env.resolver)
+                    .into_iter()
+                    .map(|rule| Finding {
                         place: place.clone(),
                         rule,
                         effect: "has the shape of a rule istio-iptables writes, but this config \
-                             does not write it and nothing shows it is ours: kept by apply \
-                             and cleanup; delete it by hand if it is ours"
+                                 does not write it and nothing shows it is ours: kept by apply \
+                                 and cleanup; delete it by hand if it is ours"
                             .into(),
-                    }
-                }));
-            }
+                    }),
+            );
             // A table iptables-nft-save cannot show, read with nft.
             for name in p.before.incompatible.iter().filter(|_| nft) {
                 let (Some(table), true) = (Table::from_name(name), env.probe.in_path("nft")) else {

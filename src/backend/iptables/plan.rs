@@ -589,71 +589,71 @@ pub fn reconcile(
     if is_empty(current) {
         return Ok(fresh(&desired.iter().collect::<Vec<_>>()));
     }
-    let tables: Vec<(Table, Wanted)> = Table::ALL
-        .into_iter()
-        .map(|t| (t, Wanted::new(t, desired, resolver)))
-        .collect();
-    // Every desired rule, table by table in `Table::ALL` order, each table's in its order:
-    // what `restore::payload` writes.
-    let desired = || -> Vec<&Rule> {
-        tables
-            .iter()
-            .flat_map(|(_, w)| w.desired.iter().copied())
-            .collect()
-    };
-    // A table neither wanted nor holding anything needs no view: nothing to judge there.
-    let idle = |(t, w): &(Table, Wanted)| {
-        w.desired.is_empty()
+    // One table's view at a time (a 30,000-rule family's canonical texts, both sides, would
+    // count several times over); a table neither wanted nor holding anything needs none.
+    let view = |t: Table| -> Option<TableView> {
+        let w = Wanted::new(t, desired, resolver);
+        let idle = w.desired.is_empty()
             && current
-                .table(*t)
-                .is_none_or(|s| s.rules.is_empty() && s.user_chains.is_empty())
+                .table(t)
+                .is_none_or(|s| s.rules.is_empty() && s.user_chains.is_empty());
+        (!idle).then(|| TableView::new(t, current, &w, resolver))
     };
-    let views: Vec<(Table, TableView)> = tables
-        .iter()
-        .filter(|tw| !idle(tw))
-        .map(|(t, w)| (*t, TableView::new(*t, current, w, resolver)))
-        .collect();
 
     if !policy.reconcile {
-        let conflict = views
-            .iter()
-            .find(|(_, p)| p.has_our_state() && !p.is_current());
-        if let Some((table, p)) = conflict {
+        let conflict = Table::ALL.into_iter().find_map(|t| {
+            let p = view(t)?;
+            (p.has_our_state() && !p.is_current()).then(|| (t, p.difference()))
+        });
+        if let Some((table, detail)) = conflict {
             if policy.force {
                 tracing::warn!(
                     "--force-apply: adding our rules on top of existing, different ISTIO_* state"
                 );
+                // Every desired rule, table by table in `Table::ALL` order, each table's in
+                // its order: what `restore::payload` writes.
+                let all: Vec<&Rule> = Table::ALL
+                    .into_iter()
+                    .flat_map(|t| desired.iter().filter(move |r| r.table == t))
+                    .collect();
+                let mut touched: Vec<Table> = all.iter().map(|r| r.table).collect();
+                touched.dedup();
                 return Ok(Transaction {
-                    payload: restore::payload_of(&desired()),
-                    touched: views
-                        .iter()
-                        .filter(|(_, p)| !p.desired.is_empty())
-                        .map(|(t, _)| *t)
-                        .collect(),
+                    payload: restore::payload_of(&all),
+                    touched,
                     ..Transaction::default()
                 });
             }
-            return Err(Conflict {
-                table: *table,
-                detail: p.difference(),
-            });
+            return Err(Conflict { table, detail });
         }
     }
 
     let mut tx = Transaction::default();
-    for (table, p) in &views {
+    for table in Table::ALL {
+        let Some(p) = view(table) else {
+            continue;
+        };
         tx.kept.extend(p.kept.iter().cloned());
         let forced = policy.force && !p.desired.is_empty();
         if p.is_current() && !forced {
             continue;
         }
         tx.payload.push_str(&p.section());
-        tx.touched.push(*table);
+        tx.touched.push(table);
         if p.empty_after() {
-            tx.emptied.push(*table);
+            tx.emptied.push(table);
         }
     }
     Ok(tx)
+}
+
+/// The rules of our shape in built-in chains that `desired` does not write (see the module
+/// doc): what [`reconcile`] keeps and names, without planning anything.
+pub fn kept(current: &SaveState, desired: &[Rule], resolver: &dyn OwnerResolver) -> Vec<String> {
+    Table::ALL
+        .into_iter()
+        .flat_map(|t| TableView::new(t, current, &Wanted::new(t, desired, resolver), resolver).kept)
+        .collect()
 }
 
 /// Computes the transaction that removes every ISTIO_* chain and every jump into one; the
