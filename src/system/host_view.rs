@@ -42,6 +42,20 @@ pub trait Probe {
     fn nft_chain_with_prefix(&self, _family: Family, _prefix: &str) -> Option<bool> {
         None
     }
+    /// The addresses of this namespace's interfaces: (interface, address) (`None`: could not
+    /// tell).
+    fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {
+        None
+    }
+    /// The route the kernel picks for a packet to `dst` from a socket of `uid` (`None`: could
+    /// not tell).
+    fn route(
+        &self,
+        _dst: std::net::IpAddr,
+        _uid: Option<u32>,
+    ) -> Option<crate::system::rtnl::Route> {
+        None
+    }
 }
 
 /// The real machine.
@@ -106,6 +120,14 @@ impl Probe for SystemProbe {
 
     fn version(&self, program: &str) -> Option<String> {
         binary_version(program)
+    }
+
+    fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {
+        crate::system::rtnl::addresses()
+    }
+
+    fn route(&self, dst: std::net::IpAddr, uid: Option<u32>) -> Option<crate::system::rtnl::Route> {
+        crate::system::rtnl::route(dst, uid)
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {
