@@ -17,6 +17,9 @@ pub enum Exit {
     Drift,
     /// --reconcile=false and the namespace holds different ISTIO_* rules. Nothing changed.
     Conflict,
+    /// explain: the verdict is unknown (a rule on the way cannot be evaluated, or hooks of
+    /// equal priority whose order cannot be read decide); the walk so far was printed.
+    Unknown,
     /// --run-validation could not run its probe (listeners could not be opened).
     ValidationError,
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
@@ -25,12 +28,13 @@ pub enum Exit {
 
 impl Exit {
     /// Every exit code, as `--help` and the man page list them.
-    pub const ALL: [Exit; 7] = [
+    pub const ALL: [Exit; 8] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
         Exit::Drift,
         Exit::Conflict,
+        Exit::Unknown,
         Exit::ValidationError,
         Exit::ValidationFailed,
     ];
@@ -43,6 +47,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Drift => 3,
             Exit::Conflict => 4,
+            Exit::Unknown => 5,
             Exit::ValidationError => 125,
             Exit::ValidationFailed => 126,
         }
@@ -62,6 +67,10 @@ impl Exit {
             Exit::Drift => "verify: the live rules differ from the config",
             Exit::Conflict => {
                 "--reconcile=false and the namespace holds different ISTIO_* rules; nothing changed"
+            }
+            Exit::Unknown => {
+                "explain: the verdict is unknown (a rule on the way cannot be evaluated, or the \
+                 order of hooks of equal priority decides); the walk so far is printed"
             }
             Exit::ValidationError => "--run-validation could not run its probe",
             Exit::ValidationFailed => {
@@ -92,8 +101,9 @@ mod tests {
                 Exit::Usage => 2,
                 Exit::Drift => 3,
                 Exit::Conflict => 4,
-                Exit::ValidationError => 5,
-                Exit::ValidationFailed => 6,
+                Exit::Unknown => 5,
+                Exit::ValidationError => 6,
+                Exit::ValidationFailed => 7,
             };
             assert_eq!(Exit::ALL[index], e);
         }
