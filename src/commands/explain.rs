@@ -483,12 +483,11 @@ fn several_places(capture: &[&str], o: &Outcome) -> String {
         None => "; every order gives this verdict",
     };
     format!(
-        "capture rules are in more than one place: {} and {last}. The kernel runs them all \
-         (xtables hooks and nftables base chains alike: at each hook by priority, iptables' \
-         nat at -100 like nftables' nat chains; of equal priorities the one set up last \
-         first, which cannot be read), so all were walked, at equal priority in the order \
-         named{order}. A pod should have one: `istio-iptables --cleanup-only` removes them \
-         all, then apply again",
+        "capture rules are in more than one place: {} and {last}. The kernel runs them \
+         all (at each hook by priority, iptables' nat, legacy or nft, at -100 like nftables' \
+         nat chains; equal priorities newest first, which cannot be read): all were walked, \
+         equal priorities in the order named{order}. Keep one: `istio-iptables \
+         --cleanup-only` removes them all, then apply again",
         rest.join(", ")
     )
 }
