@@ -9,7 +9,7 @@ pub mod iptables;
 pub mod nft;
 pub mod walk;
 
-use self::walk::{Hook, Outcome, Packet, Unsupported};
+use self::walk::Source;
 use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
@@ -176,14 +176,14 @@ pub struct Drift {
     pub unread: Vec<String>,
 }
 
-/// A packet's walk through a backend's rules, for explain.
-#[derive(Debug, Clone)]
-pub struct Walked {
-    pub outcome: Outcome,
-    /// Where the rules came from: "rules from the config", "live rules (iptables-save)".
-    pub source: &'static str,
-    /// A note on what the rules leave out (IPv6 off).
-    pub note: Option<&'static str>,
+/// The rules a packet's walk goes through (explain): the config's, or the live ones a
+/// [`read`](Backend::read) saw.
+#[derive(Debug, Clone, Copy)]
+pub enum Over<'a, R, S> {
+    /// The config's rules (`ipv6`: whether the config has IPv6 rules).
+    Config { rules: &'a R, ipv6: bool },
+    /// What the kernel holds.
+    Live(&'a S),
 }
 
 /// One way of programming the capture. Pure parts ([`build`](Backend::build),
@@ -277,15 +277,13 @@ pub trait Backend {
     /// What of ours this backend holds, one line per place, read without changing anything
     /// (verify of the backend not chosen: a pod must not have both).
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Self::Error>;
-    /// Walks `packet` through `state` (the live rules, read for `family`) or, without it,
-    /// through `rules` (`ipv6`: whether the config has IPv6 rules).
-    fn walk(
-        &self,
-        rules: &Self::Rules,
-        state: Option<&Self::State>,
-        ipv6: bool,
-        packet: &Packet,
-        hooks: &[Hook],
-        resolver: &dyn OwnerResolver,
-    ) -> Result<Walked, Unsupported>;
+    /// The rules a packet of `family` meets in this backend, one [`Source`] per place that
+    /// holds any (the config's rules: one): explain walks them with every other place's
+    /// ([`walk::evaluate`]).
+    fn walk<'a>(
+        &'a self,
+        over: Over<'a, Self::Rules, Self::State>,
+        family: Family,
+        resolver: &'a dyn OwnerResolver,
+    ) -> Vec<Source<'a>>;
 }

@@ -459,7 +459,8 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub dst: String,
     /// Source ADDR or ADDR:PORT (default: loopback for loopback destinations, else --pod-ip
-    /// for outbound; 192.0.2.1 / 2001:db8::1 for inbound).
+    /// for outbound, or with --from-kernel the source the route picks; 192.0.2.1 /
+    /// 2001:db8::1 for inbound).
     #[arg(long, value_name = "ADDR[:PORT]")]
     pub src: Option<String>,
     /// Protocol.
@@ -475,14 +476,17 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "IFACE")]
     pub in_iface: Option<String>,
     /// Interface the packet leaves by (outbound; default lo for 127.0.0.0/8, ::1, --pod-ip
-    /// and, with IPv6 on, ::6; else eth0).
+    /// and, with IPv6 on, ::6; else eth0; with --from-kernel, the route's).
     #[arg(long, value_name = "IFACE")]
     pub out_iface: Option<String>,
-    /// The pod's own address (traffic to it is routed over lo).
+    /// The pod's own address (traffic to it is routed over lo). With --from-kernel the
+    /// namespace's own addresses and routes say that.
     #[arg(long, value_name = "ADDR")]
     pub pod_ip: Option<std::net::IpAddr>,
-    /// Evaluate the live iptables-save (this namespace or --network-namespace) instead of
-    /// the config.
+    /// Walk what the kernel holds (this namespace or --network-namespace) instead of the
+    /// config: every place either backend may hold rules in (iptables legacy and nft, both
+    /// families; native nftables), in the kernel's order, the packet's path from the
+    /// namespace's addresses and routes.
     #[arg(long)]
     pub from_kernel: bool,
     /// Output format.

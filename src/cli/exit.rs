@@ -19,6 +19,9 @@ pub enum Exit {
     Conflict,
     /// verify: our rules match the config, but foreign rules take packets before them.
     Shadowed,
+    /// explain: the verdict is unknown (a rule on the way cannot be evaluated, or hooks of
+    /// equal priority whose order cannot be read decide); the walk so far was printed.
+    Unknown,
     /// --run-validation could not run its probe (listeners could not be opened).
     ValidationError,
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
@@ -27,13 +30,14 @@ pub enum Exit {
 
 impl Exit {
     /// Every exit code, as `--help` and the man page list them.
-    pub const ALL: [Exit; 8] = [
+    pub const ALL: [Exit; 9] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
         Exit::Drift,
         Exit::Conflict,
         Exit::Shadowed,
+        Exit::Unknown,
         Exit::ValidationError,
         Exit::ValidationFailed,
     ];
@@ -47,6 +51,7 @@ impl Exit {
             Exit::Drift => 3,
             Exit::Conflict => 4,
             Exit::Shadowed => 5,
+            Exit::Unknown => 6,
             Exit::ValidationError => 125,
             Exit::ValidationFailed => 126,
         }
@@ -70,6 +75,10 @@ impl Exit {
             Exit::Shadowed => {
                 "verify: our rules match the config, but foreign rules (iptables, nftables, ip \
                  rule) take packets before them; drift (3) wins when both"
+            }
+            Exit::Unknown => {
+                "explain: the verdict is unknown (a rule on the way cannot be evaluated, or the \
+                 order of hooks of equal priority decides); the walk so far is printed"
             }
             Exit::ValidationError => "--run-validation could not run its probe",
             Exit::ValidationFailed => {
@@ -101,8 +110,9 @@ mod tests {
                 Exit::Drift => 3,
                 Exit::Conflict => 4,
                 Exit::Shadowed => 5,
-                Exit::ValidationError => 6,
-                Exit::ValidationFailed => 7,
+                Exit::Unknown => 6,
+                Exit::ValidationError => 7,
+                Exit::ValidationFailed => 8,
             };
             assert_eq!(Exit::ALL[index], e);
         }

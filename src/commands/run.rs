@@ -335,10 +335,14 @@ fn inspect_command<C: Backend, O: Backend>(
     match command {
         Command::Explain(a) => {
             let a = &ExplainRequest::from(a);
-            match explain::explain(chosen, a, cfg, &facts, &mut env) {
+            match explain::explain(chosen, other, a, cfg, &facts, &mut env) {
                 Ok(out) => {
-                    print!("{out}");
-                    Exit::Success
+                    print!("{}", out.output);
+                    if out.unknown {
+                        Exit::Unknown
+                    } else {
+                        Exit::Success
+                    }
                 }
                 Err(e) => fail(e),
             }

@@ -47,6 +47,20 @@ pub trait Probe {
     fn nft_structure(&self, _family: NfFamily) -> Option<nftprobe::NfTables> {
         None
     }
+    /// The addresses of this namespace's interfaces: (interface, address) (`None`: could not
+    /// tell).
+    fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {
+        None
+    }
+    /// The route the kernel picks for a packet to `dst` from a socket of `uid` (`None`: could
+    /// not tell).
+    fn route(
+        &self,
+        _dst: std::net::IpAddr,
+        _uid: Option<u32>,
+    ) -> Option<crate::system::rtnl::Route> {
+        None
+    }
 }
 
 /// The real machine.
@@ -115,6 +129,14 @@ impl Probe for SystemProbe {
 
     fn nft_structure(&self, family: NfFamily) -> Option<nftprobe::NfTables> {
         nftprobe::read(family)
+    }
+
+    fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {
+        crate::system::rtnl::addresses()
+    }
+
+    fn route(&self, dst: std::net::IpAddr, uid: Option<u32>) -> Option<crate::system::rtnl::Route> {
+        crate::system::rtnl::route(dst, uid)
     }
 
     fn nft_chain_with_prefix(&self, family: Family, prefix: &str) -> Option<bool> {

@@ -197,6 +197,34 @@ pub fn push_attribute(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     out.resize(out.len().next_multiple_of(4), 0);
 }
 
+impl Socket {
+    /// Sends one request of message type `kind` (not a dump) whose body is `body`, and
+    /// returns the kernel's answer: the reply message (type, body), or the errno of an error
+    /// reply. `None` when the kernel could not be asked or the reply could not be read.
+    pub fn request(&mut self, kind: u16, body: &[u8]) -> Option<Result<(u16, Vec<u8>), i32>> {
+        self.seq += 1;
+        let mut msg = Vec::with_capacity(HEADER + body.len());
+        push_message(&mut msg, kind, 0, self.seq, body).ok()?;
+        send(self.fd.as_raw_fd(), &msg, MsgFlags::empty()).ok()?;
+        let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()).ok()?;
+        let buf = &self.buf[..n];
+        if n < HEADER {
+            return None;
+        }
+        let len = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes(buf[4..6].try_into().ok()?);
+        if len < HEADER || len > n {
+            return None;
+        }
+        let reply = &buf[HEADER..len];
+        if ty == NLMSG_ERROR {
+            let errno = i32::from_ne_bytes(reply.get(..4)?.try_into().ok()?);
+            return Some(Err(-errno));
+        }
+        Some(Ok((ty, reply.to_vec())))
+    }
+}
+
 /// One dump on a socket of its own (see [`Socket::dump`]).
 pub fn dump(
     protocol: SockProtocol,

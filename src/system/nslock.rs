@@ -494,9 +494,15 @@ fn process(pid: i32, uid: Option<u32>) -> Process {
 mod tests {
     use super::*;
 
+    /// One of these tests at a time: a lock socket is inherited by every process started
+    /// while it is open (on purpose), so a squatter spawned by one test would hold another
+    /// test's lock.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Runs `f` in a private network namespace (in a thread, so the test process keeps its
     /// own); `None` without the privilege to make one.
     fn in_private_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
             Some(f())
@@ -544,7 +550,16 @@ mod tests {
             let listed = nftprobe::tables(NfFamily::Inet);
             let read = nftprobe::read(NfFamily::Inet);
             drop(lock);
-            let after = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
+            // A process another test started meanwhile may have inherited the socket: the
+            // table goes once it has exited too.
+            let mut after = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
+            for _ in 0..300 {
+                if matches!(after, Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                after = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
+            }
             (held, listed, read, after)
         });
         let Some((held, listed, read, after)) = r else {

@@ -1,19 +1,34 @@
 //! Reads policy routing rules and routes over rtnetlink, in process: the numbers the kernel
 //! holds (no table names to translate, no `ip` process), for finding the TPROXY routing an
-//! earlier run left whatever mark and table it used. Any failure means "unknown" (`None`).
+//! earlier run left whatever mark and table it used; and, for explain, the namespace's
+//! addresses and the route one packet takes (`ip route get`). Any failure means "unknown"
+//! (`None`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
 use crate::system::netlink;
 
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWRULE: u16 = 32;
 const RTM_GETRULE: u16 = 34;
+const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
+const RTA_PREFSRC: u16 = 7;
+const RTA_UID: u16 = 25;
+const IFLA_IFNAME: u16 = 3;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// `RTN_UNREACHABLE`: what [`route`] says when the kernel has no route.
+pub const RTN_UNREACHABLE: u8 = 7;
 const RTA_TABLE: u16 = 15;
 const RTN_LOCAL: u8 = 2;
 const FRA_DST: u16 = 1;
@@ -288,6 +303,127 @@ pub fn routing(family: Family) -> Option<Routing> {
     Some(out)
 }
 
+/// The route a packet takes, as `ip route get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The route's type (`RTN_*`: 1 unicast, 2 local, 3 broadcast, 5 multicast, ...);
+    /// [`RTN_UNREACHABLE`] when the kernel has no route.
+    pub kind: u8,
+    /// The interface it leaves by (`lo` for a local address).
+    pub dev: Option<String>,
+    /// The source address the kernel picks.
+    pub src: Option<IpAddr>,
+}
+
+/// The interface names by index: one `RTM_GETLINK` dump.
+fn links(sock: &mut netlink::Socket) -> Option<BTreeMap<u32, String>> {
+    // ifinfomsg: family, pad, type, index, flags, change.
+    let mut out = BTreeMap::new();
+    sock.dump(RTM_GETLINK, &[0u8; 16], |ty, body| {
+        if ty != RTM_NEWLINK || body.len() < 16 {
+            return;
+        }
+        let index = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
+        for (t, v) in netlink::attributes(&body[16..]) {
+            if t == IFLA_IFNAME {
+                let name = v.split(|b| *b == 0).next().unwrap_or_default();
+                out.insert(index, String::from_utf8_lossy(name).into_owned());
+            }
+        }
+    })?;
+    Some(out)
+}
+
+fn ip_of(v: &[u8]) -> Option<IpAddr> {
+    match v.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(v).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(v).ok()?))),
+        _ => None,
+    }
+}
+
+/// The addresses of this namespace's interfaces, both families: (interface, address).
+pub fn addresses() -> Option<Vec<(String, IpAddr)>> {
+    let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
+    let names = links(&mut sock)?;
+    let mut out = Vec::new();
+    // ifaddrmsg: family, prefixlen, flags, scope, index.
+    sock.dump(RTM_GETADDR, &[0u8; 8], |ty, body| {
+        if ty != RTM_NEWADDR || body.len() < 8 {
+            return;
+        }
+        let index = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
+        let attrs = netlink::attributes(&body[8..]);
+        // IFA_LOCAL is the address itself where there is a peer (IPv4); else IFA_ADDRESS.
+        let addr = attrs
+            .iter()
+            .find(|(t, _)| *t == IFA_LOCAL)
+            .or_else(|| attrs.iter().find(|(t, _)| *t == IFA_ADDRESS))
+            .and_then(|(_, v)| ip_of(v));
+        if let (Some(addr), Some(name)) = (addr, names.get(&index)) {
+            out.push((name.clone(), addr));
+        }
+    })?;
+    Some(out)
+}
+
+fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (4 + payload.len()) as u16;
+    let mut a = Vec::with_capacity(8 + payload.len());
+    a.extend_from_slice(&len.to_ne_bytes());
+    a.extend_from_slice(&ty.to_ne_bytes());
+    a.extend_from_slice(payload);
+    a.resize((a.len() + 3) & !3, 0);
+    a
+}
+
+/// The route the kernel picks for a packet to `dst` from a socket of `uid` (`ip route get
+/// DST uid UID`): one `RTM_GETROUTE` request.
+pub fn route(dst: IpAddr, uid: Option<u32>) -> Option<Route> {
+    let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
+    let (family, bits, octets) = match dst {
+        IpAddr::V4(a) => (libc_af::INET, 32, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc_af::INET6, 128, a.octets().to_vec()),
+    };
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let mut body = vec![0u8; 12];
+    body[0] = family;
+    body[1] = bits;
+    body.extend(attr(RTA_DST, &octets));
+    if let Some(uid) = uid {
+        body.extend(attr(RTA_UID, &uid.to_ne_bytes()));
+    }
+    let reply = match sock.request(RTM_GETROUTE, &body)? {
+        Ok((RTM_NEWROUTE, b)) if b.len() >= 12 => b,
+        Ok(_) => return None,
+        // ENETUNREACH, EHOSTUNREACH...: no route.
+        Err(_) => {
+            return Some(Route {
+                kind: RTN_UNREACHABLE,
+                dev: None,
+                src: None,
+            });
+        }
+    };
+    let mut r = Route {
+        kind: reply[7],
+        dev: None,
+        src: None,
+    };
+    let mut oif = None;
+    for (ty, v) in attrs(&reply) {
+        match ty {
+            RTA_OIF => oif = u32_of(v),
+            RTA_PREFSRC => r.src = ip_of(v),
+            _ => {}
+        }
+    }
+    if let Some(oif) = oif {
+        r.dev = links(&mut sock)?.remove(&oif);
+    }
+    Some(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +467,58 @@ mod tests {
         assert_eq!(v4.local_default_tables, BTreeSet::from([140]));
         assert!(v6.local_default_tables.is_empty());
         assert!(v4.rules.iter().any(|r| r.mark.is_none() && r.table == 254));
+    }
+
+    #[test]
+    fn addresses_and_routes_of_a_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED rtnl::addresses_and_routes_of_a_namespace: needs root");
+            return;
+        }
+        let r = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let ip = |a: &str| {
+                std::process::Command::new("ip")
+                    .args(a.split(' '))
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            let ok = ip("link set lo up")
+                && ip("link add eth0 type veth peer name eth1")
+                && ip("addr add 10.9.0.1/24 dev eth0")
+                && ip("link set eth0 up")
+                && ip("link set eth1 up");
+            let a = |s: &str| s.parse::<IpAddr>().unwrap();
+            ok.then(|| {
+                (
+                    addresses(),
+                    route(a("10.9.0.1"), Some(1337)),
+                    route(a("10.9.0.7"), None),
+                    route(a("192.0.2.1"), None),
+                    route(a("127.0.0.5"), None),
+                )
+            })
+        })
+        .join()
+        .unwrap();
+        let Some((Some(addrs), Some(own), Some(peer), Some(none), Some(lo))) = r else {
+            panic!("could not set up or read the namespace: {r:?}");
+        };
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(addrs.contains(&("eth0".into(), a("10.9.0.1"))), "{addrs:?}");
+        assert!(addrs.contains(&("lo".into(), a("127.0.0.1"))), "{addrs:?}");
+        assert_eq!(
+            own,
+            Route {
+                kind: 2,
+                dev: Some("lo".into()),
+                src: Some(a("10.9.0.1"))
+            }
+        );
+        assert_eq!((peer.kind, peer.dev.as_deref()), (1, Some("eth0")));
+        assert_eq!(peer.src, Some(a("10.9.0.1")));
+        assert_eq!(none.kind, RTN_UNREACHABLE);
+        assert_eq!((lo.kind, lo.dev.as_deref()), (2, Some("lo")));
     }
 }

@@ -539,21 +539,23 @@ impl Lab {
             probe: &SystemProbe,
             resolver: &RealHost,
         };
+        // As main builds them: the other backend's iptables detects its flavour.
+        let iptables = Iptables {
+            flavor: match cfg.backend {
+                BackendChoice::Iptables { flavor } => flavor,
+                BackendChoice::Nftables { .. } => None,
+            },
+            lock_wait_secs: cfg.lock_wait_secs,
+        };
         match cfg.backend {
-            BackendChoice::Iptables { flavor } => explain::explain(
-                &Iptables {
-                    flavor,
-                    lock_wait_secs: cfg.lock_wait_secs,
-                },
-                &req,
-                &cfg,
-                &facts,
-                &mut env,
-            ),
+            BackendChoice::Iptables { .. } => {
+                explain::explain(&iptables, &Nftables, &req, &cfg, &facts, &mut env)
+            }
             BackendChoice::Nftables { .. } => {
-                explain::explain(&Nftables, &req, &cfg, &facts, &mut env)
+                explain::explain(&Nftables, &iptables, &req, &cfg, &facts, &mut env)
             }
         }
+        .map(|e| e.output)
         .map_err(|e| e.to_string())
     }
 

@@ -15,6 +15,7 @@ mod conformance;
 mod conformance_nft;
 mod door;
 mod explain;
+mod explain_live;
 mod fuzz;
 mod inspect_nft;
 mod inspect_shadow;

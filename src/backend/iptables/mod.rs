@@ -18,8 +18,8 @@ use self::build::Plan;
 use self::commit::{Error, Place, read_state, roll_back};
 use self::detect::{self as detection, Program};
 use self::plan::Transaction;
-use crate::backend::walk::{Hook, Packet, Unsupported};
-use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
+use crate::backend::walk::Source;
+use crate::backend::{Backend, Drift, Over, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
@@ -418,40 +418,27 @@ impl Backend for Iptables {
         Ok(out)
     }
 
-    fn walk(
-        &self,
-        rules: &Plan,
-        state: Option<&State>,
-        ipv6: bool,
-        packet: &Packet,
-        hooks: &[Hook],
-        resolver: &dyn OwnerResolver,
-    ) -> Result<Walked, Unsupported> {
-        let family = if packet.dst.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        };
-        let (rs, source, note) = match state {
-            Some(st) => {
-                let saved = st.places.iter().find(|p| p.program.family == family);
-                let rs = saved
-                    .map(|p| walk::ruleset_from_state(&p.before))
-                    .unwrap_or_default();
-                (rs, "live rules (iptables-save)", None)
-            }
-            None => (
-                walk::ruleset_from_rules(rules.rules(family)),
-                "rules from the config",
-                (family == Family::V6 && !ipv6)
-                    .then_some("IPv6 is off for this config: no ip6tables rules are generated"),
-            ),
-        };
-        Ok(Walked {
-            outcome: walk::evaluate(&rs, resolver, packet.clone(), hooks)?,
-            source,
-            note,
-        })
+    fn walk<'a>(
+        &'a self,
+        over: Over<'a, Plan, State>,
+        family: Family,
+        resolver: &'a dyn OwnerResolver,
+    ) -> Vec<Source<'a>> {
+        match over {
+            Over::Config { rules, ipv6 } => vec![walk::config_source(
+                rules.rules(family),
+                family,
+                ipv6,
+                resolver,
+            )],
+            // Every flavour read, each a place of its own: the kernel runs them all.
+            Over::Live(st) => st
+                .places
+                .iter()
+                .filter(|p| p.program.family == family)
+                .filter_map(|p| walk::live_source(p, resolver))
+                .collect(),
+        }
     }
 }
 

@@ -1,30 +1,78 @@
 //! A small interpreter of exactly the iptables subset this tool emits: protocol, addresses
 //! and `!`, interfaces (with `+`), ports and multiport, owner uid/gid, conntrack state, mark
-//! and connmark, jumps/RETURN, REDIRECT, TPROXY, MARK, CONNMARK, ACCEPT, DROP, CT. It walks
-//! one packet through the chains of the hooks it traverses and says where it ends up.
-//! Anything outside that subset (an unknown match, target or option) is an error, never a
-//! guess. Pure: rules in, verdict and walk out.
+//! and connmark, jumps/RETURN, REDIRECT, TPROXY, MARK, CONNMARK, ACCEPT, DROP, CT; and, for
+//! the foreign rules met in a live walk, `-m addrtype` (from the namespace's routing, see
+//! [`Packet::dst_type`]). It walks one packet through the chains of the hooks it traverses
+//! ([`IptablesChains`], walked by [`backend::walk::evaluate`](crate::backend::walk::evaluate)
+//! with every other place's) and says where it ends up. Anything outside that subset (an
+//! unknown match, target or option) stops the walk, never a guess; an unknown match in a
+//! rule another of its matches already fails does not matter, as in the kernel. Pure: rules
+//! in, verdict and walk out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::backend::iptables::commit::Place;
 use crate::backend::iptables::save::SaveState;
 use crate::backend::walk::{
-    Flow, Hook, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range,
-    iface_matches, num, port_in,
+    Base, Chains, Flow, Hook, Outcome, Packet, Proto, Source, Step, Stop, Unsupported, Verdict,
+    Walk, addr_in, addr_type, evaluate as walk_all, id_range, iface_matches, num, port_in,
 };
-use crate::model::OwnerResolver;
+use crate::model::{Family, OwnerResolver, chain};
 use crate::model::{Rule, RuleSpec, Table};
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
 pub type Ruleset = BTreeMap<Table, BTreeMap<String, Vec<(String, Vec<String>)>>>;
 
-struct Walker<'a> {
-    rules: &'a Ruleset,
-    resolver: &'a dyn OwnerResolver,
-    pkt: Packet,
-    walk: Vec<Step>,
-    zone: Option<u16>,
+/// The built-in chains of a hook, in the kernel's order: (table, chain, priority). The same
+/// for legacy xtables and iptables-nft (`NF_IP_PRI_*`).
+fn builtins(hook: Hook) -> &'static [(Table, &'static str, i32)] {
+    match hook {
+        Hook::Output => &[
+            (Table::Raw, "OUTPUT", -300),
+            (Table::Mangle, "OUTPUT", -150),
+            (Table::Nat, "OUTPUT", -100),
+            (Table::Filter, "OUTPUT", 0),
+        ],
+        Hook::Prerouting => &[
+            (Table::Raw, "PREROUTING", -300),
+            (Table::Mangle, "PREROUTING", -150),
+            (Table::Nat, "PREROUTING", -100),
+        ],
+    }
+}
+
+/// One family's iptables rules (the config's, or one flavour's live ones) as the kernel
+/// runs them.
+pub struct IptablesChains<'a> {
+    pub rules: Ruleset,
+    /// Built-in chains whose policy is DROP.
+    pub drop_policy: BTreeSet<(Table, String)>,
+    pub resolver: &'a dyn OwnerResolver,
+}
+
+impl Chains for IptablesChains<'_> {
+    fn bases(&self, hook: Hook) -> Vec<Base> {
+        builtins(hook)
+            .iter()
+            .filter(|(t, c, _)| {
+                self.rules.get(t).is_some_and(|t| t.contains_key(*c))
+                    || self.drop_policy.contains(&(*t, c.to_string()))
+            })
+            .map(|&(table, chain, priority)| Base {
+                priority,
+                nat: table == Table::Nat,
+                policy_drop: self.drop_policy.contains(&(table, chain.to_string())),
+                table: table.name(),
+                chain: chain.to_string(),
+            })
+            .collect()
+    }
+
+    fn run(&self, base: &Base, walk: &mut Walk) -> Result<Flow, Unsupported> {
+        let table = Table::from_name(base.table).expect("a base chain of ours names its table");
+        self.chain(walk, table, &base.chain, 0)
+    }
 }
 
 /// `V[/M]` → (value, mask).
@@ -35,13 +83,35 @@ fn mark_mask(s: &str) -> Option<(u32, u32)> {
     }
 }
 
-/// Whether `port` is in `spec`: ports and ranges (`a<range>b`: `8000:8010` in iptables,
-/// `8000-8010` in nft) separated by commas; `None` for a spec that is not that.
-impl Walker<'_> {
-    fn chain(&mut self, table: Table, chain: &str, depth: usize) -> Result<Flow, Unsupported> {
-        let rules = match self.rules.get(&table).and_then(|t| t.get(chain)) {
-            Some(r) => r.clone(),
-            None => return Ok(Flow::Continue),
+/// The options that are not some module's: a rule's matches start with one of them or `-m`.
+const TOP_LEVEL: [&str; 12] = [
+    "-p",
+    "--protocol",
+    "-s",
+    "--source",
+    "-d",
+    "--destination",
+    "-i",
+    "--in-interface",
+    "-o",
+    "--out-interface",
+    "-m",
+    "--match",
+];
+
+/// A rule's target with its options, when it has one.
+type Target = Option<(String, Vec<String>)>;
+
+impl IptablesChains<'_> {
+    fn chain(
+        &self,
+        w: &mut Walk,
+        table: Table,
+        chain: &str,
+        depth: usize,
+    ) -> Result<Flow, Unsupported> {
+        let Some(rules) = self.rules.get(&table).and_then(|t| t.get(chain)) else {
+            return Ok(Flow::Continue);
         };
         for (i, (text, toks)) in rules.iter().enumerate() {
             let err = |reason: String| Unsupported {
@@ -51,13 +121,14 @@ impl Walker<'_> {
                 text: text.clone(),
                 reason,
             };
-            let (matched, target) = self.eval(toks).map_err(err)?;
-            self.walk.push(Step {
+            let (matched, target) = self.eval(&w.pkt, toks).map_err(err)?;
+            w.steps.push(Step {
                 table: table.name(),
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
                 matched,
+                place: None,
             });
             if !matched {
                 continue;
@@ -83,7 +154,7 @@ impl Walker<'_> {
                         Some(p) => p
                             .parse()
                             .map_err(|_| err(format!("bad REDIRECT port {p:?}")))?,
-                        None => self.pkt.dport,
+                        None => w.pkt.dport,
                     };
                     return Ok(Flow::Final(Verdict::Redirect { port }));
                 }
@@ -92,12 +163,12 @@ impl Walker<'_> {
                         .and_then(|p| p.parse().ok())
                         .ok_or_else(|| err("TPROXY without --on-port".into()))?;
                     if let Some((v, m)) = opt("--tproxy-mark").and_then(mark_mask) {
-                        self.pkt.mark = (self.pkt.mark & !m) ^ v;
+                        w.pkt.mark = (w.pkt.mark & !m) ^ v;
                     }
-                    return Ok(Flow::Final(Verdict::Tproxy {
-                        port,
-                        mark: self.pkt.mark,
-                    }));
+                    // The socket is assigned and the packet accepted (xt_TPROXY's NF_ACCEPT):
+                    // the next base chains still run.
+                    w.tproxy = Some(port);
+                    return Ok(Flow::Accept);
                 }
                 "MARK" => {
                     let (v, m) = if let Some(s) = opt("--set-xmark") {
@@ -108,13 +179,13 @@ impl Walker<'_> {
                         None
                     }
                     .ok_or_else(|| err("unsupported MARK options".into()))?;
-                    self.pkt.mark = (self.pkt.mark & !m) ^ v;
+                    w.pkt.mark = (w.pkt.mark & !m) ^ v;
                 }
                 "CONNMARK" => {
                     if opts.iter().any(|o| o == "--save-mark") {
-                        self.pkt.connmark = self.pkt.mark;
+                        w.pkt.connmark = w.pkt.mark;
                     } else if opts.iter().any(|o| o == "--restore-mark") {
-                        self.pkt.mark = self.pkt.connmark;
+                        w.pkt.mark = w.pkt.connmark;
                     } else {
                         return Err(err("unsupported CONNMARK options".into()));
                     }
@@ -124,18 +195,18 @@ impl Walker<'_> {
                         .and_then(|z| z.parse().ok())
                         .ok_or_else(|| err("CT without --zone".into()))?;
                     // xt_CT attaches a conntrack template once; later CT rules are ignored.
-                    self.zone.get_or_insert(z);
+                    w.zone.get_or_insert(z);
                 }
                 user => {
                     if depth > 16 {
                         return Err(err("jumps nested too deep".into()));
                     }
                     if !self.rules.get(&table).is_some_and(|t| t.contains_key(user))
-                        && !user.starts_with("ISTIO_")
+                        && !user.starts_with(chain::PREFIX)
                     {
                         return Err(err(format!("unknown target {user:?}")));
                     }
-                    match self.chain(table, user, depth + 1)? {
+                    match self.chain(w, table, user, depth + 1)? {
                         Flow::Continue => {}
                         other => return Ok(other),
                     }
@@ -145,19 +216,25 @@ impl Walker<'_> {
         Ok(Flow::Continue)
     }
 
-    /// Whether the rule's matches hold, and its target with options.
-    #[allow(clippy::type_complexity)]
-    fn eval(&self, toks: &[String]) -> Result<(bool, Option<(String, Vec<String>)>), String> {
-        let p = &self.pkt;
+    /// Whether the rule's matches hold for `p`, and its target with options. A match this
+    /// does not know is an error unless another match of the rule fails.
+    fn eval(&self, p: &Packet, toks: &[String]) -> Result<(bool, Target), String> {
         let spec = RuleSpec::parse(toks);
         let mut ok = true;
         let mut module = String::new();
+        // The first match not understood; its options are skipped to the next match.
+        let mut unknown: Option<String> = None;
+        let mut skipping = false;
         for m in &spec.matches {
             let neg = m.negated;
             let tok = m.flag.as_str();
             if tok.is_empty() {
                 return Err("dangling `!`".into());
             }
+            if skipping && !TOP_LEVEL.contains(&tok) {
+                continue;
+            }
+            skipping = false;
             let val = m.value();
             let cond: Option<bool> = match tok {
                 "-p" | "--protocol" => Some(match val {
@@ -177,8 +254,11 @@ impl Walker<'_> {
                 "-m" | "--match" => {
                     match val {
                         "tcp" | "udp" | "multiport" | "owner" | "conntrack" | "mark"
-                        | "connmark" | "comment" => {}
-                        other => return Err(format!("unknown match {other:?}")),
+                        | "connmark" | "comment" | "addrtype" => {}
+                        other => {
+                            unknown.get_or_insert_with(|| format!("unknown match {other:?}"));
+                            skipping = true;
+                        }
                     }
                     module = val.to_string();
                     continue;
@@ -216,6 +296,22 @@ impl Walker<'_> {
                     let have = if module == "mark" { p.mark } else { p.connmark };
                     Some(have & m == v)
                 }
+                "--src-type" | "--dst-type" if module == "addrtype" => {
+                    let mut want = 0;
+                    for t in val.split(',') {
+                        want |= addr_type(t).ok_or(format!("unknown address type {t:?}"))?;
+                    }
+                    let have = if tok == "--src-type" {
+                        p.src_type
+                    } else {
+                        p.dst_type
+                    };
+                    let have = have.ok_or(
+                        "-m addrtype needs the namespace's addresses and routes \
+                         (explain --from-kernel reads them)",
+                    )?;
+                    Some(have.matches(want))
+                }
                 "--comment" if module == "comment" => None,
                 other => return Err(format!("unknown option {other:?}")),
             };
@@ -226,6 +322,9 @@ impl Walker<'_> {
             if let Some(extra) = m.values.get(1) {
                 return Err(format!("unknown option {extra:?}"));
             }
+        }
+        if ok && let Some(reason) = unknown {
+            return Err(reason);
         }
         match spec.target {
             Some(t) if t.goto => Err("goto is not supported".into()),
@@ -238,47 +337,28 @@ impl Walker<'_> {
     }
 }
 
-/// Walks `pkt` through `hooks` (each a list of (table, built-in chain)), in order. A hook
-/// after the first is only walked when `continue_after` says so for the verdict so far.
+/// Walks `pkt` through `hooks` and `rules` alone (one family's rules, in one place).
 pub fn evaluate(
     rules: &Ruleset,
     resolver: &dyn OwnerResolver,
     pkt: Packet,
     hooks: &[Hook],
 ) -> Result<Outcome, Unsupported> {
-    let mut w = Walker {
-        rules,
-        resolver,
-        pkt,
-        walk: Vec::new(),
-        zone: None,
+    let source = Source {
+        name: "iptables".into(),
+        capture: true,
+        note: None,
+        chains: Box::new(IptablesChains {
+            rules: rules.clone(),
+            drop_policy: BTreeSet::new(),
+            resolver,
+        }),
     };
-    let mut verdict = Verdict::NotCaptured;
-    'hooks: for (n, hook) in hooks.iter().enumerate() {
-        if n > 0 {
-            // The looped-back packet arrives on lo.
-            w.pkt.in_iface = Some("lo".into());
-            w.pkt.out_iface = None;
-        }
-        for &(table, chain) in hook.iter() {
-            if n > 0 && table == Table::Nat {
-                continue; // NAT is decided once per connection, at its first hook.
-            }
-            match w.chain(table, chain, 0)? {
-                Flow::Continue | Flow::Accept => {}
-                Flow::Final(v) => {
-                    verdict = v;
-                    break 'hooks;
-                }
-            }
-        }
+    let o = walk_all(&[source], pkt, hooks);
+    match o.stopped {
+        Some(Stop::Rule { rule, .. }) => Err(rule),
+        _ => Ok(o),
     }
-    Ok(Outcome {
-        verdict,
-        walk: w.walk,
-        mark: w.pkt.mark,
-        zone: w.zone,
-    })
 }
 
 /// The config's rules of one family as chains in their final order.
@@ -305,6 +385,13 @@ pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
         .iter()
         .filter_map(|(n, ts)| Some((Table::from_name(n)?, ts)));
     for (table, ts) in ours {
+        // An empty chain is still a target (Docker's DOCKER before any container).
+        for chain in &ts.user_chains {
+            rs.entry(table)
+                .or_default()
+                .entry(chain.clone())
+                .or_default();
+        }
         for (chain, toks) in &ts.rules {
             rs.entry(table)
                 .or_default()
@@ -316,11 +403,75 @@ pub fn ruleset_from_state(st: &SaveState) -> Ruleset {
     rs
 }
 
+/// The config's rules of `family`, to walk.
+pub fn config_source<'a>(
+    rules: &[Rule],
+    family: Family,
+    ipv6: bool,
+    resolver: &'a dyn OwnerResolver,
+) -> Source<'a> {
+    Source {
+        name: "rules from the config".into(),
+        capture: true,
+        note: (family == Family::V6 && !ipv6)
+            .then_some("IPv6 is off for this config: no ip6tables rules are generated"),
+        chains: Box::new(IptablesChains {
+            rules: ruleset_from_rules(rules),
+            drop_policy: BTreeSet::new(),
+            resolver,
+        }),
+    }
+}
+
+/// The live rules of one flavour of one family (`iptables-nft, IPv4`), to walk; `None` when
+/// it holds no rule and no DROP policy (nothing a packet would meet).
+pub fn live_source<'a>(place: &Place, resolver: &'a dyn OwnerResolver) -> Option<Source<'a>> {
+    let st = &place.before;
+    let rules = ruleset_from_state(st);
+    let drop_policy: BTreeSet<(Table, String)> = st
+        .tables
+        .iter()
+        .filter_map(|(n, ts)| Some((Table::from_name(n)?, ts)))
+        .flat_map(|(t, ts)| {
+            ts.builtin
+                .iter()
+                .filter(|(_, policy)| policy == "DROP")
+                .map(move |(c, _)| (t, c.clone()))
+        })
+        .collect();
+    let ours = |s: &str| s.starts_with(chain::PREFIX);
+    let capture = st.tables.values().any(|ts| {
+        ts.user_chains.iter().any(|c| ours(c))
+            || ts
+                .rules
+                .iter()
+                .any(|(c, toks)| ours(c) || toks.iter().any(|t| ours(t)))
+    });
+    if rules.is_empty() && drop_policy.is_empty() && !capture {
+        return None;
+    }
+    let program = &place.program;
+    let flavour = match program.flavor {
+        Some(f) => format!("iptables-{f}"),
+        None => "iptables".to_string(),
+    };
+    Some(Source {
+        name: format!("{flavour}, {}", program.family),
+        capture,
+        note: None,
+        chains: Box::new(IptablesChains {
+            rules,
+            drop_policy,
+            resolver,
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::iptables::save::tokenize;
-    use crate::backend::walk::{OUTPUT_HOOK, PREROUTING_HOOK};
+    use crate::backend::walk::AddrTypes;
     use crate::model::NoResolver;
 
     fn ruleset(lines: &[(&str, &str)]) -> Ruleset {
@@ -350,6 +501,8 @@ mod tests {
             mark: 0,
             connmark: 0,
             ctstate: "NEW".into(),
+            src_type: None,
+            dst_type: None,
         }
     }
 
@@ -389,7 +542,7 @@ mod tests {
             &seed(),
             &NoResolver,
             pkt("10.1.2.3", 80, 0, "eth0"),
-            &[OUTPUT_HOOK],
+            &[Hook::Output],
         )
         .unwrap();
         assert_eq!(o.verdict, Verdict::Redirect { port: 15001 });
@@ -406,7 +559,7 @@ mod tests {
             &seed(),
             &NoResolver,
             pkt("10.1.2.3", 80, 1337, "eth0"),
-            &[OUTPUT_HOOK],
+            &[Hook::Output],
         )
         .unwrap();
         assert_eq!(o.verdict, Verdict::NotCaptured);
@@ -414,7 +567,7 @@ mod tests {
             &seed(),
             &NoResolver,
             pkt("10.1.2.3", 5005, 0, "eth0"),
-            &[OUTPUT_HOOK],
+            &[Hook::Output],
         )
         .unwrap();
         assert_eq!(o.verdict, Verdict::NotCaptured);
@@ -426,14 +579,14 @@ mod tests {
             &seed(),
             &NoResolver,
             pkt("10.0.0.5", 8080, 1337, "lo"),
-            &[OUTPUT_HOOK],
+            &[Hook::Output],
         )
         .unwrap();
         assert_eq!(o.verdict, Verdict::Redirect { port: 15006 });
         let mut p = pkt("10.0.0.5", 8080, 1337, "lo");
         p.src = "127.0.0.6".parse().unwrap();
         assert_eq!(
-            evaluate(&seed(), &NoResolver, p, &[OUTPUT_HOOK])
+            evaluate(&seed(), &NoResolver, p, &[Hook::Output])
                 .unwrap()
                 .verdict,
             Verdict::NotCaptured
@@ -471,7 +624,7 @@ mod tests {
         p.gid = None;
         p.out_iface = None;
         p.in_iface = Some("eth0".into());
-        let o = evaluate(&rs, &NoResolver, p.clone(), &[PREROUTING_HOOK]).unwrap();
+        let o = evaluate(&rs, &NoResolver, p.clone(), &[Hook::Prerouting]).unwrap();
         assert_eq!(
             o.verdict,
             Verdict::Tproxy {
@@ -480,7 +633,7 @@ mod tests {
             }
         );
         p.ctstate = "ESTABLISHED".into();
-        let o = evaluate(&rs, &NoResolver, p, &[PREROUTING_HOOK]).unwrap();
+        let o = evaluate(&rs, &NoResolver, p, &[Hook::Prerouting]).unwrap();
         assert_eq!(o.verdict, Verdict::NotCaptured);
         assert_eq!(o.mark, 1337);
     }
@@ -501,7 +654,7 @@ mod tests {
         ]);
         let mut p = pkt("10.96.0.10", 53, 0, "eth0");
         p.proto = Proto::Udp;
-        let o = evaluate(&rs, &NoResolver, p, &[OUTPUT_HOOK]).unwrap();
+        let o = evaluate(&rs, &NoResolver, p, &[Hook::Output]).unwrap();
         assert_eq!(o.verdict, Verdict::Redirect { port: 15053 });
         assert_eq!(o.zone, Some(2));
     }
@@ -516,7 +669,7 @@ mod tests {
             &rs,
             &NoResolver,
             pkt("10.1.2.3", 80, 0, "eth0"),
-            &[OUTPUT_HOOK],
+            &[Hook::Output],
         )
         .unwrap_err();
         assert!(e.reason.contains("statistic"), "{e}");
@@ -526,7 +679,7 @@ mod tests {
                 &rs,
                 &NoResolver,
                 pkt("10.1.2.3", 80, 0, "eth0"),
-                &[OUTPUT_HOOK]
+                &[Hook::Output]
             )
             .is_err()
         );
@@ -538,10 +691,179 @@ mod tests {
         let mut p = pkt("10.0.0.5", 80, 0, "eth0");
         p.uid = None;
         assert_eq!(
-            evaluate(&rs, &NoResolver, p, &[PREROUTING_HOOK])
+            evaluate(&rs, &NoResolver, p, &[Hook::Prerouting])
                 .unwrap()
                 .verdict,
             Verdict::Drop
+        );
+    }
+
+    /// Docker's rule: LOCAL destinations go to its chain (here: dropped, to see it), as the
+    /// namespace's routing says; without that, the walk cannot tell.
+    #[test]
+    fn addrtype_is_evaluated_from_the_packets_address_types() {
+        let rs = ruleset(&[
+            (
+                "nat",
+                "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DROP",
+            ),
+            (
+                "nat",
+                "-A OUTPUT -m addrtype ! --src-type LOCAL,BROADCAST -j DROP",
+            ),
+        ]);
+        let local = AddrTypes {
+            v6: false,
+            mask: 1 << 2,
+        };
+        let unicast = AddrTypes {
+            v6: false,
+            mask: 1 << 1,
+        };
+        let mut p = pkt("10.0.0.5", 8080, 0, "lo");
+        p.src_type = Some(local);
+        p.dst_type = Some(local);
+        let o = evaluate(&rs, &NoResolver, p.clone(), &[Hook::Output]).unwrap();
+        assert_eq!(o.verdict, Verdict::Drop);
+        p.dst_type = Some(unicast);
+        let o = evaluate(&rs, &NoResolver, p.clone(), &[Hook::Output]).unwrap();
+        assert_eq!(o.verdict, Verdict::NotCaptured, "{o:#?}");
+        p.src_type = Some(unicast);
+        let o = evaluate(&rs, &NoResolver, p.clone(), &[Hook::Output]).unwrap();
+        assert_eq!(o.verdict, Verdict::Drop);
+        p.dst_type = None;
+        let e = evaluate(&rs, &NoResolver, p, &[Hook::Output]).unwrap_err();
+        assert!(e.reason.contains("--from-kernel"), "{e}");
+    }
+
+    /// IPv6: a local unicast address is both UNICAST and LOCAL.
+    #[test]
+    fn ipv6_address_types_are_a_class_and_a_route() {
+        let local_unicast = AddrTypes {
+            v6: true,
+            mask: (1 << 1) | (1 << 2),
+        };
+        let bit = |n: &str| addr_type(n).unwrap();
+        assert!(local_unicast.matches(bit("LOCAL")));
+        assert!(local_unicast.matches(bit("UNICAST")));
+        assert!(local_unicast.matches(bit("UNICAST") | bit("LOCAL")));
+        assert!(!local_unicast.matches(bit("MULTICAST") | bit("LOCAL")));
+        let remote = AddrTypes {
+            v6: true,
+            mask: 1 << 1,
+        };
+        assert!(!remote.matches(bit("LOCAL")));
+        assert!(remote.matches(bit("UNICAST")));
+    }
+
+    /// kube-proxy's random pick cannot be evaluated, but a rule whose protocol already fails
+    /// does not match whatever its other matches say.
+    #[test]
+    fn an_unknown_match_matters_only_when_the_rest_of_the_rule_holds() {
+        let rs = ruleset(&[
+            (
+                "nat",
+                "-A OUTPUT -p udp -m statistic --mode random --probability 0.5 -m comment --comment x -j DROP",
+            ),
+            (
+                "nat",
+                "-A OUTPUT -p tcp -m statistic --mode random --probability 0.5 -j DROP",
+            ),
+        ]);
+        let e = evaluate(
+            &rs,
+            &NoResolver,
+            pkt("10.1.2.3", 80, 0, "eth0"),
+            &[Hook::Output],
+        )
+        .unwrap_err();
+        assert_eq!(e.rule, 2, "{e}");
+        assert!(e.reason.contains("statistic"), "{e}");
+        let o = walk_all(
+            &[Source {
+                name: "iptables-nft, IPv4".into(),
+                capture: false,
+                note: None,
+                chains: Box::new(IptablesChains {
+                    rules: rs,
+                    drop_policy: BTreeSet::new(),
+                    resolver: &NoResolver,
+                }),
+            }],
+            pkt("10.1.2.3", 80, 0, "eth0"),
+            &[Hook::Output],
+        );
+        assert_eq!(o.verdict, Verdict::Unknown);
+        assert_eq!(
+            o.walk.len(),
+            1,
+            "the rule before the one that stops the walk"
+        );
+        assert!(matches!(o.stopped, Some(Stop::Rule { place: None, .. })));
+    }
+
+    /// A DROP policy drops what falls off a built-in chain.
+    #[test]
+    fn a_drop_policy_drops() {
+        let src = |drop: bool| Source {
+            name: "iptables-legacy, IPv4".into(),
+            capture: false,
+            note: None,
+            chains: Box::new(IptablesChains {
+                rules: ruleset(&[("filter", "-A OUTPUT -p udp -j ACCEPT")]),
+                drop_policy: if drop {
+                    [(Table::Filter, "OUTPUT".to_string())].into()
+                } else {
+                    BTreeSet::new()
+                },
+                resolver: &NoResolver,
+            }),
+        };
+        let p = pkt("10.1.2.3", 80, 0, "eth0");
+        let o = walk_all(&[src(true)], p.clone(), &[Hook::Output]);
+        assert_eq!(o.verdict, Verdict::Drop);
+        let o = walk_all(&[src(false)], p, &[Hook::Output]);
+        assert_eq!(o.verdict, Verdict::NotCaptured);
+    }
+
+    /// Two places at equal priority: when their order changes the verdict, the walk says
+    /// it cannot tell; when it does not, it gives the verdict.
+    #[test]
+    fn equal_priorities_in_two_places_that_disagree_are_unknown() {
+        let src = |name: &str, port: u16| {
+            let line = format!("-A OUTPUT -p tcp -j REDIRECT --to-ports {port}");
+            Source {
+                name: name.into(),
+                capture: true,
+                note: None,
+                chains: Box::new(IptablesChains {
+                    rules: ruleset(&[("nat", &line)]),
+                    drop_policy: BTreeSet::new(),
+                    resolver: &NoResolver,
+                }),
+            }
+        };
+        let p = pkt("10.1.2.3", 80, 0, "eth0");
+        let same = [
+            src("iptables-legacy, IPv4", 15001),
+            src("iptables-nft, IPv4", 15001),
+        ];
+        let o = walk_all(&same, p.clone(), &[Hook::Output]);
+        assert_eq!(o.verdict, Verdict::Redirect { port: 15001 });
+        assert_eq!(o.walk.len(), 1, "the first place decides: {o:#?}");
+        assert_eq!(o.walk[0].place.as_deref(), Some("iptables-legacy, IPv4"));
+        let differ = [
+            src("iptables-legacy, IPv4", 15001),
+            src("iptables-nft, IPv4", 15002),
+        ];
+        let o = walk_all(&differ, p, &[Hook::Output]);
+        assert_eq!(o.verdict, Verdict::Unknown);
+        let Some(Stop::Order(why)) = &o.stopped else {
+            panic!("{o:#?}")
+        };
+        assert!(
+            why.contains("redirect to 15001") && why.contains("redirect to 15002"),
+            "{why}"
         );
     }
 }

@@ -20,13 +20,14 @@ pub mod shadow;
 pub mod state;
 pub mod walk;
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use self::build::{FAMILY, Ruleset, Table};
 use self::commit::{Error, check_nft, list, none_in, run_nft};
 use self::state::{Live, NftState};
-use crate::backend::walk::{Hook, Packet, Unsupported};
-use crate::backend::{Backend, Drift, Policy, Purpose, Rollback, Scope, Summary, Walked};
+use crate::backend::walk::Source;
+use crate::backend::{Backend, Drift, Over, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
@@ -299,38 +300,32 @@ impl Backend for Nftables {
             .collect())
     }
 
-    fn walk(
-        &self,
-        rules: &Ruleset,
-        state: Option<&State>,
-        ipv6: bool,
-        packet: &Packet,
-        hooks: &[Hook],
-        resolver: &dyn OwnerResolver,
-    ) -> Result<Walked, Unsupported> {
-        let hooks: Vec<walk::NftHook> = hooks.iter().map(|h| walk::hook_of(h)).collect();
-        let (outcome, source, note) = match state {
-            Some(st) => (
-                walk::evaluate(&st.live.state, resolver, packet.clone(), &hooks)?,
-                "live rules (nft list ruleset inet)",
-                None,
-            ),
-            None => {
-                let want = state::desired(rules, resolver);
-                let note = (packet.dst.is_ipv6() && !ipv6).then_some(
+    fn walk<'a>(
+        &'a self,
+        over: Over<'a, Ruleset, State>,
+        family: Family,
+        resolver: &'a dyn OwnerResolver,
+    ) -> Vec<Source<'a>> {
+        match over {
+            Over::Config { rules, ipv6 } => {
+                let note = (family == Family::V6 && !ipv6).then_some(
                     "IPv6 is off for this config: no ip6 rules are generated, but inet rules that name no address see IPv6 too",
                 );
-                (
-                    walk::evaluate(&want, resolver, packet.clone(), &hooks)?,
+                vec![walk::source(
+                    Cow::Owned(state::desired(rules, resolver)),
                     "nftables rules from the config",
                     note,
-                )
+                    resolver,
+                )]
             }
-        };
-        Ok(Walked {
-            outcome,
-            source,
-            note,
-        })
+            // Our tables are inet: they see both families.
+            Over::Live(st) if st.live.state.tables.is_empty() => Vec::new(),
+            Over::Live(st) => vec![walk::source(
+                Cow::Borrowed(&st.live.state),
+                &walk::live_name(),
+                None,
+                resolver,
+            )],
+        }
     }
 }

@@ -18,24 +18,15 @@
 //! [`nftstate::desired`]: crate::backend::nft::state::desired
 //! [`nftstate::parse_listing`]: crate::backend::nft::state::parse_listing
 
-use crate::backend::nft::build::Table;
+use std::borrow::Cow;
+
+use crate::backend::nft::build::{FAMILY, Table};
 use crate::backend::nft::state::NftState;
 use crate::backend::walk::{
-    Flow, Outcome, Packet, Proto, Step, Unsupported, Verdict, addr_in, id_range, iface_matches,
-    num, port_in,
+    Base, Chains, Flow, Hook, Outcome, Packet, Proto, Source, Step, Stop, Unsupported, Verdict,
+    Walk, addr_in, evaluate as walk_all, id_range, iface_matches, num, port_in,
 };
 use crate::model::OwnerResolver;
-
-/// A hook of the packet's path: `prerouting` or `output`.
-pub type NftHook = &'static str;
-
-/// The nft hook of one of [`interp`](crate::backend::iptables::walk)'s hooks (`OUTPUT_HOOK` → `output`).
-pub fn hook_of(h: crate::backend::walk::Hook) -> NftHook {
-    match h.first().map(|(_, chain)| *chain) {
-        Some("OUTPUT") => "output",
-        _ => "prerouting",
-    }
-}
 
 /// What a match compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,24 +271,41 @@ fn parse(rule: &str) -> Result<Vec<Item>, String> {
     Ok(items)
 }
 
-/// A base chain of a hook: (priority, table, chain name, nat?, policy drop?).
-type Base<'a> = (i32, Table, &'a str, bool, bool);
-
-struct Walker<'a> {
-    state: &'a NftState,
-    resolver: &'a dyn OwnerResolver,
-    pkt: Packet,
-    walk: Vec<Step>,
-    zone: Option<u16>,
-    /// A `tproxy` statement's port: the packet is the proxy's, unless something drops it.
-    tproxy: Option<u16>,
+/// Our `inet` tables (the config's, or the live ones) as the kernel runs them.
+pub struct NftChains<'a> {
+    pub state: Cow<'a, NftState>,
+    pub resolver: &'a dyn OwnerResolver,
 }
 
-impl Walker<'_> {
+impl Chains for NftChains<'_> {
+    fn bases(&self, hook: Hook) -> Vec<Base> {
+        self.state
+            .tables
+            .iter()
+            .flat_map(|(t, ts)| ts.chains.iter().map(move |c| (*t, c)))
+            .filter_map(|(t, c)| {
+                let h = c.hook.as_ref().filter(|h| h.hook == hook.name())?;
+                Some(Base {
+                    priority: h.priority,
+                    nat: h.kind == "nat",
+                    policy_drop: h.policy == "drop",
+                    table: t.name(),
+                    chain: c.name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn run(&self, base: &Base, walk: &mut Walk) -> Result<Flow, Unsupported> {
+        let table = Table::from_name(base.table).expect("a base chain of ours names its table");
+        self.chain(walk, table, &base.chain, 0)
+    }
+}
+
+impl NftChains<'_> {
     /// Whether `test` holds for the packet (`negated` applied); `Err` for a value it cannot
     /// read.
-    fn test(&self, test: &Test, negated: bool) -> Result<bool, String> {
-        let p = &self.pkt;
+    fn test(&self, p: &Packet, test: &Test, negated: bool) -> Result<bool, String> {
         let holds = match test {
             Test::Iface { inbound, names } => {
                 let dev = if *inbound { &p.in_iface } else { &p.out_iface };
@@ -388,7 +396,13 @@ impl Walker<'_> {
         Ok(holds != negated)
     }
 
-    fn chain(&mut self, table: Table, chain: &str, depth: usize) -> Result<Flow, Unsupported> {
+    fn chain(
+        &self,
+        w: &mut Walk,
+        table: Table,
+        chain: &str,
+        depth: usize,
+    ) -> Result<Flow, Unsupported> {
         let Some(c) = self.state.tables.get(&table).and_then(|t| t.chain(chain)) else {
             return Ok(Flow::Continue);
         };
@@ -408,18 +422,19 @@ impl Walker<'_> {
             for item in &items {
                 match item {
                     Item::Match { test, negated } => {
-                        matched &= self.test(test, *negated).map_err(err)?;
+                        matched &= self.test(&w.pkt, test, *negated).map_err(err)?;
                     }
                     stmt if matched => reached.push(stmt),
                     _ => {}
                 }
             }
-            self.walk.push(Step {
+            w.steps.push(Step {
                 table: table.name(),
                 chain: chain.into(),
                 rule: i + 1,
                 text: text.clone(),
                 matched,
+                place: None,
             });
             for stmt in reached {
                 match stmt {
@@ -428,23 +443,23 @@ impl Walker<'_> {
                     Item::Drop => return Ok(Flow::Final(Verdict::Drop)),
                     Item::Return => return Ok(Flow::Continue),
                     Item::Redirect(port) => {
-                        let port = port.unwrap_or(self.pkt.dport);
+                        let port = port.unwrap_or(w.pkt.dport);
                         return Ok(Flow::Final(Verdict::Redirect { port }));
                     }
                     Item::Tproxy { v6, port } => {
                         // Of the other family, nft's implied `nfproto` fails the rule.
-                        if v6.is_some_and(|v6| v6 != self.pkt.dst.is_ipv6()) {
+                        if v6.is_some_and(|v6| v6 != w.pkt.dst.is_ipv6()) {
                             break;
                         }
-                        self.tproxy = Some(*port);
+                        w.tproxy = Some(*port);
                     }
-                    Item::SetMark(m) => self.pkt.mark = *m,
-                    Item::MarkFromCt => self.pkt.mark = self.pkt.connmark,
-                    Item::CtMarkFromMark => self.pkt.connmark = self.pkt.mark,
-                    Item::SetCtMark(m) => self.pkt.connmark = *m,
+                    Item::SetMark(m) => w.pkt.mark = *m,
+                    Item::MarkFromCt => w.pkt.mark = w.pkt.connmark,
+                    Item::CtMarkFromMark => w.pkt.connmark = w.pkt.mark,
+                    Item::SetCtMark(m) => w.pkt.connmark = *m,
                     Item::CtZone(z) => {
                         // A template is attached once; a later `ct zone set` leaves it.
-                        self.zone.get_or_insert(*z);
+                        w.zone.get_or_insert(*z);
                     }
                     Item::Jump(to) | Item::Goto(to) => {
                         if depth > 16 {
@@ -458,7 +473,7 @@ impl Walker<'_> {
                         if !exists {
                             return Err(err(format!("jump to a chain that is not there: {to:?}")));
                         }
-                        let flow = self.chain(table, to, depth + 1)?;
+                        let flow = self.chain(w, table, to, depth + 1)?;
                         if matches!(stmt, Item::Goto(_)) {
                             return Ok(flow);
                         }
@@ -474,81 +489,44 @@ impl Walker<'_> {
     }
 }
 
-/// Walks `pkt` through `hooks`, in order: at each, the base chains of our tables in priority
-/// order. A hook after the first is the looped-back packet arriving on `lo` (no socket, no
-/// output device, no NAT: that was decided at the first hook).
+/// Walks `pkt` through `hooks` and `state` alone: at each hook, the base chains of our tables
+/// in priority order. A hook after the first is the looped-back packet arriving on `lo` (no
+/// socket, no output device, no NAT: that was decided at the first hook).
 pub fn evaluate(
     state: &NftState,
     resolver: &dyn OwnerResolver,
     pkt: Packet,
-    hooks: &[NftHook],
+    hooks: &[Hook],
 ) -> Result<Outcome, Unsupported> {
-    let mut w = Walker {
-        state,
-        resolver,
+    let o = walk_all(
+        &[source(Cow::Borrowed(state), "nftables", None, resolver)],
         pkt,
-        walk: Vec::new(),
-        zone: None,
-        tproxy: None,
-    };
-    let mut verdict = None;
-    'hooks: for (n, &hook) in hooks.iter().enumerate() {
-        if n > 0 {
-            w.pkt.in_iface = Some("lo".into());
-            w.pkt.out_iface = None;
-            w.pkt.uid = None;
-            w.pkt.gid = None;
-        }
-        let mut bases: Vec<Base> = state
-            .tables
-            .iter()
-            .flat_map(|(t, ts)| ts.chains.iter().map(move |c| (*t, c)))
-            .filter_map(|(t, c)| {
-                let h = c.hook.as_ref().filter(|h| h.hook == hook)?;
-                Some((
-                    h.priority,
-                    t,
-                    c.name.as_str(),
-                    h.kind == "nat",
-                    h.policy == "drop",
-                ))
-            })
-            .collect();
-        bases.sort_by_key(|b| b.0);
-        for (_, table, chain, nat, policy_drop) in bases {
-            if nat && (n > 0 || !w.pkt.ctstate.eq_ignore_ascii_case("new")) {
-                continue;
-            }
-            match w.chain(table, chain, 0)? {
-                Flow::Accept => {}
-                Flow::Continue if policy_drop => {
-                    verdict = Some(Verdict::Drop);
-                    break 'hooks;
-                }
-                Flow::Continue => {}
-                Flow::Final(v) => {
-                    verdict = Some(v);
-                    break 'hooks;
-                }
-            }
-        }
+        hooks,
+    );
+    match o.stopped {
+        Some(Stop::Rule { rule, .. }) => Err(rule),
+        _ => Ok(o),
     }
-    let verdict = match (verdict, w.tproxy) {
-        (Some(Verdict::Drop), _) => Verdict::Drop,
-        // The socket is assigned: a later NAT does not take the packet from the proxy.
-        (_, Some(port)) => Verdict::Tproxy {
-            port,
-            mark: w.pkt.mark,
-        },
-        (Some(v), None) => v,
-        (None, None) => Verdict::NotCaptured,
-    };
-    Ok(Outcome {
-        verdict,
-        walk: w.walk,
-        mark: w.pkt.mark,
-        zone: w.zone,
-    })
+}
+
+/// Our tables in `state` (the config's or the live ones), to walk as `name`.
+pub fn source<'a>(
+    state: Cow<'a, NftState>,
+    name: &str,
+    note: Option<&'static str>,
+    resolver: &'a dyn OwnerResolver,
+) -> Source<'a> {
+    Source {
+        name: name.to_string(),
+        capture: !state.tables.is_empty(),
+        note,
+        chains: Box::new(NftChains { state, resolver }),
+    }
+}
+
+/// How explain names our live tables.
+pub fn live_name() -> String {
+    format!("native nftables ({FAMILY} istio-proxy-*)")
 }
 
 #[cfg(test)]
@@ -580,8 +558,7 @@ mod tests {
         let (c, f) = config(cfg, env).unwrap();
         let (p, hooks) = packet(&request(pkt), f.ipv6).unwrap();
         let st = desired(&nft::build(&c, &f), &NoResolver);
-        let nft_hooks: Vec<NftHook> = hooks.iter().map(|h| hook_of(h)).collect();
-        let o = evaluate(&st, &NoResolver, p.clone(), &nft_hooks).unwrap();
+        let o = evaluate(&st, &NoResolver, p.clone(), &hooks).unwrap();
         let family = if p.dst.is_ipv4() {
             Family::V4
         } else {
@@ -696,7 +673,6 @@ mod tests {
         let (mut p, hooks) = packet(&request(&inb("10.0.0.5:8080")), f.ipv6).unwrap();
         p.ctstate = "ESTABLISHED".into();
         let st = desired(&nft::build(&c, &f), &NoResolver);
-        let hooks: Vec<NftHook> = hooks.iter().map(|h| hook_of(h)).collect();
         let o = evaluate(&st, &NoResolver, p, &hooks).unwrap();
         assert_eq!(o.verdict, Verdict::NotCaptured);
         assert_eq!(o.mark, 1337);
@@ -827,7 +803,13 @@ mod tests {
 
     fn verdict_of(rules: &[&str], dst: &str) -> Result<Verdict, Unsupported> {
         let (p, _) = packet(&request(&out(dst, "0")), true).unwrap();
-        evaluate(&state(rules), &NoResolver, p, &["output"]).map(|o| o.verdict)
+        evaluate(
+            &state(rules),
+            &NoResolver,
+            p,
+            &[crate::backend::walk::Hook::Output],
+        )
+        .map(|o| o.verdict)
     }
 
     #[test]
@@ -890,10 +872,22 @@ mod tests {
             ("skuid 1-2000 drop", Verdict::NotCaptured),
             ("skuid != 1-2000 drop", Verdict::Drop),
         ] {
-            let o = evaluate(&state(&[rule]), &Names, p.clone(), &["output"]).unwrap();
+            let o = evaluate(
+                &state(&[rule]),
+                &Names,
+                p.clone(),
+                &[crate::backend::walk::Hook::Output],
+            )
+            .unwrap();
             assert_eq!(o.verdict, v, "{rule}");
         }
-        let e = evaluate(&state(&["skgid nobody-here drop"]), &Names, p, &["output"]).unwrap_err();
+        let e = evaluate(
+            &state(&["skgid nobody-here drop"]),
+            &Names,
+            p,
+            &[crate::backend::walk::Hook::Output],
+        )
+        .unwrap_err();
         assert!(e.reason.contains("nobody-here"), "{e}");
     }
 }
