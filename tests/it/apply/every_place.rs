@@ -243,3 +243,43 @@ fn empty_legacy_tables_choose_nft() {
     let legacy = sh(&t, &t.pod, "iptables-legacy-save");
     assert!(!legacy.contains("ISTIO_"), "{legacy}");
 }
+
+/// Case 1, forced: `--force-iptables-binary legacy` over the nft flavour's rules, then a
+/// REDIRECT → TPROXY reconfigure: the old flavour's capture goes each time, so only one
+/// flavour ever captures.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn a_forced_flavour_takes_the_capture_over_from_the_other() {
+    let test = "a_forced_flavour_takes_the_capture_over_from_the_other";
+    if skip_unless_root(test) || skip_unless_installed(test, &["iptables-legacy"]) {
+        return;
+    }
+    let t = Topology::new("force");
+    run_ok(&t, false, SEED);
+    let mut legacy: Vec<&str> = SEED.to_vec();
+    legacy.extend_from_slice(&["--force-iptables-binary", "legacy"]);
+    run_ok(&t, false, &legacy);
+    let nft = sh(&t, &t.pod, "iptables-nft-save");
+    assert!(!nft.contains("ISTIO_"), "the nft copy must go:\n{nft}");
+    assert!(sh(&t, &t.pod, "iptables-legacy-save").contains("ISTIO_REDIRECT"));
+    // Back to nft (detection would now pick legacy: force it), in TPROXY mode.
+    let m = legacy.iter().position(|x| *x == "-m").expect("SEED has -m");
+    legacy[m + 1] = "TPROXY";
+    let f = legacy.len() - 1;
+    legacy[f] = "nft";
+    let log = run_ok(&t, false, &legacy);
+    let old = sh(&t, &t.pod, "iptables-legacy-save");
+    assert!(
+        !old.contains("ISTIO_"),
+        "the legacy copy must go:\n{old}\n{log}"
+    );
+    let nft = sh(&t, &t.pod, "iptables-nft-save");
+    assert!(
+        nft.contains("ISTIO_TPROXY") && nft.contains("-j TPROXY"),
+        "{nft}"
+    );
+    let mut verify = vec!["verify"];
+    verify.extend_from_slice(&legacy);
+    let v = t.run_bin(&t.pod, false, &verify);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+}
