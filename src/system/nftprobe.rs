@@ -8,15 +8,17 @@
 //! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
 //! `None`, and the caller does without it.
 //!
-//! The namespace lock's table ([`nslock::TABLE`], `inet`) is no state of anyone's: these reads
-//! leave it out. It is also the one table written here ([`create_owned_table`]).
+//! The namespace lock's table ([`LOCK_TABLE`], `inet`; see `nslock`) is no state of anyone's:
+//! these reads leave it out. It is also the one table written here ([`create_owned_table`]).
 
 use nix::errno::Errno;
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
 use crate::system::netlink::{Socket, attributes, push_attribute};
-use crate::system::nslock;
+
+/// The `inet` table that is the per-namespace lock (`nslock`), owned by the run holding it.
+pub const LOCK_TABLE: &str = "istio-iptables-lock";
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -212,7 +214,7 @@ fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
 fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
     let mut out = all_tables(sock, family).ok()?;
     if family == NfFamily::Inet {
-        out.tables.retain(|t| t.name != nslock::TABLE);
+        out.tables.retain(|t| t.name != LOCK_TABLE);
     }
     Some(out)
 }

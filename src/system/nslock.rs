@@ -46,7 +46,7 @@ use crate::system::netlink::Socket;
 use crate::system::nftprobe::{self, NfFamily};
 
 /// The lock's nf_tables table (family `inet`).
-pub const TABLE: &str = "istio-iptables-lock";
+pub const TABLE: &str = nftprobe::LOCK_TABLE;
 
 /// The abstract socket name of the fallback (shown with a leading `@`, as `ss -x` does).
 pub const NAME: &str = "istio-iptables.netns.lock";
