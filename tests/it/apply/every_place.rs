@@ -283,3 +283,24 @@ fn a_forced_flavour_takes_the_capture_over_from_the_other() {
     let v = t.run_bin(&t.pod, false, &verify);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
 }
+
+/// A failure while removing the stale IPv6 copy (IPv6 now off), after the IPv4 change was
+/// committed: everything comes back, IPv4 included, and the error says so.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn a_failed_stale_removal_restores_the_committed_place() {
+    if skip_unless_root("a_failed_stale_removal_restores_the_committed_place") {
+        return;
+    }
+    let run = super::rollback::assert_rollback(
+        &super::rollback::existing_state_setup(),
+        super::Fail::Ip6tablesRestoreNoflush,
+        super::V4,
+        SEED,
+    );
+    let line = run.one_error();
+    assert!(
+        line.contains("stale IPv6 ISTIO_* rules") && line.contains("IPv4"),
+        "the error names the stale removal and what was restored: {line}"
+    );
+}
