@@ -8,17 +8,12 @@
 //! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
 //! `None`, and the caller does without it.
 //!
-//! The namespace lock's table ([`LOCK_TABLE`], `inet`; see `nslock`) is no state of anyone's:
-//! these reads leave it out. It is also the one table written here ([`create_owned_table`]).
 
 use nix::errno::Errno;
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
-use crate::system::netlink::{Socket, attributes, push_attribute};
-
-/// The `inet` table that is the per-namespace lock (`nslock`), owned by the run holding it.
-pub const LOCK_TABLE: &str = "istio-iptables-lock";
+use crate::system::netlink::{Socket, attributes};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -27,12 +22,6 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
-
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -164,44 +153,6 @@ pub fn tables(family: NfFamily) -> Option<NfTables> {
     read_tables(&mut sock, family)
 }
 
-/// Table `name` of `family` (no chains), the lock's included, on `sock`; the kernel's errno
-/// when it could not be read (`EBADMSG`: a malformed reply).
-pub fn find_table(
-    sock: &mut Socket,
-    family: NfFamily,
-    name: &str,
-) -> Result<Option<NfTable>, Errno> {
-    Ok(all_tables(sock, family)?
-        .tables
-        .into_iter()
-        .find(|t| t.name == name))
-}
-
-/// Creates table `name` of `family`, owned by `sock` ([`TABLE_F_OWNER`]), in a transaction
-/// of its own; it fails when the table exists (`EEXIST`, or `EPERM` when another socket
-/// owns it). Creating a table needs CAP_NET_ADMIN in the namespace (`EPERM`); a kernel
-/// without nf_tables, that family or owned tables says `EOPNOTSUPP` (`EINVAL` before 5.12).
-pub fn create_owned_table(sock: &mut Socket, family: NfFamily, name: &str) -> Result<(), Errno> {
-    let (nfgen, msg) = request(family);
-    let mut body = nfgen.to_vec();
-    let mut cname = name.as_bytes().to_vec();
-    cname.push(0);
-    push_attribute(&mut body, NFTA_TABLE_NAME, &cname);
-    push_attribute(&mut body, NFTA_TABLE_FLAGS, &TABLE_F_OWNER.to_be_bytes());
-    // A batch is addressed to its subsystem: AF_UNSPEC, res_id (big endian) nf_tables.
-    let [hi, lo] = NFNL_SUBSYS_NFTABLES.to_be_bytes();
-    let batch = [0, 0, hi, lo];
-    sock.transact(&[
-        (NFNL_MSG_BATCH_BEGIN, 0, &batch),
-        (
-            msg(NFT_MSG_NEWTABLE),
-            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
-            &body,
-        ),
-        (NFNL_MSG_BATCH_END, 0, &batch),
-    ])
-}
-
 /// The nfgenmsg of a dump of `family` (family, NFNETLINK_V0, res_id big endian), and the
 /// message type of nf_tables' message `m`.
 fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
@@ -210,13 +161,9 @@ fn request(family: NfFamily) -> ([u8; 4], impl Fn(u16) -> u16) {
     })
 }
 
-/// The tables of `family` but the namespace lock's.
+/// The tables of `family`.
 fn read_tables(sock: &mut Socket, family: NfFamily) -> Option<NfTables> {
-    let mut out = all_tables(sock, family).ok()?;
-    if family == NfFamily::Inet {
-        out.tables.retain(|t| t.name != LOCK_TABLE);
-    }
-    Some(out)
+    all_tables(sock, family).ok()
 }
 
 fn all_tables(sock: &mut Socket, family: NfFamily) -> Result<NfTables, Errno> {

@@ -3,50 +3,48 @@
 //! stale snapshots over each other's commits and race on `ip` (seen as "Chain already
 //! exists", "Index of deletion too big", rules missing after every run exited 0).
 //!
-//! The lock is an nf_tables table, `table inet istio-iptables-lock`, created empty with the
-//! flag `owner` (`NFT_TABLE_F_OWNER`, Linux 5.12) in a transaction of its own that fails when
-//! the table exists:
-//! - tables belong to the network namespace, so the lock is keyed to the namespace itself
-//!   (after `--network-namespace` was entered, whatever path named it, and pod by pod in CNI
-//!   mode), and needs no file on any filesystem;
-//! - creating a table needs CAP_NET_ADMIN in the namespace: a process that could not change
-//!   the rules cannot take the lock or hold it against us either (any local user could bind
-//!   the abstract socket name that was the lock before, and stop every run);
-//! - the table belongs to the netlink socket that created it: no other socket may change or
-//!   delete it, `nft flush ruleset` passes it by, and the kernel deletes it when that socket
-//!   is closed, i.e. when the holder exits, SIGKILL included — once the programs it started,
-//!   which inherit the socket (not close-on-exec, on purpose), have exited too (an orphaned
+//! The lock is `flock` on a file of the namespace's own, in a directory only root can write:
+//! `/run/istio-iptables/netns-<inode>.lock`, the inode being that of the network namespace
+//! (`/proc/thread-self/ns/net`, so after `--network-namespace` was entered, whatever path
+//! named it, and pod by pod in CNI mode):
+//! - the directory is made mode 0700 by root and used only while owned by root and writable
+//!   by no one else: a process that could not change the rules cannot take the lock or hold
+//!   it against us (any local user could bind the abstract socket name that was the lock
+//!   before, and stop every run);
+//! - the kernel releases the lock when the last descriptor of it is closed, i.e. when the
+//!   holder exits, SIGKILL included — once the programs it started, which inherit the
+//!   descriptor (not close-on-exec, on purpose), have exited too (an orphaned
 //!   iptables-restore finishing its commit after its parent was killed must not race the
-//!   next run);
-//! - it has no chain, so no packet ever sees it, and it is in the `inet` family, which
-//!   iptables-nft-save does not show; the nf_tables reads of [`nftprobe`] leave it out.
+//!   next run); nothing is left to clean up but an empty file;
+//! - taking and releasing it cost microseconds. (An nf_tables table owned by a netlink
+//!   socket would be keyed to the namespace itself, but closing that socket after a commit
+//!   waits for the kernel's deferred clean-up: about 10 ms on every run.)
 //!
-//! A waiter tries again every 10 ms up to its wait. The table's owner is a netlink port,
-//! which `/proc/net/netlink` maps to a socket inode and `/proc/*/fd` to the processes that
-//! have it open: the messages name them (pid, command, uid).
+//! A waiter tries again every 10 ms up to its wait; `/proc/*/fd` tells which processes have
+//! the file open: the messages name them (pid, command, uid).
 //!
-//! Where nf_tables cannot be used (no nf_tables or no `inet` family in the kernel, a kernel
-//! before 5.12, netlink refused), the lock is the abstract unix socket
-//! `@istio-iptables.netns.lock` (said at debug level): keyed and released the same way, but
-//! any process can bind it. A waiter that gives up asks the holder who it is (SO_PEERCRED);
-//! one without CAP_NET_ADMIN cannot be a run, and the error says it is squatting the name.
+//! Where the directory cannot be used (a read-only `/run`, not root), the lock is the
+//! abstract unix socket `@istio-iptables.netns.lock` (said at debug level): keyed to the
+//! namespace and released the same way, but any process can bind it. A waiter that gives up
+//! asks the holder who it is (SO_PEERCRED); one without CAP_NET_ADMIN cannot be a run, and
+//! the error says it is squatting the name.
 
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use std::path::{Path, PathBuf};
+
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockProtocol, SockType, UnixAddr, bind, connect, getsockopt,
-    listen, socket, sockopt::PeerCredentials,
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, getsockopt, listen,
+    socket, sockopt::PeerCredentials,
 };
 
 use crate::system::host;
-use crate::system::netlink::Socket;
-use crate::system::nftprobe::{self, NfFamily};
 
-/// The lock's nf_tables table (family `inet`).
-pub const TABLE: &str = nftprobe::LOCK_TABLE;
+/// The directory of the lock files (root's, mode 0700).
+pub const DIR: &str = "/run/istio-iptables";
 
 /// The abstract socket name of the fallback (shown with a leading `@`, as `ss -x` does).
 pub const NAME: &str = "istio-iptables.netns.lock";
@@ -54,25 +52,22 @@ pub const NAME: &str = "istio-iptables.netns.lock";
 /// How often a waiter tries again.
 const POLL: Duration = Duration::from_millis(10);
 
-/// `NETLINK_NETFILTER`, the protocol column of `/proc/net/netlink`.
-const NETLINK_NETFILTER: u32 = 12;
-
 /// At most this many holders are named.
 const NAMED: usize = 4;
 
 /// What the lock is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// The nf_tables table [`TABLE`] (only CAP_NET_ADMIN can take it).
-    Table,
-    /// The abstract unix socket [`NAME`] (anyone can bind it): where nf_tables cannot be used.
+    /// The file under [`DIR`] (only root can take it).
+    File,
+    /// The abstract unix socket [`NAME`] (anyone can bind it): where [`DIR`] cannot be used.
     Socket,
 }
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Kind::Table => write!(f, "nf_tables table inet {TABLE}"),
+            Kind::File => write!(f, "flock on {}", file_path().display()),
             Kind::Socket => write!(f, "abstract socket @{NAME}"),
         }
     }
@@ -80,7 +75,7 @@ impl fmt::Display for Kind {
 
 /// Held until dropped (or the process and the programs it started exit).
 pub struct NsLock {
-    _table: Option<Socket>,
+    _file: Option<std::fs::File>,
     _socket: Option<OwnedFd>,
     /// What the lock is.
     pub kind: Kind,
@@ -122,15 +117,9 @@ impl fmt::Display for Process {
 /// Who holds the lock, as far as this process can see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
-    /// The processes that have its socket open, by pid (a run, then the programs it started).
+    /// The processes that have it open, by pid (a run, then the programs it started).
     Processes(Vec<Process>),
-    /// The table's owner, a netlink port no process visible here has open (one in another
-    /// PID namespace).
-    Port(u32),
-    /// The table exists without an owner: made by hand (e.g. `nft add table`), it stays
-    /// until it is deleted.
-    NoOwner,
-    /// The holder could not be asked.
+    /// The holder could not be asked (a process this PID namespace does not show).
     Unknown,
 }
 
@@ -164,15 +153,6 @@ impl fmt::Display for Holder {
                 }
                 Ok(())
             }
-            Holder::Port(port) => write!(
-                f,
-                "netlink port {port} (of a process this PID namespace does not show)"
-            ),
-            Holder::NoOwner => write!(
-                f,
-                "no process: the table was made without the owner flag (by hand, e.g. `nft \
-                 add table`) and stays until `nft delete table inet {TABLE}`"
-            ),
             Holder::Unknown => f.write_str("a process that could not be asked"),
         }
     }
@@ -198,7 +178,7 @@ fn held_by(kind: Kind, holder: &Holder, held: &str) -> String {
     if holder.squats(kind) {
         format!(
             "an unprivileged process without CAP_NET_ADMIN, {holder}, {held} this network \
-             namespace's lock name ({kind}, the lock where nf_tables cannot be used): it is \
+             namespace's lock name ({kind}, the lock where {DIR} cannot be used): it is \
              squatting the name, it is no istio-iptables run"
         )
     } else {
@@ -230,55 +210,93 @@ trait Lock {
     fn into_lock(self, waited: Duration) -> NsLock;
 }
 
-/// The nf_tables table, on a netlink socket that owns it once taken.
-struct TableLock {
-    sock: Socket,
+/// The file of this namespace under [`DIR`]: `netns-<inode>.lock`.
+fn file_path() -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    // thread-self: the namespace this thread entered with --network-namespace.
+    let ino = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
+    Path::new(DIR).join(format!("netns-{ino}.lock"))
 }
 
-impl Lock for TableLock {
+/// The directory, made if missing; `Err` unless it is root's and no one else may write it.
+fn lock_dir() -> Result<(), Errno> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    match std::fs::DirBuilder::new().mode(0o700).create(DIR) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_errno(&e)),
+    }
+    let m = std::fs::symlink_metadata(DIR).map_err(|e| io_errno(&e))?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(Errno::EPERM);
+    }
+    Ok(())
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32))
+}
+
+/// The file, flocked once taken.
+struct FileLock {
+    path: PathBuf,
+    held: Option<std::fs::File>,
+}
+
+impl Lock for FileLock {
     fn kind(&self) -> Kind {
-        Kind::Table
+        Kind::File
     }
 
     fn try_take(&mut self) -> Result<bool, Errno> {
-        let mut refused = Errno::EPERM;
-        // A table released between the failed create and the read is taken the next time.
-        for _ in 0..3 {
-            match nftprobe::create_owned_table(&mut self.sock, NfFamily::Inet, TABLE) {
-                Ok(()) => return Ok(true),
-                // EEXIST: it exists; EPERM: another socket owns it, or this process may not
-                // create tables. The read tells (it needs CAP_NET_ADMIN too).
-                Err(e @ (Errno::EEXIST | Errno::EPERM)) => {
-                    if nftprobe::find_table(&mut self.sock, NfFamily::Inet, TABLE)?.is_some() {
-                        return Ok(false);
-                    }
-                    refused = e;
-                }
-                Err(e) => return Err(e),
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Not close-on-exec, on purpose: the programs we run inherit the descriptor, so the
+        // lock is held until the last of them exits.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&self.path)
+            .map_err(|e| io_errno(&e))?;
+        clear_cloexec(&file)?;
+        // flock(2). Closing our descriptor does not unlock it while the programs we started
+        // still have theirs.
+        match file.try_lock() {
+            Ok(()) => {
+                self.held = Some(file);
+                Ok(true)
             }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_errno(&e)),
         }
-        // Refused, though the table is not there and tables can be read (a security module?).
-        Err(refused)
     }
 
     fn holder(&mut self) -> Holder {
-        match nftprobe::find_table(&mut self.sock, NfFamily::Inet, TABLE) {
-            Ok(Some(t)) => match t.owner {
-                Some(port) => netlink_holder(port),
-                None => Holder::NoOwner,
-            },
-            _ => Holder::Unknown,
+        let ps = processes_with(&self.path.to_string_lossy());
+        if ps.is_empty() {
+            Holder::Unknown
+        } else {
+            Holder::Processes(ps)
         }
     }
 
     fn into_lock(self, waited: Duration) -> NsLock {
         NsLock {
-            _table: Some(self.sock),
+            _file: self.held,
             _socket: None,
-            kind: Kind::Table,
+            kind: Kind::File,
             waited,
         }
     }
+}
+
+/// Lets the programs we run inherit `file` (std opens close-on-exec).
+fn clear_cloexec(file: &std::fs::File) -> Result<(), Errno> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    fcntl(file, FcntlArg::F_SETFD(FdFlag::empty())).map(|_| ())
 }
 
 /// The abstract socket, bound and listening once taken.
@@ -335,7 +353,7 @@ impl Lock for SocketLock {
 
     fn into_lock(self, waited: Duration) -> NsLock {
         NsLock {
-            _table: None,
+            _file: None,
             _socket: self.fd,
             kind: Kind::Socket,
             waited,
@@ -343,25 +361,20 @@ impl Lock for SocketLock {
     }
 }
 
-/// Takes the lock of the current network namespace, waiting up to `wait`: the nf_tables
-/// table, or the abstract socket where nf_tables cannot be used.
+/// Takes the lock of the current network namespace, waiting up to `wait`: the file under
+/// [`DIR`], or the abstract socket where that cannot be used.
 pub fn acquire(wait: Duration) -> Result<NsLock, LockError> {
     let start = Instant::now();
-    let unusable = |e: Errno| {
-        tracing::debug!(
-            "nf_tables cannot hold this network namespace's lock ({e}): using the abstract \
-             socket @{NAME}, which any process can bind"
-        );
+    let mut file = FileLock {
+        path: file_path(),
+        held: None,
     };
-    match Socket::open_inheritable(SockProtocol::NetlinkNetFilter) {
-        Ok(sock) => {
-            let mut table = TableLock { sock };
-            match table.try_take() {
-                Ok(taken) => return wait_for(table, taken, start, wait),
-                Err(e) => unusable(e),
-            }
-        }
-        Err(e) => unusable(e),
+    match lock_dir().and_then(|()| file.try_take()) {
+        Ok(taken) => return wait_for(file, taken, start, wait),
+        Err(e) => tracing::debug!(
+            "{DIR} cannot hold this network namespace's lock ({e}): using the abstract socket \
+             @{NAME}, which any process can bind"
+        ),
     }
     acquire_socket(start, wait)
 }
@@ -416,34 +429,6 @@ fn wait_for(
         None => tracing::debug!("took this network namespace's lock ({kind})"),
     }
     Ok(lock.into_lock(waited))
-}
-
-/// The processes that have netlink port `port` (of nf_tables) open.
-fn netlink_holder(port: u32) -> Holder {
-    // thread-self: the namespace this thread entered with --network-namespace.
-    let inode = std::fs::read_to_string("/proc/thread-self/net/netlink")
-        .ok()
-        .and_then(|t| netfilter_socket_inode(&t, port));
-    let Some(inode) = inode else {
-        return Holder::Port(port);
-    };
-    let ps = processes_with(&format!("socket:[{inode}]"));
-    if ps.is_empty() {
-        Holder::Port(port)
-    } else {
-        Holder::Processes(ps)
-    }
-}
-
-/// The inode of nf_tables' netlink socket bound to `port`, from `/proc/net/netlink`
-/// (`sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode`).
-fn netfilter_socket_inode(proc_net_netlink: &str, port: u32) -> Option<u64> {
-    proc_net_netlink.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let ours = f.get(1)?.parse::<u32>().ok()? == NETLINK_NETFILTER
-            && f.get(2)?.parse::<u32>().ok()? == port;
-        if ours { f.get(9)?.parse().ok() } else { None }
-    })
 }
 
 /// The processes one of whose descriptors links to `target` (e.g. `socket:[123]`), by pid.
@@ -525,13 +510,9 @@ mod tests {
             eprintln!("SKIPPED nslock::one_holder_per_namespace_and_a_bounded_wait: needs root");
             return;
         };
-        assert_eq!(
-            kind,
-            Kind::Table,
-            "this kernel has nf_tables and owned tables"
-        );
+        assert_eq!(kind, Kind::File, "root can use {DIR}");
         assert!(msg.contains("gave up waiting"), "{msg}");
-        assert!(msg.contains(&format!("inet {TABLE}")), "{msg}");
+        assert!(msg.contains(&format!("flock on {DIR}/netns-")), "{msg}");
         assert!(
             msg.contains(&format!("by pid {} (", std::process::id())),
             "{msg}"
@@ -539,42 +520,33 @@ mod tests {
         assert!(third_ok, "dropping the lock must release it");
     }
 
-    /// The table is there while held (owned by our socket) and gone when dropped; the
-    /// nf_tables reads do not list it.
+    /// The lock file is in a root-only directory; a program started while the lock is held
+    /// inherits it and holds it until it exits.
     #[test]
-    fn the_table_is_owned_while_held_and_no_read_lists_it() {
+    fn the_lock_is_in_a_root_only_directory_and_inherited() {
         let r = in_private_ns(|| {
             let lock = acquire(Duration::ZERO).expect("free lock");
-            let mut sock = Socket::open_inheritable(SockProtocol::NetlinkNetFilter).unwrap();
-            let held = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
-            let listed = nftprobe::tables(NfFamily::Inet);
-            let read = nftprobe::read(NfFamily::Inet);
+            let child = std::process::Command::new("sleep").arg("0.3").spawn();
             drop(lock);
-            // A process another test started meanwhile may have inherited the socket: the
-            // table goes once it has exited too.
-            let mut after = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
-            for _ in 0..300 {
-                if matches!(after, Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-                after = nftprobe::find_table(&mut sock, NfFamily::Inet, TABLE);
-            }
-            (held, listed, read, after)
+            let while_child = acquire(Duration::ZERO)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let after = child.map(|mut c| {
+                let _ = c.wait();
+                acquire(Duration::ZERO).is_ok()
+            });
+            (while_child, after.ok())
         });
-        let Some((held, listed, read, after)) = r else {
-            eprintln!("SKIPPED nslock::the_table_is_owned_while_held_and_no_read_lists_it");
+        let Some((while_child, after)) = r else {
+            eprintln!("SKIPPED nslock::the_lock_is_in_a_root_only_directory_and_inherited");
             return;
         };
-        let held = held.expect("read").expect("the table while held");
-        assert_eq!(
-            held.flags & nftprobe::TABLE_F_OWNER,
-            nftprobe::TABLE_F_OWNER
-        );
-        assert!(held.owner.is_some(), "{held:?}");
-        assert_eq!(listed, Some(nftprobe::NfTables::default()));
-        assert_eq!(read, Some(nftprobe::NfTables::default()));
-        assert_eq!(after, Ok(None), "dropping the lock deletes the table");
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = std::fs::metadata(DIR).expect("the lock directory");
+        assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o700));
+        let held = while_child.expect_err("the child holds the lock");
+        assert!(held.contains("(sleep, uid 0)"), "{held}");
+        assert_eq!(after, Some(true), "the lock is free once the child exited");
     }
 
     /// The fallback's abstract socket, bound by a process without CAP_NET_ADMIN: the error
@@ -652,17 +624,6 @@ mod tests {
     }
 
     #[test]
-    fn the_socket_of_a_netlink_port() {
-        let text = "sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode\n\
-                    0000000000000000 0   77         00000000 0        0        0     2        0        10\n\
-                    0000000000000000 12  77         00000000 0        0        0     2        0        4242\n\
-                    0000000000000000 12  4294967295 00000000 0        0        0     2        0        11\n";
-        assert_eq!(netfilter_socket_inode(text, 77), Some(4242));
-        assert_eq!(netfilter_socket_inode(text, u32::MAX), Some(11));
-        assert_eq!(netfilter_socket_inode(text, 78), None);
-    }
-
-    #[test]
     fn holders_are_named_with_command_and_uid() {
         let p = |pid, command: &str, net_admin| Process {
             pid,
@@ -676,8 +637,8 @@ mod tests {
             "pid 10 (istio-iptables, uid 0) and pid 12 (sleep, uid 0)"
         );
         assert_eq!(
-            timeout_message(1, Kind::Table, &two),
-            "this network namespace's lock (nf_tables table inet istio-iptables-lock) has been \
+            timeout_message(1, Kind::Socket, &two),
+            "this network namespace's lock (abstract socket @istio-iptables.netns.lock) has been \
              held by pid 10 (istio-iptables, uid 0) and pid 12 (sleep, uid 0) for more than 1 s: \
              gave up waiting, nothing was changed (IPTABLES_LOCK_WAIT_SECONDS sets the wait)"
         );
@@ -686,7 +647,7 @@ mod tests {
             ..p(7, "python3", false)
         }]);
         assert!(squatter.squats(Kind::Socket));
-        assert!(!squatter.squats(Kind::Table));
+        assert!(!squatter.squats(Kind::File));
         assert!(!two.squats(Kind::Socket));
         let m = timeout_message(30, Kind::Socket, &squatter);
         assert!(
