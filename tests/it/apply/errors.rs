@@ -2,7 +2,9 @@
 
 use super::*;
 
-/// File-creating syscalls in an strace log (ignoring /dev and the xtables lock).
+/// File-creating syscalls in an strace log, ignoring /dev and the two locks: iptables'
+/// `xtables.lock` and our own per-namespace lock in the root-only `/run/istio-iptables`
+/// (its directory and its `netns-<inode>.lock`, nothing else there).
 fn file_writes(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| {
@@ -13,7 +15,9 @@ fn file_writes(log: &str) -> Vec<&str> {
                 || l.contains("mkdir")
                 || l.contains("rename")
                 || l.contains("unlink");
-            writes && !l.contains("\"/dev/") && !l.contains("xtables.lock")
+            let our_lock = l.contains("\"/run/istio-iptables\"")
+                || (l.contains("\"/run/istio-iptables/netns-") && l.contains(".lock\""));
+            writes && !l.contains("\"/dev/") && !l.contains("xtables.lock") && !our_lock
         })
         .collect()
 }
