@@ -221,14 +221,15 @@ pub trait Backend {
         env: &Env<'_>,
     ) -> Result<Self::Change, Self::Error>;
     /// The transaction that removes everything of ours from `state` (when the other backend
-    /// is applied); `cfg` and `facts` tell what ours looks like.
+    /// is applied); `cfg` and `facts` tell what ours looks like. Fails where `state` cannot
+    /// show all of ours.
     fn plan_removal(
         &self,
         cfg: &Config,
         facts: &HostFacts,
         state: &Self::State,
         env: &Env<'_>,
-    ) -> Self::Change;
+    ) -> Result<Self::Change, Self::Error>;
     /// One line per place `change` would change (empty: nothing to do).
     fn describe(&self, state: &Self::State, change: &Self::Change) -> Vec<String>;
     /// Commits `change`; stops at the first failure.

@@ -107,7 +107,9 @@ pub fn apply<C: Backend, O: Backend>(
         .plan(&rules, &state, opts.policy, env)
         .map_err(before)?;
     let mut other_state = other.read(Scope::Everything, env).map_err(before)?;
-    let mut removal = other.plan_removal(cfg, facts, &other_state, env);
+    let mut removal = other
+        .plan_removal(cfg, facts, &other_state, env)
+        .map_err(before)?;
     let leftovers = other.describe(&other_state, &removal);
     if !opts.policy.reconcile && !leftovers.is_empty() {
         if !opts.policy.force {
@@ -117,7 +119,9 @@ pub fn apply<C: Backend, O: Backend>(
         }
         // Istio's own behaviour: its rules on top, nothing else removed (nor restored).
         other_state = O::State::default();
-        removal = other.plan_removal(cfg, facts, &other_state, env);
+        removal = other
+            .plan_removal(cfg, facts, &other_state, env)
+            .map_err(before)?;
     }
 
     let mut summary = Summary::default();
@@ -230,6 +234,7 @@ mod tests {
     use crate::model::NoResolver;
     use crate::system::exec::Runner;
     use crate::system::host_view::{NftOnly, Probe};
+    use crate::system::nftprobe::{NfChain, NfFamily, NfTable, NfTables, NfWrite};
     use std::collections::BTreeMap;
 
     /// A fake machine: programs answer from a script of (program prefix, stdout, fail?).
@@ -268,17 +273,48 @@ mod tests {
         }
     }
 
-    /// iptables-nft and nft installed; netlink shows no native nftables table.
-    struct NftInstalled;
+    /// iptables-nft installed (no `nft`); netlink shows no native nftables table, and the
+    /// `ip` family's structure read after read from `ip_structures` (then none).
+    #[derive(Default)]
+    struct NftInstalled {
+        ip_structures: std::cell::RefCell<std::collections::VecDeque<NfTables>>,
+    }
     impl Probe for NftInstalled {
         fn in_path(&self, p: &str) -> bool {
-            p.contains("-nft-") || p == "nft"
+            p.contains("-nft-")
         }
         fn legacy_tables(&self, _: Family) -> Vec<String> {
             vec![]
         }
         fn nft_inet_tables(&self) -> Option<Vec<String>> {
             Some(vec![])
+        }
+        fn nft_structure(&self, family: NfFamily) -> Option<NfTables> {
+            match family {
+                NfFamily::Ip => self.ip_structures.borrow_mut().pop_front(),
+                _ => None,
+            }
+        }
+    }
+
+    /// Records the nf_tables changes asked for, and makes them.
+    #[derive(Default)]
+    struct Recording(Vec<String>);
+    impl NfWrite for Recording {
+        fn delete_table(&mut self, family: NfFamily, name: &str) -> Result<(), nix::errno::Errno> {
+            self.0
+                .push(format!("delete table {} {name}", family.name()));
+            Ok(())
+        }
+        fn set_table_flags(
+            &mut self,
+            family: NfFamily,
+            name: &str,
+            flags: u32,
+        ) -> Result<(), nix::errno::Errno> {
+            self.0
+                .push(format!("flags {} {name} {flags}", family.name()));
+            Ok(())
         }
     }
 
@@ -316,6 +352,7 @@ mod tests {
             &mut Env {
                 runner: fake,
                 probe,
+                nf: &mut crate::system::nftprobe::NoWrites,
                 resolver: &NoResolver,
             },
         )
@@ -404,8 +441,42 @@ mod tests {
             )]),
             ..Default::default()
         };
+        // The kernel's list of tables: none before, nat after the IPv4 commit, none after
+        // the rollback.
+        let nat = NfTables {
+            tables: vec![NfTable {
+                name: "nat".into(),
+                chains: vec![NfChain {
+                    name: "ISTIO_INBOUND".into(),
+                    base: None,
+                    rules: 0,
+                }],
+                ..NfTable::default()
+            }],
+        };
+        let probe = NftInstalled {
+            ip_structures: vec![NfTables::default(), nat, NfTables::default()]
+                .into_iter()
+                .collect::<std::collections::VecDeque<_>>()
+                .into(),
+        };
+        let mut nf = Recording::default();
         let vars = [("ENABLE_INBOUND_IPV6", "true")];
-        let e = apply_with(&["-b", "*"], &vars, &OPTS, &NftInstalled, &mut fake).unwrap_err();
+        let (cfg, facts) = config(&["-b", "*"], &vars).unwrap();
+        let e = apply(
+            &IPTABLES,
+            &Nftables,
+            &cfg,
+            &facts,
+            &OPTS,
+            &mut Env {
+                runner: &mut fake,
+                probe: &probe,
+                nf: &mut nf,
+                resolver: &NoResolver,
+            },
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("committing IPv6 rules with ip6tables-nft-restore"),
@@ -416,11 +487,11 @@ mod tests {
             msg.contains("previous state was restored (IPv4; checked by re-reading"),
             "{msg}"
         );
-        // The IPv4 nat table did not exist before: it is dropped, not left empty.
-        let nft = fake.calls.iter().find(|c| c.0 == "nft").unwrap();
-        assert_eq!(nft.2.as_deref(), Some("delete table ip nat\n"));
-        // No ip command ran.
-        assert!(!fake.calls.iter().any(|c| c.0 == "ip"));
+        // The IPv4 nat table did not exist before (netlink showed none): it is dropped over
+        // netlink, not left empty, and without the nft program.
+        assert_eq!(nf.0, vec!["delete table ip nat"]);
+        // No ip or nft command ran.
+        assert!(!fake.calls.iter().any(|c| c.0 == "ip" || c.0 == "nft"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::system::Env;
 use crate::system::exec::SystemRunner;
 use crate::system::host::{self, RealHost};
 use crate::system::host_view::SystemProbe;
+use crate::system::nftprobe::NfNetlink;
 use crate::system::{netns, nslock};
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
@@ -102,6 +103,7 @@ pub fn run<C: Backend, O: Backend>(
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
+        nf: &mut NfNetlink,
         resolver: &RealHost,
     };
     // One run at a time in this namespace, from the first read to the last `ip` step.
@@ -330,6 +332,7 @@ fn inspect_command<C: Backend, O: Backend>(
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
+        nf: &mut NfNetlink,
         resolver: &RealHost,
     };
     match command {

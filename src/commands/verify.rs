@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::output::{Format, to_json};
 use crate::backend::StepError;
-use crate::backend::{Backend, Drift, Scope};
+use crate::backend::{Backend, Drift, Place, Scope};
 use crate::cli::Exit;
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Finding};
@@ -257,12 +257,24 @@ pub fn render_report(r: &Report, output: Format) -> String {
                 }
                 write_rule_diff(&mut s, &d.missing, &d.extra, d.out_of_order);
                 for u in &d.unread {
-                    let _ = writeln!(
-                        s,
-                        "  not read: {u}   (nft lists something this tool never writes: see `nft list table {} {}`)",
-                        d.place.label(),
-                        d.table
-                    );
+                    match d.place {
+                        Place::Iptables(family, _) => {
+                            let nft_family = if family == Family::V4 { "ip" } else { "ip6" };
+                            let _ = writeln!(
+                                s,
+                                "  {u}   (see `nft list table {nft_family} {}`)",
+                                d.table
+                            );
+                        }
+                        _ => {
+                            let _ = writeln!(
+                                s,
+                                "  not read: {u}   (nft lists something this tool never writes: see `nft list table {} {}`)",
+                                d.place.label(),
+                                d.table
+                            );
+                        }
+                    }
                 }
             }
             for o in &r.other_backend {
@@ -474,6 +486,7 @@ mod tests {
             &mut Env {
                 runner: &mut m,
                 probe: &NftOnly,
+                nf: &mut crate::system::nftprobe::NoWrites,
                 resolver: &NoResolver,
             },
         )
@@ -494,6 +507,7 @@ mod tests {
             &mut Env {
                 runner: &mut m,
                 probe: &NftOnly,
+                nf: &mut crate::system::nftprobe::NoWrites,
                 resolver: &NoResolver,
             },
         )

@@ -47,6 +47,10 @@ pub trait Probe {
     fn nft_structure(&self, _family: NfFamily) -> Option<nftprobe::NfTables> {
         None
     }
+    /// nf_tables' generation, which every committed change moves (`None`: could not tell).
+    fn nft_generation(&self) -> Option<u32> {
+        None
+    }
     /// The addresses of this namespace's interfaces: (interface, address) (`None`: could not
     /// tell).
     fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {
@@ -129,6 +133,10 @@ impl Probe for SystemProbe {
 
     fn nft_structure(&self, family: NfFamily) -> Option<nftprobe::NfTables> {
         nftprobe::read(family)
+    }
+
+    fn nft_generation(&self) -> Option<u32> {
+        nftprobe::generation()
     }
 
     fn addresses(&self) -> Option<Vec<(String, std::net::IpAddr)>> {

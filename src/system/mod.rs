@@ -13,10 +13,12 @@ pub mod rtnl;
 
 use crate::model::OwnerResolver;
 
-/// What a command needs from the host, as three narrow interfaces (the tests give fakes):
-/// programs to run, what the kernel shows without running anything, and user names.
+/// What a command needs from the host, as narrow interfaces (the tests give fakes):
+/// programs to run, what the kernel shows without running anything, the nf_tables changes
+/// made in process, and user names.
 pub struct Env<'a> {
     pub runner: &'a mut dyn exec::Runner,
     pub probe: &'a dyn host_view::Probe,
+    pub nf: &'a mut dyn nftprobe::NfWrite,
     pub resolver: &'a dyn OwnerResolver,
 }

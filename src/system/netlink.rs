@@ -92,6 +92,31 @@ impl Socket {
         done
     }
 
+    /// Sends `messages` (type, flags besides `NLM_F_REQUEST`, body) in one datagram, as
+    /// nfnetlink wants a batch, with consecutive sequence numbers, and waits for the first
+    /// acknowledgement of one of them (so one message at least should ask for it with
+    /// `NLM_F_ACK`; errors are always acknowledged): `Ok` when it says success, else its errno.
+    pub fn transact(&mut self, messages: &[(u16, u16, &[u8])]) -> Result<(), Errno> {
+        let first = self.seq.wrapping_add(1);
+        let mut msg = Vec::new();
+        for (kind, flags, body) in messages {
+            self.seq = self.seq.wrapping_add(1);
+            push_message(&mut msg, *kind, *flags, self.seq, body)?;
+        }
+        let last = self.seq;
+        send(self.fd.as_raw_fd(), &msg, MsgFlags::empty())?;
+        let mut done = Err(Errno::EBADMSG);
+        // Anything else (a late reply to an earlier request) is skipped.
+        self.receive(|ty, seq, m| {
+            let ours = ty == NLMSG_ERROR && (first..=last).contains(&seq);
+            if ours {
+                done = ack_errno(m);
+            }
+            ours
+        })?;
+        done
+    }
+
     /// Receives datagrams and calls `each(type, seq, body)` for their messages until it says
     /// the reply is complete (`true`), then stops.
     fn receive(&mut self, mut each: impl FnMut(u16, u32, &[u8]) -> bool) -> Result<(), Errno> {
@@ -154,6 +179,16 @@ fn push_message(
     // Messages of a datagram start 4-aligned.
     out.resize(out.len().next_multiple_of(4), 0);
     Ok(())
+}
+
+/// Appends a netlink attribute of type `ty` to `out`, padded to 4 bytes (the counterpart of
+/// [`attributes`]).
+pub fn push_attribute(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = u16::try_from(4 + payload.len()).expect("a short attribute");
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(out.len().next_multiple_of(4), 0);
 }
 
 impl Socket {

@@ -8,20 +8,34 @@
 //! Any failure (no socket, a short or malformed reply, an error from the kernel) gives
 //! `None`, and the caller does without it.
 //!
+//! Two writes, through [`NfWrite`]: deleting an iptables-nft table whole and changing a
+//! table's flags (waking a dormant table of ours), so that neither needs the `nft` program.
+//!
+//! Hand-written: nf_tables has no well-kept Rust crate (the crates there are bindings to
+//! libnftnl, a C library); these reads and writes need five message types and a handful of
+//! attributes.
 
 use nix::errno::Errno;
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
-use crate::system::netlink::{Socket, attributes};
+use crate::system::netlink::{Socket, attributes, push_attribute};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NLM_F_ACK: u16 = 0x4;
+const NFTA_GEN_ID: u16 = 1;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -151,6 +165,95 @@ impl NfTable {
 pub fn tables(family: NfFamily) -> Option<NfTables> {
     let mut sock = Socket::open(SockProtocol::NetlinkNetFilter)?;
     read_tables(&mut sock, family)
+}
+
+/// nf_tables' generation: a number the kernel increments with every committed change, in
+/// any table of any family. Two reads that see the same generation saw the same ruleset.
+/// `None` as for [`read`].
+pub fn generation() -> Option<u32> {
+    let mut sock = Socket::open(SockProtocol::NetlinkNetFilter)?;
+    let (_, msg) = request(NfFamily::Inet);
+    // AF_UNSPEC: the generation is the namespace's, not a family's.
+    let (kind, body) = sock.request(msg(NFT_MSG_GETGEN), &[0, 0, 0, 0])?.ok()?;
+    if kind != msg(NFT_MSG_NEWGEN) {
+        return None;
+    }
+    be32(Attrs::of(&body).get(NFTA_GEN_ID)?)
+}
+
+/// Changes to nf_tables made in process (the tests give fakes).
+pub trait NfWrite {
+    /// Deletes table `name` of `family` with everything in it, in one transaction.
+    fn delete_table(&mut self, family: NfFamily, name: &str) -> Result<(), Errno>;
+    /// Sets the flags of the existing table `name` of `family` (never creates it): `ENOENT`
+    /// when it is not there.
+    fn set_table_flags(&mut self, family: NfFamily, name: &str, flags: u32) -> Result<(), Errno>;
+}
+
+/// [`NfWrite`] over a netlink socket of its own per change.
+#[derive(Debug, Default)]
+pub struct NfNetlink;
+
+impl NfWrite for NfNetlink {
+    fn delete_table(&mut self, family: NfFamily, name: &str) -> Result<(), Errno> {
+        table_transaction(family, NFT_MSG_DELTABLE, name, None)
+    }
+
+    fn set_table_flags(&mut self, family: NfFamily, name: &str, flags: u32) -> Result<(), Errno> {
+        // NEWTABLE updates a table that exists and makes one that does not, whatever
+        // NLM_F_CREATE says: look first (the namespace lock keeps other runs out between).
+        let mut sock =
+            Socket::open(SockProtocol::NetlinkNetFilter).ok_or(Errno::EPROTONOSUPPORT)?;
+        if !all_tables(&mut sock, family)?
+            .tables
+            .iter()
+            .any(|t| t.name == name)
+        {
+            return Err(Errno::ENOENT);
+        }
+        table_transaction(family, NFT_MSG_NEWTABLE, name, Some(flags))
+    }
+}
+
+/// An [`NfWrite`] that changes nothing and says so (`EPERM`): where a caller must not write
+/// (the tests of code that only reads or plans).
+#[derive(Debug, Default)]
+pub struct NoWrites;
+
+impl NfWrite for NoWrites {
+    fn delete_table(&mut self, _family: NfFamily, _name: &str) -> Result<(), Errno> {
+        Err(Errno::EPERM)
+    }
+
+    fn set_table_flags(&mut self, _: NfFamily, _: &str, _: u32) -> Result<(), Errno> {
+        Err(Errno::EPERM)
+    }
+}
+
+/// One nf_tables transaction (a batch) of one table message `kind` for table `name`.
+fn table_transaction(
+    family: NfFamily,
+    kind: u16,
+    name: &str,
+    flags: Option<u32>,
+) -> Result<(), Errno> {
+    let mut sock = Socket::open(SockProtocol::NetlinkNetFilter).ok_or(Errno::EPROTONOSUPPORT)?;
+    let (nfgen, msg) = request(family);
+    let mut body = nfgen.to_vec();
+    let mut cname = name.as_bytes().to_vec();
+    cname.push(0);
+    push_attribute(&mut body, NFTA_TABLE_NAME, &cname);
+    if let Some(flags) = flags {
+        push_attribute(&mut body, NFTA_TABLE_FLAGS, &flags.to_be_bytes());
+    }
+    // A batch is addressed to its subsystem: AF_UNSPEC, res_id (big endian) nf_tables.
+    let [hi, lo] = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+    let batch = [0, 0, hi, lo];
+    sock.transact(&[
+        (NFNL_MSG_BATCH_BEGIN, 0, &batch),
+        (msg(kind), NLM_F_ACK, &body),
+        (NFNL_MSG_BATCH_END, 0, &batch),
+    ])
 }
 
 /// The nfgenmsg of a dump of `family` (family, NFNETLINK_V0, res_id big endian), and the
@@ -440,6 +543,52 @@ mod tests {
         assert_eq!(late.rules, 2);
         let plain = other.chain("plain").unwrap();
         assert_eq!((plain.base.as_ref(), plain.rules), (None, 1));
+    }
+
+    /// Waking a dormant table, deleting a table, the generation moving with each change.
+    #[test]
+    fn wakes_and_deletes_tables_and_counts_generations() {
+        if !root("wakes_and_deletes_tables_and_counts_generations") {
+            return;
+        }
+        let r = in_fresh_ns(|| {
+            run_with_input(
+                "nft",
+                &["-f", "-"],
+                "table ip nat {\n\tflags dormant\n\tchain ISTIO_OUTPUT { counter; }\n}\n",
+            );
+            let g0 = generation();
+            let mut nf = NfNetlink;
+            let woke = nf.set_table_flags(NfFamily::Ip, "nat", 0);
+            let after_wake = read(NfFamily::Ip);
+            let g1 = generation();
+            let missing = nf.set_table_flags(NfFamily::Ip, "mangle", 0);
+            let deleted = nf.delete_table(NfFamily::Ip, "nat");
+            let after_delete = read(NfFamily::Ip);
+            let again = nf.delete_table(NfFamily::Ip, "nat");
+            (
+                g0,
+                woke,
+                after_wake,
+                g1,
+                missing,
+                deleted,
+                after_delete,
+                again,
+            )
+        });
+        let (g0, woke, after_wake, g1, missing, deleted, after_delete, again) = r;
+        assert_eq!(woke, Ok(()));
+        let nat = after_wake.expect("read");
+        let nat = nat.table("nat").expect("nat still there");
+        assert!(!nat.is_dormant(), "{nat:?}");
+        assert_eq!(nat.chain("ISTIO_OUTPUT").map(|c| c.rules), Some(1));
+        let (g0, g1) = (g0.expect("generation"), g1.expect("generation"));
+        assert!(g1 > g0, "the generation moves with a change: {g0} -> {g1}");
+        assert_eq!(missing, Err(Errno::ENOENT), "flags never create a table");
+        assert_eq!(deleted, Ok(()));
+        assert_eq!(after_delete.expect("read").tables, vec![]);
+        assert_eq!(again, Err(Errno::ENOENT));
     }
 
     /// For every conformance case's payloads (Istio's own rules, both families), the

@@ -537,6 +537,7 @@ impl Lab {
         let mut env = Env {
             runner: &mut runner,
             probe: &SystemProbe,
+            nf: &mut istio_iptables::system::nftprobe::NfNetlink,
             resolver: &RealHost,
         };
         // As main builds them: the other backend's iptables detects its flavour.

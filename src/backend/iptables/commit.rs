@@ -5,7 +5,10 @@
 
 use std::collections::BTreeSet;
 
+use nix::errno::Errno;
+
 use crate::backend::iptables::detect::{NotInstalled, Program};
+use crate::backend::iptables::kernel;
 use crate::backend::iptables::plan::{Conflict, Transaction};
 use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{ParseError, SaveState, TableState, parse_save};
@@ -15,6 +18,7 @@ use crate::model::{Family, Table};
 use crate::system::Env;
 use crate::system::exec::{ExecError, Runner};
 use crate::system::host_view::Probe;
+use crate::system::nftprobe::{NfFamily, TABLE_F_DORMANT};
 
 /// A failed step of the iptables backend.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,25 @@ pub enum Error {
          remove them first with --cleanup-only"
     )]
     Elsewhere { family: Family, program: String },
+    #[error(
+        "the {family} tables of {program} cannot be read safely ({}): left as they are. \
+         Look with `nft list table {} <table>`",
+        unreadable.join("; "),
+        if *.family == Family::V4 { "ip" } else { "ip6" }
+    )]
+    Unreadable {
+        family: Family,
+        program: String,
+        unreadable: Vec<String>,
+    },
+    #[error(
+        "the {family} iptables-nft table {table} is dormant (its rules see no packet) and holds \
+         no ISTIO chains: it is not ours to wake, and rules written there would capture \
+         nothing; nothing was changed. Check whose it is (`nft list table {} {table}`), or \
+         use --native-nftables",
+        if *.family == Family::V4 { "ip" } else { "ip6" }
+    )]
+    Dormant { family: Family, table: String },
     #[error("{family}: {error}")]
     Conflict {
         family: Family,
@@ -54,7 +77,7 @@ pub enum Error {
     #[error(
         "committing {family} rules with {program} (iptables {version}) failed{}: {}",
         rejected.as_ref().map(|l| format!(" at `{l}`")).unwrap_or_default(),
-        explain_exec(.error)
+        (.error)
     )]
     Commit {
         family: Family,
@@ -63,37 +86,55 @@ pub enum Error {
         rejected: Option<String>,
         /// Not `source`: the message already includes it, once. Boxed: the error is large
         /// and only ever built once, on the way out.
-        error: Box<ExecError>,
+        error: Box<Failure>,
     },
     #[error(
         "removing the {family} ISTIO_* iptables rules with {program} (switching to native \
          nftables) failed: {}",
-        explain_exec(.error)
+        (.error)
     )]
     Switch {
         family: Family,
         program: String,
         /// Not `source`: the message already includes it, once.
-        error: Box<ExecError>,
+        error: Box<Failure>,
     },
     #[error(
         "removing the stale {family} ISTIO_* rules with {program} (this config's rules are \
          not there) failed: {}",
-        explain_exec(.error)
+        (.error)
     )]
     Stale {
         family: Family,
         program: String,
         /// Not `source`: the message already includes it, once.
-        error: Box<ExecError>,
+        error: Box<Failure>,
     },
-    #[error("cleaning up {family} with {program}: {}", explain_exec(.error))]
+    #[error("cleaning up {family} with {program}: {error}")]
     Cleanup {
         family: Family,
         program: String,
         /// Not `source`: the message already includes it, once.
-        error: Box<ExecError>,
+        error: Box<Failure>,
     },
+}
+
+/// Why a commit step failed: a program, or a change made over netlink.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{}", explain_exec(.0))]
+    Program(ExecError),
+    #[error("{step} over netlink: {}", .errno.desc())]
+    Netlink { step: String, errno: Errno },
+}
+
+impl Failure {
+    fn stderr(&self) -> Option<&str> {
+        match self {
+            Failure::Program(e) => e.stderr(),
+            Failure::Netlink { .. } => None,
+        }
+    }
 }
 
 impl StepError for Error {
@@ -126,25 +167,63 @@ fn failed_restore_line(stderr: &str) -> Option<usize> {
 }
 
 /// Reads one family with `program`'s save (nothing to run where the flavour has no tables).
+/// With iptables-nft, the save is held against nf_tables' structure read over netlink
+/// ([`kernel::check`]), both read within one generation of the ruleset: a change by another
+/// process in between (the namespace lock keeps only our runs out) reads again, up to three
+/// times, and after that the disagreement stands as found.
 pub(super) fn read_state(
     program: &Program,
     probe: &dyn Probe,
     runner: &mut dyn Runner,
 ) -> Result<SaveState, Error> {
     let family = program.family;
-    // A namespace whose backend has no tables at all has nothing to save: skip the process.
-    let empty = match program.flavor {
-        Some(Flavor::Nft) => probe.nft_tables(family) == Some(0),
-        Some(Flavor::Legacy) => probe.legacy_tables(family).is_empty(),
-        None => false,
-    };
-    if empty {
+    let nothing = || {
         tracing::debug!(
             "{family}: no {} tables in this namespace",
             program.save_program()
         );
-        return Ok(SaveState::default());
+    };
+    match program.flavor {
+        None => save(program, runner),
+        Some(Flavor::Legacy) => {
+            if probe.legacy_tables(family).is_empty() {
+                nothing();
+                return Ok(SaveState::default());
+            }
+            save(program, runner)
+        }
+        Some(Flavor::Nft) => {
+            if probe.nft_tables(family) == Some(0) {
+                // A namespace whose backend has no tables at all has nothing to save.
+                nothing();
+                return Ok(SaveState {
+                    kernel_tables: Some(Vec::new()),
+                    ..SaveState::default()
+                });
+            }
+            for attempt in 1.. {
+                let generation = probe.nft_generation();
+                let Some(kernel) = probe.nft_structure(NfFamily::of(family)) else {
+                    // No netlink: the save alone, and no table provably absent.
+                    return save(program, runner);
+                };
+                let mut st = save(program, runner)?;
+                // Without a generation to compare, the first read stands.
+                let settled = generation.is_none() || probe.nft_generation() == generation;
+                if settled || attempt == 3 {
+                    kernel::check(&mut st, &kernel);
+                    return Ok(st);
+                }
+                tracing::debug!("{family}: the ruleset changed while it was read: reading again");
+            }
+            unreachable!("the loop returns by its third attempt")
+        }
     }
+}
+
+/// `program`'s save, parsed.
+fn save(program: &Program, runner: &mut dyn Runner) -> Result<SaveState, Error> {
+    let family = program.family;
     let save = program.save_program();
     let text = runner.run(&save, &[], None).map_err(|error| Error::Read {
         family,
@@ -177,44 +256,59 @@ fn version_of(program: &Program, before: &SaveState, probe: &dyn Probe) -> Strin
         .unwrap_or_else(|| "version unknown".into())
 }
 
-/// Drops nft tables (nft keeps an empty table around where legacy would have none to drop).
-fn drop_nft_tables(
-    program: &Program,
-    tables: &[Table],
-    probe: &dyn Probe,
-    runner: &mut dyn Runner,
-) -> Result<(), ExecError> {
-    if tables.is_empty() || program.flavor != Some(Flavor::Nft) {
+/// Drops nft tables whole, over netlink (nft keeps an empty table around where legacy would
+/// have none to drop).
+fn drop_nft_tables(program: &Program, tables: &[Table], env: &mut Env<'_>) -> Result<(), Failure> {
+    if program.flavor != Some(Flavor::Nft) {
         return Ok(());
     }
-    if !probe.in_path("nft") {
-        tracing::warn!(
-            "nft is not installed: leaving the empty tables {} in place",
-            tables
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return Ok(());
+    let family = NfFamily::of(program.family);
+    for t in tables {
+        env.nf
+            .delete_table(family, t.name())
+            .map_err(|errno| Failure::Netlink {
+                step: format!("deleting table {} {t}", family.name()),
+                errno,
+            })?;
     }
-    let script: String = tables
-        .iter()
-        .map(|t| format!("delete table {} {}\n", program.nft_family(), t))
-        .collect();
-    runner
-        .run("nft", &["-f".to_string(), "-".to_string()], Some(&script))
-        .map(|_| ())
+    Ok(())
 }
 
-/// What to feed iptables-restore and which tables to drop afterwards. With nft (and `nft`
-/// installed) a table the transaction empties is not emptied by iptables-restore and then
-/// dropped: its section is left out and the table dropped whole after the restore. A run
-/// killed in between then leaves our old rules, which the next run recognises and removes,
-/// never an empty table it could not tell from another tool's.
-fn restore_input(program: &Program, tx: &Transaction, probe: &dyn Probe) -> (String, Vec<Table>) {
-    let drop = program.flavor == Some(Flavor::Nft) && probe.in_path("nft");
-    if !drop || tx.emptied.is_empty() {
+/// Sets or clears the dormant flag of nft tables, over netlink.
+fn set_dormant(
+    program: &Program,
+    tables: &[String],
+    dormant: bool,
+    env: &mut Env<'_>,
+) -> Result<(), Failure> {
+    let family = NfFamily::of(program.family);
+    let flags = if dormant { TABLE_F_DORMANT } else { 0 };
+    for t in tables {
+        env.nf
+            .set_table_flags(family, t, flags)
+            .map_err(|errno| Failure::Netlink {
+                step: format!(
+                    "{} table {} {t}",
+                    if dormant {
+                        "making dormant"
+                    } else {
+                        "waking the dormant"
+                    },
+                    family.name()
+                ),
+                errno,
+            })?;
+    }
+    Ok(())
+}
+
+/// What to feed iptables-restore and which tables to drop afterwards. With nft a table the
+/// transaction empties is not emptied by iptables-restore and then dropped: its section is
+/// left out and the table dropped whole after the restore. A run killed in between then
+/// leaves our old rules, which the next run recognises and removes, never an empty table it
+/// could not tell from another tool's.
+fn restore_input(program: &Program, tx: &Transaction) -> (String, Vec<Table>) {
+    if program.flavor != Some(Flavor::Nft) || tx.emptied.is_empty() {
         return (tx.payload.clone(), tx.emptied.clone());
     }
     let mut payload = String::new();
@@ -255,7 +349,7 @@ pub(super) fn commit(
 ) -> Result<(), Error> {
     let family = place.program.family;
     let program = place.program.restore_program();
-    let (payload, drop) = restore_input(&place.program, tx, env.probe);
+    let (payload, drop) = restore_input(&place.program, tx);
     match purpose {
         Purpose::Apply => tracing::info!(
             "Running iptables restore with: {program} --noflush and the following input:\n{}",
@@ -277,8 +371,13 @@ pub(super) fn commit(
             tx.payload.trim_end()
         ),
     }
-    let mut result = Ok(());
-    if !payload.is_empty() {
+    // A dormant table holding our chains is woken first: the rules committed into it are to
+    // see packets.
+    if !tx.wake.is_empty() {
+        tracing::info!(tables = %tx.wake.join(","), "waking the dormant {family} iptables-nft tables holding ISTIO chains");
+    }
+    let mut result = set_dormant(&place.program, &tx.wake, false, env);
+    if result.is_ok() && !payload.is_empty() {
         result = env
             .runner
             .run(
@@ -286,10 +385,10 @@ pub(super) fn commit(
                 &restore_args(&place.program, true, lock_wait_secs),
                 Some(&payload),
             )
-            .map(|_| ());
+            .map(|_| ())
+            .map_err(Failure::Program);
     }
-    let result =
-        result.and_then(|()| drop_nft_tables(&place.program, &drop, env.probe, env.runner));
+    let result = result.and_then(|()| drop_nft_tables(&place.program, &drop, env));
     result.map_err(|error| {
         let error = Box::new(error);
         match purpose {
@@ -334,12 +433,15 @@ fn same_table(program: &Program, before: Option<&TableState>, now: Option<&Table
     }
 }
 
-/// Tables of `now` that differ from `before`.
+/// Tables of `now` that differ from `before`, in their rules or their dormant flag.
 fn changed_tables(program: &Program, before: &SaveState, now: &SaveState) -> Vec<String> {
     let names: BTreeSet<&String> = before.tables.keys().chain(now.tables.keys()).collect();
     names
         .into_iter()
-        .filter(|t| !same_table(program, before.tables.get(*t), now.tables.get(*t)))
+        .filter(|t| {
+            !same_table(program, before.tables.get(*t), now.tables.get(*t))
+                || before.dormant.contains(t) != now.dormant.contains(t)
+        })
         .cloned()
         .collect()
 }
@@ -352,6 +454,15 @@ pub enum RollbackError {
         family: Family,
         /// Printed in the message, so not exposed as `source` too.
         error: Box<Error>,
+    },
+    #[error(
+        "the {family} tables cannot be read safely after the failure ({}): what the run \
+         changed there is unknown",
+        unreadable.join("; ")
+    )]
+    Unreadable {
+        family: Family,
+        unreadable: Vec<String>,
     },
     #[error(
         "restoring {family} failed{}: {family} tables still differing from before the run: {}",
@@ -381,10 +492,19 @@ pub(super) fn roll_back(
     let (program, before) = (&place.program, &place.before);
     let family = program.family;
     let reread = |env: &mut Env<'_>| {
-        read_state(program, env.probe, env.runner).map_err(|e| RollbackError::Reread {
-            family,
-            error: Box::new(e),
-        })
+        let now =
+            read_state(program, env.probe, env.runner).map_err(|e| RollbackError::Reread {
+                family,
+                error: Box::new(e),
+            })?;
+        if now.unreadable.is_empty() || now.unreadable == before.unreadable {
+            Ok(now)
+        } else {
+            Err(RollbackError::Unreadable {
+                family,
+                unreadable: now.unreadable.iter().map(ToString::to_string).collect(),
+            })
+        }
     };
     let now = reread(env)?;
     let changed = changed_tables(program, before, &now);
@@ -393,17 +513,29 @@ pub(super) fn roll_back(
     }
     let mut text = String::new();
     let mut absent = Vec::new();
+    let mut failure = None;
     for t in &changed {
         match before.sections.get(t) {
             Some(section) => text.push_str(section),
             None if program.flavor == Some(Flavor::Nft) => {
-                absent.extend(Table::ALL.into_iter().filter(|x| x.name() == t.as_str()))
+                // Created by this run only if the kernel's own list showed it absent.
+                let proved_absent = before
+                    .kernel_tables
+                    .as_ref()
+                    .is_some_and(|names| !names.contains(t));
+                match Table::from_name(t) {
+                    Some(table) if proved_absent => absent.push(table),
+                    _ => {
+                        failure.get_or_insert(format!(
+                            "table {t} is not proved absent before the run: left as it is"
+                        ));
+                    }
+                }
             }
             None => restore::section(&mut text, t, Header::Save, |_| {}),
         }
     }
     tracing::info!(tables = %changed.join(","), "restoring the {family} tables read before the run");
-    let mut failure = None;
     if !text.is_empty() {
         // Without --noflush each listed table is replaced whole by its previous content.
         if let Err(e) = env.runner.run(
@@ -411,10 +543,19 @@ pub(super) fn roll_back(
             &restore_args(program, false, lock_wait_secs),
             Some(&text),
         ) {
-            failure = Some(explain_exec(&e));
+            failure.get_or_insert(explain_exec(&e));
         }
     }
-    if let Err(e) = drop_nft_tables(program, &absent, env.probe, env.runner) {
+    if let Err(e) = drop_nft_tables(program, &absent, env) {
+        failure.get_or_insert(e.to_string());
+    }
+    // A table the run woke is made dormant again.
+    let woken: Vec<String> = changed
+        .iter()
+        .filter(|t| before.dormant.contains(t) && !absent.iter().any(|a| a.name() == t.as_str()))
+        .cloned()
+        .collect();
+    if let Err(e) = set_dormant(program, &woken, true, env) {
         failure.get_or_insert(e.to_string());
     }
     let after = reread(env)?;

@@ -7,6 +7,7 @@
 pub mod build;
 pub mod commit;
 pub mod detect;
+pub mod kernel;
 pub mod plan;
 pub mod restore;
 pub mod save;
@@ -21,7 +22,7 @@ use self::plan::Transaction;
 use crate::backend::walk::Source;
 use crate::backend::{Backend, Drift, Over, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, Flavor, HostFacts};
-use crate::model::{Family, Finding, OwnerResolver, Table, chain};
+use crate::model::{self, Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
 
@@ -101,7 +102,8 @@ impl Iptables {
                 },
             );
         }
-        read.retain(|p| p.target || !p.before.is_empty());
+        // A place whose save the kernel contradicts is kept too: it may hide ours.
+        read.retain(|p| p.target || !p.before.is_empty() || !p.before.unreadable.is_empty());
         Ok(read)
     }
 }
@@ -155,6 +157,7 @@ impl Backend for Iptables {
         let mut txs = Vec::new();
         for place in &state.places {
             let (family, program) = (place.program.family, &place.program);
+            readable(place)?;
             if !place.target {
                 // Our state where this config's rules do not go: removed, as a reconfigure
                 // removes what the new config leaves out; without --reconcile, a conflict.
@@ -182,9 +185,10 @@ impl Backend for Iptables {
                     tracing::info!(backend = %program.restore_program(), reason = %program.reason, "{family} backend");
                 }
             }
-            let tx = plan::reconcile(&place.before, rules.rules(family), env.resolver, policy)
+            let mut tx = plan::reconcile(&place.before, rules.rules(family), env.resolver, policy)
                 .map_err(|error| Error::Conflict { family, error })?;
             warn_kept(program, &tx);
+            tx.wake = to_wake(place, rules.rules(family))?;
             txs.push(tx);
         }
         Ok(Change {
@@ -200,21 +204,19 @@ impl Backend for Iptables {
         _facts: &HostFacts,
         state: &State,
         _env: &Env<'_>,
-    ) -> Change {
-        let txs: Vec<Transaction> = state
-            .places
-            .iter()
-            .map(|place| {
-                let tx = plan::cleanup(&place.before);
-                warn_kept(&place.program, &tx);
-                tx
-            })
-            .collect();
-        Change {
+    ) -> Result<Change, Error> {
+        let mut txs = Vec::new();
+        for place in &state.places {
+            readable(place)?;
+            let tx = plan::cleanup(&place.before);
+            warn_kept(&place.program, &tx);
+            txs.push(tx);
+        }
+        Ok(Change {
             purpose: Purpose::Switch,
             attempted: vec![false; txs.len()],
             txs,
-        }
+        })
     }
 
     fn describe(&self, state: &State, change: &Change) -> Vec<String> {
@@ -278,6 +280,10 @@ impl Backend for Iptables {
                 }
             };
             for place in places {
+                if let Err(e) = readable(&place) {
+                    errors.push(e);
+                    continue;
+                }
                 let tx = plan::cleanup(&place.before);
                 warn_kept(&place.program, &tx);
                 if tx.is_noop() {
@@ -333,6 +339,9 @@ impl Backend for Iptables {
                 // is drift.
                 let wanted = if p.target { rules.rules(family) } else { &[] };
                 let mut drift = plan::diff(family, &p.before, wanted, resolver);
+                // What a table the save cannot show holds is unknown, not missing.
+                drift.retain(|d| !p.before.unreadable.iter().any(|u| u.table == d.table));
+                drift.extend(kernel_drift(&p.before, wanted));
                 for d in &mut drift {
                     d.place = crate::backend::Place::Iptables(family, p.program.flavor);
                 }
@@ -440,6 +449,83 @@ impl Backend for Iptables {
                 .collect(),
         }
     }
+}
+
+/// Refuses a place whose save disagrees with the kernel in a table iptables writes (see
+/// [`kernel`]): what it holds there is unknown.
+fn readable(place: &Place) -> Result<(), Error> {
+    let unreadable: Vec<String> = place
+        .before
+        .unreadable
+        .iter()
+        .filter(|u| Table::from_name(&u.table).is_some())
+        .map(ToString::to_string)
+        .collect();
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unreadable {
+        family: place.program.family,
+        program: place.program.save_program(),
+        unreadable,
+    })
+}
+
+/// What the kernel shows beside the save: a table that cannot be read safely (what our
+/// rules there do is unknown), a dormant table holding our chains or meant to hold our rules
+/// (none of them sees a packet).
+fn kernel_drift(before: &save::SaveState, wanted: &[model::Rule]) -> Vec<Drift> {
+    let table_drift = |table: &str, unread: String| Drift {
+        place: crate::backend::Place::Iptables(Family::V4, None),
+        table: table.to_string(),
+        chain: None,
+        missing: Vec::new(),
+        extra: Vec::new(),
+        out_of_order: false,
+        unread: vec![unread],
+    };
+    let mut out: Vec<Drift> = before
+        .unreadable
+        .iter()
+        .filter(|u| Table::from_name(&u.table).is_some())
+        .map(|u| table_drift(&u.table, format!("cannot be read safely: {}", u.reason)))
+        .collect();
+    for name in &before.dormant {
+        let ours = before
+            .tables
+            .get(name)
+            .is_some_and(|t| t.user_chains.iter().any(|c| c.starts_with(chain::PREFIX)));
+        if ours || wanted.iter().any(|r| r.table.name() == name) {
+            out.push(table_drift(
+                name,
+                "flags dormant: none of its rules sees a packet".into(),
+            ));
+        }
+    }
+    out
+}
+
+/// The dormant tables the config's rules go to that are to be woken: those holding our
+/// chains (ours to repair); one without is another's, and refused.
+fn to_wake(place: &Place, wanted: &[model::Rule]) -> Result<Vec<String>, Error> {
+    let mut wake = Vec::new();
+    for name in &place.before.dormant {
+        let ours = place
+            .before
+            .tables
+            .get(name)
+            .is_some_and(|t| t.user_chains.iter().any(|c| c.starts_with(chain::PREFIX)));
+        let needed = wanted.iter().any(|r| r.table.name() == name);
+        if ours {
+            wake.push(name.clone());
+        } else if needed {
+            return Err(Error::Dormant {
+                family: place.program.family,
+                table: name.clone(),
+            });
+        }
+    }
+    Ok(wake)
 }
 
 /// Says which rules of our shape `tx` keeps (see [`plan`]'s module doc).

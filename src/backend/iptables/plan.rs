@@ -45,11 +45,13 @@ pub struct Transaction {
     /// Rules of the shape this tool writes into built-in chains that the config does not
     /// want, kept because nothing proves they are ours (`nat PREROUTING: -i eth9 -j RETURN`).
     pub kept: Vec<String>,
+    /// Dormant iptables-nft tables holding our chains, woken before the payload is committed.
+    pub wake: Vec<String>,
 }
 
 impl Transaction {
     pub fn is_noop(&self) -> bool {
-        self.payload.is_empty()
+        self.payload.is_empty() && self.wake.is_empty()
     }
 }
 

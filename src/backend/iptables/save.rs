@@ -53,6 +53,28 @@ pub struct SaveState {
     /// tool.`: a rule written with nft that it cannot translate); it prints no section for
     /// them.
     pub incompatible: Vec<String>,
+    /// What the kernel's own structure showed beside the save (iptables-nft only; see
+    /// `kernel::check`): the tables netlink listed (`None`: not read, so no table can be
+    /// proved absent), ...
+    pub kernel_tables: Option<Vec<String>>,
+    /// ... the dormant ones (their rules see no packet) ...
+    pub dormant: Vec<String>,
+    /// ... and each way the save disagrees with the kernel: those tables cannot be read
+    /// safely.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A table whose save disagrees with the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub table: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "table {}: {}", self.table, self.reason)
+    }
 }
 
 impl SaveState {
@@ -251,6 +273,16 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
         let tok = m.flag.as_str();
         let next = m.value();
         let bang = if m.negated { "! " } else { "" };
+        // iptables stores `-s`/`-d` with a /0 as no address match at all (the save prints
+        // none): the same rule.
+        let any_address = matches!(
+            tok,
+            "-s" | "--source" | "--src" | "-d" | "--destination" | "--dst"
+        ) && !m.negated
+            && next.parse::<IpNet>().is_ok_and(|n| n.prefix_len() == 0);
+        if any_address {
+            continue;
+        }
         let slot = match tok {
             "-s" | "--source" | "--src" => Some((0u8, format!("{bang}-s {}", canon_addr(next)))),
             "-d" | "--destination" | "--dst" => Some((1, format!("{bang}-d {}", canon_addr(next)))),
@@ -376,6 +408,17 @@ fn canon_target_opts(target: &str, opts: &[String]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::model::NoResolver;
+
+    /// `-d 0.0.0.0/0` is stored as no address match: `-x 0.0.0.0/0` must settle.
+    #[test]
+    fn a_zero_prefix_address_is_no_match() {
+        let c = |s: &str| canonical(&tokenize(s), &NoResolver);
+        assert_eq!(c("-d 0.0.0.0/0 -j RETURN"), c("-j RETURN"));
+        assert_eq!(c("-s ::/0 -p tcp -j RETURN"), c("-p tcp -j RETURN"));
+        assert_eq!(c("-d 0.0.0.0/0 -j ISTIO_REDIRECT"), "-j ISTIO_REDIRECT");
+        assert_ne!(c("-d 10.0.0.0/8 -j RETURN"), c("-j RETURN"));
+        assert_ne!(c("! -d 0.0.0.0/0 -j RETURN"), c("-j RETURN"));
+    }
 
     fn toks(s: &str) -> Vec<String> {
         tokenize(s)

@@ -169,8 +169,8 @@ impl Backend for Nftables {
         _facts: &HostFacts,
         state: &State,
         _env: &Env<'_>,
-    ) -> Change {
-        self.removal(state, Purpose::Switch)
+    ) -> Result<Change, Error> {
+        Ok(self.removal(state, Purpose::Switch))
     }
 
     fn describe(&self, _state: &State, change: &Change) -> Vec<String> {

@@ -44,6 +44,7 @@ mod every_place;
 mod foreign_state;
 mod half_applied;
 mod idempotence;
+mod kernel_truth;
 mod network_namespace;
 mod nft;
 mod reconcile;
