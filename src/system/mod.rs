@@ -10,6 +10,7 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;
+pub mod rtnl_change;
 
 use crate::model::OwnerResolver;
 
