@@ -745,6 +745,7 @@ mod tests {
         let mut env = Env {
             runner: &mut NoPrograms,
             probe: &crate::system::host_view::NftOnly,
+            rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
             resolver: &NoResolver,
         };
         explain(
@@ -967,6 +968,7 @@ mod tests {
         let mut env = Env {
             runner: &mut Saves(save),
             probe: &Pod { save },
+            rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
             resolver: &NoResolver,
         };
         explain(

@@ -102,6 +102,7 @@ pub fn run<C: Backend, O: Backend>(
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
         resolver: &RealHost,
     };
     // One run at a time in this namespace, from the first read to the last `ip` step.
@@ -330,6 +331,7 @@ fn inspect_command<C: Backend, O: Backend>(
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
         resolver: &RealHost,
     };
     match command {

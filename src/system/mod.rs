@@ -14,10 +14,12 @@ pub mod rtnl_change;
 
 use crate::model::OwnerResolver;
 
-/// What a command needs from the host, as three narrow interfaces (the tests give fakes):
-/// programs to run, what the kernel shows without running anything, and user names.
+/// What a command needs from the host, as four narrow interfaces (the tests give fakes):
+/// programs to run, what the kernel shows without running anything, the routing changes
+/// made over rtnetlink, and user names.
 pub struct Env<'a> {
     pub runner: &'a mut dyn exec::Runner,
     pub probe: &'a dyn host_view::Probe,
+    pub rtnl: &'a mut dyn rtnl_change::Rtnl,
     pub resolver: &'a dyn OwnerResolver,
 }

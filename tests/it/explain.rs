@@ -537,6 +537,7 @@ impl Lab {
         let mut env = Env {
             runner: &mut runner,
             probe: &SystemProbe,
+            rtnl: &mut istio_iptables::system::rtnl_change::Kernel,
             resolver: &RealHost,
         };
         // As main builds them: the other backend's iptables detects its flavour.
