@@ -76,7 +76,7 @@ pub struct IpFailed {
     pub done: Vec<IpChange>,
 }
 
-/// The reads before any change, or a planned removal, failed.
+/// The routing could not be read before the first change (so nothing was changed).
 #[derive(Debug, thiserror::Error)]
 #[error("reading the routing before any change")]
 pub struct PlanError(#[source] pub ReadError);
