@@ -9,11 +9,12 @@ COPY src ./src
 RUN rustup target add x86_64-unknown-linux-musl \
     && cargo build --release --locked --target x86_64-unknown-linux-musl
 
-# Runtime: iptables (legacy and nft), iproute2 for the TPROXY routes and ::6, nftables
-# (bookworm: 1.0.6) for --native-nftables and to drop tables a reconcile leaves empty.
+# Runtime: iptables (legacy and nft), nftables (bookworm: 1.0.6) for --native-nftables and
+# to drop tables a reconcile leaves empty. No iproute2: the TPROXY routes and ::6 are changed
+# over rtnetlink in process.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables iproute2 nftables \
+    && apt-get install -y --no-install-recommends iptables nftables \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/x86_64-unknown-linux-musl/release/istio-iptables /usr/local/bin/istio-iptables
 ENTRYPOINT ["/usr/local/bin/istio-iptables"]

@@ -9,11 +9,9 @@
 
 use crate::backend::{Backend, Policy, Rollback, Scope, StepError, Summary};
 use crate::config::{Config, HostFacts};
-use crate::model::Family;
-use crate::routes::apply::{self as route_steps, IpFailed, RemoveError, TproxyRouting};
-use crate::routes::{self, IpCommand};
+use crate::routes::apply::{self as route_steps, IpFailed, PlanError, RemoveError, StepFailure};
+use crate::routes::{self, IpCommand, TproxyRouting};
 use crate::system::Env;
-use crate::system::exec::ExecError;
 
 /// A failed apply. Every variant says the phase; a failure after the first change says
 /// whether the earlier steps were put back.
@@ -39,11 +37,15 @@ pub enum ApplyError {
         error: Box<dyn StepError>,
         rollback: String,
     },
-    #[error("configuring routes: `ip {command}`: {error}; {rollback}")]
+    /// Reading the routing before any change failed.
+    #[error("{}; nothing was changed", route_steps::with_causes(.0))]
+    Routes(PlanError),
+    #[error("configuring routes: `{step}`: {}; {rollback}", route_steps::with_causes(.failure))]
     Ip {
-        command: String,
+        /// The step, as the `ip` command Istio prints for it.
+        step: String,
         /// Printed in the message, so not exposed as `source` too.
-        error: Box<ExecError>,
+        failure: Box<StepFailure>,
         rollback: String,
     },
 }
@@ -54,7 +56,7 @@ impl ApplyError {
         match self {
             ApplyError::Before { error } => error.is_conflict(),
             ApplyError::OtherBackend { .. } => true,
-            ApplyError::Commit { .. } | ApplyError::Ip { .. } => false,
+            ApplyError::Commit { .. } | ApplyError::Ip { .. } | ApplyError::Routes(_) => false,
         }
     }
 }
@@ -81,10 +83,7 @@ impl Options {
                 reconcile: cfg.reconcile,
                 force: cfg.force_apply,
             },
-            tproxy: TproxyRouting {
-                mark: cfg.tproxy_mark,
-                table: cfg.tproxy_route_table,
-            },
+            tproxy: TproxyRouting::of(cfg),
         }
     }
 }
@@ -123,6 +122,8 @@ pub fn apply<C: Backend, O: Backend>(
             .plan_removal(cfg, facts, &other_state, env)
             .map_err(before)?;
     }
+    let route_plan = route_steps::plan(chosen.routes(&rules), opts.tproxy, env.probe)
+        .map_err(ApplyError::Routes)?;
 
     let mut summary = Summary::default();
     if let Err(error) = chosen.commit(&state, &mut change, env, &mut summary) {
@@ -134,27 +135,18 @@ pub fn apply<C: Backend, O: Backend>(
         });
     }
 
-    let had_tproxy = |family: Family| {
-        chosen.had_tproxy(&state, family) || other.had_tproxy(&other_state, family)
-    };
-    let done = match route_steps::apply(
-        chosen.routes(&rules),
-        &had_tproxy,
-        opts.tproxy,
-        env,
-        &mut summary.ip_changed,
-    ) {
+    let done = match route_steps::apply(&route_plan, env, &mut summary.ip_changed) {
         Ok(done) => done,
         Err(IpFailed {
-            command,
-            error,
+            step,
+            failure,
             done,
         }) => {
             let mut rollback = undo_routes(&done, env);
             chosen.restore(&state, &change, false, env, &mut rollback);
             return Err(ApplyError::Ip {
-                command: command.args().join(" "),
-                error: Box::new(error),
+                step: step.to_string(),
+                failure: Box::new(failure),
                 rollback: rollback.describe(),
             });
         }
@@ -173,7 +165,7 @@ pub fn apply<C: Backend, O: Backend>(
     Ok(summary)
 }
 
-/// Undoes `ip` changes (newest first), checked by asking the kernel again.
+/// Undoes `ip` changes (newest first), checked by reading the kernel again.
 fn undo_routes(done: &[route_steps::IpChange], env: &mut Env<'_>) -> Rollback {
     let failures = route_steps::undo(done, env);
     Rollback {
@@ -214,9 +206,14 @@ pub fn cleanup<C: Backend, O: Backend>(
     }
     let configured: Vec<IpCommand> = routes::teardown(cfg);
     errors.extend(
-        route_steps::remove_all(&configured, env, &mut summary.ip_changed)
-            .into_iter()
-            .map(CleanupError::Route),
+        route_steps::remove_all(
+            &configured,
+            TproxyRouting::of(cfg),
+            env,
+            &mut summary.ip_changed,
+        )
+        .into_iter()
+        .map(CleanupError::Route),
     );
     if errors.is_empty() {
         Ok(summary)
@@ -231,7 +228,9 @@ mod tests {
     use crate::backend::iptables::Iptables;
     use crate::backend::nft::Nftables;
     use crate::config::tests::build as config;
+    use crate::model::Family;
     use crate::model::NoResolver;
+    use crate::system::exec::ExecError;
     use crate::system::exec::Runner;
     use crate::system::host_view::{NftOnly, Probe};
     use crate::system::nftprobe::{NfChain, NfFamily, NfTable, NfTables, NfWrite};
@@ -295,6 +294,12 @@ mod tests {
                 _ => None,
             }
         }
+        fn routing(&self, _: Family) -> Option<crate::system::rtnl::Routing> {
+            Some(crate::system::rtnl::Routing::default())
+        }
+        fn lo_has_v6_host_address(&self, _: std::net::Ipv6Addr) -> Option<bool> {
+            Some(false)
+        }
     }
 
     /// Records the nf_tables changes asked for, and makes them.
@@ -353,6 +358,7 @@ mod tests {
                 runner: fake,
                 probe,
                 nf: &mut crate::system::nftprobe::NoWrites,
+                rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
                 resolver: &NoResolver,
             },
         )
@@ -382,6 +388,9 @@ mod tests {
             }
             fn nft_inet_tables(&self) -> Option<Vec<String>> {
                 Some(vec![])
+            }
+            fn routing(&self, _: Family) -> Option<crate::system::rtnl::Routing> {
+                Some(crate::system::rtnl::Routing::default())
             }
         }
         let empty = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
@@ -473,6 +482,7 @@ mod tests {
                 runner: &mut fake,
                 probe: &probe,
                 nf: &mut nf,
+                rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
                 resolver: &NoResolver,
             },
         )

@@ -746,6 +746,7 @@ mod tests {
             runner: &mut NoPrograms,
             probe: &crate::system::host_view::NftOnly,
             nf: &mut crate::system::nftprobe::NoWrites,
+            rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
             resolver: &NoResolver,
         };
         explain(
@@ -969,6 +970,7 @@ mod tests {
             runner: &mut Saves(save),
             probe: &Pod { save },
             nf: &mut crate::system::nftprobe::NoWrites,
+            rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
             resolver: &NoResolver,
         };
         explain(

@@ -104,6 +104,7 @@ pub fn run<C: Backend, O: Backend>(
         runner: &mut runner,
         probe: &SystemProbe,
         nf: &mut NfNetlink,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
         resolver: &RealHost,
     };
     // One run at a time in this namespace, from the first read to the last `ip` step.
@@ -333,6 +334,7 @@ fn inspect_command<C: Backend, O: Backend>(
         runner: &mut runner,
         probe: &SystemProbe,
         nf: &mut NfNetlink,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
         resolver: &RealHost,
     };
     match command {

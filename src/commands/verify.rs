@@ -19,12 +19,8 @@ use crate::system::Env;
 pub enum VerifyError {
     #[error("reading the live rules: {0}")]
     Read(Box<dyn StepError>),
-    #[error("checking `{command}`: {error}")]
-    Route {
-        command: IpCommand,
-        /// Printed in the message, so not exposed as `source` too.
-        error: crate::system::exec::ExecError,
-    },
+    #[error("checking the routes")]
+    Route(#[source] ip::ReadError),
 }
 
 /// The result of `verify`.
@@ -91,7 +87,12 @@ pub fn verify<C: Backend, O: Backend>(
             .map_err(|e| VerifyError::Read(Box::new(e)))?,
         ..Report::default()
     };
-    check_routes(chosen.routes(&rules), env, &mut report)?;
+    check_routes(
+        chosen.routes(&rules),
+        ip::TproxyRouting::of(cfg),
+        env,
+        &mut report,
+    )?;
     report.findings = findings(chosen, &rules, &state, env);
     Ok(report)
 }
@@ -117,38 +118,28 @@ fn findings<C: Backend>(
     out
 }
 
-/// The `ip` plumbing: missing steps, and TPROXY routing the config does not want.
+/// The `ip` plumbing: missing steps, and TPROXY routing the config does not want (a rule of
+/// our mark or table into an empty table included), read over netlink.
 fn check_routes(
     wanted: &[IpCommand],
+    configured: ip::TproxyRouting,
     env: &mut Env<'_>,
     report: &mut Report,
 ) -> Result<(), VerifyError> {
     for family in [Family::V4, Family::V6] {
-        if let Some(routing) = env.probe.routing(family) {
-            for cmd in ip::leftovers(family, &routing, wanted) {
-                report.routes_extra.push(cmd.to_string());
-            }
+        let routing = ip::routing(family, env.probe).map_err(VerifyError::Route)?;
+        for cmd in ip::leftovers(family, &routing, wanted, configured) {
+            report.routes_extra.push(cmd.to_string());
         }
     }
     // `::6` on lo is ours whoever added it (apply and cleanup remove it when unwanted).
     let v6 = IpCommand::AddInboundV6Address;
-    if !wanted.contains(&v6) {
-        match ip::present(&v6, env.probe, env.runner) {
-            Ok(true) => report.routes_extra.push(v6.to_string()),
-            Ok(false) => {}
-            Err(error) => return Err(VerifyError::Route { command: v6, error }),
-        }
+    if !wanted.contains(&v6) && ip::present(&v6, None, env.probe).map_err(VerifyError::Route)? {
+        report.routes_extra.push(v6.to_string());
     }
     for cmd in wanted {
-        match ip::present(cmd, env.probe, env.runner) {
-            Ok(true) => {}
-            Ok(false) => report.routes_missing.push(cmd.to_string()),
-            Err(e) => {
-                return Err(VerifyError::Route {
-                    command: cmd.clone(),
-                    error: e,
-                });
-            }
+        if !ip::present(cmd, None, env.probe).map_err(VerifyError::Route)? {
+            report.routes_missing.push(cmd.to_string());
         }
     }
     Ok(())
@@ -487,6 +478,7 @@ mod tests {
                 runner: &mut m,
                 probe: &NftOnly,
                 nf: &mut crate::system::nftprobe::NoWrites,
+                rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
                 resolver: &NoResolver,
             },
         )
@@ -508,6 +500,7 @@ mod tests {
                 runner: &mut m,
                 probe: &NftOnly,
                 nf: &mut crate::system::nftprobe::NoWrites,
+                rtnl: &mut crate::system::rtnl_change::fake::Recorder::default(),
                 resolver: &NoResolver,
             },
         )

@@ -1,81 +1,120 @@
 //! Applying the `ip` steps, for either backend: what a config wants added, what an earlier
-//! TPROXY config left removed, each change remembered so that a failed run can undo it; and
-//! the removal of all of it by a cleanup.
+//! TPROXY config left removed, each change made over rtnetlink, read back, and remembered so
+//! that a failed run can undo it; and the removal of all of it by a cleanup.
+//!
+//! A run plans first ([`plan`]: every read, before the kernel changes), then changes
+//! ([`apply`]). Each change is read back after it is made: the kernel's answer alone does not
+//! say what it holds (a change can take effect and still report a failure), so a change the
+//! re-read shows is undone by a rollback whatever the answer was, and a failure names the
+//! step as the `ip` command Istio prints for it.
 
 use crate::model::Family;
-use crate::routes::{self as ip, IpCommand};
+use crate::routes::{self as ip, IpCommand, ReadError, TproxyRouting};
 use crate::system::Env;
-use crate::system::exec::ExecError;
+use crate::system::host_view::Probe;
+use crate::system::rtnl_change::RtnlError;
 
-/// An `ip` change made by this run, for rollback.
-#[derive(Debug, Clone)]
-pub enum IpChange {
-    Added(IpCommand),
-    /// With the rule's priority, when known, to put it back where it was.
-    Removed(IpCommand, Option<u32>),
+/// One change of the plan: add or remove `command`'s effect (a rule at `priority`, when
+/// known: exactly that rule goes, or comes back there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub command: IpCommand,
+    pub add: bool,
+    pub priority: Option<u32>,
 }
 
-/// An `ip` step that failed, with the changes made before it (to undo).
+impl Step {
+    /// The reverse change.
+    fn undo(&self) -> Step {
+        Step {
+            add: !self.add,
+            ..self.clone()
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    /// As the `ip` command that makes it: `ip -4 rule del priority 100 fwmark 1400 lookup 140`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let args = ip::change_args(&self.command, self.add, self.priority);
+        write!(f, "ip {}", args.join(" "))
+    }
+}
+
+/// A change made by this run, for rollback.
+pub type IpChange = Step;
+
+/// Why one step did not end as wanted.
+#[derive(Debug, thiserror::Error)]
+pub enum StepFailure {
+    #[error("over rtnetlink")]
+    Netlink(#[source] RtnlError),
+    #[error("the kernel acknowledged it, but reading it back shows it did not take")]
+    DidNotTake,
+    #[error("reading it back")]
+    Read(#[source] ReadError),
+}
+
+/// `e` and its causes, each after a colon (for a message that goes on after it).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// An `ip` step that failed, with the changes made before it (to undo): `done` includes the
+/// failed step itself when reading it back shows it took effect (or could not tell).
 #[derive(Debug)]
 pub struct IpFailed {
-    pub command: IpCommand,
-    pub error: ExecError,
+    pub step: Step,
+    pub failure: StepFailure,
     pub done: Vec<IpChange>,
 }
 
-/// The mark and table of this config's TPROXY routing: what an earlier TPROXY config of the
-/// same settings left is removed by them where netlink cannot show the routing.
-#[derive(Debug, Clone, Copy)]
-pub struct TproxyRouting {
-    pub mark: u32,
-    pub table: u32,
-}
+/// The routing could not be read before the first change (so nothing was changed).
+#[derive(Debug, thiserror::Error)]
+#[error("reading the routing before any change")]
+pub struct PlanError(#[source] pub ReadError);
 
-/// Removes TPROXY routing an earlier run added that `wanted` no longer has, then adds what
-/// is missing of `wanted`. `had_tproxy(family)`: whether the state read before the run shows
-/// a TPROXY config (used only when netlink cannot tell). `changed` gets each command run.
-pub fn apply(
+/// The steps a config needs, read from the kernel before anything changes: TPROXY routing
+/// an earlier run added that `wanted` no longer has (whatever its mark and table; rules
+/// before the routes they use), `::6` when unwanted, then what is missing of `wanted` (the
+/// address, the routes, then the rules that look them up).
+pub fn plan(
     wanted: &[IpCommand],
-    had_tproxy: &dyn Fn(Family) -> bool,
     configured: TproxyRouting,
-    env: &mut Env<'_>,
-    changed: &mut Vec<String>,
-) -> Result<Vec<IpChange>, IpFailed> {
-    // TPROXY routing an earlier run added (whatever mark and table it used, found over
-    // netlink: a `fwmark` rule whose table holds our `local default dev lo` route) that this
-    // config no longer wants is removed. In process, so a REDIRECT apply runs no `ip` at all.
-    let mut stale: Vec<(IpCommand, Option<u32>)> = Vec::new();
+    probe: &dyn Probe,
+) -> Result<Vec<Step>, PlanError> {
+    let mut steps = Vec::new();
+    let mut routing = Vec::new();
     for family in [Family::V4, Family::V6] {
-        match env.probe.routing(family) {
-            Some(routing) => stale.extend(ip::leftovers_at(family, &routing, wanted)),
-            None => {
-                // Netlink unavailable: the configured mark and table, when the state read
-                // before shows an earlier TPROXY config.
-                if !had_tproxy(family) {
-                    continue;
-                }
-                for cmd in [
-                    IpCommand::RuleAdd {
-                        family,
-                        mark: configured.mark,
-                        table: configured.table,
-                    },
-                    IpCommand::RouteAddLocal {
-                        family,
-                        table: configured.table,
-                    },
-                ] {
-                    if !wanted.contains(&cmd) {
-                        stale.push((cmd, None));
-                    }
-                }
-            }
+        let r = ip::routing(family, probe).map_err(PlanError)?;
+        // Leftovers go first: the kernel numbers a new rule below the lowest one there, so
+        // adding ours first would give it another priority than a fresh apply does.
+        for (command, priority) in ip::leftovers_at(family, &r, wanted, configured) {
+            steps.push(Step {
+                command,
+                add: false,
+                priority,
+            });
         }
+        routing.push((family, r));
     }
     // `::6` on lo is Istio's own (its cleanup deletes it whatever the config): an IPv6
     // config added it, and one without IPv6 removes it.
-    if !wanted.contains(&IpCommand::AddInboundV6Address) {
-        stale.push((IpCommand::AddInboundV6Address, None));
+    let v6 = IpCommand::AddInboundV6Address;
+    let v6_present = ip::present(&v6, None, probe).map_err(PlanError)?;
+    if !wanted.contains(&v6) && v6_present {
+        steps.push(Step {
+            command: v6.clone(),
+            add: false,
+            priority: None,
+        });
     }
     // The route before the rule that looks it up: a run killed in between leaves a route
     // nothing uses (and the next run finds it), never a rule into an empty table.
@@ -85,38 +124,69 @@ pub fn apply(
         IpCommand::RouteAddLocal { .. } => 1,
         IpCommand::RuleAdd { .. } => 2,
     });
+    for cmd in wanted_ip {
+        let present = match cmd {
+            IpCommand::AddInboundV6Address => v6_present,
+            _ => routing
+                .iter()
+                .find(|(f, _)| *f == ip::family_of(cmd))
+                .and_then(|(_, r)| ip::present_in_routing(cmd, None, r))
+                .unwrap_or(false),
+        };
+        if present {
+            tracing::debug!(command = %cmd, "already as wanted");
+        } else {
+            steps.push(Step {
+                command: cmd.clone(),
+                add: true,
+                priority: None,
+            });
+        }
+    }
+    Ok(steps)
+}
 
+/// Makes `step` over rtnetlink and reads it back: `Ok` when the kernel now holds what the
+/// step asked for; else the failure, with whether the change is (or may be) there.
+fn make(step: &Step, env: &mut Env<'_>) -> Result<(), (StepFailure, bool)> {
+    let sent = env
+        .rtnl
+        .change(step.add, &ip::target(&step.command, step.priority));
+    match (sent, ip::present(&step.command, step.priority, env.probe)) {
+        (Ok(()), Ok(p)) if p == step.add => Ok(()),
+        (Ok(()), Ok(_)) => Err((StepFailure::DidNotTake, false)),
+        (Err(e), Ok(p)) => Err((StepFailure::Netlink(e), p == step.add)),
+        // Not known: counted as made, so that a rollback undoes (and checks) it.
+        (Err(e), Err(_)) => Err((StepFailure::Netlink(e), true)),
+        (Ok(()), Err(e)) => Err((StepFailure::Read(e), true)),
+    }
+}
+
+/// Makes the planned steps in order; `changed` gets each one made.
+pub fn apply(
+    steps: &[Step],
+    env: &mut Env<'_>,
+    changed: &mut Vec<String>,
+) -> Result<Vec<IpChange>, IpFailed> {
     let mut done: Vec<IpChange> = Vec::new();
-    // Leftovers go first: the kernel numbers a new rule below the lowest one there, so
-    // adding ours first would give it another priority than a fresh apply does.
-    let steps = stale
-        .iter()
-        .map(|(c, priority)| (c, false, *priority))
-        .chain(wanted_ip.into_iter().map(|c| (c, true, None)));
-    for (cmd, wanted, priority) in steps {
-        let step = ip::present(cmd, env.probe, env.runner).and_then(|present| {
-            if present == wanted {
-                tracing::debug!(command = %cmd, wanted, "already as wanted");
-                Ok(None)
-            } else if wanted {
-                tracing::info!(command = %cmd, "configuring");
-                env.runner.run("ip", &cmd.args(), None).map(|_| Some(IpChange::Added(cmd.clone())))
-            } else {
-                let undo = ip::change_args(cmd, false, priority);
-                tracing::info!(command = %format!("ip {}", undo.join(" ")), "removing routing left by an earlier TPROXY config");
-                env.runner.run("ip", &undo, None).map(|_| Some(IpChange::Removed(cmd.clone(), priority)))
+    for step in steps {
+        if step.add {
+            tracing::info!(command = %step, "configuring");
+        } else {
+            tracing::info!(command = %step, "removing routing left by an earlier TPROXY config");
+        }
+        match make(step, env) {
+            Ok(()) => {
+                changed.push(step.to_string());
+                done.push(step.clone());
             }
-        });
-        match step {
-            Ok(Some(change)) => {
-                changed.push(cmd.to_string());
-                done.push(change);
-            }
-            Ok(None) => {}
-            Err(error) => {
+            Err((failure, made)) => {
+                if made {
+                    done.push(step.clone());
+                }
                 return Err(IpFailed {
-                    command: cmd.clone(),
-                    error,
+                    step: step.clone(),
+                    failure,
                     done,
                 });
             }
@@ -125,51 +195,30 @@ pub fn apply(
     Ok(done)
 }
 
-/// What undoing one `ip` change found.
+/// What undoing one change found.
 #[derive(Debug, thiserror::Error)]
-pub enum UndoError {
-    #[error("undoing the change to `{command}`: {error}")]
-    Run {
-        command: IpCommand,
-        /// Printed in the message, so not exposed as `source` too.
-        error: ExecError,
-    },
-    #[error("undoing the change to `{command}` did not take: it is still {}", if *.present { "missing" } else { "present" })]
-    DidNotTake { command: IpCommand, present: bool },
-    #[error("checking `{command}` after undoing it: {error}")]
-    Check {
-        command: IpCommand,
-        /// Printed in the message, so not exposed as `source` too.
-        error: ExecError,
-    },
+#[error("undoing `{step}` (`{undo}`): {}", with_causes(.failure))]
+pub struct UndoError {
+    pub step: Step,
+    pub undo: Step,
+    /// Printed in the message, so not exposed as `source` too.
+    pub failure: StepFailure,
 }
 
-/// Undoes `done`, newest first, checking each by asking the kernel again; goes on past a
-/// failure and returns all of them.
+/// Undoes `done`, newest first (so a removed route comes back before the rule that looks it
+/// up), checking each by reading the kernel again; goes on past a failure and returns all of
+/// them.
 pub fn undo(done: &[IpChange], env: &mut Env<'_>) -> Vec<UndoError> {
     let mut failures = Vec::new();
-    for change in done.iter().rev() {
-        let (cmd, args, present) = match change {
-            IpChange::Added(c) => (c, ip::undo_args(c), false),
-            IpChange::Removed(c, priority) => (c, ip::change_args(c, true, *priority), true),
-        };
-        if let Err(error) = env.runner.run("ip", &args, None) {
-            failures.push(UndoError::Run {
-                command: cmd.clone(),
-                error,
+    for step in done.iter().rev() {
+        let undo = step.undo();
+        tracing::info!(command = %undo, "rolling back");
+        if let Err((failure, _)) = make(&undo, env) {
+            failures.push(UndoError {
+                step: step.clone(),
+                undo,
+                failure,
             });
-            continue;
-        }
-        match ip::present(cmd, env.probe, env.runner) {
-            Ok(p) if p == present => {}
-            Ok(_) => failures.push(UndoError::DidNotTake {
-                command: cmd.clone(),
-                present,
-            }),
-            Err(error) => failures.push(UndoError::Check {
-                command: cmd.clone(),
-                error,
-            }),
         }
     }
     failures
@@ -177,51 +226,320 @@ pub fn undo(done: &[IpChange], env: &mut Env<'_>) -> Vec<UndoError> {
 
 /// A removal a cleanup could not make.
 #[derive(Debug, thiserror::Error)]
-#[error("removing `{command}`: {error}")]
-pub struct RemoveError {
-    pub command: IpCommand,
-    /// Printed in the message, so not exposed as `source` too.
-    pub error: ExecError,
+pub enum RemoveError {
+    #[error("removing `{step}`: {}", with_causes(.failure))]
+    Step {
+        step: Step,
+        /// Printed in the message, so not exposed as `source` too.
+        failure: StepFailure,
+    },
+    #[error("removing the TPROXY routing and ::6")]
+    Read(#[source] ReadError),
 }
 
 /// Removes `configured` (the config's own steps) and whatever TPROXY routing earlier runs
 /// added with other marks and tables (found over netlink); rules before the routes they use.
-/// Goes on past a failure; `removed` gets each command run.
+/// Goes on past a failure; `removed` gets each change made.
 pub fn remove_all(
     configured: &[IpCommand],
+    mark_and_table: TproxyRouting,
     env: &mut Env<'_>,
     removed: &mut Vec<String>,
 ) -> Vec<RemoveError> {
-    let mut cmds: Vec<IpCommand> = Vec::new();
+    let mut errors = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
     for family in [Family::V4, Family::V6] {
-        if let Some(routing) = env.probe.routing(family) {
-            // Duplicates included: each removal takes one.
-            cmds.extend(ip::leftovers(family, &routing, &[]));
+        match ip::routing(family, env.probe) {
+            // Duplicates included, each by its priority.
+            Ok(r) => steps.extend(
+                ip::leftovers_at(family, &r, &[], mark_and_table)
+                    .into_iter()
+                    .map(|(command, priority)| Step {
+                        command,
+                        add: false,
+                        priority,
+                    }),
+            ),
+            Err(e) => errors.push(RemoveError::Read(e)),
         }
     }
     for c in configured {
-        if !cmds.contains(c) {
-            cmds.push(c.clone());
+        if !steps.iter().any(|s| &s.command == c) {
+            steps.push(Step {
+                command: c.clone(),
+                add: false,
+                priority: None,
+            });
         }
     }
-    cmds.sort_by_key(|c| match c {
+    steps.sort_by_key(|s| match s.command {
         IpCommand::RuleAdd { .. } => 0,
         IpCommand::RouteAddLocal { .. } => 1,
         IpCommand::AddInboundV6Address => 2,
     });
-    let mut errors = Vec::new();
-    for cmd in &cmds {
-        match ip::present(cmd, env.probe, env.runner) {
-            Ok(true) => match env.runner.run("ip", &ip::undo_args(cmd), None) {
-                Ok(_) => removed.push(format!("ip {}", ip::undo_args(cmd).join(" "))),
-                Err(error) => errors.push(RemoveError {
-                    command: cmd.clone(),
-                    error,
+    for step in &steps {
+        match ip::present(&step.command, step.priority, env.probe) {
+            Ok(true) => match make(step, env) {
+                Ok(()) => removed.push(step.to_string()),
+                Err((failure, _)) => errors.push(RemoveError::Step {
+                    step: step.clone(),
+                    failure,
                 }),
             },
             Ok(false) => {}
-            Err(e) => tracing::debug!("checking `{cmd}`: {e}"),
+            Err(e) => errors.push(RemoveError::Read(e)),
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NoResolver;
+    use crate::system::exec::{ExecError, Runner};
+    use crate::system::rtnl::{Routing, Rule};
+    use crate::system::rtnl_change::{Rtnl, Target};
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+
+    struct NoPrograms;
+    impl Runner for NoPrograms {
+        fn run(&mut self, p: &str, _: &[String], _: Option<&str>) -> Result<String, ExecError> {
+            panic!("no program may run, but {p} was");
+        }
+    }
+
+    /// A kernel in memory: its rules, `local default dev lo` tables and `::6`, changed by
+    /// the requests it accepts. `refuse`: the request of that index fails (after taking
+    /// effect when `takes` is set).
+    #[derive(Default)]
+    struct Kernel {
+        rules: Vec<(u32, u32, u32)>,
+        tables: BTreeSet<u32>,
+        v6: bool,
+        calls: Vec<(bool, Target)>,
+        refuse: Option<usize>,
+        takes: bool,
+    }
+
+    struct View<'a>(&'a RefCell<Kernel>);
+    struct Writer<'a>(&'a RefCell<Kernel>);
+
+    impl crate::system::host_view::Probe for View<'_> {
+        fn in_path(&self, _: &str) -> bool {
+            false
+        }
+        fn legacy_tables(&self, _: Family) -> Vec<String> {
+            vec![]
+        }
+        fn routing(&self, family: Family) -> Option<Routing> {
+            let k = self.0.borrow();
+            if family == Family::V6 {
+                return Some(Routing::default());
+            }
+            Some(Routing {
+                rules: k
+                    .rules
+                    .iter()
+                    .map(|&(priority, mark, table)| Rule {
+                        priority,
+                        mark: Some(mark),
+                        table,
+                        ..Rule::default()
+                    })
+                    .collect(),
+                local_default_tables: k.tables.clone(),
+                tables_with_routes: k.tables.clone(),
+            })
+        }
+        fn lo_has_v6_host_address(&self, _: std::net::Ipv6Addr) -> Option<bool> {
+            Some(self.0.borrow().v6)
+        }
+    }
+
+    impl Rtnl for Writer<'_> {
+        fn change(&mut self, add: bool, target: &Target) -> Result<(), RtnlError> {
+            let mut k = self.0.borrow_mut();
+            k.calls.push((add, *target));
+            let refused = k.refuse == Some(k.calls.len() - 1);
+            if refused && !k.takes {
+                return Err(RtnlError::Refused(std::io::Error::from_raw_os_error(13)));
+            }
+            match *target {
+                Target::Rule {
+                    mark,
+                    table,
+                    priority,
+                    ..
+                } => {
+                    if add {
+                        let p = priority.unwrap_or(32000 - k.rules.len() as u32);
+                        k.rules.push((p, mark, table));
+                    } else if let Some(i) = k.rules.iter().position(|&(p, m, t)| {
+                        m == mark && t == table && priority.is_none_or(|x| x == p)
+                    }) {
+                        k.rules.remove(i);
+                    }
+                }
+                Target::LocalDefaultRoute { table, .. } => {
+                    if add {
+                        k.tables.insert(table);
+                    } else {
+                        k.tables.remove(&table);
+                    }
+                }
+                Target::LoV6HostAddress(_) => k.v6 = add,
+            }
+            if refused {
+                return Err(RtnlError::Refused(std::io::Error::from_raw_os_error(17)));
+            }
+            Ok(())
+        }
+    }
+
+    const CONFIGURED: TproxyRouting = TproxyRouting {
+        mark: 1337,
+        table: 133,
+    };
+
+    fn run(kernel: &RefCell<Kernel>, wanted: &[IpCommand]) -> Result<Vec<IpChange>, IpFailed> {
+        let steps = plan(wanted, CONFIGURED, &View(kernel)).unwrap();
+        let mut w = Writer(kernel);
+        let mut env = Env {
+            runner: &mut NoPrograms,
+            probe: &View(kernel),
+            nf: &mut crate::system::nftprobe::NoWrites,
+            rtnl: &mut w,
+            resolver: &NoResolver,
+        };
+        let mut changed = Vec::new();
+        match apply(&steps, &mut env, &mut changed) {
+            Ok(done) => Ok(done),
+            Err(f) => {
+                let failures = undo(&f.done, &mut env);
+                assert!(failures.is_empty(), "{failures:?}");
+                Err(f)
+            }
+        }
+    }
+
+    fn tproxy_v4(mark: u32, table: u32) -> Vec<IpCommand> {
+        vec![
+            IpCommand::RuleAdd {
+                family: Family::V4,
+                mark,
+                table,
+            },
+            IpCommand::RouteAddLocal {
+                family: Family::V4,
+                table,
+            },
+        ]
+    }
+
+    #[test]
+    fn routes_go_in_before_the_rules_that_use_them() {
+        let k = RefCell::new(Kernel::default());
+        run(&k, &tproxy_v4(1337, 133)).unwrap();
+        let k = k.into_inner();
+        assert!(matches!(
+            k.calls[0],
+            (true, Target::LocalDefaultRoute { table: 133, .. })
+        ));
+        assert!(matches!(
+            k.calls[1],
+            (true, Target::Rule { mark: 1337, .. })
+        ));
+        assert_eq!(k.tables, BTreeSet::from([133]));
+    }
+
+    /// TPROXY -> another mark and table, failing at the new rule: the old rule and route
+    /// come back (route first), the new route goes; no rule into an empty table.
+    #[test]
+    fn a_failed_change_of_mark_and_table_puts_the_route_back_before_its_rule() {
+        let k = RefCell::new(Kernel {
+            rules: vec![(32765, 1337, 133)],
+            tables: [133].into(),
+            // del rule, del route, add route 140, add rule 1400 (refused)
+            refuse: Some(3),
+            ..Kernel::default()
+        });
+        let e = run(&k, &tproxy_v4(1400, 140)).unwrap_err();
+        assert_eq!(e.step.to_string(), "ip -4 rule add fwmark 1400 lookup 140");
+        let k = k.into_inner();
+        assert_eq!(k.rules, vec![(32765, 1337, 133)]);
+        assert_eq!(k.tables, BTreeSet::from([133]));
+        let adds: Vec<&Target> = k.calls[4..].iter().map(|(_, t)| t).collect();
+        assert!(
+            matches!(
+                adds[..],
+                [
+                    Target::LocalDefaultRoute { table: 140, .. },
+                    Target::LocalDefaultRoute { table: 133, .. },
+                    Target::Rule {
+                        mark: 1337,
+                        priority: Some(32765),
+                        ..
+                    }
+                ]
+            ),
+            "{adds:?}"
+        );
+    }
+
+    /// A change that takes effect and still reports a failure is undone too: reading back
+    /// shows it, and the message names the step.
+    #[test]
+    fn a_change_that_took_and_failed_is_undone() {
+        let k = RefCell::new(Kernel {
+            refuse: Some(0),
+            takes: true,
+            ..Kernel::default()
+        });
+        let e = run(&k, &[IpCommand::AddInboundV6Address]).unwrap_err();
+        assert_eq!(e.step.to_string(), "ip -6 addr add ::6/128 dev lo");
+        assert_eq!(e.done.len(), 1);
+        assert!(!k.borrow().v6, "::6 is still on lo");
+        // A removal is named as one.
+        let k = RefCell::new(Kernel {
+            rules: vec![(100, 1337, 133)],
+            tables: [133].into(),
+            refuse: Some(1),
+            takes: true,
+            ..Kernel::default()
+        });
+        let e = run(&k, &[]).unwrap_err();
+        assert_eq!(
+            e.step.to_string(),
+            "ip -4 route del local default dev lo table 133"
+        );
+        let k = k.into_inner();
+        assert_eq!(
+            (k.rules, k.tables),
+            (vec![(100, 1337, 133)], BTreeSet::from([133]))
+        );
+    }
+
+    #[test]
+    fn undo_failures_say_which_step_and_why() {
+        let e = UndoError {
+            step: Step {
+                command: IpCommand::AddInboundV6Address,
+                add: true,
+                priority: None,
+            },
+            undo: Step {
+                command: IpCommand::AddInboundV6Address,
+                add: false,
+                priority: None,
+            },
+            failure: StepFailure::Netlink(RtnlError::Refused(std::io::Error::from_raw_os_error(1))),
+        };
+        assert_eq!(
+            e.to_string(),
+            "undoing `ip -6 addr add ::6/128 dev lo` (`ip -6 addr del ::6/128 dev lo`): over \
+             rtnetlink: the kernel refused it: Operation not permitted (os error 1)"
+        );
+    }
 }

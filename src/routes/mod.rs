@@ -1,21 +1,25 @@
 //! The `ip` plumbing (TPROXY policy routing, the ::6 address), in one place: which steps a
-//! config needs, and for each step how it is added, shown, recognised in the output and
-//! undone. Applying makes it idempotent: each step is run only when its effect is missing,
-//! and can be undone. We shell out to iproute2's `ip`.
+//! config needs, and for each step how it is shown (as the `ip` command Istio prints: the
+//! dry-run script and the messages), recognised in the kernel's state and undone. Applying
+//! makes it idempotent: each step is made only when its effect is missing, and can be
+//! undone. Real runs make the changes over rtnetlink ([`crate::system::rtnl_change`]) and
+//! read them back over netlink ([`crate::system::rtnl`]): no `ip` program.
 
 pub mod apply;
 pub mod shadow;
 
 use std::fmt;
 
+use std::collections::BTreeSet;
+
 use crate::config::{Config, HostFacts, InboundPorts, Mode};
-use crate::model::{Family, parse_number};
-use crate::system::exec::{ExecError, Runner};
+use crate::model::Family;
 use crate::system::host_view::Probe;
 use crate::system::rtnl::Routing;
+use crate::system::rtnl_change::Target;
 
 /// `::6`, the source address of inbound passthrough over IPv6 (on `lo`, as `::6/128`).
-const INBOUND_V6_ADDRESS: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+pub const INBOUND_V6_ADDRESS: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// An `ip` command the mode needs, as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,46 +142,25 @@ fn args(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-/// The `ip ... show` command whose output tells whether `cmd`'s effect exists.
-fn show_args(cmd: &IpCommand) -> Vec<String> {
-    match cmd {
-        IpCommand::AddInboundV6Address => args(&["-6", "addr", "show", "dev", "lo"]),
-        // -N: table numbers, not names (`main`, `default`, `local`).
-        IpCommand::RuleAdd { family, .. } => args(&["-N", fam(*family), "rule", "show"]),
-        IpCommand::RouteAddLocal { family, table } => {
-            let t = table.to_string();
-            args(&[fam(*family), "route", "show", "table", &t])
+/// The mark and table of this config's TPROXY routing (`--tproxy-mark`,
+/// `--tproxy-route-table`), whatever the mode: a rule with either into an empty table is a
+/// leftover of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TproxyRouting {
+    pub mark: u32,
+    pub table: u32,
+}
+
+impl TproxyRouting {
+    pub fn of(cfg: &Config) -> TproxyRouting {
+        TproxyRouting {
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
         }
     }
 }
 
-/// Whether `show` output (of `show_args(cmd)`) contains `cmd`'s effect.
-pub fn present_in(cmd: &IpCommand, show: &str) -> bool {
-    match cmd {
-        IpCommand::AddInboundV6Address => show
-            .lines()
-            .any(|l| l.trim_start().starts_with("inet6 ::6/128 ")),
-        IpCommand::RuleAdd { mark, table, .. } => show.lines().any(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let after = |k: &str| {
-                w.iter()
-                    .position(|x| *x == k)
-                    .and_then(|i| w.get(i + 1))
-                    .copied()
-            };
-            let mark_ok = after("fwmark").is_some_and(|m| {
-                let m = m.split('/').next().unwrap_or(m);
-                parse_number(m) == Some(u64::from(*mark))
-            });
-            mark_ok && after("lookup") == Some(table.to_string().as_str())
-        }),
-        IpCommand::RouteAddLocal { .. } => {
-            show.lines().any(|l| l.starts_with("local default dev lo"))
-        }
-    }
-}
-
-/// The command that removes `cmd`'s effect.
+/// The `ip` command that removes `cmd`'s effect (how a removal is named).
 pub fn undo_args(cmd: &IpCommand) -> Vec<String> {
     match cmd {
         IpCommand::AddInboundV6Address => args(&["-6", "addr", "del", "::6/128", "dev", "lo"]),
@@ -214,47 +197,94 @@ pub fn family_of(cmd: &IpCommand) -> Family {
     }
 }
 
-/// Whether `cmd`'s effect is in `routing` (`None` for the address, which it does not hold).
-pub fn present_in_routing(cmd: &IpCommand, routing: &Routing) -> Option<bool> {
+/// What the kernel is asked to add or remove for `cmd`; a rule with a known priority is
+/// named by it too, so that exactly that rule goes, or comes back there.
+pub fn target(cmd: &IpCommand, priority: Option<u32>) -> Target {
+    match *cmd {
+        IpCommand::AddInboundV6Address => Target::LoV6HostAddress(INBOUND_V6_ADDRESS),
+        IpCommand::RuleAdd {
+            family,
+            mark,
+            table,
+        } => Target::Rule {
+            family,
+            mark,
+            table,
+            priority,
+        },
+        IpCommand::RouteAddLocal { family, table } => Target::LocalDefaultRoute { family, table },
+    }
+}
+
+/// Whether `cmd`'s effect is in `routing` (`None` for the address, which it does not hold);
+/// with a priority, whether exactly that rule is.
+pub fn present_in_routing(
+    cmd: &IpCommand,
+    priority: Option<u32>,
+    routing: &Routing,
+) -> Option<bool> {
     match cmd {
         IpCommand::AddInboundV6Address => None,
-        IpCommand::RuleAdd { mark, table, .. } => {
-            Some(routing.rules.iter().any(|r| {
-                r.plain && r.mark == Some(*mark) && r.mask == u32::MAX && r.table == *table
-            }))
-        }
+        IpCommand::RuleAdd { mark, table, .. } => Some(routing.rules.iter().any(|r| {
+            r.plain
+                && r.mark == Some(*mark)
+                && r.mask == u32::MAX
+                && r.table == *table
+                && priority.is_none_or(|p| r.priority == p)
+        })),
         IpCommand::RouteAddLocal { table, .. } => {
             Some(routing.local_default_tables.contains(table))
         }
     }
 }
 
-/// Whether `cmd`'s effect exists: read in process (netlink, getifaddrs) when the probe can,
-/// else with `ip`.
+/// The kernel's state could not be read over netlink.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("could not read the {family} policy routing over netlink")]
+    Routing { family: Family },
+    #[error("could not read the addresses of lo")]
+    Addresses,
+}
+
+/// The policy routing of `family`, read over netlink.
+pub fn routing(family: Family, probe: &dyn Probe) -> Result<Routing, ReadError> {
+    probe.routing(family).ok_or(ReadError::Routing { family })
+}
+
+/// Whether `cmd`'s effect exists (exactly the rule at `priority`, when given), read in
+/// process: netlink for rules and routes, getifaddrs for the address.
 pub fn present(
     cmd: &IpCommand,
+    priority: Option<u32>,
     probe: &dyn Probe,
-    runner: &mut dyn Runner,
-) -> Result<bool, ExecError> {
-    let known = match cmd {
-        IpCommand::AddInboundV6Address => probe.lo_has_v6_host_address(INBOUND_V6_ADDRESS),
-        _ => probe
-            .routing(family_of(cmd))
-            .and_then(|r| present_in_routing(cmd, &r)),
-    };
-    if let Some(p) = known {
-        return Ok(p);
+) -> Result<bool, ReadError> {
+    match cmd {
+        IpCommand::AddInboundV6Address => probe
+            .lo_has_v6_host_address(INBOUND_V6_ADDRESS)
+            .ok_or(ReadError::Addresses),
+        _ => {
+            let family = family_of(cmd);
+            let routing = routing(family, probe)?;
+            present_in_routing(cmd, priority, &routing).ok_or(ReadError::Routing { family })
+        }
     }
-    is_present(cmd, runner)
 }
 
 /// The TPROXY policy routing this tool added (in any earlier run, whatever mark and table it
 /// used) that `wanted` does not ask for, as the commands that added it; rules first, then
 /// routes. Ours: a plain `fwmark M lookup T` rule whose table T holds a `local default dev
-/// lo` route, and such a route no remaining rule looks up. Duplicates of a wanted rule are
-/// leftovers too.
-pub fn leftovers(family: Family, routing: &Routing, wanted: &[IpCommand]) -> Vec<IpCommand> {
-    leftovers_at(family, routing, wanted)
+/// lo` route; such a rule into a table with no route at all whose mark or table is ours
+/// (`configured`'s, or those of a rule of the first kind): a rule into an empty table, which
+/// a run stopped between removing a route and its rule leaves; and a `local default dev lo`
+/// route no remaining rule looks up. Duplicates of a wanted rule are leftovers too.
+pub fn leftovers(
+    family: Family,
+    routing: &Routing,
+    wanted: &[IpCommand],
+    configured: TproxyRouting,
+) -> Vec<IpCommand> {
+    leftovers_at(family, routing, wanted, configured)
         .into_iter()
         .map(|(c, _)| c)
         .collect()
@@ -266,7 +296,35 @@ pub fn leftovers_at(
     family: Family,
     routing: &Routing,
     wanted: &[IpCommand],
+    configured: TproxyRouting,
 ) -> Vec<(IpCommand, Option<u32>)> {
+    let fwmark_rule = |r: &crate::system::rtnl::Rule| r.plain && r.mask == u32::MAX;
+    let routes_locally = |r: &crate::system::rtnl::Rule| {
+        fwmark_rule(r) && r.mark.is_some() && routing.local_default_tables.contains(&r.table)
+    };
+    let mut our_marks: BTreeSet<u32> = BTreeSet::from([configured.mark]);
+    our_marks.extend(
+        routing
+            .rules
+            .iter()
+            .filter(|r| routes_locally(r))
+            .filter_map(|r| r.mark),
+    );
+    let our_tables: BTreeSet<u32> = routing
+        .local_default_tables
+        .iter()
+        .copied()
+        .chain([configured.table])
+        .collect();
+    let into_nothing = |r: &crate::system::rtnl::Rule| {
+        // Never the kernel's own tables (a foreign rule may look up an empty main table).
+        fwmark_rule(r)
+            && !matches!(r.table, 0 | 253..=255)
+            && r.mark
+                .is_some_and(|m| our_marks.contains(&m) || our_tables.contains(&r.table))
+            && !routing.tables_with_routes.contains(&r.table)
+    };
+
     let mut out = Vec::new();
     let mut kept: Vec<IpCommand> = Vec::new();
     let mut others: Vec<u32> = Vec::new();
@@ -275,10 +333,7 @@ pub fn leftovers_at(
     let mut rules: Vec<&crate::system::rtnl::Rule> = routing.rules.iter().collect();
     rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
     for r in rules {
-        let ours = r.plain
-            && r.mask == u32::MAX
-            && r.mark.is_some()
-            && routing.local_default_tables.contains(&r.table);
+        let ours = routes_locally(r) || into_nothing(r);
         let Some(mark) = r.mark.filter(|_| ours) else {
             others.push(r.table);
             continue;
@@ -307,8 +362,8 @@ pub fn leftovers_at(
     out
 }
 
-/// The `ip` arguments that add (`add`) or remove (`!add`) `cmd`'s effect; a rule with a
-/// known priority is named by it too, so that exactly that rule goes, or comes back there.
+/// The `ip` command that adds (`add`) or removes (`!add`) `cmd`'s effect, as a message names
+/// the step; a rule with a known priority is named by it too.
 pub fn change_args(cmd: &IpCommand, add: bool, priority: Option<u32>) -> Vec<String> {
     match (cmd, priority) {
         (
@@ -338,67 +393,44 @@ pub fn change_args(cmd: &IpCommand, add: bool, priority: Option<u32>) -> Vec<Str
     }
 }
 
-/// Whether `cmd`'s effect already exists, asking `ip`.
-pub fn is_present(cmd: &IpCommand, runner: &mut dyn Runner) -> Result<bool, ExecError> {
-    match runner.run("ip", &show_args(cmd), None) {
-        Ok(out) => Ok(present_in(cmd, &out)),
-        // A routing table that was never used does not exist yet: nothing is in it.
-        Err(e) if e.stderr().is_some_and(|s| s.contains("does not exist")) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::system::rtnl::Rule;
 
-    #[test]
-    fn recognises_existing_state() {
-        let rule = IpCommand::RuleAdd {
-            family: Family::V4,
-            mark: 1337,
-            table: 133,
-        };
-        assert!(present_in(
-            &rule,
-            "0:\tfrom all lookup local\n32765:\tfrom all fwmark 0x539 lookup 133\n"
-        ));
-        assert!(!present_in(
-            &rule,
-            "32765:\tfrom all fwmark 0x53a lookup 133\n"
-        ));
-        assert!(!present_in(
-            &rule,
-            "32765:\tfrom all fwmark 0x539 lookup 134\n"
-        ));
-        let route = IpCommand::RouteAddLocal {
-            family: Family::V6,
-            table: 133,
-        };
-        assert!(present_in(
-            &route,
-            "local default dev lo metric 1024 pref medium\n"
-        ));
-        assert!(!present_in(&route, ""));
-        let addr = IpCommand::AddInboundV6Address;
-        assert!(present_in(
-            &addr,
-            "1: lo: <LOOPBACK>\n    inet6 ::6/128 scope global \n"
-        ));
-        assert!(!present_in(&addr, "    inet6 ::1/128 scope host \n"));
-    }
+    const CONFIGURED: TproxyRouting = TproxyRouting {
+        mark: 1337,
+        table: 133,
+    };
 
-    #[test]
-    fn leftovers_are_found_by_their_route_whatever_mark_and_table() {
-        use crate::system::rtnl::Rule;
-        let rule = |priority, mark: Option<u32>, table, plain| Rule {
+    fn rule(priority: u32, mark: Option<u32>, table: u32, plain: bool) -> Rule {
+        Rule {
             priority,
             mark,
             mask: u32::MAX,
             table,
             plain,
             ..Rule::default()
-        };
+        }
+    }
+
+    fn v4_rule(mark: u32, table: u32) -> IpCommand {
+        IpCommand::RuleAdd {
+            family: Family::V4,
+            mark,
+            table,
+        }
+    }
+
+    fn v4_route(table: u32) -> IpCommand {
+        IpCommand::RouteAddLocal {
+            family: Family::V4,
+            table,
+        }
+    }
+
+    #[test]
+    fn leftovers_are_found_by_their_route_whatever_mark_and_table() {
         let routing = Routing {
             rules: vec![
                 rule(0, None, 255, true),
@@ -410,48 +442,33 @@ mod tests {
                 rule(32766, None, 254, true),
             ],
             local_default_tables: [133, 140, 150, 160].into(),
+            tables_with_routes: [133, 140, 150, 160, 254, 255, 300].into(),
         };
         let v4 = Family::V4;
-        let wanted = vec![
-            IpCommand::RuleAdd {
-                family: v4,
-                mark: 1337,
-                table: 133,
-            },
-            IpCommand::RouteAddLocal {
-                family: v4,
-                table: 133,
-            },
-        ];
+        let wanted = vec![v4_rule(1337, 133), v4_route(133)];
         assert_eq!(
-            leftovers(v4, &routing, &wanted),
+            leftovers(v4, &routing, &wanted, CONFIGURED),
             vec![
                 // A later duplicate of ours, the earlier config's rule; not table 300 (no
                 // route of ours there) nor the rule with other selectors.
-                IpCommand::RuleAdd {
-                    family: v4,
-                    mark: 1337,
-                    table: 133
-                },
-                IpCommand::RuleAdd {
-                    family: v4,
-                    mark: 1400,
-                    table: 140
-                },
+                v4_rule(1337, 133),
+                v4_rule(1400, 140),
                 // Routes nothing looks up any more; table 150 is still looked up.
-                IpCommand::RouteAddLocal {
-                    family: v4,
-                    table: 140
-                },
-                IpCommand::RouteAddLocal {
-                    family: v4,
-                    table: 160
-                },
+                v4_route(140),
+                v4_route(160),
             ]
         );
-        assert_eq!(present_in_routing(&wanted[0], &routing), Some(true));
-        assert_eq!(present_in_routing(&wanted[1], &routing), Some(true));
-        let at = leftovers_at(v4, &routing, &wanted);
+        assert_eq!(present_in_routing(&wanted[0], None, &routing), Some(true));
+        assert_eq!(
+            present_in_routing(&wanted[0], Some(102), &routing),
+            Some(true)
+        );
+        assert_eq!(
+            present_in_routing(&wanted[0], Some(103), &routing),
+            Some(false)
+        );
+        assert_eq!(present_in_routing(&wanted[1], None, &routing), Some(true));
+        let at = leftovers_at(v4, &routing, &wanted, CONFIGURED);
         assert_eq!(at[0].1, Some(101));
         assert_eq!(at[1].1, Some(100));
         assert_eq!(
@@ -466,16 +483,79 @@ mod tests {
             change_args(&at[2].0, false, None).join(" "),
             "-4 route del local default dev lo table 140"
         );
-        assert_eq!(leftovers(v4, &Routing::default(), &wanted), vec![]);
+        assert_eq!(
+            leftovers(v4, &Routing::default(), &wanted, CONFIGURED),
+            vec![]
+        );
+    }
+
+    /// A rule of our mark or table into a table with no route is a leftover (what a rollback
+    /// that put the rule back without its route left); a rule of another mark and table, one
+    /// into a table that routes, or into the kernel's own tables, is not.
+    #[test]
+    fn a_rule_of_ours_into_an_empty_table_is_a_leftover() {
+        let routing = Routing {
+            rules: vec![
+                // The configured mark into an empty table.
+                rule(100, Some(1337), 133, true),
+                // Another mark into the configured (empty) table.
+                rule(101, Some(5), 133, true),
+                // The mark of a rule that routes locally (1400 -> 140), into an empty table.
+                rule(102, Some(1400), 141, true),
+                rule(103, Some(1400), 140, true),
+                // Foreign: mark and table not ours, or a table with routes, or main.
+                rule(104, Some(9), 300, true),
+                rule(105, Some(1337), 200, true),
+                rule(106, Some(1337), 254, true),
+                // Not plain (an interface selector): never ours.
+                rule(107, Some(1337), 134, false),
+            ],
+            local_default_tables: [140].into(),
+            tables_with_routes: [140, 200].into(),
+        };
+        let v4 = Family::V4;
+        // REDIRECT: nothing wanted.
+        assert_eq!(
+            leftovers(v4, &routing, &[], CONFIGURED),
+            vec![
+                v4_rule(1400, 140),
+                v4_rule(1400, 141),
+                v4_rule(5, 133),
+                v4_rule(1337, 133),
+                v4_route(140),
+            ]
+        );
+        // TPROXY of the configured mark and table: the rule stays (its route is added).
+        let wanted = [v4_rule(1337, 133), v4_route(133)];
+        assert!(!leftovers(v4, &routing, &wanted, CONFIGURED).contains(&v4_rule(1337, 133)),);
+        // A rule into an empty table of another mark and table is not ours.
+        let only = Routing {
+            rules: vec![rule(100, Some(9), 300, true)],
+            ..Routing::default()
+        };
+        assert_eq!(leftovers(v4, &only, &[], CONFIGURED), vec![]);
     }
 
     #[test]
-    fn undo_mirrors_add() {
+    fn changes_name_the_step_and_the_target() {
         let rule = IpCommand::RuleAdd {
             family: Family::V6,
             mark: 7,
             table: 9,
         };
         assert_eq!(undo_args(&rule).join(" "), "-6 rule del fwmark 7 lookup 9");
+        assert_eq!(
+            target(&rule, Some(5)),
+            Target::Rule {
+                family: Family::V6,
+                mark: 7,
+                table: 9,
+                priority: Some(5)
+            }
+        );
+        assert_eq!(
+            target(&IpCommand::AddInboundV6Address, None),
+            Target::LoV6HostAddress("::6".parse().unwrap())
+        );
     }
 }

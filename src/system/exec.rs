@@ -1,4 +1,4 @@
-//! Running external programs (iptables-restore, iptables-save, ip). Distinguishes "not
+//! Running external programs (iptables-restore, iptables-save, nft). Distinguishes "not
 //! installed", "not permitted", "could not start" and "ran and failed", and always keeps the
 //! program's stderr for the error message. Payloads go on stdin: no temp files.
 
@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 /// Why running a program failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("{program} was not found in PATH (install the iptables and iproute2 packages)")]
+    #[error("{program} was not found in PATH (install the iptables package)")]
     NotFound { program: String },
     #[error("{program}: permission denied (run as root, or with NET_ADMIN and NET_RAW)")]
     PermissionDenied { program: String },

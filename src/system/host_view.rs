@@ -20,12 +20,12 @@ pub trait Probe {
     fn nft_tables(&self, _family: Family) -> Option<usize> {
         None
     }
-    /// The family's policy routing rules and `local default dev lo` routes (`None`: could not
-    /// tell; callers then ask `ip`).
+    /// The family's policy routing rules and the tables of its routes (`None`: could not
+    /// tell).
     fn routing(&self, _family: Family) -> Option<crate::system::rtnl::Routing> {
         None
     }
-    /// Whether `lo` has `addr/128` (`None`: could not tell; callers then ask `ip`).
+    /// Whether `lo` has `addr/128` (`None`: could not tell).
     fn lo_has_v6_host_address(&self, _addr: std::net::Ipv6Addr) -> Option<bool> {
         None
     }
@@ -173,6 +173,9 @@ impl Probe for NftOnly {
     }
     fn lo_has_v6_host_address(&self, _: std::net::Ipv6Addr) -> Option<bool> {
         Some(false)
+    }
+    fn routing(&self, _: Family) -> Option<crate::system::rtnl::Routing> {
+        Some(crate::system::rtnl::Routing::default())
     }
 }
 

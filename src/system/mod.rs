@@ -10,15 +10,17 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;
+pub mod rtnl_change;
 
 use crate::model::OwnerResolver;
 
 /// What a command needs from the host, as narrow interfaces (the tests give fakes):
 /// programs to run, what the kernel shows without running anything, the nf_tables changes
-/// made in process, and user names.
+/// and the routing changes made in process (netlink), and user names.
 pub struct Env<'a> {
     pub runner: &'a mut dyn exec::Runner,
     pub probe: &'a dyn host_view::Probe,
     pub nf: &'a mut dyn nftprobe::NfWrite,
+    pub rtnl: &'a mut dyn rtnl_change::Rtnl,
     pub resolver: &'a dyn OwnerResolver,
 }

@@ -5,8 +5,9 @@
 //! falls back.
 //!
 //! Hand-written because nf_tables has no well-kept Rust crate (its reads need three message
-//! types and a handful of attributes), and the two rtnetlink dumps ride on the same loop;
-//! when routes are also changed over netlink, `netlink-packet-route` should take over those.
+//! types and a handful of attributes), and the rtnetlink reads ride on the same loop; the
+//! routing changes use `netlink-packet-route` (`rtnl_change.rs`), whose messages could take
+//! over those reads too.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 

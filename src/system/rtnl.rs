@@ -110,6 +110,8 @@ pub struct Routing {
     pub rules: Vec<Rule>,
     /// Tables holding a `local default dev lo` route (what TPROXY mode adds).
     pub local_default_tables: BTreeSet<u32>,
+    /// Tables holding any route (a rule into a table not here looks up nothing).
+    pub tables_with_routes: BTreeSet<u32>,
 }
 
 /// Whether `lo` has `addr/128`.
@@ -258,6 +260,17 @@ fn address(v: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
+/// The table of one RTM_NEWROUTE body.
+fn route_table(body: &[u8]) -> Option<u32> {
+    let mut table = u32::from(*body.get(4)?);
+    for (ty, v) in attrs(body) {
+        if ty == RTA_TABLE {
+            table = u32_of(v)?;
+        }
+    }
+    Some(table)
+}
+
 /// From one RTM_NEWROUTE body, the table of a `local default dev lo` route.
 fn local_default_table(body: &[u8], lo: u32) -> Option<u32> {
     if body.len() < 12 || body[1] != 0 || body[7] != RTN_LOCAL {
@@ -293,10 +306,13 @@ pub fn routing(family: Family) -> Option<Routing> {
     // Routes are only of interest next to a rule with a mark, or on their own as leftovers
     // of a run killed between adding the route and the rule: always look.
     for (ty, b) in dump(&mut sock, RTM_GETROUTE, family)? {
-        if ty == RTM_NEWROUTE
-            && ours(&b)
-            && let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX)
-        {
+        if ty != RTM_NEWROUTE || !ours(&b) {
+            continue;
+        }
+        if let Some(t) = route_table(&b) {
+            out.tables_with_routes.insert(t);
+        }
+        if let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX) {
             out.local_default_tables.insert(t);
         }
     }
@@ -465,6 +481,11 @@ mod tests {
         assert!(marked.contains(&(Some(5), 254, true)), "{v4:?}");
         assert!(marked.contains(&(Some(6), 300, false)), "{v4:?}");
         assert_eq!(v4.local_default_tables, BTreeSet::from([140]));
+        assert!(
+            v4.tables_with_routes
+                .is_superset(&BTreeSet::from([140, 255]))
+        );
+        assert!(!v4.tables_with_routes.contains(&300), "{v4:?}");
         assert!(v6.local_default_tables.is_empty());
         assert!(v4.rules.iter().any(|r| r.mark.is_none() && r.table == 254));
     }

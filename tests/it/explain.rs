@@ -538,6 +538,7 @@ impl Lab {
             runner: &mut runner,
             probe: &SystemProbe,
             nf: &mut istio_iptables::system::nftprobe::NfNetlink,
+            rtnl: &mut istio_iptables::system::rtnl_change::Kernel,
             resolver: &RealHost,
         };
         // As main builds them: the other backend's iptables detects its flavour.

@@ -113,22 +113,35 @@ enum Fail {
     Nothing,
     /// `ip6tables-*restore --noflush` prints `ip6tables-restore: line 3 failed` and exits 1.
     Ip6tablesRestoreNoflush,
-    /// `ip ... rule add ...` fails like the kernel refusing it.
-    IpRuleAdd,
     /// `nft -f ...` fails like nft refusing a transaction (at its line 2).
     NftTransaction,
     /// `{ip,ip6}tables-*restore --noflush` (`ipv6` picks the family) commits the tables before
     /// the `n`th (1-based) of its payload with the real program, then fails like a kernel
     /// refusing the `n`th table: what iptables-restore does, table by table.
     NthTable { ipv6: bool, n: usize },
-    /// `ip ... rule add` fails when its arguments contain this text.
-    IpRuleAddOf(&'static str),
+}
+
+/// Shell lines that make the kernel refuse our `FAMILY route add local default dev lo table
+/// TABLE` for real (no shim: the routes are changed over netlink): another device's `local
+/// default` route already in the table (`File exists`). `family`: `-4` or `-6`.
+fn conflicting_route_in(family: &str, table: u32) -> String {
+    format!(
+        "ip link show d0 >/dev/null 2>&1 || {{ ip link add d0 type veth peer name d1; ip link set d0 up; ip link set d1 up; }}\n\
+         ip {family} route add local default dev d0 table {table}\n"
+    )
+}
+
+/// [`conflicting_route_in`] table 133, the default TPROXY table.
+fn conflicting_route(family: &str) -> String {
+    conflicting_route_in(family, 133)
 }
 
 /// A namespace script under construction.
 struct Script {
     text: String,
     shims: bool,
+    /// The PATH of later runs, when not the usual one (see [`Script::only_programs`]).
+    path: Option<String>,
 }
 
 impl Script {
@@ -154,7 +167,11 @@ snap() {
 }
 "#
         .to_string();
-        Script { text, shims: false }
+        Script {
+            text,
+            shims: false,
+            path: None,
+        }
     }
 
     /// Appends a shell line.
@@ -210,25 +227,10 @@ snap() {
                      esac\n"
                 );
             }
-            if let Fail::IpRuleAddOf(text) = fail
-                && name == "ip"
-            {
-                let _ = writeln!(
-                    body,
-                    "case \" $* \" in *\" rule add \"*\"{text}\"*) \
-                     echo 'RTNETLINK answers: Operation not permitted (shim)' >&2; exit 2;; esac"
-                );
-            }
             if fail == Fail::NftTransaction && name == "nft" {
                 body.push_str(
                     "case \" $* \" in *\" -f \"*) cat >/dev/null; \
                      echo '/dev/stdin:2:1-3: Error: Could not process rule: refused (shim)' >&2; exit 1;; esac\n",
-                );
-            }
-            if fail == Fail::IpRuleAdd && name == "ip" {
-                body.push_str(
-                    "case \" $* \" in *\" rule add \"*) \
-                     echo 'RTNETLINK answers: Operation not permitted (shim)' >&2; exit 2;; esac\n",
                 );
             }
             body.push_str(&format!("exec {} \"$@\"\n", shell_quote(&real)));
@@ -238,6 +240,21 @@ snap() {
                  chmod 755 \"$NS_TMP/shims/{name}\"\n"
             );
         }
+        self.text.push_str(&s);
+        self
+    }
+
+    /// Later runs get a PATH of one directory, `$NS_TMP/only`, holding (as symlinks to the
+    /// real programs) only the installed ones of `programs`.
+    fn only_programs(mut self, programs: &[&str]) -> Script {
+        let mut s = String::from("mkdir -p \"$NS_TMP/only\"\n");
+        for name in programs {
+            if let Some(real) = real_program(name) {
+                let _ = writeln!(s, "ln -sf {} \"$NS_TMP/only/{name}\"", shell_quote(&real));
+            }
+        }
+        self.path = Some("PATH=\"$NS_TMP/only\"".into());
+        self.shims = false;
         self.text.push_str(&s);
         self
     }
@@ -257,16 +274,20 @@ snap() {
         args: &[&str],
         trace: Option<&str>,
     ) -> Script {
-        let path = if self.shims {
+        let path = if let Some(p) = &self.path {
+            p.clone()
+        } else if self.shims {
             format!("PATH=\"$NS_TMP/shims\":{}", shell_quote(sane_path()))
         } else {
             shell_command([format!("PATH={}", sane_path())])
         };
         let mut words: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if let Some(t) = trace {
-            words.extend(
-                ["strace", "-f", "-qq", "-e", &format!("trace={t}"), "-o"].map(String::from),
-            );
+            // By its full path: the run's PATH may not hold it (`only_programs`).
+            let strace = real_program("strace")
+                .map_or("strace".into(), |p| p.to_string_lossy().into_owned());
+            words.push(strace);
+            words.extend(["-f", "-qq", "-e", &format!("trace={t}"), "-o"].map(String::from));
         }
         let strace_out = if trace.is_some() {
             format!("\"$NS_OUT/{label}.strace\" ")

@@ -100,22 +100,40 @@ fn failed_ip6tables_restore_restores_existing_content() {
     assert_ip6tables_failure_message(&run);
 }
 
+/// A routing step the kernel refuses for real (a conflicting route in table 133) after both
+/// families committed: the tables, the routing and `::6` come back, and the message names the
+/// step and the kernel's answer.
 #[test]
 #[ignore = "needs root and network namespaces"]
-fn failed_ip_rule_add_rolls_back_tables_routes_and_address() {
-    if skip_unless_root("failed_ip_rule_add_rolls_back_tables_routes_and_address") {
+fn a_refused_route_rolls_back_tables_routes_and_address() {
+    if skip_unless_root("a_refused_route_rolls_back_tables_routes_and_address") {
         return;
     }
-    for setup in [String::new(), existing_state_setup()] {
-        let run = assert_rollback(&setup, Fail::IpRuleAdd, V6, &["-m", "TPROXY", "-b", "*"]);
+    for (setup, added_v6) in [
+        (conflicting_route("-4"), true),
+        (
+            format!("{}{}", existing_state_setup(), conflicting_route("-4")),
+            false,
+        ),
+    ] {
+        let run = assert_rollback(&setup, Fail::Nothing, V6, &["-m", "TPROXY", "-b", "*"]);
         let line = run.one_error();
+        // `::6` was added first (and so taken back) only where it was not there yet.
+        let restored = if added_v6 {
+            "(IPv4, IPv6, routes; checked by re-reading the kernel)"
+        } else {
+            "(IPv4, IPv6; checked by re-reading the kernel)"
+        };
         assert!(
-            line.contains("configuring routes")
-                && line.contains("rule add")
-                && line.contains("Operation not permitted (shim)")
-                && line.contains("IPv4, IPv6"),
-            "the error should name the phase, the ip command, its message and what was \
-             restored: {line}"
+            line.starts_with(
+                "configuring routes: `ip -4 route add local default dev lo table 133`: over \
+                 rtnetlink: the kernel refused it: File exists (os error 17); the previous state \
+                 was restored"
+            ) && line.contains(restored),
+            "the error should name the step, the kernel's answer and what was restored: \
+             {line}\n{}",
+            run.describe()
         );
+        assert!(run.execs_of(|p| p == "ip").is_empty(), "{}", run.describe());
     }
 }
