@@ -259,9 +259,6 @@ pub trait Backend {
         env: &mut Env<'_>,
         rollback: &mut Rollback,
     );
-    /// Whether `state` shows a TPROXY config of ours in `family` (for the routes, where
-    /// netlink cannot show them).
-    fn had_tproxy(&self, state: &Self::State, family: Family) -> bool;
     /// How `state` differs from `rules`, place by place (verify).
     fn drift(
         &self,

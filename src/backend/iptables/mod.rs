@@ -320,15 +320,6 @@ impl Backend for Iptables {
         }
     }
 
-    fn had_tproxy(&self, state: &State, family: Family) -> bool {
-        state.places.iter().any(|p| {
-            p.program.family == family
-                && p.before
-                    .table(Table::Mangle)
-                    .is_some_and(|t| t.user_chains.iter().any(|c| c == chain::TPROXY))
-        })
-    }
-
     fn drift(&self, rules: &Plan, state: &State, resolver: &dyn OwnerResolver) -> Vec<Drift> {
         state
             .places

@@ -266,15 +266,6 @@ impl Backend for Nftables {
         }
     }
 
-    fn had_tproxy(&self, state: &State, _family: Family) -> bool {
-        state
-            .live
-            .state
-            .tables
-            .get(&Table::Mangle)
-            .is_some_and(|t| t.chain(build::chain::TPROXY).is_some())
-    }
-
     fn drift(&self, rules: &Ruleset, state: &State, resolver: &dyn OwnerResolver) -> Vec<Drift> {
         drift::diff(&state.live.state, &state::desired(rules, resolver))
     }

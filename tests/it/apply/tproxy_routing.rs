@@ -675,3 +675,41 @@ fn mode_and_mark_changes_leave_no_rule_into_an_empty_table() {
         );
     }
 }
+
+/// With only the iptables programs in PATH (no `ip`, no `nft`), a failure at `::6` after
+/// both families committed puts everything back, the tables this run created included
+/// (dropped over netlink): the message says restored, and the kernel shows it.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn with_only_the_iptables_programs_a_failed_run_drops_the_tables_it_created() {
+    if skip_unless_root("with_only_the_iptables_programs_a_failed_run_drops_the_tables_it_created")
+    {
+        return;
+    }
+    let tproxy = seed_with("-m", "TPROXY");
+    let programs = iptables_programs();
+    let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
+    let ns = Script::new()
+        .sh("sysctl -qw net.ipv6.conf.lo.disable_ipv6=1")
+        .snap("before")
+        .only_programs(&programs)
+        .run("failing", V6, &tproxy)
+        .snap("after")
+        .exec();
+    let ctx = ns.context();
+    let run = ns.run_rc("failing", 1);
+    let line = run.one_error();
+    assert!(
+        line.contains("`ip -6 addr add ::6/128 dev lo`")
+            && line.contains("the previous state was restored")
+            && !line.contains("ROLLBACK FAILED"),
+        "{line}\n{}",
+        run.describe()
+    );
+    assert_same(
+        "a failed fresh apply leaves no table behind",
+        &ns.state("before"),
+        &ns.state("after"),
+        &ctx,
+    );
+}
