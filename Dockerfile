@@ -9,9 +9,9 @@ COPY src ./src
 RUN rustup target add x86_64-unknown-linux-musl \
     && cargo build --release --locked --target x86_64-unknown-linux-musl
 
-# Runtime: iptables (legacy and nft), nftables (bookworm: 1.0.6) for --native-nftables and
-# to drop tables a reconcile leaves empty. No iproute2: the TPROXY routes and ::6 are changed
-# over rtnetlink in process.
+# Runtime: iptables (legacy and nft), nftables (bookworm: 1.0.6) for --native-nftables. No
+# iproute2: the TPROXY routes and ::6 are changed over rtnetlink in process, and emptied
+# iptables-nft tables are dropped over netlink.
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables nftables \
