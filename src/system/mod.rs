@@ -10,6 +10,7 @@ pub mod nftprobe;
 pub mod nslock;
 pub mod probe;
 pub mod rtnl;
+pub mod signals;
 
 use crate::model::OwnerResolver;
 
