@@ -1113,6 +1113,27 @@ pub(crate) mod tests {
         assert_eq!(parse_go_duration("-5s"), None);
     }
 
+    /// The program deadline follows the lock wait unless set; 0 would kill every program.
+    #[test]
+    fn program_timeout_defaults_past_the_lock_wait_and_is_at_least_one_second() {
+        let secs = |vars: &[(&str, &str)]| build(&[], vars).map(|(c, _)| c.program_timeout_secs);
+        assert_eq!(secs(&[]).unwrap(), 60);
+        assert_eq!(secs(&[("IPTABLES_LOCK_WAIT_SECONDS", "100")]).unwrap(), 130);
+        assert_eq!(
+            secs(&[("IPTABLES_PROGRAM_TIMEOUT_SECONDS", "5")]).unwrap(),
+            5
+        );
+        for bad in ["0", "soon", "-1"] {
+            let e = secs(&[("IPTABLES_PROGRAM_TIMEOUT_SECONDS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("IPTABLES_PROGRAM_TIMEOUT_SECONDS") && e.contains("number of seconds"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn ipv6_override_and_owner_group_filters() {
         assert!(
