@@ -12,6 +12,7 @@ use istio_iptables::cli::{Args, Command, Exit, docs};
 use istio_iptables::commands;
 use istio_iptables::config::{BackendChoice, RunMode, listfile, parse_go_bool};
 use istio_iptables::logging;
+use istio_iptables::system::signals::Signals;
 
 // musl's own malloc is slow and returns memory to the kernel on most frees (Cargo.toml).
 #[cfg(target_env = "musl")]
@@ -45,6 +46,13 @@ fn main() -> ExitCode {
         &args.cli,
         dry_run || !apply_command,
     ));
+
+    // From here on SIGTERM and SIGINT exit with their codes (130, 143), at once or, while
+    // the rules are being changed, once what was changed is put back (`commands::run`).
+    let signals = Signals::install().unwrap_or_else(|e| {
+        tracing::warn!("{:#}", anyhow::Error::from(e));
+        Signals::none()
+    });
 
     // Generated from the clap definition; no config is read (a bad env var cannot stop them).
     match &args.cli.command {
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
             inspect.as_ref(),
             &cfg,
             started,
+            &signals,
         ),
         BackendChoice::Nftables { .. } => commands::run::run(
             &Nftables,
@@ -95,6 +104,7 @@ fn main() -> ExitCode {
             inspect.as_ref(),
             &cfg,
             started,
+            &signals,
         ),
     }
     .into()

@@ -19,6 +19,10 @@ pub const DUAL_STACK_ALIAS: &str = "ISTIO_DUAL_STACK";
 /// Ours: seconds to wait for the xtables lock with the legacy backend, and for another run
 /// in the same network namespace (its lock, `system::nslock`) (default 30).
 pub const LOCK_WAIT: &str = "IPTABLES_LOCK_WAIT_SECONDS";
+/// Ours: seconds a program we run (iptables-restore, iptables-save, nft, ip) may take before
+/// it is killed and the run rolls back (default: 30 more than `LOCK_WAIT`, so 60, since a
+/// legacy restore may wait that long for the xtables lock first).
+pub const PROGRAM_TIMEOUT: &str = "IPTABLES_PROGRAM_TIMEOUT_SECONDS";
 
 /// The knobs above that have no flag, with their default and meaning, for `--help` and
 /// the man page.
@@ -52,5 +56,10 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         LOCK_WAIT,
         "30",
         "seconds to wait for the xtables lock (legacy backend) and for another run in this network namespace",
+    ),
+    (
+        PROGRAM_TIMEOUT,
+        "IPTABLES_LOCK_WAIT_SECONDS + 30",
+        "seconds a program we run (iptables-restore, iptables-save, nft, ip) may take before it is killed and the run rolls back; at least 1",
     ),
 ];

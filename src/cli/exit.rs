@@ -26,11 +26,17 @@ pub enum Exit {
     ValidationError,
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
     ValidationFailed,
+    /// SIGINT stopped the run (128 + 2, the shells' convention); what it had changed was put
+    /// back unless the message says otherwise.
+    Interrupted,
+    /// SIGTERM stopped the run (128 + 15); what it had changed was put back unless the
+    /// message says otherwise.
+    Terminated,
 }
 
 impl Exit {
     /// Every exit code, as `--help` and the man page list them.
-    pub const ALL: [Exit; 9] = [
+    pub const ALL: [Exit; 11] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
@@ -40,6 +46,8 @@ impl Exit {
         Exit::Unknown,
         Exit::ValidationError,
         Exit::ValidationFailed,
+        Exit::Interrupted,
+        Exit::Terminated,
     ];
 
     /// The process's exit status.
@@ -54,6 +62,8 @@ impl Exit {
             Exit::Unknown => 6,
             Exit::ValidationError => 125,
             Exit::ValidationFailed => 126,
+            Exit::Interrupted => 130,
+            Exit::Terminated => 143,
         }
     }
 
@@ -84,6 +94,16 @@ impl Exit {
             Exit::ValidationFailed => {
                 "--run-validation: traffic was not captured within --probe-timeout"
             }
+            Exit::Interrupted => {
+                "SIGINT stopped the run at its next safe point: an apply put back what it had \
+                 changed (unless the message says ROLLBACK FAILED), a cleanup stopped (rerun \
+                 it); during --run-validation the rules stay"
+            }
+            Exit::Terminated => {
+                "SIGTERM stopped the run at its next safe point: an apply put back what it had \
+                 changed (unless the message says ROLLBACK FAILED), a cleanup stopped (rerun \
+                 it); during --run-validation the rules stay"
+            }
         }
     }
 }
@@ -113,6 +133,8 @@ mod tests {
                 Exit::Unknown => 6,
                 Exit::ValidationError => 7,
                 Exit::ValidationFailed => 8,
+                Exit::Interrupted => 9,
+                Exit::Terminated => 10,
             };
             assert_eq!(Exit::ALL[index], e);
         }

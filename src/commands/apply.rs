@@ -12,6 +12,8 @@ use crate::config::{Config, HostFacts};
 use crate::routes::apply::{self as route_steps, IpFailed, PlanError, RemoveError, StepFailure};
 use crate::routes::{self, IpCommand, TproxyRouting};
 use crate::system::Env;
+use crate::system::exec::ExecError;
+use crate::system::signals::Caught;
 
 /// A failed apply. Every variant says the phase; a failure after the first change says
 /// whether the earlier steps were put back.
@@ -48,7 +50,18 @@ pub enum ApplyError {
         failure: Box<StepFailure>,
         rollback: String,
     },
+    /// SIGTERM or SIGINT stopped the run at a safe point (`error`: the step it stopped, or
+    /// the signal between two steps); `rollback` says what was put back.
+    #[error("{error}; {rollback}")]
+    Stopped {
+        /// Printed in the message, so not exposed as `source` too.
+        error: Box<dyn StepError>,
+        rollback: String,
+    },
 }
+
+/// A signal between two steps is a step's failure too.
+impl StepError for ExecError {}
 
 impl ApplyError {
     /// `--reconcile=false` met different state (exit code 4).
@@ -56,7 +69,10 @@ impl ApplyError {
         match self {
             ApplyError::Before { error } => error.is_conflict(),
             ApplyError::OtherBackend { .. } => true,
-            ApplyError::Commit { .. } | ApplyError::Ip { .. } | ApplyError::Routes(_) => false,
+            ApplyError::Commit { .. }
+            | ApplyError::Ip { .. }
+            | ApplyError::Routes(_)
+            | ApplyError::Stopped { .. } => false,
         }
     }
 }
@@ -89,7 +105,32 @@ impl Options {
 }
 
 /// Applies `cfg` with `chosen`, and removes our state from `other`.
+///
+/// A SIGTERM or SIGINT ([`crate::system::signals`]) stops it at the next safe point: the
+/// program running then is killed (or the next one does not start), or it is seen between
+/// two steps; what was done is then put back as for a failure ([`ApplyError::Stopped`] when
+/// no step failed of it).
 pub fn apply<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    opts: &Options,
+    env: &mut Env<'_>,
+) -> Result<Summary, ApplyError> {
+    match apply_steps(chosen, other, cfg, facts, opts, env) {
+        // A read or check the signal stopped: nothing had changed.
+        Err(ApplyError::Before { error }) if env.runner.stop_signal().is_some() => {
+            Err(ApplyError::Stopped {
+                error,
+                rollback: "nothing was changed".into(),
+            })
+        }
+        r => r,
+    }
+}
+
+fn apply_steps<C: Backend, O: Backend>(
     chosen: &C,
     other: &O,
     cfg: &Config,
@@ -125,6 +166,8 @@ pub fn apply<C: Backend, O: Backend>(
     let route_plan = route_steps::plan(chosen.routes(&rules), opts.tproxy, env.probe)
         .map_err(ApplyError::Routes)?;
 
+    // The last safe point before the first change.
+    env.runner.check_stop().map_err(before)?;
     let mut summary = Summary::default();
     if let Err(error) = chosen.commit(&state, &mut change, env, &mut summary) {
         let mut rollback = Rollback::default();
@@ -133,6 +176,12 @@ pub fn apply<C: Backend, O: Backend>(
             error: Box::new(error),
             rollback: rollback.describe(),
         });
+    }
+
+    if let Err(error) = env.runner.check_stop() {
+        let mut rollback = Rollback::default();
+        chosen.restore(&state, &change, false, env, &mut rollback);
+        return Err(stopped(error, rollback));
     }
 
     let done = match route_steps::apply(&route_plan, env, &mut summary.ip_changed) {
@@ -152,17 +201,36 @@ pub fn apply<C: Backend, O: Backend>(
         }
     };
 
+    if let Err(error) = env.runner.check_stop() {
+        let mut rollback = undo_routes(&done, env);
+        chosen.restore(&state, &change, false, env, &mut rollback);
+        return Err(stopped(error, rollback));
+    }
+
     // The other backend's state of ours goes last, once this config captures.
-    if let Err(error) = other.commit(&other_state, &mut removal, env, &mut summary) {
+    let removed = other
+        .commit(&other_state, &mut removal, env, &mut summary)
+        .map_err(|e| -> Box<dyn StepError> { Box::new(e) })
+        // A signal during the last step undoes the whole run too: exiting with the signal's
+        // code always means put back (or "rerun to repair").
+        .and_then(|()| env.runner.check_stop().map_err(|e| Box::new(e) as _));
+    if let Err(error) = removed {
         let mut rollback = undo_routes(&done, env);
         other.restore(&other_state, &removal, false, env, &mut rollback);
         chosen.restore(&state, &change, true, env, &mut rollback);
         return Err(ApplyError::Commit {
-            error: Box::new(error),
+            error,
             rollback: rollback.describe(),
         });
     }
     Ok(summary)
+}
+
+fn stopped(error: ExecError, rollback: Rollback) -> ApplyError {
+    ApplyError::Stopped {
+        error: Box::new(error),
+        rollback: rollback.describe(),
+    }
 }
 
 /// Undoes `ip` changes (newest first), checked by reading the kernel again.
@@ -183,6 +251,9 @@ pub enum CleanupError {
     Backend(Box<dyn StepError>),
     #[error(transparent)]
     Route(#[from] RemoveError),
+    /// A signal stopped the cleanup between two of its parts.
+    #[error("{signal} stopped the cleanup before it was done; rerun --cleanup-only to finish")]
+    Stopped { signal: Caught },
 }
 
 /// Removes every ISTIO_* chain and jump (and our other built-in chain rules) on every
@@ -198,11 +269,25 @@ pub fn cleanup<C: Backend, O: Backend>(
 ) -> Result<Summary, Vec<CleanupError>> {
     let mut summary = Summary::default();
     let mut errors = Vec::new();
+    // Stops between its parts once a signal came (a program it killed failed its part).
+    let stop = |env: &Env<'_>, errors: &mut Vec<CleanupError>| match env.runner.stop_signal() {
+        Some(signal) => {
+            errors.push(CleanupError::Stopped { signal });
+            true
+        }
+        None => false,
+    };
     for e in chosen.remove_everything(cfg, facts, env, &mut summary) {
         errors.push(CleanupError::Backend(Box::new(e)));
     }
+    if stop(env, &mut errors) {
+        return Err(errors);
+    }
     for e in other.remove_everything(cfg, facts, env, &mut summary) {
         errors.push(CleanupError::Backend(Box::new(e)));
+    }
+    if stop(env, &mut errors) {
+        return Err(errors);
     }
     let configured: Vec<IpCommand> = routes::teardown(cfg);
     errors.extend(
@@ -244,9 +329,30 @@ mod tests {
         /// Successive outputs of one save program, before falling back to `save_output`.
         saves: BTreeMap<String, std::collections::VecDeque<String>>,
         fail_program: Option<String>,
+        /// A signal comes once this many programs have run (said once by `check_stop`).
+        signal_after: Option<usize>,
+        signal_said: bool,
     }
 
     impl Runner for Fake {
+        fn check_stop(&mut self) -> Result<(), ExecError> {
+            if self.stop_signal().is_some() && !self.signal_said {
+                self.signal_said = true;
+                return Err(ExecError::Stopped {
+                    signal: Caught::Term,
+                    command: None,
+                    killed: false,
+                });
+            }
+            Ok(())
+        }
+
+        fn stop_signal(&self) -> Option<Caught> {
+            self.signal_after
+                .filter(|n| self.calls.len() >= *n)
+                .map(|_| Caught::Term)
+        }
+
         fn run(
             &mut self,
             program: &str,
@@ -529,6 +635,63 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("restored ("), "{msg}");
+    }
+
+    /// A signal after the reads stops the run before the first change; one after the IPv4
+    /// commit puts IPv4 back (re-read to prove it), and nothing after it runs.
+    #[test]
+    fn a_signal_stops_at_the_next_safe_point_and_rolls_back() {
+        let mut fake = Fake {
+            signal_after: Some(2),
+            ..Default::default()
+        };
+        let msg = apply_with(
+            &["-b", "*"],
+            &[],
+            &OPTS,
+            &NftInstalled::default(),
+            &mut fake,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(msg, "stopped by SIGTERM; nothing was changed");
+        assert!(fake.calls.iter().all(|c| c.0.ends_with("-save")));
+
+        let committed = "*nat\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\nCOMMIT\n";
+        let mut fake = Fake {
+            signal_after: Some(3),
+            saves: BTreeMap::from([(
+                "iptables-nft-save".to_string(),
+                ["", committed, ""].map(String::from).into(),
+            )]),
+            ..Default::default()
+        };
+        let e = apply_with(
+            &["-b", "*"],
+            &[],
+            &OPTS,
+            &NftInstalled::default(),
+            &mut fake,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApplyError::Stopped { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("stopped by SIGTERM; the previous state was restored (IPv4; checked"),
+            "{msg}"
+        );
+        let ran: Vec<&str> = fake.calls.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(
+            ran,
+            [
+                "iptables-nft-save",
+                "ip6tables-nft-save",
+                "iptables-nft-restore",
+                "iptables-nft-save",
+                "iptables-nft-save"
+            ],
+            "the rollback, and nothing else, after the signal"
+        );
     }
 
     #[test]

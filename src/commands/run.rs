@@ -3,7 +3,7 @@
 //! lines; the outcome as an exit code.
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::apply::{self, Options};
 use super::explain::{self, ExplainRequest, InspectError};
@@ -17,6 +17,7 @@ use crate::system::exec::SystemRunner;
 use crate::system::host::{self, RealHost};
 use crate::system::host_view::SystemProbe;
 use crate::system::nftprobe::NfNetlink;
+use crate::system::signals::Signals;
 use crate::system::{netns, nslock};
 
 /// Logs an error with its whole cause chain on one line, as Istio's `log.Error(err)` does
@@ -75,12 +76,17 @@ fn elapsed(started: Instant) -> String {
 
 /// Runs one command with `chosen`: `explain` or `verify` (`inspect`), else the apply command
 /// (dry run, cleanup, apply, validation); `other`'s state of ours is removed or reported.
+///
+/// `signals`: SIGTERM and SIGINT end a read-only command or a dry run at once; while the
+/// apply command holds the namespace lock they stop it at its next safe point, the apply
+/// rolls back, and the exit code is the signal's.
 pub fn run<C: Backend, O: Backend>(
     chosen: &C,
     other: &O,
     inspect: Option<&Command>,
     cfg: &Config,
     started: Instant,
+    signals: &Signals,
 ) -> Exit {
     if let Some(command) = inspect {
         return inspect_command(chosen, other, command, cfg);
@@ -89,13 +95,16 @@ pub fn run<C: Backend, O: Backend>(
         return print_script(chosen, cfg, cleanup);
     }
     // The programs we run get the pod's xtables lock in CNI mode (ours is not changed).
-    let mut runner = if cfg.cni_mode {
+    let runner = if cfg.cni_mode {
         SystemRunner::with_env(vec![netns::pod_xtables_lock(
             cfg.network_namespace.as_deref(),
         )])
     } else {
         SystemRunner::default()
     };
+    let mut runner = runner
+        .with_deadline(program_deadline(cfg))
+        .with_signals(signals.clone());
     let facts = match prepare(cfg) {
         Ok(f) => f,
         Err(c) => return c,
@@ -109,7 +118,7 @@ pub fn run<C: Backend, O: Backend>(
     };
     // One run at a time in this namespace, from the first read to the last `ip` step.
     let lock = if cfg.run != RunMode::SkipApply {
-        match nslock::acquire(std::time::Duration::from_secs(cfg.lock_wait_secs.into())) {
+        match nslock::acquire(Duration::from_secs(cfg.lock_wait_secs.into())) {
             Ok(l) => Some(l),
             Err(e) => {
                 log_config(cfg, &facts, chosen.name());
@@ -120,21 +129,46 @@ pub fn run<C: Backend, O: Backend>(
     } else {
         None
     };
+    // From the first read to the last step a signal only asks the run to stop.
+    let deferred = lock.as_ref().map(|_| signals.defer());
     log_config(cfg, &facts, chosen.name());
     match cfg.run {
-        RunMode::Cleanup => return cleanup(chosen, other, cfg, &facts, &mut env),
+        RunMode::Cleanup => {
+            let exit = cleanup(chosen, other, cfg, &facts, &mut env);
+            return signal_exit(signals).unwrap_or(exit);
+        }
         RunMode::SkipApply => tracing::info!("--skip-rule-apply: applying nothing"),
         RunMode::Apply | RunMode::DryRun { .. } => {
             if let Err(c) = apply_rules(chosen, other, cfg, &facts, &mut env, started) {
-                return c;
+                return signal_exit(signals).unwrap_or(c);
             }
         }
     }
+    drop(deferred);
     drop(lock);
+    // Caught after the last safe point: the apply is done and stays (from now on a signal
+    // ends the process at once).
+    if let Some(exit) = signal_exit(signals) {
+        tracing::error!("stopped after the last change: the capture rules are in place");
+        return exit;
+    }
     if cfg.run_validation {
         return validation(cfg, &facts);
     }
     Exit::Success
+}
+
+/// How long a program may run (IPTABLES_PROGRAM_TIMEOUT_SECONDS).
+fn program_deadline(cfg: &Config) -> Duration {
+    Duration::from_secs(cfg.program_timeout_secs.into())
+}
+
+/// The exit code of a signal that stopped the run, if one did.
+fn signal_exit(signals: &Signals) -> Option<Exit> {
+    let c = signals.caught()?;
+    let exit = c.exit();
+    tracing::info!("{c} asked the run to stop: exit code {}", exit.code());
+    Some(exit)
 }
 
 /// `--dry-run`: the script, read where the dry run runs (it enters no namespace).
@@ -329,7 +363,7 @@ fn inspect_command<C: Backend, O: Backend>(
         report(e);
         c
     };
-    let mut runner = SystemRunner::default();
+    let mut runner = SystemRunner::default().with_deadline(program_deadline(cfg));
     let mut env = Env {
         runner: &mut runner,
         probe: &SystemProbe,

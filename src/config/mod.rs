@@ -35,6 +35,9 @@ pub const DEFAULT_PROXY_UID: u32 = 1337;
 pub const MAX_OWNER_GROUPS_INCLUDE: usize = 49;
 /// How long the legacy backend waits for the xtables lock by default.
 pub const DEFAULT_LOCK_WAIT_SECS: u32 = 30;
+/// How much longer than the lock wait a program may run by default: a legacy restore may
+/// wait the whole lock wait for the xtables lock before it starts its work.
+pub const PROGRAM_TIMEOUT_MARGIN_SECS: u32 = 30;
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +115,8 @@ pub struct Config {
     pub given: GivenValues,
     /// Seconds to wait for the xtables lock (IPTABLES_LOCK_WAIT_SECONDS).
     pub lock_wait_secs: u32,
+    /// Seconds a program may run before it is killed (IPTABLES_PROGRAM_TIMEOUT_SECONDS).
+    pub program_timeout_secs: u32,
 }
 
 /// Which backend programs the capture.
@@ -229,6 +234,7 @@ impl Config {
         let owner_groups = owner_groups(env)?;
         let enable_inbound_ipv6 = enable_inbound_ipv6(env)?;
         let lock_wait_secs = lock_wait_secs(env)?;
+        let program_timeout_secs = program_timeout_secs(env, lock_wait_secs)?;
         warn_of_host_bits(&outbound, host_loopback_cidr);
 
         Ok(Config {
@@ -268,6 +274,7 @@ impl Config {
             resolv_conf: PathBuf::from(&args.cli.resolv_conf),
             given: GivenValues::of(args),
             lock_wait_secs,
+            program_timeout_secs,
         })
     }
 
@@ -778,6 +785,22 @@ fn lock_wait_secs(env: &dyn Fn(&str) -> Option<String>) -> Result<u32, ConfigErr
     }
 }
 
+/// IPTABLES_PROGRAM_TIMEOUT_SECONDS: how long a program may run (at least 1 s); by default
+/// [`PROGRAM_TIMEOUT_MARGIN_SECS`] more than the lock wait.
+fn program_timeout_secs(
+    env: &dyn Fn(&str) -> Option<String>,
+    lock_wait_secs: u32,
+) -> Result<u32, ConfigError> {
+    let src = Src::env(env_only::PROGRAM_TIMEOUT);
+    match env(env_only::PROGRAM_TIMEOUT) {
+        None => Ok(lock_wait_secs.saturating_add(PROGRAM_TIMEOUT_MARGIN_SECS)),
+        Some(v) => match u32_value(&src, &v, "a number of seconds")? {
+            0 => Err(src.err(&v, "expected a number of seconds, at least 1")),
+            secs => Ok(secs),
+        },
+    }
+}
+
 /// Warns of CIDRs typed with host bits (-i, -x, the host loopback CIDR), which the kernel
 /// drops. Only once every value is valid: a failed build warns of nothing.
 fn warn_of_host_bits(outbound: &OutboundCapture, host_loopback_cidr: Ipv4Net) {
@@ -1088,6 +1111,27 @@ pub(crate) mod tests {
         assert_eq!(parse_go_duration("5"), None);
         assert_eq!(parse_go_duration("forever"), None);
         assert_eq!(parse_go_duration("-5s"), None);
+    }
+
+    /// The program deadline follows the lock wait unless set; 0 would kill every program.
+    #[test]
+    fn program_timeout_defaults_past_the_lock_wait_and_is_at_least_one_second() {
+        let secs = |vars: &[(&str, &str)]| build(&[], vars).map(|(c, _)| c.program_timeout_secs);
+        assert_eq!(secs(&[]).unwrap(), 60);
+        assert_eq!(secs(&[("IPTABLES_LOCK_WAIT_SECONDS", "100")]).unwrap(), 130);
+        assert_eq!(
+            secs(&[("IPTABLES_PROGRAM_TIMEOUT_SECONDS", "5")]).unwrap(),
+            5
+        );
+        for bad in ["0", "soon", "-1"] {
+            let e = secs(&[("IPTABLES_PROGRAM_TIMEOUT_SECONDS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("IPTABLES_PROGRAM_TIMEOUT_SECONDS") && e.contains("number of seconds"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod nslock;
 pub mod probe;
 pub mod rtnl;
 pub mod rtnl_change;
+pub mod signals;
 
 use crate::model::OwnerResolver;
 

@@ -11,11 +11,13 @@
 //!   by no one else: a process that could not change the rules cannot take the lock or hold
 //!   it against us (any local user could bind the abstract socket name that was the lock
 //!   before, and stop every run);
-//! - the kernel releases the lock when the last descriptor of it is closed, i.e. when the
-//!   holder exits, SIGKILL included — once the programs it started, which inherit the
-//!   descriptor (not close-on-exec, on purpose), have exited too (an orphaned
-//!   iptables-restore finishing its commit after its parent was killed must not race the
-//!   next run); nothing is left to clean up but an empty file;
+//! - the kernel releases the lock when the holder's descriptor is closed, i.e. when it
+//!   exits, SIGKILL included; nothing is left to clean up but an empty file. The descriptor
+//!   is close-on-exec: the programs a run starts never hold the lock (one that hung would
+//!   otherwise hold it forever after the run that started it died). A run kills the program
+//!   it waits on at its deadline or on SIGTERM/SIGINT (`system::exec`) before it goes on;
+//!   only a run killed with SIGKILL can leave one running, and iptables-restore and nft
+//!   commit in one transaction, which the next run reads whole, before or after;
 //! - taking and releasing it cost microseconds. (An nf_tables table owned by a netlink
 //!   socket would be keyed to the namespace itself, but closing that socket after a commit
 //!   waits for the kernel's deferred clean-up: about 10 ms on every run.)
@@ -73,7 +75,7 @@ impl fmt::Display for Kind {
     }
 }
 
-/// Held until dropped (or the process and the programs it started exit).
+/// Held until dropped (or the process exits); never by the programs it starts.
 pub struct NsLock {
     _file: Option<std::fs::File>,
     _socket: Option<OwnedFd>,
@@ -117,7 +119,7 @@ impl fmt::Display for Process {
 /// Who holds the lock, as far as this process can see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
-    /// The processes that have it open, by pid (a run, then the programs it started).
+    /// The processes that have it open, by pid (a run; the programs it starts never do).
     Processes(Vec<Process>),
     /// The holder could not be asked (a process this PID namespace does not show).
     Unknown,
@@ -250,8 +252,7 @@ impl Lock for FileLock {
 
     fn try_take(&mut self) -> Result<bool, Errno> {
         use std::os::unix::fs::OpenOptionsExt as _;
-        // Not close-on-exec, on purpose: the programs we run inherit the descriptor, so the
-        // lock is held until the last of them exits.
+        // Close-on-exec (std's default): the programs we run never hold the lock.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -261,9 +262,7 @@ impl Lock for FileLock {
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&self.path)
             .map_err(|e| io_errno(&e))?;
-        clear_cloexec(&file)?;
-        // flock(2). Closing our descriptor does not unlock it while the programs we started
-        // still have theirs.
+        // flock(2): released when this descriptor closes.
         match file.try_lock() {
             Ok(()) => {
                 self.held = Some(file);
@@ -293,12 +292,6 @@ impl Lock for FileLock {
     }
 }
 
-/// Lets the programs we run inherit `file` (std opens close-on-exec).
-fn clear_cloexec(file: &std::fs::File) -> Result<(), Errno> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    fcntl(file, FcntlArg::F_SETFD(FdFlag::empty())).map(|_| ())
-}
-
 /// The abstract socket, bound and listening once taken.
 struct SocketLock {
     fd: Option<OwnedFd>,
@@ -314,12 +307,11 @@ impl Lock for SocketLock {
     }
 
     fn try_take(&mut self) -> Result<bool, Errno> {
-        // Not close-on-exec, on purpose: the programs we run inherit the socket, so the lock
-        // is held until the last of them exits.
+        // Close-on-exec: the programs we run never hold the lock.
         let fd = socket(
             AddressFamily::Unix,
             SockType::Stream,
-            SockFlag::empty(),
+            SockFlag::SOCK_CLOEXEC,
             None,
         )?;
         match bind(fd.as_raw_fd(), &addr()) {
@@ -479,9 +471,8 @@ fn process(pid: i32, uid: Option<u32>) -> Process {
 mod tests {
     use super::*;
 
-    /// One of these tests at a time: a lock socket is inherited by every process started
-    /// while it is open (on purpose), so a squatter spawned by one test would hold another
-    /// test's lock.
+    /// One of these tests at a time: each starts processes while it holds a lock, and one
+    /// that fails is easier to read alone.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Runs `f` in a private network namespace (in a thread, so the test process keeps its
@@ -521,32 +512,47 @@ mod tests {
     }
 
     /// The lock file is in a root-only directory; a program started while the lock is held
-    /// inherits it and holds it until it exits.
+    /// (the file's or the fallback socket) does not inherit it: once the run lets go, the
+    /// lock is free though the program still runs.
     #[test]
-    fn the_lock_is_in_a_root_only_directory_and_inherited() {
+    fn the_lock_is_in_a_root_only_directory_and_never_inherited() {
         let r = in_private_ns(|| {
-            let lock = acquire(Duration::ZERO).expect("free lock");
-            let child = std::process::Command::new("sleep").arg("0.3").spawn();
-            drop(lock);
-            let while_child = acquire(Duration::ZERO)
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            let after = child.map(|mut c| {
-                let _ = c.wait();
-                acquire(Duration::ZERO).is_ok()
-            });
-            (while_child, after.ok())
+            let mut results = Vec::new();
+            // A wait, not none: another test's program forked but not yet exec'd holds a
+            // copy of every descriptor for a moment; the child here holds on for 5 s.
+            for take in [
+                || acquire(Duration::from_secs(2)),
+                || acquire_socket(Instant::now(), Duration::from_secs(2)),
+            ] {
+                let lock = take().expect("free lock");
+                let kind = lock.kind;
+                let mut child = std::process::Command::new("sleep")
+                    .arg("5")
+                    .spawn()
+                    .expect("sleep");
+                drop(lock);
+                let again = take().map(|l| l.kind).map_err(|e| e.to_string());
+                let _ = child.kill();
+                let _ = child.wait();
+                results.push((kind, again));
+            }
+            results
         });
-        let Some((while_child, after)) = r else {
-            eprintln!("SKIPPED nslock::the_lock_is_in_a_root_only_directory_and_inherited");
+        let Some(results) = r else {
+            eprintln!("SKIPPED nslock::the_lock_is_in_a_root_only_directory_and_never_inherited");
             return;
         };
         use std::os::unix::fs::MetadataExt as _;
         let dir = std::fs::metadata(DIR).expect("the lock directory");
         assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o700));
-        let held = while_child.expect_err("the child holds the lock");
-        assert!(held.contains("(sleep, uid 0)"), "{held}");
-        assert_eq!(after, Some(true), "the lock is free once the child exited");
+        assert_eq!(
+            results,
+            [
+                (Kind::File, Ok(Kind::File)),
+                (Kind::Socket, Ok(Kind::Socket))
+            ],
+            "a child started while the lock was held must not hold it"
+        );
     }
 
     /// The fallback's abstract socket, bound by a process without CAP_NET_ADMIN: the error

@@ -478,6 +478,7 @@ fn man_page_renders_without_warnings_and_documents_everything() {
         "ENVOY_USER",
         "ENABLE_INBOUND_IPV6",
         "IPTABLES_LOCK_WAIT_SECONDS",
+        "IPTABLES_PROGRAM_TIMEOUT_SECONDS",
     ] {
         assert!(
             source.contains(&format!("\\fB{knob}\\fR")),
@@ -488,7 +489,7 @@ fn man_page_renders_without_warnings_and_documents_everything() {
         .split("\nEXIT STATUS\n")
         .nth(1)
         .expect("EXIT STATUS section");
-    for code in ["0", "1", "2", "3", "4", "5", "125", "126"] {
+    for code in ["0", "1", "2", "3", "4", "5", "125", "126", "130", "143"] {
         assert!(
             exit.lines()
                 .any(|l| l.trim_start().starts_with(&format!("{code} "))),
@@ -526,6 +527,7 @@ fn long_help_lists_env_only_knobs_and_exit_codes_and_short_help_does_not() {
         "ENVOY_USER",
         "ENABLE_INBOUND_IPV6",
         "IPTABLES_LOCK_WAIT_SECONDS",
+        "IPTABLES_PROGRAM_TIMEOUT_SECONDS",
     ] {
         assert!(
             after.lines().any(|l| l.trim() == knob),
@@ -536,7 +538,7 @@ fn long_help_lists_env_only_knobs_and_exit_codes_and_short_help_does_not() {
         .split("Exit codes:")
         .nth(1)
         .unwrap_or_else(|| panic!("--help should list the exit codes:\n{after}"));
-    for code in ["0", "1", "2", "3", "4", "5", "125", "126"] {
+    for code in ["0", "1", "2", "3", "4", "5", "125", "126", "130", "143"] {
         assert!(
             codes
                 .lines()

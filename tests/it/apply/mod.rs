@@ -43,6 +43,7 @@ mod errors;
 mod every_place;
 mod foreign_state;
 mod half_applied;
+mod hangs;
 mod idempotence;
 mod kernel_truth;
 mod network_namespace;
