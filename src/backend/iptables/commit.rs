@@ -230,7 +230,7 @@ fn save(program: &Program, runner: &mut dyn Runner) -> Result<SaveState, Error> 
         program: save.clone(),
         error,
     })?;
-    parse_save(&text).map_err(|error| Error::Parse {
+    parse_save(text).map_err(|error| Error::Parse {
         family,
         program: save,
         error,
@@ -515,7 +515,7 @@ pub(super) fn roll_back(
     let mut absent = Vec::new();
     let mut failure = None;
     for t in &changed {
-        match before.sections.get(t) {
+        match before.section(t) {
             Some(section) => text.push_str(section),
             None if program.flavor == Some(Flavor::Nft) => {
                 // Created by this run only if the kernel's own list showed it absent.
