@@ -122,6 +122,75 @@ pub fn parse_number(s: &str) -> Option<u64> {
     }
 }
 
+/// One word of a rule (`-p`, `tcp`, `10.0.0.0/8`). The words iptables uses over and over
+/// (options, protocols, targets) are borrowed from the program; only the rest (addresses,
+/// ports, names) is allocated: a config or a save of 30,000 rules holds one allocation per
+/// such word rather than one per word.
+pub type Token = std::borrow::Cow<'static, str>;
+
+/// `word` as a [`Token`]: borrowed when it is one of the common words.
+pub fn token(word: &str) -> Token {
+    match COMMON_WORDS.binary_search(&word) {
+        Ok(i) => Token::Borrowed(COMMON_WORDS[i]),
+        Err(_) => Token::Owned(word.to_string()),
+    }
+}
+
+/// Sorted (for the binary search): the words of Istio's rules and of iptables-save's
+/// printing of them.
+const COMMON_WORDS: &[&str] = &[
+    "!",
+    "--ctstate",
+    "--dport",
+    "--dports",
+    "--gid-owner",
+    "--mark",
+    "--on-port",
+    "--restore-mark",
+    "--save-mark",
+    "--set-xmark",
+    "--sport",
+    "--state",
+    "--to-ports",
+    "--tproxy-mark",
+    "--uid-owner",
+    "--zone",
+    "-d",
+    "-g",
+    "-i",
+    "-j",
+    "-m",
+    "-o",
+    "-p",
+    "-s",
+    "0.0.0.0/0",
+    "127.0.0.1/32",
+    "127.0.0.6/32",
+    "::/0",
+    "::1/128",
+    "::6/128",
+    "ACCEPT",
+    "CONNMARK",
+    "CT",
+    "DNAT",
+    "DROP",
+    "INVALID",
+    "MARK",
+    "REDIRECT",
+    "RETURN",
+    "TPROXY",
+    "connmark",
+    "conntrack",
+    "lo",
+    "mark",
+    "multiport",
+    "owner",
+    "socket",
+    "state",
+    "tcp",
+    "udp",
+];
+
 /// One rule: where it goes and its match/target tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -129,7 +198,7 @@ pub struct Rule {
     pub chain: &'static str,
     pub position: Position,
     /// Tokens after the chain (and position), e.g. `["-p", "tcp", "-j", "RETURN"]`.
-    pub args: Vec<String>,
+    pub args: Vec<Token>,
 }
 
 impl Rule {
@@ -175,16 +244,16 @@ pub struct RuleSpec {
 pub struct Match {
     pub negated: bool,
     /// The option as written (`-p`, `--dport`, `-m`, ...), or a stray word.
-    pub flag: String,
+    pub flag: Token,
     /// The values that follow: exactly one for the base options (`-s -d -i -o -p`) and
     /// `-m`; for other options every word up to the next option or `!`.
-    pub values: Vec<String>,
+    pub values: Vec<Token>,
 }
 
 impl Match {
     /// The first value, or "" when there is none.
     pub fn value(&self) -> &str {
-        self.values.first().map_or("", String::as_str)
+        self.values.first().map_or("", |v| v)
     }
 }
 
@@ -194,13 +263,13 @@ pub struct Target {
     /// `-g`/`--goto` rather than `-j`/`--jump`.
     pub goto: bool,
     /// None when the flag is the last token.
-    pub name: Option<String>,
-    pub options: Vec<String>,
+    pub name: Option<Token>,
+    pub options: Vec<Token>,
 }
 
 impl RuleSpec {
     /// Reads `tokens` (as [`crate::backend::iptables::save::tokenize`] splits a rule).
-    pub fn parse(tokens: &[String]) -> RuleSpec {
+    pub fn parse(tokens: &[Token]) -> RuleSpec {
         let mut spec = RuleSpec::default();
         let mut i = 0;
         while i < tokens.len() {
@@ -211,12 +280,12 @@ impl RuleSpec {
             let Some(flag) = tokens.get(i) else {
                 spec.matches.push(Match {
                     negated,
-                    flag: String::new(),
+                    flag: Token::Borrowed(""),
                     values: Vec::new(),
                 });
                 break;
             };
-            if matches!(flag.as_str(), "-j" | "--jump" | "-g" | "--goto") {
+            if matches!(&**flag, "-j" | "--jump" | "-g" | "--goto") {
                 spec.target = Some(Target {
                     goto: flag == "-g" || flag == "--goto",
                     name: tokens.get(i + 1).cloned(),
@@ -225,7 +294,7 @@ impl RuleSpec {
                 break;
             }
             let one_value = matches!(
-                flag.as_str(),
+                &**flag,
                 "-s" | "--source"
                     | "--src"
                     | "-d"
@@ -325,6 +394,13 @@ pub const RESOLV_CONF_MAX_BYTES: usize = 64 * 1024;
 mod tests {
     use super::*;
 
+    #[test]
+    fn common_words_are_sorted_and_borrowed() {
+        assert!(COMMON_WORDS.windows(2).all(|w| w[0] < w[1]));
+        assert!(matches!(token("RETURN"), Token::Borrowed("RETURN")));
+        assert!(matches!(token("10.0.0.0/8"), Token::Owned(_)));
+    }
+
     fn parse(s: &str) -> RuleSpec {
         RuleSpec::parse(&crate::backend::iptables::save::tokenize(s))
     }
@@ -332,8 +408,8 @@ mod tests {
     fn m(negated: bool, flag: &str, values: &[&str]) -> Match {
         Match {
             negated,
-            flag: flag.into(),
-            values: values.iter().map(|v| v.to_string()).collect(),
+            flag: token(flag),
+            values: values.iter().map(|v| token(v)).collect(),
         }
     }
 
@@ -360,7 +436,7 @@ mod tests {
                 goto: false,
                 name: Some("TPROXY".into()),
                 options: ["--on-port", "15006", "--tproxy-mark", "0x539/0xffffffff"]
-                    .map(String::from)
+                    .map(token)
                     .to_vec(),
             })
         );

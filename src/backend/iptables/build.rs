@@ -6,7 +6,9 @@
 use crate::config::{
     Config, HostFacts, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
 };
-use crate::model::{DNS_PROXY_PORT, Family, OUTBOUND_MARK, Position, Rule, Table, chain};
+use crate::model::{
+    DNS_PROXY_PORT, Family, OUTBOUND_MARK, Position, Rule, Table, Token, chain, token,
+};
 use crate::routes::{IpCommand, ip_commands};
 
 /// Everything a config asks for: rules per family in order, then `ip` commands. The only
@@ -48,10 +50,11 @@ impl Builder {
         table: Table,
         chain: &'static str,
         position: Position,
-        mut args: Vec<String>,
+        args: Vec<String>,
     ) {
-        // Kept for the whole run, 30,000 rules' worth at times: no spare capacity.
-        args.shrink_to_fit();
+        // Kept for the whole run, 30,000 rules' worth at times: common words borrowed, no
+        // spare capacity.
+        let args: Vec<Token> = args.iter().map(|a| token(a)).collect();
         let rule = Rule {
             table,
             chain,

@@ -19,7 +19,7 @@ use crate::backend::iptables::restore::{self, Header};
 use crate::backend::iptables::save::{SaveState, TableState, canonical, tokenize};
 use crate::backend::{Drift, Place, Policy};
 use crate::model::{Family, Match, Position, Rule, RuleSpec, Table, Target, chain};
-use crate::model::{NoResolver, OwnerResolver};
+use crate::model::{NoResolver, OwnerResolver, Token};
 
 /// The namespace holds ISTIO_* state that differs and reconcile is off.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,7 +67,7 @@ fn is_ours(chain: &str) -> bool {
 }
 
 /// Target of a rule's tokens (the name after `-j`/`-g`).
-fn target(tokens: &[String]) -> Option<String> {
+fn target(tokens: &[Token]) -> Option<String> {
     RuleSpec::parse(tokens).target_name().map(str::to_string)
 }
 
@@ -724,7 +724,7 @@ pub fn diff(
             want.entry(c.to_string()).or_default();
         }
         // Ours, present, per chain: (canonical, tokens).
-        let mut have: BTreeMap<String, Vec<(&str, &[String])>> = BTreeMap::new();
+        let mut have: BTreeMap<String, Vec<(&str, &[Token])>> = BTreeMap::new();
         for c in p.current_ours() {
             have.entry(c.to_string()).or_default();
         }
@@ -839,20 +839,21 @@ mod tests {
                     .map(|(i, _)| i)
                     .collect()
             };
-            match toks.first().map(String::as_str) {
-                Some("-N") => ts.user_chains.push(toks[1].clone()),
-                Some("-X") => ts.user_chains.retain(|c| c != &toks[1]),
-                Some("-F") => ts.rules.retain(|(c, _)| c != &toks[1]),
+            match toks.first().map(|t| &**t) {
+                Some("-N") => ts.user_chains.push(toks[1].to_string()),
+                Some("-X") => ts.user_chains.retain(|c| *c != toks[1]),
+                Some("-F") => ts.rules.retain(|(c, _)| *c != toks[1]),
                 Some("-D") => {
                     let idx = chain_rules(ts, &toks[1])[toks[2].parse::<usize>().unwrap() - 1];
                     ts.rules.remove(idx);
                 }
-                Some("-A") => ts.rules.push((toks[1].clone(), toks[2..].to_vec())),
+                Some("-A") => ts.rules.push((toks[1].to_string(), toks[2..].to_vec())),
                 Some("-I") => {
                     let n: usize = toks[2].parse().unwrap();
                     let idxs = chain_rules(ts, &toks[1]);
                     let at = idxs.get(n - 1).copied().unwrap_or(ts.rules.len());
-                    ts.rules.insert(at, (toks[1].clone(), toks[3..].to_vec()));
+                    ts.rules
+                        .insert(at, (toks[1].to_string(), toks[3..].to_vec()));
                 }
                 _ => {}
             }

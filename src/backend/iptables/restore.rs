@@ -99,7 +99,7 @@ mod tests {
             table,
             chain,
             position: Position::Append,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| crate::model::token(s)).collect(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{OwnerResolver, RuleSpec, Table, parse_number};
+use crate::model::{OwnerResolver, RuleSpec, Table, Token, parse_number, token};
 
 /// One table as iptables-save prints it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -18,12 +18,12 @@ pub struct TableState {
     /// User-defined chains, in save order.
     pub user_chains: Vec<String>,
     /// Rules in save order: (chain, tokens after `-A CHAIN`).
-    pub rules: Vec<(String, Vec<String>)>,
+    pub rules: Vec<(String, Vec<Token>)>,
 }
 
 impl TableState {
     /// The rules of one chain, in order.
-    pub fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a [String]> + 'a {
+    pub fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a [Token]> + 'a {
         self.rules
             .iter()
             .filter(move |(c, _)| c == chain)
@@ -87,7 +87,9 @@ impl SaveState {
 
     /// The raw text of table `name`'s section, as the save printed it.
     pub fn section(&self, name: &str) -> Option<&str> {
-        self.sections.get(name).and_then(|r| self.text.get(r.clone()))
+        self.sections
+            .get(name)
+            .and_then(|r| self.text.get(r.clone()))
     }
 
     /// The tables that hold at least one rule (an `-A` line): what backend detection asks of
@@ -116,7 +118,7 @@ pub struct ParseError {
 
 /// Splits a save/restore line into tokens, honouring double quotes (used by comments); a
 /// backslash escapes the next character inside quotes only.
-pub fn tokenize(line: &str) -> Vec<String> {
+pub fn tokenize(line: &str) -> Vec<Token> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
@@ -135,7 +137,8 @@ pub fn tokenize(line: &str) -> Vec<String> {
             }
             c if c.is_whitespace() && !in_quotes => {
                 if has_token || !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
+                    out.push(token(&cur));
+                    cur.clear();
                     has_token = false;
                 }
             }
@@ -143,7 +146,7 @@ pub fn tokenize(line: &str) -> Vec<String> {
         }
     }
     if has_token || !cur.is_empty() {
-        out.push(cur);
+        out.push(token(&cur));
     }
     // Kept for the whole run, 30,000 rules' worth at times: no spare capacity.
     out.shrink_to_fit();
@@ -215,8 +218,8 @@ pub fn parse_save(text: impl Into<String>) -> Result<SaveState, ParseError> {
         if toks.len() < 2 || (toks[0] != "-A" && toks[0] != "--append") {
             return Err(err());
         }
-        let spec: Vec<String> = toks.drain(2..).collect();
-        let chain = toks.swap_remove(1);
+        let spec: Vec<Token> = toks.drain(2..).collect();
+        let chain = toks.swap_remove(1).into_owned();
         ts.rules.push((chain, spec));
     }
     // Kept for the whole run: no spare capacity.
@@ -277,13 +280,13 @@ fn canon_addr(s: &str) -> String {
 /// order, implicit `-m tcp`/`-m udp` made explicit, options sorted within each match, marks
 /// in hex, default target options dropped, owner names resolved. Two specs that iptables
 /// treats as the same rule have the same canonical text.
-pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
+pub fn canonical(tokens: &[Token], resolver: &dyn OwnerResolver) -> String {
     let spec = RuleSpec::parse(tokens);
     let mut base: BTreeMap<u8, String> = BTreeMap::new();
     let mut modules: Vec<(String, Vec<String>)> = Vec::new();
     let mut proto: Option<String> = None;
     for m in &spec.matches {
-        let tok = m.flag.as_str();
+        let tok: &str = &m.flag;
         let next = m.value();
         let bang = if m.negated { "! " } else { "" };
         // iptables stores `-s`/`-d` with a /0 as no address match at all (the save prints
@@ -339,17 +342,17 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
                     "--source-ports" => "--sports",
                     o => o,
                 };
-                let vals: Vec<String> = m
+                let vals: Vec<Token> = m
                     .values
                     .iter()
                     .cloned()
                     .map(|v| match (module.as_str(), opt) {
-                        ("mark" | "connmark", "--mark") => canon_mark(&v, false),
+                        ("mark" | "connmark", "--mark") => canon_mark(&v, false).into(),
                         ("owner", "--uid-owner") if !is_number(&v) => {
-                            resolver.uid(&v).map(|n| n.to_string()).unwrap_or(v)
+                            resolver.uid(&v).map(|n| n.to_string().into()).unwrap_or(v)
                         }
                         ("owner", "--gid-owner") if !is_number(&v) => {
-                            resolver.gid(&v).map(|n| n.to_string()).unwrap_or(v)
+                            resolver.gid(&v).map(|n| n.to_string().into()).unwrap_or(v)
                         }
                         _ => v,
                     })
@@ -383,8 +386,8 @@ pub fn canonical(tokens: &[String], resolver: &dyn OwnerResolver) -> String {
 }
 
 /// Target options with defaults removed and values normalised.
-fn canon_target_opts(target: &str, opts: &[String]) -> Vec<String> {
-    let mut pairs: Vec<(String, Option<String>)> = Vec::new();
+fn canon_target_opts(target: &str, opts: &[Token]) -> Vec<String> {
+    let mut pairs: Vec<(Token, Option<Token>)> = Vec::new();
     let mut i = 0;
     while i < opts.len() {
         let o = opts[i].clone();
@@ -394,7 +397,7 @@ fn canon_target_opts(target: &str, opts: &[String]) -> Vec<String> {
     }
     let mut out: Vec<String> = Vec::new();
     for (o, v) in pairs {
-        let item = match (target, o.as_str(), v.as_deref()) {
+        let item = match (target, &*o, v.as_deref()) {
             ("MARK", "--set-mark" | "--set-xmark", Some(v)) => {
                 Some(format!("--set-xmark {}", canon_mark(v, true)))
             }
@@ -433,7 +436,7 @@ mod tests {
         assert_ne!(c("! -d 0.0.0.0/0 -j RETURN"), c("-j RETURN"));
     }
 
-    fn toks(s: &str) -> Vec<String> {
+    fn toks(s: &str) -> Vec<Token> {
         tokenize(s)
     }
 
@@ -524,7 +527,11 @@ mod tests {
             nat.rules[1].1,
             vec!["-m", "comment", "--comment", "a b", "-j", "RETURN"]
         );
-        assert!(st.section("nat").unwrap().starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n"));
+        assert!(
+            st.section("nat")
+                .unwrap()
+                .starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n")
+        );
         assert!(parse_save("-A X -j Y\n").is_err());
     }
 

@@ -23,7 +23,7 @@ use crate::backend::foreign::{
     self, Capture, HOOK_OUTPUT, HOOK_PREROUTING, Kind, Packets, before_our_jump, subject,
 };
 use crate::backend::iptables::save::{SaveState, TableState, canonical};
-use crate::model::{Family, Finding, OwnerResolver, Rule, RuleSpec, Table, chain};
+use crate::model::{Family, Finding, OwnerResolver, Rule, RuleSpec, Table, Token, chain};
 
 /// Our chains whose jump captures traffic (ISTIO_DROP, drop-invalid's, does not).
 const CAPTURING: &[&str] = &[
@@ -81,7 +81,7 @@ struct Captured {
     chains: BTreeSet<(Table, &'static str)>,
 }
 
-fn jumps_to_ours(args: &[String]) -> Option<String> {
+fn jumps_to_ours(args: &[Token]) -> Option<String> {
     RuleSpec::parse(args)
         .target_name()
         .filter(|t| t.starts_with(chain::PREFIX))
@@ -138,7 +138,7 @@ fn lost(table: Table, chain: &str, anchor: &str) -> String {
 }
 
 /// A rule's tokens as iptables-save prints them (quoted where a token has spaces).
-fn rule_text(chain: &str, toks: &[String]) -> String {
+fn rule_text(chain: &str, toks: &[Token]) -> String {
     let mut s = format!("-A {chain}");
     for t in toks {
         if t.is_empty() || t.contains(char::is_whitespace) {
@@ -169,7 +169,7 @@ fn reach(spec: &RuleSpec, table: Table) -> Option<(bool, bool, String)> {
     let mut text: Vec<String> = Vec::new();
     let mut module = String::new();
     for m in &spec.matches {
-        let flag = m.flag.as_str();
+        let flag: &str = &m.flag;
         let value = m.value();
         match flag {
             "-p" | "--protocol" => {
@@ -356,7 +356,7 @@ fn in_chain(
     ours: Option<&BTreeSet<String>>,
     resolver: &dyn OwnerResolver,
 ) -> Vec<Finding> {
-    let rules: Vec<&[String]> = ts.chain_rules(chain).collect();
+    let rules: Vec<&[Token]> = ts.chain_rules(chain).collect();
     // Per rule: ours (None) or foreign; and for ours, whether it is an anchor.
     let mut anchor_after: Vec<Option<String>> = vec![None; rules.len()];
     let mut is_ours = vec![false; rules.len()];
@@ -605,7 +605,7 @@ pub fn incompatible(
             .filter(|r| r.table == table && r.chain == chain)
             .filter_map(|r| match r.args.as_slice() {
                 [flag, iface, j, ret] if j == "-j" && ret == "RETURN" => {
-                    let key = match flag.as_str() {
+                    let key = match &**flag {
                         "-i" => "iifname",
                         "-o" => "oifname",
                         _ => return None,

@@ -18,11 +18,11 @@ use crate::backend::walk::{
     Walk, addr_in, addr_type, evaluate as walk_all, id_range, iface_matches, num, port_in,
 };
 use crate::model::{Family, OwnerResolver, chain};
-use crate::model::{Rule, RuleSpec, Table};
+use crate::model::{Rule, RuleSpec, Table, Token};
 
 /// The rules of one family: table → chain → rules in order, each as (text, tokens after
 /// `-A CHAIN`).
-pub type Ruleset = BTreeMap<Table, BTreeMap<String, Vec<(String, Vec<String>)>>>;
+pub type Ruleset = BTreeMap<Table, BTreeMap<String, Vec<(String, Vec<Token>)>>>;
 
 /// The built-in chains of a hook, in the kernel's order: (table, chain, priority). The same
 /// for legacy xtables and iptables-nft (`NF_IP_PRI_*`).
@@ -100,7 +100,7 @@ const TOP_LEVEL: [&str; 12] = [
 ];
 
 /// A rule's target with its options, when it has one.
-type Target = Option<(String, Vec<String>)>;
+type Target = Option<(Token, Vec<Token>)>;
 
 impl IptablesChains<'_> {
     fn chain(
@@ -140,9 +140,9 @@ impl IptablesChains<'_> {
                 opts.iter()
                     .position(|o| o == name)
                     .and_then(|p| opts.get(p + 1))
-                    .map(String::as_str)
+                    .map(|v| &**v)
             };
-            match target.as_str() {
+            match &*target {
                 "RETURN" => return Ok(Flow::Continue),
                 "ACCEPT" => return Ok(Flow::Accept),
                 "DROP" => return Ok(Flow::Final(Verdict::Drop)),
@@ -218,7 +218,7 @@ impl IptablesChains<'_> {
 
     /// Whether the rule's matches hold for `p`, and its target with options. A match this
     /// does not know is an error unless another match of the rule fails.
-    fn eval(&self, p: &Packet, toks: &[String]) -> Result<(bool, Target), String> {
+    fn eval(&self, p: &Packet, toks: &[Token]) -> Result<(bool, Target), String> {
         let spec = RuleSpec::parse(toks);
         let mut ok = true;
         let mut module = String::new();
@@ -227,7 +227,7 @@ impl IptablesChains<'_> {
         let mut skipping = false;
         for m in &spec.matches {
             let neg = m.negated;
-            let tok = m.flag.as_str();
+            let tok: &str = &m.flag;
             if tok.is_empty() {
                 return Err("dangling `!`".into());
             }
@@ -480,7 +480,7 @@ mod tests {
             let toks = tokenize(line);
             rs.entry(Table::from_name(table).expect("a table name"))
                 .or_default()
-                .entry(toks[1].clone())
+                .entry(toks[1].to_string())
                 .or_default()
                 .push((line.to_string(), toks[2..].to_vec()));
         }
