@@ -28,7 +28,7 @@ const HEADER: usize = 16;
 /// most), and one message of ours is far smaller.
 const BUF: usize = 32 * 1024;
 /// How long a reply may take before the request counts as failed.
-const REPLY_TIMEOUT_SECS: i64 = 10;
+pub(crate) const REPLY_TIMEOUT_SECS: i64 = 10;
 
 /// A bound netlink socket, with the buffer its replies are received into.
 pub struct Socket {

@@ -1,12 +1,19 @@
-//! Reads policy routing rules and routes over rtnetlink, in process: the numbers the kernel
-//! holds (no table names to translate, no `ip` process), for finding the TPROXY routing an
-//! earlier run left whatever mark and table it used; and, for explain, the namespace's
-//! addresses and the route one packet takes (`ip route get`). Any failure means "unknown"
-//! (`None`).
+//! rtnetlink, in process: the one socket the changes go over ([`Socket`]), built with
+//! `netlink-packet-route` on `netlink-sys`; and the reads: policy routing rules and routes
+//! (the numbers the kernel holds: no table names to translate, no `ip` process), for finding
+//! the TPROXY routing an earlier run left whatever mark and table it used; whether `lo` has
+//! `::6`; and, for explain, the namespace's addresses and the route one packet takes (`ip
+//! route get`). A read's failure means "unknown" (`None`). The changes are
+//! [`crate::system::rtnl_change`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sys::socket::SockProtocol;
 
 use crate::model::Family;
@@ -64,7 +71,113 @@ pub const FR_ACT_PROHIBIT: u8 = 8;
 const FIB_RULE_INVERT: u32 = 2;
 /// `lo`'s interface index, the same in every network namespace (the kernel's
 /// `LOOPBACK_IFINDEX`, fixed since 2012): no lookup needed.
-const LOOPBACK_IFINDEX: u32 = 1;
+pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Why an rtnetlink request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RtnlError {
+    #[error("opening a netlink route socket")]
+    Socket(#[source] io::Error),
+    #[error("sending the request to the kernel")]
+    Send(#[source] io::Error),
+    #[error("receiving the kernel's answer")]
+    Receive(#[source] io::Error),
+    #[error("reading the kernel's answer")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    #[error("the kernel refused it")]
+    Refused(#[source] io::Error),
+}
+
+pub(crate) fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
+
+/// A netlink route socket connected to the kernel: every rtnetlink request, read or change,
+/// goes over one. One socket can serve several requests in turn.
+pub(crate) struct Socket {
+    socket: netlink_sys::Socket,
+    seq: u32,
+}
+
+impl Socket {
+    pub(crate) fn open() -> Result<Socket, RtnlError> {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .map_err(RtnlError::Socket)?;
+        socket.bind_auto().map_err(RtnlError::Socket)?;
+        socket
+            .connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(RtnlError::Socket)?;
+        // An answer that never comes must not hang the run.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(netlink::REPLY_TIMEOUT_SECS, 0),
+        )
+        .map_err(|e| RtnlError::Socket(e.into()))?;
+        Ok(Socket { socket, seq: 0 })
+    }
+
+    /// Sends `msg` and waits for the kernel's acknowledgement; `flags` besides
+    /// `NLM_F_REQUEST | NLM_F_ACK` (`NLM_F_CREATE | NLM_F_EXCL`: as a new object that must
+    /// not exist yet, as `ip ... add` asks).
+    pub(crate) fn change(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), RtnlError> {
+        let seq = self.send(msg, NLM_F_ACK | flags)?;
+        // The answer to a request with NLM_F_ACK is one NLMSG_ERROR message: code 0 (none)
+        // is the acknowledgement.
+        self.receive(seq, |payload| match payload {
+            NetlinkPayload::Error(e) => Some(match e.code {
+                None => Ok(()),
+                Some(_) => Err(RtnlError::Refused(e.to_io())),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Sends `msg` with `NLM_F_REQUEST | flags` and the next sequence number, which it returns.
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32, RtnlError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(RtnlError::Send)?;
+        Ok(self.seq)
+    }
+
+    /// Receives datagrams and hands the payload of each message answering request `seq` to
+    /// `each` until it says the answer is complete (`Some`: what to return). Messages of other
+    /// requests (a late answer to an earlier one) are skipped.
+    fn receive<T>(
+        &mut self,
+        seq: u32,
+        mut each: impl FnMut(NetlinkPayload<RouteNetlinkMessage>) -> Option<Result<T, RtnlError>>,
+    ) -> Result<T, RtnlError> {
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(RtnlError::Receive)?;
+            let mut off = 0;
+            while off < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                    .map_err(RtnlError::Decode)?;
+                let len = reply.header.length as usize;
+                if reply.header.sequence_number == seq
+                    && let Some(done) = each(reply.payload)
+                {
+                    return done;
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len.next_multiple_of(4);
+            }
+        }
+    }
+}
 
 /// One policy routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
