@@ -253,7 +253,7 @@ pub fn routing(family: Family, probe: &dyn Probe) -> Result<Routing, ReadError> 
 }
 
 /// Whether `cmd`'s effect exists (exactly the rule at `priority`, when given), read in
-/// process: netlink for rules and routes, getifaddrs for the address.
+/// process over rtnetlink.
 pub fn present(
     cmd: &IpCommand,
     priority: Option<u32>,

@@ -1,13 +1,13 @@
-//! Netlink dumps, the part the nftables read and the rtnetlink reads share: open a socket
-//! of `protocol`, send an `NLM_F_DUMP` request, hand every reply message to the caller until
-//! `NLMSG_DONE`. One socket can serve several dumps in turn. Any failure (no socket, a short
-//! or malformed reply, an error from the kernel) means "unknown": `None`, and the caller
-//! falls back.
+//! Netlink for the nf_tables reads and changes (`nftprobe.rs`): open a socket of
+//! `protocol`, send an `NLM_F_DUMP` request and hand every reply message to the caller until
+//! `NLMSG_DONE`, ask one question, or send a batch and wait for its acknowledgement. One
+//! socket can serve several requests in turn. Any failure of a read (no socket, a short or
+//! malformed reply, an error from the kernel) means "unknown": `None`, and the caller falls
+//! back.
 //!
 //! Hand-written because nf_tables has no well-kept Rust crate (its reads need three message
-//! types and a handful of attributes), and the rtnetlink reads ride on the same loop; the
-//! routing changes use `netlink-packet-route` (`rtnl_change.rs`), whose messages could take
-//! over those reads too.
+//! types and a handful of attributes). rtnetlink, reads and changes, goes over
+//! `netlink-packet-route` instead (`rtnl.rs`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -28,7 +28,7 @@ const HEADER: usize = 16;
 /// most), and one message of ours is far smaller.
 const BUF: usize = 32 * 1024;
 /// How long a reply may take before the request counts as failed.
-const REPLY_TIMEOUT_SECS: i64 = 10;
+pub(crate) const REPLY_TIMEOUT_SECS: i64 = 10;
 
 /// A bound netlink socket, with the buffer its replies are received into.
 pub struct Socket {
@@ -218,16 +218,6 @@ impl Socket {
         }
         Some(Ok((ty, reply.to_vec())))
     }
-}
-
-/// One dump on a socket of its own (see [`Socket::dump`]).
-pub fn dump(
-    protocol: SockProtocol,
-    kind: u16,
-    body: &[u8],
-    each: impl FnMut(u16, &[u8]),
-) -> Option<()> {
-    Socket::open(protocol)?.dump(kind, body, each)
 }
 
 /// The netlink attributes of one level of `b`, in order: (type without the nested and

@@ -1,54 +1,182 @@
-//! Reads policy routing rules and routes over rtnetlink, in process: the numbers the kernel
-//! holds (no table names to translate, no `ip` process), for finding the TPROXY routing an
-//! earlier run left whatever mark and table it used; and, for explain, the namespace's
-//! addresses and the route one packet takes (`ip route get`). Any failure means "unknown"
-//! (`None`).
+//! rtnetlink, in process: the one socket every request goes over ([`Socket`]: a change
+//! answered by an acknowledgement, a question by one reply, a dump by many), built with
+//! `netlink-packet-route` on `netlink-sys`; and the reads: policy routing rules and routes
+//! (the numbers the kernel holds: no table names to translate, no `ip` process), for finding
+//! the TPROXY routing an earlier run left whatever mark and table it used; whether `lo` has
+//! `::6`; and, for explain, the namespace's addresses and the route one packet takes (`ip
+//! route get`). A read's failure means "unknown" (`None`). The changes are
+//! [`crate::system::rtnl_change`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 
-use nix::sys::socket::SockProtocol;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::model::Family;
 use crate::system::netlink;
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWRULE: u16 = 32;
-const RTM_GETRULE: u16 = 34;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_PREFSRC: u16 = 7;
-const RTA_UID: u16 = 25;
-const IFLA_IFNAME: u16 = 3;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
+/// `lo`'s interface index, the same in every network namespace (the kernel's
+/// `LOOPBACK_IFINDEX`, fixed since 2012): no lookup needed.
+pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Why an rtnetlink request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RtnlError {
+    #[error("opening a netlink route socket")]
+    Socket(#[source] io::Error),
+    #[error("sending the request to the kernel")]
+    Send(#[source] io::Error),
+    #[error("receiving the kernel's answer")]
+    Receive(#[source] io::Error),
+    #[error("reading the kernel's answer")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    #[error("the kernel refused it")]
+    Refused(#[source] io::Error),
+}
+
+/// A family as rtnetlink messages name it.
+pub(crate) fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
+
+/// A netlink route socket connected to the kernel: every rtnetlink request, read or change,
+/// goes over one. One socket can serve several requests in turn.
+pub(crate) struct Socket {
+    socket: netlink_sys::Socket,
+    seq: u32,
+}
+
+impl Socket {
+    pub(crate) fn open() -> Result<Socket, RtnlError> {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .map_err(RtnlError::Socket)?;
+        socket.bind_auto().map_err(RtnlError::Socket)?;
+        socket
+            .connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(RtnlError::Socket)?;
+        // An answer that never comes must not hang the run.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(netlink::REPLY_TIMEOUT_SECS, 0),
+        )
+        .map_err(|e| RtnlError::Socket(e.into()))?;
+        Ok(Socket { socket, seq: 0 })
+    }
+
+    /// Sends `msg` and waits for the kernel's acknowledgement; `flags` besides
+    /// `NLM_F_REQUEST | NLM_F_ACK` (`NLM_F_CREATE | NLM_F_EXCL`: as a new object that must
+    /// not exist yet, as `ip ... add` asks).
+    pub(crate) fn change(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), RtnlError> {
+        let seq = self.send(msg, NLM_F_ACK | flags)?;
+        // The answer to a request with NLM_F_ACK is one NLMSG_ERROR message: code 0 (none)
+        // is the acknowledgement.
+        self.receive(seq, |payload| match payload {
+            NetlinkPayload::Error(e) => Some(match e.code {
+                None => Ok(()),
+                Some(_) => Err(RtnlError::Refused(e.to_io())),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Sends `msg` (a `RTM_GET*` of one object) and returns the kernel's one reply; an error
+    /// reply is [`RtnlError::Refused`].
+    pub(crate) fn ask(
+        &mut self,
+        msg: RouteNetlinkMessage,
+    ) -> Result<RouteNetlinkMessage, RtnlError> {
+        let seq = self.send(msg, 0)?;
+        self.receive(seq, |payload| match payload {
+            NetlinkPayload::InnerMessage(m) => Some(Ok(m)),
+            NetlinkPayload::Error(e) => Some(Err(RtnlError::Refused(e.to_io()))),
+            _ => None,
+        })
+    }
+
+    /// Sends `msg` as an `NLM_F_DUMP` request and returns every message of the reply, up to
+    /// `NLMSG_DONE`.
+    pub(crate) fn dump(
+        &mut self,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, RtnlError> {
+        let seq = self.send(msg, NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        self.receive(seq, |payload| match payload {
+            NetlinkPayload::InnerMessage(m) => {
+                out.push(m);
+                None
+            }
+            // A dump that failed part way says so in its last message.
+            NetlinkPayload::Done(d) if d.code != 0 => Some(Err(RtnlError::Refused(
+                io::Error::from_raw_os_error(d.code.saturating_abs()),
+            ))),
+            NetlinkPayload::Done(_) => Some(Ok(())),
+            NetlinkPayload::Error(e) => Some(Err(RtnlError::Refused(e.to_io()))),
+            _ => None,
+        })?;
+        Ok(out)
+    }
+
+    /// Sends `msg` with `NLM_F_REQUEST | flags` and the next sequence number, which it returns.
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32, RtnlError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(RtnlError::Send)?;
+        Ok(self.seq)
+    }
+
+    /// Receives datagrams and hands the payload of each message answering request `seq` to
+    /// `each` until it says the answer is complete (`Some`: what to return). Messages of other
+    /// requests (a late answer to an earlier one) are skipped.
+    fn receive<T>(
+        &mut self,
+        seq: u32,
+        mut each: impl FnMut(NetlinkPayload<RouteNetlinkMessage>) -> Option<Result<T, RtnlError>>,
+    ) -> Result<T, RtnlError> {
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(RtnlError::Receive)?;
+            let mut off = 0;
+            while off < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                    .map_err(RtnlError::Decode)?;
+                let len = reply.header.length as usize;
+                if reply.header.sequence_number == seq
+                    && let Some(done) = each(reply.payload)
+                {
+                    return done;
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len.next_multiple_of(4);
+            }
+        }
+    }
+}
+
+// The numbers [`Route::kind`] and [`Rule::action`] carry, so that callers need not speak the
+// crate's enums (a test checks them against the crate's).
+
 /// `RTN_UNREACHABLE`: what [`route`] says when the kernel has no route.
 pub const RTN_UNREACHABLE: u8 = 7;
-const RTA_TABLE: u16 = 15;
-const RTN_LOCAL: u8 = 2;
-const FRA_DST: u16 = 1;
-const FRA_SRC: u16 = 2;
-const FRA_IIFNAME: u16 = 3;
-const FRA_PRIORITY: u16 = 6;
-const FRA_FWMARK: u16 = 10;
-const FRA_TABLE: u16 = 15;
-const FRA_FWMASK: u16 = 16;
-const FRA_OIFNAME: u16 = 17;
-const FRA_GOTO: u16 = 4;
-const FRA_FLOW: u16 = 11;
-const FRA_TUN_ID: u16 = 12;
-const FRA_SUPPRESS_IFGROUP: u16 = 13;
-const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
-const FRA_L3MDEV: u16 = 19;
-const FRA_UID_RANGE: u16 = 20;
-const FRA_IP_PROTO: u16 = 22;
-const FRA_SPORT_RANGE: u16 = 23;
-const FRA_DPORT_RANGE: u16 = 24;
 /// `lookup TABLE`.
 pub const FR_ACT_TO_TBL: u8 = 1;
 /// `goto PRIORITY`.
@@ -61,10 +189,6 @@ pub const FR_ACT_BLACKHOLE: u8 = 6;
 pub const FR_ACT_UNREACHABLE: u8 = 7;
 /// `prohibit`.
 pub const FR_ACT_PROHIBIT: u8 = 8;
-const FIB_RULE_INVERT: u32 = 2;
-/// `lo`'s interface index, the same in every network namespace (the kernel's
-/// `LOOPBACK_IFINDEX`, fixed since 2012): no lookup needed.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// One policy routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,133 +238,100 @@ pub struct Routing {
     pub tables_with_routes: BTreeSet<u32>,
 }
 
-/// Whether `lo` has `addr/128`.
-pub fn lo_has_v6_host_address(addr: std::net::Ipv6Addr) -> Option<bool> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    Some(addrs.into_iter().any(|a| {
-        a.interface_name == "lo"
-            && a.address
-                .as_ref()
-                .and_then(|x| x.as_sockaddr_in6())
-                .is_some_and(|x| x.ip() == addr)
-            && a.netmask
-                .as_ref()
-                .and_then(|x| x.as_sockaddr_in6())
-                .is_some_and(|m| m.ip() == std::net::Ipv6Addr::from(u128::MAX))
-    }))
-}
-
-fn af(family: Family) -> u8 {
-    match family {
-        Family::V4 => libc_af::INET,
-        Family::V6 => libc_af::INET6,
-    }
-}
-
-mod libc_af {
-    pub const INET: u8 = 2;
-    pub const INET6: u8 = 10;
-}
-
-/// Runs one rtnetlink dump of `kind` on `sock` with a 12-byte header whose family byte is
-/// `family` (0: every family); returns (type, body).
-fn dump(sock: &mut netlink::Socket, kind: u16, family: u8) -> Option<Vec<(u16, Vec<u8>)>> {
-    // rtmsg / fib_rule_hdr: family first, the rest zero.
-    let mut header = [0u8; 12];
-    header[0] = family;
+/// The addresses of the namespace's interfaces, of one family or (`Unspec`) both, as the
+/// kernel reports them: (interface index, prefix length, address). `IFA_LOCAL` is the
+/// address itself where there is a peer (IPv4); else `IFA_ADDRESS`.
+fn interface_addresses(sock: &mut Socket, family: AddressFamily) -> Option<Vec<(u32, u8, IpAddr)>> {
+    let mut ask = AddressMessage::default();
+    ask.header.family = family;
     let mut out = Vec::new();
-    sock.dump(kind, &header, |ty, body| {
-        out.push((ty, body.to_vec()));
-    })?;
+    for m in sock.dump(RouteNetlinkMessage::GetAddress(ask)).ok()? {
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            continue;
+        };
+        let local = a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let addr = local.or_else(|| {
+            a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        });
+        if let Some(addr) = addr {
+            out.push((a.header.index, a.header.prefix_len, addr));
+        }
+    }
     Some(out)
 }
 
-/// The attributes after a 12-byte header: (type, payload).
-fn attrs(body: &[u8]) -> Vec<(u16, &[u8])> {
-    netlink::attributes(body.get(12..).unwrap_or_default())
+/// Whether `lo` has `addr/128`.
+pub fn lo_has_v6_host_address(addr: Ipv6Addr) -> Option<bool> {
+    let mut sock = Socket::open().ok()?;
+    let addrs = interface_addresses(&mut sock, AddressFamily::Inet6)?;
+    Some(
+        addrs.into_iter().any(|(index, len, a)| {
+            index == LOOPBACK_IFINDEX && len == 128 && a == IpAddr::V6(addr)
+        }),
+    )
 }
 
-fn u32_of(v: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
-}
-
-/// Parses one RTM_NEWRULE body.
-fn parse_rule(body: &[u8]) -> Option<Rule> {
-    if body.len() < 12 {
-        return None;
-    }
-    let (dst_len, src_len, tos, table8, action) = (body[1], body[2], body[3], body[4], body[7]);
-    let flags = u32::from_ne_bytes(body[8..12].try_into().ok()?);
+/// One rule as the kernel holds it.
+fn rule_of(m: &RuleMessage) -> Rule {
+    let h = &m.header;
+    let invert = h.flags.contains(RuleFlags::Invert);
     let mut rule = Rule {
         priority: 0,
         mark: None,
         mask: u32::MAX,
-        table: table8 as u32,
-        plain: dst_len == 0
-            && src_len == 0
-            && tos == 0
-            && action == FR_ACT_TO_TBL
-            && flags & FIB_RULE_INVERT == 0,
-        action,
-        invert: flags & FIB_RULE_INVERT != 0,
+        table: u32::from(h.table),
+        plain: h.dst_len == 0
+            && h.src_len == 0
+            && h.tos == 0
+            && h.action == RuleAction::ToTable
+            && !invert,
+        action: u8::from(h.action),
+        invert,
         selectors: Vec::new(),
         ip_proto: None,
     };
-    if tos != 0 {
-        rule.selectors.push(format!("tos 0x{tos:x}"));
+    if h.tos != 0 {
+        rule.selectors.push(format!("tos 0x{:x}", h.tos));
     }
-    let u16_pair = |v: &[u8]| -> Option<(u16, u16)> {
-        Some((
-            u16::from_ne_bytes(v.get(..2)?.try_into().ok()?),
-            u16::from_ne_bytes(v.get(2..4)?.try_into().ok()?),
-        ))
-    };
-    for (ty, v) in attrs(body) {
-        match ty {
-            FRA_PRIORITY => rule.priority = u32_of(v)?,
-            FRA_FWMARK => rule.mark = Some(u32_of(v)?),
-            FRA_FWMASK => rule.mask = u32_of(v)?,
-            FRA_TABLE => rule.table = u32_of(v)?,
-            FRA_SRC => rule
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::FwMark(v) => rule.mark = Some(*v),
+            RuleAttribute::FwMask(v) => rule.mask = *v,
+            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Source(ip) => rule.selectors.push(format!("from {ip}/{}", h.src_len)),
+            RuleAttribute::Destination(ip) => rule.selectors.push(format!("to {ip}/{}", h.dst_len)),
+            RuleAttribute::Iifname(name) => rule.selectors.push(format!("iif {name}")),
+            RuleAttribute::Oifname(name) => rule.selectors.push(format!("oif {name}")),
+            RuleAttribute::Goto(p) => rule.selectors.push(format!("goto {p}")),
+            RuleAttribute::Realm(r) => rule.selectors.push(format!(
+                "realms {}",
+                (u32::from(r.source) << 16) | u32::from(r.destination)
+            )),
+            RuleAttribute::TunId(_) => rule.selectors.push("tun_id".into()),
+            RuleAttribute::L3MDev(_) => rule.selectors.push("l3mdev".into()),
+            // The kernel sends -1 for "none".
+            RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => {
+                rule.selectors.push(format!("suppress_prefixlength {n}"))
+            }
+            RuleAttribute::SuppressIfGroup(n) if *n != u32::MAX => {
+                rule.selectors.push(format!("suppress_ifgroup {n}"))
+            }
+            RuleAttribute::UidRange(r) => rule
                 .selectors
-                .push(format!("from {}/{src_len}", address(v)?)),
-            FRA_DST => rule.selectors.push(format!("to {}/{dst_len}", address(v)?)),
-            FRA_IIFNAME | FRA_OIFNAME => {
-                let name = String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(v));
-                let kind = if ty == FRA_IIFNAME { "iif" } else { "oif" };
-                rule.selectors.push(format!("{kind} {name}"));
-                rule.plain = false;
+                .push(format!("uidrange {}-{}", r.start, r.end)),
+            RuleAttribute::IpProtocol(p) => rule.ip_proto = Some(u8::from(*p)),
+            RuleAttribute::SourcePortRange(r) => {
+                rule.selectors.push(format!("sport {}-{}", r.start, r.end))
             }
-            FRA_GOTO => rule.selectors.push(format!("goto {}", u32_of(v)?)),
-            FRA_FLOW => rule.selectors.push(format!("realms {}", u32_of(v)?)),
-            FRA_TUN_ID => rule.selectors.push("tun_id".into()),
-            FRA_L3MDEV => rule.selectors.push("l3mdev".into()),
-            FRA_SUPPRESS_PREFIXLEN | FRA_SUPPRESS_IFGROUP => {
-                // The kernel sends -1 for "none".
-                let n = u32_of(v)?;
-                if n != u32::MAX {
-                    let kind = if ty == FRA_SUPPRESS_PREFIXLEN {
-                        "suppress_prefixlength"
-                    } else {
-                        "suppress_ifgroup"
-                    };
-                    rule.selectors.push(format!("{kind} {n}"));
-                }
-            }
-            FRA_UID_RANGE => {
-                let a = u32_of(v)?;
-                let b = u32_of(v.get(4..)?)?;
-                rule.selectors.push(format!("uidrange {a}-{b}"));
-            }
-            FRA_IP_PROTO => rule.ip_proto = v.first().copied(),
-            FRA_SPORT_RANGE | FRA_DPORT_RANGE => {
-                let (a, b) = u16_pair(v)?;
-                let kind = if ty == FRA_SPORT_RANGE {
-                    "sport"
-                } else {
-                    "dport"
-                };
-                rule.selectors.push(format!("{kind} {a}-{b}"));
+            RuleAttribute::DestinationPortRange(r) => {
+                rule.selectors.push(format!("dport {}-{}", r.start, r.end))
             }
             _ => {}
         }
@@ -248,72 +339,62 @@ fn parse_rule(body: &[u8]) -> Option<Rule> {
     if rule.ip_proto.is_some() || !rule.selectors.is_empty() {
         rule.plain = false;
     }
-    Some(rule)
+    rule
 }
 
-/// An address attribute (4 or 16 bytes) as text.
-fn address(v: &[u8]) -> Option<std::net::IpAddr> {
-    match v.len() {
-        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(v).ok()?)),
-        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(v).ok()?)),
+/// A route's table: the attribute's, which tables past 255 need, else the header's.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .rev()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// A route's outgoing interface (`RTA_OIF`).
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
         _ => None,
-    }
-}
-
-/// The table of one RTM_NEWROUTE body.
-fn route_table(body: &[u8]) -> Option<u32> {
-    let mut table = u32::from(*body.get(4)?);
-    for (ty, v) in attrs(body) {
-        if ty == RTA_TABLE {
-            table = u32_of(v)?;
-        }
-    }
-    Some(table)
-}
-
-/// From one RTM_NEWROUTE body, the table of a `local default dev lo` route.
-fn local_default_table(body: &[u8], lo: u32) -> Option<u32> {
-    if body.len() < 12 || body[1] != 0 || body[7] != RTN_LOCAL {
-        return None;
-    }
-    let mut table = body[4] as u32;
-    let mut oif = None;
-    for (ty, v) in attrs(body) {
-        match ty {
-            RTA_TABLE => table = u32_of(v)?,
-            RTA_OIF => oif = u32_of(v),
-            _ => {}
-        }
-    }
-    (oif == Some(lo)).then_some(table)
+    })
 }
 
 /// The policy routing of `family` in the current network namespace: two dumps (rules, then
 /// routes) of that family.
 pub fn routing(family: Family) -> Option<Routing> {
-    let family = af(family);
-    let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
-    let ours = |body: &[u8]| body.first() == Some(&family);
+    let family = address_family(family);
+    let mut sock = Socket::open().ok()?;
     let mut out = Routing::default();
-    for (ty, b) in dump(&mut sock, RTM_GETRULE, family)? {
-        if ty == RTM_NEWRULE
-            && ours(&b)
-            && let Some(rule) = parse_rule(&b)
+    let mut ask = RuleMessage::default();
+    ask.header.family = family;
+    for m in sock.dump(RouteNetlinkMessage::GetRule(ask)).ok()? {
+        if let RouteNetlinkMessage::NewRule(r) = m
+            && r.header.family == family
         {
-            out.rules.push(rule);
+            out.rules.push(rule_of(&r));
         }
     }
     // Routes are only of interest next to a rule with a mark, or on their own as leftovers
     // of a run killed between adding the route and the rule: always look.
-    for (ty, b) in dump(&mut sock, RTM_GETROUTE, family)? {
-        if ty != RTM_NEWROUTE || !ours(&b) {
+    let mut ask = RouteMessage::default();
+    ask.header.address_family = family;
+    for m in sock.dump(RouteNetlinkMessage::GetRoute(ask)).ok()? {
+        let RouteNetlinkMessage::NewRoute(r) = m else {
+            continue;
+        };
+        if r.header.address_family != family {
             continue;
         }
-        if let Some(t) = route_table(&b) {
-            out.tables_with_routes.insert(t);
-        }
-        if let Some(t) = local_default_table(&b, LOOPBACK_IFINDEX) {
-            out.local_default_tables.insert(t);
+        let table = route_table(&r);
+        out.tables_with_routes.insert(table);
+        if r.header.destination_prefix_length == 0
+            && r.header.kind == RouteType::Local
+            && route_oif(&r) == Some(LOOPBACK_IFINDEX)
+        {
+            out.local_default_tables.insert(table);
         }
     }
     Some(out)
@@ -331,118 +412,108 @@ pub struct Route {
     pub src: Option<IpAddr>,
 }
 
-/// The interface names by index: one `RTM_GETLINK` dump.
-fn links(sock: &mut netlink::Socket) -> Option<BTreeMap<u32, String>> {
-    // ifinfomsg: family, pad, type, index, flags, change.
-    let mut out = BTreeMap::new();
-    sock.dump(RTM_GETLINK, &[0u8; 16], |ty, body| {
-        if ty != RTM_NEWLINK || body.len() < 16 {
-            return;
-        }
-        let index = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
-        for (t, v) in netlink::attributes(&body[16..]) {
-            if t == IFLA_IFNAME {
-                let name = v.split(|b| *b == 0).next().unwrap_or_default();
-                out.insert(index, String::from_utf8_lossy(name).into_owned());
-            }
-        }
-    })?;
-    Some(out)
-}
-
-fn ip_of(v: &[u8]) -> Option<IpAddr> {
-    match v.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(v).ok()?))),
-        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(v).ok()?))),
+/// The name of one link (`IFLA_IFNAME`).
+fn link_name(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
         _ => None,
-    }
+    })
 }
 
 /// The addresses of this namespace's interfaces, both families: (interface, address).
 pub fn addresses() -> Option<Vec<(String, IpAddr)>> {
-    let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
-    let names = links(&mut sock)?;
-    let mut out = Vec::new();
-    // ifaddrmsg: family, prefixlen, flags, scope, index.
-    sock.dump(RTM_GETADDR, &[0u8; 8], |ty, body| {
-        if ty != RTM_NEWADDR || body.len() < 8 {
-            return;
+    let mut sock = Socket::open().ok()?;
+    let mut names = BTreeMap::new();
+    for m in sock
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .ok()?
+    {
+        if let RouteNetlinkMessage::NewLink(l) = m
+            && let Some(name) = link_name(&l)
+        {
+            names.insert(l.header.index, name);
         }
-        let index = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
-        let attrs = netlink::attributes(&body[8..]);
-        // IFA_LOCAL is the address itself where there is a peer (IPv4); else IFA_ADDRESS.
-        let addr = attrs
-            .iter()
-            .find(|(t, _)| *t == IFA_LOCAL)
-            .or_else(|| attrs.iter().find(|(t, _)| *t == IFA_ADDRESS))
-            .and_then(|(_, v)| ip_of(v));
-        if let (Some(addr), Some(name)) = (addr, names.get(&index)) {
-            out.push((name.clone(), addr));
-        }
-    })?;
-    Some(out)
-}
-
-fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
-    let len = (4 + payload.len()) as u16;
-    let mut a = Vec::with_capacity(8 + payload.len());
-    a.extend_from_slice(&len.to_ne_bytes());
-    a.extend_from_slice(&ty.to_ne_bytes());
-    a.extend_from_slice(payload);
-    a.resize((a.len() + 3) & !3, 0);
-    a
+    }
+    let addrs = interface_addresses(&mut sock, AddressFamily::Unspec)?;
+    Some(
+        addrs
+            .into_iter()
+            .filter_map(|(index, _, addr)| Some((names.get(&index)?.clone(), addr)))
+            .collect(),
+    )
 }
 
 /// The route the kernel picks for a packet to `dst` from a socket of `uid` (`ip route get
-/// DST uid UID`): one `RTM_GETROUTE` request.
+/// DST uid UID`): one `RTM_GETROUTE` request, and one `RTM_GETLINK` for the interface's
+/// name.
 pub fn route(dst: IpAddr, uid: Option<u32>) -> Option<Route> {
-    let mut sock = netlink::Socket::open(SockProtocol::NetlinkRoute)?;
-    let (family, bits, octets) = match dst {
-        IpAddr::V4(a) => (libc_af::INET, 32, a.octets().to_vec()),
-        IpAddr::V6(a) => (libc_af::INET6, 128, a.octets().to_vec()),
+    let mut sock = Socket::open().ok()?;
+    let mut ask = RouteMessage::default();
+    (
+        ask.header.address_family,
+        ask.header.destination_prefix_length,
+    ) = match dst {
+        IpAddr::V4(_) => (AddressFamily::Inet, 32),
+        IpAddr::V6(_) => (AddressFamily::Inet6, 128),
     };
-    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    let mut body = vec![0u8; 12];
-    body[0] = family;
-    body[1] = bits;
-    body.extend(attr(RTA_DST, &octets));
+    ask.attributes.push(RouteAttribute::Destination(dst.into()));
     if let Some(uid) = uid {
-        body.extend(attr(RTA_UID, &uid.to_ne_bytes()));
+        ask.attributes.push(RouteAttribute::Uid(uid));
     }
-    let reply = match sock.request(RTM_GETROUTE, &body)? {
-        Ok((RTM_NEWROUTE, b)) if b.len() >= 12 => b,
-        Ok(_) => return None,
+    let reply = match sock.ask(RouteNetlinkMessage::GetRoute(ask)) {
+        Ok(RouteNetlinkMessage::NewRoute(r)) => r,
         // ENETUNREACH, EHOSTUNREACH...: no route.
-        Err(_) => {
+        Err(RtnlError::Refused(_)) => {
             return Some(Route {
                 kind: RTN_UNREACHABLE,
                 dev: None,
                 src: None,
             });
         }
+        Ok(_) | Err(_) => return None,
     };
-    let mut r = Route {
-        kind: reply[7],
-        dev: None,
-        src: None,
-    };
-    let mut oif = None;
-    for (ty, v) in attrs(&reply) {
-        match ty {
-            RTA_OIF => oif = u32_of(v),
-            RTA_PREFSRC => r.src = ip_of(v),
-            _ => {}
+    let src = reply.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    });
+    let dev = match route_oif(&reply) {
+        Some(index) => {
+            let mut link = LinkMessage::default();
+            link.header.index = index;
+            match sock.ask(RouteNetlinkMessage::GetLink(link)).ok()? {
+                RouteNetlinkMessage::NewLink(l) => link_name(&l),
+                _ => None,
+            }
         }
-    }
-    if let Some(oif) = oif {
-        r.dev = links(&mut sock)?.remove(&oif);
-    }
-    Some(r)
+        None => None,
+    };
+    Some(Route {
+        kind: u8::from(reply.header.kind),
+        dev,
+        src,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_numbers_callers_compare_are_the_crates() {
+        assert_eq!(u8::from(RouteType::Unreachable), RTN_UNREACHABLE);
+        let actions = [
+            (RuleAction::ToTable, FR_ACT_TO_TBL),
+            (RuleAction::Goto, FR_ACT_GOTO),
+            (RuleAction::Nop, FR_ACT_NOP),
+            (RuleAction::Blackhole, FR_ACT_BLACKHOLE),
+            (RuleAction::Unreachable, FR_ACT_UNREACHABLE),
+            (RuleAction::Prohibit, FR_ACT_PROHIBIT),
+        ];
+        for (action, number) in actions {
+            assert_eq!(u8::from(action), number, "{action:?}");
+        }
+    }
 
     #[test]
     fn reads_marks_and_tables_as_numbers() {

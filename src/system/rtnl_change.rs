@@ -1,33 +1,25 @@
 //! Changes TPROXY's policy routing and `lo`'s `::6` over rtnetlink, in process, as Istio's
 //! own `tools/common` code does (no `ip` program at run time): one request per change, built
-//! with `netlink-packet-route` and sent on a `netlink-sys` socket, answered by the kernel's
-//! acknowledgement or errno. The requests are the ones `ip` sends for the commands Istio
-//! prints (`ip -4 rule add fwmark M lookup T`, `ip -4 route add local default dev lo table
-//! T`, `ip -6 addr add ::6/128 dev lo`), so the kernel ends up holding the same state.
+//! with `netlink-packet-route` and sent on the rtnetlink socket the reads use too
+//! ([`crate::system::rtnl::Socket`]), answered by the kernel's acknowledgement or errno. The
+//! requests are the ones `ip` sends for the commands Istio prints (`ip -4 rule add fwmark M
+//! lookup T`, `ip -4 route add local default dev lo table T`, `ip -6 addr add ::6/128 dev
+//! lo`), so the kernel ends up holding the same state.
 //! Whether a change took is for the caller to read back ([`crate::system::rtnl`]).
 
-use std::io;
 use std::net::Ipv6Addr;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use crate::model::Family;
-
-/// `lo`'s interface index, the same in every network namespace (the kernel's
-/// `LOOPBACK_IFINDEX`).
-const LOOPBACK_IFINDEX: u32 = 1;
-/// How long the kernel's answer may take before the change counts as failed.
-const REPLY_TIMEOUT_SECS: i64 = 10;
+pub use crate::system::rtnl::RtnlError;
+use crate::system::rtnl::{LOOPBACK_IFINDEX, Socket, address_family};
 
 /// What one change adds or removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,21 +37,6 @@ pub enum Target {
     LoV6HostAddress(Ipv6Addr),
 }
 
-/// Why a change could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum RtnlError {
-    #[error("opening a netlink route socket")]
-    Socket(#[source] io::Error),
-    #[error("sending the request to the kernel")]
-    Send(#[source] io::Error),
-    #[error("receiving the kernel's answer")]
-    Receive(#[source] io::Error),
-    #[error("reading the kernel's answer")]
-    Decode(#[source] netlink_packet_core::DecodeError),
-    #[error("the kernel refused it")]
-    Refused(#[source] io::Error),
-}
-
 /// Changes to the kernel's routing (the tests give fakes).
 pub trait Rtnl {
     /// Adds (`add`) or removes `target`; `Ok` when the kernel acknowledged it.
@@ -73,14 +50,9 @@ pub struct Kernel;
 impl Rtnl for Kernel {
     fn change(&mut self, add: bool, target: &Target) -> Result<(), RtnlError> {
         tracing::debug!(add, ?target, "rtnetlink request");
-        request(message(add, target), add)
-    }
-}
-
-fn address_family(family: Family) -> AddressFamily {
-    match family {
-        Family::V4 => AddressFamily::Inet,
-        Family::V6 => AddressFamily::Inet6,
+        // A new object must not exist yet (`NLM_F_CREATE | NLM_F_EXCL`), as `ip ... add` asks.
+        let flags = if add { NLM_F_CREATE | NLM_F_EXCL } else { 0 };
+        Socket::open()?.change(message(add, target), flags)
     }
 }
 
@@ -162,57 +134,6 @@ fn message(add: bool, target: &Target) -> RouteNetlinkMessage {
     }
 }
 
-/// Sends `msg` (`create`: as a new object that must not exist yet, `NLM_F_CREATE |
-/// NLM_F_EXCL`, as `ip ... add` does) and waits for the kernel's acknowledgement.
-fn request(msg: RouteNetlinkMessage, create: bool) -> Result<(), RtnlError> {
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(RtnlError::Socket)?;
-    socket.bind_auto().map_err(RtnlError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(RtnlError::Socket)?;
-    // An answer that never comes must not hang the run.
-    nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(REPLY_TIMEOUT_SECS, 0),
-    )
-    .map_err(|e| RtnlError::Socket(e.into()))?;
-
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    if create {
-        header.flags |= NLM_F_CREATE | NLM_F_EXCL;
-    }
-    header.sequence_number = 1;
-    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket.send(&buf, 0).map_err(RtnlError::Send)?;
-
-    // The answer to a request with NLM_F_ACK is one NLMSG_ERROR message: code 0 is the
-    // acknowledgement. Anything else of ours (sequence 1) is not expected; skip it.
-    loop {
-        let (data, _) = socket.recv_from_full().map_err(RtnlError::Receive)?;
-        let mut off = 0;
-        while off < data.len() {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                .map_err(RtnlError::Decode)?;
-            let len = reply.header.length as usize;
-            if let NetlinkPayload::Error(e) = reply.payload {
-                return match e.code {
-                    None => Ok(()),
-                    Some(_) => Err(RtnlError::Refused(e.to_io())),
-                };
-            }
-            if len == 0 {
-                break;
-            }
-            off += len.next_multiple_of(4);
-        }
-    }
-}
-
 #[cfg(test)]
 pub mod fake {
     //! A kernel in memory for unit tests: it records each change and answers as told.
@@ -232,7 +153,7 @@ pub mod fake {
             self.calls.push((add, *target));
             match self.refuse {
                 Some((i, errno)) if i + 1 == self.calls.len() => {
-                    Err(RtnlError::Refused(io::Error::from_raw_os_error(errno)))
+                    Err(RtnlError::Refused(std::io::Error::from_raw_os_error(errno)))
                 }
                 _ => Ok(()),
             }
