@@ -9,7 +9,7 @@ use std::process::Output;
 use super::skip_unless_installed;
 use crate::common::{APP, Listener, SEED, Topology, connect, sa, skip_unless_root};
 
-fn text(o: &Output) -> String {
+pub(super) fn text(o: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
         o.status.code(),
@@ -20,7 +20,7 @@ fn text(o: &Output) -> String {
 
 /// Runs the binary in the pod; panics unless it exits 0. Returns its log (stdout and
 /// stderr).
-fn run_ok(t: &Topology, ipv6: bool, args: &[&str]) -> String {
+pub(super) fn run_ok(t: &Topology, ipv6: bool, args: &[&str]) -> String {
     let o = t.run_bin(&t.pod, ipv6, args);
     assert!(o.status.success(), "{args:?}: {}", text(&o));
     format!(
@@ -31,14 +31,14 @@ fn run_ok(t: &Topology, ipv6: bool, args: &[&str]) -> String {
 }
 
 /// Runs a shell command in `ns`; panics unless it succeeds.
-fn sh(t: &Topology, ns: &str, cmd: &str) -> String {
+pub(super) fn sh(t: &Topology, ns: &str, cmd: &str) -> String {
     let o = t.exec(ns, "sh", &["-c", cmd], &[]);
     assert!(o.status.success(), "`{cmd}` in {ns}: {}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Where a TCP connection from the peer to the pod's `port` lands (a listener's label).
-fn lands(t: &Topology, v6: bool, port: u16) -> String {
+pub(super) fn lands(t: &Topology, v6: bool, port: u16) -> String {
     let dst: IpAddr = if v6 { t.pod_v6.into() } else { t.pod_v4.into() };
     match connect(&t.peer, APP, sa(dst, port), None) {
         Ok(l) => l.label,
@@ -47,7 +47,7 @@ fn lands(t: &Topology, v6: bool, port: u16) -> String {
 }
 
 /// Listeners on the proxy's inbound port and the app's 8080, both families.
-fn listeners(t: &Topology) -> Vec<Listener> {
+pub(super) fn listeners(t: &Topology) -> Vec<Listener> {
     let mut out = Vec::new();
     for any in [
         IpAddr::from(Ipv4Addr::UNSPECIFIED),
@@ -60,7 +60,7 @@ fn listeners(t: &Topology) -> Vec<Listener> {
     out
 }
 
-fn with_excluded_8080() -> Vec<&'static str> {
+pub(super) fn with_excluded_8080() -> Vec<&'static str> {
     let mut a: Vec<&str> = SEED.to_vec();
     let d = a.iter().position(|x| *x == "-d").expect("SEED has -d");
     a[d + 1] = "15090,15021,15020,8080";

@@ -3,58 +3,30 @@
 //! address match. Each run is read against nf_tables' own structure over netlink; real
 //! traffic shows what captures.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::process::Output;
-
-use crate::common::{APP, BIN, Listener, SEED, Topology, connect, sa, skip_unless_root};
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use super::every_place::{
+    lands, listeners, run_ok as run_in, sh as sh_in, text, with_excluded_8080,
+};
+use crate::common::{BIN, SEED, Topology, seed_with, skip_unless_root};
 
 fn sh(t: &Topology, cmd: &str) -> String {
-    let o = t.exec(&t.pod, "sh", &["-c", cmd], &[]);
-    assert!(o.status.success(), "`{cmd}`: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    sh_in(t, &t.pod, cmd)
 }
 
 /// Runs the binary in the pod (IPv4 only), with `args`.
-fn run(t: &Topology, args: &[&str]) -> Output {
+fn run(t: &Topology, args: &[&str]) -> std::process::Output {
     t.run_bin(&t.pod, false, args)
 }
 
 fn run_ok(t: &Topology, args: &[&str]) -> String {
-    let o = run(t, args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    run_in(t, false, args)
 }
 
 fn with(first: &[&'static str], rest: &[&'static str]) -> Vec<&'static str> {
     first.iter().chain(rest).copied().collect()
 }
 
-/// Where a TCP connection from the peer to the pod's 8080 lands.
 fn lands_8080(t: &Topology) -> String {
-    match connect(&t.peer, APP, sa(IpAddr::from(t.pod_v4), 8080), None) {
-        Ok(l) => l.label,
-        Err(e) => format!("no connection: {e}"),
-    }
-}
-
-fn listeners(t: &Topology) -> Vec<Listener> {
-    let any = IpAddr::from(Ipv4Addr::UNSPECIFIED);
-    [15006, 8080]
-        .map(|port| Listener::tcp(&t.pod, &format!("pod:{port}"), sa(any, port)))
-        .into()
+    lands(t, false, 8080)
 }
 
 /// Case 1: a dormant nat table switches the capture off; iptables-nft-save prints it as
@@ -230,7 +202,7 @@ fn a_partial_save_changes_nothing() {
     let o = t.exec(
         &t.pod,
         BIN,
-        &with_excluded(SEED),
+        &with_excluded_8080(),
         &[("PATH", &path), ("ENABLE_INBOUND_IPV6", "false")],
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -252,24 +224,9 @@ fn a_zero_prefix_settles() {
         return;
     }
     let t = Topology::new("slash0");
-    let args = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "0.0.0.0/0",
-        "-x",
-        "0.0.0.0/0",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-    ];
+    let mut args = seed_with("-i", "0.0.0.0/0");
+    let x = args.iter().position(|a| *a == "-x").expect("SEED has -x");
+    args[x + 1] = "0.0.0.0/0";
     for backend in [&[][..], &["--native-nftables"][..]] {
         let a = with(backend, &args);
         run_ok(&t, &a);
@@ -281,13 +238,6 @@ fn a_zero_prefix_settles() {
         let v = run(&t, &with(&["verify"], &a));
         assert_eq!(v.status.code(), Some(0), "{backend:?}: {}", text(&v));
     }
-}
-
-fn with_excluded(seed: &[&'static str]) -> Vec<&'static str> {
-    let mut a = seed.to_vec();
-    let d = a.iter().position(|x| *x == "-d").expect("SEED has -d");
-    a[d + 1] = "15090,15021,15020,8080";
-    a
 }
 
 fn tempdir() -> String {
