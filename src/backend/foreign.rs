@@ -636,7 +636,7 @@ pub fn candidates(
                         priority: b.priority,
                         drops: b.policy == Some(0),
                     }),
-                    count: c.rules,
+                    count: c.rules.unwrap_or(0),
                     rules: None,
                 })
                 .collect(),
@@ -980,7 +980,7 @@ mod tests {
                 priority: -300,
                 policy: Some(1),
             }),
-            rules: 1,
+            rules: Some(1),
         };
         let st = NfTables {
             tables: vec![

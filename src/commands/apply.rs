@@ -564,7 +564,7 @@ mod tests {
                 chains: vec![NfChain {
                     name: "ISTIO_INBOUND".into(),
                     base: None,
-                    rules: 0,
+                    rules: None,
                 }],
                 ..NfTable::default()
             }],

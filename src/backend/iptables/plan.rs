@@ -694,6 +694,15 @@ pub fn cleanup(current: &SaveState) -> Transaction {
     tx
 }
 
+/// How many times each text occurs.
+fn multiset<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, usize> {
+    let mut n: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in keys {
+        *n.entry(k).or_default() += 1;
+    }
+    n
+}
+
 /// Compares the current state of one family with `desired`, chain by chain (only our rules
 /// are compared; foreign rules in built-in chains are ignored). Order matters.
 pub fn diff(
@@ -746,24 +755,26 @@ pub fn diff(
             let h = have.get(c).map_or(&[][..], Vec::as_slice);
             let chain_missing = is_ours(c) && !have.contains_key(c);
             let chain_extra = is_ours(c) && !want.contains_key(c);
+            // Multisets of canonical texts: each rule wanted is served by one rule there.
+            let take = |pool: &mut BTreeMap<&str, usize>, k: &str| match pool.get_mut(k) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            };
             let mut missing = Vec::new();
-            let mut pool: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
+            let mut pool = multiset(h.iter().map(|(k, _)| *k));
             for (k, r) in w {
-                match pool.iter().position(|x| *x == k) {
-                    Some(i) => {
-                        pool.remove(i);
-                    }
-                    None => missing.push(format!("-A {} {}", r.chain, r.spec())),
+                if !take(&mut pool, k) {
+                    missing.push(format!("-A {} {}", r.chain, r.spec()));
                 }
             }
             let mut extra = Vec::new();
-            let mut pool: Vec<&str> = w.iter().map(|(k, _)| k.as_str()).collect();
+            let mut pool = multiset(w.iter().map(|(k, _)| k.as_str()));
             for (k, toks) in h {
-                match pool.iter().position(|x| x == k) {
-                    Some(i) => {
-                        pool.remove(i);
-                    }
-                    None => extra.push(format!("-A {c} {}", toks.join(" "))),
+                if !take(&mut pool, k) {
+                    extra.push(format!("-A {c} {}", toks.join(" ")));
                 }
             }
             if chain_missing {
