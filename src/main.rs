@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let apply_command = matches!(args.cli.command, None | Some(Command::IstioIptables));
+    let apply_command = matches!(args.command, None | Some(Command::IstioIptables));
     // stdout carries the dry-run script or explain/verify's report: logs go to stderr then.
     let dry_run = parse_go_bool(&args.cli.dry_run).unwrap_or(false);
     logging::init(logging::Settings::from_cli(
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     });
 
     // Generated from the clap definition; no config is read (a bad env var cannot stop them).
-    match &args.cli.command {
+    match &args.command {
         Some(Command::Completion { shell }) => return print_doc(docs::completion(*shell)),
         Some(Command::Man) => return print_doc(docs::man_page()),
         _ => {}
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     }
     // The raw values (clap's matches hold a long -x list several times over) are in `cfg`
     // now: free them before the rules and the saved state are built.
-    let command = args.cli.command.clone();
+    let command = args.command.clone();
     drop(args);
     let inspect = command.filter(|_| !apply_command);
 

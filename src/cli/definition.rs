@@ -31,16 +31,10 @@ impl TypedValueParser for ModeValues {
     }
 }
 
-/// Set up iptables rules so that the Istio sidecar (Envoy) captures the pod's traffic.
-///
-/// A drop-in replacement for Istio's istio-iptables: same flags, same env vars, same rules.
-/// Lists are comma separated; empty items are ignored. Every list (-i -x -b -d -q -o -k -c -u
-/// -g, their env vars and the owner-group knobs) also takes `@PATH`: the items are read from
-/// that file, separated by commas, spaces or newlines, `#` starting a comment. Booleans given
-/// through env vars take Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false,
-/// False).
-#[derive(Parser, Debug, Clone)]
-#[command(name = "istio-iptables", version, max_term_width = 100)]
+// Every flag, with its env var and default: global, so that `explain` and `verify` take
+// them too. (A doc comment here would be the program's about text, which is `Root`'s.)
+#[derive(clap::Args, Debug, Clone)]
+#[group(skip)]
 pub struct Cli {
     /// Envoy port to which all outbound TCP traffic is redirected.
     #[arg(
@@ -389,7 +383,21 @@ pub struct Cli {
     #[arg(global = true, long = "vklog", default_value = "0", value_name = "LEVEL",
           help_heading = LOGGING)]
     pub vklog: String,
+}
 
+/// Set up iptables rules so that the Istio sidecar (Envoy) captures the pod's traffic.
+///
+/// A drop-in replacement for Istio's istio-iptables: same flags, same env vars, same rules.
+/// Lists are comma separated; empty items are ignored. Every list (-i -x -b -d -q -o -k -c -u
+/// -g, their env vars and the owner-group knobs) also takes `@PATH`: the items are read from
+/// that file, separated by commas, spaces or newlines, `#` starting a comment. Booleans given
+/// through env vars take Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false,
+/// False).
+#[derive(Parser, Debug, Clone)]
+#[command(name = APPLY_COMMAND, version, max_term_width = 100)]
+pub struct Root {
+    #[command(flatten)]
+    pub cli: Cli,
     /// Without a command (or with `istio-iptables`): apply (or print with --dry-run) the
     /// capture rules. `explain` and `verify` take the same config flags and env vars.
     #[command(subcommand)]
@@ -400,7 +408,7 @@ pub struct Cli {
 const LOGGING: &str = "Logging (Istio's pkg/log flags)";
 
 /// The apply command's name, the first word of Istio's injector's arguments.
-const APPLY_COMMAND: &str = "istio-iptables";
+pub(super) const APPLY_COMMAND: &str = "istio-iptables";
 
 /// Commands. Without one, the capture rules are applied (or printed with --dry-run).
 #[derive(Subcommand, Debug, Clone)]

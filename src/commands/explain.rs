@@ -713,7 +713,7 @@ mod tests {
     fn explain_args(argv: &[&str]) -> ExplainRequest {
         let mut full = vec!["istio-iptables", "explain"];
         full.extend_from_slice(argv);
-        match Args::parse_from(full).unwrap().cli.command {
+        match Args::parse_from(full).unwrap().command {
             Some(Command::Explain(a)) => ExplainRequest::from(&a),
             _ => panic!("not explain"),
         }

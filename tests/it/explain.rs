@@ -529,7 +529,7 @@ impl Lab {
         let env = |k: &str| (k == "ENABLE_INBOUND_IPV6").then(|| ipv6.clone());
         let cfg = Config::build(&args, &env).map_err(|e| e.to_string())?;
         let facts = HostFacts::detect(&cfg, &RealHost).map_err(|e| e.to_string())?;
-        let Some(Subcommand::Explain(a)) = &args.cli.command else {
+        let Some(Subcommand::Explain(a)) = &args.command else {
             return Err("not an explain command line".into());
         };
         let req = ExplainRequest::from(a);
@@ -654,7 +654,7 @@ impl Lab {
 /// process's environment.
 fn flag_env_in_use() -> Option<String> {
     use clap::CommandFactory;
-    istio_iptables::cli::Cli::command()
+    istio_iptables::cli::Root::command()
         .get_arguments()
         .filter_map(|a| a.get_env())
         .find(|e| std::env::var_os(e).is_some())
