@@ -690,8 +690,8 @@ pub(super) fn env_bool(
     let b = parse_go_bool(v.trim());
     if b.is_none() {
         warnings.push(format!(
-            "ignoring env {var}={}: expected a boolean ({BOOL_SPELLINGS}), as Istio ignores \
-             a boolean env var it cannot parse",
+            "ignoring env {var}={}: expected a boolean ({BOOL_SPELLINGS}); it counts as \
+             unset, as Istio reads a boolean env var it cannot parse",
             quoted(&v)
         ));
     }
