@@ -788,7 +788,9 @@ fn an_env_value_that_does_not_parse_is_ignored_with_a_warning_as_istio_does() {
     let resolv = resolv.to_str().unwrap();
     let dns = "--to-ports 15053";
     let args = ["-i", "*", "--resolv-conf", resolv];
-    let cases: &[(&[(&str, &str)], bool, &[&str])] = &[
+    /// The env, whether DNS is captured, what the one warning says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             &[("ISTIO_META_DNS_CAPTURE", "yes")],
             false,
