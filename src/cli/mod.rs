@@ -3,7 +3,8 @@
 //! Values stay raw strings here on purpose: `config` validates every one of them and,
 //! because it can ask clap where a value came from, its error names the flag *or* the env var
 //! that carried the bad value. Nothing here is interpreted beyond clap's precedence rules
-//! (flag > env > default).
+//! (flag > env > default) and two of Istio's: an empty env var is unset, and a repeated flag
+//! takes its last value ([`Args::parse_from`]).
 //!
 //! The clap definition is [`Cli`] (`definition.rs`); this file builds the command from it
 //! ([`command`]), parses ([`Args`]) and writes the closing sections of `--help` from
