@@ -390,9 +390,9 @@ pub struct Cli {
 /// A drop-in replacement for Istio's istio-iptables: same flags, same env vars, same rules.
 /// Lists are comma separated; empty items are ignored. Every list (-i -x -b -d -q -o -k -c -u
 /// -g, their env vars and the owner-group knobs) also takes `@PATH`: the items are read from
-/// that file, separated by commas, spaces or newlines, `#` starting a comment. Booleans given
-/// through env vars take Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false,
-/// False).
+/// that file, separated by commas, spaces or newlines, `#` starting a comment. Booleans take
+/// Go's spellings (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False). An env var set to
+/// an empty value is unset. A flag given twice takes the last value (with a warning).
 #[derive(Parser, Debug, Clone)]
 #[command(name = APPLY_COMMAND, version, max_term_width = 100)]
 pub struct Root {

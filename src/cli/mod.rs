@@ -3,7 +3,8 @@
 //! Values stay raw strings here on purpose: `config` validates every one of them and,
 //! because it can ask clap where a value came from, its error names the flag *or* the env var
 //! that carried the bad value. Nothing here is interpreted beyond clap's precedence rules
-//! (flag > env > default).
+//! (flag > env > default) and two of Istio's: an empty env var is unset, and a repeated flag
+//! takes its last value ([`Args::parse_from`]).
 //!
 //! The clap definition is [`Cli`] (`definition.rs`); this file builds the command from it
 //! ([`command`]), parses ([`Args`]) and writes the closing sections of `--help` from
@@ -13,7 +14,7 @@
 use std::ffi::OsString;
 
 use clap::error::ErrorKind;
-use clap::{Args as _, CommandFactory, FromArgMatches, Subcommand, parser::ValueSource};
+use clap::{ArgAction, Args as _, CommandFactory, FromArgMatches, Subcommand, parser::ValueSource};
 
 mod definition;
 pub mod docs;
@@ -55,6 +56,18 @@ pub enum Origin {
     Default,
 }
 
+/// A flag given more than once on the command line: the last value is used, as Istio's flag
+/// parser (pflag) does; `config` warns of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repeated {
+    /// The flag's long name, `--envoy-port`.
+    pub flag: String,
+    /// How often it was given.
+    pub times: usize,
+    /// The value used (the last).
+    pub last: String,
+}
+
 /// Parsed command line plus the knowledge of each value's origin.
 #[derive(Debug, Clone)]
 pub struct Args {
@@ -63,12 +76,20 @@ pub struct Args {
     pub command: Option<Command>,
     /// clap's matches, which know each value's source.
     matches: clap::ArgMatches,
+    /// The flags given more than once (the last value is in `cli`).
+    pub repeated: Vec<Repeated>,
 }
 
 impl Args {
     /// Parse `argv` (program name first) with the clap command ([`command`]): every
     /// command, --help, every error. Errors are clap's (usage, --help, --version). The
     /// apply's own arguments go the short way ([`Args::parse_apply`]).
+    ///
+    /// Two rules are Istio's rather than clap's: an env var that is set but empty (or only
+    /// blanks) counts as unset, so the default applies; and a flag given more than once
+    /// takes its last value ([`Args::repeated`] names it). To see repetitions, the flags
+    /// that take one value are parsed as lists first; only when one was repeated is the
+    /// command line parsed again, each flag overriding its earlier values.
     pub fn parse_from<I, T>(argv: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
@@ -83,25 +104,34 @@ impl Args {
 
     /// `argv` parsed by the whole command.
     fn parse_whole(argv: &[OsString]) -> Result<Self, clap::Error> {
-        let mut cmd = command();
-        let matches = cmd.try_get_matches_from_mut(argv)?;
-        refuse_foreign_flags(&mut cmd, &matches)?;
+        let mut cmd = without_empty_env(command()).args_override_self(true);
+        let mut counting = collecting(cmd.clone());
+        let matches = counting.try_get_matches_from_mut(argv)?;
+        refuse_foreign_flags(&mut counting, &matches)?;
+        let repeated = repeated_flags(&cmd, &matches);
+        let matches = if repeated.is_empty() {
+            matches
+        } else {
+            cmd.try_get_matches_from_mut(argv)?
+        };
         let Root { cli, command } = Root::from_arg_matches(&matches)?;
         Ok(Self {
             cli,
             command,
             matches,
+            repeated,
         })
     }
 
     /// An argv in which no word names a command, but for `istio-iptables` right after the
-    /// program's name (as Istio's injector writes it), parsed by the root's flags alone:
-    /// clap copies each global flag into every command before it parses, which is two
-    /// thirds of parsing the seed command, 0.3 ms of a re-run's 1.5 ms of CPU. The whole
-    /// command parses the same words the same way: in it, `istio-iptables` there is that
-    /// command, which has no arguments of its own and takes the root's global flags after
-    /// it. `None` for anything else, and for anything this parse does not accept (--help
-    /// and --version included): [`Args::parse_from`] then asks the whole command.
+    /// program's name (as Istio's injector writes it), and in which no flag is repeated,
+    /// parsed by the root's flags alone: clap copies each global flag into every command
+    /// before it parses, which is two thirds of parsing the seed command, 0.3 ms of a
+    /// re-run's 1.5 ms of CPU. The whole command parses the same words the same way: in it,
+    /// `istio-iptables` there is that command, which has no arguments of its own and takes
+    /// the root's global flags after it. `None` for anything else, and for anything this
+    /// parse does not accept (--help and --version included): [`Args::parse_from`] then
+    /// asks the whole command.
     fn parse_apply(argv: &[OsString]) -> Option<Self> {
         let (program, words) = argv.split_first()?;
         let apply = words.first().is_some_and(|w| w == APPLY_COMMAND);
@@ -113,15 +143,30 @@ impl Args {
         if rest.iter().any(names_a_command) {
             return None;
         }
-        let mut cmd = Cli::augment_args(clap::Command::new(APPLY_COMMAND));
-        let matches = cmd
+        let cmd = without_empty_env(Cli::augment_args(clap::Command::new(APPLY_COMMAND)));
+        let single: Vec<clap::Id> = cmd
+            .get_arguments()
+            .filter(|a| takes_one_value(a))
+            .map(|a| a.get_id().clone())
+            .collect();
+        let mut counting = collecting(cmd);
+        let matches = counting
             .try_get_matches_from_mut(std::iter::once(program).chain(rest))
             .ok()?;
+        let given_once = |id: &clap::Id| {
+            matches
+                .get_raw_occurrences(id.as_str())
+                .is_none_or(|o| o.count() <= 1)
+        };
+        if !single.iter().all(given_once) {
+            return None;
+        }
         let cli = Cli::from_arg_matches(&matches).ok()?;
         Some(Self {
             cli,
             command: apply.then_some(Command::IstioIptables),
             matches,
+            repeated: Vec::new(),
         })
     }
 
@@ -211,6 +256,98 @@ pub fn completion_command() -> clap::Command {
     cmd
 }
 
+/// Whether an env value counts as set: empty (or blank) is unset, as Istio's template
+/// renders an absent value, and the default applies.
+pub fn env_is_set(value: &std::ffi::OsStr) -> bool {
+    !value.to_string_lossy().trim().is_empty()
+}
+
+/// `cmd` with the env var of every flag whose variable is set but empty taken away, so that
+/// clap uses the default ([`env_is_set`]).
+fn without_empty_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        let empty = a
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| !env_is_set(&v));
+        if empty { a.env(None) } else { a }
+    })
+}
+
+/// Whether the flag takes one value and keeps it (clap's `Set`): those are the flags a
+/// repetition overrides.
+fn takes_one_value(a: &clap::Arg) -> bool {
+    matches!(a.get_action(), ArgAction::Set) && !a.is_positional()
+}
+
+/// `cmd` with every flag that takes one value collecting all of them instead, in every
+/// command, so that [`repeated_flags`] can count them.
+fn collecting(cmd: clap::Command) -> clap::Command {
+    let collect = |a: clap::Arg| {
+        if takes_one_value(&a) {
+            a.action(ArgAction::Append)
+        } else {
+            a
+        }
+    };
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.mut_args(collect);
+    for name in names {
+        cmd = cmd.mut_subcommand(name, |sc| sc.mut_args(collect));
+    }
+    cmd
+}
+
+/// The flags of `cmd` that take one value and that the command line gave more than once,
+/// from the matches of `collecting(cmd)`, in the command's order.
+fn repeated_flags(cmd: &clap::Command, m: &clap::ArgMatches) -> Vec<Repeated> {
+    let mut out = Vec::new();
+    let mut scan = |cmd: &clap::Command, m: &clap::ArgMatches| {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if !takes_one_value(a)
+                || !m.try_contains_id(id).unwrap_or(false)
+                || m.value_source(id) != Some(ValueSource::CommandLine)
+            {
+                continue;
+            }
+            let Some(values) = m.get_raw_occurrences(id) else {
+                continue;
+            };
+            let values: Vec<String> = values
+                .map(|o| o.map(|v| v.to_string_lossy()).collect::<Vec<_>>().join(" "))
+                .collect();
+            let flag = format!("--{}", a.get_long().unwrap_or(id));
+            if values.len() > 1 && !out.iter().any(|r: &Repeated| r.flag == flag) {
+                out.push(Repeated {
+                    flag,
+                    times: values.len(),
+                    last: values.last().cloned().unwrap_or_default(),
+                });
+            }
+        }
+    };
+    scan(cmd, m);
+    if let Some((name, sub)) = m.subcommand()
+        && let Some(sc) = cmd.find_subcommand(name)
+    {
+        scan(sc, sub);
+    }
+    out
+}
+
+/// The default value of the flag `id` (clap's id), for a value that is not used.
+pub fn default_value(id: &str) -> Option<String> {
+    let cmd = Root::command();
+    let a = cmd.get_arguments().find(|a| a.get_id() == id)?;
+    a.get_default_values()
+        .first()
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
 /// `explain --dry-run` (or `--dry-run explain`): an error naming the flag and the command.
 fn refuse_foreign_flags(cmd: &mut clap::Command, m: &clap::ArgMatches) -> Result<(), clap::Error> {
     let Some((name, sub)) = m.subcommand() else {
@@ -293,15 +430,40 @@ mod tests {
     fn parse_follows_clap_rules() {
         let parse =
             |words: &[&str]| Args::parse_from(std::iter::once("x").chain(words.iter().copied()));
-        let kind = |words: &[&str]| parse(words).map(|_| ()).unwrap_err().kind();
-        assert_eq!(kind(&["-p", "1", "-p", "2"]), ErrorKind::ArgumentConflict);
+        // A repeated flag: the last value, as Istio's pflag has it, and its name kept.
+        let a = parse(&["-p", "1", "--envoy-port=2", "-z", "3"]).unwrap();
+        assert_eq!(a.cli.envoy_port, "2");
         assert_eq!(
-            kind(&["--dry-run", "--dry-run=false"]),
-            ErrorKind::ArgumentConflict
+            a.repeated,
+            [Repeated {
+                flag: "--envoy-port".into(),
+                times: 2,
+                last: "2".into()
+            }]
         );
+        let a = parse(&["--dry-run", "--dry-run=false"]).unwrap();
+        assert_eq!(a.cli.dry_run, "false");
+        assert_eq!(a.repeated[0].flag, "--dry-run");
+        assert!(parse(&["-p", "1", "-z", "2"]).unwrap().repeated.is_empty());
+        let a = parse(&[
+            "explain",
+            "--dst",
+            "1.2.3.4:1",
+            "--direction",
+            "inbound",
+            "--dst",
+            "5.6.7.8:2",
+        ])
+        .unwrap();
+        let Some(Command::Explain(e)) = &a.command else {
+            panic!()
+        };
+        assert_eq!(e.dst, "5.6.7.8:2");
+        assert_eq!(a.repeated[0].flag, "--dst");
         assert_eq!(parse(&["-v", "--verbose", "-v"]).unwrap().cli.verbose, 3);
         let a = parse(&["--log_target", "a", "--log_target=", "--log_target", "b"]).unwrap();
         assert_eq!(a.cli.log_target, ["a", "", "b"]);
+        assert!(a.repeated.is_empty(), "a list flag is not a repetition");
         assert_eq!(a.origin("log_target"), Origin::Flag);
         assert_eq!(parse(&["-p", "explain"]).unwrap().cli.envoy_port, "explain");
         let a = parse(&["istio-iptables", "-p", "2", "--dry-run"]).unwrap();

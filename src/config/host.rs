@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, RunMode, quoted};
+use super::{Config, ConfigError, DEFAULT_PROXY_UID, Owner, OwnerGroups, RunMode, quoted};
 use crate::model::{Host, RESOLV_CONF_MAX_BYTES};
 
 /// A DNS server from resolv.conf: the parsed address and the text as written (Istio writes
@@ -124,40 +124,62 @@ impl HostFacts {
             }
         };
 
-        // Names are resolved by iptables when the rules are applied: a name that does not
-        // exist here would fail there, after the first steps ran. A dry run prints names
-        // as given (the script may run on another machine); a cleanup must always run.
-        // (Owner group names are left to iptables-restore, whose error quotes the rule.)
+        // Names are resolved by iptables (or nft) when the rules are applied: a name that
+        // does not exist here would fail there, after the first steps ran. A dry run prints
+        // names as given (the script may run on another machine); a cleanup must always run.
         if matches!(cfg.run, RunMode::Apply | RunMode::SkipApply) {
-            let missing = |kind: &str, n: &str| {
-                format!("there is no {kind} named {} on this machine", quoted(n))
-            };
             // Without -g, the gids are the -u value (as in Istio).
             let gid_note = if cfg.proxy_gids.is_none() {
                 " (--proxy-gid defaults to the --proxy-uid value)"
             } else {
                 ""
             };
-            for o in &proxy_uids {
-                if let Owner::Name(n) = o
-                    && host.user_uid(n).is_none()
-                {
-                    return Err(cfg.given.proxy_uid.err(missing("user", n)));
+            let groups = match &cfg.owner_groups {
+                OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => g,
+            };
+            let names = |owners: &[Owner]| -> Vec<String> {
+                owners
+                    .iter()
+                    .filter_map(|o| match o {
+                        Owner::Name(n) => Some(n.clone()),
+                        Owner::Id(_) => None,
+                    })
+                    .collect()
+            };
+            for n in names(&proxy_uids) {
+                if host.user_uid(&n).is_none() {
+                    return Err(cfg
+                        .given
+                        .proxy_uid
+                        .item_err(&n, "names no user on this machine"));
                 }
             }
-            for o in &proxy_gids {
-                if let Owner::Name(n) = o
-                    && host.group_gid(n).is_none()
-                {
-                    return Err(cfg.given.proxy_gid.err(missing("group", n) + gid_note));
+            for (given, owners, note) in [
+                (&cfg.given.proxy_gid, &proxy_gids, gid_note),
+                (&cfg.given.owner_groups, groups, ""),
+            ] {
+                for n in names(owners) {
+                    if host.group_gid(&n).is_none() {
+                        let why = format!("names no group on this machine{note}");
+                        return Err(given.item_err(&n, why));
+                    }
                 }
             }
         }
 
         let (dns_servers_v4, dns_servers_v6) = if cfg.redirect_dns && !cfg.capture_all_dns {
-            let bytes = host
-                .read_file(&cfg.resolv_conf)
-                .map_err(|e| cfg.given.resolv_conf.err(format!("cannot read it: {e}")))?;
+            let bytes = host.read_file(&cfg.resolv_conf).map_err(|e| {
+                // --resolv-conf given: its path is the value at fault. Else DNS capture is.
+                match &cfg.given.resolv_conf {
+                    Some(given) => given.err(format!("cannot read it: {e}")),
+                    None => cfg.given.redirect_dns.err(format!(
+                        "DNS capture needs the DNS servers listed in {}, which cannot be read \
+                         ({e}); capture all DNS traffic with --capture-all-dns instead, or name \
+                         another file with --resolv-conf",
+                        cfg.resolv_conf.display()
+                    )),
+                }
+            })?;
             parse_resolv_conf(&bytes)
         } else {
             (Vec::new(), Vec::new())

@@ -9,8 +9,11 @@
 //! This is a step in front of [`Config::build`], not a second validator: each `@PATH` value
 //! is replaced by its items joined with commas, exactly as if they had been typed, and
 //! `Config::build` validates them as usual. An error about an item read from a file then
-//! shows `@PATH` as the value (not the whole joined list), and still names the flag or env
-//! var and the bad item.
+//! shows `@PATH` as the value (not the whole joined list), names the flag or env var, and
+//! says on which line the bad item is and what is wrong with it, but never shows the item:
+//! Istio's injector copies annotations such as `excludeOutboundIPRanges` into `-x`, so
+//! whoever writes a pod's annotations chooses the path, and this program reads it as root
+//! (`-x @/proc/self/environ` must not print the environment).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -64,14 +67,46 @@ pub fn at_path(raw: &str) -> Option<&str> {
     raw.trim().strip_prefix('@')
 }
 
-/// The items of a list file: separated by commas and whitespace, `#` to the end of a line
-/// being a comment, empty items dropped.
-pub fn items(text: &str) -> Vec<&str> {
-    text.lines()
-        .map(|line| line.split_once('#').map_or(line, |(before, _)| before))
-        .flat_map(|line| line.split(|c: char| c == ',' || c.is_whitespace()))
+/// The items of one line of a list file: separated by commas and whitespace, `#` to the end
+/// of the line being a comment, empty items dropped.
+fn line_items(line: &str) -> impl Iterator<Item = &str> {
+    let line = line.split_once('#').map_or(line, |(before, _)| before);
+    line.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|item| !item.is_empty())
-        .collect()
+}
+
+/// The items of a list file, line by line ([`line_items`]).
+pub fn items(text: &str) -> Vec<&str> {
+    text.lines().flat_map(line_items).collect()
+}
+
+/// Where `item` first is in a list file's `text`, in words: "the item on line 3", or "item 2
+/// on line 3" when that line holds several.
+fn locate(text: &str, item: &str) -> Option<String> {
+    text.lines().enumerate().find_map(|(n, line)| {
+        let on_line: Vec<&str> = line_items(line).collect();
+        let i = on_line.iter().position(|i| *i == item)?;
+        Some(if on_line.len() == 1 {
+            format!("the item on line {}", n + 1)
+        } else {
+            format!("item {} on line {}", i + 1, n + 1)
+        })
+    })
+}
+
+/// An error about one item of a list read from a file (its value is `@PATH`): the item is
+/// replaced by the line it is on (the file is read again, for the message only), so that
+/// none of the file's content is shown.
+pub fn hide_content(e: &mut ConfigError) {
+    let Some(path) = at_path(&e.value) else {
+        return;
+    };
+    let Some(item) = e.item.take() else { return };
+    let place = read(path)
+        .ok()
+        .and_then(|text| locate(&text, &item))
+        .unwrap_or_else(|| "an item".to_string());
+    e.reason = format!("{place} {}", e.reason);
 }
 
 /// Why a list file could not be read (the message names the path; the caller names the
@@ -144,10 +179,15 @@ pub fn read(path: &str) -> Result<String, ListFileError> {
     if bytes.len() as u64 > MAX_BYTES {
         return Err(too_big());
     }
-    String::from_utf8(bytes).map_err(|e| ListFileError::NotUtf8 {
+    let mut text = String::from_utf8(bytes).map_err(|e| ListFileError::NotUtf8 {
         path: path.to_string(),
         offset: e.utf8_error().valid_up_to(),
-    })
+    })?;
+    // A byte-order mark (some editors start UTF-8 text with one) is not an item.
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }
 
 /// The list an `@PATH` value stands for, as typed: its items joined with commas.
@@ -185,6 +225,7 @@ pub fn build_config(
             source_name: source_name.clone(),
             value: value.clone(),
             reason: e.to_string(),
+            item: None,
         })?;
         from_files.push(FromFile {
             source_name,
@@ -201,6 +242,7 @@ pub fn build_config(
             source_name: source_name.clone(),
             value: raw.clone(),
             reason: e.to_string(),
+            item: None,
         })?;
         env_lists.insert(var, joined.clone());
         from_files.push(FromFile {
@@ -222,10 +264,16 @@ pub fn build_config(
     };
     let mut cfg = Config::build(&expanded, &env).map_err(|mut e| {
         as_given(&e.source_name, &mut e.value);
+        hide_content(&mut e);
         e
     })?;
     if !from_files.is_empty() {
-        for g in [&mut cfg.given.proxy_uid, &mut cfg.given.proxy_gid] {
+        let given = &mut cfg.given;
+        for g in [
+            &mut given.proxy_uid,
+            &mut given.proxy_gid,
+            &mut given.owner_groups,
+        ] {
             as_given(&g.source_name(), &mut g.value);
         }
     }
@@ -354,6 +402,13 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_is_not_an_item() {
+        let f = Temp::new("bom", "\u{feff}10.0.0.0/8\n".as_bytes());
+        let typed = build_typed(&["-x", "10.0.0.0/8"], &[]).unwrap();
+        assert_eq!(build(&["-x", &f.at()], &[]).unwrap(), typed);
+    }
+
+    #[test]
     fn too_large_or_binary_files_are_refused() {
         let big = Temp::new("big", &vec![b'\n'; MAX_BYTES as usize + 1]);
         let e = build(&["-i", &big.at()], &[]).unwrap_err();
@@ -371,7 +426,35 @@ mod tests {
         let e = build(&["-x", &f.at()], &[]).unwrap_err();
         assert_eq!(e.source_name, "--istio-service-exclude-cidr");
         assert_eq!(e.value, f.at());
-        assert!(e.reason.contains("10.0.0.0/33"), "{e}");
+        assert_eq!(e.item, None);
+        assert!(e.reason.starts_with("the item on line 2 is not"), "{e}");
+        assert!(!e.to_string().contains("10.0.0.0/33"), "{e}");
+        let secret = Temp::new(
+            "secret",
+            b"# app\nuser=app\n10.0.0.0/8 db_password=hunter2\n",
+        );
+        let e = build(&["-x", &secret.at()], &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("the item on line 2") && !e.contains("user=app"),
+            "{e}"
+        );
+        let e = build(&["-x", &secret.at()], &[]).unwrap_err().to_string();
+        assert!(!e.contains("app"), "{e}");
+        let line3 = Temp::new("line3", b"10.0.0.0/8\n\n10.1.0.0/16, db_password=hunter2\n");
+        let e = build(&["-x", &line3.at()], &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("item 2 on line 3") && !e.contains("hunter2"),
+            "{e}"
+        );
+        // Names that do not exist on the host: the line too, not the name.
+        let users = Temp::new("users", b"0\nno-such-user-9\n");
+        let e = build(&["-u", &users.at()], &[]).unwrap_err().to_string();
+        assert!(e.contains("line 2") && !e.contains("no-such-user-9"), "{e}");
+        let groups = Temp::new("groups-bad", b"java\nsecret-group\n");
+        let e = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups.at())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("secret-group"), "{e}");
         // `*` is refused in -x whether typed or read, and `@` does not nest.
         let star = Temp::new("star", b"*\n");
         assert!(build(&["-x", &star.at()], &[]).is_err());

@@ -8,14 +8,14 @@ pub mod listfile;
 pub mod values;
 
 pub use self::host::{DnsServer, HostFacts, parse_resolv_conf};
+use self::values::{
+    BOOL_SPELLINGS, Lenient, Src, cidr_list, env_bool, go_bool, iface_list, owner, owner_list,
+    port_list, single_port, u32_value,
+};
 pub use self::values::{
     Cidrs, ConfigError, Flavor, Given, Iface, InboundPorts, MAX_ECHO_CHARS, Mode, OutboundCidrs,
     Owner, OwnerGroups, Port, PortSpec, parse_go_bool, parse_go_duration, quoted, shortened,
     source_name, split_list,
-};
-use self::values::{
-    Src, cidr_list, go_bool, go_bool_with_alias, iface_list, owner, owner_list, port_list,
-    single_port, u32_value,
 };
 
 use std::fmt;
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use crate::cli::{Args, env_only};
+use crate::cli::{Args, Origin, env_only};
 
 /// Istio's default proxy uid when `ENVOY_USER` does not resolve.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
@@ -193,12 +193,19 @@ pub struct GivenValues {
     pub proxy_uid: Given,
     /// (-u's value when -g is not given: the gids default to it.)
     pub proxy_gid: Given,
-    pub resolv_conf: Given,
+    /// --resolv-conf, when given on the command line (not its default).
+    pub resolv_conf: Option<Given>,
+    /// Where DNS capture was asked for (--redirect-dns or one of its env vars).
+    pub redirect_dns: Given,
+    /// The owner-group knob that holds the groups (`ISTIO_OUTBOUND_OWNER_GROUPS` or, with
+    /// `*`, `..._EXCLUDE`).
+    pub owner_groups: Given,
 }
 
 impl GivenValues {
-    /// -u, -g (-u's value when -g is not given) and --resolv-conf, as given.
-    fn of(args: &Args) -> GivenValues {
+    /// -u, -g (-u's value when -g is not given) and --resolv-conf as given, and the sources
+    /// of DNS capture and of the owner groups.
+    fn of(args: &Args, redirect_dns: Given, owner_groups: Given) -> GivenValues {
         let c = &args.cli;
         let src = |id: &'static str| Src::arg(args, id);
         let uid_raw = c.proxy_uid.as_deref().unwrap_or_default();
@@ -210,7 +217,10 @@ impl GivenValues {
                     .filter(|s| !s.is_empty())
                     .unwrap_or(uid_raw),
             ),
-            resolv_conf: src("resolv_conf").given(&c.resolv_conf),
+            resolv_conf: (args.origin("resolv_conf") == Origin::Flag)
+                .then(|| src("resolv_conf").given(&c.resolv_conf)),
+            redirect_dns,
+            owner_groups,
         }
     }
 }
@@ -219,22 +229,41 @@ impl Config {
     /// Validates every flag and env value, without asking the host anything. `env` reads
     /// environment variables (for env-only knobs). The groups are read in this order, each in
     /// its own order, so that of several bad values the same one is always reported.
+    ///
+    /// An env var that is set but empty (or blank) is unset, for the flags' env vars (`cli`)
+    /// and the env-only knobs alike. Warnings (values ignored as Istio ignores them, flags
+    /// given twice, settings that cannot do what they seem to) are logged only once every
+    /// value is valid: a bad input gets its one error line.
     pub fn build(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = &|k: &str| env(k).filter(|v| crate::cli::env_is_set(v.as_ref()));
+        let mut warnings = Vec::new();
         let ports = ProxyPorts::parse(args)?;
         let owners = ProxyOwners::parse(args, env)?;
         let inbound = InboundCapture::parse(args)?;
         let outbound = OutboundCapture::parse(args)?;
         let tproxy = Tproxy::parse(args)?;
-        let switches = Switches::parse(args, env)?;
-        let (probe_port, probe_timeout) = validation_probe(args)?;
+        let switches = Switches::parse(args, env, &mut warnings)?;
+        let (probe_port, probe_timeout) = validation_probe(args, env, &mut warnings)?;
         let network_namespace = network_namespace(args)?;
         let flavor = iptables_flavor(args)?;
         // Env-only knobs.
         let host_loopback_cidr = host_loopback_cidr(env)?;
-        let owner_groups = owner_groups(env)?;
-        let enable_inbound_ipv6 = enable_inbound_ipv6(env)?;
+        let (owner_groups, owner_groups_given) = owner_groups(env)?;
+        let enable_inbound_ipv6 = env_bool(env_only::ENABLE_INBOUND_IPV6, env, &mut warnings);
         let lock_wait_secs = lock_wait_secs(env)?;
         let program_timeout_secs = program_timeout_secs(env, lock_wait_secs)?;
+        for r in &args.repeated {
+            warnings.push(format!(
+                "{} was given {} times: the last value, {}, is used (as Istio's flag parser \
+                 does)",
+                r.flag,
+                r.times,
+                quoted(&r.last)
+            ));
+        }
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
         warn_of_host_bits(&outbound, host_loopback_cidr);
 
         Ok(Config {
@@ -272,7 +301,7 @@ impl Config {
             owner_groups,
             enable_inbound_ipv6,
             resolv_conf: PathBuf::from(&args.cli.resolv_conf),
-            given: GivenValues::of(args),
+            given: GivenValues::of(args, switches.redirect_dns_given, owner_groups_given),
             lock_wait_secs,
             program_timeout_secs,
         })
@@ -299,7 +328,8 @@ impl Config {
                 || !facts.dns_servers_v6.is_empty())
     }
 
-    /// Warns about settings that silently do nothing (worth a warning at the default level).
+    /// Warns about settings that silently do nothing, or less or more than they seem to
+    /// (worth a warning at the default level), when the run applies rules.
     pub fn warn_if_nothing_captured(&self) {
         let outbound = match &self.outbound_include {
             OutboundCidrs::All => true,
@@ -311,6 +341,60 @@ impl Config {
                 "this configuration captures no traffic: no outbound CIDRs (-i), no inbound ports \
                  (-b), no outbound ports (-q) and no DNS capture; Istio's sidecar uses -i '*' -b '*'"
             );
+        }
+        for (what, every) in [
+            (
+                "IPv4",
+                self.outbound_exclude.v4.iter().any(|n| n.prefix_len() == 0),
+            ),
+            (
+                "IPv6",
+                self.outbound_exclude.v6.iter().any(|n| n.prefix_len() == 0),
+            ),
+        ] {
+            if every {
+                tracing::warn!(
+                    "--istio-service-exclude-cidr holds a /0: every {what} destination is \
+                     excluded, so no outbound {what} traffic is captured (to capture none, \
+                     leave --istio-service-cidr empty)"
+                );
+            }
+        }
+        for (flag, owners, kind) in [
+            ("--proxy-uid", &self.proxy_uids, "user"),
+            ("--proxy-gid", &self.proxy_gids, "group"),
+        ] {
+            let root = |o: &Owner| matches!(o, Owner::Id(0)) || *o == Owner::Name("root".into());
+            if owners.as_ref().is_some_and(|o| o.iter().any(root)) {
+                tracing::warn!(
+                    "{flag} includes 0 (root): the traffic of every process of the root {kind} \
+                     bypasses capture, as the proxy's own does"
+                );
+            }
+        }
+        if self.proxy_port == self.inbound_capture_port {
+            tracing::warn!(
+                port = self.proxy_port.get(),
+                "--envoy-port and --inbound-capture-port are the same port: outbound and \
+                 inbound traffic are redirected to one listener (the proxy listens on 15001 and \
+                 15006)"
+            );
+        }
+        if let InboundPorts::Only(captured) = &self.inbound_ports {
+            let overlap: Vec<String> = self
+                .inbound_ports_exclude
+                .iter()
+                .filter(|d| captured.iter().any(|b| b.overlaps(d)))
+                .map(|d| d.to_string())
+                .collect();
+            if !overlap.is_empty() {
+                tracing::warn!(
+                    ports = %overlap.join(","),
+                    "--istio-local-exclude-ports has no effect with a list of inbound ports: \
+                     it applies only with --istio-inbound-ports '*' (as in Istio), so these \
+                     ports are captured; leave them out of --istio-inbound-ports instead"
+                );
+            }
         }
         if self.capture_all_dns && !self.redirect_dns {
             tracing::warn!("--capture-all-dns has no effect without --redirect-dns");
@@ -632,6 +716,8 @@ impl Tproxy {
 struct Switches {
     dry_run: bool,
     redirect_dns: bool,
+    /// Where `redirect_dns` came from, for the errors of DNS capture.
+    redirect_dns_given: Given,
     capture_all_dns: bool,
     drop_invalid: bool,
     dual_stack: bool,
@@ -645,27 +731,62 @@ struct Switches {
 }
 
 impl Switches {
-    fn parse(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Switches, ConfigError> {
+    /// From env vars, a boolean that does not parse is ignored with a warning, as in Istio
+    /// ([`Lenient`]), except the three that choose what the run does (`DRY_RUN`,
+    /// `CLEANUP_ONLY`, `SKIP_RULE_APPLY`): their default applies the rules, which a value
+    /// such as `yes` surely did not ask for, so they are refused.
+    fn parse(
+        args: &Args,
+        env: &dyn Fn(&str) -> Option<String>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Switches, ConfigError> {
         let c = &args.cli;
-        let aliased =
-            |id: &str, raw: &str, alias: &str| go_bool_with_alias(args, id, raw, alias, env);
+        let expected = format!("a boolean ({BOOL_SPELLINGS})");
+        let mut lenient = |id: &str, raw: &str, alias: Option<&str>| {
+            Lenient {
+                args,
+                id,
+                raw,
+                alias,
+                parse: parse_go_bool,
+                expected: &expected,
+            }
+            .read(env, warnings)
+        };
+        let dry_run = go_bool(args, "dry_run", &c.dry_run)?;
+        let dns_alias = env_only::DNS_CAPTURE_ALIAS;
+        let redirect_dns = lenient("redirect_dns", &c.redirect_dns, Some(dns_alias))?;
+        let redirect_dns_given = match env(dns_alias) {
+            Some(v)
+                if args.origin("redirect_dns") != Origin::Flag
+                    && parse_go_bool(v.trim()).is_some() =>
+            {
+                Src::env(dns_alias).given(&v)
+            }
+            _ => Src::arg(args, "redirect_dns").given(&c.redirect_dns),
+        };
         Ok(Switches {
-            dry_run: go_bool(args, "dry_run", &c.dry_run)?,
-            redirect_dns: aliased("redirect_dns", &c.redirect_dns, env_only::DNS_CAPTURE_ALIAS)?,
-            capture_all_dns: go_bool(args, "capture_all_dns", &c.capture_all_dns)?,
-            drop_invalid: aliased(
+            dry_run,
+            redirect_dns,
+            redirect_dns_given,
+            capture_all_dns: lenient("capture_all_dns", &c.capture_all_dns, None)?,
+            drop_invalid: lenient(
                 "drop_invalid",
                 &c.drop_invalid,
-                env_only::INVALID_DROP_ALIAS,
+                Some(env_only::INVALID_DROP_ALIAS),
             )?,
-            dual_stack: aliased("dual_stack", &c.dual_stack, env_only::DUAL_STACK_ALIAS)?,
+            dual_stack: lenient(
+                "dual_stack",
+                &c.dual_stack,
+                Some(env_only::DUAL_STACK_ALIAS),
+            )?,
             skip_rule_apply: go_bool(args, "skip_rule_apply", &c.skip_rule_apply)?,
-            run_validation: go_bool(args, "run_validation", &c.run_validation)?,
-            cni_mode: go_bool(args, "cni_mode", &c.cni_mode)?,
-            reconcile: go_bool(args, "reconcile", &c.reconcile)?,
+            run_validation: lenient("run_validation", &c.run_validation, None)?,
+            cni_mode: lenient("cni_mode", &c.cni_mode, None)?,
+            reconcile: lenient("reconcile", &c.reconcile, None)?,
             cleanup_only: go_bool(args, "cleanup_only", &c.cleanup_only)?,
-            force_apply: go_bool(args, "force_apply", &c.force_apply)?,
-            native_nftables: go_bool(args, "native_nftables", &c.native_nftables)?,
+            force_apply: lenient("force_apply", &c.force_apply, None)?,
+            native_nftables: lenient("native_nftables", &c.native_nftables, None)?,
         })
     }
 
@@ -674,19 +795,32 @@ impl Switches {
     }
 }
 
-/// --iptables-probe-port, --probe-timeout: the probe of --run-validation.
-fn validation_probe(args: &Args) -> Result<(Port, Duration), ConfigError> {
+/// --iptables-probe-port, --probe-timeout: the probe of --run-validation. Istio's flags are
+/// a uint16 and a duration: from env, a value that does not parse is ignored ([`Lenient`]).
+fn validation_probe(
+    args: &Args,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<(Port, Duration), ConfigError> {
     let c = &args.cli;
-    let port = single_port(
-        &Src::arg(args, "iptables_probe_port"),
-        &c.iptables_probe_port,
-    )?;
-    let timeout = parse_go_duration(&c.probe_timeout).ok_or_else(|| {
-        Src::arg(args, "probe_timeout").err(
-            &c.probe_timeout,
-            "expected a duration such as 500ms, 5s or 1m",
-        )
-    })?;
+    let port = Lenient {
+        args,
+        id: "iptables_probe_port",
+        raw: &c.iptables_probe_port,
+        alias: None,
+        parse: values::parse_port,
+        expected: "a port number (1-65535)",
+    }
+    .read(env, warnings)?;
+    let timeout = Lenient {
+        args,
+        id: "probe_timeout",
+        raw: &c.probe_timeout,
+        alias: None,
+        parse: parse_go_duration,
+        expected: "a duration such as 500ms, 5s or 1m",
+    }
+    .read(env, warnings)?;
     Ok((port, timeout))
 }
 
@@ -732,8 +866,9 @@ fn host_loopback_cidr(env: &dyn Fn(&str) -> Option<String>) -> Result<Ipv4Net, C
     Ok(net)
 }
 
-/// ISTIO_OUTBOUND_OWNER_GROUPS (default `*`) and, with `*`, ..._EXCLUDE.
-fn owner_groups(env: &dyn Fn(&str) -> Option<String>) -> Result<OwnerGroups, ConfigError> {
+/// ISTIO_OUTBOUND_OWNER_GROUPS (default `*`) and, with `*`, ..._EXCLUDE; and the one of the
+/// two that holds the groups, as given (for the check of group names on the host).
+fn owner_groups(env: &dyn Fn(&str) -> Option<String>) -> Result<(OwnerGroups, Given), ConfigError> {
     let inc_var = env_only::OWNER_GROUPS_INCLUDE;
     let exc_var = env_only::OWNER_GROUPS_EXCLUDE;
     let include = env(inc_var).unwrap_or_else(|| "*".into());
@@ -744,7 +879,7 @@ fn owner_groups(env: &dyn Fn(&str) -> Option<String>) -> Result<OwnerGroups, Con
             .into_iter()
             .map(|g| owner(&s, &exclude, g))
             .collect::<Result<Vec<_>, _>>()?;
-        return Ok(OwnerGroups::AllExcept(groups));
+        return Ok((OwnerGroups::AllExcept(groups), s.given(&exclude)));
     }
     let s = Src::env(inc_var);
     let groups = split_list(&include)
@@ -763,18 +898,7 @@ fn owner_groups(env: &dyn Fn(&str) -> Option<String>) -> Result<OwnerGroups, Con
             ),
         ));
     }
-    Ok(OwnerGroups::Only(groups))
-}
-
-/// ENABLE_INBOUND_IPV6: unset, IPv6 is detected on the host.
-fn enable_inbound_ipv6(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<bool>, ConfigError> {
-    env(env_only::ENABLE_INBOUND_IPV6)
-        .map(|v| {
-            parse_go_bool(v.trim()).ok_or_else(|| {
-                Src::env(env_only::ENABLE_INBOUND_IPV6).err(&v, "expected true or false")
-            })
-        })
-        .transpose()
+    Ok((OwnerGroups::Only(groups), s.given(&include)))
 }
 
 /// IPTABLES_LOCK_WAIT_SECONDS: how long to wait for the xtables lock.
@@ -988,7 +1112,8 @@ pub(crate) mod tests {
         assert!(build(&["-u", "4294967294"], &[]).is_ok());
         let e = build(&["-g", "nobody-here"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--proxy-gid");
-        assert!(e.reason.contains("no group named \"nobody-here\""), "{e}");
+        assert_eq!(e.item.as_deref(), Some("nobody-here"));
+        assert!(e.reason.contains("names no group"), "{e}");
         let e = build(&["-u", "nobody-here"], &[]).unwrap_err();
         assert_eq!(e.source_name, "--proxy-uid");
         let e = build(&["-u", "svc"], &[]).unwrap_err();
@@ -1047,7 +1172,77 @@ pub(crate) mod tests {
                 .0
                 .dual_stack
         );
-        assert!(build(&[], &[("ISTIO_META_DNS_CAPTURE", "yes")]).is_err());
+        // Istio's pkg/flag drops an env value it cannot parse: the default stays.
+        let (c, _) = build(&[], &[("ISTIO_META_DNS_CAPTURE", "yes")]).unwrap();
+        assert!(!c.redirect_dns);
+        let (c, _) = build(&[], &[("ENABLE_INBOUND_IPV6", "maybe")]).unwrap();
+        assert_eq!(c.enable_inbound_ipv6, None);
+        // The command line beats the alias, and must parse.
+        let (c, _) = build(
+            &["--redirect-dns=false"],
+            &[("ISTIO_META_DNS_CAPTURE", "1")],
+        )
+        .unwrap();
+        assert!(!c.redirect_dns);
+        assert!(build(&["--redirect-dns=yes"], &[]).is_err());
+        // An empty env-only knob is unset.
+        let (c, _) = build(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "")]).unwrap();
+        assert_eq!(c.owner_groups, OwnerGroups::AllExcept(vec![]));
+        let (c, _) = build(&[], &[("IPTABLES_LOCK_WAIT_SECONDS", " ")]).unwrap();
+        assert_eq!(c.lock_wait_secs, DEFAULT_LOCK_WAIT_SECS);
+    }
+
+    #[test]
+    fn group_names_of_the_owner_group_knobs_must_exist_before_anything_runs() {
+        for var in [
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        ] {
+            let e = build(&[], &[(var, "java,nogroup-9")]).unwrap_err();
+            assert_eq!(e.source_name, format!("env {var}"));
+            assert_eq!(e.item.as_deref(), Some("nogroup-9"), "{e}");
+            assert!(build(&[], &[(var, "java,ftp,7")]).is_ok());
+            assert!(build(&["--dry-run"], &[(var, "nogroup-9")]).is_ok());
+        }
+    }
+
+    #[test]
+    fn dns_capture_without_resolv_conf_names_dns_capture_not_the_flag_never_given() {
+        let host = FakeHost {
+            files: HashMap::new(),
+            ipv6: Some(false),
+        };
+        let args = Args::parse_from(["x", "--redirect-dns"]).unwrap();
+        let cfg = listfile::build_config(&args, &|_| None).unwrap();
+        let e = HostFacts::detect(&cfg, &host).unwrap_err();
+        assert_eq!(e.source_name, "--redirect-dns");
+        assert!(e.reason.contains("--capture-all-dns"), "{e}");
+        let alias = |k: &str| (k == "ISTIO_META_DNS_CAPTURE").then(|| "true".to_string());
+        let args = Args::parse_from(["x"]).unwrap();
+        let cfg = listfile::build_config(&args, &alias).unwrap();
+        let e = HostFacts::detect(&cfg, &host).unwrap_err();
+        assert_eq!(e.source_name, "env ISTIO_META_DNS_CAPTURE");
+        let args = Args::parse_from(["x", "--redirect-dns", "--resolv-conf", "/r"]).unwrap();
+        let cfg = listfile::build_config(&args, &|_| None).unwrap();
+        let e = HostFacts::detect(&cfg, &host).unwrap_err();
+        assert_eq!(e.source_name, "--resolv-conf");
+    }
+
+    #[test]
+    fn interface_lists_are_trimmed_like_every_list() {
+        let (c, _) = build(&["-c", "eth0, eth1 ,", "-k", " virt0"], &[]).unwrap();
+        let names: Vec<String> = c.exclude_interfaces.iter().map(|i| i.to_string()).collect();
+        assert_eq!(names, ["eth0", "eth1"]);
+        assert_eq!(c.kube_virt_interfaces[0].to_string(), "virt0");
+        assert!(build(&["-c", "eth 0"], &[]).is_err());
+    }
+
+    #[test]
+    fn a_dash_range_points_at_the_colon() {
+        let e = build(&["-d", "8000-8080"], &[]).unwrap_err().to_string();
+        assert!(e.contains("FIRST:LAST"), "{e}");
+        assert!(PortSpec::Range(Port(80), Port(90)).overlaps(&PortSpec::One(Port(90))));
+        assert!(!PortSpec::Range(Port(80), Port(90)).overlaps(&PortSpec::One(Port(91))));
     }
 
     #[test]

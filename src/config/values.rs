@@ -14,13 +14,33 @@ use crate::cli::{Args, Origin, describe};
 pub const MAX_ECHO_CHARS: usize = 80;
 
 /// A bad input: which flag or env var, the value, and why.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid value {} for {source_name}: {reason}", quoted(value))]
+#[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
     /// e.g. `--envoy-port`, `--envoy-port (from env ENVOY_PORT)`, `env ENVOY_USER`.
     pub source_name: String,
     pub value: String,
+    /// Why; when `item` is set, what is wrong with it ("is not a port number (1-65535)").
     pub reason: String,
+    /// The item of a list that is at fault, shown before the reason. A list read from a
+    /// file never shows it: `listfile` puts the line it is on in the reason instead.
+    pub item: Option<String>,
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid value {} for {}: ",
+            quoted(&self.value),
+            self.source_name
+        )?;
+        if let Some(item) = &self.item {
+            write!(f, "{} ", quoted(item))?;
+        }
+        f.write_str(&self.reason)
+    }
 }
 
 /// `s` quoted (Rust debug syntax, so control characters show), cut to [`MAX_ECHO_CHARS`]
@@ -65,6 +85,22 @@ impl fmt::Display for Port {
 pub enum PortSpec {
     One(Port),
     Range(Port, Port),
+}
+
+impl PortSpec {
+    /// The first and last port.
+    fn bounds(self) -> (u16, u16) {
+        match self {
+            PortSpec::One(p) => (p.0, p.0),
+            PortSpec::Range(a, b) => (a.0, b.0),
+        }
+    }
+
+    /// Whether the two share a port.
+    pub fn overlaps(&self, other: &PortSpec) -> bool {
+        let ((a1, b1), (a2, b2)) = (self.bounds(), other.bounds());
+        a1 <= b2 && a2 <= b1
+    }
 }
 
 impl fmt::Display for PortSpec {
@@ -214,6 +250,27 @@ impl<'a> Src<'a> {
     pub(super) fn err(&self, value: &str, reason: impl Into<String>) -> ConfigError {
         self.given(value).err(reason)
     }
+    /// An error about one `item` of the list `value`; `reason` says what is wrong with it
+    /// ("is not ...").
+    pub(super) fn item_err(
+        &self,
+        value: &str,
+        item: &str,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            item: Some(item.to_string()),
+            ..self.err(value, reason)
+        }
+    }
+    /// The env var the value came from, if it came from one.
+    pub(super) fn env_var(&self) -> Option<String> {
+        match self {
+            Src::Arg(args, id) if args.origin(id) == Origin::Env => describe(id).1,
+            Src::Arg(..) => None,
+            Src::Env(var) => Some(var.to_string()),
+        }
+    }
     pub(super) fn given(&self, value: &str) -> Given {
         Given {
             source: self.source(),
@@ -273,7 +330,19 @@ impl Given {
             source_name: self.source_name(),
             value: self.value.clone(),
             reason: reason.into(),
+            item: None,
         }
+    }
+
+    /// An error about one `item` of the value (see [`ConfigError::item`]); an item of a
+    /// list read from a file is named by its line, never shown.
+    pub fn item_err(&self, item: &str, reason: impl Into<String>) -> ConfigError {
+        let mut e = ConfigError {
+            item: Some(item.to_string()),
+            ..self.err(reason)
+        };
+        super::listfile::hide_content(&mut e);
+        e
     }
 }
 
@@ -291,6 +360,9 @@ pub fn split_list(s: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Go's spellings of a boolean (strconv.ParseBool), the one wording of every message.
+pub const BOOL_SPELLINGS: &str = "1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False";
+
 /// Go's strconv.ParseBool.
 pub fn parse_go_bool(s: &str) -> Option<bool> {
     match s {
@@ -307,31 +379,51 @@ pub(super) fn parse_u16_strict(s: &str) -> Option<u16> {
     s.parse().ok()
 }
 
-pub(super) fn port(src: &Src, whole: &str, item: &str) -> Result<Port, ConfigError> {
-    match parse_u16_strict(item) {
-        Some(n) if n > 0 => Ok(Port(n)),
-        _ => Err(src.err(
-            whole,
-            format!("{} is not a port number (1-65535)", quoted(item)),
-        )),
-    }
+/// A port number, 1-65535.
+pub(super) fn parse_port(s: &str) -> Option<Port> {
+    parse_u16_strict(s).filter(|n| *n > 0).map(Port)
 }
 
+const NOT_A_PORT: &str = "is not a port number (1-65535)";
+
 pub(super) fn single_port(src: &Src, s: &str) -> Result<Port, ConfigError> {
-    port(src, s, s.trim())
+    parse_port(s.trim()).ok_or_else(|| src.item_err(s, s.trim(), NOT_A_PORT))
 }
 
 pub(super) fn port_spec(src: &Src, whole: &str, item: &str) -> Result<PortSpec, ConfigError> {
-    match item.split_once(':') {
-        None => Ok(PortSpec::One(port(src, whole, item)?)),
-        Some((a, b)) => {
-            let (a, b) = (port(src, whole, a)?, port(src, whole, b)?);
-            if a.0 > b.0 {
-                return Err(src.err(whole, format!("port range {} is reversed", quoted(item))));
+    let Some((a, b)) = item.split_once(':') else {
+        return match parse_port(item) {
+            Some(p) => Ok(PortSpec::One(p)),
+            // `8000-8080` is how nft and most tools write a range; iptables wants a colon.
+            None if item
+                .split_once('-')
+                .is_some_and(|(a, b)| parse_port(a).is_some() && parse_port(b).is_some()) =>
+            {
+                Err(src.item_err(
+                    whole,
+                    item,
+                    "is not a port number (1-65535); a port range is written with a colon, \
+                     FIRST:LAST (as 8000:8080)",
+                ))
             }
-            Ok(PortSpec::Range(a, b))
-        }
+            None => Err(src.item_err(whole, item, NOT_A_PORT)),
+        };
+    };
+    let (Some(a), Some(b)) = (parse_port(a), parse_port(b)) else {
+        return Err(src.item_err(
+            whole,
+            item,
+            "is not a port range: FIRST:LAST, each a port number (1-65535)",
+        ));
+    };
+    if a.0 > b.0 {
+        return Err(src.item_err(
+            whole,
+            item,
+            "is a reversed port range (its first port is above its last)",
+        ));
     }
+    Ok(PortSpec::Range(a, b))
 }
 
 pub(super) fn port_list(src: &Src, s: &str) -> Result<Vec<PortSpec>, ConfigError> {
@@ -374,33 +466,29 @@ pub(super) fn owner(src: &Src, whole: &str, item: &str) -> Result<Owner, ConfigE
     if item.bytes().all(|b| b.is_ascii_digit()) {
         return match item.parse::<u32>() {
             // (uid_t)-1 means "no id" to the kernel; iptables' owner match refuses it.
-            Ok(u32::MAX) => Err(src.err(
+            Ok(u32::MAX) => Err(src.item_err(
                 whole,
+                item,
                 format!(
-                    "id {item} is reserved (it means \"no id\"); the highest id is {}",
+                    "is a reserved id (it means \"no id\"); the highest id is {}",
                     u32::MAX - 1
                 ),
             )),
             Ok(n) => Ok(Owner::Id(n)),
-            Err(_) => Err(src.err(
+            Err(_) => Err(src.item_err(
                 whole,
-                format!(
-                    "id {} is out of range (at most {})",
-                    quoted(item),
-                    u32::MAX - 1
-                ),
+                item,
+                format!("is an id out of range (at most {})", u32::MAX - 1),
             )),
         };
     }
     if valid_account_name(item) {
         Ok(Owner::Name(item.to_string()))
     } else {
-        Err(src.err(
+        Err(src.item_err(
             whole,
-            format!(
-                "{} is neither a numeric id nor a valid user/group name",
-                quoted(item)
-            ),
+            item,
+            "is neither a numeric id nor a valid user/group name",
         ))
     }
 }
@@ -416,15 +504,15 @@ pub(super) fn owner_list(src: &Src, s: &str) -> Result<Vec<Owner>, ConfigError> 
 /// Linux's dev_valid_name, plus no quotes/backslashes/leading `-` or `!` that iptables would
 /// read as syntax. A trailing `+` (iptables wildcard) is allowed.
 pub(super) fn iface(src: &Src, whole: &str, item: &str) -> Result<Iface, ConfigError> {
-    let bad = |why: &str| src.err(whole, format!("interface name {} {why}", quoted(item)));
+    let bad = |why: &str| src.item_err(whole, item, format!("is not an interface name: {why}"));
     if item.is_empty() || item.len() > 15 {
-        return Err(bad("must be 1-15 bytes long"));
+        return Err(bad("it must be 1-15 bytes long"));
     }
     if item == "." || item == ".." {
-        return Err(bad("is not allowed"));
+        return Err(bad("\".\" and \"..\" are not allowed"));
     }
     if item.starts_with('-') || item.starts_with('!') {
-        return Err(bad("must not start with '-' or '!'"));
+        return Err(bad("it must not start with '-' or '!'"));
     }
     if let Some(c) = item.chars().find(|&c| {
         c.is_whitespace()
@@ -432,15 +520,16 @@ pub(super) fn iface(src: &Src, whole: &str, item: &str) -> Result<Iface, ConfigE
             || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | ',')
             || !c.is_ascii()
     }) {
-        return Err(bad(&format!("contains the character {c:?}")));
+        return Err(bad(&format!("it contains the character {c:?}")));
     }
     Ok(Iface(item.to_string()))
 }
 
+/// Trimmed like every list (`eth0, eth1`, as an annotation is often written); a blank inside
+/// a name is still refused.
 pub(super) fn iface_list(src: &Src, s: &str) -> Result<Vec<Iface>, ConfigError> {
-    // Whitespace is invalid inside names, so do not trim it away silently.
-    s.split(',')
-        .filter(|x| !x.is_empty())
+    split_list(s)
+        .into_iter()
         .map(|i| iface(src, s, i))
         .collect()
 }
@@ -452,10 +541,7 @@ pub(super) fn cidr(src: &Src, whole: &str, item: &str) -> Result<IpNet, ConfigEr
     if let Ok(a) = item.parse::<IpAddr>() {
         return Ok(IpNet::from(a));
     }
-    Err(src.err(
-        whole,
-        format!("{} is not a valid CIDR or IP address", quoted(item)),
-    ))
+    Err(src.item_err(whole, item, "is not a valid CIDR or IP address"))
 }
 
 pub(super) fn cidr_list(src: &Src, s: &str) -> Result<Cidrs, ConfigError> {
@@ -514,28 +600,100 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
+/// A boolean flag given on the command line (or a run-mode switch from any source): it must
+/// parse.
 pub(super) fn go_bool(args: &Args, id: &str, raw: &str) -> Result<bool, ConfigError> {
     parse_go_bool(raw.trim()).ok_or_else(|| {
-        Src::arg(args, id).err(
-            raw,
-            "expected a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)",
-        )
+        Src::arg(args, id).err(raw, format!("expected a boolean ({BOOL_SPELLINGS})"))
     })
 }
 
-/// A bool flag that Istio also reads from an older env name.
-pub(super) fn go_bool_with_alias(
-    args: &Args,
-    id: &str,
-    raw: &str,
-    alias: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<bool, ConfigError> {
-    if args.origin(id) == Origin::Default
-        && let Some(v) = env(alias)
-    {
-        return parse_go_bool(v.trim())
-            .ok_or_else(|| Src::env(alias).err(&v, "expected a boolean (true/false, 1/0, t/f)"));
+/// A value Istio's pkg/flag parses as a type (a boolean, a duration, a port), read as Istio
+/// reads it. From the command line it must parse. From env vars, in Istio's order: `alias`
+/// first (Istio's `AdditionalEnv` sets the flag after `BindEnv` did), then the flag's own
+/// variable; one that does not parse is skipped with a warning, as pkg/flag drops a value
+/// its `Set` refuses; without a value that parses, the default. An empty env var never
+/// gets here: it is unset (`cli::env_is_set`).
+pub(super) struct Lenient<'a, T> {
+    pub args: &'a Args,
+    pub id: &'a str,
+    /// The flag's value: the command line's, its env var's or the default.
+    pub raw: &'a str,
+    /// The other env var Istio reads for the flag.
+    pub alias: Option<&'a str>,
+    pub parse: fn(&str) -> Option<T>,
+    /// What a value must be ("a boolean (1, t, ...)").
+    pub expected: &'a str,
+}
+
+impl<T> Lenient<'_, T> {
+    pub(super) fn read(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+        warnings: &mut Vec<String>,
+    ) -> Result<T, ConfigError> {
+        let src = Src::arg(self.args, self.id);
+        let parse = |v: &str| (self.parse)(v.trim());
+        let origin = self.args.origin(self.id);
+        if origin == Origin::Flag {
+            return parse(self.raw)
+                .ok_or_else(|| src.err(self.raw, format!("expected {}", self.expected)));
+        }
+        let alias = self.alias.and_then(|a| env(a).map(|v| (a.to_string(), v)));
+        let own = (origin == Origin::Env)
+            .then(|| (src.env_var().unwrap_or_default(), self.raw.to_string()));
+        let mut ignored = Vec::new();
+        let mut used = None;
+        for (var, v) in alias.into_iter().chain(own) {
+            match parse(&v) {
+                Some(t) => {
+                    used = Some((t, v.trim().to_string(), format!("from {var}")));
+                    break;
+                }
+                None => ignored.push(format!("{var}={}", quoted(&v))),
+            }
+        }
+        let (value, text, whence) = match used {
+            Some(u) => u,
+            None => {
+                let default = if origin == Origin::Default {
+                    self.raw.to_string()
+                } else {
+                    crate::cli::default_value(self.id).unwrap_or_default()
+                };
+                let t = parse(&default).ok_or_else(|| {
+                    src.err(&default, "the built-in default does not parse (a bug)")
+                })?;
+                (t, default, "its default".to_string())
+            }
+        };
+        if !ignored.is_empty() {
+            warnings.push(format!(
+                "ignoring env {}: expected {}; {} is {text} ({whence}), as Istio reads it",
+                ignored.join(", "),
+                self.expected,
+                describe(self.id).0,
+            ));
+        }
+        Ok(value)
     }
-    go_bool(args, id, raw)
+}
+
+/// An env-only boolean of ours (ENABLE_INBOUND_IPV6), read as Istio reads its boolean env
+/// vars: unset, or not a boolean (with a warning), it is `None`.
+pub(super) fn env_bool(
+    var: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Option<bool> {
+    let v = env(var)?;
+    let b = parse_go_bool(v.trim());
+    if b.is_none() {
+        warnings.push(format!(
+            "ignoring env {var}={}: expected a boolean ({BOOL_SPELLINGS}); it counts as \
+             unset, as Istio reads a boolean env var it cannot parse",
+            quoted(&v)
+        ));
+    }
+    b
 }

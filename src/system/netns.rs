@@ -37,6 +37,12 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
                 "the path is not a network namespace (expected e.g. /var/run/netns/NAME or \
                  /proc/PID/ns/net)",
             ),
+            // setns(2) takes CAP_SYS_ADMIN; "Operation not permitted" alone does not say so.
+            nix::errno::Errno::EPERM => std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "Operation not permitted: entering a network namespace needs CAP_SYS_ADMIN \
+                 (add SYS_ADMIN to securityContext.capabilities.add, as Istio's CNI plugin has it)",
+            ),
             e => std::io::Error::from(e),
         })
     })

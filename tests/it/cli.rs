@@ -690,6 +690,327 @@ fn envoy_user_names_the_default_proxy_uid() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Values as Istio reads them
+// ---------------------------------------------------------------------------------------------
+
+/// The env vars of issue 23 that stopped a run when empty. Kubernetes and Helm render an
+/// absent value as `VAR=`: empty means unset, the default applies.
+const EMPTY_MEANS_UNSET: &[&str] = &[
+    "ENVOY_PORT",
+    "INBOUND_CAPTURE_PORT",
+    "INBOUND_TUNNEL_PORT",
+    "REDIRECT_DNS",
+    "ISTIO_META_DNS_CAPTURE",
+    "DUAL_STACK",
+    "ISTIO_DUAL_STACK",
+    "RECONCILE",
+    "PROBE_TIMEOUT",
+    "IPTABLES_PROBE_PORT",
+    "ISTIO_INBOUND_TPROXY_MARK",
+    "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+    "IPTABLES_LOCK_WAIT_SECONDS",
+    "IPTABLES_PROGRAM_TIMEOUT_SECONDS",
+    "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+    "ISTIO_OUTBOUND_OWNER_GROUPS",
+    "PROXY_UID",
+    "DRY_RUN",
+    "CLEANUP_ONLY",
+];
+
+/// The payloads fed to the iptables-restore shims of one run.
+fn restore_payloads(sandbox: &Sandbox) -> Vec<String> {
+    sandbox
+        .calls()
+        .iter()
+        .filter(|c| c.is_restore_of("v4") || c.is_restore_of("v6"))
+        .map(|c| c.stdin.clone())
+        .collect()
+}
+
+#[test]
+fn an_empty_env_var_is_unset() {
+    let args = ["-i", "*", "-b", "*", "-m", "TPROXY"];
+    let reference = Sandbox::new();
+    let run = reference.run(&args, &[]);
+    run.success();
+    assert_eq!(run.stderr, "", "the reference run warns of nothing");
+    let payloads = restore_payloads(&reference);
+    assert!(!payloads.is_empty());
+    // ENABLE_INBOUND_IPV6 (set to false by the sandbox) empty is unset: IPv6 is detected.
+    let detected = |env: &[(&str, &str)], remove: bool| {
+        let sandbox = Sandbox::new();
+        let mut cmd = sandbox.command(&args, env);
+        if remove {
+            cmd.env_remove("ENABLE_INBOUND_IPV6");
+        }
+        exec(cmd, "ENABLE_INBOUND_IPV6").success();
+        restore_payloads(&sandbox)
+    };
+    assert_eq!(
+        detected(&[("ENABLE_INBOUND_IPV6", "")], false),
+        detected(&[], true)
+    );
+    for var in EMPTY_MEANS_UNSET {
+        for empty in ["", "  "] {
+            let sandbox = Sandbox::new();
+            let run = sandbox.run(&args, &[(var, empty)]);
+            run.success();
+            assert_eq!(
+                run.stderr,
+                "",
+                "{var}={empty:?}: no error, no warning\n{}",
+                run.dump()
+            );
+            assert_eq!(
+                restore_payloads(&sandbox),
+                payloads,
+                "{var}={empty:?} should apply the rules of the defaults"
+            );
+        }
+    }
+}
+
+/// Warnings go to stderr (apply mode); each one line with Istio's `TIME<TAB>warn<TAB>msg`.
+fn warnings(run: &Run) -> Vec<&str> {
+    run.stderr
+        .lines()
+        .filter(|l| l.split('\t').nth(1) == Some("warn"))
+        .collect()
+}
+
+/// Istio's pkg/flag drops an env value its `Set` refuses (a boolean, a duration, a port) and
+/// keeps the default; pilot-agent reads ISTIO_META_DNS_CAPTURE the same way, so agent and
+/// rules agree. We do the same, with a warning naming the variable.
+#[test]
+fn an_env_value_that_does_not_parse_is_ignored_with_a_warning_as_istio_does() {
+    let sandbox = Sandbox::new();
+    let resolv = sandbox.write_file("resolv.conf", "nameserver 10.200.0.53\n");
+    let resolv = resolv.to_str().unwrap();
+    let dns = "--to-ports 15053";
+    let args = ["-i", "*", "--resolv-conf", resolv];
+    /// The env, whether DNS is captured, what the one warning says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[("ISTIO_META_DNS_CAPTURE", "yes")],
+            false,
+            &["ISTIO_META_DNS_CAPTURE=\"yes\"", "its default"],
+        ),
+        (&[("REDIRECT_DNS", "on")], false, &["REDIRECT_DNS=\"on\""]),
+        // The alias does not parse: the flag's own variable is next, as in Istio.
+        (
+            &[("ISTIO_META_DNS_CAPTURE", "yes"), ("REDIRECT_DNS", "true")],
+            true,
+            &["ISTIO_META_DNS_CAPTURE", "from REDIRECT_DNS"],
+        ),
+    ];
+    for (env, captured, mentions) in cases {
+        let run = Sandbox::new().run(&[&["--dry-run"][..], &args].concat(), env);
+        let script = run.success();
+        assert_eq!(script.contains(dns), *captured, "{env:?}: {}", run.dump());
+        let w = warnings(&run);
+        assert_eq!(w.len(), 1, "{env:?}: one warning\n{}", run.dump());
+        for m in *mentions {
+            assert!(
+                w[0].contains(m),
+                "{env:?}: the warning should say {m:?}: {}",
+                w[0]
+            );
+        }
+        assert!(w[0].contains(BOOLEANS), "{}", w[0]);
+    }
+    for (var, value, flag) in [
+        ("PROBE_TIMEOUT", "forever", "--probe-timeout is 5s"),
+        (
+            "IPTABLES_PROBE_PORT",
+            "http",
+            "--iptables-probe-port is 15002",
+        ),
+        ("ENABLE_INBOUND_IPV6", "maybe", "ENABLE_INBOUND_IPV6"),
+        ("RECONCILE", "yes", "--reconcile is true"),
+    ] {
+        let sandbox = Sandbox::new();
+        let run = sandbox.run(SEED, &[(var, value)]);
+        run.success();
+        let w = warnings(&run);
+        // (Unset, ENABLE_INBOUND_IPV6 lets IPv6 be detected, which may warn in turn.)
+        assert!(
+            (w.len() == 1 || var == "ENABLE_INBOUND_IPV6")
+                && w[0].contains(value)
+                && w[0].contains(flag),
+            "{var}={value}: {}",
+            run.dump()
+        );
+        assert!(sandbox.calls().iter().any(|c| c.is_restore_of("v4")));
+    }
+}
+
+/// Go's boolean spellings: the one wording of every message about a boolean.
+const BOOLEANS: &str = "1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False";
+
+/// Istio binds `ISTIO_META_DNS_CAPTURE`, `ISTIO_DUAL_STACK` and `INVALID_DROP` with
+/// `AdditionalEnv` after `BindEnv`: the alias sets the flag last, so it wins over the flag's
+/// own variable; the command line wins over both.
+#[test]
+fn an_env_alias_wins_over_the_flags_own_variable_as_in_istio() {
+    let sandbox = Sandbox::new();
+    let resolv = sandbox.write_file("resolv.conf", "nameserver 10.200.0.53\n");
+    let resolv = resolv.to_str().unwrap();
+    let args = ["-i", "*", "--resolv-conf", resolv];
+    let dns = "-d 10.200.0.53/32 -j REDIRECT --to-ports 15053";
+    let with =
+        |env: &[(&str, &str)], extra: &[&str]| dry_run_script(env, &[&args[..], extra].concat());
+    assert!(
+        with(
+            &[
+                ("REDIRECT_DNS", "false"),
+                ("ISTIO_META_DNS_CAPTURE", "true")
+            ],
+            &[]
+        )
+        .contains(dns)
+    );
+    assert!(
+        !with(
+            &[
+                ("REDIRECT_DNS", "true"),
+                ("ISTIO_META_DNS_CAPTURE", "false")
+            ],
+            &[]
+        )
+        .contains(dns)
+    );
+    assert!(
+        !with(
+            &[("ISTIO_META_DNS_CAPTURE", "true")],
+            &["--redirect-dns=false"]
+        )
+        .contains(dns)
+    );
+    assert!(
+        with(&[("DROP_INVALID", "false"), ("INVALID_DROP", "true")], &[]).contains("ISTIO_DROP")
+    );
+    assert!(
+        !with(&[("DROP_INVALID", "true"), ("INVALID_DROP", "false")], &[]).contains("ISTIO_DROP")
+    );
+    // (Dual stack shows in the script's config header.)
+    assert!(
+        with(
+            &[("DUAL_STACK", "false"), ("ISTIO_DUAL_STACK", "true")],
+            &[]
+        )
+        .contains("DUAL_STACK=true")
+    );
+    assert!(
+        with(
+            &[("DUAL_STACK", "true"), ("ISTIO_DUAL_STACK", "false")],
+            &[]
+        )
+        .contains("DUAL_STACK=false")
+    );
+}
+
+/// Overlays and webhooks that append arguments repeat flags; Istio's pflag takes the last.
+#[test]
+fn a_repeated_flag_takes_its_last_value_with_a_warning() {
+    let sandbox = Sandbox::new();
+    let mut args = SEED.to_vec();
+    args.extend(["-p", "15111", "--istio-service-exclude-cidr=10.0.0.0/8"]);
+    let run = sandbox.run(&args, &[]);
+    run.success();
+    let payload = restore_payloads(&sandbox).join("");
+    assert!(payload.contains("--to-ports 15111"), "{payload}");
+    assert!(!payload.contains("--to-ports 15001"), "{payload}");
+    assert!(payload.contains("-d 10.0.0.0/8 -j RETURN"), "{payload}");
+    let w = warnings(&run);
+    assert_eq!(w.len(), 2, "{}", run.dump());
+    assert!(
+        w[0].contains("--envoy-port") && w[0].contains("\"15111\""),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[1].contains("--istio-service-exclude-cidr") && w[1].contains("2 times"),
+        "{}",
+        w[1]
+    );
+    // A repeated flag with a bad last value: still refused, with one line.
+    let run = sandbox.run(&["-p", "15001", "-p", "x"], &[]);
+    assert_eq!(
+        (run.code, run.stderr.lines().count()),
+        (Some(2), 1),
+        "{}",
+        run.dump()
+    );
+}
+
+/// Interface lists are trimmed like ports and CIDRs: the annotation
+/// `traffic.sidecar.istio.io/excludeInterfaces: "eth1, eth2"` must not crash-loop the pod.
+#[test]
+fn interface_lists_are_trimmed_like_every_list() {
+    let spaced = Sandbox::new();
+    let run = spaced.run(&["-i", "*", "-c", "eth1, eth2 ", "-k", " virt0,virt1"], &[]);
+    run.success();
+    let plain = Sandbox::new();
+    plain
+        .run(&["-i", "*", "-c", "eth1,eth2", "-k", "virt0,virt1"], &[])
+        .success();
+    let payloads = restore_payloads(&spaced);
+    assert!(
+        payloads.join("").contains("-i eth2 -j RETURN"),
+        "{payloads:?}"
+    );
+    assert_eq!(payloads, restore_payloads(&plain));
+    // The env var, as the injector may pass it.
+    let env = Sandbox::new();
+    env.run(
+        &["-i", "*", "-k", "virt0,virt1"],
+        &[("ISTIO_EXCLUDE_INTERFACES", " eth1 , eth2")],
+    )
+    .success();
+    assert_eq!(restore_payloads(&env), payloads);
+}
+
+/// Accepted (Istio accepts them), but each does less or more than it seems to: one warning.
+#[test]
+fn settings_that_do_not_do_what_they_seem_to_are_warned_about() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["-i", "*", "-x", "10.0.0.0/8,0.0.0.0/0"],
+            "every IPv4 destination is excluded",
+        ),
+        (&["-i", "*", "-u", "0"], "--proxy-uid includes 0 (root)"),
+        (
+            &["-i", "*", "-u", "1337", "-g", "0"],
+            "--proxy-gid includes 0 (root)",
+        ),
+        (
+            &["-i", "*", "-p", "15006", "-z", "15006"],
+            "are the same port",
+        ),
+        (&["-b", "8080,9000:9100", "-d", "15090,9050"], "ports=9050"),
+    ];
+    for (args, warning) in cases {
+        let sandbox = Sandbox::new();
+        let run = sandbox.run(args, &[]);
+        run.success();
+        let w = warnings(&run);
+        assert!(
+            w.len() == 1 && w[0].contains(warning),
+            "{args:?}: {}",
+            run.dump()
+        );
+        assert!(!restore_payloads(&sandbox).is_empty());
+    }
+    // The injector's usual -d with -b '*', or -d ports that -b does not list: no warning.
+    for args in [SEED, &["-b", "8080", "-d", "15090,15021,15020"]] {
+        let run = Sandbox::new().run(args, &[]);
+        run.success();
+        assert!(warnings(&run).is_empty(), "{args:?}: {}", run.dump());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bad input
 // ---------------------------------------------------------------------------------------------
 
@@ -774,16 +1095,24 @@ fn bad_inputs() -> Vec<Bad> {
         bad(&["--probe-timeout", "forever"],      &[],                                                  &["--probe-timeout", "forever"]),
         bad(&["--no-such-flag"],                  &[],                                                  &["--no-such-flag"]).clap(),
         bad(&["--native-nftables=maybe"],         &[],                                                  &["--native-nftables", "maybe"]),
-        bad(&[],                                  &[("NATIVE_NFTABLES", "maybe")],                      &["NATIVE_NFTABLES", "maybe"]),
+        // On the command line a boolean must parse (Istio's pflag refuses it too).
+        bad(&["--redirect-dns=yes"],              &[],                                                  &["--redirect-dns", "yes", BOOLEANS]),
+        bad(&["-d", "8000-8080"],                 &[],                                                  &["--istio-local-exclude-ports", "8000-8080", "8000:8080"]),
+        bad(&["-c", "eth0, eth 1"],               &[],                                                  &["--istio-exclude-interfaces", "eth 1"]),
         bad(&[],                                  &[("ENVOY_PORT", "abc")],                             &["ENVOY_PORT", "abc"]),
         bad(&[],                                  &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")], &["ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32"]),
         // One rule of `! --gid-owner` matches: iptables-restore parses at most 49 of them.
         bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups_50)],       &["ISTIO_OUTBOUND_OWNER_GROUPS", "49"]),
         bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", &groups_65)],       &["ISTIO_OUTBOUND_OWNER_GROUPS", "49"]),
         bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4294967295")], &["ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4294967295"]),
-        bad(&[],                                  &[("ENABLE_INBOUND_IPV6", "maybe")],                  &["ENABLE_INBOUND_IPV6", "maybe"]),
+        // Owner group names must exist before anything runs, as -u/-g names must.
+        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS", "root,no-such-group-9")], &["ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-9"]).not_with_dry_run_flag(),
+        bad(&[],                                  &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "no-such-group-9")], &["ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "no-such-group-9"]).not_with_dry_run_flag(),
         // A `--dry-run` flag would override (DRY_RUN) or duplicate (--dry-run=) these.
+        // The run-mode switches are refused from env too: their default applies the rules.
         bad(&[],                                  &[("DRY_RUN", "maybe")],                              &["DRY_RUN", "maybe"]).not_with_dry_run_flag(),
+        bad(&[],                                  &[("CLEANUP_ONLY", "yes")],                           &["CLEANUP_ONLY", "yes"]),
+        bad(&[],                                  &[("SKIP_RULE_APPLY", "yes")],                        &["SKIP_RULE_APPLY", "yes"]),
         bad(&["--dry-run=maybe"],                 &[],                                                  &["--dry-run", "maybe"]).not_with_dry_run_flag(),
     ]
 }

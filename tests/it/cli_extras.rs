@@ -785,11 +785,12 @@ fn an_unreadable_list_file_is_refused_naming_the_flag_and_the_path() {
     let run = sb.run(&["-k", &format!("@{dir}")], &[]);
     sb.assert_refused(&run, &["--kube-virt-interfaces", &dir, "directory"]);
 
-    // An invalid item read from a file: the flag, the path and the item.
+    // An invalid item read from a file: the flag, the path and the line, never the item.
     let bad = sb.file("bad.txt", "10.0.0.0/8\n10.0.0.0/33\n");
     let at = format!("@{}", bad.display());
     let run = sb.run(&["-x", &at], &[]);
-    sb.assert_refused(&run, &["--istio-service-exclude-cidr", &at, "10.0.0.0/33"]);
+    sb.assert_refused(&run, &["--istio-service-exclude-cidr", &at, "line 2"]);
+    assert!(!run.stderr.contains("10.0.0.0/33"), "{}", run.dump());
     let ports = sb.file("ports.txt", "15090 http\n");
     let at = format!("@{}", ports.display());
     let run = sb.run(
@@ -804,7 +805,66 @@ fn an_unreadable_list_file_is_refused_naming_the_flag_and_the_path() {
         ],
         &[],
     );
-    sb.assert_refused(&run, &["--istio-local-exclude-ports", &at, "http"]);
+    sb.assert_refused(
+        &run,
+        &["--istio-local-exclude-ports", &at, "item 2 on line 1"],
+    );
+    assert!(!run.stderr.contains("http"), "{}", run.dump());
+}
+
+/// Istio's injector copies annotations (`excludeOutboundIPRanges`, ...) into the list flags,
+/// so whoever writes an annotation picks the path this program reads as root: an error
+/// names the flag, the file, the line and what is wrong, never what the file holds. The same
+/// for env vars, and for names that do not exist on this machine.
+#[test]
+fn a_list_file_that_does_not_parse_is_never_echoed() {
+    let sb = Sandbox::new();
+    let secret = "db_password=hunter2";
+    let app = sb.file(
+        "app.conf",
+        &format!("# app settings\n{secret}\nlevel=debug\n"),
+    );
+    let at = format!("@{}", app.display());
+    for run in [
+        sb.run(&["-x", &at], &[]),
+        sb.run(&["--dry-run", "-i", &at], &[]),
+        sb.run(&["-c", &at], &[]),
+        sb.run(&["-b", &at], &[]),
+        sb.run(&[], &[("ISTIO_SERVICE_EXCLUDE_CIDR", &at)]),
+        sb.run(&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", &at)]),
+    ] {
+        sb.assert_refused(&run, &[&at, "the item on line 2"]);
+        assert!(!run.stderr.contains("hunter2"), "{}", run.dump());
+    }
+    // The process's own environment, as root reads it: the error shows none of it.
+    let run = sb.run(
+        &["-x", "@/proc/self/environ"],
+        &[("APP_TOKEN", "s3cr3t-token")],
+    );
+    sb.assert_refused(&run, &["@/proc/self/environ", "line 1"]);
+    assert!(
+        !run.stderr.contains("s3cr3t") && !run.stderr.contains("PATH="),
+        "{}",
+        run.dump()
+    );
+    // A name that passes the syntax but does not exist here: named by its line only.
+    let users = sb.file("users.txt", "0\nhunter2-user\n");
+    let at = format!("@{}", users.display());
+    let run = sb.run(&["-u", &at], &[]);
+    sb.assert_refused(&run, &["--proxy-uid", &at, "line 2", "names no user"]);
+    assert!(!run.stderr.contains("hunter2"), "{}", run.dump());
+}
+
+/// Some editors start UTF-8 text with a byte-order mark: it is not part of the first item.
+#[test]
+fn a_list_file_with_a_byte_order_mark_reads_as_without() {
+    let sb = Sandbox::new();
+    let bom = sb.file("bom.txt", "\u{feff}10.0.0.0/8\n172.16.0.0/12\n");
+    let at = format!("@{}", bom.display());
+    let from_file = dry_run(&sb, &["-i", "*", "-x", &at], &[]);
+    let typed = dry_run(&sb, &["-i", "*", "-x", "10.0.0.0/8,172.16.0.0/12"], &[]);
+    assert_eq!(from_file, typed);
+    assert!(from_file.contains("-d 10.0.0.0/8 -j RETURN"), "{from_file}");
 }
 
 /// 20,000 excluded CIDRs (16,000 IPv4, 4,000 IPv6) from a file: past the argv limit, applied

@@ -679,3 +679,190 @@ fn cleanup_script_works_on_any_state() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Values as Istio reads them, in a real namespace (issue 23)
+// ---------------------------------------------------------------------------------------------
+
+/// What an injected pod can carry: annotation-style lists with blanks, env vars rendered empty,
+/// a flag appended twice, an unparsable mesh-wide `ISTIO_META_DNS_CAPTURE`. Istio starts such
+/// a pod; so do we (with warnings), and the rules are those of the plain values.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn values_as_an_injector_passes_them_apply_like_the_plain_ones() {
+    if skip_unless_root("values_as_an_injector_passes_them_apply_like_the_plain_ones") {
+        return;
+    }
+    let empties = "ENVOY_PORT= INBOUND_CAPTURE_PORT= REDIRECT_DNS= DUAL_STACK= RECONCILE= \
+                   PROBE_TIMEOUT= ISTIO_INBOUND_TPROXY_MARK= IPTABLES_LOCK_WAIT_SECONDS=";
+    let script = format!(
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
+         export ENABLE_INBOUND_IPV6=false\n\
+         env {empties} ISTIO_META_DNS_CAPTURE=yes {bin} {seed} -c 'eth1, eth2' -k ' virt0' \
+           -d 15090 2> \"$NS_OUT/err\"\n\
+         iptables-save | grep -v '^#' | sed 's/ \\[[0-9]*:[0-9]*\\]$//' > \"$NS_OUT/messy\"\n\
+         {bin} verify {seed} -c eth1,eth2 -k virt0 -d 15090 > \"$NS_OUT/verify\"\n\
+         {bin} --cleanup-only\n\
+         {bin} {seed} -c eth1,eth2 -k virt0 -d 15090 2> /dev/null\n\
+         iptables-save | grep -v '^#' | sed 's/ \\[[0-9]*:[0-9]*\\]$//' > \"$NS_OUT/plain\"\n",
+        bin = BIN,
+        seed = shell_command(SEED)
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    let f = |n: &str| out.file(n).unwrap().to_string();
+    assert_eq!(f("messy"), f("plain"), "{}", out.describe());
+    assert!(
+        f("plain").contains("-A PREROUTING -i eth2 -j RETURN"),
+        "{}",
+        out.describe()
+    );
+    let err = f("err");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("\twarn\t")).collect();
+    assert_eq!(warnings.len(), 2, "{}", out.describe());
+    assert!(
+        warnings[0].contains("ISTIO_META_DNS_CAPTURE=\"yes\""),
+        "{err}"
+    );
+    assert!(
+        warnings[1].contains("--istio-local-exclude-ports was given 2 times"),
+        "{err}"
+    );
+}
+
+/// Owner group names are checked before anything runs, as -u/-g names are: the apply no
+/// longer fails inside iptables-restore or nft, half done.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn owner_group_names_that_do_not_exist_are_refused_before_anything_runs() {
+    if skip_unless_root("owner_group_names_that_do_not_exist_are_refused_before_anything_runs") {
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
+         export ENABLE_INBOUND_IPV6=false\n\
+         snap() {{ {{ iptables-save; nft list ruleset; }} | sed '/^#/d' > \"$NS_OUT/$1\"; }}\n\
+         snap before\n\
+         for backend in '' --native-nftables; do\n\
+           for var in ISTIO_OUTBOUND_OWNER_GROUPS ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE; do\n\
+             rc=0; env $var=root,no-such-group-9 {bin} {seed} $backend 2> \"$NS_OUT/err-$var$backend\" || rc=$?\n\
+             echo $rc > \"$NS_OUT/rc-$var$backend\"\n\
+           done\n\
+         done\n\
+         snap after\n\
+         ISTIO_OUTBOUND_OWNER_GROUPS=root {bin} {seed} 2> /dev/null\n\
+         iptables-save > \"$NS_OUT/root\"\n",
+        bin = BIN,
+        seed = shell_command(SEED)
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    for backend in ["", "--native-nftables"] {
+        for var in [
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        ] {
+            let rc = out.file(&format!("rc-{var}{backend}")).unwrap();
+            let err = out.file(&format!("err-{var}{backend}")).unwrap();
+            assert_eq!(rc.trim(), "2", "{var} {backend}: {}", out.describe());
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains(&format!("env {var}")) && err.contains("no-such-group-9"),
+                "{err}"
+            );
+        }
+    }
+    assert_eq!(out.file("before"), out.file("after"), "nothing was changed");
+    assert!(
+        out.file("root")
+            .unwrap()
+            .contains("! --gid-owner 0 -j RETURN")
+    );
+}
+
+/// `--redirect-dns` without a readable /etc/resolv.conf: the error is about DNS capture and
+/// says what works instead, not about `--resolv-conf`, a flag the user never gave.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn dns_capture_without_resolv_conf_names_dns_capture_and_the_way_out() {
+    if skip_unless_root("dns_capture_without_resolv_conf_names_dns_capture_and_the_way_out") {
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /run # a private xtables lock\n\
+         ip link set lo up\n\
+         export ENABLE_INBOUND_IPV6=false\n\
+         touch \"$NS_TMP/none\"; mount --bind /dev/null /etc/resolv.conf\n\
+         iptables-save > \"$NS_OUT/before\"\n\
+         rc=0; {bin} -i '*' --redirect-dns 2> \"$NS_OUT/flag\" || rc=$?; echo $rc > \"$NS_OUT/flag-rc\"\n\
+         rc=0; ISTIO_META_DNS_CAPTURE=true {bin} -i '*' 2> \"$NS_OUT/alias\" || rc=$?; echo $rc > \"$NS_OUT/alias-rc\"\n\
+         iptables-save > \"$NS_OUT/after\"\n\
+         {bin} -i '*' --redirect-dns --capture-all-dns 2> /dev/null\n\
+         iptables-save > \"$NS_OUT/all\"\n",
+        bin = BIN
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    for (name, source) in [
+        ("flag", "--redirect-dns"),
+        ("alias", "env ISTIO_META_DNS_CAPTURE"),
+    ] {
+        assert_eq!(out.file(&format!("{name}-rc")).unwrap().trim(), "2");
+        let err = out.file(name).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("for {source}:"))
+                && err.contains("/etc/resolv.conf")
+                && err.contains("--capture-all-dns")
+                && !err.contains("for --resolv-conf"),
+            "{err}"
+        );
+    }
+    assert_eq!(out.file("before"), out.file("after"), "nothing was changed");
+    assert!(
+        out.file("all")
+            .unwrap()
+            .contains("--dport 53 -j REDIRECT --to-ports 15053")
+    );
+}
+
+/// Entering `--network-namespace` takes CAP_SYS_ADMIN (setns(2)): the error says so and how
+/// to add it, not only "Operation not permitted".
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn entering_a_namespace_without_cap_sys_admin_names_the_capability() {
+    if skip_unless_root("entering_a_namespace_without_cap_sys_admin_names_the_capability") {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipping: setpriv (util-linux) is not installed");
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /run\n\
+         ip netns add door-target\n\
+         rc=0; setpriv --bounding-set -sys_admin {bin} --network-namespace /run/netns/door-target \
+           -i '*' 2> \"$NS_OUT/err\" || rc=$?\n\
+         echo $rc > \"$NS_OUT/rc\"\n\
+         ip netns exec door-target iptables-save > \"$NS_OUT/target\"\n",
+        bin = BIN
+    );
+    let out = run_in_fresh_ns(&script);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(out.file("rc").unwrap().trim(), "1", "{}", out.describe());
+    let err = out.file("err").unwrap();
+    assert!(
+        err.contains("/run/netns/door-target")
+            && err.contains("CAP_SYS_ADMIN")
+            && err.contains("securityContext.capabilities.add"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !out.file("target").unwrap().contains("ISTIO"),
+        "{}",
+        out.describe()
+    );
+}

@@ -80,6 +80,9 @@ fn bad_input_error_lines() {
         (&["--redirect-dns=maybe"], &[]),
         (&[], &[("ENVOY_PORT", "abc")]),
         (&[], &[("IPTABLES_LOCK_WAIT_SECONDS", "soon")]),
+        (&["-d", "8000-8080"], &[]),
+        (&["-c", "eth0, eth 1"], &[]),
+        (&[], &[("CLEANUP_ONLY", "yes")]),
         (&["--no-such-flag"], &[]),
     ];
     let mut report = String::new();
