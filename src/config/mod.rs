@@ -5,6 +5,7 @@
 
 pub mod host;
 pub mod listfile;
+mod names;
 pub mod values;
 
 pub use self::host::{DnsServer, HostFacts, parse_resolv_conf};
@@ -226,6 +227,13 @@ impl Config {
         let outbound = OutboundCapture::parse(args)?;
         let tproxy = Tproxy::parse(args)?;
         let switches = Switches::parse(args, env)?;
+        if switches.native_nftables {
+            names::check_nft(
+                args,
+                &inbound.exclude_interfaces,
+                &outbound.kube_virt_interfaces,
+            )?;
+        }
         let (probe_port, probe_timeout) = validation_probe(args)?;
         let network_namespace = network_namespace(args)?;
         let flavor = iptables_flavor(args)?;
