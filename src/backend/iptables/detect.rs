@@ -37,6 +37,14 @@ impl Program {
         }
     }
 
+    /// The place as logs name it: `IPv4 iptables-nft` (`IPv6 ip6tables` unflavoured).
+    pub fn place_name(&self) -> String {
+        match self.flavor {
+            Some(f) => format!("{} {}-{f}", self.family, self.base()),
+            None => format!("{} {}", self.family, self.base()),
+        }
+    }
+
     /// e.g. `ip6tables-legacy-restore`.
     pub fn restore_program(&self) -> String {
         match self.flavor {
