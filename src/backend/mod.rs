@@ -94,7 +94,7 @@ impl Rollback {
 /// What was committed, for the closing log line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// iptables places whose tables changed, as `IPv4 iptables-nft`.
+    /// iptables places whose tables changed, as `iptables-nft` (IPv4) or `ip6tables-legacy`.
     pub committed: Vec<String>,
     /// `ip` commands run.
     pub ip_changed: Vec<String>,

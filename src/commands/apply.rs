@@ -542,11 +542,7 @@ mod tests {
         );
         assert_eq!(fake.calls[2].1, vec!["--noflush"]);
         assert_eq!(s.committed.len(), 1);
-        assert!(
-            s.committed[0].starts_with("IPv4 iptables"),
-            "{:?}",
-            s.committed
-        );
+        assert!(s.committed[0].starts_with("iptables"), "{:?}", s.committed);
     }
 
     #[test]

@@ -61,7 +61,7 @@ const ISTIO_ENV_LOGGED: [&str; 12] = [
     "INVALID_DROP",
 ];
 
-/// A log field listing what changed (`IPv4 iptables-nft,IPv6 ip6tables-nft`); none when
+/// A log field listing what changed (`iptables-nft,ip6tables-nft`); none when
 /// nothing did, so that a line names only what it did.
 fn listed(items: &[String]) -> Option<String> {
     (!items.is_empty()).then(|| items.join(","))

@@ -448,12 +448,16 @@ pub fn flock_holders(path: &Path) -> Option<Vec<Process>> {
     if pids.is_empty() {
         return None;
     }
-    Some(
-        pids.into_iter()
-            .flatten()
-            .map(|pid| process(pid, None))
-            .collect(),
-    )
+    // The pid that took it may be gone (`flock -x 9` in a shell: the shell keeps the lock).
+    let live: Vec<i32> = pids
+        .into_iter()
+        .flatten()
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    if live.is_empty() {
+        return Some(processes_with(&path.to_string_lossy()));
+    }
+    Some(live.into_iter().map(|pid| process(pid, None)).collect())
 }
 
 /// The processes one of whose descriptors links to `target` (e.g. `socket:[123]`), by pid.

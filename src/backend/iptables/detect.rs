@@ -37,11 +37,12 @@ impl Program {
         }
     }
 
-    /// The place as logs name it: `IPv4 iptables-nft` (`IPv6 ip6tables` unflavoured).
+    /// The place as logs name it: `iptables-nft`, `ip6tables-legacy` (`iptables`
+    /// unflavoured): the program names the family too, and has no space in a log field.
     pub fn place_name(&self) -> String {
         match self.flavor {
-            Some(f) => format!("{} {}-{f}", self.family, self.base()),
-            None => format!("{} {}", self.family, self.base()),
+            Some(f) => format!("{}-{f}", self.base()),
+            None => self.base().to_string(),
         }
     }
 
