@@ -19,11 +19,11 @@ fn expects(ipv6: bool) -> String {
         "iptables-restore and iptables"
     };
     format!(
-        "# It expects {programs} of the flavour the host uses, and iproute2's\n\
-         # ip (4.12 or later) for the ip steps. Safe to run again: it first removes what an\n\
-         # earlier run of it added (one copy of each of its rules in built-in chains, then its\n\
-         # ISTIO_* chains; other rules stay), and each ip step runs only when what it adds is\n\
-         # missing.\n"
+        "# It expects {programs} of the flavour\n\
+         # the host uses, and iproute2's ip (4.12 or later) for the ip steps.\n\
+         # Safe to run again: it first removes what an earlier run of it added (one copy of each\n\
+         # of its rules in built-in chains, then its ISTIO_* chains; other rules stay), and each\n\
+         # ip step runs only when what it adds is missing.\n"
     )
 }
 
