@@ -135,7 +135,7 @@ impl Settings {
 pub fn init(settings: Settings) {
     let level = settings.level;
     let warnings = settings.warnings.clone();
-    let layer = IstioLayer::new(settings);
+    let (layer, unopened) = IstioLayer::new(settings);
     match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => Registry::default()
             .with(layer.with_filter(EnvFilter::new(spec)))
@@ -147,6 +147,12 @@ pub fn init(settings: Settings) {
     for w in warnings {
         tracing::warn!("{w}");
     }
+    for (path, error) in unopened {
+        tracing::warn!(
+            "--log_target {}: cannot open it ({error}): its lines go to stderr instead",
+            path.display()
+        );
+    }
 }
 
 /// The `tracing` layer writing Istio's line formats.
@@ -157,24 +163,23 @@ struct IstioLayer {
 }
 
 impl IstioLayer {
-    fn new(settings: Settings) -> IstioLayer {
+    /// The layer, and each `--log_target` file that could not be opened, with why (its
+    /// lines go to stderr; said once logging is up).
+    fn new(settings: Settings) -> (IstioLayer, Vec<(PathBuf, std::io::Error)>) {
+        let mut unopened = Vec::new();
         let files = settings
             .targets
             .iter()
             .filter_map(|t| match t {
-                Target::File(p) => Some((
-                    p.clone(),
-                    File::options()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .ok()
-                        .map(Mutex::new),
-                )),
+                Target::File(p) => {
+                    let file = File::options().create(true).append(true).open(p);
+                    let file = file.map_err(|e| unopened.push((p.clone(), e))).ok();
+                    Some((p.clone(), file.map(Mutex::new)))
+                }
                 _ => None,
             })
             .collect();
-        IstioLayer { settings, files }
+        (IstioLayer { settings, files }, unopened)
     }
 
     fn write_to(&self, target: &Target, line: &[u8]) {

@@ -94,12 +94,14 @@ impl Rollback {
 /// What was committed, for the closing log line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// iptables families whose tables changed.
-    pub committed: Vec<Family>,
+    /// iptables places whose tables changed, as `iptables-nft` (IPv4) or `ip6tables-legacy`.
+    pub committed: Vec<String>,
     /// `ip` commands run.
     pub ip_changed: Vec<String>,
-    /// Native nftables tables written (or deleted).
+    /// Native nftables tables written.
     pub nft_tables: Vec<String>,
+    /// Native nftables tables deleted (a switch to iptables, a cleanup).
+    pub nft_removed: Vec<String>,
 }
 
 /// A backend's failure: it says what failed at its step.

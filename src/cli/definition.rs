@@ -58,7 +58,7 @@ pub struct Cli {
     )]
     pub inbound_capture_port: String,
 
-    /// Istio tunnel port for inbound TCP traffic (never captured).
+    /// Istio tunnel port for inbound TCP traffic (never captured in REDIRECT mode).
     #[arg(
         global = true,
         short = 'e',

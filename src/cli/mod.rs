@@ -237,7 +237,13 @@ fn stand_ins(sc: clap::Command) -> clap::Command {
 /// `istio-iptables` take them all, `explain` and `verify` all but [`APPLY_ONLY`],
 /// `completion` and `man` none.
 pub fn completion_command() -> clap::Command {
-    let mut cmd = Root::command().version(VERSION);
+    // The values the parser takes (config checks them and says so in one line): offered as
+    // completions instead of file names.
+    let mut cmd = Root::command()
+        .version(VERSION)
+        .mut_arg("force_iptables_binary", |a| {
+            a.value_parser(clap::builder::PossibleValuesParser::new(["legacy", "nft"]))
+        });
     let root: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
     cmd = cmd.mut_args(|a| a.global(false));
     let names: Vec<String> = cmd

@@ -61,12 +61,10 @@ const ISTIO_ENV_LOGGED: [&str; 12] = [
     "INVALID_DROP",
 ];
 
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+/// A log field listing what changed (`iptables-nft,ip6tables-nft`); none when
+/// nothing did, so that a line names only what it did.
+fn listed(items: &[String]) -> Option<String> {
+    (!items.is_empty()).then(|| items.join(","))
 }
 
 /// Time since `started`, as `8.2ms`.
@@ -226,8 +224,9 @@ fn apply_rules<C: Backend, O: Backend>(
     match apply::apply(chosen, other, cfg, facts, &opts, env) {
         Ok(s) => {
             tracing::info!(
-                committed = %join(&s.committed),
-                nftables = %s.nft_tables.join(","),
+                iptables = listed(&s.committed),
+                nftables = listed(&s.nft_tables),
+                nftables_removed = listed(&s.nft_removed),
                 routes = s.ip_changed.len(),
                 elapsed = %elapsed(started),
                 "capture rules are in place"
@@ -312,9 +311,9 @@ fn cleanup<C: Backend, O: Backend>(
     match apply::cleanup(chosen, other, cfg, facts, env) {
         Ok(s) => {
             tracing::info!(
-                cleaned = %join(&s.committed),
-                nftables = %s.nft_tables.join(","),
-                routes = %s.ip_changed.join("; "),
+                iptables = listed(&s.committed),
+                nftables_removed = listed(&s.nft_removed),
+                routes = listed(&s.ip_changed),
                 "cleanup done"
             );
             Exit::Success

@@ -5,6 +5,7 @@
 
 pub mod host;
 pub mod listfile;
+mod names;
 pub mod values;
 
 pub use self::host::{DnsServer, HostFacts, parse_resolv_conf};
@@ -243,6 +244,13 @@ impl Config {
         let outbound = OutboundCapture::parse(args)?;
         let tproxy = Tproxy::parse(args)?;
         let switches = Switches::parse(args, env, &mut warnings)?;
+        if switches.native_nftables {
+            names::check_nft(
+                args,
+                &inbound.exclude_interfaces,
+                &outbound.kube_virt_interfaces,
+            )?;
+        }
         let (probe_port, probe_timeout) = validation_probe(args, env, &mut warnings)?;
         let network_namespace = network_namespace(args)?;
         let flavor = iptables_flavor(args)?;

@@ -83,8 +83,10 @@ impl fmt::Display for IpCommand {
     }
 }
 
-/// The `ip` plumbing a config needs, in Istio's order (its `tproxy.ConfigureRoutes`, shared
-/// by the iptables and nftables backends): the ::6 address, then TPROXY rules, then routes.
+/// The `ip` plumbing a config needs (Istio's `tproxy.ConfigureRoutes`, shared by the
+/// iptables and nftables backends), in the order a real apply makes it: the ::6 address,
+/// then the TPROXY routes, then the rules that look them up (Istio adds the rules first; a
+/// run stopped in between would leave a rule into an empty table).
 pub fn ip_commands(cfg: &Config, facts: &HostFacts) -> Vec<IpCommand> {
     let mut ip = Vec::new();
     if facts.ipv6 {
@@ -97,20 +99,45 @@ pub fn ip_commands(cfg: &Config, facts: &HostFacts) -> Vec<IpCommand> {
             &[Family::V4]
         };
         for &family in families {
+            ip.push(IpCommand::RouteAddLocal {
+                family,
+                table: cfg.tproxy_route_table,
+            });
+        }
+        for &family in families {
             ip.push(IpCommand::RuleAdd {
                 family,
                 mark: cfg.tproxy_mark,
                 table: cfg.tproxy_route_table,
             });
         }
-        for &family in families {
-            ip.push(IpCommand::RouteAddLocal {
-                family,
-                table: cfg.tproxy_route_table,
-            });
-        }
     }
     ip
+}
+
+/// `cmd` as a line of a dry-run script: Istio's `ip` command, run only when what it adds
+/// is missing, so that running the script again changes nothing (`ip rule add` would add a
+/// second rule, and `ip route add`, `ip addr add` fail with "File exists"). The check comes
+/// first on the line, the command after `||`.
+pub fn script_line(cmd: &IpCommand) -> String {
+    let check = match cmd {
+        IpCommand::AddInboundV6Address => {
+            "ip -6 addr show dev lo | grep -q 'inet6 ::6/128 '".to_string()
+        }
+        IpCommand::RuleAdd {
+            family,
+            mark,
+            table,
+        } => format!(
+            "ip {} rule show fwmark {mark} lookup {table} | grep -q .",
+            fam(*family)
+        ),
+        IpCommand::RouteAddLocal { family, table } => format!(
+            "ip {} route show table {table} 2>/dev/null | grep -q '^local default dev lo '",
+            fam(*family)
+        ),
+    };
+    format!("{check} || {cmd}")
 }
 
 /// The `ip` changes a cleanup undoes: both families, whatever IPv6 says, with this config's

@@ -141,6 +141,9 @@ pub trait Runner {
     }
 }
 
+/// iptables' xtables lock when `XTABLES_LOCKFILE` does not name another.
+const XTABLES_LOCK: &str = "/run/xtables.lock";
+
 /// Spawns real processes, in this process's environment plus `env`.
 #[derive(Debug)]
 pub struct SystemRunner {
@@ -182,6 +185,35 @@ impl SystemRunner {
     /// A signal `signals` catches stops the run (once: see [`Runner::check_stop`]).
     pub fn with_signals(self, signals: Signals) -> SystemRunner {
         SystemRunner { signals, ..self }
+    }
+
+    /// A program run with `--wait=SECS` (legacy iptables) waits that long for the xtables
+    /// lock, silently: say so when another process holds it now, as the wait for the
+    /// namespace's lock does.
+    fn say_if_xtables_lock_held(&self, program: &str, wait: &str) {
+        let path = self
+            .env
+            .iter()
+            .chain(&std::env::vars_os().collect::<Vec<_>>())
+            .find(|(k, _)| k == "XTABLES_LOCKFILE")
+            .map(|(_, v)| std::path::PathBuf::from(v))
+            .unwrap_or_else(|| XTABLES_LOCK.into());
+        if let Some(holders) = crate::system::nslock::flock_holders(&path) {
+            let holders = holders
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(
+                "the xtables lock {} is held by {}: {program} waits for it up to {wait} s",
+                path.display(),
+                if holders.is_empty() {
+                    "another process"
+                } else {
+                    &holders
+                },
+            );
+        }
     }
 
     /// The signal to report now, once.
@@ -250,6 +282,9 @@ impl Runner for SystemRunner {
             });
         }
         tracing::debug!(%command, "running");
+        if let Some(wait) = args.iter().find_map(|a| a.strip_prefix("--wait=")) {
+            self.say_if_xtables_lock_held(program, wait);
+        }
         let mut child = self.spawn(program, args, stdin.is_some())?;
         let deadline = Instant::now() + self.deadline;
         let signals = self.signals.clone();

@@ -423,6 +423,43 @@ fn wait_for(
     Ok(lock.into_lock(waited))
 }
 
+/// Whether a `flock` on the file at `path` is held now, and by which processes (empty: by
+/// one this PID namespace does not show); `None` when it is free or there is no such file.
+/// Read from `/proc/locks`: taking the lock, even for a moment, could make another program
+/// that does not wait for it fail.
+pub fn flock_holders(path: &Path) -> Option<Vec<Process>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let file = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // `1: FLOCK  ADVISORY  WRITE 4242 00:1a:5678 0 EOF`; a waiter's line has `->` after `1:`.
+    let pids: Vec<Option<i32>> = locks
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str()))
+        .map(|w| {
+            w.get(4)
+                .and_then(|p| p.parse().ok())
+                .filter(|&p: &i32| p > 0)
+        })
+        .collect();
+    if pids.is_empty() {
+        return None;
+    }
+    // The pid that took it may be gone (`flock -x 9` in a shell: the shell keeps the lock).
+    let live: Vec<i32> = pids
+        .into_iter()
+        .flatten()
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    if live.is_empty() {
+        return Some(processes_with(&path.to_string_lossy()));
+    }
+    Some(live.into_iter().map(|pid| process(pid, None)).collect())
+}
+
 /// The processes one of whose descriptors links to `target` (e.g. `socket:[123]`), by pid.
 fn processes_with(target: &str) -> Vec<Process> {
     let Ok(procs) = std::fs::read_dir("/proc") else {

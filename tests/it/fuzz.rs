@@ -284,6 +284,21 @@ fn shape(script: &str) -> Vec<String> {
 }
 
 /// The apply script: payloads per family, or why the script is unsafe.
+/// Whether each word of `line` is plain or one single-quoted string: no value reaches the
+/// shell as anything but one argument.
+fn undo_words_are_safe(line: &str) -> bool {
+    line.split(' ').all(|w| {
+        let quoted = w.len() >= 2
+            && w.starts_with('\'')
+            && w.ends_with('\'')
+            && !w[1..w.len() - 1].contains('\'');
+        quoted
+            || (!w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:,=+@%".contains(c)))
+    })
+}
+
 fn payloads(script: &str) -> Result<(Vec<String>, Vec<String>), String> {
     let (mut v4, mut v6) = (Vec::new(), Vec::new());
     let mut lines = script.lines().enumerate();
@@ -293,9 +308,31 @@ fn payloads(script: &str) -> Result<(Vec<String>, Vec<String>), String> {
             "ip6tables-restore --noflush <<'EOF'" => &mut v6,
             "#!/bin/sh" | "set -e" => continue,
             l if l.starts_with('#') => continue,
-            l if l.starts_with("ip ")
-                && l.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || " -:/".contains(c)) =>
+            // An ip step run only when missing: `CHECK || ip ...`, numbers its only values.
+            l if l.split_once(" || ").is_some_and(|(check, ip)| {
+                check.starts_with("ip ")
+                    && check
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || " -:/.'^|>&".contains(c))
+                    && ip.starts_with("ip ")
+                    && ip
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || " -:/".contains(c))
+            }) =>
+            {
+                continue;
+            }
+            // The fixed functions of the second-run guard: indented lines and their frame.
+            l if l.starts_with("    ")
+                || l == "}"
+                || l == "istio_undo_rule() {"
+                || l == "istio_undo_chains() {" =>
+            {
+                continue;
+            }
+            // A call of them: every word plain or in single quotes (no quote inside).
+            l if (l.starts_with("istio_undo_rule ") || l.starts_with("istio_undo_chains "))
+                && undo_words_are_safe(l) =>
             {
                 continue;
             }

@@ -20,5 +20,8 @@ mod fuzz;
 mod inspect_nft;
 mod inspect_shadow;
 mod istio_injector;
+mod logs;
+mod nft_names;
+mod scripts;
 mod snapshots;
 mod traffic;

@@ -755,10 +755,10 @@ mod tests {
             ip,
             vec![
                 "ip -6 addr add ::6/128 dev lo",
-                "ip -4 rule add fwmark 7 lookup 99",
-                "ip -6 rule add fwmark 7 lookup 99",
                 "ip -4 route add local default dev lo table 99",
                 "ip -6 route add local default dev lo table 99",
+                "ip -4 rule add fwmark 7 lookup 99",
+                "ip -6 rule add fwmark 7 lookup 99",
             ]
         );
         assert!(

@@ -37,6 +37,15 @@ impl Program {
         }
     }
 
+    /// The place as logs name it: `iptables-nft`, `ip6tables-legacy` (`iptables`
+    /// unflavoured): the program names the family too, and has no space in a log field.
+    pub fn place_name(&self) -> String {
+        match self.flavor {
+            Some(f) => format!("{}-{f}", self.base()),
+            None => self.base().to_string(),
+        }
+    }
+
     /// e.g. `ip6tables-legacy-restore`.
     pub fn restore_program(&self) -> String {
         match self.flavor {

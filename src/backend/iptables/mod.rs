@@ -257,7 +257,7 @@ impl Backend for Iptables {
                 p => p,
             };
             commit::commit(place, tx, purpose, self.lock_wait_secs, env)?;
-            summary.committed.push(family);
+            summary.committed.push(place.program.place_name());
         }
         Ok(())
     }
@@ -290,7 +290,7 @@ impl Backend for Iptables {
                     continue;
                 }
                 match commit::commit(&place, &tx, Purpose::Cleanup, self.lock_wait_secs, env) {
-                    Ok(()) => summary.committed.push(family),
+                    Ok(()) => summary.committed.push(place.program.place_name()),
                     Err(e) => errors.push(e),
                 }
             }

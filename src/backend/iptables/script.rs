@@ -1,13 +1,49 @@
 //! The dry-run output: a POSIX sh script an operator can save and run (e.g. on a VM).
-//! Running it in an empty namespace gives the same kernel state as a real run.
+//! Running it in an empty namespace gives the same kernel state as a real run; running it
+//! again changes nothing.
 
 use crate::backend::iptables::build::Plan;
 use crate::backend::iptables::restore;
 use crate::config::{Config, HostFacts, Owner, OwnerGroups};
-use crate::model::Family;
+use crate::model::{Family, Rule, Table, chain};
+use crate::routes;
 
 /// Heredoc marker; payload lines never equal it (they start with `*`, `-` or are `COMMIT`).
 const EOF_MARK: &str = "EOF";
+
+/// What the script says of the host it expects (`ipv6`: ip6tables too), and of a second run.
+fn expects(ipv6: bool) -> String {
+    let programs = if ipv6 {
+        "iptables-restore, iptables, ip6tables-restore and ip6tables"
+    } else {
+        "iptables-restore and iptables"
+    };
+    format!(
+        "# It expects {programs} of the flavour\n\
+         # the host uses, and iproute2's ip (4.12 or later) for the ip steps.\n\
+         # Safe to run again: it first removes what an earlier run of it added (one copy of each\n\
+         # of its rules in built-in chains, then its ISTIO_* chains; other rules stay), and each\n\
+         # ip step runs only when what it adds is missing.\n"
+    )
+}
+
+/// The shell functions the second-run guard calls.
+const UNDO_FUNCTIONS: &str = r#"# $1: the iptables program, $2: a table, then a chain and a rule: deletes one copy, if any.
+istio_undo_rule() {
+    prog=$1 table=$2; shift 2
+    if "$prog" -t "$table" -C "$@" 2>/dev/null; then "$prog" -t "$table" -D "$@"; fi
+}
+# $1: the iptables program, $2: a table, then chains: flushes, then deletes those there.
+istio_undo_chains() {
+    prog=$1 table=$2; shift 2
+    for c in "$@"; do
+        if "$prog" -t "$table" -S "$c" >/dev/null 2>&1; then "$prog" -t "$table" -F "$c"; fi
+    done
+    for c in "$@"; do
+        if "$prog" -t "$table" -S "$c" >/dev/null 2>&1; then "$prog" -t "$table" -X "$c"; fi
+    done
+}
+"#;
 
 /// Renders the whole script.
 pub fn render(cfg: &Config, facts: &HostFacts, plan: &Plan) -> String {
@@ -18,6 +54,7 @@ pub fn render(cfg: &Config, facts: &HostFacts, plan: &Plan) -> String {
         env!("CARGO_PKG_VERSION")
     ));
     s.push_str("# Run as root inside the target network namespace.\n");
+    s.push_str(&expects(plan.families().contains(&Family::V6)));
     let names = |o: &[Owner]| o.iter().any(|o| matches!(o, Owner::Name(_)));
     let group_names = match &cfg.owner_groups {
         OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => names(g),
@@ -34,23 +71,75 @@ pub fn render(cfg: &Config, facts: &HostFacts, plan: &Plan) -> String {
         s.push_str(&format!("#   {k}={}\n", v.replace('\n', " ")));
     }
     s.push_str("set -e\n");
-    for family in plan.families() {
-        let payload = restore::payload(plan.rules(family));
-        if payload.is_empty() {
-            continue;
-        }
-        let bin = match family {
-            Family::V4 => "iptables-restore",
-            Family::V6 => "ip6tables-restore",
+    let payloads: Vec<(Family, String)> = plan
+        .families()
+        .into_iter()
+        .map(|f| (f, restore::payload(plan.rules(f))))
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if !payloads.is_empty() {
+        s.push_str(UNDO_FUNCTIONS);
+    }
+    for (family, payload) in payloads {
+        let (bin, restore) = match family {
+            Family::V4 => ("iptables", "iptables-restore"),
+            Family::V6 => ("ip6tables", "ip6tables-restore"),
         };
+        undo_earlier_run(&mut s, bin, plan.rules(family));
         s.push_str(&format!(
-            "{bin} --noflush <<'{EOF_MARK}'\n{payload}{EOF_MARK}\n"
+            "{restore} --noflush <<'{EOF_MARK}'\n{payload}{EOF_MARK}\n"
         ));
     }
     for cmd in &plan.ip {
-        s.push_str(&format!("{cmd}\n"));
+        s.push_str(&routes::script_line(cmd));
+        s.push('\n');
     }
     s
+}
+
+/// The lines that remove what an earlier run of this script added, table by table: one
+/// copy of each of its rules in a built-in chain (the restore appends them again), then the
+/// ISTIO_* chains it creates (the restore's `-N` fails on a chain that exists). On a host
+/// without them they remove nothing.
+fn undo_earlier_run(s: &mut String, bin: &str, rules: &[Rule]) {
+    for table in Table::ALL {
+        let in_table: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+        if in_table.is_empty() {
+            continue;
+        }
+        let t = table.name();
+        for r in in_table
+            .iter()
+            .filter(|r| !r.chain.starts_with(chain::PREFIX))
+        {
+            let words: Vec<String> = r.args.iter().map(|w| sh_word(w)).collect();
+            s.push_str(&format!(
+                "istio_undo_rule {bin} {t} {} {}\n",
+                r.chain,
+                words.join(" ")
+            ));
+        }
+        let chains = restore::declared_chains(&in_table);
+        if !chains.is_empty() {
+            s.push_str(&format!(
+                "istio_undo_chains {bin} {t} {}\n",
+                chains.join(" ")
+            ));
+        }
+    }
+}
+
+/// `w` as one sh word: as it is when it holds only characters sh takes literally, else in
+/// single quotes (config validation rules out quotes in every value).
+fn sh_word(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:,=+@%".contains(c));
+    if plain {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(test)]
@@ -76,8 +165,11 @@ mod tests {
             s.matches("\nip6tables-restore --noflush <<'EOF'\n").count(),
             1
         );
-        assert!(s.ends_with("ip -6 route add local default dev lo table 133\n"));
+        assert!(s.ends_with("|| ip -6 rule add fwmark 1337 lookup 133\n"));
         assert!(s.contains("#   INBOUND_INTERCEPTION_MODE=TPROXY\n"));
+        // The guard of a second run comes before each restore.
+        let undo = s.find("istio_undo_chains ip6tables nat ").unwrap();
+        assert!(undo < s.find("\nip6tables-restore").unwrap());
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! rules in the order they were built. Tables and chains without rules are not written.
 //!
 //! Deliberate differences, only where Istio's text is one nft refuses: a port range is written
-//! `a-b` (Istio passes the iptables spelling `a:b` through), and an interface name that is not
-//! a plain nft word is quoted, with the iptables wildcard `eth+` written as nft's `"eth*"`;
+//! `a-b` (Istio passes the iptables spelling `a:b` through), and an interface name that could
+//! be an nft keyword is quoted, with the iptables wildcard `eth+` written as nft's `"eth*"`
+//! and a literal trailing `*` as `"eth\*"` (see [`iface`]);
 //! and without IPv6, IPv6 DNS servers do not count (Istio would jump to empty, undeclared
 //! DNS chains when they are the only servers).
 
@@ -279,8 +280,8 @@ fn port(p: &PortSpec) -> String {
     }
 }
 
-/// A name as nft reads it: a plain nft word as it is (as Istio writes it), anything else
-/// quoted (config validation rules out quotes, backslashes and whitespace in names).
+/// A user or group name as nft reads it: a plain nft word as it is (as Istio writes it),
+/// anything else quoted (config validation rules out quotes, backslashes and whitespace in names).
 fn word(name: String) -> String {
     let mut chars = name.chars();
     let plain = chars
@@ -290,14 +291,72 @@ fn word(name: String) -> String {
     if plain { name } else { format!("\"{name}\"") }
 }
 
-/// An interface name; the iptables wildcard `eth+` is nft's `"eth*"`.
+/// An interface name, meaning in nft what it means in iptables: the iptables wildcard `eth+`
+/// is nft's `"eth*"`, and a literal `*` at the end (iptables' `eth*`) is escaped, `"eth\*"`
+/// (nft reads an unescaped one as a wildcard; a `*` elsewhere is literal in both). The name
+/// is written bare, as Istio writes it, only when it cannot be an nft keyword: a word with a
+/// digit or a dash (`eth0`, `not-istio-nic`: every interface in Istio's tests) that is not
+/// one of [`KEYWORDS_WITH_DIGIT_OR_DASH`]. Any other is quoted: a bare `bridge`, `inet`,
+/// `tcp` or `tproxy` is a keyword to nft, and the apply would fail. (`+` alone, every
+/// interface, has no nft form: the config refuses it with `--native-nftables`.)
 fn iface(i: &Iface) -> String {
     let name = i.to_string();
-    match name.strip_suffix('+') {
-        Some(stem) => format!("\"{stem}*\""),
-        None => word(name),
-    }
+    let pattern = match (name.strip_suffix('+'), name.strip_suffix('*')) {
+        (Some(stem), _) => format!("{stem}*"),
+        (None, Some(stem)) => format!("{stem}\\*"),
+        (None, None) => name.clone(),
+    };
+    let mut chars = name.chars();
+    let bare = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && name.contains(|c: char| c.is_ascii_digit() || c == '-')
+        && !KEYWORDS_WITH_DIGIT_OR_DASH.contains(&name.as_str());
+    if bare { name } else { format!("\"{pattern}\"") }
 }
+
+/// nft's keywords (1.0.6: its parser's token strings) that have a digit or a dash and fit an
+/// interface name (15 bytes): a name of that shape nft may not read as a name when bare.
+const KEYWORDS_WITH_DIGIT_OR_DASH: [&str; 39] = [
+    "a-rwnd",
+    "asconf-ack",
+    "auto-merge",
+    "cgroupv2",
+    "cookie-ack",
+    "cookie-echo",
+    "cum-tsn-ack",
+    "forward-tsn",
+    "frag-off",
+    "fully-random",
+    "gc-interval",
+    "heartbeat-ack",
+    "icmpv6",
+    "init-ack",
+    "init-tag",
+    "initial-tsn",
+    "ip6",
+    "l3proto",
+    "last-entry",
+    "lowest-tsn",
+    "max-delay",
+    "md5sig",
+    "more-fragments",
+    "new-cum-tsn",
+    "num-dup-tsns",
+    "param-problem",
+    "proto-dst",
+    "proto-src",
+    "queue-threshold",
+    "reserved2",
+    "rt0",
+    "rt2",
+    "sack-permitted",
+    "sack0",
+    "sack1",
+    "sack2",
+    "sack3",
+    "seg-left",
+    "shutdown-ack",
+];
 
 /// A uid or gid, or a user or group name (nft resolves names when it parses).
 fn owner(o: &Owner) -> String {
@@ -841,7 +900,12 @@ pub fn script(cfg: &Config, facts: &HostFacts, ruleset: &Ruleset) -> String {
          transaction Istio's capture applies.\n",
         env!("CARGO_PKG_VERSION")
     ));
-    s.push_str("# Run as root inside the target network namespace.\n");
+    s.push_str(
+        "# Run as root inside the target network namespace. It expects nft (1.0.1 or later) and\n\
+         # iproute2's ip (4.12 or later) for the ip steps. Safe to run again: the transaction\n\
+         # flushes our tables and writes them anew, and each ip step runs only when what it\n\
+         # adds is missing.\n",
+    );
     s.push_str("# Effective configuration:\n");
     for (k, v) in cfg.summary(facts) {
         s.push_str(&format!("#   {k}={}\n", v.replace('\n', " ")));
@@ -854,7 +918,8 @@ pub fn script(cfg: &Config, facts: &HostFacts, ruleset: &Ruleset) -> String {
         ));
     }
     for cmd in &ruleset.ip {
-        s.push_str(&format!("{cmd}\n"));
+        s.push_str(&crate::routes::script_line(cmd));
+        s.push('\n');
     }
     s
 }
@@ -1019,6 +1084,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn interface_names_mean_what_they_mean_to_iptables() {
+        let t = text(
+            &[
+                "--native-nftables",
+                "-c",
+                "bridge,inet,netdev,tcp,udp,lo,eth*,*,a*b,*+,ip6,rt0,veth-1,eth0.100",
+                "-k",
+                "tproxy",
+            ],
+            &[],
+        );
+        for want in [
+            "prerouting iifname \"bridge\" counter return\n",
+            "prerouting iifname \"inet\" counter return\n",
+            "prerouting iifname \"netdev\" counter return\n",
+            "prerouting iifname \"tcp\" counter return\n",
+            "output oifname \"udp\" counter return\n",
+            "output oifname \"lo\" counter return\n",
+            "index 0 iifname \"tproxy\" counter return\n",
+            // A literal `*` at the end is escaped; elsewhere it is literal in nft too.
+            "prerouting iifname \"eth\\*\" counter return\n",
+            "prerouting iifname \"\\*\" counter return\n",
+            "prerouting iifname \"a*b\" counter return\n",
+            // iptables' `*+`: names starting with `*`.
+            "prerouting iifname \"**\" counter return\n",
+            "prerouting iifname \"ip6\" counter return\n",
+            "prerouting iifname \"rt0\" counter return\n",
+            "prerouting iifname veth-1 counter return\n",
+            "prerouting iifname eth0.100 counter return\n",
+        ] {
+            assert!(t.contains(want), "{want} missing from {t}");
+        }
+    }
+
     /// Every `jump CHAIN` goes to a chain the transaction declares in that table.
     fn assert_jumps_declared(t: &str) {
         for l in t.lines().filter(|l| l.contains(" jump ")) {
@@ -1109,12 +1209,15 @@ mod tests {
         assert!(s.starts_with("#!/bin/sh\n"));
         assert!(s.contains("#   NATIVE_NFTABLES=true\n"));
         let body = format!(
-            "\nset -e\nnft -f - <<'EOF'\n{}EOF\nip -6 addr add ::6/128 dev lo\n",
+            "\nset -e\nnft -f - <<'EOF'\n{}EOF\n\
+             ip -6 addr show dev lo | grep -q 'inet6 ::6/128 ' || ip -6 addr add ::6/128 dev lo\n",
             render(&rs.transaction())
         );
         assert!(s.contains(&body), "{s}");
         assert_eq!(s.matches("nft -f -").count(), 1);
-        assert!(s.ends_with("ip -6 route add local default dev lo table 133\n"));
-        assert!(!s.contains("iptables-restore"));
+        assert!(s.ends_with(
+            "ip -6 rule show fwmark 1337 lookup 133 | grep -q . || ip -6 rule add fwmark 1337 lookup 133\n"
+        ));
+        assert!(!s.contains("iptables-restore") && !s.contains("istio_undo"));
     }
 }

@@ -221,9 +221,13 @@ impl Backend for Nftables {
                 Purpose::Cleanup => Error::Cleanup { error },
             });
         }
-        summary
-            .nft_tables
-            .extend(change.tables.iter().map(|t| t.name().to_string()));
+        let names = change.tables.iter().map(|t| t.name().to_string());
+        match change.purpose {
+            Purpose::Apply => summary.nft_tables.extend(names),
+            Purpose::Switch | Purpose::Stale | Purpose::Cleanup => {
+                summary.nft_removed.extend(names)
+            }
+        }
         if change.purpose == Purpose::Apply {
             tracing::info!("nftables rules programmed:\n{} \n", text.trim_end());
         }

@@ -313,7 +313,11 @@ impl NftChains<'_> {
                 if dev.is_none() {
                     return Ok(false);
                 }
-                names.iter().any(|n| iface_matches(n, dev.as_deref(), '*'))
+                // A trailing `\*` is the literal `*`, a trailing `*` a wildcard.
+                names.iter().any(|n| match n.strip_suffix("\\*") {
+                    Some(stem) => dev.as_deref() == Some(format!("{stem}*").as_str()),
+                    None => iface_matches(n, dev.as_deref(), '*'),
+                })
             }
             Test::Addr { v6, src, nets } => {
                 if p.dst.is_ipv6() != *v6 {
@@ -836,6 +840,11 @@ mod tests {
         assert_eq!(
             verdict_of(&["oifname \"eth*\" drop"], "[fd00::1]:80").unwrap(),
             Verdict::Drop
+        );
+        // The literal name `eth*`, not a wildcard.
+        assert_eq!(
+            verdict_of(&["oifname \"eth\\*\" drop"], "[fd00::1]:80").unwrap(),
+            Verdict::NotCaptured
         );
     }
 
