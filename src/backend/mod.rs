@@ -14,6 +14,8 @@ use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
+use crate::system::host::Capability;
+use crate::system::host_view::Probe;
 
 /// What to do when the namespace already holds different state of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +212,9 @@ pub trait Backend {
     fn routes<'r>(&self, rules: &'r Self::Rules) -> &'r [IpCommand];
     /// The `--dry-run` script of the rules.
     fn script(&self, cfg: &Config, facts: &HostFacts, rules: &Self::Rules) -> String;
+    /// The capabilities this backend's reads and changes need on this host (what is
+    /// installed, which legacy tables exist), checked before anything runs.
+    fn capabilities(&self, probe: &dyn Probe) -> Vec<Capability>;
     /// What the backend needs of the host to apply, checked before anything is read.
     fn check(&self, env: &Env<'_>) -> Result<(), Self::Error>;
     /// The backend's places in `scope`, as the kernel holds them.

@@ -103,7 +103,7 @@ pub fn run<C: Backend, O: Backend>(
     let mut runner = runner
         .with_deadline(program_deadline(cfg))
         .with_signals(signals.clone());
-    let facts = match prepare(cfg) {
+    let facts = match prepare(chosen, other, cfg) {
         Ok(f) => f,
         Err(c) => return c,
     };
@@ -188,7 +188,7 @@ fn print_script<B: Backend>(backend: &B, cfg: &Config, cleanup: bool) -> Exit {
 
 /// Enters the namespace and reads the host facts there; checks the capabilities a change
 /// needs, and warns of IPv6 left uncaptured.
-fn prepare(cfg: &Config) -> Result<HostFacts, Exit> {
+fn prepare<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config) -> Result<HostFacts, Exit> {
     if let Err(e) = enter_namespace(cfg) {
         report(e);
         return Err(Exit::Failure);
@@ -196,7 +196,7 @@ fn prepare(cfg: &Config) -> Result<HostFacts, Exit> {
     let facts = host_facts(cfg)?;
     warn_if_nothing_captured(cfg);
     if cfg.run != RunMode::SkipApply
-        && let Err(e) = host::check_net_caps()
+        && let Err(e) = check_capabilities(chosen, other)
     {
         tracing::error!("{e}");
         return Err(Exit::Failure);
@@ -243,6 +243,17 @@ fn apply_rules<C: Backend, O: Backend>(
             Err(c)
         }
     }
+}
+
+/// Whether this process holds the capabilities the run needs: `chosen`'s, and `other`'s to
+/// read its state of ours (in the namespace entered).
+fn check_capabilities<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+) -> Result<(), host::MissingCapabilities> {
+    let mut needed = chosen.capabilities(&SystemProbe);
+    needed.extend(other.capabilities(&SystemProbe));
+    host::check_caps(&needed)
 }
 
 /// `--run-validation`: the probe, after the lock is released.
@@ -349,7 +360,7 @@ fn inspect_command<C: Backend, O: Backend>(
         Ok(f) => f,
         Err(c) => return c,
     };
-    if needs_kernel && let Err(e) = host::check_net_caps() {
+    if needs_kernel && let Err(e) = check_capabilities(chosen, other) {
         tracing::error!("{e}");
         return Exit::Failure;
     }

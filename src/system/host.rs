@@ -131,27 +131,48 @@ impl OwnerResolver for RealHost {
     }
 }
 
-/// Capabilities iptables needs, by bit number (linux/capability.h) and name.
-const NET_CAPS: [(u32, &str); 2] = [(12, "NET_ADMIN"), (13, "NET_RAW")];
-
-/// iptables needs CAP_NET_ADMIN and CAP_NET_RAW, uid 0 or not; without them it only says
-/// "Permission denied (you must be root)", which misleads in a container running as root.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "this process lacks {}, which iptables needs to read and change the rules. In a \
-     Kubernetes pod spec, grant them to this (init) container: securityContext: \
-     {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
-    self.missing.iter().map(|c| format!("CAP_{c}")).collect::<Vec<_>>().join(" and "),
-    self.missing.join(", ")
-)]
-pub struct MissingCapabilities {
-    /// `NET_ADMIN`, `NET_RAW`.
-    pub missing: Vec<&'static str>,
+/// A capability a run may need, by its bit number in linux/capability.h. Which ones a run
+/// needs is the backends' business (`Backend::capabilities`); this module only reports what
+/// the process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Capability {
+    /// nf_tables and rtnetlink changes, iptables' get/set of the legacy tables.
+    NetAdmin = 12,
+    /// The raw socket the legacy iptables programs open.
+    NetRaw = 13,
 }
 
-/// Checks that this process has the capabilities iptables needs.
-pub fn check_net_caps() -> Result<(), MissingCapabilities> {
-    let missing = missing_net_caps();
+impl Capability {
+    /// Its name in a pod spec (`NET_ADMIN`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::NetAdmin => "NET_ADMIN",
+            Capability::NetRaw => "NET_RAW",
+        }
+    }
+
+    fn bit(self) -> u64 {
+        1 << self as u32
+    }
+}
+
+/// Without a capability it needs iptables only says "Permission denied (you must be root)",
+/// which misleads in a container running as root: we name what is missing and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this process lacks {}, which this run needs to read and change the rules. In a \
+     Kubernetes pod spec, grant them to this (init) container: securityContext: \
+     {{capabilities: {{add: [{}]}}}}; elsewhere run as root with all capabilities",
+    self.missing.iter().map(|c| format!("CAP_{}", c.name())).collect::<Vec<_>>().join(" and "),
+    self.missing.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+)]
+pub struct MissingCapabilities {
+    pub missing: Vec<Capability>,
+}
+
+/// Checks that this process has each of `needed` in effect.
+pub fn check_caps(needed: &[Capability]) -> Result<(), MissingCapabilities> {
+    let missing = missing_caps(needed);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -159,13 +180,13 @@ pub fn check_net_caps() -> Result<(), MissingCapabilities> {
     }
 }
 
-/// The names (`NET_ADMIN`, `NET_RAW`) of the capabilities iptables needs that this process
-/// does not have in effect. Empty when they cannot be read (we then let iptables tell).
-pub fn missing_net_caps() -> Vec<&'static str> {
+/// Those of `needed` that this process does not have in effect, in order and once each.
+/// Empty when the effective set cannot be read (we then let the programs tell).
+pub fn missing_caps(needed: &[Capability]) -> Vec<Capability> {
     let Some(eff) = effective_caps() else {
         return Vec::new();
     };
-    missing_from(eff)
+    missing_from(eff, needed)
 }
 
 /// The effective capability set: `CapEff:` of /proc/self/status.
@@ -173,19 +194,22 @@ fn effective_caps() -> Option<u64> {
     cap_eff_from_status(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
-fn missing_from(eff: u64) -> Vec<&'static str> {
-    NET_CAPS
+fn missing_from(eff: u64, needed: &[Capability]) -> Vec<Capability> {
+    let mut missing: Vec<Capability> = needed
         .iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0)
-        .map(|(_, name)| *name)
-        .collect()
+        .copied()
+        .filter(|c| eff & c.bit() == 0)
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
 }
 
 /// Whether process `pid` has CAP_NET_ADMIN in effect (`CapEff:` of its /proc status);
 /// `None` when that cannot be read.
 pub fn net_admin_in_effect(pid: i32) -> Option<bool> {
     let eff = cap_eff_from_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)?;
-    Some(eff & (1 << NET_CAPS[0].0) != 0)
+    Some(eff & Capability::NetAdmin.bit() != 0)
 }
 
 /// `CapEff:` of a /proc status.
@@ -195,8 +219,9 @@ fn cap_eff_from_status(status: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-fn missing_from_status(status: &str) -> Option<Vec<&'static str>> {
-    cap_eff_from_status(status).map(missing_from)
+fn missing_from_status(status: &str) -> Option<Vec<Capability>> {
+    use Capability::*;
+    cap_eff_from_status(status).map(|eff| missing_from(eff, &[NetRaw, NetAdmin, NetRaw]))
 }
 
 #[cfg(test)]
@@ -205,15 +230,15 @@ mod tests {
 
     #[test]
     fn effective_capabilities_from_proc_status() {
+        use Capability::*;
         let all = "Name:\tx\nCapEff:\t000001ffffffffff\n";
         assert_eq!(missing_from_status(all), Some(vec![]));
         let no_raw = "CapEff:\t0000000000001000\n";
-        assert_eq!(missing_from_status(no_raw), Some(vec!["NET_RAW"]));
+        assert_eq!(missing_from_status(no_raw), Some(vec![NetRaw]));
         let none = "CapEff:\t0000000000000000\n";
-        assert_eq!(
-            missing_from_status(none),
-            Some(vec!["NET_ADMIN", "NET_RAW"])
-        );
+        assert_eq!(missing_from_status(none), Some(vec![NetAdmin, NetRaw]));
+        // Only what is asked for is reported.
+        assert_eq!(missing_from(0, &[NetAdmin]), vec![NetAdmin]);
         assert_eq!(missing_from_status("Name: x\n"), None);
     }
 
@@ -221,6 +246,19 @@ mod tests {
     #[test]
     fn effective_capabilities_of_this_process() {
         assert!(effective_caps().is_some());
+    }
+
+    #[test]
+    fn the_message_names_the_missing_capabilities_and_the_pod_spec_fix() {
+        let e = MissingCapabilities {
+            missing: vec![Capability::NetRaw],
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("this process lacks CAP_NET_RAW, which"),
+            "{text}"
+        );
+        assert!(text.contains("{capabilities: {add: [NET_RAW]}}"), "{text}");
     }
 
     #[test]

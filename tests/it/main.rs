@@ -17,6 +17,9 @@ mod door;
 mod explain;
 mod explain_live;
 mod fuzz;
+// The release image: its root filesystem holds the static musl build (tests/it/image.rs).
+#[cfg(all(target_env = "musl", target_arch = "x86_64"))]
+mod image;
 mod inspect_nft;
 mod inspect_shadow;
 mod istio_injector;

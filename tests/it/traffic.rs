@@ -90,15 +90,16 @@ impl std::fmt::Display for Want {
     }
 }
 
-/// The scenarios of one test: results are collected, printed, and asserted together.
-struct Checks {
+/// The scenarios of one test: results are collected, printed, and asserted together (also
+/// by `tests/it/image.rs`, with the image's entrypoint applying the rules).
+pub(crate) struct Checks {
     test: &'static str,
     log: String,
     failures: Vec<String>,
 }
 
 impl Checks {
-    fn new(test: &'static str) -> Checks {
+    pub(crate) fn new(test: &'static str) -> Checks {
         Checks {
             test,
             log: String::new(),
@@ -190,7 +191,7 @@ impl Checks {
     }
 
     /// Connects as each row of `table` says, in `t`, IPv6 with `v6`; checks where it lands.
-    fn table(&mut self, t: &Topology, v6: bool, table: &[TrafficScenario]) {
+    pub(crate) fn table(&mut self, t: &Topology, v6: bool, table: &[TrafficScenario]) {
         for s in table {
             let (ns, who, src) = match s.from {
                 Sender::Pod(who) => (t.pod.as_str(), who, None),
@@ -206,13 +207,13 @@ impl Checks {
         }
     }
 
-    fn check(&mut self, scenario: &str, ok: bool, detail: impl FnOnce() -> String) {
+    pub(crate) fn check(&mut self, scenario: &str, ok: bool, detail: impl FnOnce() -> String) {
         self.record(scenario, (!ok).then(detail));
     }
 
     /// Panics with every failure, the scenario log and `context` (rules, binary log) if any
     /// scenario failed.
-    fn finish(self, context: impl FnOnce() -> String) {
+    pub(crate) fn finish(self, context: impl FnOnce() -> String) {
         if !self.failures.is_empty() {
             panic!(
                 "{}: {} scenario(s) failed:\n\n{}\n\nall scenarios:\n{}\n{}",
@@ -228,7 +229,7 @@ impl Checks {
 
 /// TCP listeners on `any` (the wildcard address of a family), one per `(side, port)`: in the
 /// `pod` or `peer` namespace, labelled `side:port`.
-fn tcp_listeners(t: &Topology, any: IpAddr, at: &[(&str, u16)]) -> Vec<Listener> {
+pub(crate) fn tcp_listeners(t: &Topology, any: IpAddr, at: &[(&str, u16)]) -> Vec<Listener> {
     at.iter()
         .map(|&(side, port)| {
             let ns = match side {
@@ -243,7 +244,7 @@ fn tcp_listeners(t: &Topology, any: IpAddr, at: &[(&str, u16)]) -> Vec<Listener>
 
 /// Context for a failure message: how the config was applied, the binary's log and the pod's
 /// rules as `backend` keeps them.
-fn context(t: &Topology, backend: Backend, apply_log: &str) -> String {
+pub(crate) fn context(t: &Topology, backend: Backend, apply_log: &str) -> String {
     format!(
         "--- {backend} backend, {apply_log}\n{}",
         common::indent(&t.describe_for(backend, &t.pod), "  ")

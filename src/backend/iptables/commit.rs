@@ -146,6 +146,15 @@ impl StepError for Error {
 /// The exec error, with the xtables lock named plainly.
 pub(super) fn explain_exec(e: &ExecError) -> String {
     match e.stderr() {
+        // iptables-legacy's "Fatal: can't open lock file /run/xtables.lock: Read-only file
+        // system" (a pod with readOnlyRootFilesystem).
+        Some(s) if s.contains("can't open lock file") => {
+            format!(
+                "{}: the legacy iptables programs need a writable /run for the xtables lock \
+                 (in a pod: readOnlyRootFilesystem: false, or an emptyDir volume mounted at /run)",
+                s.trim().replace('\n', " ")
+            )
+        }
         Some(s) if s.contains("holding the xtables lock") => {
             format!(
                 "xtables lock held by another process and not released in time ({})",

@@ -25,6 +25,8 @@ use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{self, Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
 use crate::system::Env;
+use crate::system::host::Capability;
+use crate::system::host_view::Probe;
 
 /// iptables, in the flavour `--force-iptables-binary` names or detection picks per family.
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +130,23 @@ impl Backend for Iptables {
 
     fn script(&self, cfg: &Config, facts: &HostFacts, rules: &Plan) -> String {
         script::render(cfg, facts, rules)
+    }
+
+    /// iptables-nft speaks nf_tables (CAP_NET_ADMIN); the legacy programs also open a raw
+    /// socket (CAP_NET_RAW). They run where a family's rules go to legacy (forced, or
+    /// detected without the legacy read: nft not installed) or where legacy tables exist
+    /// (their save is read, and detection may choose legacy from it).
+    fn capabilities(&self, probe: &dyn Probe) -> Vec<Capability> {
+        let legacy_runs = [Family::V4, Family::V6].into_iter().any(|family| {
+            !probe.legacy_tables(family).is_empty()
+                || detection::detect(family, self.flavor, probe, &[])
+                    .is_ok_and(|p| p.flavor != Some(Flavor::Nft))
+        });
+        if legacy_runs {
+            vec![Capability::NetAdmin, Capability::NetRaw]
+        } else {
+            vec![Capability::NetAdmin]
+        }
     }
 
     fn check(&self, _env: &Env<'_>) -> Result<(), Error> {

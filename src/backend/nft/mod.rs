@@ -32,6 +32,8 @@ use crate::config::{Config, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
 use crate::system::Env;
+use crate::system::host::Capability;
+use crate::system::host_view::Probe;
 
 /// Native nftables: Istio's `inet istio-proxy-*` tables.
 #[derive(Debug, Clone, Copy, Default)]
@@ -90,6 +92,11 @@ impl Backend for Nftables {
 
     fn script(&self, cfg: &Config, facts: &HostFacts, rules: &Ruleset) -> String {
         build::script(cfg, facts, rules)
+    }
+
+    /// `nft` and our netlink reads speak nf_tables only: CAP_NET_ADMIN.
+    fn capabilities(&self, _probe: &dyn Probe) -> Vec<Capability> {
+        vec![Capability::NetAdmin]
     }
 
     fn check(&self, env: &Env<'_>) -> Result<(), Error> {
