@@ -18,7 +18,9 @@ pub mod docs;
 pub mod env_only;
 mod exit;
 
-pub use definition::{Cli, Command, Direction, ExplainArgs, Output, ProtoArg, VerifyArgs};
+pub use definition::{
+    Cli, Command, Direction, DoctorArgs, ExplainArgs, Output, ProtoArg, VerifyArgs,
+};
 pub use exit::Exit;
 
 /// `--version`: the crate version and the git commit it was built from (see build.rs).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::apply::{self, Options};
 use super::explain::{self, ExplainRequest, InspectError};
 use super::verify::{self, render_report};
-use super::{dry_run, validate};
+use super::{doctor, dry_run, validate};
 use crate::backend::Backend;
 use crate::cli::{Command, Exit};
 use crate::config::{Config, HostFacts, RunMode, shortened};
@@ -88,6 +88,9 @@ pub fn run<C: Backend, O: Backend>(
     started: Instant,
     signals: &Signals,
 ) -> Exit {
+    if let Some(Command::Doctor(a)) = inspect {
+        return doctor_command(chosen, other, a, cfg);
+    }
     if let Some(command) = inspect {
         return inspect_command(chosen, other, command, cfg);
     }
@@ -338,7 +341,7 @@ fn inspect_command<C: Backend, O: Backend>(
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
-        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+        Command::IstioIptables | Command::Doctor(_) | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }
     };
@@ -396,8 +399,42 @@ fn inspect_command<C: Backend, O: Backend>(
                 Exit::Failure
             }
         },
-        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+        Command::IstioIptables | Command::Doctor(_) | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }
     }
+}
+
+/// `doctor`: read-only, in the namespace (entered with --network-namespace), for the config
+/// an apply of these flags would use; the report on stdout.
+fn doctor_command<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    args: &crate::cli::DoctorArgs,
+    cfg: &Config,
+) -> Exit {
+    if let Err(e) = enter_namespace(cfg) {
+        report(e);
+        return Exit::Failure;
+    }
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    // The rules compared with the kernel's, whatever the apply-only flags say.
+    let mut cfg = cfg.clone();
+    cfg.kernel_form();
+    let mut runner = SystemRunner::default().with_deadline(program_deadline(&cfg));
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        // Nothing here changes nf_tables: a write would fail.
+        nf: &mut crate::system::nftprobe::NoWrites,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
+        resolver: &RealHost,
+    };
+    let req = doctor::Request { probe: args.probe };
+    let r = doctor::doctor(chosen, other, &cfg, &facts, req, &mut env);
+    print!("{}", doctor::render(&r, args.output.into()));
+    r.exit()
 }
