@@ -324,16 +324,16 @@ mod tests {
                 .into(),
             "/proc/config.gz".into(),
         ));
-        let s = |p| k.supports(&Feature::nft(p).unwrap());
-        assert!(matches!(s("tproxy"), Support::Yes(h) if h.contains("=m")));
-        assert!(matches!(s("socket"), Support::Yes(h) if h.contains("built in")));
+        let s = |k: &Kernel, p| k.supports(&Feature::nft(p).unwrap());
+        assert!(matches!(s(&k, "tproxy"), Support::Yes(h) if h.contains("=m")));
+        assert!(matches!(s(&k, "socket"), Support::Yes(h) if h.contains("built in")));
         assert!(
-            matches!(s("zones"), Support::No(h) if h.contains("CONFIG_NF_CONNTRACK_ZONES is not set"))
+            matches!(s(&k, "zones"), Support::No(h) if h.contains("CONFIG_NF_CONNTRACK_ZONES is not set"))
         );
         k.config = None;
         k.module_lists = Some("kernel/net/netfilter/nft_socket.ko:\n".into());
-        assert!(matches!(s("socket"), Support::Yes(_)));
-        assert!(matches!(s("tproxy"), Support::No(h) if h.contains("/lib/modules/6.1.0")));
+        assert!(matches!(s(&k, "socket"), Support::Yes(_)));
+        assert!(matches!(s(&k, "tproxy"), Support::No(h) if h.contains("/lib/modules/6.1.0")));
         assert!(
             Feature::nft("zones")
                 .unwrap()

@@ -118,7 +118,7 @@ mod tests {
             .map(|w| if *w == "REDIRECT" { "TPROXY" } else { w })
             .collect();
         let t = names(&tproxy);
-        for n in ["nft tproxy", "nft socket", "nft ct"] {
+        for n in ["nft tproxy", "nft ct"] {
             assert!(t.contains(&n.to_string()), "{n}: {t:?}");
         }
     }
