@@ -218,7 +218,7 @@ mod tests {
             .collect();
         for n in [
             "IPv4 -j TPROXY",
-            "IPv4 -m socket",
+            "IPv4 -m connmark",
             "IPv4 -j CONNMARK",
             "IPv4 -j MARK",
         ] {
