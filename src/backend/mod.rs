@@ -180,6 +180,47 @@ pub struct Drift {
     pub unread: Vec<String>,
 }
 
+/// What doctor shows of one backend ([`Backend::inventory`]): every place its state can
+/// live, the kernel features the config's rules need there, and what stops (or may
+/// surprise) a run, each with its fix.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub places: Vec<PlaceView>,
+    pub needs: Vec<crate::system::kernel_support::Feature>,
+    pub notes: Vec<Note>,
+}
+
+/// One place our state can live, as a read saw it (empty ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceView {
+    pub place: Place,
+    /// The program that writes it (`iptables-nft-restore`, `nft`).
+    pub program: String,
+    /// Whether it is installed; its version, when known.
+    pub installed: bool,
+    pub version: Option<String>,
+    /// The config's rules go here; why (the detection's reason).
+    pub target: Option<String>,
+    /// Its tables: name, rules, rules of ours (ISTIO_* chains, jumps to them; our tables).
+    pub tables: Vec<(String, usize, usize)>,
+}
+
+impl PlaceView {
+    /// How many rules of ours it holds.
+    pub fn ours(&self) -> usize {
+        self.tables.iter().map(|t| t.2).sum()
+    }
+}
+
+/// Something doctor names, with its fix; `blocking`: capture does not work as configured
+/// until it is fixed (else a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub problem: String,
+    pub fix: String,
+    pub blocking: bool,
+}
+
 /// The rules a packet's walk goes through (explain): the config's, or the live ones a
 /// [`read`](Backend::read) saw.
 #[derive(Debug, Clone, Copy)]
@@ -282,6 +323,16 @@ pub trait Backend {
     /// What of ours this backend holds, one line per place, read without changing anything
     /// (verify of the backend not chosen: a pod must not have both).
     fn leftovers(&self, env: &mut Env<'_>) -> Result<Vec<String>, Self::Error>;
+    /// What doctor shows of this backend (read-only, from `state` as a read saw it and
+    /// what the host shows without running anything): every place, the kernel features
+    /// `rules` need (where `chosen`: the config's rules go to this backend), and notes.
+    fn inventory(
+        &self,
+        rules: &Self::Rules,
+        state: &Self::State,
+        chosen: bool,
+        env: &Env<'_>,
+    ) -> Inventory;
     /// The rules a packet of `family` meets in this backend, one [`Source`] per place that
     /// holds any (the config's rules: one): explain walks them with every other place's
     /// ([`walk::evaluate`]).

@@ -425,6 +425,11 @@ pub enum Command {
     /// drift (with a diff per family, table and chain), 5 when foreign rules take packets
     /// before ours.
     Verify(VerifyArgs),
+    /// Will the capture work in this namespace, and if not, exactly why: the backend a run
+    /// would choose and why, our state in every place, kernel support, permissions, the
+    /// lock, addresses and DNS; read-only. Takes the apply's flags. Exit 0 when capture
+    /// works as configured (or an apply would make it so), 7 when a finding stops it.
+    Doctor(DoctorArgs),
     /// Print the shell completion script for bash, zsh, fish or powershell.
     Completion {
         /// The shell.
@@ -506,6 +511,18 @@ pub struct ExplainArgs {
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Report")]
 pub struct VerifyArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// `doctor` options.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Report")]
+pub struct DoctorArgs {
+    /// Also send `--run-validation`'s probe (needs our rules in place), reported per family.
+    #[arg(long)]
+    pub probe: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,

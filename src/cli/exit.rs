@@ -22,6 +22,9 @@ pub enum Exit {
     /// explain: the verdict is unknown (a rule on the way cannot be evaluated, or hooks of
     /// equal priority whose order cannot be read decide); the walk so far was printed.
     Unknown,
+    /// doctor: capture does not work as configured, and an apply would not make it so (each
+    /// finding is printed with its fix).
+    Unhealthy,
     /// --run-validation could not run its probe (listeners could not be opened).
     ValidationError,
     /// --run-validation: traffic was not captured within --probe-timeout (Istio's code).
@@ -36,7 +39,7 @@ pub enum Exit {
 
 impl Exit {
     /// Every exit code, as `--help` and the man page list them.
-    pub const ALL: [Exit; 11] = [
+    pub const ALL: [Exit; 12] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
@@ -44,6 +47,7 @@ impl Exit {
         Exit::Conflict,
         Exit::Shadowed,
         Exit::Unknown,
+        Exit::Unhealthy,
         Exit::ValidationError,
         Exit::ValidationFailed,
         Exit::Interrupted,
@@ -60,6 +64,7 @@ impl Exit {
             Exit::Conflict => 4,
             Exit::Shadowed => 5,
             Exit::Unknown => 6,
+            Exit::Unhealthy => 7,
             Exit::ValidationError => 125,
             Exit::ValidationFailed => 126,
             Exit::Interrupted => 130,
@@ -89,6 +94,9 @@ impl Exit {
             Exit::Unknown => {
                 "explain: the verdict is unknown (a rule on the way cannot be evaluated, or the \
                  order of hooks of equal priority decides); the walk so far is printed"
+            }
+            Exit::Unhealthy => {
+                "doctor: capture does not work as configured (each finding is printed with its fix)"
             }
             Exit::ValidationError => "--run-validation could not run its probe",
             Exit::ValidationFailed => {
@@ -131,10 +139,11 @@ mod tests {
                 Exit::Conflict => 4,
                 Exit::Shadowed => 5,
                 Exit::Unknown => 6,
-                Exit::ValidationError => 7,
-                Exit::ValidationFailed => 8,
-                Exit::Interrupted => 9,
-                Exit::Terminated => 10,
+                Exit::Unhealthy => 7,
+                Exit::ValidationError => 8,
+                Exit::ValidationFailed => 9,
+                Exit::Interrupted => 10,
+                Exit::Terminated => 11,
             };
             assert_eq!(Exit::ALL[index], e);
         }

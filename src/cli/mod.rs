@@ -22,7 +22,9 @@ pub mod env_only;
 mod exit;
 
 use definition::APPLY_COMMAND;
-pub use definition::{Cli, Command, Direction, ExplainArgs, Output, ProtoArg, Root, VerifyArgs};
+pub use definition::{
+    Cli, Command, Direction, DoctorArgs, ExplainArgs, Output, ProtoArg, Root, VerifyArgs,
+};
 pub use exit::Exit;
 
 /// `--version`: the crate version and the git commit it was built from (see build.rs).

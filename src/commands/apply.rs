@@ -130,6 +130,82 @@ pub fn apply<C: Backend, O: Backend>(
     }
 }
 
+/// What an apply reads before it changes anything: the config's rules, the chosen
+/// backend's places and the other backend's state of ours (doctor shows the same snapshot).
+pub struct Snapshot<C: Backend, O: Backend> {
+    pub rules: C::Rules,
+    pub state: C::State,
+    pub other_state: O::State,
+}
+
+/// What an apply would commit, worked out from a [`Snapshot`] before anything changes.
+pub struct Planned<C: Backend, O: Backend> {
+    change: C::Change,
+    removal: O::Change,
+    route_plan: Vec<route_steps::Step>,
+}
+
+/// The apply's reads: the backend's own checks, then every place (nothing is changed).
+pub fn read<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    env: &mut Env<'_>,
+) -> Result<Snapshot<C, O>, ApplyError> {
+    chosen.check(env).map_err(before)?;
+    let rules = chosen.build(cfg, facts);
+    let state = chosen
+        .read(Scope::Config(&facts.families()), env)
+        .map_err(before)?;
+    let other_state = other.read(Scope::Everything, env).map_err(before)?;
+    Ok(Snapshot {
+        rules,
+        state,
+        other_state,
+    })
+}
+
+/// The apply's plan from `snap`: both transactions and the `ip` steps, or why the apply
+/// would stop before its first change (nothing is changed). Without --reconcile but with
+/// --force-apply, the other backend's state is left as it is (`snap` then holds none).
+pub fn plan<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    facts: &HostFacts,
+    opts: &Options,
+    snap: &mut Snapshot<C, O>,
+    env: &Env<'_>,
+) -> Result<Planned<C, O>, ApplyError> {
+    let change = chosen
+        .plan(&snap.rules, &snap.state, opts.policy, env)
+        .map_err(before)?;
+    let mut removal = other
+        .plan_removal(cfg, facts, &snap.other_state, env)
+        .map_err(before)?;
+    let leftovers = other.describe(&snap.other_state, &removal);
+    if !opts.policy.reconcile && !leftovers.is_empty() {
+        if !opts.policy.force {
+            return Err(ApplyError::OtherBackend {
+                detail: leftovers.join("; "),
+            });
+        }
+        // Istio's own behaviour: its rules on top, nothing else removed (nor restored).
+        snap.other_state = O::State::default();
+        removal = other
+            .plan_removal(cfg, facts, &snap.other_state, env)
+            .map_err(before)?;
+    }
+    let route_plan = route_steps::plan(chosen.routes(&snap.rules), opts.tproxy, env.probe)
+        .map_err(ApplyError::Routes)?;
+    Ok(Planned {
+        change,
+        removal,
+        route_plan,
+    })
+}
+
 fn apply_steps<C: Backend, O: Backend>(
     chosen: &C,
     other: &O,
@@ -138,33 +214,15 @@ fn apply_steps<C: Backend, O: Backend>(
     opts: &Options,
     env: &mut Env<'_>,
 ) -> Result<Summary, ApplyError> {
-    chosen.check(env).map_err(before)?;
-    let rules = chosen.build(cfg, facts);
-    let state = chosen
-        .read(Scope::Config(&facts.families()), env)
-        .map_err(before)?;
-    let mut change = chosen
-        .plan(&rules, &state, opts.policy, env)
-        .map_err(before)?;
-    let mut other_state = other.read(Scope::Everything, env).map_err(before)?;
-    let mut removal = other
-        .plan_removal(cfg, facts, &other_state, env)
-        .map_err(before)?;
-    let leftovers = other.describe(&other_state, &removal);
-    if !opts.policy.reconcile && !leftovers.is_empty() {
-        if !opts.policy.force {
-            return Err(ApplyError::OtherBackend {
-                detail: leftovers.join("; "),
-            });
-        }
-        // Istio's own behaviour: its rules on top, nothing else removed (nor restored).
-        other_state = O::State::default();
-        removal = other
-            .plan_removal(cfg, facts, &other_state, env)
-            .map_err(before)?;
-    }
-    let route_plan = route_steps::plan(chosen.routes(&rules), opts.tproxy, env.probe)
-        .map_err(ApplyError::Routes)?;
+    let mut snap = read(chosen, other, cfg, facts, env)?;
+    let Planned {
+        mut change,
+        mut removal,
+        route_plan,
+    } = plan(chosen, other, cfg, facts, opts, &mut snap, env)?;
+    let Snapshot {
+        state, other_state, ..
+    } = snap;
 
     // The last safe point before the first change.
     env.runner.check_stop().map_err(before)?;
@@ -305,6 +363,24 @@ pub fn cleanup<C: Backend, O: Backend>(
     } else {
         Err(errors)
     }
+}
+
+/// The capabilities a run with `chosen` needs, `other`'s state of ours included.
+pub fn capabilities_needed<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+) -> Vec<crate::system::host::Capability> {
+    let mut needed = chosen.capabilities(&crate::system::host_view::SystemProbe);
+    needed.extend(other.capabilities(&crate::system::host_view::SystemProbe));
+    needed
+}
+
+/// [`capabilities_needed`], checked against those this process holds.
+pub fn check_capabilities<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+) -> Result<(), crate::system::host::MissingCapabilities> {
+    crate::system::host::check_caps(&capabilities_needed(chosen, other))
 }
 
 #[cfg(test)]

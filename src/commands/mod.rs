@@ -3,6 +3,7 @@
 //! none of them names a backend.
 
 pub mod apply;
+pub mod doctor;
 pub mod dry_run;
 pub mod explain;
 pub mod output;

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use super::apply::{self, Options};
 use super::explain::{self, ExplainRequest, InspectError};
 use super::verify::{self, render_report};
-use super::{dry_run, validate};
+use super::{doctor, dry_run, validate};
 use crate::backend::Backend;
 use crate::cli::{Command, Exit};
 use crate::config::{Config, HostFacts, RunMode, shortened};
 use crate::system::Env;
 use crate::system::exec::SystemRunner;
-use crate::system::host::{self, RealHost};
+use crate::system::host::RealHost;
 use crate::system::host_view::SystemProbe;
 use crate::system::nftprobe::NfNetlink;
 use crate::system::signals::Signals;
@@ -86,6 +86,9 @@ pub fn run<C: Backend, O: Backend>(
     started: Instant,
     signals: &Signals,
 ) -> Exit {
+    if let Some(Command::Doctor(a)) = inspect {
+        return doctor_command(chosen, other, a, cfg);
+    }
     if let Some(command) = inspect {
         return inspect_command(chosen, other, command, cfg);
     }
@@ -196,7 +199,7 @@ fn prepare<C: Backend, O: Backend>(chosen: &C, other: &O, cfg: &Config) -> Resul
     let facts = host_facts(cfg)?;
     warn_if_nothing_captured(cfg);
     if cfg.run != RunMode::SkipApply
-        && let Err(e) = check_capabilities(chosen, other)
+        && let Err(e) = apply::check_capabilities(chosen, other)
     {
         tracing::error!("{e}");
         return Err(Exit::Failure);
@@ -247,15 +250,6 @@ fn apply_rules<C: Backend, O: Backend>(
 
 /// Whether this process holds the capabilities the run needs: `chosen`'s, and `other`'s to
 /// read its state of ours (in the namespace entered).
-fn check_capabilities<C: Backend, O: Backend>(
-    chosen: &C,
-    other: &O,
-) -> Result<(), host::MissingCapabilities> {
-    let mut needed = chosen.capabilities(&SystemProbe);
-    needed.extend(other.capabilities(&SystemProbe));
-    host::check_caps(&needed)
-}
-
 /// `--run-validation`: the probe, after the lock is released.
 fn validation(cfg: &Config, facts: &HostFacts) -> Exit {
     let settings = validate::Settings::from_config(cfg, facts, &RealHost);
@@ -348,7 +342,7 @@ fn inspect_command<C: Backend, O: Backend>(
     let needs_kernel = match command {
         Command::Explain(a) => a.from_kernel,
         Command::Verify(_) => true,
-        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+        Command::IstioIptables | Command::Doctor(_) | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }
     };
@@ -360,7 +354,7 @@ fn inspect_command<C: Backend, O: Backend>(
         Ok(f) => f,
         Err(c) => return c,
     };
-    if needs_kernel && let Err(e) = check_capabilities(chosen, other) {
+    if needs_kernel && let Err(e) = apply::check_capabilities(chosen, other) {
         tracing::error!("{e}");
         return Exit::Failure;
     }
@@ -406,8 +400,42 @@ fn inspect_command<C: Backend, O: Backend>(
                 Exit::Failure
             }
         },
-        Command::IstioIptables | Command::Completion { .. } | Command::Man => {
+        Command::IstioIptables | Command::Doctor(_) | Command::Completion { .. } | Command::Man => {
             unreachable!("not an inspect command")
         }
     }
+}
+
+/// `doctor`: read-only, in the namespace (entered with --network-namespace), for the config
+/// an apply of these flags would use; the report on stdout.
+fn doctor_command<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    args: &crate::cli::DoctorArgs,
+    cfg: &Config,
+) -> Exit {
+    if let Err(e) = enter_namespace(cfg) {
+        report(e);
+        return Exit::Failure;
+    }
+    let facts = match host_facts(cfg) {
+        Ok(f) => f,
+        Err(c) => return c,
+    };
+    // The rules compared with the kernel's, whatever the apply-only flags say.
+    let mut cfg = cfg.clone();
+    cfg.kernel_form();
+    let mut runner = SystemRunner::default().with_deadline(program_deadline(&cfg));
+    let mut env = Env {
+        runner: &mut runner,
+        probe: &SystemProbe,
+        // Nothing here changes nf_tables: a write would fail.
+        nf: &mut crate::system::nftprobe::NoWrites,
+        rtnl: &mut crate::system::rtnl_change::Kernel,
+        resolver: &RealHost,
+    };
+    let req = doctor::Request { probe: args.probe };
+    let r = doctor::doctor(chosen, other, &cfg, &facts, req, &mut env);
+    print!("{}", doctor::render(&r, args.output.into()));
+    r.exit()
 }

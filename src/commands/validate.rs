@@ -306,10 +306,39 @@ pub fn run(s: &Settings) -> Result<(), ValidationError> {
         gid = %s.gid.map_or_else(|| "none".to_string(), |g| g.to_string()),
         "validating traffic capture"
     );
-    if !s.ipv6 {
-        return validate_family(Family::V4, s, start, deadline);
+    let mut results = run_each_from(s, start, deadline).into_iter();
+    let v4 = results.next().map_or(Ok(()), |(_, r)| r.map(|_| ()));
+    let v6 = results.next().map_or(Ok(()), |(_, r)| r.map(|_| ()));
+    match (v4, v6) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(e4), Err(e6)) => {
+            tracing::error!("{e6}");
+            Err(e4)
+        }
     }
-    let (v4, v6) = thread::scope(|scope| {
+}
+
+/// The probe of every family [`run`] validates, each family's outcome on its own (doctor
+/// reports them apart): where the probe landed, or why it did not.
+pub fn run_each(s: &Settings) -> Vec<(Family, Result<String, ValidationError>)> {
+    let start = Instant::now();
+    let deadline = start
+        .checked_add(s.timeout)
+        .or_else(|| start.checked_add(Duration::from_secs(u32::MAX.into())))
+        .unwrap_or(start);
+    run_each_from(s, start, deadline)
+}
+
+fn run_each_from(
+    s: &Settings,
+    start: Instant,
+    deadline: Instant,
+) -> Vec<(Family, Result<String, ValidationError>)> {
+    if !s.ipv6 {
+        return vec![(Family::V4, validate_family(Family::V4, s, start, deadline))];
+    }
+    thread::scope(|scope| {
         let v6 = thread::Builder::new()
             .name("validate-ipv6".into())
             .spawn_scoped(scope, || validate_family(Family::V6, s, start, deadline));
@@ -328,16 +357,8 @@ pub fn run(s: &Settings) -> Result<(), ValidationError> {
                 source,
             }),
         };
-        (v4, v6)
-    });
-    match (v4, v6) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(e4), Err(e6)) => {
-            tracing::error!("{e6}");
-            Err(e4)
-        }
-    }
+        vec![(Family::V4, v4), (Family::V6, v6)]
+    })
 }
 
 /// A listener and the role(s) of its port.
@@ -361,7 +382,7 @@ fn validate_family(
     s: &Settings,
     start: Instant,
     deadline: Instant,
-) -> Result<(), ValidationError> {
+) -> Result<String, ValidationError> {
     let listeners = open_listeners(family, s)?;
     let inbound_port = listeners
         .iter()
@@ -393,14 +414,15 @@ fn validate_family(
 
     match found {
         Some((listener, original, peer)) => {
-            tracing::info!(
-                "{family}: traffic capture validated: a connection to {original} from {peer} \
-                 was redirected to the {} listener ({}) after {:?}",
+            let landed = format!(
+                "a connection to {original} from {peer} was redirected to the {} listener ({}) \
+                 after {:?}",
                 listener.role,
                 listener.port,
                 start.elapsed()
             );
-            Ok(())
+            tracing::info!("{family}: traffic capture validated: {landed}");
+            Ok(landed)
         }
         None => Err(ValidationError::Timeout {
             family,

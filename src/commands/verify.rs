@@ -80,20 +80,33 @@ pub fn verify<C: Backend, O: Backend>(
     let state = chosen
         .read(Scope::Config(&facts.families()), env)
         .map_err(|e| VerifyError::Read(Box::new(e)))?;
+    report(chosen, other, cfg, &rules, &state, env)
+}
+
+/// The report of `state` (`chosen`'s places, as a read of the config's scope saw them)
+/// against `rules`; `other`'s state of ours and the `ip` steps are read here.
+pub fn report<C: Backend, O: Backend>(
+    chosen: &C,
+    other: &O,
+    cfg: &Config,
+    rules: &C::Rules,
+    state: &C::State,
+    env: &mut Env<'_>,
+) -> Result<Report, VerifyError> {
     let mut report = Report {
-        drift: chosen.drift(&rules, &state, env.resolver),
+        drift: chosen.drift(rules, state, env.resolver),
         other_backend: other
             .leftovers(env)
             .map_err(|e| VerifyError::Read(Box::new(e)))?,
         ..Report::default()
     };
     check_routes(
-        chosen.routes(&rules),
+        chosen.routes(rules),
         ip::TproxyRouting::of(cfg),
         env,
         &mut report,
     )?;
-    report.findings = findings(chosen, &rules, &state, env);
+    report.findings = findings(chosen, rules, state, env);
     Ok(report)
 }
 

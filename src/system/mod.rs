@@ -4,6 +4,7 @@
 pub mod exec;
 pub mod host;
 pub mod host_view;
+pub mod kernel_support;
 pub mod netlink;
 pub mod netns;
 pub mod nftprobe;

@@ -434,17 +434,7 @@ pub fn flock_holders(path: &Path) -> Option<Vec<Process>> {
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let file = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    // `1: FLOCK  ADVISORY  WRITE 4242 00:1a:5678 0 EOF`; a waiter's line has `->` after `1:`.
-    let pids: Vec<Option<i32>> = locks
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&file.as_str()))
-        .map(|w| {
-            w.get(4)
-                .and_then(|p| p.parse().ok())
-                .filter(|&p: &i32| p > 0)
-        })
-        .collect();
+    let pids = holders_in_proc_locks(&locks, &file);
     if pids.is_empty() {
         return None;
     }
@@ -458,6 +448,78 @@ pub fn flock_holders(path: &Path) -> Option<Vec<Process>> {
         return Some(processes_with(&path.to_string_lossy()));
     }
     Some(live.into_iter().map(|pid| process(pid, None)).collect())
+}
+
+/// The lock as an apply in this namespace would find it, read without taking it (doctor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// What an apply would lock.
+    pub kind: Kind,
+    /// Why [`DIR`] cannot be used (the lock is then the socket).
+    pub no_dir: Option<String>,
+    /// Who holds it now (`None`: no one).
+    pub holder: Option<Holder>,
+}
+
+/// Reads the lock without taking it: whether [`DIR`] can be used (made by root where it is
+/// missing and `/run` is writable), and who holds the file (`/proc/locks`) or the socket
+/// (`/proc/net/unix`, then the holder asked as a waiter asks).
+pub fn view() -> View {
+    match dir_usable() {
+        Ok(()) => View {
+            kind: Kind::File,
+            no_dir: None,
+            holder: file_holder(&file_path()),
+        },
+        Err(why) => {
+            let bound = std::fs::read_to_string("/proc/thread-self/net/unix")
+                .is_ok_and(|t| t.lines().any(|l| l.ends_with(&format!(" @{NAME}"))));
+            View {
+                kind: Kind::Socket,
+                no_dir: Some(why),
+                holder: bound.then(|| SocketLock { fd: None }.holder()),
+            }
+        }
+    }
+}
+
+/// Whether [`lock_dir`] would succeed, checked without making the directory.
+fn dir_usable() -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::symlink_metadata(DIR) {
+        Ok(m) if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 => Err(format!(
+            "{DIR} is not a directory of root's that only root may write"
+        )),
+        Ok(_) => nix::unistd::access(DIR, nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| format!("{DIR} is not writable: {}", e.desc())),
+        Err(_) if !nix::unistd::geteuid().is_root() => {
+            Err(format!("{DIR} is missing, and only root may make it"))
+        }
+        Err(_) => nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| format!("{DIR} is missing and /run is not writable: {}", e.desc())),
+    }
+}
+
+/// One entry per holder of a FLOCK on the file `id` (`MAJ:MIN:INODE`) in a /proc/locks
+/// text, with its pid where the line shows one (a holder in another PID namespace shows
+/// none); waiters do not hold it. A line reads `1: FLOCK  ADVISORY  WRITE 4242 00:1a:5678 0
+/// EOF`; a waiter's has `->` after `1:`.
+fn holders_in_proc_locks(locks: &str, id: &str) -> Vec<Option<i32>> {
+    locks
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.get(1) == Some(&"FLOCK") && w.get(5) == Some(&id))
+        .map(|w| {
+            w.get(4)
+                .and_then(|p| p.parse().ok())
+                .filter(|&p: &i32| p > 0)
+        })
+        .collect()
+}
+
+/// The processes holding a flock on `path` (`None`: none, or no file).
+fn file_holder(path: &Path) -> Option<Holder> {
+    flock_holders(path).map(Holder::Processes)
 }
 
 /// The processes one of whose descriptors links to `target` (e.g. `socket:[123]`), by pid.
@@ -522,6 +584,39 @@ mod tests {
         })
         .join()
         .unwrap()
+    }
+
+    #[test]
+    fn proc_locks_names_the_flock_holders() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 4242 00:1a:99 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 4343 00:1a:99 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 4444 00:1a:99 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 4545 00:1a:98 0 EOF\n";
+        assert_eq!(holders_in_proc_locks(locks, "00:1a:99"), [Some(4242)]);
+    }
+
+    /// `view` sees the lock a run holds, and who holds it, without taking it.
+    #[test]
+    fn view_names_the_holder_without_taking_the_lock() {
+        let r = in_private_ns(|| {
+            let free = view();
+            let held = acquire(Duration::ZERO).expect("free lock");
+            let seen = view();
+            drop(held);
+            (free, seen)
+        });
+        let Some((free, seen)) = r else {
+            eprintln!("SKIPPED nslock::view_names_the_holder_without_taking_the_lock: needs root");
+            return;
+        };
+        assert_eq!(free.holder, None, "{free:?}");
+        assert_eq!(seen.kind, Kind::File);
+        match seen.holder {
+            Some(Holder::Processes(ps)) => {
+                assert_eq!(ps[0].pid, std::process::id() as i32, "{ps:?}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

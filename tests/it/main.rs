@@ -13,6 +13,7 @@ mod cli_extras;
 mod common;
 mod conformance;
 mod conformance_nft;
+mod doctor;
 mod door;
 mod explain;
 mod explain_live;

@@ -7,6 +7,7 @@
 pub mod build;
 pub mod commit;
 pub mod detect;
+pub mod inventory;
 pub mod kernel;
 pub mod plan;
 pub mod restore;
@@ -20,7 +21,7 @@ use self::commit::{Error, Place, read_state, roll_back};
 use self::detect::{self as detection, Program};
 use self::plan::Transaction;
 use crate::backend::walk::Source;
-use crate::backend::{Backend, Drift, Over, Policy, Purpose, Rollback, Scope, Summary};
+use crate::backend::{Backend, Drift, Inventory, Over, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, Flavor, HostFacts};
 use crate::model::{self, Family, Finding, OwnerResolver, Table, chain};
 use crate::routes::IpCommand;
@@ -437,6 +438,10 @@ impl Backend for Iptables {
         Ok(out)
     }
 
+    fn inventory(&self, rules: &Plan, state: &State, chosen: bool, env: &Env<'_>) -> Inventory {
+        inventory::of(rules, state, chosen, env)
+    }
+
     fn walk<'a>(
         &'a self,
         over: Over<'a, Plan, State>,
@@ -550,6 +555,15 @@ fn warn_kept(program: &Program, tx: &Transaction) {
     }
 }
 
+/// How many rules of `ts` are ours: in an ISTIO_* chain, or naming one (a jump).
+fn our_rules(ts: &save::TableState) -> usize {
+    let ours = |s: &str| s.starts_with(chain::PREFIX);
+    ts.rules
+        .iter()
+        .filter(|(c, toks)| ours(c) || toks.iter().any(|t| ours(t)))
+        .count()
+}
+
 /// Our iptables chains, and rules jumping to them, per table: one line each.
 fn ours_in(program: &Program, st: &save::SaveState) -> Vec<String> {
     let family = program.family;
@@ -563,11 +577,7 @@ fn ours_in(program: &Program, st: &save::SaveState) -> Vec<String> {
             .map(String::as_str)
             .filter(|c| ours(c))
             .collect();
-        let rules = ts
-            .rules
-            .iter()
-            .filter(|(c, toks)| ours(c) || toks.iter().any(|t| ours(t)))
-            .count();
+        let rules = our_rules(ts);
         if !chains.is_empty() || rules > 0 {
             out.push(format!(
                 "{family} iptables table {name} ({save}): {rules} ISTIO_* rule(s), chains {}",

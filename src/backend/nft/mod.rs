@@ -16,6 +16,7 @@
 pub mod build;
 pub mod commit;
 pub mod drift;
+pub mod inventory;
 pub mod shadow;
 pub mod state;
 pub mod walk;
@@ -27,7 +28,7 @@ use self::build::{FAMILY, Ruleset, Table};
 use self::commit::{Error, check_nft, list, none_in, run_nft};
 use self::state::{Live, NftState};
 use crate::backend::walk::Source;
-use crate::backend::{Backend, Drift, Over, Policy, Purpose, Rollback, Scope, Summary};
+use crate::backend::{Backend, Drift, Inventory, Over, Policy, Purpose, Rollback, Scope, Summary};
 use crate::config::{Config, HostFacts};
 use crate::model::{Family, Finding, OwnerResolver};
 use crate::routes::IpCommand;
@@ -300,6 +301,10 @@ impl Backend for Nftables {
             .filter(|n| Table::from_name(n).is_some())
             .map(|n| format!("nftables table {FAMILY} {n}, written by --native-nftables"))
             .collect())
+    }
+
+    fn inventory(&self, rules: &Ruleset, state: &State, chosen: bool, env: &Env<'_>) -> Inventory {
+        inventory::of(rules, state, chosen, env)
     }
 
     fn walk<'a>(
