@@ -402,6 +402,14 @@ pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
                 resolver.gid(&w[i])
             };
             kind.map(|n| n.to_string()).unwrap_or_else(|| value(&w[i]))
+        } else if prev == "l4proto" || (prev == "!=" && prev2 == "l4proto") {
+            // nft names a protocol from /etc/protocols: without that file (an image
+            // without netbase) it prints the number.
+            match w[i].as_str() {
+                "6" => "tcp".to_string(),
+                "17" => "udp".to_string(),
+                other => other.to_string(),
+            }
         } else if prev == "state" && prev2 == "ct" {
             let mut s: Vec<&str> = w[i].split(',').collect();
             s.sort_unstable();
@@ -465,6 +473,15 @@ mod tests {
     #[test]
     fn istio_text_and_nft_listing_compare_equal() {
         for (ours, listed) in [
+            // Listed where nft has no /etc/protocols (an image without netbase).
+            (
+                "meta l4proto tcp counter redirect to :15001",
+                "meta l4proto 6 counter packets 0 bytes 0 redirect to :15001",
+            ),
+            (
+                "meta l4proto tcp ip6 daddr != ::1/128 tproxy ip6 to :15006 meta mark set 1337 counter accept",
+                "meta l4proto 6 ip6 daddr != ::1 tproxy ip6 to :15006 meta mark set 0x00000539 counter packets 0 bytes 0 accept",
+            ),
             (
                 "meta l4proto tcp tcp dport 15008 counter return",
                 "tcp dport 15008 counter packets 0 bytes 0 return",

@@ -75,6 +75,39 @@ fn nft_seed_runs_only_nft_and_a_rerun_changes_nothing() {
     );
 }
 
+/// nft names protocols from /etc/protocols, which an image without Debian's netbase lacks: it
+/// then lists `meta l4proto 6`. A re-run still finds its rules in place, and verify agrees.
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn nft_rerun_without_etc_protocols_changes_nothing() {
+    if skip_unless_root("nft_rerun_without_etc_protocols_changes_nothing") {
+        return;
+    }
+    let ns = Script::new()
+        .sh("mount --bind /dev/null /etc/protocols")
+        .run("first", V4, NFT_FULL)
+        .snap("first")
+        .run("second", V4, NFT_FULL)
+        .snap("second")
+        .sh(&format!(
+            "{} verify {} > \"$NS_OUT/verify\" 2>&1 || echo \"exit $?\" >> \"$NS_OUT/verify\"",
+            BIN,
+            shell_command(&NFT_FULL[..])
+        ))
+        .exec();
+    let ctx = ns.context();
+    ns.run_rc("first", 0);
+    let second = ns.run_rc("second", 0);
+    assert!(
+        second.logs().contains("already in place") && !second.logs().contains("nftables="),
+        "{}",
+        second.describe()
+    );
+    assert_same("a re-run", &ns.state("first"), &ns.state("second"), &ctx);
+    let verify = ns.out.file("verify").unwrap_or_default();
+    assert!(verify.contains("OK:"), "verify: {verify}");
+}
+
 #[test]
 #[ignore = "needs root and network namespaces"]
 fn nft_changed_config_equals_fresh_apply() {
