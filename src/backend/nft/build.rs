@@ -464,7 +464,11 @@ impl Ctx<'_> {
 
     /// CIDRs, for [`Ctx::each`]. In set form, the fewest prefixes that cover the same
     /// addresses ([`IpNet::aggregate`]): no two overlap, as an interval set needs.
-    fn nets<N: fmt::Display + Clone>(&self, nets: &[N], aggregate: fn(&[N]) -> Vec<N>) -> Vec<String> {
+    fn nets<N: fmt::Display + Clone>(
+        &self,
+        nets: &[N],
+        aggregate: fn(&[N]) -> Vec<N>,
+    ) -> Vec<String> {
         if !self.cfg.exclusion_sets {
             return nets.iter().map(ToString::to_string).collect();
         }
