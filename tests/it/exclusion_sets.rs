@@ -224,3 +224,123 @@ fn without_native_nftables_the_flag_is_refused_in_one_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// explain's outcome (`verdict`, `port`, `mark`, `zone`, `stopped`) of one packet, or how
+/// it failed.
+fn explain_outcome(case: &common::Case, extra: &[&str], pkt: &[String]) -> String {
+    let mut args = vec!["explain", "--native-nftables"];
+    args.extend_from_slice(extra);
+    let mut cmd = Command::new(BIN);
+    cmd.args(&args)
+        .args(&case.args)
+        .args(pkt)
+        .args(["--output", "json"])
+        .current_dir(&case.dir)
+        .env_clear()
+        .envs(common::case_env(case));
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        return format!("exit {:?}", out.status.code());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    ["verdict", "port", "mark", "zone", "stopped"]
+        .map(|k| format!("{k}={}", v[k]))
+        .join(" ")
+}
+
+/// Packets for a case: to an address inside, at the edge of and next to each of its CIDRs
+/// and to a few others, at each of its ports and a few others; outbound as the app and as
+/// the proxy, inbound.
+fn packets(case: &common::Case) -> Vec<Vec<String>> {
+    let mut addrs: Vec<IpAddr> = ["10.9.9.9", "127.0.0.1", "fd00::9"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let mut ports: Vec<u16> = vec![80, 53];
+    // The owner groups are env values.
+    let mut uids = vec!["0".to_string(), "1337".to_string()];
+    for word in case.env.iter().flat_map(|(_, v)| v.split(',')) {
+        if word.parse::<u32>().is_ok() {
+            uids.push(word.to_string());
+        }
+    }
+    for word in case.args.iter().flat_map(|a| a.split(',')) {
+        if let Ok(net) = word.parse::<ipnet::IpNet>() {
+            addrs.extend([net.network(), net.broadcast()]);
+            if let Some(next) = common_next(net.broadcast()) {
+                addrs.push(next);
+            }
+        }
+        for p in word.split(':') {
+            if let Ok(p) = p.parse::<u16>()
+                && p > 0
+            {
+                ports.extend([p, p.saturating_add(1)]);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for a in &addrs {
+        for p in &ports {
+            let dst = std::net::SocketAddr::new(*a, *p).to_string();
+            for uid in &uids {
+                out.push(
+                    ["--direction", "outbound", "--dst", &dst, "--uid", uid]
+                        .map(String::from)
+                        .to_vec(),
+                );
+            }
+            out.push(
+                ["--direction", "inbound", "--dst", &dst]
+                    .map(String::from)
+                    .to_vec(),
+            );
+        }
+    }
+    out
+}
+
+/// The address after `a`, if any.
+fn common_next(a: IpAddr) -> Option<IpAddr> {
+    match a {
+        IpAddr::V4(v) => u32::from(v).checked_add(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(v) => u128::from(v).checked_add(1).map(|n| IpAddr::V6(n.into())),
+    }
+}
+
+/// Every conformance case (Istio's args and env): each packet of [`packets`] ends the same
+/// way through the set form as through Istio's form, by `explain`'s interpreter.
+#[test]
+fn every_conformance_case_decides_each_packet_alike_with_sets() {
+    let cases = common::all_istio_cases();
+    // Four at a time: each packet is two short runs of the binary.
+    let results: Vec<(usize, Vec<String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = cases
+            .chunks(cases.len().div_ceil(4))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let (mut compared, mut failures) = (0, Vec::new());
+                    for case in chunk {
+                        for pkt in packets(case) {
+                            let istio = explain_outcome(case, &[], &pkt);
+                            let sets = explain_outcome(case, &["--exclusion-sets"], &pkt);
+                            compared += usize::from(istio.starts_with("verdict"));
+                            if istio != sets {
+                                failures.push(format!(
+                                    "{} {pkt:?}: {istio} / with sets {sets}",
+                                    case.name
+                                ));
+                            }
+                        }
+                    }
+                    (compared, failures)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let compared: usize = results.iter().map(|r| r.0).sum();
+    let failures: Vec<String> = results.into_iter().flat_map(|r| r.1).collect();
+    assert!(compared > 500, "only {compared} packets were explained");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
