@@ -14,6 +14,11 @@
 //! and a literal trailing `*` as `"eth\*"` (see [`iface`]);
 //! and without IPv6, IPv6 DNS servers do not count (Istio would jump to empty, undeclared
 //! DNS chains when they are the only servers).
+//!
+//! With `--exclusion-sets` (ours, off by default) each list Istio writes one rule per item for
+//! (`-i`, `-x`, `-b`, `-d`, `-q`, `-o`, the owner groups) is one rule over an anonymous set
+//! instead, at the place of the first of those rules: every item of a list ends the walk the
+//! same way, so the capture is the same ([`Ctx::each`]).
 
 use std::collections::HashMap;
 use std::fmt;

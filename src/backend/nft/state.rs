@@ -3,8 +3,9 @@
 //! own words (`meta skuid 1337 counter packets 3 bytes 180 return` for Istio's
 //! `skuid 1337 counter return`), so both sides are brought to one canonical text per rule:
 //! counters' values dropped, the optional `meta` keyword dropped, numbers in decimal,
-//! addresses without a full-length prefix, owner names as ids, sets and `ct state` lists
-//! sorted, quotes removed, and a `meta l4proto tcp` that a later `tcp dport` implies (nft
+//! addresses without a full-length prefix, owner names as ids, `ct state` lists sorted, sets
+//! merged as the kernel merges them (the fewest prefixes, the fewest ranges; one element
+//! without braces), quotes removed, and a `meta l4proto tcp` that a later `tcp dport` implies (nft
 //! drops it) dropped. A listing this cannot read is never guessed at: its lines are kept as
 //! they are, which compares unequal, and the caller rewrites the table.
 //!
