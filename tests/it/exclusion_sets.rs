@@ -20,8 +20,13 @@ use common::{
 
 /// The binary's log and exit code for `args` (with `--native-nftables`) in the pod.
 fn run(t: &Topology, args: &[&str]) -> (Option<i32>, String) {
+    run_env(t, args, &[])
+}
+
+/// [`run`] with env vars.
+fn run_env(t: &Topology, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let argv = Backend::Nft.argv(args);
-    let out = t.exec(&t.pod, BIN, &argv, &[]);
+    let out = t.exec(&t.pod, BIN, &argv, env);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -188,6 +193,57 @@ fn twenty_thousand_excluded_cidrs_read_back_equal() {
     );
     assert_run(&t, &args, false);
     assert_eq!(verify(&t, &args).0, Some(0));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces"]
+fn ipv6_tproxy_and_owner_group_sets_read_back_equal() {
+    if skip_unless_root("ipv6_tproxy_and_owner_group_sets_read_back_equal") {
+        return;
+    }
+    let t = Topology::new("xsets6");
+    // Adjacent IPv6 prefixes (listed as one range), ports merged to one range, names and
+    // ids of groups.
+    let args = proxy_flags(
+        "TPROXY",
+        &[
+            "-i",
+            "10.0.0.0/8,fd00::/16,fd01::/16,fd04::/16",
+            "-x",
+            "fd00:1::/32,fd00:2::/32,fd00:1::5/128,10.1.0.0/16,10.3.0.0/16",
+            "-b",
+            "80,81,90",
+            "-q",
+            "7000,7001,7005",
+            "--exclusion-sets",
+        ],
+    );
+    for env in [
+        [
+            ("ENABLE_INBOUND_IPV6", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "root,5,7,0"),
+        ],
+        [
+            ("ENABLE_INBOUND_IPV6", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "root,5"),
+        ],
+    ] {
+        let (code, log) = run_env(&t, &args, &env);
+        assert_eq!(code, Some(0), "{log}");
+        let listed = nat_table(&t);
+        assert!(
+            listed.contains("ip6 daddr { fd00:1::-fd00:2:ffff:ffff:ffff:ffff:ffff:ffff } ")
+                && listed.contains("skgid")
+                && listed.contains("tcp dport { 7000-7001, 7005 }"),
+            "{listed}"
+        );
+        let (code, log) = run_env(&t, &args, &env);
+        assert!(code == Some(0) && log.contains("already in place"), "{log}");
+        let mut verify = vec!["verify"];
+        verify.extend_from_slice(&args);
+        let (code, report) = run_env(&t, &verify, &env);
+        assert_eq!(code, Some(0), "{report}");
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! With `--exclusion-sets` (ours, off by default) each list Istio writes one rule per item for
 //! (`-i`, `-x`, `-b`, `-d`, `-q`, `-o`, the owner groups) is one rule over an anonymous set
 //! instead, at the place of the first of those rules: every item of a list ends the walk the
-//! same way, so the capture is the same ([`Ctx::each`]).
+//! same way, so the capture is the same (`Ctx::each`).
 
 use std::collections::HashMap;
 use std::fmt;
