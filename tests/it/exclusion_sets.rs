@@ -5,7 +5,9 @@
 //! configs and packets by the property test beside the walker (`backend/nft/walk.rs`); here
 //! the kernel: real traffic through an applied set config lands where the CIDR scenarios of
 //! `tests/it/traffic.rs` say, a re-run commits nothing, `verify` says the state is right, a
-//! switch between the two forms is a reconfigure, and 20,000 excluded CIDRs read back equal.
+//! switch between the two forms is a reconfigure, `doctor` finds nothing, cleanup removes
+//! the sets, the dry-run script writes what the real apply writes, and 20,000 excluded CIDRs
+//! (and IPv6, TPROXY and owner-group sets) read back equal.
 //! Without `--native-nftables` the flag is refused (`tests/it/door.rs` style, no root).
 
 use crate::common;
@@ -149,6 +151,29 @@ fn sets_capture_real_traffic_rerun_verify_and_switch_forms() {
     assert_run(&t, &base, false);
     assert_eq!(verify(&t, &base).0, Some(0));
     assert_run(&t, &sets, true);
+    assert_run(&t, &sets, false);
+    let mut doctor = vec!["doctor"];
+    doctor.extend_from_slice(&sets);
+    let (code, report) = run(&t, &doctor);
+    assert_eq!(code, Some(0), "doctor over the sets:\n{report}");
+
+    // Cleanup removes the set form; the dry-run script writes what the real apply does.
+    let mut cleanup = sets.clone();
+    cleanup.push("--cleanup-only");
+    assert_eq!(run(&t, &cleanup).0, Some(0));
+    assert!(nat_table(&t).is_empty(), "{}", nat_table(&t));
+    let mut dry = vec![BIN, "--dry-run"];
+    dry.extend(Backend::Nft.argv(&sets));
+    let script = t.exec(&t.pod, BIN, &dry[1..], &[]);
+    assert!(script.status.success());
+    let applied = t.exec(
+        &t.pod,
+        "sh",
+        &["-c", &String::from_utf8_lossy(&script.stdout)],
+        &[],
+    );
+    assert!(applied.status.success(), "{applied:?}");
+    assert!(nat_table(&t).contains("daddr {"), "{}", nat_table(&t));
     assert_run(&t, &sets, false);
 }
 
