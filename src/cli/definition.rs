@@ -306,6 +306,12 @@ pub struct Cli {
           default_missing_value = "true", require_equals = true, value_name = "BOOL")]
     pub native_nftables: String,
 
+    /// With --native-nftables: each exclusion/inclusion list (-i, -x, -b, -d, -q, -o, owner
+    /// groups) as one rule over an anonymous set, not one rule per item (same capture).
+    #[arg(global = true, long, env = "EXCLUSION_SETS", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub exclusion_sets: String,
+
     /// Force the iptables flavour: legacy or nft (default: detect).
     #[arg(
         global = true,

@@ -118,6 +118,9 @@ pub struct Config {
     pub lock_wait_secs: u32,
     /// Seconds a program may run before it is killed (IPTABLES_PROGRAM_TIMEOUT_SECONDS).
     pub program_timeout_secs: u32,
+    /// Each list as one rule over an anonymous nft set (--exclusion-sets, EXCLUSION_SETS;
+    /// only with native nftables).
+    pub exclusion_sets: bool,
 }
 
 /// Which backend programs the capture.
@@ -244,6 +247,13 @@ impl Config {
         let outbound = OutboundCapture::parse(args)?;
         let tproxy = Tproxy::parse(args)?;
         let switches = Switches::parse(args, env, &mut warnings)?;
+        if switches.exclusion_sets && !switches.native_nftables {
+            return Err(Src::arg(args, "exclusion_sets").err(
+                &args.cli.exclusion_sets,
+                "needs --native-nftables (NATIVE_NFTABLES=true): iptables has no sets of \
+                 addresses and ports without ipset, which Istio's image does not carry",
+            ));
+        }
         if switches.native_nftables {
             names::check_nft(
                 args,
@@ -312,6 +322,7 @@ impl Config {
             given: GivenValues::of(args, switches.redirect_dns_given, owner_groups_given),
             lock_wait_secs,
             program_timeout_secs,
+            exclusion_sets: switches.exclusion_sets,
         })
     }
 
@@ -478,7 +489,7 @@ impl Config {
             .forced_flavor()
             .map(|f| f.to_string())
             .unwrap_or_default();
-        vec![
+        let mut summary = vec![
             ("PROXY_PORT", self.proxy_port.to_string()),
             (
                 "PROXY_INBOUND_CAPTURE_PORT",
@@ -520,7 +531,12 @@ impl Config {
             ("FORCE_APPLY", self.force_apply.to_string()),
             ("NATIVE_NFTABLES", nftables.to_string()),
             ("FORCE_IPTABLES_BINARY", flavor),
-        ]
+        ];
+        // Ours, not Istio's: said only when on, so that the summary stays Istio's otherwise.
+        if self.exclusion_sets {
+            summary.push(("EXCLUSION_SETS", "true".into()));
+        }
+        summary
     }
 }
 
@@ -736,6 +752,7 @@ struct Switches {
     cleanup_only: bool,
     force_apply: bool,
     native_nftables: bool,
+    exclusion_sets: bool,
 }
 
 impl Switches {
@@ -795,12 +812,18 @@ impl Switches {
             cleanup_only: go_bool(args, "cleanup_only", &c.cleanup_only)?,
             force_apply: lenient("force_apply", &c.force_apply, None)?,
             native_nftables: lenient("native_nftables", &c.native_nftables, None)?,
+            exclusion_sets: exclusion_sets(args)?,
         })
     }
 
     fn run_mode(&self) -> RunMode {
         RunMode::of(self.dry_run, self.cleanup_only, self.skip_rule_apply)
     }
+}
+
+/// --exclusion-sets: ours, so a value that is not a boolean is refused from env too.
+fn exclusion_sets(args: &Args) -> Result<bool, ConfigError> {
+    go_bool(args, "exclusion_sets", &args.cli.exclusion_sets)
 }
 
 /// --iptables-probe-port, --probe-timeout: the probe of --run-validation. Istio's flags are

@@ -416,6 +416,7 @@ const FLAGS: &[FlagSpec] = &[
     (None,      "cleanup-only",                       Some("CLEANUP_ONLY"),                       Some("false")),
     (None,      "force-apply",                        Some("FORCE_APPLY"),                        Some("false")),
     (None,      "native-nftables",                    Some("NATIVE_NFTABLES"),                    Some("false")),
+    (None,      "exclusion-sets",                     Some("EXCLUSION_SETS"),                     Some("false")),
     (None,      "force-iptables-binary",              Some("FORCE_IPTABLES_BINARY"),              None),
     (None,      "resolv-conf",                        None,                                       Some("/etc/resolv.conf")),
     (Some('v'), "verbose",                            None,                                       None),

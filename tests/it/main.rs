@@ -15,6 +15,7 @@ mod conformance;
 mod conformance_nft;
 mod doctor;
 mod door;
+mod exclusion_sets;
 mod explain;
 mod explain_live;
 mod fuzz;

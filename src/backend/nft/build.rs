@@ -14,9 +14,16 @@
 //! and a literal trailing `*` as `"eth\*"` (see [`iface`]);
 //! and without IPv6, IPv6 DNS servers do not count (Istio would jump to empty, undeclared
 //! DNS chains when they are the only servers).
+//!
+//! With `--exclusion-sets` (ours, off by default) each list Istio writes one rule per item for
+//! (`-i`, `-x`, `-b`, `-d`, `-q`, `-o`, the owner groups) is one rule over an anonymous set
+//! instead, at the place of the first of those rules: every item of a list ends the walk the
+//! same way, so the capture is the same (`Ctx::each`).
 
 use std::collections::HashMap;
 use std::fmt;
+
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::{
     Config, HostFacts, Iface, InboundPorts, Mode, OutboundCidrs, Owner, OwnerGroups, PortSpec,
@@ -427,6 +434,95 @@ struct Ctx<'a> {
     include_has_loopback: bool,
 }
 
+impl Ctx<'_> {
+    /// The values of a list as the rules match them: one rule per item, as Istio writes
+    /// them, or with `--exclusion-sets` one anonymous set for the whole list
+    /// ([`set`]). Empty lists write no rule either way.
+    fn each(&self, items: Vec<String>) -> Vec<String> {
+        if self.cfg.exclusion_sets && !items.is_empty() {
+            vec![set(items)]
+        } else {
+            items
+        }
+    }
+
+    /// Ports and ranges, for [`Ctx::each`]. In set form they are merged first: an interval
+    /// set's elements may not overlap (nft refuses them without `auto-merge`, which an
+    /// anonymous set cannot carry).
+    fn ports(&self, ports: &[PortSpec]) -> Vec<String> {
+        if !self.cfg.exclusion_sets {
+            return ports.iter().map(port).collect();
+        }
+        let merged = merge_ranges(ports.iter().map(|p| match *p {
+            PortSpec::One(p) => (u32::from(p.get()), u32::from(p.get())),
+            PortSpec::Range(a, b) => (u32::from(a.get()), u32::from(b.get())),
+        }));
+        let text = merged.into_iter().map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        });
+        self.each(text.collect())
+    }
+
+    /// CIDRs, for [`Ctx::each`]. In set form, the fewest prefixes that cover the same
+    /// addresses ([`IpNet::aggregate`]): no two overlap, as an interval set needs.
+    fn nets<N: fmt::Display + Clone>(
+        &self,
+        nets: &[N],
+        aggregate: fn(&[N]) -> Vec<N>,
+    ) -> Vec<String> {
+        if !self.cfg.exclusion_sets {
+            return nets.iter().map(ToString::to_string).collect();
+        }
+        self.each(aggregate(nets).iter().map(ToString::to_string).collect())
+    }
+
+    /// Owners (uids, gids or names), for [`Ctx::each`]; a set holds each once.
+    fn owners(&self, owners: &[Owner]) -> Vec<String> {
+        let mut seen = Vec::new();
+        for o in owners.iter().map(owner) {
+            if !(self.cfg.exclusion_sets && seen.contains(&o)) {
+                seen.push(o);
+            }
+        }
+        self.each(seen)
+    }
+}
+
+/// nft's anonymous set of `items`; a single item stands alone (nft lists a one-element set
+/// as the element, so the rule reads back as written).
+fn set(items: Vec<String>) -> String {
+    if items.len() == 1 {
+        return items.into_iter().next().expect("one item");
+    }
+    format!("{{ {} }}", items.join(", "))
+}
+
+/// Inclusive ranges merged: sorted, and overlapping or adjacent ones joined.
+pub(crate) fn merge_ranges(ranges: impl Iterator<Item = (u32, u32)>) -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = ranges.collect();
+    v.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+fn aggregate4(nets: &[Ipv4Net]) -> Vec<Ipv4Net> {
+    Ipv4Net::aggregate(&nets.to_vec())
+}
+
+fn aggregate6(nets: &[Ipv6Net]) -> Vec<Ipv6Net> {
+    Ipv6Net::aggregate(&nets.to_vec())
+}
+
 /// Builds Istio's nftables ruleset for `cfg` on a host with `facts`, phase by phase as
 /// `run.go`'s `Run` does.
 pub fn build(cfg: &Config, facts: &HostFacts) -> Ruleset {
@@ -565,18 +661,18 @@ fn inbound(b: &mut Builder, x: &Ctx) {
     );
     match &cfg.inbound_ports {
         InboundPorts::All => {
-            for p in &cfg.inbound_ports_exclude {
+            for p in x.ports(&cfg.inbound_ports_exclude) {
                 b.append(
                     table,
                     INBOUND,
-                    format!("meta l4proto tcp tcp dport {} counter return", port(p)),
+                    format!("meta l4proto tcp tcp dport {p} counter return"),
                 );
             }
             to_proxy(b, x, "");
         }
         InboundPorts::Only(ports) => {
-            for p in ports {
-                to_proxy(b, x, &format!(" tcp dport {}", port(p)));
+            for p in x.ports(ports) {
+                to_proxy(b, x, &format!(" tcp dport {p}"));
             }
         }
         InboundPorts::None => {}
@@ -610,8 +706,7 @@ fn to_proxy(b: &mut Builder, x: &Ctx, dport: &str) {
 /// source (127.0.0.6 / ::6), which is never captured.
 fn outbound_entry(b: &mut Builder, x: &Ctx) {
     b.append(Nat, OUTPUT, format!("counter jump {OUTPUT_ISTIO}"));
-    for p in &x.cfg.outbound_ports_exclude {
-        let p = port(p);
+    for p in x.ports(&x.cfg.outbound_ports_exclude) {
         b.append(Nat, OUTPUT_ISTIO, format!("tcp dport {p} counter return"));
         b.append(Nat, OUTPUT_ISTIO, format!("udp dport {p} counter return"));
     }
@@ -667,14 +762,15 @@ fn proxy_traffic(b: &mut Builder, x: &Ctx) {
 fn owner_groups(b: &mut Builder, x: &Ctx) {
     match &x.cfg.owner_groups {
         OwnerGroups::AllExcept(groups) => {
-            for g in groups.iter().map(owner) {
+            for g in x.owners(groups) {
                 b.append(Nat, OUTPUT_ISTIO, format!("skgid {g} counter return"));
             }
         }
         OwnerGroups::Only(groups) => {
-            let none_of: String = groups
+            let none_of: String = x
+                .owners(groups)
                 .iter()
-                .map(|g| format!("skgid != {} ", owner(g)))
+                .map(|g| format!("skgid != {g} "))
                 .collect();
             b.append(Nat, OUTPUT_ISTIO, format!("{none_of}counter return"));
         }
@@ -778,17 +874,17 @@ fn outbound_captures(b: &mut Builder, x: &Ctx) {
         OUTPUT_ISTIO,
         format!("ip6 daddr {LOOPBACK_V6} counter return"),
     );
-    for n in &cfg.outbound_exclude.v4 {
+    for n in x.nets(&cfg.outbound_exclude.v4, aggregate4) {
         b.append(Nat, OUTPUT_ISTIO, format!("ip daddr {n} counter return"));
     }
-    for n in &cfg.outbound_exclude.v6 {
+    for n in x.nets(&cfg.outbound_exclude.v6, aggregate6) {
         b.append_v6(Nat, OUTPUT_ISTIO, format!("ip6 daddr {n} counter return"));
     }
-    for p in &cfg.outbound_ports_include {
+    for p in x.ports(&cfg.outbound_ports_include) {
         b.append(
             Nat,
             OUTPUT_ISTIO,
-            format!("tcp dport {} counter jump {REDIRECT}", port(p)),
+            format!("tcp dport {p} counter jump {REDIRECT}"),
         );
     }
     let redirect = format!("counter jump {REDIRECT}");
@@ -801,7 +897,7 @@ fn outbound_captures(b: &mut Builder, x: &Ctx) {
             }
         }
         OutboundCidrs::Only(cidrs) => {
-            for n in &cidrs.v4 {
+            for n in x.nets(&cidrs.v4, aggregate4) {
                 for i in &virt {
                     b.insert(
                         Nat,
@@ -812,7 +908,7 @@ fn outbound_captures(b: &mut Builder, x: &Ctx) {
                 }
                 b.append(Nat, OUTPUT_ISTIO, format!("ip daddr {n} {redirect}"));
             }
-            for n in &cidrs.v6 {
+            for n in x.nets(&cidrs.v6, aggregate6) {
                 for i in &virt {
                     b.insert_v6(
                         Nat,

@@ -3,8 +3,9 @@
 //! own words (`meta skuid 1337 counter packets 3 bytes 180 return` for Istio's
 //! `skuid 1337 counter return`), so both sides are brought to one canonical text per rule:
 //! counters' values dropped, the optional `meta` keyword dropped, numbers in decimal,
-//! addresses without a full-length prefix, owner names as ids, sets and `ct state` lists
-//! sorted, quotes removed, and a `meta l4proto tcp` that a later `tcp dport` implies (nft
+//! addresses without a full-length prefix, owner names as ids, `ct state` lists sorted, sets
+//! merged as the kernel merges them (the fewest prefixes, the fewest ranges; one element
+//! without braces), quotes removed, and a `meta l4proto tcp` that a later `tcp dport` implies (nft
 //! drops it) dropped. A listing this cannot read is never guessed at: its lines are kept as
 //! they are, which compares unequal, and the caller rewrites the table.
 //!
@@ -378,6 +379,76 @@ fn value(w: &str) -> String {
     w.to_string()
 }
 
+/// A set's elements in one form whatever wrote them: nft lists an interval set's elements as
+/// the kernel holds them (adjacent prefixes joined into a range `a-b`, overlapping ones
+/// merged), so addresses become the fewest prefixes that cover them and numbers the fewest
+/// ranges (`80-81`); a set of one element is that element (nft lists `{ x }` as `x`).
+fn normal_set(elems: Vec<String>) -> String {
+    let out = addresses(&elems)
+        .or_else(|| numbers(&elems))
+        .unwrap_or(elems);
+    match out.as_slice() {
+        [one] => one.clone(),
+        _ => format!("{{{}}}", out.join(",")),
+    }
+}
+
+/// Address elements (addresses, prefixes, `a-b` ranges) as the fewest prefixes, if all are.
+fn addresses(elems: &[String]) -> Option<Vec<String>> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for e in elems {
+        let (lo, hi) = match e.split_once('-') {
+            Some((a, b)) => (a.parse::<IpAddr>().ok()?, b.parse::<IpAddr>().ok()?),
+            None => {
+                let net = e
+                    .parse::<IpNet>()
+                    .ok()
+                    .or_else(|| e.parse::<IpAddr>().ok().map(IpNet::from))?;
+                (net.network(), net.broadcast())
+            }
+        };
+        match (lo, hi) {
+            (IpAddr::V4(a), IpAddr::V4(b)) if a <= b => {
+                v4.extend(ipnet::Ipv4Subnets::new(a, b, 0).map(IpNet::V4));
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) if a <= b => {
+                v6.extend(ipnet::Ipv6Subnets::new(a, b, 0).map(IpNet::V6));
+            }
+            _ => return None,
+        }
+    }
+    v4.extend(v6);
+    Some(
+        IpNet::aggregate(&v4)
+            .iter()
+            .map(|n| value(&n.to_string()))
+            .collect(),
+    )
+}
+
+/// Number elements (`80`, `90-100`) as the fewest ranges, if all are.
+fn numbers(elems: &[String]) -> Option<Vec<String>> {
+    let ranges = elems.iter().map(|e| {
+        let (a, b) = e.split_once('-').unwrap_or((e, e));
+        Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+    });
+    let ranges: Option<Vec<(u32, u32)>> = ranges.collect();
+    let merged = crate::backend::nft::build::merge_ranges(ranges?.into_iter());
+    Some(
+        merged
+            .into_iter()
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect(),
+    )
+}
+
 /// A rule's canonical text (see the module documentation).
 pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
     let mut w = words(expr);
@@ -394,7 +465,7 @@ pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
         let prev = if i > 0 { w[i - 1].as_str() } else { "" };
         let prev2 = if i > 1 { w[i - 2].as_str() } else { "" };
         let owner = |p: &str| p == "skuid" || p == "skgid";
-        let name = w[i] != "!=" && w[i].parse::<u32>().is_err();
+        let name = w[i] != "!=" && !w[i].starts_with('{') && w[i].parse::<u32>().is_err();
         let new = if name && (owner(prev) || (prev == "!=" && owner(prev2))) {
             let kind = if prev == "skuid" || prev2 == "skuid" {
                 resolver.uid(&w[i])
@@ -414,8 +485,19 @@ pub fn canonical(expr: &str, resolver: &dyn OwnerResolver) -> String {
             let mut s: Vec<&str> = w[i].split(',').collect();
             s.sort_unstable();
             s.join(",")
-        } else if w[i].starts_with('{') {
-            w[i].clone()
+        } else if let Some(inner) = w[i].strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+            let elems = inner.split(',').map(|e| {
+                let id = if prev == "skuid" || prev2 == "skuid" {
+                    resolver.uid(e)
+                } else {
+                    resolver.gid(e)
+                };
+                match id {
+                    Some(n) if owner(prev) || (prev == "!=" && owner(prev2)) => n.to_string(),
+                    _ => e.to_string(),
+                }
+            });
+            normal_set(elems.collect())
         } else {
             value(&w[i])
         };
@@ -501,6 +583,28 @@ mod tests {
             (
                 "meta l4proto tcp mark 1337 counter ct mark set mark",
                 "meta l4proto tcp meta mark 0x00000539 counter packets 0 bytes 0 ct mark set meta mark",
+            ),
+            // --exclusion-sets: nft lists adjacent prefixes as one range, a set merged to one
+            // element in braces, group names as ids.
+            (
+                "ip daddr { 10.0.1.0/24, 10.0.2.0/24, 1.2.3.4/32, 192.168.0.0/16 } counter return",
+                "ip daddr { 1.2.3.4, 10.0.1.0-10.0.2.255, 192.168.0.0/16 } counter packets 0 bytes 0 return",
+            ),
+            (
+                "ip daddr { 10.0.0.0/8 } counter return",
+                "ip daddr 10.0.0.0/8 counter packets 0 bytes 0 return",
+            ),
+            (
+                "tcp dport { 80, 81, 90-100, 200 } counter return",
+                "tcp dport { 80-81, 90-100, 200 } counter packets 0 bytes 0 return",
+            ),
+            (
+                "ip6 daddr { fd00::/8, fe80::1/128 } counter return",
+                "ip6 daddr { fd00::/8, fe80::1 } counter packets 0 bytes 0 return",
+            ),
+            (
+                "skgid != { java, 2 } counter return",
+                "meta skgid != { 2, 2000 } counter packets 0 bytes 0 return",
             ),
             (
                 "skgid != java skgid != 2 counter return",
