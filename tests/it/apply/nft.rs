@@ -92,7 +92,7 @@ fn nft_rerun_without_etc_protocols_changes_nothing() {
         .sh(&format!(
             "{} verify {} > \"$NS_OUT/verify\" 2>&1 || echo \"exit $?\" >> \"$NS_OUT/verify\"",
             BIN,
-            shell_command(&NFT_FULL[..])
+            shell_command(NFT_FULL)
         ))
         .exec();
     let ctx = ns.context();
