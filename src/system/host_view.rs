@@ -73,18 +73,30 @@ pub struct SystemProbe;
 
 /// Full path of `program`: the first directory on PATH that has it as an executable file
 /// (symlinks followed: iptables-nft-save is one). Looked up each time it is asked (one `stat`
-/// per directory until found), so nothing is remembered between calls.
+/// per directory until found), so nothing is remembered between calls. PATH is split as
+/// `std::env::split_paths` splits it on Unix, with one buffer for the candidates (a path per
+/// directory was most of the cost of a lookup).
 pub fn which(program: &str) -> Option<PathBuf> {
+    which_in(&std::env::var_os("PATH")?, program)
+}
+
+/// [`which`] with `path` for PATH.
+fn which_in(path: &std::ffi::OsStr, program: &str) -> Option<PathBuf> {
     use nix::sys::stat::{SFlag, stat};
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find_map(|dir| {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut candidate = PathBuf::new();
+    path.as_bytes().split(|&b| b == b':').find_map(|dir| {
+        let dir = Path::new(OsStr::from_bytes(dir));
+        candidate.as_mut_os_string().clear();
         // An empty entry means the current directory, as for a shell.
-        let base = if dir.as_os_str().is_empty() {
+        candidate.push(if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
-            dir.as_path()
-        };
-        let st = stat(&base.join(program)).ok()?;
+            dir
+        });
+        candidate.push(program);
+        let st = stat(&candidate).ok()?;
         let file = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
         (file && st.st_mode & 0o111 != 0).then(|| dir.join(program))
     })
@@ -227,6 +239,38 @@ fn read_binary_version(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first directory with an executable file of that name; an empty entry is the
+    /// current directory; a directory or a file without an execute bit is passed over.
+    #[test]
+    fn which_finds_the_first_executable_file_on_path() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = std::env::temp_dir().join(format!("which-{}", std::process::id()));
+        let (a, b, c) = (base.join("a"), base.join("b"), base.join("c"));
+        for d in [&a, &b, &c] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(a.join("prog"), "").unwrap(); // not executable
+        std::fs::create_dir_all(b.join("prog")).unwrap(); // a directory
+        for d in [&b, &c] {
+            let f = d.join("other");
+            std::fs::write(&f, "").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::write(c.join("prog"), "").unwrap();
+        std::fs::set_permissions(c.join("prog"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths([&a, &b, &c]).unwrap();
+        assert_eq!(which_in(&path, "prog"), Some(c.join("prog")));
+        assert_eq!(which_in(&path, "other"), Some(b.join("other")));
+        assert_eq!(which_in(&path, "missing"), None);
+        let here = std::ffi::OsString::from(format!(":{}", c.display()));
+        assert_eq!(
+            which_in(&here, "prog"),
+            Some(c.join("prog")),
+            "empty entry: cwd has none"
+        );
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn version_from_binary_or_none() {
