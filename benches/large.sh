@@ -92,7 +92,9 @@ args=(-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "@$work/exclude.txt" -b '*
 printf '%s\0' "${args[@]}" >"$work/args"
 
 # The bare side's inputs are the binary's own --dry-run script: both restore payloads and the
-# commands after them (ip -6 addr add ::6/128 dev lo), and the nft transaction.
+# commands after them (ip -6 addr add ::6/128 dev lo: the script guards each with a check that
+# it is missing, `ip -6 addr show ... | grep -q ... || ip -6 addr add ...`, of which the bare
+# side, in a fresh namespace, runs the add alone), and the nft transaction.
 ENABLE_INBOUND_IPV6=true "$BIN" "${args[@]}" --dry-run >"$work/dry-run" 2>"$work/dry-run.log" \
     || die "--dry-run failed: $(tail -3 "$work/dry-run.log")"
 awk -v w="$work" '
@@ -100,7 +102,7 @@ awk -v w="$work" '
     /^ip6tables-restore --noflush <<.EOF.$/ {out = w "/v6.payload"; next}
     out && /^EOF$/ {out = ""; next}
     out {print > out; next}
-    /^ip / {print > (w "/after.cmds")}' "$work/dry-run"
+    /^ip / {sub(/.*\|\| /, ""); print > (w "/after.cmds")}' "$work/dry-run"
 [[ -s $work/v4.payload && -s $work/v6.payload ]] || die "no IPv4 and IPv6 restore blocks in the --dry-run (IPv6 not on?)"
 ENABLE_INBOUND_IPV6=true "$BIN" --native-nftables "${args[@]}" --dry-run 2>/dev/null |
     awk '/^nft -f - <<.EOF.$/ {on=1; next} on && /^EOF$/ {on=0} on' >"$work/tx.nft"
