@@ -222,17 +222,24 @@ fn file_path() -> PathBuf {
 
 /// The directory, made if missing; `Err` unless it is root's and no one else may write it.
 fn lock_dir() -> Result<(), Errno> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    use std::os::unix::fs::DirBuilderExt as _;
     match std::fs::DirBuilder::new().mode(0o700).create(DIR) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_errno(&e)),
     }
     let m = std::fs::symlink_metadata(DIR).map_err(|e| io_errno(&e))?;
-    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+    if !only_root_writes(&m) {
         return Err(Errno::EPERM);
     }
     Ok(())
+}
+
+/// Whether [`DIR`] as `m` shows it may hold the lock: a directory of root's that only root
+/// may write (anyone else could replace the file).
+fn only_root_writes(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
@@ -465,13 +472,13 @@ pub struct View {
 /// missing and `/run` is writable), and who holds the file (`/proc/locks`) or the socket
 /// (`/proc/net/unix`, then the holder asked as a waiter asks).
 pub fn view() -> View {
-    match dir_usable() {
-        Ok(()) => View {
+    match dir_unusable() {
+        None => View {
             kind: Kind::File,
             no_dir: None,
             holder: file_holder(&file_path()),
         },
-        Err(why) => {
+        Some(why) => {
             let bound = std::fs::read_to_string("/proc/thread-self/net/unix")
                 .is_ok_and(|t| t.lines().any(|l| l.ends_with(&format!(" @{NAME}"))));
             View {
@@ -483,20 +490,23 @@ pub fn view() -> View {
     }
 }
 
-/// Whether [`lock_dir`] would succeed, checked without making the directory.
-fn dir_usable() -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
+/// Why [`lock_dir`] would fail (`None`: it would succeed), checked without making the
+/// directory.
+fn dir_unusable() -> Option<String> {
+    let writable = |path: &str| nix::unistd::access(path, nix::unistd::AccessFlags::W_OK);
     match std::fs::symlink_metadata(DIR) {
-        Ok(m) if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 => Err(format!(
+        Ok(m) if !only_root_writes(&m) => Some(format!(
             "{DIR} is not a directory of root's that only root may write"
         )),
-        Ok(_) => nix::unistd::access(DIR, nix::unistd::AccessFlags::W_OK)
-            .map_err(|e| format!("{DIR} is not writable: {}", e.desc())),
+        Ok(_) => writable(DIR)
+            .err()
+            .map(|e| format!("{DIR} is not writable: {}", e.desc())),
         Err(_) if !nix::unistd::geteuid().is_root() => {
-            Err(format!("{DIR} is missing, and only root may make it"))
+            Some(format!("{DIR} is missing, and only root may make it"))
         }
-        Err(_) => nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK)
-            .map_err(|e| format!("{DIR} is missing and /run is not writable: {}", e.desc())),
+        Err(_) => writable("/run")
+            .err()
+            .map(|e| format!("{DIR} is missing and /run is not writable: {}", e.desc())),
     }
 }
 
