@@ -476,6 +476,13 @@ impl Image {
     }
 }
 
+/// The seed command with the legacy flavour forced.
+fn legacy_seed() -> Vec<&'static str> {
+    let mut legacy = vec!["--force-iptables-binary", "legacy"];
+    legacy.extend_from_slice(SEED);
+    legacy
+}
+
 /// Every rule of the pod (both iptables flavours, nft, policy routing), read with the host's
 /// programs.
 fn state(t: &Topology) -> String {
@@ -781,8 +788,7 @@ fn image_net_admin_alone_runs_nftables_and_iptables_nft() {
     assert!(state(&t).contains("-A ISTIO_OUTPUT"), "{}", state(&t));
 
     let t = Topology::new("img-legacy-caps");
-    let mut legacy = vec!["--force-iptables-binary", "legacy"];
-    legacy.extend_from_slice(SEED);
+    let legacy = legacy_seed();
     let out = image.run(&t, &t.pod, NET_ADMIN_ONLY, &[], &legacy);
     let err = log_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -803,8 +809,7 @@ fn image_istio_init_legacy_flavour() {
         return;
     }
     let image = Image::build();
-    let mut legacy = vec!["--force-iptables-binary", "legacy"];
-    legacy.extend_from_slice(SEED);
+    let legacy = legacy_seed();
     let t = Topology::new("img-legacy");
     image.apply_twice(&t, ISTIO_INIT, &[], &legacy);
     let out = t.exec(&t.pod, "iptables-legacy-save", &[], &[]);

@@ -53,20 +53,9 @@ fn every_interface_is_refused_at_the_door_with_native_nftables_only() {
 /// The verdict line of `explain` for an inbound packet arriving on `iface`.
 fn verdict(backend: &[&str], exclude: &str, iface: &str) -> String {
     let mut args = backend.to_vec();
+    args.push("explain");
+    args.extend(SEED);
     args.extend([
-        "explain",
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-b",
-        "*",
         "-c",
         exclude,
         "--direction",
@@ -124,25 +113,9 @@ fn keyword_and_wildcard_names_apply_verify_and_walk_in_the_kernel() {
     }
     // `sub`: a command word first (`verify`), or none (the apply).
     let run = |sub: &[&str]| {
-        let flags = [
-            "--native-nftables",
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "TPROXY",
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "-c",
-            NAMES,
-            "-k",
-            "tproxy",
-        ];
+        let mut flags = vec!["--native-nftables"];
+        flags.extend(seed_with("-m", "TPROXY"));
+        flags.extend(["-c", NAMES, "-k", "tproxy"]);
         shell_command([BIN].iter().chain(sub).chain(&flags))
     };
     let (apply, verify) = (run(&[]), run(&["verify"]));
